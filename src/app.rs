@@ -1,0 +1,180 @@
+//! Wiring: from a validated [`Config`] to running tasks (consumer supervisor, state listener,
+//! housekeeping), all stopped by one [`CancellationToken`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, Session, Topology};
+use crate::chain::{Chain, Member};
+use crate::config::Config;
+use crate::providers::http::{HttpProvider, shared_client};
+use crate::secrets::{ApiKey, redact_url};
+use crate::state::postgres::PgStore;
+use crate::worker::{HandlerRules, JobHandler, worker_id};
+
+/// Builds every chain of the config. A provider whose `api_key_env` is not set in the
+/// environment is left out of all chains, with one warning.
+pub fn build_chains(
+    config: &Config,
+    client: &reqwest::Client,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<HashMap<String, Arc<Chain>>> {
+    let mut members: HashMap<&str, Member> = HashMap::new();
+    for provider in &config.providers {
+        let key = match &provider.api_key_env {
+            Some(var) => match env(var).filter(|k| !k.is_empty()) {
+                Some(key) => Some(ApiKey::new(key)),
+                None => {
+                    tracing::warn!(provider = %provider.name, env = %var, "API key variable is not set; provider disabled");
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let http = HttpProvider::new(client.clone(), provider, key).map_err(anyhow::Error::msg)?;
+        members.insert(
+            &provider.name,
+            Member {
+                name: provider.name.clone(),
+                model: provider.model.clone(),
+                free: provider.free,
+                context_window: provider.context_window,
+                max_retries: provider.max_retries,
+                provider: Arc::new(http),
+            },
+        );
+    }
+    let mut chains = HashMap::new();
+    for (name, chain) in &config.chains {
+        let chain_members: Vec<Member> =
+            chain.providers.iter().filter_map(|p| members.get(p.as_str()).cloned()).collect();
+        if chain_members.is_empty() {
+            tracing::warn!(chain = %name, "no provider of this chain is enabled; its jobs will fail");
+        }
+        chains.insert(
+            name.clone(),
+            Arc::new(Chain {
+                name: name.clone(),
+                members: chain_members,
+                max_wait: chain.max_wait,
+                free_wait: chain.free_wait,
+            }),
+        );
+    }
+    Ok(chains)
+}
+
+/// A worker process: everything `fallback-worker worker` runs.
+pub struct WorkerApp {
+    pub config: Config,
+    /// Queue names and arguments (tests add `x-expires`).
+    pub topology: Topology,
+    pub worker_id: String,
+    /// Whether the broker session is up (for `/readyz`).
+    pub broker_ready: Arc<AtomicBool>,
+}
+
+impl WorkerApp {
+    pub fn new(config: Config) -> WorkerApp {
+        let topology = Topology::new(&config.amqp.jobs_queue, &config.amqp.results_queue);
+        WorkerApp { config, topology, worker_id: worker_id(), broker_ready: Arc::default() }
+    }
+
+    /// Runs until `shutdown`, then drains in-flight jobs. Only a broken configuration or a
+    /// database that refuses the migrations ends it early; transient faults are waited out.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let config = &self.config;
+        let store = PgStore::connect_lazy(&config.postgres.url, config.postgres.max_connections)
+            .with_context(|| format!("postgres.url `{}`", redact_url(&config.postgres.url)))?;
+        if !migrate_when_reachable(&store, &shutdown).await? {
+            return Ok(());
+        }
+        let chains = build_chains(config, &shared_client(), &|var| std::env::var(var).ok())?;
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(store.clone().listen(shutdown.clone()));
+        tasks.spawn(housekeeping(store.clone(), config.worker.result_retention, shutdown.clone()));
+        let reply_to_allow =
+            config.amqp.reply_to_allow.iter().map(|p| glob::Pattern::new(p)).collect::<Result<_, _>>()?;
+        let store = Arc::new(store);
+        let handler = Arc::new(JobHandler {
+            chains,
+            state: store.clone(),
+            ledger: store,
+            rules: HandlerRules {
+                topology: self.topology.clone(),
+                reply_to_allow,
+                max_message_bytes: config.amqp.max_message_bytes,
+                hold_limit: config.worker.hold_limit,
+                delivery_deadline: config.worker.delivery_deadline,
+                max_deliveries: config.worker.max_deliveries,
+            },
+            worker_id: self.worker_id.clone(),
+        });
+        let session = Session {
+            url: config.amqp.url.clone(),
+            prefetch: config.amqp.prefetch,
+            topology: self.topology.clone(),
+            confirm_timeout: config.amqp.confirm_timeout,
+            drain_timeout: config.worker.drain_timeout,
+            connection_name: format!("fallback-worker {}", self.worker_id),
+        };
+        tracing::info!(worker = %self.worker_id, broker = %redact_url(&config.amqp.url), "worker starting");
+        broker::run_consumer(session, handler, shutdown.clone(), self.broker_ready.clone()).await;
+        tasks.close();
+        tasks.wait().await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
+
+/// Applies the migrations, waiting for the database if it is not up yet. `Ok(false)`: shut
+/// down before the database came.
+pub async fn migrate_when_reachable(store: &PgStore, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match store.migrate().await {
+            Ok(()) => return Ok(true),
+            Err(sqlx::migrate::MigrateError::Execute(e)) if is_transient(&e) => {
+                tracing::warn!(error = %e, "database not reachable yet; retrying");
+            }
+            Err(e) => return Err(e).context("applying the database migrations"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Errors that go away by themselves (the server is restarting, the network blipped).
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        // 57P03: "the database system is starting up"; 57P01: admin shutdown.
+        sqlx::Error::Database(db) => {
+            matches!(db.code().as_deref(), Some("57P03" | "57P01" | "57P02"))
+        }
+        _ => false,
+    }
+}
+
+async fn housekeeping(store: PgStore, retention: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match store.prune_ledger(retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "pruned old results from the ledger"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune the result ledger"),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The queues the service owns, declared idempotently at every (re)connect.
+//!
+//! ```text
+//! llm.jobs ──(reject/expire)──► llm.jobs.dlx ──► llm.jobs.dead
+//! llm.jobs.wait.<tier> ──(TTL)──► llm.jobs          (parked jobs come back by themselves)
+//! llm.results
+//! ```
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+/// Delay-queue tiers: a parked job goes to the longest tier not beyond its wake-up time.
+/// Fixed TTLs per queue avoid per-message TTL's head-of-line blocking.
+pub const WAIT_TIERS: [Duration; 5] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+    Duration::from_secs(600),
+];
+
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub jobs: String,
+    pub results: String,
+    /// Extra arguments for every queue we declare (tests add `x-expires` to clean up after themselves).
+    pub extra_queue_args: Vec<(String, i64)>,
+}
+
+impl Topology {
+    pub fn new(jobs: &str, results: &str) -> Self {
+        Self { jobs: jobs.to_string(), results: results.to_string(), extra_queue_args: Vec::new() }
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.jobs)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.jobs)
+    }
+
+    pub fn wait_queue(&self, tier: Duration) -> String {
+        format!("{}.wait.{}", self.jobs, humantime::format_duration(tier))
+    }
+
+    /// The tier to park a job in for a wait of `wait`: the longest not beyond it (at least the
+    /// shortest, so a job always comes back).
+    pub fn tier_for(wait: Duration) -> Duration {
+        WAIT_TIERS.iter().rev().copied().find(|tier| *tier <= wait).unwrap_or(WAIT_TIERS[0])
+    }
+
+    /// Declares everything; safe to repeat.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let dlx = self.dead_letter_exchange();
+        channel
+            .exchange_declare(
+                dlx.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut jobs_args = self.base_args();
+        jobs_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
+        self.declare_queue(channel, &self.jobs, jobs_args).await?;
+        self.declare_queue(channel, &self.results, self.base_args()).await?;
+        let dead = self.dead_letter_queue();
+        self.declare_queue(channel, &dead, self.base_args()).await?;
+        channel
+            .queue_bind(
+                dead.as_str().into(),
+                dlx.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for tier in WAIT_TIERS {
+            let mut args = self.base_args();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.jobs.as_str().into()));
+            self.declare_queue(channel, &self.wait_queue(tier), args).await?;
+        }
+        Ok(())
+    }
+
+    fn base_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        for (key, value) in &self.extra_queue_args {
+            args.insert(key.as_str().into(), AMQPValue::LongLongInt(*value));
+        }
+        args
+    }
+
+    async fn declare_queue(&self, channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+        channel.queue_declare(name.into(), QueueDeclareOptions::durable(), args).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_never_overshoot_a_wait() {
+        assert_eq!(Topology::tier_for(Duration::from_millis(300)), Duration::from_secs(1));
+        assert_eq!(Topology::tier_for(Duration::from_secs(7)), Duration::from_secs(5));
+        assert_eq!(Topology::tier_for(Duration::from_secs(59)), Duration::from_secs(30));
+        assert_eq!(Topology::tier_for(Duration::from_secs(3600)), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn names_stay_inside_the_jobs_namespace() {
+        let t = Topology::new("llm.jobs", "llm.results");
+        assert_eq!(t.dead_letter_queue(), "llm.jobs.dead");
+        assert_eq!(t.wait_queue(Duration::from_secs(120)), "llm.jobs.wait.2m");
+        assert!(t.wait_queue(Duration::from_secs(1)).starts_with("llm.jobs"));
+    }
+}

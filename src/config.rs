@@ -1,0 +1,575 @@
+//! The TOML configuration (contract §5): parsed, defaulted and validated once at start.
+//!
+//! Every error names the file, the key and the problem, so an operator can fix a bad file
+//! without reading code; the binary turns a [`ConfigError`] into exit code 2.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::secrets::redact_url;
+
+/// A configuration problem: which file, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {key}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub problem: String,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from; kept to name the file in later messages.
+    pub source: PathBuf,
+    pub amqp: AmqpConfig,
+    pub postgres: PostgresConfig,
+    pub http: HttpConfig,
+    pub worker: WorkerConfig,
+    /// Every declared provider, in file order, names unique.
+    pub providers: Vec<ProviderConfig>,
+    /// Chains by name; `default` always exists and every member names a declared provider.
+    pub chains: BTreeMap<String, ChainConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Broker URL; may carry a password, so it is only ever printed through [`redact_url`].
+    pub url: String,
+    pub jobs_queue: String,
+    pub results_queue: String,
+    /// Jobs in flight per worker process (the consumer's `basic.qos`).
+    pub prefetch: u16,
+    /// Glob patterns a job's `reply_to` must match.
+    pub reply_to_allow: Vec<String>,
+    /// Larger messages are poison: answered `invalid_request` and dead-lettered.
+    pub max_message_bytes: usize,
+    /// How long to wait for the broker to confirm a publish before treating the channel as broken
+    /// (a broker under a memory alarm never confirms; we must not wait forever).
+    #[serde(deserialize_with = "duration")]
+    pub confirm_timeout: Duration,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            jobs_queue: "llm.jobs".into(),
+            results_queue: "llm.results".into(),
+            prefetch: 32,
+            reply_to_allow: vec!["*".into()],
+            max_message_bytes: 1024 * 1024,
+            confirm_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// `<jobs_queue>.dead`: where poison messages go (contract §4).
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.jobs_queue)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Database URL; may carry a password, printed only through [`redact_url`].
+    pub url: String,
+    /// Pool size; the listener and the handlers share it.
+    pub max_connections: u32,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self { url: "postgres://postgres@127.0.0.1:5432/fallback".into(), max_connections: 8 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `/metrics`, `/healthz`, `/readyz`; empty disables the listener.
+    pub addr: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { addr: "0.0.0.0:9090".into() }
+    }
+}
+
+/// Worker tuning beyond the contract's keys; every key has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// A job whose next usable provider is at most this far away waits in the worker; a longer
+    /// wait parks it in a delay queue so it holds no broker slot.
+    #[serde(deserialize_with = "duration")]
+    pub hold_limit: Duration,
+    /// Hard bound on the time one delivery is held unacked, far below RabbitMQ's
+    /// `consumer_timeout` (30 min by default): past it the job is parked, not dropped.
+    #[serde(deserialize_with = "duration")]
+    pub delivery_deadline: Duration,
+    /// A message delivered more often than this without an answer (it crashes workers) is poison.
+    pub max_deliveries: u32,
+    /// Graceful shutdown waits at most this long for in-flight jobs before leaving them to the
+    /// broker (which redelivers them).
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    /// How long answered jobs stay in the result ledger (redeliveries within it are free).
+    #[serde(deserialize_with = "duration")]
+    pub result_retention: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            hold_limit: Duration::from_secs(10),
+            delivery_deadline: Duration::from_secs(10 * 60),
+            max_deliveries: 10,
+            drain_timeout: Duration::from_secs(60),
+            result_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// The wire dialect a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Openai,
+    Gemini,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    #[serde(default = "default_kind")]
+    pub kind: ProviderKind,
+    pub base_url: String,
+    /// Name of the environment variable holding the key; the key itself never sits in the file.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    pub model: String,
+    /// Unknown means paid: a provider must be declared free to be used before `free_wait`.
+    #[serde(default)]
+    pub free: bool,
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    #[serde(default)]
+    pub context_window: Option<u64>,
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_kind() -> ProviderKind {
+    ProviderKind::Openai
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_retries() -> u32 {
+    1
+}
+
+/// One quota: at most `requests` calls or `tokens` tokens in any window of length `per`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    #[serde(default)]
+    pub requests: Option<u64>,
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    #[serde(deserialize_with = "duration")]
+    pub per: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    pub providers: Vec<String>,
+    #[serde(default = "default_max_wait", deserialize_with = "duration")]
+    pub max_wait: Duration,
+    #[serde(default, deserialize_with = "duration")]
+    pub free_wait: Duration,
+}
+
+fn default_max_wait() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    amqp: AmqpConfig,
+    #[serde(default)]
+    postgres: PostgresConfig,
+    #[serde(default)]
+    http: HttpConfig,
+    #[serde(default)]
+    worker: WorkerConfig,
+    providers: Vec<ProviderConfig>,
+    chains: BTreeMap<String, ChainConfig>,
+}
+
+/// Environment values that override the file (contract §1).
+#[derive(Debug, Clone, Default)]
+pub struct EnvOverrides {
+    pub amqp_url: Option<String>,
+    pub database_url: Option<String>,
+    pub http_addr: Option<String>,
+}
+
+impl EnvOverrides {
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok();
+        Self { amqp_url: var("AMQP_URL"), database_url: var("DATABASE_URL"), http_addr: var("HTTP_ADDR") }
+    }
+}
+
+/// Parses a duration such as `"500ms"`, `"30s"`, `"1m"`, `"1d"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like \"30s\", \"1m\" or \"1d\" ({e})"))
+}
+
+fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+impl Config {
+    /// Reads, parses and validates `path`, then applies the environment overrides.
+    pub fn load(path: &Path, env: &EnvOverrides) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            problem: format!("cannot read the file: {e}"),
+        })?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Parses and validates TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path, env: &EnvOverrides) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw = parse_toml(text, &file)?;
+        let mut config = Config {
+            source: path.to_path_buf(),
+            amqp: raw.amqp,
+            postgres: raw.postgres,
+            http: raw.http,
+            worker: raw.worker,
+            providers: raw.providers,
+            chains: raw.chains,
+        };
+        if let Some(url) = &env.amqp_url {
+            config.amqp.url = url.clone();
+        }
+        if let Some(url) = &env.database_url {
+            config.postgres.url = url.clone();
+        }
+        if let Some(addr) = &env.http_addr {
+            config.http.addr = addr.clone();
+        }
+        config.validate().map_err(|(key, problem)| ConfigError { file, key, problem })?;
+        Ok(config)
+    }
+
+    /// The provider declared under `name`.
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        validate_amqp(&self.amqp)?;
+        validate_url(&self.postgres.url, &["postgres", "postgresql"], "postgres.url")?;
+        if self.postgres.max_connections < 2 {
+            return Err(problem("postgres.max_connections", "must be at least 2 (one is the listener)"));
+        }
+        if !self.http.addr.is_empty() && self.http.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(problem(
+                "http.addr",
+                format!("`{}` is not an address like \"0.0.0.0:9090\" (or \"\" to disable)", self.http.addr),
+            ));
+        }
+        validate_worker(&self.worker)?;
+        let mut names = BTreeSet::new();
+        for (i, provider) in self.providers.iter().enumerate() {
+            validate_provider(provider, i)?;
+            if !names.insert(provider.name.as_str()) {
+                return Err(problem(format!("providers[{i}].name"), format!("`{}` is declared twice", provider.name)));
+            }
+        }
+        if !self.chains.contains_key("default") {
+            return Err(problem("chains.default", "missing: every job without a `chain` uses it"));
+        }
+        for (name, chain) in &self.chains {
+            let key = format!("chains.{name}.providers");
+            if chain.providers.is_empty() {
+                return Err(problem(key, "is empty"));
+            }
+            for member in &chain.providers {
+                if !names.contains(member.as_str()) {
+                    return Err(problem(&key, format!("`{member}` is not a declared provider")));
+                }
+            }
+            let unique: BTreeSet<_> = chain.providers.iter().collect();
+            if unique.len() != chain.providers.len() {
+                return Err(problem(key, "names a provider twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_toml(text: &str, file: &str) -> Result<FileConfig, ConfigError> {
+    let located = |key: String, err: &toml::de::Error| {
+        let line = err.span().map(|span| 1 + text[..span.start].matches('\n').count());
+        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+        ConfigError { file: file.to_string(), key, problem: format!("{}{at}", err.message().trim()) }
+    };
+    let de = toml::de::Deserializer::parse(text).map_err(|e| located("(syntax)".into(), &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { "(top level)".to_string() } else { path };
+        located(key, e.inner())
+    })
+}
+
+fn problem(key: impl Into<String>, problem: impl Into<String>) -> (String, String) {
+    (key.into(), problem.into())
+}
+
+fn validate_amqp(amqp: &AmqpConfig) -> Result<(), (String, String)> {
+    validate_url(&amqp.url, &["amqp", "amqps"], "amqp.url")?;
+    for (key, name) in [("amqp.jobs_queue", &amqp.jobs_queue), ("amqp.results_queue", &amqp.results_queue)] {
+        if name.is_empty() || name.len() > 200 || name.starts_with("amq.") {
+            return Err(problem(
+                key,
+                format!("`{name}` is not a usable queue name (1 to 200 bytes, not starting with `amq.`)"),
+            ));
+        }
+    }
+    if amqp.results_queue.starts_with(&amqp.jobs_queue) {
+        return Err(problem(
+            "amqp.results_queue",
+            "must not start with the jobs queue's name (results would count as job-queue injections)",
+        ));
+    }
+    if amqp.prefetch == 0 {
+        return Err(problem("amqp.prefetch", "must be at least 1"));
+    }
+    if amqp.max_message_bytes == 0 {
+        return Err(problem("amqp.max_message_bytes", "must be at least 1"));
+    }
+    for (i, pattern) in amqp.reply_to_allow.iter().enumerate() {
+        glob::Pattern::new(pattern)
+            .map_err(|e| problem(format!("amqp.reply_to_allow[{i}]"), format!("`{pattern}` is not a glob: {e}")))?;
+    }
+    Ok(())
+}
+
+fn validate_worker(worker: &WorkerConfig) -> Result<(), (String, String)> {
+    if worker.delivery_deadline < Duration::from_secs(1) {
+        return Err(problem("worker.delivery_deadline", "must be at least 1s"));
+    }
+    if worker.hold_limit > worker.delivery_deadline {
+        return Err(problem("worker.hold_limit", "must not exceed worker.delivery_deadline"));
+    }
+    if worker.max_deliveries == 0 {
+        return Err(problem("worker.max_deliveries", "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn validate_provider(provider: &ProviderConfig, i: usize) -> Result<(), (String, String)> {
+    let key = |field: &str| format!("providers[{i}].{field}");
+    if provider.name.is_empty() || provider.name.len() > 100 {
+        return Err(problem(key("name"), "must be 1 to 100 characters"));
+    }
+    validate_url(&provider.base_url, &["http", "https"], &key("base_url"))?;
+    if provider.model.is_empty() {
+        return Err(problem(key("model"), "must not be empty"));
+    }
+    if provider.timeout.is_zero() {
+        return Err(problem(key("timeout"), "must be more than 0s"));
+    }
+    if provider.max_retries > 10 {
+        return Err(problem(key("max_retries"), "must be at most 10"));
+    }
+    if let Some(env) = &provider.api_key_env
+        && (env.is_empty() || env.contains('='))
+    {
+        return Err(problem(key("api_key_env"), "must name an environment variable"));
+    }
+    for (j, limit) in provider.limits.iter().enumerate() {
+        let key = key(&format!("limits[{j}]"));
+        match (limit.requests, limit.tokens) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(problem(key, "needs exactly one of `requests` or `tokens`"));
+            }
+            (Some(0), _) | (_, Some(0)) => {
+                return Err(problem(
+                    key,
+                    "a limit of 0 would never allow a call; remove the provider from its chains instead",
+                ));
+            }
+            _ => {}
+        }
+        if limit.per < Duration::from_millis(100) {
+            return Err(problem(format!("{key}.per"), "must be at least 100ms"));
+        }
+    }
+    for name in provider.headers.keys() {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(problem(key("headers"), format!("`{name}` is not a valid header name")));
+        }
+    }
+    Ok(())
+}
+
+fn validate_url(url: &str, schemes: &[&str], key: &str) -> Result<(), (String, String)> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some(s) if schemes.contains(&s) && url.len() > s.len() + 3 => Ok(()),
+        _ => Err(problem(key, format!("`{}` is not a URL of scheme {}", redact_url(url), schemes.join(" or ")))),
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::Anthropic => "anthropic",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[providers]]
+name = "groq"
+base_url = "https://api.groq.com/openai/v1"
+api_key_env = "GROQ_API_KEY"
+model = "llama-3.3-70b-versatile"
+free = true
+limits = [{ requests = 30, per = "1m" }, { tokens = 6000, per = "1m" }]
+
+[chains.default]
+providers = ["groq"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), &EnvOverrides::default())
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.amqp.jobs_queue, "llm.jobs");
+        assert_eq!(config.amqp.results_queue, "llm.results");
+        assert_eq!(config.amqp.prefetch, 32);
+        assert_eq!(config.amqp.max_message_bytes, 1_048_576);
+        assert_eq!(config.amqp.dead_letter_queue(), "llm.jobs.dead");
+        assert_eq!(config.http.addr, "0.0.0.0:9090");
+        let groq = config.provider("groq").unwrap();
+        assert_eq!(groq.kind, ProviderKind::Openai);
+        assert_eq!(groq.max_retries, 1);
+        assert_eq!(groq.limits[0].per, Duration::from_secs(60));
+        let chain = &config.chains["default"];
+        assert_eq!(chain.max_wait, Duration::from_secs(600));
+        assert_eq!(chain.free_wait, Duration::ZERO);
+    }
+
+    #[test]
+    fn unknown_provider_in_chain_names_the_key() {
+        let text = MINIMAL.replace(r#"providers = ["groq"]"#, r#"providers = ["groq", "nope"]"#);
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.file, "test.toml");
+        assert_eq!(err.key, "chains.default.providers");
+        assert!(err.problem.contains("`nope`"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_and_line() {
+        let text = MINIMAL.replace(r#"per = "1m" }, { tokens"#, r#"per = "soon" }, { tokens"#);
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key, "providers[0].limits[0].per");
+        assert!(err.problem.contains("soon") && err.problem.contains("line 8"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = parse(&format!("{MINIMAL}\n[amqp]\nprefetsh = 3\n")).unwrap_err();
+        assert_eq!(err.key, "amqp.prefetsh");
+        assert!(err.problem.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn missing_default_chain_is_refused() {
+        let err = parse(&MINIMAL.replace("[chains.default]", "[chains.other]")).unwrap_err();
+        assert_eq!(err.key, "chains.default");
+    }
+
+    #[test]
+    fn limit_needs_exactly_one_measure() {
+        let text = MINIMAL.replace("{ requests = 30, per", "{ requests = 30, tokens = 5, per");
+        assert_eq!(parse(&text).unwrap_err().key, "providers[0].limits[0]");
+    }
+
+    #[test]
+    fn duplicate_provider_names_are_refused() {
+        let dup = MINIMAL.replace(
+            "[chains.default]",
+            "[[providers]]\nname = \"groq\"\nbase_url = \"http://x\"\nmodel = \"m\"\n[chains.default]",
+        );
+        assert_eq!(parse(&dup).unwrap_err().key, "providers[1].name");
+    }
+
+    #[test]
+    fn env_overrides_win_and_passwords_never_print() {
+        let env = EnvOverrides {
+            amqp_url: Some("amqp://u:s3cret@broker:5672/%2f".into()),
+            database_url: Some("ftp://u:hunter2@db/x".into()),
+            http_addr: None,
+        };
+        let err = Config::parse(MINIMAL, Path::new("f.toml"), &env).unwrap_err();
+        assert_eq!(err.key, "postgres.url");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let env = EnvOverrides { database_url: Some("postgres://u:pw@db/x".into()), ..env };
+        let config = Config::parse(MINIMAL, Path::new("f.toml"), &env).unwrap();
+        assert_eq!(config.amqp.url, "amqp://u:s3cret@broker:5672/%2f");
+        assert_eq!(config.postgres.url, "postgres://u:pw@db/x");
+    }
+
+    #[test]
+    fn results_queue_inside_jobs_namespace_is_refused() {
+        let text = format!("[amqp]\njobs_queue = \"q\"\nresults_queue = \"q.results\"\n{MINIMAL}");
+        assert_eq!(parse(&text).unwrap_err().key, "amqp.results_queue");
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../fallback.example.toml");
+        let config = parse(text).unwrap();
+        assert!(config.providers.iter().any(|p| !p.free), "the example has a paid safety net");
+    }
+}

@@ -1,0 +1,286 @@
+//! The contract's envelopes (§2 job, §3 result) and job validation.
+//!
+//! Parsing is "parse, don't validate": a [`Job`] only exists if the message honours §2, and
+//! anything else becomes an [`InvalidJob`] whose text goes into the `invalid_request` result.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::chain::Attempt;
+
+/// The chat-completion request a job carries, passed on to providers field by field.
+pub type ChatBody = Map<String, Value>;
+
+/// A valid job (contract §2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub custom_id: String,
+    /// The chain name; `default` when the job names none.
+    pub chain: String,
+    /// Overrides the chain's `max_wait` when set.
+    pub max_wait: Option<Duration>,
+    pub body: ChatBody,
+}
+
+/// Why a message is not a valid job; the text is safe to return to the sender.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidJob {
+    /// The `custom_id`, when the message got far enough to have one (for the error result).
+    pub custom_id: Option<String>,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct RawJob {
+    custom_id: Option<Value>,
+    method: Option<Value>,
+    url: Option<Value>,
+    body: Option<Value>,
+    chain: Option<Value>,
+    max_wait: Option<Value>,
+}
+
+impl Job {
+    /// Parses one message body. Unknown top-level fields are ignored (forward compatibility);
+    /// everything §2 names is checked.
+    pub fn parse(bytes: &[u8]) -> Result<Job, InvalidJob> {
+        let raw: RawJob = serde_json::from_slice(bytes)
+            .map_err(|e| InvalidJob { custom_id: None, message: format!("the message is not a JSON object: {e}") })?;
+        let custom_id = match raw.custom_id {
+            Some(Value::String(id)) if !id.is_empty() => id,
+            _ => return Err(invalid(None, "`custom_id` must be a non-empty string")),
+        };
+        let fail = |message: &str| Err(invalid(Some(&custom_id), message));
+        match raw.method {
+            None | Some(Value::Null) => {}
+            Some(Value::String(m)) if m == "POST" => {}
+            Some(_) => return fail("`method` must be \"POST\""),
+        }
+        match raw.url {
+            None | Some(Value::Null) => {}
+            Some(Value::String(u)) if u == "/v1/chat/completions" => {}
+            Some(_) => return fail("`url` must be \"/v1/chat/completions\""),
+        }
+        let chain = match raw.chain {
+            None | Some(Value::Null) => "default".to_string(),
+            Some(Value::String(c)) if !c.is_empty() => c,
+            Some(_) => return fail("`chain` must be a non-empty string"),
+        };
+        let max_wait = match raw.max_wait {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => match crate::config::parse_duration(&text) {
+                Ok(d) => Some(d),
+                Err(e) => return fail(&format!("`max_wait`: {e}")),
+            },
+            Some(_) => return fail("`max_wait` must be a duration string such as \"10m\""),
+        };
+        let body = match raw.body {
+            Some(Value::Object(body)) => body,
+            _ => return fail("`body` must be a chat-completion request object"),
+        };
+        validate_body(&body).map_err(|m| invalid(Some(&custom_id), &m))?;
+        Ok(Job { custom_id, chain, max_wait, body })
+    }
+
+    /// The idempotency key (contract §4): the AMQP `message_id` if set, else a hash of
+    /// (`custom_id`, chain, body). serde_json maps are ordered, so equal bodies hash equal.
+    pub fn idempotency_key(&self, message_id: Option<&str>) -> String {
+        if let Some(id) = message_id.filter(|id| !id.is_empty()) {
+            return format!("msg:{id}");
+        }
+        let mut hash = Sha256::new();
+        hash.update(self.custom_id.as_bytes());
+        hash.update([0]);
+        hash.update(self.chain.as_bytes());
+        hash.update([0]);
+        hash.update(Value::Object(self.body.clone()).to_string().as_bytes());
+        let digest = hash.finalize();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+}
+
+fn invalid(custom_id: Option<&str>, message: &str) -> InvalidJob {
+    InvalidJob { custom_id: custom_id.map(str::to_string), message: message.to_string() }
+}
+
+fn validate_body(body: &ChatBody) -> Result<(), String> {
+    let Some(Value::Array(messages)) = body.get("messages") else {
+        return Err("`body.messages` must be a non-empty array".into());
+    };
+    if messages.is_empty() {
+        return Err("`body.messages` must be a non-empty array".into());
+    }
+    for (i, message) in messages.iter().enumerate() {
+        let role = message.get("role").and_then(Value::as_str);
+        if role.is_none() {
+            return Err(format!("`body.messages[{i}].role` must be a string"));
+        }
+    }
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err("`body.stream: true` is not supported: results are whole chat completions".into());
+    }
+    Ok(())
+}
+
+/// Rough token count of a request: prompt (≈ 4 characters a token) plus the completion budget.
+/// Used before a call for quotas and context windows; corrected by the provider's `usage`.
+pub fn estimate_prompt_tokens(body: &ChatBody) -> u64 {
+    let chars: usize = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|messages| messages.iter().map(message_chars).sum())
+        .unwrap_or(0);
+    (chars as u64).div_ceil(4) + 4 * body.get("messages").and_then(Value::as_array).map_or(0, |m| m.len() as u64)
+}
+
+/// The completion budget the request asks for (`max_completion_tokens` or `max_tokens`).
+pub fn requested_completion_tokens(body: &ChatBody) -> Option<u64> {
+    body.get("max_completion_tokens").or_else(|| body.get("max_tokens")).and_then(Value::as_u64)
+}
+
+fn message_chars(message: &Value) -> usize {
+    match message.get("content") {
+        Some(Value::String(text)) => text.chars().count(),
+        Some(Value::Array(parts)) => {
+            parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).map(|t| t.chars().count()).sum()
+        }
+        _ => 0,
+    }
+}
+
+/// The result message (contract §3): one OpenAI Batch output line plus `routing`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub id: String,
+    pub custom_id: Option<String>,
+    pub response: Option<ResponseEnvelope>,
+    pub error: Option<ErrorEnvelope>,
+    pub routing: Routing,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    pub status_code: u16,
+    pub request_id: String,
+    /// Always an OpenAI `chat.completion`, whatever the provider's own API.
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorEnvelope {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The job itself is malformed: never retried.
+    InvalidRequest,
+    /// Every provider answered with an error not worth retrying.
+    AllProvidersFailed,
+    /// No provider became usable within `max_wait`.
+    DeadlineExceeded,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Routing {
+    pub chain: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub free: Option<bool>,
+    pub attempts: Vec<Attempt>,
+    /// `host:pid` of the worker that answered.
+    pub worker: String,
+    /// Time from first receipt (or publish, when the sender set a timestamp) to processing start.
+    pub queued_ms: u64,
+    pub total_ms: u64,
+}
+
+impl JobResult {
+    /// A new result id, time-ordered so results sort by creation.
+    pub fn new_id() -> String {
+        format!("res_{}", uuid::Uuid::now_v7().simple())
+    }
+
+    pub fn is_success(&self) -> bool {
+        self.response.is_some() && self.error.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Job, InvalidJob> {
+        Job::parse(text.as_bytes())
+    }
+
+    #[test]
+    fn contract_example_parses() {
+        let job = parse(r#"{"custom_id": "doc-42", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "Summarise: ..."}], "max_tokens": 512, "temperature": 0.2},
+            "chain": "default", "max_wait": "10m"}"#)
+        .unwrap();
+        assert_eq!(job.custom_id, "doc-42");
+        assert_eq!(job.chain, "default");
+        assert_eq!(job.max_wait, Some(Duration::from_secs(600)));
+        assert_eq!(job.body["temperature"], 0.2);
+    }
+
+    #[test]
+    fn defaults_apply_when_optional_fields_are_absent() {
+        let job = parse(r#"{"custom_id":"a","body":{"messages":[{"role":"user","content":"hi"}]}}"#).unwrap();
+        assert_eq!(job.chain, "default");
+        assert_eq!(job.max_wait, None);
+    }
+
+    #[test]
+    fn every_rule_of_section_2_is_checked() {
+        let cases = [
+            ("not json", "not a JSON object"),
+            ("[1,2]", "not a JSON object"),
+            (r#"{"body":{"messages":[{"role":"user"}]}}"#, "custom_id"),
+            (r#"{"custom_id":"","body":{"messages":[{"role":"user"}]}}"#, "custom_id"),
+            (r#"{"custom_id":"a","method":"GET","body":{"messages":[{"role":"user"}]}}"#, "method"),
+            (r#"{"custom_id":"a","url":"/v1/embeddings","body":{"messages":[{"role":"user"}]}}"#, "url"),
+            (r#"{"custom_id":"a"}"#, "body"),
+            (r#"{"custom_id":"a","body":{"messages":[]}}"#, "messages"),
+            (r#"{"custom_id":"a","body":{"messages":[{"content":"x"}]}}"#, "role"),
+            (r#"{"custom_id":"a","body":{"messages":[{"role":"user"}],"stream":true}}"#, "stream"),
+            (r#"{"custom_id":"a","max_wait":"soon","body":{"messages":[{"role":"user"}]}}"#, "max_wait"),
+            (r#"{"custom_id":"a","chain":7,"body":{"messages":[{"role":"user"}]}}"#, "chain"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.message.contains(needle), "{text}: {err}");
+        }
+        assert_eq!(parse(r#"{"custom_id":"a","url":"x","body":{}}"#).unwrap_err().custom_id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn idempotency_key_prefers_message_id_and_is_stable() {
+        let a =
+            parse(r#"{"custom_id":"a","body":{"messages":[{"role":"user","content":"x"}],"temperature":0}}"#).unwrap();
+        let same =
+            parse(r#"{"body":{"temperature":0,"messages":[{"content":"x","role":"user"}]},"custom_id":"a"}"#).unwrap();
+        let other =
+            parse(r#"{"custom_id":"b","body":{"messages":[{"role":"user","content":"x"}],"temperature":0}}"#).unwrap();
+        assert_eq!(a.idempotency_key(None), same.idempotency_key(None));
+        assert_ne!(a.idempotency_key(None), other.idempotency_key(None));
+        assert_eq!(a.idempotency_key(Some("m-1")), "msg:m-1");
+        assert_eq!(a.idempotency_key(Some("")), a.idempotency_key(None));
+    }
+
+    #[test]
+    fn token_estimate_counts_text_parts_and_budget() {
+        let job = parse(r#"{"custom_id":"a","body":{"max_tokens":100,"messages":[{"role":"user","content":"abcdefgh"},{"role":"user","content":[{"type":"text","text":"abcd"}]}]}}"#).unwrap();
+        assert_eq!(estimate_prompt_tokens(&job.body), 3 + 8);
+        assert_eq!(requested_completion_tokens(&job.body), Some(100));
+    }
+}

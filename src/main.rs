@@ -1,0 +1,137 @@
+//! The `fallback-worker` binary: parse the command line, load the config, hand over to the
+//! library. Exit codes (contract §1): 0 success, 1 runtime failure, 2 bad usage or config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use fallback_worker::app::{WorkerApp, migrate_when_reachable};
+use fallback_worker::config::{Config, EnvOverrides};
+use fallback_worker::mock::{MockOptions, MockProvider, Profile, RequestLimit, parse_limit};
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "fallback-worker",
+    version,
+    about = "Chat-completion jobs from RabbitMQ through a fallback chain of LLM providers"
+)]
+struct Cli {
+    /// The TOML configuration.
+    #[arg(long, global = true, env = "FALLBACK_CONFIG", default_value = "fallback.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume jobs until SIGTERM/SIGINT, then drain in-flight jobs and exit 0.
+    Worker,
+    /// Apply the Postgres migrations and exit.
+    Migrate,
+    /// Run the project's mock LLM provider (for the demo, local runs and benchmarks).
+    MockProvider {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Which provider's dialect to imitate.
+        #[arg(long, value_enum, default_value = "groq")]
+        profile: Profile,
+        /// A strict sliding-window limit such as `10/2s`; repeat for several.
+        #[arg(long = "limit", value_parser = parse_limit)]
+        limits: Vec<RequestLimit>,
+        /// Latency of each successful answer, e.g. `200ms`.
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        latency: Duration,
+        /// Require `Authorization: Bearer <key>`.
+        #[arg(long, env = "MOCK_API_KEY")]
+        api_key: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    if let Command::MockProvider { listen, profile, limits, latency, api_key } = cli.command {
+        let options = MockOptions { profile, api_key, limits, latency };
+        return match MockProvider::start_on(listen, options).await {
+            Ok(mock) => {
+                tracing::info!(addr = %mock.addr, ?profile, "mock provider listening");
+                let _ = shutdown_signal().await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("cannot listen on {listen}: {e}")),
+        };
+    }
+    let config = match Config::load(&cli.config, &EnvOverrides::from_env()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let _ = shutdown_signal().await;
+            tracing::info!("shutdown requested; draining");
+            shutdown.cancel();
+        }
+    });
+    let result = match cli.command {
+        Command::Worker => WorkerApp::new(config).run(shutdown).await,
+        Command::Migrate => migrate(&config, &shutdown).await,
+        Command::MockProvider { .. } => unreachable!("handled above"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+async fn migrate(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let store = PgStore::connect_lazy(&config.postgres.url, 2)?;
+    let deadline = tokio::time::timeout(Duration::from_secs(60), migrate_when_reachable(&store, shutdown));
+    match deadline.await {
+        Ok(Ok(true)) => {
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Ok(Ok(false)) => anyhow::bail!("interrupted before the database was reachable"),
+        Ok(Err(e)) => Err(e),
+        Err(_) => anyhow::bail!("the database was not reachable within 60 s"),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    tracing::error!("{message}");
+    eprintln!("error: {message}");
+    ExitCode::from(1)
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}

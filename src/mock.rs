@@ -1,0 +1,680 @@
+//! A mock LLM provider that behaves like the real ones (providers.md §11): their status codes,
+//! rate-limit headers and error bodies, per provider profile.
+//!
+//! Tests script it per request ([`Scenario`]) and read what it received; benchmarks and the
+//! demo run it as `fallback-worker mock-provider` with strict sliding-window limits, so a
+//! client that sends too fast gets the provider's real 429 and the mock counts it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::routing::{any, get};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Which provider the mock imitates (envelopes and headers differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    Groq,
+    Cerebras,
+    Openrouter,
+    /// Gemini's OpenAI-compatible endpoint (errors wrapped in a JSON array).
+    GeminiOpenai,
+    Sambanova,
+    Huggingface,
+    Openai,
+}
+
+/// How a scripted 429 says when to come back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryHint {
+    /// The profile's usual way, for a wait of this length.
+    Native(Duration),
+    /// `retry-after: <seconds>`.
+    RetryAfterSeconds(f64),
+    /// `retry-after-ms: <ms>`.
+    RetryAfterMs(u64),
+    /// `retry-after: <HTTP-date>`.
+    RetryAfterDate(SystemTime),
+    /// `x-ratelimit-remaining-requests: 0` + `x-ratelimit-reset-requests: <Go duration>`.
+    ResetHeader(Duration),
+    /// OpenRouter's `X-RateLimit-Reset: <epoch ms>` (header and body).
+    EpochMs(SystemTime),
+    /// Only Google's `RetryInfo.retryDelay` in the body.
+    RetryDelay(Duration),
+    /// Only the text "Please try again in …" in the message (Groq).
+    InMessage(Duration),
+    /// No hint at all (Hugging Face passthrough, Gemini's bare form).
+    Nothing,
+    /// The profile's per-day quota error, resetting at `SystemTime`.
+    Daily(SystemTime),
+}
+
+/// What the mock does with one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scenario {
+    /// A chat.completion with the profile's success headers.
+    Success,
+    /// A success after this delay.
+    Slow(Duration),
+    RateLimited(RetryHint),
+    /// 5xx with the profile's body (`text=true`: Envoy's plain-text body).
+    ServerError {
+        status: u16,
+        text: bool,
+    },
+    /// Accept the request and never answer.
+    Hang,
+    /// 200 with a body that is not JSON.
+    Garbage,
+    /// Send the headers, then drop the connection.
+    CloseConnection,
+    /// The profile's bad-key error.
+    Unauthorized,
+    /// The profile's context-length error.
+    ContextTooLong,
+}
+
+/// A strict limit: never more than `requests` accepted in any window of `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimit {
+    pub requests: usize,
+    pub per: Duration,
+}
+
+/// Settings of one mock provider.
+#[derive(Debug, Clone)]
+pub struct MockOptions {
+    pub profile: Profile,
+    /// When set, a request without `Authorization: Bearer <key>` gets the bad-key error.
+    pub api_key: Option<String>,
+    /// Strict sliding windows; a request over them gets the profile's 429.
+    pub limits: Vec<RequestLimit>,
+    /// Latency of successful answers.
+    pub latency: Duration,
+}
+
+impl MockOptions {
+    pub fn new(profile: Profile) -> Self {
+        Self { profile, api_key: None, limits: Vec::new(), latency: Duration::ZERO }
+    }
+}
+
+/// What the mock has seen so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MockStats {
+    pub requests: usize,
+    pub successes: usize,
+    pub rate_limited: usize,
+    /// Bodies of the requests received, in order.
+    pub bodies: Vec<Value>,
+}
+
+struct Shared {
+    options: MockOptions,
+    script: Mutex<VecDeque<Scenario>>,
+    fallback: Mutex<Scenario>,
+    stats: Mutex<MockStats>,
+    accepted: Mutex<VecDeque<Instant>>,
+    arrived: Notify,
+    stop: CancellationToken,
+}
+
+/// A running mock; stops when dropped.
+pub struct MockProvider {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl MockProvider {
+    /// Starts on `127.0.0.1` at a free port.
+    pub async fn start(options: MockOptions) -> std::io::Result<MockProvider> {
+        Self::start_on("127.0.0.1:0".parse().expect("valid address"), options).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, options: MockOptions) -> std::io::Result<MockProvider> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            options,
+            script: Mutex::default(),
+            fallback: Mutex::new(Scenario::Success),
+            stats: Mutex::default(),
+            accepted: Mutex::default(),
+            arrived: Notify::new(),
+            stop: CancellationToken::new(),
+        });
+        let app = Router::new()
+            .route("/{*path}", any(chat))
+            .route("/v1/tcp_warming", get(|| async { StatusCode::OK }))
+            .with_state(shared.clone());
+        let stop = shared.stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        });
+        Ok(MockProvider { addr, shared })
+    }
+
+    /// The `base_url` to configure (the worker appends `/chat/completions`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Queues scenarios for the next requests, in order.
+    pub fn script(&self, scenarios: impl IntoIterator<Item = Scenario>) {
+        self.shared.script.lock().unwrap().extend(scenarios);
+    }
+
+    /// What every request gets once the script is used up (default: success).
+    pub fn set_fallback(&self, scenario: Scenario) {
+        *self.shared.fallback.lock().unwrap() = scenario;
+    }
+
+    pub fn stats(&self) -> MockStats {
+        self.shared.stats.lock().unwrap().clone()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.shared.stats.lock().unwrap().requests
+    }
+
+    /// Waits until at least `n` requests have arrived, for at most `limit`.
+    pub async fn wait_for_requests(&self, n: usize, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.shared.arrived.notified();
+            if self.requests() >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.requests() >= n;
+            }
+        }
+    }
+}
+
+impl Drop for MockProvider {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+    }
+}
+
+async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let profile = shared.options.profile;
+    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = json.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_string();
+    let scenario = next_scenario(&shared, &headers);
+    {
+        let mut stats = shared.stats.lock().unwrap();
+        stats.requests += 1;
+        stats.bodies.push(json);
+        match &scenario {
+            Scenario::Success | Scenario::Slow(_) => stats.successes += 1,
+            Scenario::RateLimited(_) => stats.rate_limited += 1,
+            _ => {}
+        }
+    }
+    shared.arrived.notify_waiters();
+    match scenario {
+        Scenario::Success => {
+            tokio::time::sleep(shared.options.latency).await;
+            success(profile, &model)
+        }
+        Scenario::Slow(delay) => {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => success(profile, &model),
+                () = shared.stop.cancelled() => plain(503, "mock stopped"),
+            }
+        }
+        Scenario::RateLimited(hint) => rate_limited(profile, &model, &hint),
+        Scenario::ServerError { status, text } => server_error(profile, status, text),
+        Scenario::Hang => {
+            shared.stop.cancelled().await;
+            plain(503, "mock stopped")
+        }
+        Scenario::Garbage => respond(200, &[], "text/html", "<html><body>Bad gateway... or is it?</body>".into()),
+        Scenario::CloseConnection => {
+            let failing =
+                futures_lite::stream::once(Err::<Bytes, _>(std::io::Error::other("connection closed by mock")));
+            let mut response = Response::new(Body::from_stream(failing));
+            response.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+            response
+        }
+        Scenario::Unauthorized => unauthorized(profile),
+        Scenario::ContextTooLong => context_too_long(profile),
+    }
+}
+
+fn next_scenario(shared: &Shared, headers: &HeaderMap) -> Scenario {
+    if let Some(key) = &shared.options.api_key {
+        let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if sent != Some(format!("Bearer {key}").as_str()) {
+            return Scenario::Unauthorized;
+        }
+    }
+    if let Some(wait) = over_limit(shared) {
+        return Scenario::RateLimited(RetryHint::Native(wait));
+    }
+    shared.script.lock().unwrap().pop_front().unwrap_or_else(|| shared.fallback.lock().unwrap().clone())
+}
+
+/// Admits the request against the strict windows, or returns how long until it would fit.
+fn over_limit(shared: &Shared) -> Option<Duration> {
+    let limits = &shared.options.limits;
+    if limits.is_empty() {
+        return None;
+    }
+    let now = Instant::now();
+    let mut accepted = shared.accepted.lock().unwrap();
+    let longest = limits.iter().map(|l| l.per).max().unwrap_or_default();
+    while accepted.front().is_some_and(|t| now.duration_since(*t) >= longest) {
+        accepted.pop_front();
+    }
+    let mut wait = None;
+    for limit in limits {
+        let in_window: Vec<&Instant> = accepted.iter().filter(|t| now.duration_since(**t) < limit.per).collect();
+        if in_window.len() >= limit.requests {
+            let oldest_that_matters = in_window[in_window.len() - limit.requests];
+            let free_at = *oldest_that_matters + limit.per;
+            let w = free_at.duration_since(now);
+            wait = Some(wait.map_or(w, |x: Duration| x.max(w)));
+        }
+    }
+    if wait.is_none() {
+        accepted.push_back(now);
+    }
+    wait
+}
+
+fn respond(status: u16, headers: &[(String, String)], content_type: &str, body: String) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let map = response.headers_mut();
+    map.insert("content-type", HeaderValue::from_str(content_type).expect("valid content type"));
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) =
+            (axum::http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value))
+        {
+            map.insert(name, value);
+        }
+    }
+    response
+}
+
+fn json_response(status: u16, headers: &[(String, String)], body: Value) -> Response {
+    respond(status, headers, "application/json", body.to_string())
+}
+
+fn plain(status: u16, text: &str) -> Response {
+    respond(status, &[], "text/plain", text.to_string())
+}
+
+fn h(name: &str, value: impl ToString) -> (String, String) {
+    (name.to_string(), value.to_string())
+}
+
+fn request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn success(profile: Profile, model: &str) -> Response {
+    let id = request_id();
+    let body = json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("mock answer from {model}")}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}
+    });
+    let headers = match profile {
+        Profile::Groq => vec![
+            h("x-request-id", format!("req_{id}")),
+            h("x-groq-region", "us-west-1"),
+            h("x-ratelimit-limit-requests", 14400),
+            h("x-ratelimit-remaining-requests", 14399),
+            h("x-ratelimit-reset-requests", "6s"),
+            h("x-ratelimit-limit-tokens", 6000),
+            h("x-ratelimit-remaining-tokens", 5980),
+            h("x-ratelimit-reset-tokens", "200ms"),
+        ],
+        Profile::Cerebras => vec![
+            h("x-ratelimit-limit-requests-minute", 30),
+            h("x-ratelimit-remaining-requests-minute", 29),
+            h("x-ratelimit-reset-requests-minute", "42.1"),
+            h("x-ratelimit-limit-tokens-minute", 60000),
+            h("x-ratelimit-remaining-tokens-minute", 59000),
+            h("x-ratelimit-reset-tokens-minute", "42.1"),
+            h("x-ratelimit-limit-requests-day", 14400),
+            h("x-ratelimit-remaining-requests-day", 14399),
+            h("x-ratelimit-reset-requests-day", "33011.382867097855"),
+        ],
+        Profile::Openrouter => vec![h("x-generation-id", format!("gen-{id}"))],
+        Profile::Sambanova => vec![h("x-ratelimit-limit-requests", 20), h("x-ratelimit-remaining-requests", 19)],
+        Profile::Huggingface => vec![h("x-request-id", format!("Root=1-{id}"))],
+        Profile::Openai => vec![
+            h("x-request-id", format!("req_{id}")),
+            h("x-ratelimit-limit-requests", 500),
+            h("x-ratelimit-remaining-requests", 499),
+            h("x-ratelimit-reset-requests", "120ms"),
+        ],
+        Profile::GeminiOpenai => vec![],
+    };
+    json_response(200, &headers, body)
+}
+
+/// The profile's error envelope around an OpenAI-style (message, type, code).
+fn envelope(profile: Profile, status: u16, message: &str, kind: &str, code: Value) -> Value {
+    match profile {
+        Profile::Cerebras => json!({"message": message, "type": kind, "param": null, "code": code}),
+        Profile::Openrouter => {
+            json!({"error": {"message": message, "code": status}, "user_id": "user_mock"})
+        }
+        Profile::GeminiOpenai => {
+            json!([{"error": {"code": status, "message": message, "status": google_status(status)}}])
+        }
+        Profile::Huggingface if status != 400 => json!({"error": message}),
+        Profile::Sambanova => {
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}, "request_id": request_id()})
+        }
+        _ => json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+    }
+}
+
+fn google_status(status: u16) -> &'static str {
+    match status {
+        400 => "INVALID_ARGUMENT",
+        429 => "RESOURCE_EXHAUSTED",
+        500 => "INTERNAL",
+        503 => "UNAVAILABLE",
+        _ => "UNKNOWN",
+    }
+}
+
+fn go_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 { format!("{ms}ms") } else { format!("{}s", d.as_secs_f64()) }
+}
+
+fn rate_limited(profile: Profile, model: &str, hint: &RetryHint) -> Response {
+    let now = SystemTime::now();
+    let mut headers = Vec::new();
+    let mut wait = Duration::ZERO;
+    match hint {
+        RetryHint::Native(w) => {
+            wait = *w;
+            headers.extend(native_rate_headers(profile, *w, now));
+        }
+        RetryHint::RetryAfterSeconds(s) => headers.push(h("retry-after", s)),
+        RetryHint::RetryAfterMs(ms) => headers.push(h("retry-after-ms", ms)),
+        RetryHint::RetryAfterDate(at) => headers.push(h("retry-after", httpdate::fmt_http_date(*at))),
+        RetryHint::ResetHeader(w) => {
+            headers.push(h("x-ratelimit-remaining-requests", 0));
+            headers.push(h("x-ratelimit-reset-requests", go_duration(*w)));
+        }
+        RetryHint::EpochMs(at) => {
+            headers.push(h("X-RateLimit-Remaining", 0));
+            headers.push(h("X-RateLimit-Reset", epoch_ms(*at)));
+        }
+        RetryHint::RetryDelay(w) => {
+            let body = json!([{"error": {"code": 429, "message": "You exceeded your current quota", "status": "RESOURCE_EXHAUSTED",
+                "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "quotaValue": "5"}]},
+                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": format!("{}s", w.as_secs_f64())}]}}]);
+            return json_response(429, &[], body);
+        }
+        RetryHint::InMessage(w) => wait = *w,
+        RetryHint::Nothing => {}
+        RetryHint::Daily(reset) => return daily_limit(profile, model, *reset),
+    }
+    let body = match profile {
+        Profile::Groq => envelope(
+            profile,
+            429,
+            &format!(
+                "Rate limit reached for model `{model}` in organization `org_01mock` service tier `on_demand` on requests per minute (RPM): Limit 30, Used 30, Requested 1. Please try again in {}. Need more tokens? Upgrade to Dev Tier today at https://console.groq.com/settings/billing",
+                go_duration(wait)
+            ),
+            "requests",
+            json!("rate_limit_exceeded"),
+        ),
+        Profile::Cerebras => envelope(
+            profile,
+            429,
+            "Requests per minute limit exceeded - too many requests sent.",
+            "too_many_requests_error",
+            json!("request_quota_exceeded"),
+        ),
+        Profile::Openrouter => {
+            let reset = epoch_ms(now + wait);
+            json!({"error": {"message": "Rate limit exceeded: free-models-per-min. ", "code": 429,
+                "metadata": {"headers": {"X-RateLimit-Limit": "20", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset.to_string()}}}, "user_id": "user_mock"})
+        }
+        Profile::GeminiOpenai => {
+            envelope(profile, 429, "Resource has been exhausted (e.g. check quota).", "", Value::Null)
+        }
+        Profile::Sambanova => envelope(
+            profile,
+            429,
+            "Request would exceed rate limit\nViolated duration_s: 60, current usage: 20, limit: 20",
+            "rate_limit_error",
+            json!("insufficient_quota"),
+        ),
+        Profile::Huggingface => {
+            json!({"error": {"message": "Rate limit reached for requests per minute (RPM)", "type": "requests", "code": "rate_limit_exceeded"}})
+        }
+        Profile::Openai => envelope(
+            profile,
+            429,
+            &format!(
+                "Rate limit reached for {model} in organization org-mock on requests per min (RPM): Limit 500, Used 500, Requested 1. Please try again in {}. Visit https://platform.openai.com/account/rate-limits to learn more.",
+                go_duration(wait)
+            ),
+            "requests",
+            json!("rate_limit_exceeded"),
+        ),
+    };
+    json_response(429, &headers, body)
+}
+
+/// The headers a profile sends with its own 429 for a wait of `wait`.
+fn native_rate_headers(profile: Profile, wait: Duration, now: SystemTime) -> Vec<(String, String)> {
+    let seconds_up = wait.as_secs_f64().ceil().max(1.0) as u64;
+    match profile {
+        Profile::Groq => vec![
+            h("retry-after", seconds_up),
+            h("x-ratelimit-remaining-requests", 0),
+            h("x-ratelimit-reset-requests", go_duration(wait)),
+        ],
+        Profile::Cerebras => vec![
+            h("x-ratelimit-remaining-requests-minute", 0),
+            h("x-ratelimit-reset-requests-minute", format!("{:.3}", wait.as_secs_f64())),
+        ],
+        Profile::Openrouter => vec![
+            h("X-RateLimit-Limit", 20),
+            h("X-RateLimit-Remaining", 0),
+            h("X-RateLimit-Reset", epoch_ms(now + wait)),
+        ],
+        Profile::Sambanova => vec![
+            h("x-ratelimit-remaining-requests", 0),
+            h("x-ratelimit-reset-requests", (epoch_ms(now + wait) / 1000) + 1),
+        ],
+        Profile::Openai => vec![
+            h("retry-after-ms", wait.as_millis()),
+            h("x-ratelimit-remaining-requests", 0),
+            h("x-ratelimit-reset-requests", go_duration(wait)),
+        ],
+        // Gemini and the Hugging Face router give no hint in headers.
+        Profile::GeminiOpenai | Profile::Huggingface => vec![],
+    }
+}
+
+fn daily_limit(profile: Profile, model: &str, reset: SystemTime) -> Response {
+    let wait = reset.duration_since(SystemTime::now()).unwrap_or_default();
+    match profile {
+        Profile::Openrouter => {
+            let reset = epoch_ms(reset).to_string();
+            let body = json!({"error": {"message": "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day", "code": 429,
+                "metadata": {"headers": {"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset}, "limit_source": "openrouter_free_tier_daily"}}, "user_id": "user_mock"});
+            json_response(
+                429,
+                &[h("X-RateLimit-Limit", 50), h("X-RateLimit-Remaining", 0), h("X-RateLimit-Reset", reset)],
+                body,
+            )
+        }
+        Profile::Cerebras => json_response(
+            429,
+            &[
+                h("x-ratelimit-remaining-tokens-day", 0),
+                h("x-ratelimit-reset-tokens-day", format!("{:.3}", wait.as_secs_f64())),
+            ],
+            envelope(
+                profile,
+                429,
+                "Tokens per day limit exceeded - too many tokens processed.",
+                "too_many_tokens_error",
+                json!("token_quota_exceeded"),
+            ),
+        ),
+        Profile::GeminiOpenai => json_response(
+            429,
+            &[],
+            json!([{"error": {"code": 429, "message": "You exceeded your current quota, please check your plan and billing details.", "status": "RESOURCE_EXHAUSTED",
+                "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier", "quotaValue": "20"}]},
+                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "22s"}]}}]),
+        ),
+        Profile::Sambanova => json_response(
+            429,
+            &[],
+            envelope(
+                profile,
+                429,
+                "Request would exceed rate limit\nViolated duration_s: 86400, current usage: 196279, limit: 200000",
+                "rate_limit_error",
+                json!("insufficient_quota"),
+            ),
+        ),
+        _ => json_response(
+            429,
+            &[h("retry-after", wait.as_secs().max(1)), h("x-ratelimit-remaining-tokens", 6000)],
+            envelope(
+                profile,
+                429,
+                &format!(
+                    "Rate limit reached for model `{model}` in organization `org_01mock` service tier `on_demand` on tokens per day (TPD): Limit 100000, Used 97050, Requested 3619. Please try again in {}. Need more tokens?",
+                    go_duration(wait)
+                ),
+                "tokens",
+                json!("rate_limit_exceeded"),
+            ),
+        ),
+    }
+}
+
+fn server_error(profile: Profile, status: u16, text: bool) -> Response {
+    if text {
+        return plain(status, "upstream connect error or disconnect/reset before headers. reset reason: overflow");
+    }
+    let body = match profile {
+        Profile::Openrouter => {
+            json!({"error": {"message": "Provider returned error", "code": status, "metadata": {"raw": "{\"error\":{\"code\":500,\"status\":\"INTERNAL\"}}", "provider_name": "Google AI Studio"}}, "user_id": "user_mock"})
+        }
+        Profile::GeminiOpenai => {
+            envelope(profile, status, "The model is overloaded. Please try again later.", "", Value::Null)
+        }
+        Profile::Huggingface => json!({"error": "Service Unavailable"}),
+        Profile::Openai => {
+            json!({"error": {"message": "The server had an error while processing your request. Sorry about that!", "type": "server_error", "param": null, "code": null}})
+        }
+        _ => envelope(profile, status, "Internal Server Error", "internal_server_error", Value::Null),
+    };
+    json_response(status, &[], body)
+}
+
+fn unauthorized(profile: Profile) -> Response {
+    match profile {
+        Profile::Groq => json_response(
+            401,
+            &[],
+            json!({"error": {"message": "Invalid API Key", "type": "invalid_request_error", "code": "invalid_api_key"}}),
+        ),
+        Profile::Cerebras => json_response(
+            401,
+            &[],
+            envelope(profile, 401, "Wrong API Key", "invalid_request_error", json!("wrong_api_key")),
+        ),
+        Profile::Openrouter => json_response(401, &[], json!({"error": {"message": "User not found.", "code": 401}})),
+        Profile::GeminiOpenai => json_response(
+            400,
+            &[],
+            json!([{"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT",
+                "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}}]),
+        ),
+        Profile::Sambanova => json_response(
+            401,
+            &[],
+            envelope(
+                profile,
+                401,
+                "Invalid authentication credentials",
+                "invalid_request_error",
+                json!("invalid_authentication"),
+            ),
+        ),
+        Profile::Huggingface => json_response(401, &[], json!({"error": "Invalid username or password."})),
+        Profile::Openai => json_response(
+            401,
+            &[],
+            json!({"error": {"message": "Incorrect API key provided: sk-mock****. You can find your API key at https://platform.openai.com/account/api-keys.", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}),
+        ),
+    }
+}
+
+fn context_too_long(profile: Profile) -> Response {
+    let body = match profile {
+        Profile::Cerebras => envelope(
+            profile,
+            400,
+            "Please reduce the length of the messages or completion. Current length is 42328 while limit is 40000",
+            "invalid_request_error",
+            json!("context_length_exceeded"),
+        ),
+        Profile::Openrouter => {
+            json!({"error": {"message": "This endpoint's maximum context length is 131072 tokens. However, you requested about 138956 tokens (7884 of text input, 131072 in the output). Please reduce the length of either one, or use the \"middle-out\" transform to compress your prompt automatically.", "code": 400, "metadata": {"provider_name": null}}, "user_id": "user_mock"})
+        }
+        Profile::GeminiOpenai => envelope(
+            profile,
+            400,
+            "The input token count (1091639) exceeds the maximum number of tokens allowed (1048576).",
+            "",
+            Value::Null,
+        ),
+        _ => envelope(
+            profile,
+            400,
+            "Please reduce the length of the messages or completion.",
+            "invalid_request_error",
+            json!("context_length_exceeded"),
+        ),
+    };
+    json_response(400, &[], body)
+}
+
+fn epoch_ms(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
+/// Parses `"10/2s"` (10 requests per 2 seconds) for the command line.
+pub fn parse_limit(text: &str) -> Result<RequestLimit, String> {
+    let (requests, per) = text.split_once('/').ok_or_else(|| format!("`{text}` is not a limit like \"10/2s\""))?;
+    let requests = requests.trim().parse().map_err(|_| format!("`{requests}` is not a number of requests"))?;
+    let per = crate::config::parse_duration(per)?;
+    Ok(RequestLimit { requests, per })
+}

@@ -1,0 +1,92 @@
+//! LLM providers: one file per wire dialect, all behind [`ChatProvider`].
+//!
+//! A dialect turns a chat request into its HTTP call and the answer into either a
+//! [`Completion`] (always an OpenAI `chat.completion`) or a classified [`Failure`] with the
+//! retry information the provider gave. [`http::HttpProvider`] does the I/O over one shared
+//! reqwest client.
+
+pub mod http;
+pub mod openai;
+pub mod retry_info;
+
+use std::time::SystemTime;
+
+use serde_json::Value;
+
+use crate::job::ChatBody;
+
+/// A successful answer, already in OpenAI `chat.completion` form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub status: u16,
+    /// The provider's request id (header or body), for the result's `response.request_id`.
+    pub request_id: String,
+    pub body: Value,
+    /// `usage.total_tokens`, when the provider reported it (corrects quota estimates).
+    pub total_tokens: Option<u64>,
+}
+
+/// How a failed call is classified (contract §3 outcomes, §6 cooldowns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// 429/529/`RESOURCE_EXHAUSTED`: slow down until `retry_at`.
+    RateLimited,
+    Timeout,
+    /// Connection refused, reset or closed mid-answer.
+    Connect,
+    /// 5xx or an answer that is not what the API promises (garbage).
+    Server,
+    /// Bad key (401/403, Gemini's `API_KEY_INVALID`).
+    Auth,
+    /// Out of credits (402, a low balance): like a bad key, the provider is out for long.
+    Credits,
+    /// The request itself was refused (400, 404, 413, too long): next provider, no cooldown.
+    Client,
+}
+
+impl FailureKind {
+    /// Worth another try on the same provider within this attempt (`max_retries`).
+    pub fn is_retryable_in_place(self) -> bool {
+        matches!(self, Self::Timeout | Self::Server)
+    }
+}
+
+/// A failed call with everything the chain needs to decide what to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub status: Option<u16>,
+    /// When the provider said it will accept calls again.
+    pub retry_at: Option<SystemTime>,
+    /// The provider says a per-day quota is spent (so `retry_at` is the daily reset).
+    pub daily: bool,
+    /// Short, secret-free description (the provider's message, trimmed).
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, status: Option<u16>, message: impl Into<String>) -> Self {
+        Self { kind, status, retry_at: None, daily: false, message: message.into() }
+    }
+}
+
+/// One configured provider the chain can call.
+#[async_trait::async_trait]
+pub trait ChatProvider: Send + Sync {
+    /// Sends one chat request (the job's body; the provider sets its own `model`).
+    async fn complete(&self, body: &ChatBody) -> Result<Completion, Failure>;
+}
+
+/// Cuts a provider message to a readable length for results and logs.
+pub fn short_message(text: &str) -> String {
+    const MAX: usize = 300;
+    let text = text.trim();
+    if text.len() <= MAX {
+        return text.to_string();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}

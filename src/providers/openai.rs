@@ -1,0 +1,487 @@
+//! The OpenAI-compatible dialect (`{base_url}/chat/completions`): Groq, Cerebras, OpenRouter,
+//! SambaNova, Hugging Face router, Gemini's OpenAI endpoint, OpenAI itself.
+//!
+//! They share the request and the success shape but each says "slow down", "out of quota for
+//! today" and "bad key" its own way; [`interpret`] reads every shape from providers.md without
+//! knowing which provider it is talking to, so a new compatible provider needs no code.
+
+use std::time::SystemTime;
+
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+
+use super::retry_info::{self, next_pacific_midnight, next_utc_midnight};
+use super::{Completion, Failure, FailureKind, short_message};
+use crate::job::ChatBody;
+
+/// The request body for `model`: the job's body with the provider's own model.
+pub fn request_body(body: &ChatBody, model: &str) -> Value {
+    let mut body = body.clone();
+    body.insert("model".into(), Value::String(model.to_string()));
+    Value::Object(body)
+}
+
+/// Reads one HTTP answer: a chat completion, or a classified failure.
+pub fn interpret(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<Completion, Failure> {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    if (200..300).contains(&status) {
+        return match parsed {
+            Some(json) => success(status, headers, json, now),
+            None => Err(Failure::new(
+                FailureKind::Server,
+                Some(status),
+                "the provider answered 200 with a body that is not JSON",
+            )),
+        };
+    }
+    let info = ErrorInfo::read(parsed.as_ref(), body);
+    Err(classify(status, headers, &info, now))
+}
+
+fn success(status: u16, headers: &HeaderMap, json: Value, now: SystemTime) -> Result<Completion, Failure> {
+    // OpenRouter reports errors raised while generating inside a 200 body.
+    if json.get("error").is_some_and(|e| !e.is_null()) {
+        let info = ErrorInfo::read(Some(&json), &[]);
+        let code = info.numeric_code.unwrap_or(502);
+        return Err(classify(code, headers, &info, now));
+    }
+    let choices = json.get("choices").and_then(Value::as_array);
+    let Some(first) = choices.and_then(|c| c.first()) else {
+        return Err(Failure::new(FailureKind::Server, Some(status), "the provider answered without choices"));
+    };
+    if first.get("finish_reason").and_then(Value::as_str) == Some("error") || first.get("error").is_some() {
+        let message = first.pointer("/error/message").and_then(Value::as_str).unwrap_or("generation failed");
+        return Err(Failure::new(FailureKind::Server, Some(status), short_message(message)));
+    }
+    let request_id = header(headers, "x-request-id")
+        .or_else(|| header(headers, "x-generation-id"))
+        .or_else(|| header(headers, "request-id"))
+        .map(str::to_string)
+        .or_else(|| json.get("id").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default();
+    let total_tokens = json.pointer("/usage/total_tokens").and_then(Value::as_u64);
+    Ok(Completion { status, request_id, body: json, total_tokens })
+}
+
+/// The parts of an error body that classification reads, from any envelope providers use.
+#[derive(Debug, Default)]
+struct ErrorInfo {
+    message: String,
+    /// `code` as text (`rate_limit_exceeded`, `token_quota_exceeded`, `insufficient_quota`…).
+    code: String,
+    /// `type` (`tokens`, `insufficient_quota`, `invalid_request_error`…) or Google's `status`.
+    kind: String,
+    /// A numeric `code` (OpenRouter and Google put the HTTP status there).
+    numeric_code: Option<u16>,
+    /// OpenRouter's `error.metadata`.
+    metadata: Option<Value>,
+    /// Google's `error.details`.
+    details: Vec<Value>,
+}
+
+impl ErrorInfo {
+    fn read(parsed: Option<&Value>, raw: &[u8]) -> ErrorInfo {
+        let Some(json) = parsed else {
+            // HTML or plain-text bodies from proxies (Cloudflare, Envoy).
+            let text = String::from_utf8_lossy(raw);
+            let text =
+                if text.trim_start().starts_with('<') { "an HTML error page".to_string() } else { text.into_owned() };
+            return ErrorInfo { message: short_message(&text), ..ErrorInfo::default() };
+        };
+        // Gemini's OpenAI endpoint wraps the error in an array.
+        let json = match json {
+            Value::Array(items) => items.first().unwrap_or(&Value::Null),
+            other => other,
+        };
+        let error = match json.get("error") {
+            Some(Value::String(message)) => {
+                return ErrorInfo { message: short_message(message), ..ErrorInfo::default() };
+            }
+            Some(error @ Value::Object(_)) => error,
+            // Cerebras: the fields sit at the top level.
+            _ => json,
+        };
+        let text = |key: &str| match error.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        let message = [text("message"), text("detail")].into_iter().find(|m| !m.is_empty()).unwrap_or_default();
+        ErrorInfo {
+            message: short_message(&message),
+            code: text("code"),
+            kind: [text("type"), text("status")].into_iter().find(|m| !m.is_empty()).unwrap_or_default(),
+            numeric_code: error.get("code").and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok()),
+            metadata: error.get("metadata").cloned(),
+            details: error.get("details").and_then(Value::as_array).cloned().unwrap_or_default(),
+        }
+    }
+
+    fn limit_source(&self) -> Option<&str> {
+        self.metadata.as_ref()?.get("limit_source")?.as_str()
+    }
+
+    /// `metadata.headers.X-RateLimit-Reset` (OpenRouter puts its headers in the body too).
+    fn metadata_reset(&self) -> Option<SystemTime> {
+        let headers = self.metadata.as_ref()?.get("headers")?;
+        let reset = headers.get("X-RateLimit-Reset").or_else(|| headers.get("x-ratelimit-reset"))?;
+        retry_info::parse_epoch(reset.as_str()?)
+    }
+
+    /// Google's `RetryInfo.retryDelay`.
+    fn retry_delay(&self) -> Option<std::time::Duration> {
+        self.details
+            .iter()
+            .find(|d| d.get("@type").and_then(Value::as_str).is_some_and(|t| t.ends_with("google.rpc.RetryInfo")))
+            .and_then(|d| d.get("retryDelay")?.as_str())
+            .and_then(retry_info::parse_protobuf_duration)
+    }
+
+    /// Google's `QuotaFailure` violations' quota ids.
+    fn quota_ids(&self) -> Vec<&str> {
+        self.details
+            .iter()
+            .filter_map(|d| d.get("violations")?.as_array())
+            .flatten()
+            .filter_map(|v| v.get("quotaId")?.as_str())
+            .collect()
+    }
+
+    fn has_reason(&self, reason: &str) -> bool {
+        self.details.iter().any(|d| d.get("reason").and_then(Value::as_str) == Some(reason))
+    }
+}
+
+fn classify(status: u16, headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Failure {
+    let message = if info.message.is_empty() { format!("HTTP {status}") } else { info.message.clone() };
+    let mut failure = Failure::new(kind_for(status, info), Some(status), message);
+    match failure.kind {
+        FailureKind::RateLimited => {
+            let daily_reset = daily_reset(headers, info, now);
+            failure.daily = daily_reset.is_some();
+            failure.retry_at = daily_reset.or_else(|| retry_at(headers, info, now));
+        }
+        FailureKind::Server | FailureKind::Credits => failure.retry_at = retry_info::from_headers(headers, now),
+        _ => {}
+    }
+    failure
+}
+
+fn kind_for(status: u16, info: &ErrorInfo) -> FailureKind {
+    let message = info.message.to_ascii_lowercase();
+    match status {
+        429 if info.kind == "insufficient_quota" => FailureKind::Credits, // OpenAI billing, not a rate
+        429 if message.starts_with("request too large") => FailureKind::Client,
+        // Cerebras' "high traffic" and SambaNova's full queue are the provider's capacity, not
+        // our quota: a short per-job backoff, no shared 60 s cooldown.
+        429 if matches!(info.code.as_str(), "queue_exceeded" | "queue_full") => FailureKind::Server,
+        429 | 529 => FailureKind::RateLimited,
+        400 if info.has_reason("API_KEY_INVALID") || message.contains("api key not valid") => FailureKind::Auth,
+        401 | 403 => FailureKind::Auth,
+        402 => FailureKind::Credits,
+        408 => FailureKind::Timeout,
+        413 => FailureKind::Client,
+        498 => FailureKind::Server, // Groq flex tier out of capacity
+        500..=599 => FailureKind::Server,
+        _ if info.kind == "RESOURCE_EXHAUSTED" => FailureKind::RateLimited,
+        _ => FailureKind::Client,
+    }
+}
+
+/// The retry instant for a per-minute (or unknown-window) limit, most precise source first.
+fn retry_at(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option<SystemTime> {
+    retry_info::from_headers(headers, now)
+        .or_else(|| info.metadata_reset())
+        .or_else(|| info.retry_delay().map(|d| now + d))
+        .or_else(|| retry_info::wait_from_message(&info.message).map(|d| now + d))
+}
+
+/// When the error says a per-day quota is spent: its reset.
+fn daily_reset(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option<SystemTime> {
+    let message = &info.message;
+    let reset_header = |names: &[&str]| {
+        names.iter().filter_map(|n| headers.get(*n)?.to_str().ok()).find_map(|v| retry_info::parse_reset(v, now))
+    };
+    // Groq names the window: "(TPD)" / "(RPD)"; its "try again in" is the precise wait.
+    if message.contains("(TPD)") || message.contains("(RPD)") {
+        return retry_at(headers, info, now).or(Some(next_utc_midnight(now)));
+    }
+    // Gemini: the quota id says PerDay; its retryDelay is misleading, the reset is Pacific midnight.
+    if info.quota_ids().iter().any(|id| id.contains("PerDay")) {
+        return Some(next_pacific_midnight(now));
+    }
+    // OpenRouter's free tier: reset at UTC midnight, also given as epoch ms.
+    let openrouter_daily =
+        info.limit_source() == Some("openrouter_free_tier_daily") || message.contains("free-models-per-day");
+    if openrouter_daily {
+        let header = headers.get("x-ratelimit-reset").and_then(|v| v.to_str().ok()).and_then(retry_info::parse_epoch);
+        return header.or_else(|| info.metadata_reset()).or(Some(next_utc_midnight(now)));
+    }
+    // Cerebras: "Tokens per day limit exceeded".
+    if message.to_ascii_lowercase().contains("per day") {
+        let reset = reset_header(&["x-ratelimit-reset-tokens-day", "x-ratelimit-reset-requests-day"]);
+        return reset.or(Some(next_utc_midnight(now)));
+    }
+    // SambaNova: "Violated duration_s: 86400".
+    if message.contains("duration_s: 86400") {
+        let reset = reset_header(&["x-ratelimit-reset-requests-day"]);
+        return reset.or(Some(next_utc_midnight(now)));
+    }
+    None
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name)?.to_str().ok().filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderName, HeaderValue};
+    use std::time::Duration;
+
+    fn now() -> SystemTime {
+        humantime::parse_rfc3339("2026-10-03T12:00:00Z").unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    fn fail(status: u16, hdrs: &[(&str, &str)], body: &str) -> Failure {
+        interpret(status, &headers(hdrs), body.as_bytes(), now()).unwrap_err()
+    }
+
+    const COMPLETION: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
+
+    #[test]
+    fn success_keeps_the_completion_and_usage() {
+        let done = interpret(200, &headers(&[("x-request-id", "req_1")]), COMPLETION.as_bytes(), now()).unwrap();
+        assert_eq!(done.request_id, "req_1");
+        assert_eq!(done.total_tokens, Some(7));
+        assert_eq!(done.body["choices"][0]["message"]["content"], "hi");
+    }
+
+    #[test]
+    fn request_body_replaces_model_and_keeps_the_rest() {
+        let body: ChatBody = serde_json::from_str(r#"{"model":"theirs","temperature":0.2,"messages":[]}"#).unwrap();
+        let sent = request_body(&body, "ours");
+        assert_eq!(sent["model"], "ours");
+        assert_eq!(sent["temperature"], 0.2);
+    }
+
+    #[test]
+    fn garbage_and_empty_answers_are_server_errors() {
+        assert_eq!(fail(200, &[], "<html>oops").kind, FailureKind::Server);
+        assert_eq!(fail(200, &[], r#"{"choices":[]}"#).kind, FailureKind::Server);
+    }
+
+    #[test]
+    fn groq_minute_and_day_limits() {
+        let tpm = fail(
+            429,
+            &[("retry-after", "5"), ("x-ratelimit-remaining-tokens", "0"), ("x-ratelimit-reset-tokens", "4.77s")],
+            r#"{"error":{"message":"Rate limit reached for model `m` in organization `org_01mock` service tier `on_demand` on tokens per minute (TPM): Limit 6000, Used 5034, Requested 1443. Please try again in 4.77s. Need more tokens?","type":"tokens","code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(tpm.kind, FailureKind::RateLimited);
+        assert!(!tpm.daily);
+        assert_eq!(tpm.retry_at, Some(now() + Duration::from_secs(5)));
+        let tpd = fail(
+            429,
+            &[("x-ratelimit-remaining-tokens", "6000")],
+            r#"{"error":{"message":"Rate limit reached for model `m` in organization `org_01` service tier `on_demand` on tokens per day (TPD): Limit 100000, Used 97050, Requested 3619. Please try again in 9m38.016s. Need more tokens?","type":"tokens","code":"rate_limit_exceeded"}}"#,
+        );
+        assert!(tpd.daily);
+        assert_eq!(tpd.retry_at, Some(now() + Duration::from_millis(578_016)));
+    }
+
+    #[test]
+    fn groq_request_too_large_is_a_client_error() {
+        let too_large = fail(
+            413,
+            &[],
+            r#"{"error":{"message":"Request too large for model `m` on tokens per minute (TPM): Limit 6000, Requested 12328, please reduce your message size and try again.","type":"tokens","code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(too_large.kind, FailureKind::Client);
+        assert_eq!(too_large.retry_at, None);
+    }
+
+    #[test]
+    fn cerebras_unwrapped_bodies() {
+        let rpm = fail(
+            429,
+            &[("x-ratelimit-remaining-requests-minute", "0"), ("x-ratelimit-reset-requests-minute", "42.1")],
+            r#"{"message":"Requests per minute limit exceeded - too many requests sent.","type":"too_many_requests_error","param":"quota","code":"request_quota_exceeded"}"#,
+        );
+        assert_eq!(rpm.kind, FailureKind::RateLimited);
+        assert_eq!(rpm.retry_at, Some(now() + Duration::from_millis(42_100)));
+        assert!(rpm.message.starts_with("Requests per minute"));
+        let tpd = fail(
+            429,
+            &[("x-ratelimit-remaining-tokens-day", "0"), ("x-ratelimit-reset-tokens-day", "33011.382867097855")],
+            r#"{"message":"Tokens per day limit exceeded - too many tokens processed.","type":"too_many_tokens_error","param":"quota","code":"token_quota_exceeded"}"#,
+        );
+        assert!(tpd.daily);
+        assert_eq!(tpd.retry_at, Some(now() + Duration::from_millis(33_011_383)));
+        assert_eq!(
+            fail(
+                401,
+                &[],
+                r#"{"message":"Wrong API Key","type":"invalid_request_error","param":"api_key","code":"wrong_api_key"}"#
+            )
+            .kind,
+            FailureKind::Auth
+        );
+        assert_eq!(fail(403, &[], r#"{"detail":"Not authenticated"}"#).message, "Not authenticated");
+    }
+
+    #[test]
+    fn openrouter_free_limits_use_epoch_ms() {
+        let daily = fail(
+            429,
+            &[],
+            r#"{"error":{"message":"Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day","code":429,"metadata":{"headers":{"X-RateLimit-Limit":"50","X-RateLimit-Remaining":"0","X-RateLimit-Reset":"1791072000000"},"limit_source":"openrouter_free_tier_daily"}},"user_id":"user_x"}"#,
+        );
+        assert!(daily.daily);
+        assert_eq!(daily.retry_at, Some(humantime::parse_rfc3339("2026-10-04T00:00:00Z").unwrap()));
+        let minute = fail(
+            429,
+            &[("X-RateLimit-Remaining", "0"), ("X-RateLimit-Reset", "1791028860000")],
+            r#"{"error":{"message":"Rate limit exceeded: free-models-per-min. ","code":429}}"#,
+        );
+        assert!(!minute.daily);
+        assert_eq!(minute.retry_at, Some(humantime::parse_rfc3339("2026-10-03T12:01:00Z").unwrap()));
+        let credits = fail(
+            402,
+            &[],
+            r#"{"error":{"message":"This request requires more credits, or fewer max_tokens.","code":402,"metadata":{"provider_name":null}},"user_id":"u"}"#,
+        );
+        assert_eq!(credits.kind, FailureKind::Credits);
+    }
+
+    #[test]
+    fn openrouter_error_inside_a_200() {
+        let err =
+            fail(200, &[], r#"{"error":{"code":502,"message":"Provider returned error","metadata":{"raw":"x"}}}"#);
+        assert_eq!(err.kind, FailureKind::Server);
+        let rate = fail(200, &[], r#"{"error":{"code":429,"message":"upstream rate-limited"}}"#);
+        assert_eq!(rate.kind, FailureKind::RateLimited);
+    }
+
+    #[test]
+    fn gemini_openai_endpoint_array_errors() {
+        let bare = fail(
+            429,
+            &[],
+            r#"[{"error":{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED"}}]"#,
+        );
+        assert_eq!(bare.kind, FailureKind::RateLimited);
+        assert_eq!(bare.retry_at, None); // → the 60 s default cooldown
+        let per_day = fail(
+            429,
+            &[],
+            r#"[{"error":{"code":429,"message":"You exceeded your current quota","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaValue":"20"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"22s"}]}}]"#,
+        );
+        assert!(per_day.daily);
+        assert_eq!(per_day.retry_at, Some(humantime::parse_rfc3339("2026-10-04T07:00:00Z").unwrap()));
+        let per_minute = fail(
+            429,
+            &[],
+            r#"[{"error":{"code":429,"message":"quota","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"58s"}]}}]"#,
+        );
+        assert!(!per_minute.daily);
+        assert_eq!(per_minute.retry_at, Some(now() + Duration::from_secs(58)));
+        let bad_key = fail(
+            400,
+            &[],
+            r#"[{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID"}]}}]"#,
+        );
+        assert_eq!(bad_key.kind, FailureKind::Auth);
+    }
+
+    #[test]
+    fn sambanova_minute_and_day() {
+        let rpm = fail(
+            429,
+            &[],
+            r#"{"error":{"message":"Request would exceed rate limit\nViolated duration_s: 60, current usage: 20, limit: 20","type":"rate_limit_error","param":null,"code":"insufficient_quota"},"request_id":"r"}"#,
+        );
+        assert_eq!(rpm.kind, FailureKind::RateLimited);
+        assert!(!rpm.daily);
+        let day = fail(
+            429,
+            &[],
+            r#"{"error":{"message":"Request would exceed rate limit\nViolated duration_s: 86400, current usage: 196279, limit: 200000","type":"rate_limit_error","code":"insufficient_quota"}}"#,
+        );
+        assert!(day.daily);
+        assert_eq!(day.retry_at, Some(humantime::parse_rfc3339("2026-10-04T00:00:00Z").unwrap()));
+        let queue = fail(
+            429,
+            &[],
+            r#"{"error":{"message":"Queue is full","type":"rate_limit_error","param":null,"code":"queue_full"},"request_id":"r"}"#,
+        );
+        assert_eq!(queue.kind, FailureKind::Server);
+        let cerebras_busy = fail(
+            429,
+            &[],
+            r#"{"message":"We're experiencing high traffic right now! Please try again soon.","code":"queue_exceeded"}"#,
+        );
+        assert_eq!(cerebras_busy.kind, FailureKind::Server);
+    }
+
+    #[test]
+    fn openai_quota_and_overload() {
+        let billing = fail(
+            429,
+            &[],
+            r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+        );
+        assert_eq!(billing.kind, FailureKind::Credits);
+        let overloaded = fail(
+            503,
+            &[("retry-after", "30")],
+            r#"{"error":{"code":"server_is_overloaded","message":"Our servers are currently overloaded.","type":"service_unavailable_error"}}"#,
+        );
+        assert_eq!(overloaded.kind, FailureKind::Server);
+        assert_eq!(overloaded.retry_at, Some(now() + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn hugging_face_and_proxy_bodies() {
+        let credits =
+            fail(402, &[], r#"{"error":"You have exceeded your monthly included credits for Inference Providers."}"#);
+        assert_eq!(credits.kind, FailureKind::Credits);
+        assert!(credits.message.contains("monthly included credits"));
+        let envoy = fail(503, &[], "upstream connect error or disconnect/reset before headers. reset reason: overflow");
+        assert_eq!(envoy.kind, FailureKind::Server);
+        assert!(envoy.message.starts_with("upstream connect error"));
+        let cloudflare = fail(502, &[], "<!DOCTYPE html><html><title>Bad gateway</title></html>");
+        assert_eq!(cloudflare.message, "an HTML error page");
+    }
+
+    #[test]
+    fn context_and_model_errors_move_on_without_cooldown() {
+        let ctx = fail(
+            400,
+            &[],
+            r#"{"error":{"message":"Please reduce the length of the messages or completion.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+        );
+        assert_eq!(ctx.kind, FailureKind::Client);
+        assert_eq!(
+            fail(404, &[], r#"{"error":{"message":"The model `x` does not exist","code":"model_not_found"}}"#).kind,
+            FailureKind::Client
+        );
+        assert_eq!(
+            fail(408, &[], r#"{"error":{"code":408,"message":"Request timed out"}}"#).kind,
+            FailureKind::Timeout
+        );
+        assert_eq!(
+            fail(529, &[], r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#).kind,
+            FailureKind::RateLimited
+        );
+    }
+}

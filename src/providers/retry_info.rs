@@ -1,0 +1,323 @@
+//! Every way providers say "come back at …", in one place (contract §6, providers.md §10).
+//!
+//! All functions are pure: they take the time "now" and return an absolute instant, so the
+//! real examples from the reference are unit-tested here without a clock or a network.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::HeaderMap;
+
+/// Go-style durations as Groq and OpenAI send them: `2m59.56s`, `7.66s`, `185ms`, `1h25m3.847s`.
+/// Rounded up to the millisecond so we never come back early.
+pub fn parse_go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total_ns: f64 = 0.0;
+    while !rest.is_empty() {
+        let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if number_len == 0 {
+            return None;
+        }
+        let value: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let (unit_ns, unit_len) = if rest.starts_with("ms") {
+            (1e6, 2)
+        } else if rest.starts_with("us") {
+            (1e3, 2)
+        } else if rest.starts_with("µs") {
+            (1e3, "µs".len())
+        } else if rest.starts_with("ns") {
+            (1.0, 2)
+        } else if rest.starts_with('h') {
+            (3600e9, 1)
+        } else if rest.starts_with('m') {
+            (60e9, 1)
+        } else if rest.starts_with('s') {
+            (1e9, 1)
+        } else {
+            return None;
+        };
+        total_ns += value * unit_ns;
+        rest = &rest[unit_len..];
+    }
+    Some(ceil_ms(total_ns / 1e9))
+}
+
+/// Plain seconds, integer or float (`retry-after: 2`, `11.75`, Cerebras `33011.382867097855`).
+pub fn parse_seconds(text: &str) -> Option<Duration> {
+    let value: f64 = text.trim().parse().ok()?;
+    (value.is_finite() && value >= 0.0).then(|| ceil_ms(value))
+}
+
+/// Protobuf `Duration` as Gemini's `RetryInfo.retryDelay` carries it: `"58s"`, `"38.2s"`.
+pub fn parse_protobuf_duration(text: &str) -> Option<Duration> {
+    parse_seconds(text.trim().strip_suffix('s')?)
+}
+
+/// An epoch timestamp: above 1e12 it is milliseconds (OpenRouter), above 1e9 seconds.
+pub fn parse_epoch(text: &str) -> Option<SystemTime> {
+    let value: f64 = text.trim().parse().ok()?;
+    if value > 1e12 {
+        Some(UNIX_EPOCH + Duration::from_millis(value as u64))
+    } else if value > 1e9 {
+        Some(UNIX_EPOCH + ceil_ms(value))
+    } else {
+        None
+    }
+}
+
+/// RFC 3339 instants (Anthropic's `anthropic-ratelimit-*-reset`).
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(text.trim().trim_end_matches('Z').trim_end_matches("+00:00")).ok()
+}
+
+/// `retry-after`: seconds (float tolerated) or an HTTP-date.
+pub fn parse_retry_after(text: &str, now: SystemTime) -> Option<SystemTime> {
+    if let Some(wait) = parse_seconds(text) {
+        return Some(now + wait);
+    }
+    httpdate::parse_http_date(text.trim()).ok()
+}
+
+/// A `x-ratelimit-reset-*` value in whichever form the provider uses: an epoch (SambaNova,
+/// OpenRouter), float seconds (Cerebras) or a Go duration (Groq, OpenAI).
+pub fn parse_reset(text: &str, now: SystemTime) -> Option<SystemTime> {
+    parse_epoch(text)
+        .or_else(|| parse_seconds(text).map(|d| now + d))
+        .or_else(|| parse_go_duration(text).map(|d| now + d))
+        .or_else(|| parse_rfc3339(text))
+}
+
+/// The wait a provider writes into its message: Groq's "Please try again in 1.984999999s",
+/// Gemini's "Please retry in 58.217843437s."
+pub fn wait_from_message(message: &str) -> Option<Duration> {
+    for marker in ["try again in ", "retry in "] {
+        if let Some(start) = message.find(marker) {
+            let tail = &message[start + marker.len()..];
+            let end = tail.find(|c: char| c.is_whitespace() || c == ',').unwrap_or(tail.len());
+            let token = tail[..end].trim_end_matches('.');
+            if let Some(wait) = parse_go_duration(token) {
+                return Some(wait);
+            }
+        }
+    }
+    None
+}
+
+/// The retry instant from the standard headers, most precise first: `retry-after-ms`,
+/// `retry-after`, then the reset of whichever `x-ratelimit-*` budget is exhausted.
+pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Option<SystemTime> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(now + ceil_ms(ms / 1000.0));
+    }
+    if let Some(at) = get("retry-after").and_then(|v| parse_retry_after(v, now)) {
+        return Some(at);
+    }
+    exhausted_reset(headers, now)
+}
+
+/// The latest reset among the budgets whose `remaining` header says 0 (`x-ratelimit-remaining-X`
+/// paired with `x-ratelimit-reset-X`; Anthropic's `anthropic-ratelimit-X-remaining`/`-reset`;
+/// OpenRouter's single `X-RateLimit-Reset`).
+pub fn exhausted_reset(headers: &HeaderMap, now: SystemTime) -> Option<SystemTime> {
+    let mut latest: Option<SystemTime> = None;
+    for (name, value) in headers {
+        let name = name.as_str();
+        let reset_name = if let Some(suffix) = name.strip_prefix("x-ratelimit-remaining") {
+            format!("x-ratelimit-reset{suffix}")
+        } else if let Some(middle) =
+            name.strip_prefix("anthropic-ratelimit-").and_then(|n| n.strip_suffix("-remaining"))
+        {
+            format!("anthropic-ratelimit-{middle}-reset")
+        } else {
+            continue;
+        };
+        if value.to_str().ok().and_then(|v| v.trim().parse::<f64>().ok()) != Some(0.0) {
+            continue;
+        }
+        let reset = headers.get(reset_name.as_str()).and_then(|v| v.to_str().ok()).and_then(|v| parse_reset(v, now));
+        if let Some(reset) = reset {
+            latest = Some(latest.map_or(reset, |l| l.max(reset)));
+        }
+    }
+    latest
+}
+
+/// The next midnight in UTC (OpenRouter's daily free quota, and our guess for daily quotas whose
+/// provider gives no reset).
+pub fn next_utc_midnight(now: SystemTime) -> SystemTime {
+    let secs = unix_secs(now);
+    UNIX_EPOCH + Duration::from_secs((secs / 86_400 + 1) * 86_400)
+}
+
+/// The next midnight in America/Los_Angeles (Gemini's per-day quotas), with US daylight-saving
+/// rules: PDT (UTC−7) from the second Sunday of March, 02:00, to the first Sunday of November.
+pub fn next_pacific_midnight(now: SystemTime) -> SystemTime {
+    let secs = unix_secs(now) as i64;
+    let offset = pacific_offset_secs(secs);
+    let local_day = (secs + offset).div_euclid(86_400);
+    let midnight_local = (local_day + 1) * 86_400;
+    // Midnight is before the 02:00 switch, so the offset in force at midnight is that of the
+    // hour before it.
+    let offset_at_midnight = pacific_offset_secs(midnight_local - offset - 3600);
+    UNIX_EPOCH + Duration::from_secs((midnight_local - offset_at_midnight) as u64)
+}
+
+fn pacific_offset_secs(unix: i64) -> i64 {
+    let (year, _, _) = civil_from_days(unix.div_euclid(86_400));
+    let dst_start = days_from_civil(year, 3, nth_sunday(year, 3, 2)) * 86_400 + 10 * 3600; // 02:00 PST
+    let dst_end = days_from_civil(year, 11, nth_sunday(year, 11, 1)) * 86_400 + 9 * 3600; // 02:00 PDT
+    if (dst_start..dst_end).contains(&unix) { -7 * 3600 } else { -8 * 3600 }
+}
+
+/// Day of the month of the `n`th Sunday of `month`.
+fn nth_sunday(year: i64, month: u32, n: i64) -> u32 {
+    let first = days_from_civil(year, month, 1);
+    let weekday = (first + 4).rem_euclid(7); // 1970-01-01 was a Thursday; 0 = Sunday
+    (1 + (7 - weekday) % 7 + 7 * (n - 1)) as u32
+}
+
+// Howard Hinnant's civil-calendar algorithms.
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = month as i64;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn ceil_ms(seconds: f64) -> Duration {
+    Duration::from_millis((seconds * 1000.0 - 1e-6).ceil().max(0.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderName, HeaderValue};
+
+    fn at(rfc3339: &str) -> SystemTime {
+        humantime::parse_rfc3339(rfc3339).unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn go_durations_from_the_reference() {
+        let ms = |text| parse_go_duration(text).unwrap().as_millis();
+        assert_eq!(ms("2m59.56s"), 179_560);
+        assert_eq!(ms("7.66s"), 7_660);
+        assert_eq!(ms("185ms"), 185);
+        assert_eq!(ms("1m26.4s"), 86_400);
+        assert_eq!(ms("1.984999999s"), 1_985); // rounded up
+        assert_eq!(ms("9m38.016s"), 578_016);
+        assert_eq!(ms("1h25m3.847s"), 5_103_847);
+        assert_eq!(ms("6m0s"), 360_000);
+        assert_eq!(ms("12ms"), 12);
+        assert_eq!(ms("1m47.5854s"), 107_586);
+        assert_eq!(parse_go_duration("soon"), None);
+        assert_eq!(parse_go_duration(""), None);
+        assert_eq!(parse_go_duration("5"), None);
+    }
+
+    #[test]
+    fn seconds_epochs_and_dates() {
+        let now = at("2026-10-03T12:00:00Z");
+        assert_eq!(parse_seconds("33011.382867097855").unwrap().as_millis(), 33_011_383);
+        assert_eq!(parse_retry_after("2", now), Some(now + Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("11.75", now), Some(now + Duration::from_millis(11_750)));
+        assert_eq!(parse_retry_after("Sat, 03 Oct 2026 12:01:00 GMT", now), Some(at("2026-10-03T12:01:00Z")));
+        assert_eq!(parse_epoch("1791072000000"), Some(at("2026-10-04T00:00:00Z")));
+        assert_eq!(parse_epoch("1791072000"), Some(at("2026-10-04T00:00:00Z")));
+        assert_eq!(parse_rfc3339("2026-04-21T14:32:15Z"), Some(at("2026-04-21T14:32:15Z")));
+        assert_eq!(parse_protobuf_duration("58s"), Some(Duration::from_secs(58)));
+        assert_eq!(parse_protobuf_duration("38.2s"), Some(Duration::from_millis(38_200)));
+        assert_eq!(parse_protobuf_duration("45.837906927s").unwrap().as_millis(), 45_838);
+        assert_eq!(parse_protobuf_duration("58"), None);
+    }
+
+    #[test]
+    fn waits_written_in_messages() {
+        let groq = "Rate limit reached for model `llama-3.3-70b-versatile` in organization `org_01` service tier `on_demand` on tokens per minute (TPM): Limit 12000, Used 2542, Requested 9855. Please try again in 1.984999999s. Need more tokens?";
+        assert_eq!(wait_from_message(groq), Some(Duration::from_millis(1_985)));
+        let groq_day = "… on tokens per day (TPD): Limit 100000, Used 97050, Requested 3619. Please try again in 9m38.016s. Need more tokens?";
+        assert_eq!(wait_from_message(groq_day), Some(Duration::from_millis(578_016)));
+        let gemini = "Quota exceeded for metric: x, limit: 5, model: gemini-3-flash\nPlease retry in 58.217843437s.";
+        assert_eq!(wait_from_message(gemini), Some(Duration::from_millis(58_218)));
+        assert_eq!(wait_from_message("Please try again later."), None);
+    }
+
+    #[test]
+    fn header_precedence_and_exhausted_budgets() {
+        let now = at("2026-10-03T12:00:00Z");
+        let both = headers(&[("retry-after", "4"), ("retry-after-ms", "3890")]);
+        assert_eq!(from_headers(&both, now), Some(now + Duration::from_millis(3_890)));
+        // Groq 429 without retry-after: the exhausted token budget's reset.
+        let groq = headers(&[
+            ("x-ratelimit-remaining-requests", "14370"),
+            ("x-ratelimit-reset-requests", "2m59.56s"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "4.77s"),
+        ]);
+        assert_eq!(from_headers(&groq, now), Some(now + Duration::from_millis(4_770)));
+        // Cerebras: float seconds per window.
+        let cerebras =
+            headers(&[("x-ratelimit-remaining-requests-minute", "0"), ("x-ratelimit-reset-requests-minute", "42.1")]);
+        assert_eq!(from_headers(&cerebras, now), Some(now + Duration::from_millis(42_100)));
+        // OpenRouter: epoch milliseconds.
+        let openrouter = headers(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1791072000000")]);
+        assert_eq!(from_headers(&openrouter, now), Some(at("2026-10-04T00:00:00Z")));
+        // Anthropic: RFC 3339.
+        let anthropic = headers(&[
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "2026-10-03T12:00:15Z"),
+        ]);
+        assert_eq!(from_headers(&anthropic, now), Some(at("2026-10-03T12:00:15Z")));
+        assert_eq!(from_headers(&headers(&[("x-ratelimit-remaining-tokens", "5")]), now), None);
+    }
+
+    #[test]
+    fn midnights() {
+        assert_eq!(next_utc_midnight(at("2026-10-03T23:59:59Z")), at("2026-10-04T00:00:00Z"));
+        // Summer: PDT, midnight is 07:00 UTC.
+        assert_eq!(next_pacific_midnight(at("2026-07-01T12:00:00Z")), at("2026-07-02T07:00:00Z"));
+        assert_eq!(next_pacific_midnight(at("2026-07-02T06:59:00Z")), at("2026-07-02T07:00:00Z"));
+        // Winter: PST, midnight is 08:00 UTC.
+        assert_eq!(next_pacific_midnight(at("2026-12-01T12:00:00Z")), at("2026-12-02T08:00:00Z"));
+        // 2026 DST starts Sunday March 8 and ends Sunday November 1.
+        assert_eq!(next_pacific_midnight(at("2026-03-07T12:00:00Z")), at("2026-03-08T08:00:00Z"));
+        assert_eq!(next_pacific_midnight(at("2026-03-08T12:00:00Z")), at("2026-03-09T07:00:00Z"));
+        assert_eq!(next_pacific_midnight(at("2026-10-31T12:00:00Z")), at("2026-11-01T07:00:00Z"));
+        assert_eq!(next_pacific_midnight(at("2026-11-01T12:00:00Z")), at("2026-11-02T08:00:00Z"));
+    }
+}
