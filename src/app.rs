@@ -72,7 +72,7 @@ pub fn build_chains(
 /// A worker process: everything `fallback-worker worker` runs.
 pub struct WorkerApp {
     pub config: Config,
-    /// Queue names and arguments (tests add `x-expires`).
+    /// The queues, from the config's names.
     pub topology: Topology,
     pub worker_id: String,
     /// Whether the broker session is up (for `/readyz`).

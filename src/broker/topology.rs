@@ -26,13 +26,11 @@ pub const WAIT_TIERS: [Duration; 5] = [
 pub struct Topology {
     pub jobs: String,
     pub results: String,
-    /// Extra arguments for every queue we declare (tests add `x-expires` to clean up after themselves).
-    pub extra_queue_args: Vec<(String, i64)>,
 }
 
 impl Topology {
     pub fn new(jobs: &str, results: &str) -> Self {
-        Self { jobs: jobs.to_string(), results: results.to_string(), extra_queue_args: Vec::new() }
+        Self { jobs: jobs.to_string(), results: results.to_string() }
     }
 
     pub fn dead_letter_exchange(&self) -> String {
@@ -64,12 +62,12 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        let mut jobs_args = self.base_args();
+        let mut jobs_args = FieldTable::default();
         jobs_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
         self.declare_queue(channel, &self.jobs, jobs_args).await?;
-        self.declare_queue(channel, &self.results, self.base_args()).await?;
+        self.declare_queue(channel, &self.results, FieldTable::default()).await?;
         let dead = self.dead_letter_queue();
-        self.declare_queue(channel, &dead, self.base_args()).await?;
+        self.declare_queue(channel, &dead, FieldTable::default()).await?;
         channel
             .queue_bind(
                 dead.as_str().into(),
@@ -80,21 +78,13 @@ impl Topology {
             )
             .await?;
         for tier in WAIT_TIERS {
-            let mut args = self.base_args();
+            let mut args = FieldTable::default();
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
             args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
             args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.jobs.as_str().into()));
             self.declare_queue(channel, &self.wait_queue(tier), args).await?;
         }
         Ok(())
-    }
-
-    fn base_args(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        for (key, value) in &self.extra_queue_args {
-            args.insert(key.as_str().into(), AMQPValue::LongLongInt(*value));
-        }
-        args
     }
 
     async fn declare_queue(&self, channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {

@@ -150,9 +150,10 @@ impl PgStore {
         }
     }
 
-    fn cached_cooldown(&self, provider: &str, now: SystemTime) -> Option<Cooldown> {
-        let cache = self.cache.lock().unwrap();
-        cache.get(provider)?.cooldown.clone().filter(|c| c.until > now)
+    /// The latest cooldown this process knows for `provider` (expired or not), without asking
+    /// the database.
+    pub fn known_cooldown(&self, provider: &str) -> Option<Cooldown> {
+        self.cache.lock().unwrap().get(provider)?.cooldown.clone()
     }
 
     /// Deletes ledger rows first seen longer ago than `retention` (called by housekeeping).
@@ -181,7 +182,7 @@ fn epoch_ms(t: SystemTime) -> i64 {
 #[async_trait::async_trait]
 impl ProviderState for PgStore {
     async fn admit(&self, provider: &str, now: SystemTime) -> Admission {
-        if let Some(cooldown) = self.cached_cooldown(provider, now) {
+        if let Some(cooldown) = self.known_cooldown(provider).filter(|c| c.until > now) {
             return Admission::Cooling(cooldown);
         }
         let row = sqlx::query(

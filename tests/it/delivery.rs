@@ -1,0 +1,135 @@
+//! Delivery guarantees (contract §4): reply_to, idempotency, crashes and graceful shutdown.
+
+use std::time::Duration;
+
+use fallback_worker::mock::{MockOptions, MockProvider, Profile, Scenario};
+use lapin::BasicProperties;
+
+use crate::support::*;
+
+fn one_provider(mock: &MockProvider, extra: &str) -> String {
+    format!("{}{}", provider("p", &mock.base_url(), true, extra), chain("default", &["p"], ""))
+}
+
+#[tokio::test]
+async fn results_go_to_reply_to_with_the_jobs_correlation_id() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
+    let reply = env.reply_queue("mine").await;
+    let properties =
+        BasicProperties::default().with_reply_to(reply.as_str().into()).with_correlation_id("corr-7".into());
+    env.publish(&job("r-1"), properties).await;
+    let (result, properties) = env.next_result(&reply).await;
+    assert!(result.is_success());
+    assert_eq!(properties.correlation_id().as_ref().map(|c| c.as_str()), Some("corr-7"));
+    assert_eq!(properties.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
+    assert_eq!(properties.delivery_mode(), &Some(2), "results are persistent");
+    assert_eq!(env.client.depth(&env.results).await, 0, "nothing went to the default results queue");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_redelivered_job_is_answered_from_the_ledger_without_a_provider_call() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
+    let properties = BasicProperties::default().with_message_id("msg-42".into());
+    env.publish(&job("i-1"), properties.clone()).await;
+    let (first, _) = env.next_result(&env.results).await;
+    env.publish(&job("i-1"), properties).await;
+    let (second, _) = env.next_result(&env.results).await;
+    assert_eq!(mock.requests(), 1, "the second delivery is answered from the store");
+    assert_eq!(first, second, "the stored result is republished as it was");
+
+    // Without a message_id the key is the hash of (custom_id, chain, body).
+    env.publish(&job("i-2"), BasicProperties::default()).await;
+    let (third, _) = env.next_result(&env.results).await;
+    env.publish(&job("i-2"), BasicProperties::default()).await;
+    let (fourth, _) = env.next_result(&env.results).await;
+    assert_eq!(third.id, fourth.id);
+    assert_eq!(mock.requests(), 2);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_loses_nothing() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    mock.script([Scenario::Hang]);
+    let config = env.config_file(&one_provider(&mock, "timeout = \"60s\""), "");
+    let mut first = WorkerProcess::spawn(&config);
+    env.wait_for_queues().await;
+    env.publish(&job("k-1"), BasicProperties::default()).await;
+    assert!(mock.wait_for_requests(1, PATIENCE).await, "the first worker took the job");
+    first.signal("KILL");
+    first.wait().await;
+
+    let second = WorkerProcess::spawn(&config);
+    let (result, _) = env.next_result(&env.results).await;
+    assert!(result.is_success(), "{result:?}");
+    assert_eq!(result.custom_id.as_deref(), Some("k-1"));
+    assert_eq!(mock.requests(), 2, "redelivered to the second worker");
+    drop(second);
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_jobs_and_exits_0() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    mock.script([Scenario::Slow(Duration::from_millis(1500))]);
+    let config = env.config_file(&one_provider(&mock, "timeout = \"10s\""), "");
+    let mut worker = WorkerProcess::spawn(&config);
+    env.wait_for_queues().await;
+    env.publish(&job("s-1"), BasicProperties::default()).await;
+    assert!(mock.wait_for_requests(1, PATIENCE).await);
+    worker.signal("TERM");
+    let status = worker.wait().await;
+    assert_eq!(status.code(), Some(0));
+    let (result, _) = env.next_result(&env.results).await;
+    assert!(result.is_success(), "the in-flight job was finished: {result:?}");
+    assert_eq!(env.client.depth(&env.jobs).await, 0, "and acked");
+}
+
+#[tokio::test]
+async fn a_bad_config_exits_2_naming_file_and_key() {
+    let env = TestEnv::new().await;
+    let path = env.dir.join("bad.toml");
+    std::fs::write(&path, "[[providers]]\nname = \"x\"\nbase_url = \"http://h\"\nmodel = \"m\"\ntimeout = \"fast\"\n[chains.default]\nproviders = [\"x\"]\n")
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-worker"))
+        .args(["--config", path.to_str().unwrap(), "worker"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("providers[0].timeout") && stderr.contains("fast"),
+        "{stderr}"
+    );
+
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-worker"))
+        .args(["--config", "/nonexistent/fallback.toml", "migrate"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_and_exits_0() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let config = env.config_file(&one_provider(&mock, ""), "");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-worker"))
+        .args(["--config", config.to_str().unwrap(), "migrate"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('provider_state', 'job_results')",
+    )
+    .fetch_one(&mut env.db().await)
+    .await
+    .unwrap();
+    assert_eq!(tables, 2);
+}

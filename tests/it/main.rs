@@ -1,0 +1,10 @@
+//! Black-box tests through the real RabbitMQ and Postgres, with the project's mock providers.
+//! One binary (faster to link); one file per area.
+
+mod support;
+
+mod chain_flow;
+mod delivery;
+mod faults;
+mod poison;
+mod shared_state;

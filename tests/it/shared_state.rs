@@ -1,0 +1,118 @@
+//! Cooldowns shared by every worker through Postgres (contract §6).
+
+use std::time::{Duration, SystemTime};
+
+use fallback_worker::chain::CooldownReason;
+use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{Admission, Cooldown, ProviderState};
+use lapin::BasicProperties;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn after_one_workers_429_the_other_sends_nothing_to_that_provider() {
+    let env = TestEnv::new().await;
+    let limited = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let backup = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    limited.script([Scenario::RateLimited(RetryHint::RetryAfterSeconds(120.0))]);
+    let providers = format!(
+        "{}{}{}",
+        provider("limited", &limited.base_url(), true, ""),
+        provider("backup", &backup.base_url(), true, ""),
+        chain("default", &["limited", "backup"], "")
+    );
+    let mut config_a = env.config(&providers);
+    config_a.amqp.prefetch = 2;
+    let mut config_b = config_a.clone();
+    config_b.amqp.prefetch = 2;
+    let a = env.spawn_worker(config_a, "worker-a").await;
+    let b = env.spawn_worker(config_b, "worker-b").await;
+
+    env.publish(&job("first"), BasicProperties::default()).await;
+    let (first, _) = env.next_result(&env.results).await;
+    assert_eq!(first.routing.attempts[0].status, Some(429));
+
+    for i in 0..20 {
+        env.publish(&job(&format!("after-{i}")), BasicProperties::default()).await;
+    }
+    let results = env.results(&env.results, 20).await;
+    let workers: std::collections::BTreeSet<_> = results.iter().map(|r| r.routing.worker.clone()).collect();
+    assert_eq!(workers.len(), 2, "both workers answered jobs: {workers:?}");
+    assert_eq!(limited.requests(), 1, "no worker called the provider after the 429");
+    assert!(results.iter().all(|r| r.routing.provider.as_deref() == Some("backup")));
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn migrated_store(env: &TestEnv) -> PgStore {
+    let store = PgStore::connect_lazy(&env.database_url, 4).unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+fn cooldown(secs: u64, reason: CooldownReason) -> Cooldown {
+    Cooldown { until: SystemTime::now() + Duration::from_secs(secs), reason, detail: "test".into() }
+}
+
+#[tokio::test]
+async fn a_cooldown_only_moves_forward() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let long = cooldown(600, CooldownReason::Auth);
+    store.cool_down("p", long.clone()).await;
+    store.cool_down("p", cooldown(10, CooldownReason::RateLimited)).await;
+    // A second store (another worker) reads the truth from the table.
+    let other = migrated_store(&env).await;
+    match other.admit("p", SystemTime::now()).await {
+        Admission::Cooling(c) => {
+            assert_eq!(c.reason, CooldownReason::Auth);
+            let drift = c.until.duration_since(long.until).unwrap_or_else(|e| e.duration());
+            assert!(drift < Duration::from_millis(2), "{drift:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(other.admit("p", SystemTime::now() + Duration::from_secs(601)).await, Admission::Granted);
+}
+
+#[tokio::test]
+async fn notifications_reach_other_workers_and_a_reconnect_reloads() {
+    let env = TestEnv::new().await;
+    let writer = migrated_store(&env).await;
+    let reader = migrated_store(&env).await;
+    let shutdown = CancellationToken::new();
+    let listening = tokio::spawn(reader.clone().listen(shutdown.clone()));
+    // Wait until the listener is subscribed.
+    let mut db = env.db().await;
+    eventually("the listener subscribes", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()",
+        )
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+        n > 0
+    })
+    .await;
+    writer.cool_down("q", cooldown(300, CooldownReason::RateLimited)).await;
+    eventually("the notification arrives", || async { reader.known_cooldown("q").is_some() }).await;
+
+    // A change that sends no notification is only learnt by reloading the table, which the
+    // listener does after it loses its connection.
+    sqlx::query("INSERT INTO provider_state (provider, cooldown_until, cooldown_reason) VALUES ('s', now() + interval '5 minutes', 'auth')")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    assert!(reader.known_cooldown("s").is_none());
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert!(killed >= 1);
+    eventually("the reload brings the unannounced cooldown", || async { reader.known_cooldown("s").is_some() }).await;
+    shutdown.cancel();
+    listening.await.unwrap();
+}

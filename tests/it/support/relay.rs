@@ -1,0 +1,51 @@
+//! A loopback TCP relay in front of a real service, to cut every connection at once (as a
+//! network failure or a broker restart would), like lapin's own recovery tests do.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub struct Relay {
+    pub addr: SocketAddr,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let tracked = connections.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tracked.lock().unwrap().push(task);
+            }
+        });
+        Relay { addr, connections, accept }
+    }
+
+    /// Drops every relayed connection (new ones are still accepted).
+    pub fn cut(&self) -> usize {
+        let mut connections = self.connections.lock().unwrap();
+        let n = connections.iter().filter(|t| !t.is_finished()).count();
+        for task in connections.drain(..) {
+            task.abort();
+        }
+        n
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
