@@ -45,6 +45,8 @@ pub fn build_chains(
                 free: provider.free,
                 context_window: provider.context_window,
                 max_retries: provider.max_retries,
+                limits: provider.limits.clone(),
+                timeout: provider.timeout,
                 provider: Arc::new(http),
             },
         );

@@ -15,9 +15,10 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 pub use outcome::{Attempt, AttemptOutcome, CooldownReason, circuit_cooldown, cooldown_for};
 
+use crate::config::LimitConfig;
 use crate::job::{ChatBody, ErrorCode, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
-use crate::state::{Admission, Cooldown, ProviderState};
+use crate::state::{Admission, Ask, Cooldown, ProviderState, QuotaMeasure};
 
 /// One provider as a chain uses it.
 #[derive(Clone)]
@@ -27,6 +28,10 @@ pub struct Member {
     pub free: bool,
     pub context_window: Option<u64>,
     pub max_retries: u32,
+    /// Held across all workers by the state store.
+    pub limits: Vec<LimitConfig>,
+    /// The per-request timeout: bounds how long a call can occupy the provider's windows.
+    pub timeout: Duration,
     pub provider: Arc<dyn ChatProvider>,
 }
 
@@ -159,7 +164,7 @@ pub async fn run_pass(
             earliest(paid_from);
             continue;
         }
-        match call_member(member, body, progress, state).await {
+        match call_member(member, body, needed_tokens, progress, state).await {
             Ok(completion) => {
                 return Verdict::Answered {
                     provider: member.name.clone(),
@@ -194,6 +199,7 @@ pub async fn run_pass(
 async fn call_member(
     member: &Member,
     body: &ChatBody,
+    tokens: u64,
     progress: &mut JobProgress,
     state: &dyn ProviderState,
 ) -> Result<Completion, Option<SystemTime>> {
@@ -204,16 +210,44 @@ async fn call_member(
         .with_jitter()
         .build();
     loop {
-        if let Admission::Cooling(cooldown) = state.admit(&member.name, SystemTime::now()).await {
-            progress.attempts.push(skip(member, AttemptOutcome::SkippedCooldown, Some(cooldown.until), None));
-            return Err(Some(cooldown.until));
-        }
+        let ask =
+            Ask { provider: &member.name, limits: &member.limits, tokens, flight: member.timeout + FLIGHT_MARGIN };
+        let permit = match state.admit(ask, SystemTime::now()).await {
+            Admission::Granted(permit) => permit,
+            Admission::Cooling(cooldown) => {
+                progress.attempts.push(skip(member, AttemptOutcome::SkippedCooldown, Some(cooldown.until), None));
+                return Err(Some(cooldown.until));
+            }
+            Admission::OverQuota { until, measure } => {
+                let what = match measure {
+                    QuotaMeasure::Requests => "request limit",
+                    QuotaMeasure::Tokens => "token limit",
+                };
+                progress.attempts.push(skip(
+                    member,
+                    AttemptOutcome::SkippedQuota,
+                    Some(until),
+                    Some(format!("{what} reached")),
+                ));
+                return Err(Some(until));
+            }
+            Admission::TooLarge => {
+                let message = format!("about {tokens} tokens exceed one of the provider's token limits");
+                progress.attempts.push(skip(member, AttemptOutcome::SkippedContext, None, Some(message)));
+                progress.dropped.insert(member.name.clone());
+                return Err(None);
+            }
+        };
         let started = Instant::now();
         let result = member.provider.complete(body).await;
         let latency_ms = started.elapsed().as_millis() as u64;
+        state.finish(permit, result.as_ref().ok().and_then(|c| c.total_tokens)).await;
         let failure = match result {
             Ok(completion) => {
                 state.record_success(&member.name).await;
+                if let Some(until) = completion.exhausted_until {
+                    spent_budget(member, until, state).await;
+                }
                 progress.attempts.push(Attempt {
                     provider: member.name.clone(),
                     outcome: AttemptOutcome::Ok,
@@ -253,6 +287,22 @@ async fn call_member(
             }
         }
     }
+}
+
+/// Slack on top of a provider's timeout before an unanswered call stops counting in its windows.
+const FLIGHT_MARGIN: Duration = Duration::from_secs(5);
+
+/// A success whose headers say a budget is spent: cool the provider down until its reset rather
+/// than let the next call collect a 429.
+async fn spent_budget(member: &Member, until: SystemTime, state: &dyn ProviderState) {
+    let now = SystemTime::now();
+    if until <= now {
+        return;
+    }
+    let reason =
+        if until > now + Duration::from_secs(3600) { CooldownReason::QuotaDay } else { CooldownReason::RateLimited };
+    let detail = "the provider's rate-limit headers report a spent budget".to_string();
+    state.cool_down(&member.name, Cooldown { until, reason, detail }).await;
 }
 
 /// Applies a failure to the shared state; returns when the provider is usable again for this job.

@@ -35,6 +35,7 @@ impl ChatProvider for Scripted {
             request_id: "req".into(),
             body: json!({"object": "chat.completion", "choices": []}),
             total_tokens: Some(10),
+            exhausted_until: None,
         })
     }
 }
@@ -44,7 +45,16 @@ fn failure(kind: FailureKind, status: u16) -> Failure {
 }
 
 fn member(name: &str, free: bool, provider: Arc<Scripted>) -> Member {
-    Member { name: name.into(), model: format!("{name}-model"), free, context_window: None, max_retries: 0, provider }
+    Member {
+        name: name.into(),
+        model: format!("{name}-model"),
+        free,
+        context_window: None,
+        max_retries: 0,
+        limits: Vec::new(),
+        timeout: Duration::from_secs(10),
+        provider,
+    }
 }
 
 fn chain(members: Vec<Member>, free_wait: Duration) -> Chain {

@@ -24,6 +24,9 @@ pub struct Completion {
     pub body: Value,
     /// `usage.total_tokens`, when the provider reported it (corrects quota estimates).
     pub total_tokens: Option<u64>,
+    /// The rate-limit headers of this success say a budget is now spent, until this reset:
+    /// the next call would be refused, so the provider cools down without waiting for a 429.
+    pub exhausted_until: Option<SystemTime>,
 }
 
 /// How a failed call is classified (contract §3 outcomes, §6 cooldowns).

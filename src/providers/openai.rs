@@ -60,7 +60,8 @@ fn success(status: u16, headers: &HeaderMap, json: Value, now: SystemTime) -> Re
         .or_else(|| json.get("id").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_default();
     let total_tokens = json.pointer("/usage/total_tokens").and_then(Value::as_u64);
-    Ok(Completion { status, request_id, body: json, total_tokens })
+    let exhausted_until = retry_info::exhausted_reset(headers, now);
+    Ok(Completion { status, request_id, body: json, total_tokens, exhausted_until })
 }
 
 /// The parts of an error body that classification reads, from any envelope providers use.
@@ -264,6 +265,14 @@ mod tests {
         assert_eq!(done.request_id, "req_1");
         assert_eq!(done.total_tokens, Some(7));
         assert_eq!(done.body["choices"][0]["message"]["content"], "hi");
+        assert_eq!(done.exhausted_until, None);
+    }
+
+    #[test]
+    fn a_success_that_spends_the_last_of_a_budget_says_until_when() {
+        let spent = headers(&[("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "1m26.4s")]);
+        let done = interpret(200, &spent, COMPLETION.as_bytes(), now()).unwrap();
+        assert_eq!(done.exhausted_until, Some(now() + Duration::from_millis(86_400)));
     }
 
     #[test]

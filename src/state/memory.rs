@@ -4,11 +4,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use super::{Admission, Cooldown, LedgerEntry, ProviderState, ResultLedger, StoreError};
+use super::quota::{self, Blocked, Usage};
+use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, ResultLedger, StoreError};
 
 #[derive(Default)]
 pub struct MemoryStore {
     providers: Mutex<HashMap<String, ProviderRow>>,
+    next_usage_id: std::sync::atomic::AtomicI64,
     ledger: Mutex<HashMap<String, LedgerEntry>>,
 }
 
@@ -16,6 +18,7 @@ pub struct MemoryStore {
 struct ProviderRow {
     cooldown: Option<Cooldown>,
     consecutive_server_errors: u32,
+    usage: Vec<Usage>,
 }
 
 impl MemoryStore {
@@ -31,11 +34,38 @@ impl MemoryStore {
 
 #[async_trait::async_trait]
 impl ProviderState for MemoryStore {
-    async fn admit(&self, provider: &str, now: SystemTime) -> Admission {
-        let providers = self.providers.lock().unwrap();
-        match providers.get(provider).and_then(|row| row.cooldown.clone()) {
-            Some(cooldown) if cooldown.until > now => Admission::Cooling(cooldown),
-            _ => Admission::Granted,
+    async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
+        let mut providers = self.providers.lock().unwrap();
+        let row = providers.entry(ask.provider.to_string()).or_default();
+        if let Some(cooldown) = row.cooldown.clone().filter(|c| c.until > now) {
+            return Admission::Cooling(cooldown);
+        }
+        if ask.limits.is_empty() {
+            return Admission::Granted(Permit { usage_id: None });
+        }
+        if let Some(longest) = ask.limits.iter().map(|l| l.per).max() {
+            quota::prune(&mut row.usage, longest, now);
+        }
+        match quota::check(&row.usage, ask.limits, ask.tokens, now) {
+            Ok(()) => {
+                let id = self.next_usage_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                row.usage.push(Usage { id, done: None, expires: now + ask.flight, tokens: ask.tokens });
+                Admission::Granted(Permit { usage_id: Some(id) })
+            }
+            Err(Blocked::Until(until, measure)) => Admission::OverQuota { until, measure },
+            Err(Blocked::TooLarge) => Admission::TooLarge,
+        }
+    }
+
+    async fn finish(&self, permit: Permit, tokens: Option<u64>) {
+        let Some(id) = permit.usage_id else { return };
+        let now = SystemTime::now();
+        let mut providers = self.providers.lock().unwrap();
+        if let Some(usage) = providers.values_mut().flat_map(|row| row.usage.iter_mut()).find(|u| u.id == id) {
+            usage.done = Some(now);
+            if let Some(tokens) = tokens {
+                usage.tokens = tokens;
+            }
         }
     }
 
@@ -95,8 +125,28 @@ mod tests {
         store.cool_down("p", cooldown(now + Duration::from_secs(60))).await;
         store.cool_down("p", cooldown(now + Duration::from_secs(5))).await;
         assert_eq!(store.cooldown_of("p").unwrap().until, now + Duration::from_secs(60));
-        assert!(matches!(store.admit("p", now).await, Admission::Cooling(_)));
-        assert_eq!(store.admit("p", now + Duration::from_secs(61)).await, Admission::Granted);
+        let ask = Ask { provider: "p", limits: &[], tokens: 10, flight: Duration::from_secs(5) };
+        assert!(matches!(store.admit(ask, now).await, Admission::Cooling(_)));
+        assert_eq!(
+            store.admit(ask, now + Duration::from_secs(61)).await,
+            Admission::Granted(Permit { usage_id: None })
+        );
+    }
+
+    #[tokio::test]
+    async fn limits_count_granted_calls_until_finished() {
+        let store = MemoryStore::new();
+        let limits = [crate::config::LimitConfig { requests: Some(2), tokens: None, per: Duration::from_secs(60) }];
+        let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+        let now = SystemTime::now();
+        let Admission::Granted(first) = store.admit(ask, now).await else { panic!() };
+        assert!(matches!(store.admit(ask, now).await, Admission::Granted(_)));
+        assert!(matches!(store.admit(ask, now).await, Admission::OverQuota { .. }));
+        store.finish(first, Some(3)).await;
+        assert!(
+            matches!(store.admit(ask, now).await, Admission::OverQuota { .. }),
+            "answered calls still count for the window"
+        );
     }
 
     #[tokio::test]

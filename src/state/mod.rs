@@ -5,10 +5,12 @@
 
 pub mod memory;
 pub mod postgres;
+pub mod quota;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::chain::CooldownReason;
+use crate::config::LimitConfig;
 
 /// A provider that must not be called before `until`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,13 +21,43 @@ pub struct Cooldown {
     pub detail: String,
 }
 
+/// What the chain asks before calling a provider.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub provider: &'a str,
+    /// The provider's configured limits, held across all workers together.
+    pub limits: &'a [LimitConfig],
+    /// Estimated tokens of this request (prompt + completion budget).
+    pub tokens: u64,
+    /// The longest the request can be in flight (its timeout): a worker that dies mid-call
+    /// releases its slot after this.
+    pub flight: Duration,
+}
+
 /// The answer to "may I call this provider now?".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Call it.
-    Granted,
+    /// Call it; hand the permit back through [`ProviderState::finish`] when the answer arrives.
+    Granted(Permit),
     /// It is cooling down (a 429, a bad key, an open circuit…) until the given time.
     Cooling(Cooldown),
+    /// A limit is spent until `until`.
+    OverQuota { until: SystemTime, measure: QuotaMeasure },
+    /// The request alone is larger than one of the provider's token limits.
+    TooLarge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMeasure {
+    Requests,
+    Tokens,
+}
+
+/// A granted call, counted in the provider's windows until it is finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permit {
+    /// The usage record, when the provider has limits.
+    pub usage_id: Option<i64>,
 }
 
 /// Provider state every worker sees the same way.
@@ -34,9 +66,14 @@ pub enum Admission {
 /// last knew (and logs it), because a worker must keep answering jobs through a database restart.
 #[async_trait::async_trait]
 pub trait ProviderState: Send + Sync {
-    /// Whether `provider` may be called now. Reads the shared truth, so a cooldown set by another
-    /// worker a moment ago is seen before this worker's next call.
-    async fn admit(&self, provider: &str, now: SystemTime) -> Admission;
+    /// Whether the provider may be called now; if it may, the call is counted against its limits
+    /// at once (so two workers cannot both take the last slot). Reads the shared truth, so a
+    /// cooldown set by another worker a moment ago is seen before this worker's next call.
+    async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission;
+
+    /// The answer to a granted call arrived: its window occupancy ends now, and its token count
+    /// is corrected from the provider's `usage` when known.
+    async fn finish(&self, permit: Permit, tokens: Option<u64>);
 
     /// Cools `provider` down until `cooldown.until` for every worker. A cooldown only moves
     /// forward: an earlier `until` than the one stored changes nothing.

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
-use super::{Admission, Cooldown, LedgerEntry, ProviderState, ResultLedger, StoreError};
+use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
 use crate::chain::CooldownReason;
 
 /// The embedded migrations (`migrations/`), applied under sqlx's advisory lock so that N workers
@@ -30,6 +30,10 @@ pub struct PgStore {
     pool: PgPool,
     /// This process's copy of the shared state (kept by the listener and by our own writes).
     cache: Arc<Mutex<HashMap<String, CachedProvider>>>,
+    /// One gate per provider: this process's jobs ask the database for a slot one at a time,
+    /// and the ones behind a refusal read it from the cache instead of asking again (no herd
+    /// of queries each time a slot frees).
+    gates: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -37,6 +41,8 @@ struct CachedProvider {
     cooldown: Option<Cooldown>,
     /// Last seen run of 5xx; a success only needs a write when it is not zero.
     consecutive_server_errors: i32,
+    /// The database's last "no room before" answer for this provider's limits.
+    quota_blocked: Option<(SystemTime, QuotaMeasure)>,
 }
 
 /// The notification payload, built by SQL's `json_build_object`.
@@ -60,7 +66,7 @@ impl PgStore {
     }
 
     pub fn from_pool(pool: PgPool) -> PgStore {
-        PgStore { pool, cache: Arc::default() }
+        PgStore { pool, cache: Arc::default(), gates: Arc::default() }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -81,11 +87,9 @@ impl PgStore {
         .await?;
         let mut cache = self.cache.lock().unwrap();
         for row in rows {
-            let entry = CachedProvider {
-                cooldown: cooldown_from(row.get("until_ms"), row.get("cooldown_reason"), row.get("cooldown_detail")),
-                consecutive_server_errors: row.get("consecutive_server_errors"),
-            };
-            cache.insert(row.get("provider"), entry);
+            let entry = cache.entry(row.get("provider")).or_default();
+            entry.cooldown = cooldown_from(row.get("until_ms"), row.get("cooldown_reason"), row.get("cooldown_detail"));
+            entry.consecutive_server_errors = row.get("consecutive_server_errors");
         }
         Ok(())
     }
@@ -156,6 +160,93 @@ impl PgStore {
         self.cache.lock().unwrap().get(provider)?.cooldown.clone()
     }
 
+    fn quota_blocked(&self, provider: &str, now: SystemTime) -> Option<(SystemTime, QuotaMeasure)> {
+        self.cache.lock().unwrap().get(provider)?.quota_blocked.filter(|(until, _)| *until > now)
+    }
+
+    fn gate(&self, provider: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.gates.lock().unwrap().entry(provider.to_string()).or_default().clone()
+    }
+
+    /// The provider's row as the database has it (cooldown and error run).
+    async fn read_cooldown(&self, provider: &str, now: SystemTime) -> Result<Option<Cooldown>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT (extract(epoch FROM cooldown_until) * 1000)::bigint AS until_ms, cooldown_reason, \
+             cooldown_detail, consecutive_server_errors FROM provider_state WHERE provider = $1",
+        )
+        .bind(provider)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let cooldown = cooldown_from(row.get("until_ms"), row.get("cooldown_reason"), row.get("cooldown_detail"));
+        self.cache.lock().unwrap().entry(provider.to_string()).or_default().consecutive_server_errors =
+            row.get("consecutive_server_errors");
+        self.remember_cooldown(provider, cooldown.clone());
+        Ok(cooldown.filter(|c| c.until > now))
+    }
+
+    /// Takes a slot in the provider's windows, or learns when there will be one.
+    async fn acquire(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, sqlx::Error> {
+        let (mut request_limits, mut request_windows, mut token_limits, mut token_windows) =
+            (vec![], vec![], vec![], vec![]);
+        for limit in ask.limits {
+            let window = limit.per.as_millis() as i64;
+            if let Some(n) = limit.requests {
+                request_limits.push(n as i64);
+                request_windows.push(window);
+            }
+            if let Some(n) = limit.tokens {
+                token_limits.push(n as i64);
+                token_windows.push(window);
+            }
+        }
+        let row = sqlx::query(
+            "SELECT usage_id, blocked_until_ms, blocked_by FROM fallback_acquire($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(ask.provider)
+        .bind(&request_limits)
+        .bind(&request_windows)
+        .bind(&token_limits)
+        .bind(&token_windows)
+        .bind(ask.tokens.min(i64::MAX as u64) as i64)
+        .bind(ask.flight.as_millis() as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        let usage_id: Option<i64> = row.get("usage_id");
+        let until = row
+            .get::<Option<i64>, _>("blocked_until_ms")
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));
+        let blocked_by: Option<String> = row.get("blocked_by");
+        let admission = match (usage_id, until, blocked_by.as_deref()) {
+            (Some(id), _, _) => Admission::Granted(Permit { usage_id: Some(id) }),
+            (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
+            (None, Some(until), Some("cooldown")) => match self.read_cooldown(ask.provider, now).await? {
+                Some(cooldown) => Admission::Cooling(cooldown),
+                None => Admission::OverQuota { until, measure: QuotaMeasure::Requests },
+            },
+            (None, Some(until), Some("tokens")) => Admission::OverQuota { until, measure: QuotaMeasure::Tokens },
+            (None, Some(until), _) => Admission::OverQuota { until, measure: QuotaMeasure::Requests },
+            (None, None, _) => Admission::Granted(Permit { usage_id: None }),
+        };
+        let blocked = match &admission {
+            Admission::OverQuota { until, measure } => Some((*until, *measure)),
+            _ => None,
+        };
+        self.cache.lock().unwrap().entry(ask.provider.to_string()).or_default().quota_blocked = blocked;
+        Ok(admission)
+    }
+
+    /// Deletes usage records older than any window can see (called by housekeeping).
+    pub async fn prune_usage(&self, longest_window: Duration) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(
+            "DELETE FROM provider_usage WHERE coalesce(done_at, expires_at) < now() - make_interval(secs => $1)",
+        )
+        .bind(longest_window.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Deletes ledger rows first seen longer ago than `retention` (called by housekeeping).
     pub async fn prune_ledger(&self, retention: Duration) -> Result<u64, sqlx::Error> {
         let done = sqlx::query("DELETE FROM job_results WHERE first_seen < now() - make_interval(secs => $1)")
@@ -181,37 +272,54 @@ fn epoch_ms(t: SystemTime) -> i64 {
 
 #[async_trait::async_trait]
 impl ProviderState for PgStore {
-    async fn admit(&self, provider: &str, now: SystemTime) -> Admission {
+    async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
+        let provider = ask.provider;
         if let Some(cooldown) = self.known_cooldown(provider).filter(|c| c.until > now) {
             return Admission::Cooling(cooldown);
         }
-        let row = sqlx::query(
-            "SELECT (extract(epoch FROM cooldown_until) * 1000)::bigint AS until_ms, cooldown_reason, \
-             cooldown_detail, consecutive_server_errors FROM provider_state WHERE provider = $1",
-        )
-        .bind(provider)
-        .fetch_optional(&self.pool)
-        .await;
-        match row {
-            Ok(Some(row)) => {
-                let cooldown =
-                    cooldown_from(row.get("until_ms"), row.get("cooldown_reason"), row.get("cooldown_detail"));
-                {
-                    let mut cache = self.cache.lock().unwrap();
-                    cache.entry(provider.to_string()).or_default().consecutive_server_errors =
-                        row.get("consecutive_server_errors");
+        if ask.limits.is_empty() {
+            return match self.read_cooldown(provider, now).await {
+                Ok(Some(cooldown)) => Admission::Cooling(cooldown),
+                Ok(None) => Admission::Granted(Permit { usage_id: None }),
+                Err(e) => {
+                    tracing::warn!(provider, error = %e, "cannot read provider state; using this worker's copy");
+                    Admission::Granted(Permit { usage_id: None })
                 }
-                self.remember_cooldown(provider, cooldown.clone());
-                match cooldown {
-                    Some(c) if c.until > now => Admission::Cooling(c),
-                    _ => Admission::Granted,
-                }
-            }
-            Ok(None) => Admission::Granted,
+            };
+        }
+        if let Some((until, measure)) = self.quota_blocked(provider, now) {
+            return Admission::OverQuota { until, measure };
+        }
+        let gate = self.gate(provider);
+        let _turn = gate.lock().await;
+        // Whoever held the gate before us may have learnt the answer already.
+        let now = now.max(SystemTime::now());
+        if let Some(cooldown) = self.known_cooldown(provider).filter(|c| c.until > now) {
+            return Admission::Cooling(cooldown);
+        }
+        if let Some((until, measure)) = self.quota_blocked(provider, now) {
+            return Admission::OverQuota { until, measure };
+        }
+        match self.acquire(ask, now).await {
+            Ok(admission) => admission,
             Err(e) => {
-                tracing::warn!(provider, error = %e, "cannot read provider state; using this worker's copy");
-                Admission::Granted
+                tracing::warn!(provider, error = %e, "cannot count the call against shared limits; calling without");
+                Admission::Granted(Permit { usage_id: None })
             }
+        }
+    }
+
+    async fn finish(&self, permit: Permit, tokens: Option<u64>) {
+        let Some(id) = permit.usage_id else { return };
+        let result = sqlx::query(
+            "UPDATE provider_usage SET done_at = clock_timestamp(), tokens = coalesce($2, tokens) WHERE id = $1",
+        )
+        .bind(id)
+        .bind(tokens.map(|t| t.min(i64::MAX as u64) as i64))
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot record a call's answer; its slot frees when it expires");
         }
     }
 

@@ -3,9 +3,10 @@
 use std::time::{Duration, SystemTime};
 
 use fallback_worker::chain::CooldownReason;
+use fallback_worker::config::LimitConfig;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Cooldown, ProviderState};
+use fallback_worker::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +66,8 @@ async fn a_cooldown_only_moves_forward() {
     store.cool_down("p", cooldown(10, CooldownReason::RateLimited)).await;
     // A second store (another worker) reads the truth from the table.
     let other = migrated_store(&env).await;
-    match other.admit("p", SystemTime::now()).await {
+    let ask = Ask { provider: "p", limits: &[], tokens: 1, flight: Duration::from_secs(5) };
+    match other.admit(ask, SystemTime::now()).await {
         Admission::Cooling(c) => {
             assert_eq!(c.reason, CooldownReason::Auth);
             let drift = c.until.duration_since(long.until).unwrap_or_else(|e| e.duration());
@@ -73,7 +75,10 @@ async fn a_cooldown_only_moves_forward() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(other.admit("p", SystemTime::now() + Duration::from_secs(601)).await, Admission::Granted);
+    assert_eq!(
+        other.admit(ask, SystemTime::now() + Duration::from_secs(601)).await,
+        Admission::Granted(Permit { usage_id: None })
+    );
 }
 
 #[tokio::test]
@@ -115,4 +120,94 @@ async fn notifications_reach_other_workers_and_a_reconnect_reloads() {
     eventually("the reload brings the unannounced cooldown", || async { reader.known_cooldown("s").is_some() }).await;
     shutdown.cancel();
     listening.await.unwrap();
+}
+
+#[tokio::test]
+async fn limits_hold_across_workers_under_concurrency() {
+    let env = TestEnv::new().await;
+    let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
+    let limits = [LimitConfig { requests: Some(5), tokens: None, per: Duration::from_secs(2) }];
+    let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+    let attempts = (0..40).map(|i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+            store.admit(ask, SystemTime::now()).await
+        })
+    });
+    let mut granted = Vec::new();
+    for attempt in attempts {
+        if let Admission::Granted(permit) = attempt.await.unwrap() {
+            granted.push(permit);
+        }
+    }
+    assert_eq!(granted.len(), 5, "exactly the limit is granted, whatever the concurrency");
+    // Answered calls keep counting for one window after their answer.
+    for permit in granted {
+        a.finish(permit, Some(12)).await;
+    }
+    let finished_at = SystemTime::now();
+    let fresh = migrated_store(&env).await;
+    let Admission::OverQuota { until, measure } = fresh.admit(ask, SystemTime::now()).await else {
+        panic!("still full")
+    };
+    assert_eq!(measure, QuotaMeasure::Requests);
+    let frees_in = until.duration_since(finished_at).unwrap_or_default();
+    assert!(frees_in > Duration::from_millis(1500) && frees_in <= Duration::from_secs(2), "{frees_in:?}");
+    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(20)).await;
+    assert!(matches!(fresh.admit(ask, SystemTime::now()).await, Admission::Granted(_)), "the window has moved on");
+}
+
+#[tokio::test]
+async fn token_limits_use_estimates_corrected_by_usage() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let limits = [LimitConfig { requests: None, tokens: Some(1000), per: Duration::from_secs(60) }];
+    let big = Ask { provider: "t", limits: &limits, tokens: 800, flight: Duration::from_secs(5) };
+    let Admission::Granted(permit) = store.admit(big, SystemTime::now()).await else { panic!() };
+    let other = migrated_store(&env).await;
+    assert!(matches!(
+        other.admit(big, SystemTime::now()).await,
+        Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }
+    ));
+    // The answer says it used far fewer tokens than estimated: room opens up.
+    store.finish(permit, Some(100)).await;
+    let third = migrated_store(&env).await;
+    assert!(matches!(third.admit(big, SystemTime::now()).await, Admission::Granted(_)));
+    let huge = Ask { tokens: 5000, ..big };
+    assert_eq!(third.admit(huge, SystemTime::now()).await, Admission::TooLarge);
+}
+
+#[tokio::test]
+async fn two_workers_together_never_exceed_a_strict_provider_limit() {
+    let env = TestEnv::new().await;
+    let mut strict = MockOptions::new(Profile::Groq);
+    strict.limits = vec![fallback_worker::mock::RequestLimit { requests: 4, per: Duration::from_secs(1) }];
+    strict.latency = Duration::from_millis(20);
+    let free = MockProvider::start(strict).await.unwrap();
+    let paid = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
+    let providers = format!(
+        "{}{}{}",
+        provider("free", &free.base_url(), true, "limits = [{ requests = 4, per = \"1s\" }]"),
+        provider("paid", &paid.base_url(), false, ""),
+        chain("default", &["free", "paid"], "free_wait = \"1h\"")
+    );
+    let a = env.spawn_worker(env.config(&providers), "worker-a").await;
+    let b = env.spawn_worker(env.config(&providers), "worker-b").await;
+    let jobs = 24;
+    for i in 0..jobs {
+        env.publish(&job(&format!("q-{i}")), BasicProperties::default()).await;
+    }
+    let results = env.results(&env.results, jobs).await;
+    assert!(
+        results.iter().all(|r| r.is_success() && r.routing.provider.as_deref() == Some("free")),
+        "all on the free tier"
+    );
+    let stats = free.stats();
+    assert_eq!(stats.rate_limited, 0, "no request was refused");
+    assert_eq!(stats.requests, jobs);
+    assert_eq!(paid.requests(), 0, "no paid call while free capacity meets free_wait");
+    a.stop().await;
+    b.stop().await;
 }
