@@ -99,7 +99,9 @@ impl WorkerApp {
         let chains = build_chains(config, &shared_client(), &|var| std::env::var(var).ok())?;
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(store.clone().listen(shutdown.clone()));
-        tasks.spawn(housekeeping(store.clone(), config.worker.result_retention, shutdown.clone()));
+        let longest_window =
+            config.providers.iter().flat_map(|p| p.limits.iter().map(|l| l.per)).max().unwrap_or_default();
+        tasks.spawn(housekeeping(store.clone(), config.worker.result_retention, longest_window, shutdown.clone()));
         let reply_to_allow =
             config.amqp.reply_to_allow.iter().map(|p| glob::Pattern::new(p)).collect::<Result<_, _>>()?;
         let store = Arc::new(store);
@@ -166,8 +168,9 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
     }
 }
 
-async fn housekeeping(store: PgStore, retention: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+/// Prunes the ledger and the usage records now and then (any worker may; it is idempotent).
+async fn housekeeping(store: PgStore, retention: Duration, longest_window: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -177,6 +180,9 @@ async fn housekeeping(store: PgStore, retention: Duration, shutdown: Cancellatio
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "pruned old results from the ledger"),
             Err(e) => tracing::warn!(error = %e, "cannot prune the result ledger"),
+        }
+        if let Err(e) = store.prune_usage(longest_window.max(Duration::from_secs(3600))).await {
+            tracing::warn!(error = %e, "cannot prune old usage records");
         }
     }
 }

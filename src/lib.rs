@@ -15,6 +15,7 @@
 //! | [`broker`] | RabbitMQ: topology, confirmed publisher, the reconnecting consumer supervisor |
 //! | [`worker`] | the glue for one delivery: decode → ledger → chain → publish → ack |
 //! | [`app`] | wiring a worker process from the config |
+//! | [`cli`] | user-facing tools: `status` |
 //! | [`mock`] | a mock provider speaking each real provider's dialect, for tests, demo and benchmarks |
 //! | [`telemetry`] | logging setup |
 //! | [`secrets`] | keeping keys and passwords out of every output |
@@ -22,6 +23,7 @@
 pub mod app;
 pub mod broker;
 pub mod chain;
+pub mod cli;
 pub mod config;
 pub mod job;
 pub mod mock;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +36,13 @@ enum Command {
     Worker,
     /// Apply the Postgres migrations and exit.
     Migrate,
+    /// Print every provider's shared state: cooling down until when and why, quota used per
+    /// window, last error.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the project's mock LLM provider (for the demo, local runs and benchmarks).
     MockProvider {
         /// Address to listen on.
@@ -99,6 +107,7 @@ async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Worker => WorkerApp::new(config).run(shutdown).await,
         Command::Migrate => migrate(&config, &shutdown).await,
+        Command::Status { json } => status(&config, json).await,
         Command::MockProvider { .. } => unreachable!("handled above"),
     };
     match result {
@@ -119,6 +128,19 @@ async fn migrate(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
         Ok(Err(e)) => Err(e),
         Err(_) => anyhow::bail!("the database was not reachable within 60 s"),
     }
+}
+
+async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let store = PgStore::connect_lazy(&config.postgres.url, 2)?;
+    let statuses = fallback_worker::cli::status::collect(config, &store)
+        .await
+        .context("reading provider state (is the database reachable and migrated?)")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+    } else {
+        print!("{}", fallback_worker::cli::status::render_table(&statuses));
+    }
+    Ok(())
 }
 
 fn fail(message: String) -> ExitCode {

@@ -211,3 +211,51 @@ async fn two_workers_together_never_exceed_a_strict_provider_limit() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn status_shows_cooldowns_usage_and_last_errors() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let providers = format!(
+        "{}{}{}",
+        provider(
+            "groq",
+            "http://127.0.0.1:9/v1",
+            true,
+            "limits = [{ requests = 30, per = \"1m\" }, { tokens = 6000, per = \"1m\" }]"
+        ),
+        provider("paid", "http://127.0.0.1:9/v1", false, ""),
+        chain("default", &["groq", "paid"], "")
+    );
+    let limits = [LimitConfig { requests: Some(30), tokens: None, per: Duration::from_secs(60) }];
+    let ask = Ask { provider: "groq", limits: &limits, tokens: 120, flight: Duration::from_secs(5) };
+    for _ in 0..3 {
+        assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    }
+    store.cool_down("groq", cooldown(600, CooldownReason::RateLimited)).await;
+    let config = env.config_file(&providers, "");
+    let run = |json: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-worker"));
+        command.args(["--config", config.to_str().unwrap(), "status"]);
+        if json {
+            command.arg("--json");
+        }
+        command.output().unwrap()
+    };
+    let output = run(true);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let statuses: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let groq = &statuses[0];
+    assert_eq!(groq["provider"], "groq");
+    assert_eq!(groq["state"], "cooling");
+    assert_eq!(groq["reason"], "rate_limited");
+    assert_eq!(groq["last_error"], "test");
+    assert_eq!(groq["windows"][0], serde_json::json!({"measure": "requests", "limit": 30, "per": "1m", "used": 3}));
+    assert_eq!(groq["windows"][1]["used"], 360);
+    assert_eq!(statuses[1]["state"], "usable");
+    assert_eq!(statuses[1]["free"], false);
+
+    let table = String::from_utf8(run(false).stdout).unwrap();
+    let groq_line = table.lines().find(|l| l.starts_with("groq")).expect(&table);
+    assert!(groq_line.contains("cooling") && groq_line.contains("3/30 requests per 1m"), "{table}");
+}

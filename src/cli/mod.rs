@@ -1,0 +1,3 @@
+//! User-facing tools on top of the library (the `worker` itself is in [`crate::app`]).
+
+pub mod status;
