@@ -248,7 +248,7 @@ impl WorkerProcess {
     pub fn spawn(config: &Path) -> WorkerProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_fallback-worker"))
             .args(["--config", config.to_str().unwrap(), "worker"])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", if std::env::var_os("TEST_LOG").is_some() { "info" } else { "warn" })
             .env("LOG_FORMAT", "text")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

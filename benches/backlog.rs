@@ -1,0 +1,178 @@
+//! Backlog benchmark (issue #3): how much of the free tiers' capacity a fleet of workers uses.
+//!
+//!     cargo bench --bench backlog                 # 300 jobs, 3 worker processes, both modes
+//!     cargo bench --bench backlog -- 600 4        # jobs, workers
+//!
+//! Two free mock providers enforce strict sliding windows (10 requests per 2 s each, the way real
+//! providers do: over the limit they answer their real 429); a paid mock has no limit. The same
+//! backlog runs twice against the real RabbitMQ and Postgres:
+//! - `planned`: the chain knows the limits and plans calls across workers (`free_wait` = 1h);
+//! - `reactive`: limits are not configured and `free_wait` is 0, the seed article's behaviour:
+//!   call, collect the 429, cool down, fall through to the paid model.
+//!
+//! It prints wall time against the ideal for strict windows and against jobs / (sum of free
+//! rates), utilization, 429s received, paid calls, and the workers' CPU time per job and idle
+//! memory (from /proc).
+
+#[path = "../tests/it/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fallback_worker::mock::{MockOptions, MockProvider, Profile, RequestLimit};
+use lapin::BasicProperties;
+use support::{TestEnv, WorkerProcess, chain, job, provider};
+
+const WINDOW: Duration = Duration::from_secs(2);
+const PER_WINDOW: usize = 10;
+const LATENCY: Duration = Duration::from_millis(20);
+
+struct Outcome {
+    mode: &'static str,
+    wall: Duration,
+    ideal: Duration,
+    rate_min: Duration,
+    rate_limited: usize,
+    paid: usize,
+    free: usize,
+    cpu_ms_per_job: f64,
+    idle_rss_mb: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let jobs: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(300);
+    let workers: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+    println!(
+        "backlog: {jobs} jobs, {workers} worker processes, 2 free providers at {PER_WINDOW} requests / {WINDOW:?} (strict), mock latency {LATENCY:?}"
+    );
+    let planned = run("planned", jobs, workers, true).await;
+    let reactive = run("reactive", jobs, workers, false).await;
+    println!();
+    println!(
+        "{:<9} {:>6} {:>9} {:>9} {:>9} {:>12} {:>6} {:>6} {:>6} {:>12} {:>10}",
+        "mode", "jobs", "wall_s", "ideal_s", "rate_s", "utilization", "429s", "paid", "free", "cpu_ms/job", "idle_MB"
+    );
+    for o in [planned, reactive] {
+        // Free capacity used: free answers against what strict windows allow in the same time.
+        let utilization = 100.0 * o.free as f64 / capacity(o.wall.saturating_sub(LATENCY), 2 * PER_WINDOW);
+        println!(
+            "{:<9} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>11.1}% {:>6} {:>6} {:>6} {:>12.3} {:>10.1}",
+            o.mode,
+            jobs,
+            o.wall.as_secs_f64(),
+            o.ideal.as_secs_f64(),
+            o.rate_min.as_secs_f64(),
+            utilization,
+            o.rate_limited,
+            o.paid,
+            o.free,
+            o.cpu_ms_per_job,
+            o.idle_rss_mb
+        );
+    }
+    println!(
+        "\nideal_s: the earliest strict sliding windows can serve the whole backlog from an empty start, plus one latency"
+    );
+    println!("rate_s: jobs / (sum of free rates), the issue's theoretical minimum");
+    println!(
+        "utilization: free answers / free calls strict windows allow during the run (continuous rate plus the first window)"
+    );
+}
+
+async fn run(mode: &'static str, jobs: usize, workers: usize, planned: bool) -> Outcome {
+    let env = TestEnv::new().await;
+    let strict = |profile| {
+        let mut options = MockOptions::new(profile);
+        options.limits = vec![RequestLimit { requests: PER_WINDOW, per: WINDOW }];
+        options.latency = LATENCY;
+        options
+    };
+    let groq = MockProvider::start(strict(Profile::Groq)).await.unwrap();
+    let cerebras = MockProvider::start(strict(Profile::Cerebras)).await.unwrap();
+    let mut paid_options = MockOptions::new(Profile::Openai);
+    paid_options.latency = LATENCY;
+    let paid = MockProvider::start(paid_options).await.unwrap();
+    let limits = if planned {
+        format!("limits = [{{ requests = {PER_WINDOW}, per = \"{}\" }}]", humantime::format_duration(WINDOW))
+    } else {
+        String::new()
+    };
+    let free_wait = if planned { "free_wait = \"1h\"" } else { "free_wait = \"0s\"" };
+    let providers = format!(
+        "{}{}{}{}",
+        provider("groq", &groq.base_url(), true, &limits),
+        provider("cerebras", &cerebras.base_url(), true, &limits),
+        provider("paid", &paid.base_url(), false, ""),
+        chain("default", &["groq", "cerebras", "paid"], &format!("{free_wait}\nmax_wait = \"1h\""))
+    );
+    let config = env.config_file(&providers, "");
+    let mut processes: Vec<WorkerProcess> = (0..workers).map(|_| WorkerProcess::spawn(&config)).collect();
+    env.wait_for_queues().await;
+    // Let every worker reach the broker before measuring idle memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_rss_mb = processes.iter().map(|p| rss_kb(p.child.id())).sum::<u64>() as f64 / 1024.0 / workers as f64;
+    let cpu_before: u64 = processes.iter().map(|p| cpu_ticks(p.child.id())).sum();
+
+    let started = Instant::now();
+    for i in 0..jobs {
+        env.publish(&job(&format!("{mode}-{i}")), BasicProperties::default()).await;
+    }
+    let results = env.results(&env.results, jobs).await;
+    let wall = started.elapsed();
+    let cpu_after: u64 = processes.iter().map(|p| cpu_ticks(p.child.id())).sum();
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let cpu_ms_per_job = (cpu_after - cpu_before) as f64 / ticks_per_sec * 1000.0 / jobs as f64;
+    for process in &processes {
+        process.signal("TERM");
+    }
+    for process in &mut processes {
+        process.wait().await;
+    }
+    let failed = results.iter().filter(|r| !r.is_success()).count();
+    assert_eq!(failed, 0, "{mode}: every job gets an answer");
+    let free = results.iter().filter(|r| r.routing.free == Some(true)).count();
+    let free_rate = 2.0 * PER_WINDOW as f64 / WINDOW.as_secs_f64();
+    Outcome {
+        mode,
+        wall,
+        ideal: ideal_wall(jobs, 2 * PER_WINDOW) + LATENCY,
+        rate_min: Duration::from_secs_f64(jobs as f64 / free_rate),
+        rate_limited: groq.stats().rate_limited + cerebras.stats().rate_limited,
+        paid: paid.requests(),
+        free,
+        cpu_ms_per_job,
+        idle_rss_mb,
+    }
+}
+
+/// Calls strict windows allow within `t` from an empty start, counted at the continuous rate
+/// plus the first window's burst.
+fn capacity(t: Duration, per_window: usize) -> f64 {
+    per_window as f64 * (1.0 + t.as_secs_f64() / WINDOW.as_secs_f64())
+}
+
+/// With strict windows starting empty, `per_window` calls go out at 0, W, 2W, …
+fn ideal_wall(jobs: usize, per_window: usize) -> Duration {
+    WINDOW * (jobs.div_ceil(per_window) as u32 - 1)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    // utime and stime are fields 14 and 15; after the ")" they are at 11 and 12.
+    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
