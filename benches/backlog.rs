@@ -10,6 +10,9 @@
 //! - `reactive`: limits are not configured and `free_wait` is 0, the seed article's behaviour:
 //!   call, collect the 429, cool down, fall through to the paid model.
 //!
+//! A third run, `throughput`, measures the worker itself: one worker process, one unlimited
+//! provider answering at once, 2000 jobs: jobs per second and CPU per job.
+//!
 //! It prints wall time against the ideal for strict windows and against jobs / (sum of free
 //! rates), utilization, 429s received, paid calls, and the workers' CPU time per job and idle
 //! memory (from /proc).
@@ -73,6 +76,10 @@ async fn main() {
             o.idle_rss_mb
         );
     }
+    let (rate, cpu) = throughput(2000).await;
+    println!(
+        "\nthroughput: 1 worker process, 1 unlimited provider (no latency), 2000 queued jobs: {rate:.0} jobs/s, {cpu:.3} ms CPU per job"
+    );
     println!(
         "\nideal_s: the earliest strict sliding windows can serve the whole backlog from an empty start, plus one latency"
     );
@@ -175,4 +182,31 @@ fn rss_kb(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// One worker, no limits, no latency: how fast and how cheaply the worker itself moves jobs.
+/// The backlog is queued before the measured worker starts, so its whole life is the run
+/// (its start-up, a few ms of CPU, is included).
+async fn throughput(jobs: usize) -> (f64, f64) {
+    let env = TestEnv::new().await;
+    let fast = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let providers = format!("{}{}", provider("fast", &fast.base_url(), true, ""), chain("default", &["fast"], ""));
+    let config = env.config_file(&providers, "");
+    // A first worker declares the queues and leaves.
+    let mut declarer = WorkerProcess::spawn(&config);
+    env.wait_for_queues().await;
+    declarer.signal("TERM");
+    declarer.wait().await;
+    for i in 0..jobs {
+        env.publish(&job(&format!("t-{i}")), BasicProperties::default()).await;
+    }
+    let started = Instant::now();
+    let mut worker = WorkerProcess::spawn(&config);
+    let results = env.results(&env.results, jobs).await;
+    let elapsed = started.elapsed();
+    let cpu = cpu_ticks(worker.child.id());
+    worker.signal("TERM");
+    worker.wait().await;
+    assert!(results.iter().all(|r| r.is_success()));
+    (jobs as f64 / elapsed.as_secs_f64(), cpu as f64 * 10.0 / jobs as f64)
 }

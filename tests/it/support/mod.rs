@@ -60,7 +60,7 @@ impl TestEnv {
             .await
             .unwrap();
         let base = admin_database_url();
-        let database_url = format!("{}/{database}", base.rsplit_once('/').unwrap().0);
+        let database_url = format!("{}/{database}?sslmode=disable", base.rsplit_once('/').unwrap().0);
         let dir = std::env::temp_dir().join(format!("fwtest_{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         TestEnv {
