@@ -65,6 +65,8 @@ pub enum Scenario {
     Success,
     /// A success after this delay.
     Slow(Duration),
+    /// A success whose rate-limit headers say the request budget is now spent for this long.
+    SpentBudget(Duration),
     RateLimited(RetryHint),
     /// 5xx with the profile's body (`text=true`: Envoy's plain-text body).
     ServerError {
@@ -217,7 +219,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         stats.requests += 1;
         stats.bodies.push(json);
         match &scenario {
-            Scenario::Success | Scenario::Slow(_) => stats.successes += 1,
+            Scenario::Success | Scenario::Slow(_) | Scenario::SpentBudget(_) => stats.successes += 1,
             Scenario::RateLimited(_) => stats.rate_limited += 1,
             _ => {}
         }
@@ -233,6 +235,16 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
                 () = tokio::time::sleep(delay) => success(profile, &model),
                 () = shared.stop.cancelled() => plain(503, "mock stopped"),
             }
+        }
+        Scenario::SpentBudget(reset) => {
+            let mut response = success(profile, &model);
+            let headers = response.headers_mut();
+            headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("0"));
+            headers.insert(
+                "x-ratelimit-reset-requests",
+                HeaderValue::from_str(&go_duration(reset)).expect("valid header"),
+            );
+            response
         }
         Scenario::RateLimited(hint) => rate_limited(profile, &model, &hint),
         Scenario::ServerError { status, text } => server_error(profile, status, text),

@@ -226,3 +226,81 @@ async fn every_provider_refusing_the_request_is_all_providers_failed() {
     assert!(error.message.contains("maximum context length"), "each provider's own error is kept: {}", error.message);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_success_reporting_a_spent_budget_cools_the_provider_before_any_429() {
+    let env = TestEnv::new().await;
+    let groq = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let backup = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    groq.script([Scenario::SpentBudget(Duration::from_secs(90))]);
+    let config = env.config(&format!(
+        "{}{}{}",
+        provider("groq", &groq.base_url(), true, ""),
+        provider("backup", &backup.base_url(), true, ""),
+        chain("default", &["groq", "backup"], "")
+    ));
+    let worker = env.spawn_worker(config, "w1").await;
+    env.publish(&job("h-1"), BasicProperties::default()).await;
+    let (first, _) = env.next_result(&env.results).await;
+    assert_eq!(first.routing.provider.as_deref(), Some("groq"));
+    let (reason, left) = cooldown_left(&env, "groq").await;
+    assert_eq!(reason, "rate_limited");
+    assert!(left > Duration::from_secs(80) && left <= Duration::from_secs(90), "{left:?}");
+    env.publish(&job("h-2"), BasicProperties::default()).await;
+    let (second, _) = env.next_result(&env.results).await;
+    assert_eq!(outcomes(&second), vec![("groq", AttemptOutcome::SkippedCooldown), ("backup", AttemptOutcome::Ok)]);
+    assert_eq!(groq.stats().rate_limited, 0);
+    assert_eq!(groq.requests(), 1);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_prompt_too_long_for_a_context_window_skips_the_provider_without_a_request() {
+    let env = TestEnv::new().await;
+    let small = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let large = MockProvider::start(MockOptions::new(Profile::Openrouter)).await.unwrap();
+    let config = env.config(&format!(
+        "{}{}{}",
+        provider("small", &small.base_url(), true, "context_window = 100"),
+        provider("large", &large.base_url(), true, "context_window = 100000"),
+        chain("default", &["small", "large"], "")
+    ));
+    let worker = env.spawn_worker(config, "w1").await;
+    let long = serde_json::json!({"custom_id": "long", "body": {"messages": [{"role": "user", "content": "word ".repeat(200)}]}});
+    env.publish(&long.to_string(), BasicProperties::default()).await;
+    let (result, _) = env.next_result(&env.results).await;
+    assert_eq!(outcomes(&result), vec![("small", AttemptOutcome::SkippedContext), ("large", AttemptOutcome::Ok)]);
+    assert_eq!(small.requests(), 0);
+    let cooling: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_state WHERE cooldown_until > now()")
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(cooling, 0, "a context skip cools nothing down");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_paid_net_waits_for_free_wait_then_answers() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let paid = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
+    free.script([Scenario::RateLimited(RetryHint::RetryAfterSeconds(300.0))]);
+    let config = env.config(&format!(
+        "{}{}{}",
+        provider("free", &free.base_url(), true, ""),
+        provider("paid", &paid.base_url(), false, ""),
+        chain("default", &["free", "paid"], "free_wait = \"1500ms\"")
+    ));
+    let worker = env.spawn_worker(config, "w1").await;
+    env.publish(&job("paid-1"), BasicProperties::default()).await;
+    let (result, _) = env.next_result(&env.results).await;
+    assert!(result.is_success());
+    assert_eq!(result.routing.provider.as_deref(), Some("paid"));
+    assert_eq!(result.routing.free, Some(false));
+    let seen = outcomes(&result);
+    assert_eq!(&seen[..2], &[("free", AttemptOutcome::RateLimited), ("paid", AttemptOutcome::SkippedPaid)]);
+    assert_eq!(seen.last(), Some(&("paid", AttemptOutcome::Ok)));
+    assert!(result.routing.total_ms >= 1500, "the paid call waited for free_wait: {}", result.routing.total_ms);
+    assert_eq!(paid.requests(), 1);
+    worker.stop().await;
+}
