@@ -28,6 +28,10 @@ pub enum Profile {
     Openrouter,
     /// Gemini's OpenAI-compatible endpoint (errors wrapped in a JSON array).
     GeminiOpenai,
+    /// Gemini's native `generateContent` API.
+    GeminiNative,
+    /// Anthropic's Messages API.
+    Anthropic,
     Sambanova,
     Huggingface,
     Openai,
@@ -83,6 +87,10 @@ pub enum Scenario {
     Unauthorized,
     /// The profile's context-length error.
     ContextTooLong,
+    /// Gemini: a 200 whose prompt was blocked for safety (others: a 400 content-policy error).
+    SafetyBlock,
+    /// The profile's out-of-credits error (402, Anthropic's low-balance 400, OpenAI's 429).
+    OutOfCredits,
 }
 
 /// A strict limit: never more than `requests` accepted in any window of `per`.
@@ -209,10 +217,21 @@ impl Drop for MockProvider {
     }
 }
 
-async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
     let profile = shared.options.profile;
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let model = json.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_string();
+    // Gemini names the model in the path: `/v1beta/models/{model}:generateContent`.
+    let from_path = uri
+        .path()
+        .rsplit_once("/models/")
+        .and_then(|(_, rest)| rest.split_once(':'))
+        .map(|(model, _)| model.to_string());
+    let model = json
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or(from_path)
+        .unwrap_or_else(|| "mock-model".into());
     let scenario = next_scenario(&shared, &headers);
     {
         let mut stats = shared.stats.lock().unwrap();
@@ -262,13 +281,37 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         }
         Scenario::Unauthorized => unauthorized(profile),
         Scenario::ContextTooLong => context_too_long(profile),
+        Scenario::SafetyBlock => match profile {
+            Profile::GeminiNative => json_response(
+                200,
+                &[],
+                json!({"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9}}),
+            ),
+            _ => json_response(
+                400,
+                &[],
+                envelope(
+                    profile,
+                    400,
+                    "Your request was rejected as a result of our safety system.",
+                    "invalid_request_error",
+                    json!("content_policy_violation"),
+                ),
+            ),
+        },
+        Scenario::OutOfCredits => out_of_credits(profile),
     }
 }
 
 fn next_scenario(shared: &Shared, headers: &HeaderMap) -> Scenario {
     if let Some(key) = &shared.options.api_key {
-        let sent = headers.get("authorization").and_then(|v| v.to_str().ok());
-        if sent != Some(format!("Bearer {key}").as_str()) {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let authorized = match shared.options.profile {
+            Profile::GeminiNative => header("x-goog-api-key") == Some(key.as_str()),
+            Profile::Anthropic => header("x-api-key") == Some(key.as_str()) && header("anthropic-version").is_some(),
+            _ => header("authorization") == Some(format!("Bearer {key}").as_str()),
+        };
+        if !authorized {
             return Scenario::Unauthorized;
         }
     }
@@ -339,6 +382,28 @@ fn request_id() -> String {
 
 fn success(profile: Profile, model: &str) -> Response {
     let id = request_id();
+    let answer = format!("mock answer from {model}");
+    match profile {
+        Profile::GeminiNative => {
+            let body = json!({"candidates": [{"content": {"parts": [{"text": answer}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+                "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 8, "totalTokenCount": 20}, "modelVersion": model, "responseId": id});
+            return respond(200, &[], "application/json; charset=UTF-8", body.to_string());
+        }
+        Profile::Anthropic => {
+            let reset = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(1)).to_string();
+            let headers = vec![
+                h("request-id", format!("req_011{id}")),
+                h("anthropic-ratelimit-requests-limit", 50),
+                h("anthropic-ratelimit-requests-remaining", 49),
+                h("anthropic-ratelimit-requests-reset", reset),
+            ];
+            let body = json!({"id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": answer}], "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 12, "output_tokens": 8}});
+            return json_response(200, &headers, body);
+        }
+        _ => {}
+    }
     let body = json!({
         "id": format!("chatcmpl-{id}"),
         "object": "chat.completion",
@@ -378,7 +443,7 @@ fn success(profile: Profile, model: &str) -> Response {
             h("x-ratelimit-remaining-requests", 499),
             h("x-ratelimit-reset-requests", "120ms"),
         ],
-        Profile::GeminiOpenai => vec![],
+        Profile::GeminiOpenai | Profile::GeminiNative | Profile::Anthropic => vec![],
     };
     json_response(200, &headers, body)
 }
@@ -386,6 +451,12 @@ fn success(profile: Profile, model: &str) -> Response {
 /// The profile's error envelope around an OpenAI-style (message, type, code).
 fn envelope(profile: Profile, status: u16, message: &str, kind: &str, code: Value) -> Value {
     match profile {
+        Profile::GeminiNative => {
+            json!({"error": {"code": status, "message": message, "status": google_status(status)}})
+        }
+        Profile::Anthropic => {
+            json!({"type": "error", "error": {"type": kind, "message": message}, "request_id": format!("req_011{}", request_id())})
+        }
         Profile::Cerebras => json!({"message": message, "type": kind, "param": null, "code": code}),
         Profile::Openrouter => {
             json!({"error": {"message": message, "code": status}, "user_id": "user_mock"})
@@ -447,6 +518,19 @@ fn rate_limited(profile: Profile, model: &str, hint: &RetryHint) -> Response {
         RetryHint::Daily(reset) => return daily_limit(profile, model, *reset),
     }
     let body = match profile {
+        Profile::GeminiNative => {
+            let delay = format!("{}s", wait.as_secs_f64().max(1.0).ceil());
+            json!({"error": {"code": 429, "message": format!("You exceeded your current quota, please check your plan and billing details. \n* Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 5, model: {model}\nPlease retry in {delay}."), "status": "RESOURCE_EXHAUSTED",
+                "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests", "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "quotaValue": "5"}]},
+                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]}})
+        }
+        Profile::Anthropic => envelope(
+            profile,
+            429,
+            "This request would exceed your account's rate limit. Please try again later.",
+            "rate_limit_error",
+            Value::Null,
+        ),
         Profile::Groq => envelope(
             profile,
             429,
@@ -523,8 +607,16 @@ fn native_rate_headers(profile: Profile, wait: Duration, now: SystemTime) -> Vec
             h("x-ratelimit-remaining-requests", 0),
             h("x-ratelimit-reset-requests", go_duration(wait)),
         ],
+        Profile::Anthropic => vec![
+            h("retry-after", seconds_up),
+            h("anthropic-ratelimit-requests-remaining", 0),
+            h(
+                "anthropic-ratelimit-requests-reset",
+                humantime::format_rfc3339_seconds(now + Duration::from_secs(seconds_up)),
+            ),
+        ],
         // Gemini and the Hugging Face router give no hint in headers.
-        Profile::GeminiOpenai | Profile::Huggingface => vec![],
+        Profile::GeminiOpenai | Profile::GeminiNative | Profile::Huggingface => vec![],
     }
 }
 
@@ -595,6 +687,11 @@ fn server_error(profile: Profile, status: u16, text: bool) -> Response {
         return plain(status, "upstream connect error or disconnect/reset before headers. reset reason: overflow");
     }
     let body = match profile {
+        Profile::GeminiNative => {
+            envelope(profile, status, "The model is overloaded. Please try again later.", "", Value::Null)
+        }
+        Profile::Anthropic if status == 529 => envelope(profile, status, "Overloaded", "overloaded_error", Value::Null),
+        Profile::Anthropic => envelope(profile, status, "Internal server error", "api_error", Value::Null),
         Profile::Openrouter => {
             json!({"error": {"message": "Provider returned error", "code": status, "metadata": {"raw": "{\"error\":{\"code\":500,\"status\":\"INTERNAL\"}}", "provider_name": "Google AI Studio"}}, "user_id": "user_mock"})
         }
@@ -612,6 +709,15 @@ fn server_error(profile: Profile, status: u16, text: bool) -> Response {
 
 fn unauthorized(profile: Profile) -> Response {
     match profile {
+        Profile::GeminiNative => json_response(
+            400,
+            &[],
+            json!({"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT",
+                "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}}),
+        ),
+        Profile::Anthropic => {
+            json_response(401, &[], envelope(profile, 401, "invalid x-api-key", "authentication_error", Value::Null))
+        }
         Profile::Groq => json_response(
             401,
             &[],
@@ -651,6 +757,20 @@ fn unauthorized(profile: Profile) -> Response {
 
 fn context_too_long(profile: Profile) -> Response {
     let body = match profile {
+        Profile::GeminiNative => envelope(
+            profile,
+            400,
+            "The input token count (1091639) exceeds the maximum number of tokens allowed (1048576).",
+            "",
+            Value::Null,
+        ),
+        Profile::Anthropic => envelope(
+            profile,
+            400,
+            "prompt is too long: 208310 tokens > 200000 maximum",
+            "invalid_request_error",
+            Value::Null,
+        ),
         Profile::Cerebras => envelope(
             profile,
             400,
@@ -677,6 +797,45 @@ fn context_too_long(profile: Profile) -> Response {
         ),
     };
     json_response(400, &[], body)
+}
+
+fn out_of_credits(profile: Profile) -> Response {
+    match profile {
+        Profile::Anthropic => json_response(
+            400,
+            &[],
+            envelope(
+                profile,
+                400,
+                "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+                "invalid_request_error",
+                Value::Null,
+            ),
+        ),
+        Profile::Openai => json_response(
+            429,
+            &[],
+            json!({"error": {"message": "You exceeded your current quota, please check your plan and billing details.", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}),
+        ),
+        Profile::Openrouter => json_response(
+            402,
+            &[],
+            json!({"error": {"message": "This request requires more credits, or fewer max_tokens. You requested up to 32000 tokens, but can only afford 27342.", "code": 402, "metadata": {"provider_name": null}}, "user_id": "user_mock"}),
+        ),
+        Profile::Huggingface => json_response(
+            402,
+            &[],
+            json!({"error": "You have exceeded your monthly included credits for Inference Providers. Subscribe to PRO to get 20x more monthly included credits."}),
+        ),
+        Profile::GeminiNative | Profile::GeminiOpenai => {
+            json_response(402, &[], envelope(profile, 402, "Your prepaid credit balance is depleted.", "", Value::Null))
+        }
+        _ => json_response(
+            402,
+            &[],
+            envelope(profile, 402, "Insufficient credits", "insufficient_quota", json!("insufficient_quota")),
+        ),
+    }
 }
 
 fn epoch_ms(t: SystemTime) -> u128 {

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 
-use super::{ChatProvider, Completion, Failure, FailureKind, openai};
+use super::{ChatProvider, Completion, Failure, FailureKind, anthropic, gemini, openai};
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::job::ChatBody;
 use crate::secrets::{ApiKey, scrub};
@@ -26,6 +26,7 @@ pub fn shared_client() -> reqwest::Client {
 /// A configured provider reached over HTTP.
 pub struct HttpProvider {
     client: reqwest::Client,
+    kind: ProviderKind,
     url: String,
     model: String,
     timeout: Duration,
@@ -38,32 +39,54 @@ pub struct HttpProvider {
 impl HttpProvider {
     /// `key` is `None` for providers that need no auth (local mocks).
     pub fn new(client: reqwest::Client, config: &ProviderConfig, key: Option<ApiKey>) -> Result<Self, String> {
-        if config.kind != ProviderKind::Openai {
-            return Err(format!("provider `{}`: kind `{}` is not supported by this build", config.name, config.kind));
-        }
+        let name = &config.name;
+        let base = config.base_url.trim_end_matches('/');
+        let url = match config.kind {
+            ProviderKind::Openai => format!("{base}/chat/completions"),
+            ProviderKind::Gemini => format!("{base}/models/{}:generateContent", config.model),
+            ProviderKind::Anthropic => format!("{base}/messages"),
+        };
         let mut headers = HeaderMap::new();
+        if config.kind == ProviderKind::Anthropic {
+            headers.insert("anthropic-version", HeaderValue::from_static(anthropic::API_VERSION));
+        }
         if let Some(key) = &key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
-                format!("provider `{}`: the API key holds characters a header cannot carry", config.name)
-            })?;
+            let (header, value) = match config.kind {
+                ProviderKind::Openai => (AUTHORIZATION, format!("Bearer {}", key.expose())),
+                ProviderKind::Gemini => (HeaderName::from_static("x-goog-api-key"), key.expose().to_string()),
+                ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.expose().to_string()),
+            };
+            let mut value = HeaderValue::from_str(&value)
+                .map_err(|_| format!("provider `{name}`: the API key holds characters a header cannot carry"))?;
             value.set_sensitive(true);
-            headers.insert(AUTHORIZATION, value);
+            headers.insert(header, value);
         }
-        for (name, value) in &config.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|e| format!("provider `{}`: header `{name}`: {e}", config.name))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|e| format!("provider `{}`: header `{name}`: {e}", config.name))?;
-            headers.insert(name, value);
+        for (header, value) in &config.headers {
+            let header = HeaderName::from_bytes(header.as_bytes())
+                .map_err(|e| format!("provider `{name}`: header `{header}`: {e}"))?;
+            let value =
+                HeaderValue::from_str(value).map_err(|e| format!("provider `{name}`: header `{header}`: {e}"))?;
+            headers.insert(header, value);
         }
-        Ok(Self {
-            client,
-            url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')),
-            model: config.model.clone(),
-            timeout: config.timeout,
-            headers,
-            key,
-        })
+        Ok(Self { client, kind: config.kind, url, model: config.model.clone(), timeout: config.timeout, headers, key })
+    }
+
+    /// The request body in this provider's dialect, or what it cannot carry.
+    fn payload(&self, body: &ChatBody) -> Result<serde_json::Value, String> {
+        match self.kind {
+            ProviderKind::Openai => Ok(openai::request_body(body, &self.model)),
+            ProviderKind::Gemini => gemini::request_body(body),
+            ProviderKind::Anthropic => anthropic::request_body(body, &self.model),
+        }
+    }
+
+    fn interpret(&self, status: u16, headers: &HeaderMap, bytes: &[u8]) -> Result<Completion, Failure> {
+        let now = SystemTime::now();
+        match self.kind {
+            ProviderKind::Openai => openai::interpret(status, headers, bytes, now),
+            ProviderKind::Gemini => gemini::interpret(status, headers, bytes, &self.model, now),
+            ProviderKind::Anthropic => anthropic::interpret(status, headers, bytes, now),
+        }
     }
 
     fn scrubbed(&self, mut failure: Failure) -> Failure {
@@ -77,12 +100,10 @@ impl HttpProvider {
 #[async_trait::async_trait]
 impl ChatProvider for HttpProvider {
     async fn complete(&self, body: &ChatBody) -> Result<Completion, Failure> {
-        let request = self
-            .client
-            .post(&self.url)
-            .headers(self.headers.clone())
-            .timeout(self.timeout)
-            .json(&openai::request_body(body, &self.model));
+        let payload = self.payload(body).map_err(|what| {
+            Failure::new(FailureKind::Client, None, format!("not sent: the {} kind cannot carry {what} yet", self.kind))
+        })?;
+        let request = self.client.post(&self.url).headers(self.headers.clone()).timeout(self.timeout).json(&payload);
         let result = async {
             let response = request.send().await?;
             let status = response.status().as_u16();
@@ -93,7 +114,7 @@ impl ChatProvider for HttpProvider {
         .await;
         match result {
             Ok((status, headers, Some(bytes))) => {
-                openai::interpret(status, &headers, &bytes, SystemTime::now()).map_err(|f| self.scrubbed(f))
+                self.interpret(status, &headers, &bytes).map_err(|f| self.scrubbed(f))
             }
             Ok((status, _, None)) => Err(Failure::new(FailureKind::Server, Some(status), "the answer exceeded 16 MiB")),
             Err(e) => Err(transport_failure(&e)),

@@ -5,6 +5,9 @@
 //! retry information the provider gave. [`http::HttpProvider`] does the I/O over one shared
 //! reqwest client.
 
+pub mod anthropic;
+pub mod errors;
+pub mod gemini;
 pub mod http;
 pub mod openai;
 pub mod retry_info;

@@ -5,6 +5,7 @@ mod support;
 
 mod chain_flow;
 mod delivery;
+mod dialects;
 mod faults;
 mod poison;
 mod shared_state;
