@@ -143,6 +143,31 @@ mod tests {
     }
 
     #[test]
+    fn groq_request_limits_per_day_and_flex_capacity() {
+        let rpd = fail(
+            429,
+            &[
+                ("retry-after", "87"),
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "1m26.4s"),
+            ],
+            r#"{"error":{"message":"Rate limit reached for model `m` in organization `org_01mock` service tier `on_demand` on requests per day (RPD): Limit 1000, Used 1000, Requested 1. Please try again in 1m26.4s.","type":"requests","code":"rate_limit_exceeded"}}"#,
+        );
+        assert_eq!(rpd.kind, FailureKind::RateLimited);
+        assert!(rpd.daily);
+        assert_eq!(rpd.retry_at, Some(now() + Duration::from_secs(87)));
+        let rpm = fail(
+            429,
+            &[("retry-after", "2")],
+            r#"{"error":{"message":"Rate limit reached on requests per minute (RPM): Limit 30, Used 30, Requested 1. Please try again in 2s.","type":"requests","code":"rate_limit_exceeded"}}"#,
+        );
+        assert!(!rpm.daily);
+        let flex = fail(498, &[], r#"{"error":{"message":"flex tier capacity exceeded","type":"capacity_exceeded"}}"#);
+        assert_eq!(flex.kind, FailureKind::Server);
+        assert_eq!(flex.status, Some(498));
+    }
+
+    #[test]
     fn groq_request_too_large_is_a_client_error() {
         let too_large = fail(
             413,
