@@ -2,7 +2,9 @@
 //! housekeeping), all stopped by one [`CancellationToken`].
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{self, Session, Topology};
 use crate::chain::{Chain, Member};
 use crate::config::Config;
+use crate::observability::{self, Probe};
 use crate::providers::http::{HttpProvider, shared_client};
 use crate::secrets::{ApiKey, redact_url};
 use crate::state::postgres::PgStore;
@@ -79,12 +82,14 @@ pub struct WorkerApp {
     pub worker_id: String,
     /// Whether the broker session is up (for `/readyz`).
     pub broker_ready: Arc<AtomicBool>,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen, once bound (tests bind port 0).
+    pub http_addr: Arc<OnceLock<SocketAddr>>,
 }
 
 impl WorkerApp {
     pub fn new(config: Config) -> WorkerApp {
         let topology = Topology::new(&config.amqp.jobs_queue, &config.amqp.results_queue);
-        WorkerApp { config, topology, worker_id: worker_id(), broker_ready: Arc::default() }
+        WorkerApp { config, topology, worker_id: worker_id(), broker_ready: Arc::default(), http_addr: Arc::default() }
     }
 
     /// Runs until `shutdown`, then drains in-flight jobs. Only a broken configuration or a
@@ -98,6 +103,22 @@ impl WorkerApp {
         }
         let chains = build_chains(config, &shared_client(), &|var| std::env::var(var).ok())?;
         let tasks = tokio_util::task::TaskTracker::new();
+        if !config.http.addr.is_empty() {
+            let probe = Probe {
+                config: Arc::new(config.clone()),
+                store: store.clone(),
+                broker_ready: self.broker_ready.clone(),
+                metrics: observability::recorder(),
+            };
+            let (bound, server) = observability::serve(&config.http.addr, probe, shutdown.clone())
+                .await
+                .with_context(|| format!("cannot listen on http.addr `{}`", config.http.addr))?;
+            let _ = self.http_addr.set(bound);
+            tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+            tasks.spawn(async move {
+                let _ = server.await;
+            });
+        }
         tasks.spawn(store.clone().listen(shutdown.clone()));
         let longest_window =
             config.providers.iter().flat_map(|p| p.limits.iter().map(|l| l.per)).max().unwrap_or_default();

@@ -17,6 +17,7 @@
 //! | [`app`] | wiring a worker process from the config |
 //! | [`cli`] | user-facing tools: `status` |
 //! | [`mock`] | a mock provider speaking each real provider's dialect, for tests, demo and benchmarks |
+//! | [`observability`] | Prometheus `/metrics`, `/healthz`, `/readyz` |
 //! | [`telemetry`] | logging setup |
 //! | [`secrets`] | keeping keys and passwords out of every output |
 
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod job;
 pub mod mock;
+pub mod observability;
 pub mod providers;
 pub mod secrets;
 pub mod state;

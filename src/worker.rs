@@ -14,6 +14,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use crate::broker::{Ack, DeliveryHandler, Incoming, Outgoing, Publisher, Routed, Topology, headers};
 use crate::chain::{self, Attempt, Chain, HoldPolicy, JobProgress, Verdict};
 use crate::job::{ErrorCode, ErrorEnvelope, InvalidJob, Job, JobResult, ResponseEnvelope, Routing};
+use crate::observability;
 use crate::state::{LedgerEntry, ProviderState, ResultLedger};
 
 /// The most attempts carried along a parked job (older ones are dropped).
@@ -93,6 +94,7 @@ impl JobHandler {
             Some(LedgerEntry { result: Some(stored), .. }) => {
                 if let Ok(result) = serde_json::from_str::<JobResult>(&stored) {
                     tracing::info!("answered from the result ledger, no provider call");
+                    observability::record_from_ledger();
                     return Disposition::Answer { target, result };
                 }
             }
@@ -113,6 +115,7 @@ impl JobHandler {
     async fn run_chain(&self, job: &Job, chain: &Chain, incoming: &Incoming, clock: &Clock) -> Disposition {
         let max_wait = job.max_wait.unwrap_or(chain.max_wait);
         let mut progress = JobProgress::resume(incoming.first_seen, incoming.previous_attempts.clone());
+        let carried = incoming.previous_attempts.len();
         let hold =
             HoldPolicy { hold_limit: self.rules.hold_limit, hold_until: clock.started + self.rules.delivery_deadline };
         let run = chain::run(chain, &job.body, max_wait, &mut progress, self.state.as_ref(), hold);
@@ -150,6 +153,7 @@ impl JobHandler {
                 error_result(Some(job.custom_id.clone()), code, message, routing)
             }
         };
+        observability::record_result(&result, &progress.attempts[carried..]);
         Disposition::Answer { target, result }
     }
 
@@ -159,6 +163,7 @@ impl JobHandler {
             self.reply_target(incoming.reply_to.as_deref()).unwrap_or_else(|_| self.rules.topology.results.clone());
         let routing = self.routing(None, Vec::new(), clock);
         let result = error_result(custom_id, ErrorCode::InvalidRequest, reason.clone(), routing);
+        observability::record_result(&result, &[]);
         Disposition::Poison { target, reason, result }
     }
 

@@ -7,5 +7,6 @@ mod chain_flow;
 mod delivery;
 mod dialects;
 mod faults;
+mod observability;
 mod poison;
 mod shared_state;

@@ -127,8 +127,9 @@ impl TestEnv {
         let mut app = WorkerApp::new(config);
         app.worker_id = name.to_string();
         let ready = app.broker_ready.clone();
+        let http_addr = app.http_addr.clone();
         let task = tokio::spawn(app.run(shutdown.clone()));
-        WorkerHandle { shutdown, task, ready }
+        WorkerHandle { shutdown, task, ready, http_addr }
     }
 
     /// Waits until a worker (in any process) has declared this test's queues.
@@ -229,6 +230,7 @@ pub struct WorkerHandle {
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub http_addr: std::sync::Arc<std::sync::OnceLock<std::net::SocketAddr>>,
 }
 
 impl WorkerHandle {

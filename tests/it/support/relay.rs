@@ -2,6 +2,7 @@
 //! network failure or a broker restart would), like lapin's own recovery tests do.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -10,6 +11,8 @@ use tokio::task::JoinHandle;
 pub struct Relay {
     pub addr: SocketAddr,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// While set, new connections are closed at once (the service looks down).
+    down: Arc<AtomicBool>,
     accept: JoinHandle<()>,
 }
 
@@ -19,8 +22,14 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let tracked = connections.clone();
+        let down: Arc<AtomicBool> = Arc::default();
+        let refusing = down.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if refusing.load(Ordering::Relaxed) {
+                    drop(inbound);
+                    continue;
+                }
                 let task = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -29,7 +38,7 @@ impl Relay {
                 tracked.lock().unwrap().push(task);
             }
         });
-        Relay { addr, connections, accept }
+        Relay { addr, connections, down, accept }
     }
 
     /// Drops every relayed connection (new ones are still accepted).
@@ -40,6 +49,16 @@ impl Relay {
             task.abort();
         }
         n
+    }
+}
+
+impl Relay {
+    /// Takes the service away (cutting every connection) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+        if down {
+            self.cut();
+        }
     }
 }
 
