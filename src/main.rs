@@ -36,6 +36,28 @@ enum Command {
     Worker,
     /// Apply the Postgres migrations and exit.
     Migrate,
+    /// Publish every line of an OpenAI-Batch file as a job and write the results to OUT
+    /// (resumable: lines already in OUT are skipped). Exit 3 if a line was invalid or failed.
+    Enqueue {
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Write failed lines here instead of OUT (like the Batch API's error file).
+        #[arg(long)]
+        errors: Option<PathBuf>,
+    },
+    /// Run the same chains in-process, without RabbitMQ (and without Postgres unless
+    /// DATABASE_URL is set). Exit 3 if a line was invalid or failed.
+    Batch {
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        errors: Option<PathBuf>,
+        /// Jobs in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Print every provider's shared state: cooling down until when and why, quota used per
     /// window, last error.
     Status {
@@ -104,11 +126,32 @@ async fn run(cli: Cli) -> ExitCode {
             shutdown.cancel();
         }
     });
+    let backlog_run = match &cli.command {
+        Command::Enqueue { input, out, errors } => {
+            let options = fallback_worker::cli::enqueue::EnqueueOptions { input, out, errors: errors.as_deref() };
+            Some(fallback_worker::cli::enqueue::run(&config, options, shutdown.clone()).await)
+        }
+        Command::Batch { input, out, errors, concurrency } => {
+            let database_url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
+            let options = fallback_worker::cli::batch::BatchOptions {
+                input,
+                out,
+                errors: errors.as_deref(),
+                concurrency: *concurrency,
+                database_url,
+            };
+            Some(fallback_worker::cli::batch::run(&config, options, shutdown.clone()).await)
+        }
+        _ => None,
+    };
+    if let Some(outcome) = backlog_run {
+        return outcome.unwrap_or_else(|e| fail(format!("{e:#}")));
+    }
     let result = match cli.command {
         Command::Worker => WorkerApp::new(config).run(shutdown).await,
         Command::Migrate => migrate(&config, &shutdown).await,
         Command::Status { json } => status(&config, json).await,
-        Command::MockProvider { .. } => unreachable!("handled above"),
+        Command::MockProvider { .. } | Command::Enqueue { .. } | Command::Batch { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -126,31 +126,12 @@ impl JobHandler {
         };
         let target =
             self.reply_target(incoming.reply_to.as_deref()).unwrap_or_else(|_| self.rules.topology.results.clone());
-        let mut routing = self.routing(Some(&chain.name), progress.attempts.clone(), clock);
-        let result = match verdict {
-            Verdict::Wait { until } => {
+        let routing = self.routing(Some(&chain.name), progress.attempts.clone(), clock);
+        let result = match result_of(&job.custom_id, verdict, routing) {
+            Ok(result) => result,
+            Err(until) => {
+                observability::record_parked(&progress.attempts[carried..]);
                 return Disposition::Park { until, attempts: progress.attempts };
-            }
-            Verdict::Answered { provider, model, free, completion } => {
-                tracing::info!(provider = %provider, attempts = routing.attempts.len(), "answered");
-                routing.provider = Some(provider);
-                routing.model = Some(model);
-                routing.free = Some(free);
-                JobResult {
-                    id: JobResult::new_id(),
-                    custom_id: Some(job.custom_id.clone()),
-                    response: Some(ResponseEnvelope {
-                        status_code: completion.status,
-                        request_id: completion.request_id,
-                        body: completion.body,
-                    }),
-                    error: None,
-                    routing,
-                }
-            }
-            Verdict::Failed { code, message } => {
-                tracing::warn!(code = ?code, %message, "job failed");
-                error_result(Some(job.custom_id.clone()), code, message, routing)
             }
         };
         observability::record_result(&result, &progress.attempts[carried..]);
@@ -297,7 +278,36 @@ struct Clock {
     started: Instant,
 }
 
-fn error_result(custom_id: Option<String>, code: ErrorCode, message: String, routing: Routing) -> JobResult {
+/// The result a verdict gives, or `Err(until)` when the job must wait until then.
+pub fn result_of(custom_id: &str, verdict: Verdict, mut routing: Routing) -> Result<JobResult, SystemTime> {
+    match verdict {
+        Verdict::Wait { until } => Err(until),
+        Verdict::Answered { provider, model, free, completion } => {
+            tracing::info!(custom_id, provider = %provider, attempts = routing.attempts.len(), "answered");
+            routing.provider = Some(provider);
+            routing.model = Some(model);
+            routing.free = Some(free);
+            Ok(JobResult {
+                id: JobResult::new_id(),
+                custom_id: Some(custom_id.to_string()),
+                response: Some(ResponseEnvelope {
+                    status_code: completion.status,
+                    request_id: completion.request_id,
+                    body: completion.body,
+                }),
+                error: None,
+                routing,
+            })
+        }
+        Verdict::Failed { code, message } => {
+            tracing::warn!(custom_id, code = ?code, %message, "job failed");
+            Ok(error_result(Some(custom_id.to_string()), code, message, routing))
+        }
+    }
+}
+
+/// A failed job's result.
+pub fn error_result(custom_id: Option<String>, code: ErrorCode, message: String, routing: Routing) -> JobResult {
     JobResult {
         id: JobResult::new_id(),
         custom_id,

@@ -1,3 +1,6 @@
 //! User-facing tools on top of the library (the `worker` itself is in [`crate::app`]).
 
+pub mod backlog;
+pub mod batch;
+pub mod enqueue;
 pub mod status;

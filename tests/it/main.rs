@@ -3,6 +3,7 @@
 
 mod support;
 
+mod backlog;
 mod chain_flow;
 mod delivery;
 mod dialects;

@@ -152,6 +152,11 @@ impl TestEnv {
         name
     }
 
+    /// Deletes `queue` with the test's own (e.g. the reply queue `enqueue` declares).
+    pub fn remove_later(&self, queue: String) {
+        self.extra_queues.lock().unwrap().push(queue);
+    }
+
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.jobs)
     }

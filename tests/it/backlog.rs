@@ -1,0 +1,182 @@
+//! `enqueue` and `batch`: OpenAI-Batch files through the service, resumable, with exit codes.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use fallback_worker::cli::enqueue::reply_queue_for;
+use fallback_worker::job::{ErrorCode, JobResult};
+use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
+
+use crate::support::*;
+
+fn write_input(env: &TestEnv, name: &str, lines: &[String]) -> PathBuf {
+    let path = env.dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn results_in(path: &Path) -> Vec<JobResult> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn ids(results: &[JobResult]) -> BTreeSet<String> {
+    results.iter().filter_map(|r| r.custom_id.clone()).collect()
+}
+
+fn command(config: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fallback-worker"));
+    command
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("LOG_FORMAT", "text")
+        .env("RUST_LOG", "warn")
+        .env_remove("DATABASE_URL");
+    command
+}
+
+/// Runs the command off the test's runtime thread, which must stay free to serve the mocks.
+async fn run(mut command: Command) -> Output {
+    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+}
+
+fn providers(free: &MockProvider, strict: &MockProvider) -> String {
+    format!(
+        "{}{}{}{}",
+        provider("free", &free.base_url(), true, ""),
+        provider("narrow", &strict.base_url(), true, ""),
+        chain("default", &["free"], ""),
+        chain("narrow", &["narrow"], "")
+    )
+}
+
+#[tokio::test]
+async fn enqueue_reports_invalid_lines_splits_failures_and_exits_3() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    narrow.set_fallback(Scenario::ContextTooLong);
+    let providers = providers(&free, &narrow);
+    let worker = env.spawn_worker(env.config(&providers), "w1").await;
+    let config = env.config_file(&providers, "");
+    let mut lines: Vec<String> = (0..4).map(|i| job(&format!("ok-{i}"))).collect();
+    lines.insert(2, "{\"custom_id\": \"broken\"".into());
+    lines.push(serde_json::json!({"custom_id": "too-long", "chain": "narrow", "body": {"messages": [{"role": "user", "content": "x"}]}}).to_string());
+    let input = write_input(&env, "in.jsonl", &lines);
+    let (out, err) = (env.dir.join("out.jsonl"), env.dir.join("err.jsonl"));
+    env.remove_later(reply_queue_for(&out));
+    let output = run(command(
+        &config,
+        &["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--errors", err.to_str().unwrap()],
+    ))
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("in.jsonl:3:"), "the invalid line is reported with its number: {stderr}");
+    let good = results_in(&out);
+    assert_eq!(ids(&good), (0..4).map(|i| format!("ok-{i}")).collect());
+    assert!(good.iter().all(JobResult::is_success));
+    let failed = results_in(&err);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].error.as_ref().unwrap().code, ErrorCode::AllProvidersFailed);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_interrupted_enqueue_resumes_without_losing_results() {
+    let env = TestEnv::new().await;
+    let mut slow = MockOptions::new(Profile::Groq);
+    slow.latency = Duration::from_millis(150);
+    let free = MockProvider::start(slow).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let providers = providers(&free, &narrow);
+    let mut worker_config = env.config(&providers);
+    worker_config.amqp.prefetch = 2;
+    let worker = env.spawn_worker(worker_config, "w1").await;
+    let config = env.config_file(&providers, "");
+    let lines: Vec<String> = (0..20).map(|i| job(&format!("r-{i}"))).collect();
+    let input = write_input(&env, "in.jsonl", &lines);
+    let out = env.dir.join("out.jsonl");
+    env.remove_later(reply_queue_for(&out));
+    let args = ["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut first = command(&config, &args).stderr(Stdio::null()).spawn().unwrap();
+    eventually("some results are written", || async { results_in(&out).len() >= 3 }).await;
+    let kill = Command::new("kill").args(["-INT", &first.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || first.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(1), "an interrupted run is not a success");
+    let before = results_in(&out).len();
+    assert!(before < 20, "interrupted before the end ({before})");
+
+    let second = run(command(&config, &args)).await;
+    assert_eq!(second.status.code(), Some(0), "{}", String::from_utf8_lossy(&second.stderr));
+    let all = results_in(&out);
+    assert_eq!(all.len(), 20, "each line exactly once");
+    assert_eq!(ids(&all).len(), 20);
+    assert!(all.iter().all(JobResult::is_success));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn batch_runs_the_chains_in_process_with_embedded_state() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    free.script([Scenario::RateLimited(RetryHint::RetryAfterSeconds(1.0))]);
+    let config = env.config_file(&providers(&free, &narrow), "");
+    let lines: Vec<String> = (0..6).map(|i| job(&format!("b-{i}"))).collect();
+    let input = write_input(&env, "in.jsonl", &lines);
+    let out = env.dir.join("out.jsonl");
+    let output = run(command(
+        &config,
+        &["batch", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--concurrency", "3"],
+    ))
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let results = results_in(&out);
+    assert_eq!(ids(&results).len(), 6);
+    assert!(results.iter().all(JobResult::is_success), "the 429 was waited out");
+    assert!(results.iter().any(|r| r.routing.attempts.iter().any(|a| a.status == Some(429))));
+    // Nothing was written to the database: the state was in memory.
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = 'provider_state'")
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap();
+    assert_eq!(rows, 0);
+    // A second run has nothing left to do.
+    let again = run(command(&config, &["batch", input.to_str().unwrap(), "--out", out.to_str().unwrap()])).await;
+    assert_eq!(again.status.code(), Some(0));
+    assert_eq!(free.requests(), 7);
+}
+
+#[tokio::test]
+async fn batch_shares_state_through_postgres_when_database_url_is_set() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let both = format!(
+        "{}{}{}{}",
+        provider("free", &free.base_url(), true, ""),
+        provider("narrow", &narrow.base_url(), true, ""),
+        chain("default", &["narrow", "free"], ""),
+        chain("narrow", &["narrow"], "")
+    );
+    narrow.script([Scenario::RateLimited(RetryHint::RetryAfterSeconds(300.0))]);
+    let config = env.config_file(&both, "");
+    let input = write_input(&env, "in.jsonl", &[job("p-1"), job("p-2")]);
+    let out = env.dir.join("out.jsonl");
+    let mut batch =
+        command(&config, &["batch", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--concurrency", "1"]);
+    batch.env("DATABASE_URL", &env.database_url);
+    let output = run(batch).await;
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let reason: String = sqlx::query_scalar("SELECT cooldown_reason FROM provider_state WHERE provider = 'narrow'")
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(reason, "rate_limited", "the cooldown is shared in Postgres");
+    assert_eq!(narrow.requests(), 1, "the second line skipped the cooling provider");
+}
