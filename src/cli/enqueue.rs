@@ -48,6 +48,7 @@ pub async fn run(
     let backlog = read_input(options.input, output.done(), &chains)?;
     let reply_queue = reply_queue_for(options.out);
     let conn = broker::connect(&config.amqp.url, "fallback-worker enqueue").await.map_err(anyhow::Error::msg)?;
+    wait_for_jobs_queue(&conn, &config.amqp.jobs_queue, &shutdown).await?;
     let channel = conn.create_channel().await?;
     channel.queue_declare(reply_queue.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
     channel.basic_qos(256, BasicQosOptions::default()).await?;
@@ -95,6 +96,37 @@ pub async fn run(
         .await;
     let _ = conn.close(200, "done".into()).await;
     Ok(conclude(&backlog, &output))
+}
+
+/// Workers declare the jobs queue; waits (up to two minutes) for one to have done so, rather
+/// than publish into nothing.
+async fn wait_for_jobs_queue(
+    conn: &lapin::Connection,
+    jobs_queue: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut told = false;
+    loop {
+        // A passive declare of a missing queue closes its channel: probe on a fresh one.
+        let channel = conn.create_channel().await?;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        if channel.queue_declare(jobs_queue.into(), passive, FieldTable::default()).await.is_ok() {
+            let _ = channel.close(200, "probed".into()).await;
+            return Ok(());
+        }
+        if !told {
+            eprintln!("waiting for a worker to declare the jobs queue `{jobs_queue}`…");
+            told = true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("the jobs queue `{jobs_queue}` does not exist: start a worker first");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => anyhow::bail!("interrupted while waiting for the jobs queue"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Publishes every job with confirms (pipelined in batches) on a connection of its own.
