@@ -4,7 +4,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
 COPY migrations migrations
 COPY src src
-RUN cargo build --release --locked && strip target/release/fallback-worker
+# Declared targets must exist for cargo to read the manifest (the bench is not built here).
+COPY benches benches
+RUN cargo build --release --locked --bin fallback-worker
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
