@@ -3,13 +3,13 @@
 //! System messages become the top-level `system`; `max_tokens`, which Anthropic requires, defaults
 //! to [`DEFAULT_MAX_TOKENS`] when the job gives none; content blocks come back as the message text.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use reqwest::header::HeaderMap;
 use serde_json::{Map, Value, json};
 
 use super::errors::{ErrorInfo, classify};
-use super::gemini::message_text;
+use super::translate::{Answer, max_tokens, refuse_unsupported, stop_sequences, text_messages};
 use super::{Completion, Failure, FailureKind, retry_info};
 use crate::job::ChatBody;
 
@@ -23,18 +23,11 @@ const UNSUPPORTED: &[&str] =
 
 /// The Messages API body for `model`, or the name of what cannot be translated.
 pub fn request_body(body: &ChatBody, model: &str) -> Result<Value, String> {
-    if let Some(field) = UNSUPPORTED.iter().find(|f| body.get(**f).is_some_and(|v| !v.is_null())) {
-        return Err(format!("`{field}`"));
-    }
-    if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
-        return Err("`n` > 1".into());
-    }
+    refuse_unsupported(body, UNSUPPORTED)?;
     let mut system = Vec::new();
     let mut messages = Vec::new();
-    for message in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
-        let role = message.get("role").and_then(Value::as_str).unwrap_or("user");
-        let text = message_text(message).ok_or_else(|| format!("{role} content that is not text"))?;
-        match role {
+    for (role, text) in text_messages(body)? {
+        match role.as_str() {
             "system" | "developer" => system.push(text),
             "user" | "assistant" => messages.push(json!({"role": role, "content": text})),
             other => return Err(format!("`{other}` messages")),
@@ -43,11 +36,7 @@ pub fn request_body(body: &ChatBody, model: &str) -> Result<Value, String> {
     let mut request = Map::new();
     request.insert("model".into(), json!(model));
     request.insert("messages".into(), Value::Array(messages));
-    let max_tokens = body
-        .get("max_completion_tokens")
-        .or_else(|| body.get("max_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(DEFAULT_MAX_TOKENS);
+    let max_tokens = max_tokens(body).and_then(Value::as_u64).unwrap_or(DEFAULT_MAX_TOKENS);
     request.insert("max_tokens".into(), json!(max_tokens));
     if !system.is_empty() {
         request.insert("system".into(), json!(system.join("\n\n")));
@@ -57,14 +46,8 @@ pub fn request_body(body: &ChatBody, model: &str) -> Result<Value, String> {
             request.insert(key.into(), v.clone());
         }
     }
-    match body.get("stop") {
-        Some(Value::String(s)) => {
-            request.insert("stop_sequences".into(), json!([s]));
-        }
-        Some(Value::Array(list)) => {
-            request.insert("stop_sequences".into(), Value::Array(list.clone()));
-        }
-        _ => {}
+    if let Some(stop) = stop_sequences(body) {
+        request.insert("stop_sequences".into(), stop);
     }
     Ok(Value::Object(request))
 }
@@ -100,14 +83,16 @@ pub fn interpret(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime)
     let id = json.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
     let request_id =
         headers.get("request-id").and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_else(|| id.clone());
-    let body = json!({
-        "id": format!("chatcmpl-{id}"),
-        "object": "chat.completion",
-        "created": now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        "model": json.get("model").cloned().unwrap_or(Value::Null),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
-    });
+    let body = Answer {
+        id: &id,
+        model: json.get("model").cloned().unwrap_or(Value::Null),
+        text,
+        finish_reason,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+    }
+    .into_chat_completion(now);
     Ok(Completion {
         status,
         request_id,
@@ -120,24 +105,8 @@ pub fn interpret(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{HeaderName, HeaderValue};
+    use crate::providers::test_support::*;
     use std::time::Duration;
-
-    fn body(json: Value) -> ChatBody {
-        serde_json::from_value(json).unwrap()
-    }
-
-    fn now() -> SystemTime {
-        humantime::parse_rfc3339("2026-10-03T12:00:00Z").unwrap()
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (k, v) in pairs {
-            map.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-        }
-        map
-    }
 
     #[test]
     fn chat_requests_become_messages() {

@@ -5,12 +5,13 @@
 //! and the answer back into a `chat.completion`. Safety blocks (a 200 without text) are client
 //! errors: this prompt will not pass here, the next provider may answer it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use reqwest::header::HeaderMap;
 use serde_json::{Map, Value, json};
 
 use super::errors::{ErrorInfo, classify};
+use super::translate::{Answer, max_tokens, refuse_unsupported, stop_sequences, text_messages};
 use super::{Completion, Failure, FailureKind, retry_info};
 use crate::job::ChatBody;
 
@@ -19,18 +20,11 @@ const UNSUPPORTED: &[&str] = &["tools", "tool_choice", "functions", "function_ca
 
 /// The `generateContent` body, or the name of what cannot be translated.
 pub fn request_body(body: &ChatBody) -> Result<Value, String> {
-    if let Some(field) = UNSUPPORTED.iter().find(|f| body.get(**f).is_some_and(|v| !v.is_null())) {
-        return Err(format!("`{field}`"));
-    }
-    if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
-        return Err("`n` > 1".into());
-    }
+    refuse_unsupported(body, UNSUPPORTED)?;
     let mut system = Vec::new();
     let mut contents = Vec::new();
-    for message in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
-        let role = message.get("role").and_then(Value::as_str).unwrap_or("user");
-        let text = message_text(message).ok_or_else(|| format!("{role} content that is not text"))?;
-        match role {
+    for (role, text) in text_messages(body)? {
+        match role.as_str() {
             "system" | "developer" => system.push(json!({"text": text})),
             "user" => contents.push(json!({"role": "user", "parts": [{"text": text}]})),
             "assistant" => contents.push(json!({"role": "model", "parts": [{"text": text}]})),
@@ -62,40 +56,17 @@ fn generation_config(body: &ChatBody) -> Map<String, Value> {
             config.insert(to.into(), v.clone());
         }
     }
-    if let Some(max) = body.get("max_completion_tokens").or_else(|| body.get("max_tokens")).filter(|v| !v.is_null()) {
+    if let Some(max) = max_tokens(body) {
         config.insert("maxOutputTokens".into(), max.clone());
     }
-    match body.get("stop") {
-        Some(Value::String(s)) => {
-            config.insert("stopSequences".into(), json!([s]));
-        }
-        Some(Value::Array(list)) => {
-            config.insert("stopSequences".into(), Value::Array(list.clone()));
-        }
-        _ => {}
+    if let Some(stop) = stop_sequences(body) {
+        config.insert("stopSequences".into(), stop);
     }
     let format = body.get("response_format").and_then(|f| f.get("type")).and_then(Value::as_str);
     if matches!(format, Some("json_object" | "json_schema")) {
         config.insert("responseMimeType".into(), json!("application/json"));
     }
     config
-}
-
-/// A message's text: a string, or the concatenation of its text parts (`None` for images etc.).
-pub fn message_text(message: &Value) -> Option<String> {
-    match message.get("content") {
-        Some(Value::String(text)) => Some(text.clone()),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("text") | None => p.get("text").and_then(Value::as_str).map(str::to_string),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(|texts| texts.join("")),
-        None | Some(Value::Null) => Some(String::new()),
-        _ => None,
-    }
 }
 
 /// Reads one answer into a `chat.completion` or a classified failure.
@@ -153,14 +124,17 @@ pub fn interpret(
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let body = json!({
-        "id": format!("chatcmpl-{id}"),
-        "object": "chat.completion",
-        "created": now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        "model": json.get("modelVersion").and_then(Value::as_str).unwrap_or(model),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
-    });
+    let model = json.get("modelVersion").and_then(Value::as_str).unwrap_or(model);
+    let body = Answer {
+        id: &id,
+        model: json!(model),
+        text,
+        finish_reason,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: total,
+    }
+    .into_chat_completion(now);
     Ok(Completion {
         status,
         request_id: id,
@@ -173,15 +147,8 @@ pub fn interpret(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::test_support::*;
     use std::time::Duration;
-
-    fn body(json: Value) -> ChatBody {
-        serde_json::from_value(json).unwrap()
-    }
-
-    fn now() -> SystemTime {
-        humantime::parse_rfc3339("2026-10-03T12:00:00Z").unwrap()
-    }
 
     #[test]
     fn chat_requests_become_generate_content() {

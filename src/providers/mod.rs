@@ -11,6 +11,7 @@ pub mod gemini;
 pub mod http;
 pub mod openai;
 pub mod retry_info;
+pub mod translate;
 
 use std::time::SystemTime;
 
@@ -95,4 +96,30 @@ pub fn short_message(text: &str) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// Helpers for the dialects' unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::time::SystemTime;
+
+    use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+    /// The instant the reference examples are read at.
+    pub fn now() -> SystemTime {
+        humantime::parse_rfc3339("2026-10-03T12:00:00Z").unwrap()
+    }
+
+    /// A chat request body from JSON.
+    pub fn body(json: serde_json::Value) -> crate::job::ChatBody {
+        serde_json::from_value(json).unwrap()
+    }
+
+    pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
 }

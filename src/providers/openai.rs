@@ -72,20 +72,8 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{HeaderName, HeaderValue};
+    use crate::providers::test_support::*;
     use std::time::Duration;
-
-    fn now() -> SystemTime {
-        humantime::parse_rfc3339("2026-10-03T12:00:00Z").unwrap()
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (k, v) in pairs {
-            map.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-        }
-        map
-    }
 
     fn fail(status: u16, hdrs: &[(&str, &str)], body: &str) -> Failure {
         interpret(status, &headers(hdrs), body.as_bytes(), now()).unwrap_err()

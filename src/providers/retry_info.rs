@@ -218,18 +218,10 @@ fn ceil_ms(seconds: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{HeaderName, HeaderValue};
+    use crate::providers::test_support::*;
 
     fn at(rfc3339: &str) -> SystemTime {
         humantime::parse_rfc3339(rfc3339).unwrap()
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (k, v) in pairs {
-            map.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
-        }
-        map
     }
 
     #[test]

@@ -115,10 +115,7 @@ async fn other_errors_move_on_without_a_cooldown() {
             ("good", AttemptOutcome::Ok)
         ]
     );
-    let cooling: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_state WHERE cooldown_until > now()")
-        .fetch_one(&mut env.db().await)
-        .await
-        .unwrap();
+    let cooling = env.cooling_providers().await;
     assert_eq!(cooling, 0, "a lone 5xx and a client error cool nothing down");
     // The provider got the job's body with its own model.
     let sent = &good.stats().bodies[0];
@@ -271,10 +268,7 @@ async fn a_prompt_too_long_for_a_context_window_skips_the_provider_without_a_req
     let (result, _) = env.next_result(&env.results).await;
     assert_eq!(outcomes(&result), vec![("small", AttemptOutcome::SkippedContext), ("large", AttemptOutcome::Ok)]);
     assert_eq!(small.requests(), 0);
-    let cooling: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_state WHERE cooldown_until > now()")
-        .fetch_one(&mut env.db().await)
-        .await
-        .unwrap();
+    let cooling = env.cooling_providers().await;
     assert_eq!(cooling, 0, "a context skip cools nothing down");
     worker.stop().await;
 }

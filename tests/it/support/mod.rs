@@ -188,6 +188,14 @@ impl TestEnv {
         PgConnection::connect(&self.database_url).await.unwrap()
     }
 
+    /// How many providers are cooling down now, per the shared table.
+    pub async fn cooling_providers(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM provider_state WHERE cooldown_until > now()")
+            .fetch_one(&mut self.db().await)
+            .await
+            .unwrap()
+    }
+
     fn cleanup_queues(&self) -> Vec<String> {
         let mut queues = vec![self.jobs.clone(), self.results.clone(), self.dead_queue()];
         queues.extend(
