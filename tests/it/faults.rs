@@ -100,3 +100,39 @@ async fn providers_that_hang_answer_garbage_or_close_the_connection_are_survived
     assert!(first.is_success() && second.is_success());
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_database_that_goes_away_does_not_stop_the_worker_or_lose_a_job() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut config =
+        env.config(&format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], "")));
+    config.postgres.url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let worker = env.spawn_worker(config, "w1").await;
+    env.publish(&job("before"), BasicProperties::default()).await;
+    assert!(env.next_result(&env.results).await.0.is_success());
+
+    relay.set_down(true);
+    let started = std::time::Instant::now();
+    for id in ["during-1", "during-2"] {
+        env.publish(&job(id), BasicProperties::default()).await;
+    }
+    let during = env.results(&env.results, 2).await;
+    assert!(during.iter().all(|r| r.is_success()), "answered without the database: {during:?}");
+    eprintln!("answered while the database was away in {:?}", started.elapsed());
+
+    relay.set_down(false);
+    env.publish(&job("after"), BasicProperties::default()).await;
+    assert!(env.next_result(&env.results).await.0.is_success());
+    eventually("the ledger is written again", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM job_results WHERE result IS NOT NULL")
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap();
+        n >= 2
+    })
+    .await;
+    assert_eq!(env.client.depth(&env.jobs).await, 0);
+    worker.stop().await;
+}
