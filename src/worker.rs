@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
+use tracing::Instrument;
 
 use crate::broker::{Ack, DeliveryHandler, Incoming, Outgoing, Publisher, Routed, Topology, headers};
 use crate::chain::{self, Attempt, Chain, HoldPolicy, JobProgress, Verdict};
@@ -54,9 +55,15 @@ enum Disposition {
 #[async_trait::async_trait]
 impl DeliveryHandler for JobHandler {
     async fn handle(&self, incoming: Incoming, publisher: &Publisher, ack: Ack) -> Result<(), String> {
-        let disposition = self.decide(&incoming).await;
-        self.carry_out(disposition, &incoming, publisher).await?;
-        ack.ack().await
+        // Every log line of this delivery carries the job's identity (filled in once parsed).
+        let span = tracing::info_span!("job", custom_id = tracing::field::Empty, chain = tracing::field::Empty);
+        async {
+            let disposition = self.decide(&incoming).await;
+            self.carry_out(disposition, &incoming, publisher).await?;
+            ack.ack().await
+        }
+        .instrument(span)
+        .await
     }
 }
 
@@ -88,8 +95,9 @@ impl JobHandler {
             return self.poison(incoming, Some(job.custom_id), reason, &clock);
         };
         let key = job.idempotency_key(incoming.message_id.as_deref());
-        let span = tracing::info_span!("job", custom_id = %job.custom_id, chain = %job.chain);
-        let _enter = span.enter();
+        let span = tracing::Span::current();
+        span.record("custom_id", job.custom_id.as_str());
+        span.record("chain", job.chain.as_str());
         match self.open_ledger(&key).await {
             Some(LedgerEntry { result: Some(stored), .. }) => {
                 if let Ok(result) = serde_json::from_str::<JobResult>(&stored) {
@@ -104,7 +112,6 @@ impl JobHandler {
             }
             _ => {}
         }
-        drop(_enter);
         let disposition = self.run_chain(&job, &chain, incoming, &clock).await;
         if let Disposition::Answer { result, .. } = &disposition {
             self.store_result(&key, result).await;
