@@ -108,8 +108,8 @@ async fn open(session: &Session) -> Result<OpenSession, String> {
     let consume_conn = connect(&session.url, &format!("{} (consume)", session.connection_name)).await?;
     let publish_conn = connect(&session.url, &format!("{} (publish)", session.connection_name)).await?;
     let setup = async {
+        session.topology.declare(&publish_conn).await?;
         let publish_channel = publish_conn.create_channel().await?;
-        session.topology.declare(&publish_channel).await?;
         let publisher = Publisher::new(publish_channel, session.confirm_timeout).await?;
         let consume_channel = consume_conn.create_channel().await?;
         consume_channel.basic_qos(session.prefetch, BasicQosOptions::default()).await?;

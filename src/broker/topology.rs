@@ -1,7 +1,8 @@
 //! The queues the service owns, declared idempotently at every (re)connect.
 //!
 //! ```text
-//! llm.jobs ──(reject/expire)──► llm.jobs.dlx ──► llm.jobs.dead
+//! poison ──(copied with a fallback-reason header)──► llm.jobs.dead ◄── llm.jobs.dlx (fanout, for
+//!                                                    policies and operators' own bindings)
 //! llm.jobs.wait.<tier> ──(TTL)──► llm.jobs          (parked jobs come back by themselves)
 //! llm.results
 //! ```
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Connection, ExchangeKind};
 
 /// Delay-queue tiers: a parked job goes to the longest tier not beyond its wake-up time.
 /// Fixed TTLs per queue avoid per-message TTL's head-of-line blocking.
@@ -51,8 +52,11 @@ impl Topology {
         WAIT_TIERS.iter().rev().copied().find(|tier| *tier <= wait).unwrap_or(WAIT_TIERS[0])
     }
 
-    /// Declares everything; safe to repeat.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// Declares everything; safe to repeat. The jobs and results queues are plain durable
+    /// queues, and if another service declared one first with other arguments (a quorum queue,
+    /// a length limit…) it is used as it is rather than fought over.
+    pub async fn declare(&self, conn: &Connection) -> lapin::Result<()> {
+        let channel = conn.create_channel().await?;
         let dlx = self.dead_letter_exchange();
         channel
             .exchange_declare(
@@ -62,12 +66,8 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        let mut jobs_args = FieldTable::default();
-        jobs_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
-        self.declare_queue(channel, &self.jobs, jobs_args).await?;
-        self.declare_queue(channel, &self.results, FieldTable::default()).await?;
         let dead = self.dead_letter_queue();
-        self.declare_queue(channel, &dead, FieldTable::default()).await?;
+        channel.queue_declare(dead.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
         channel
             .queue_bind(
                 dead.as_str().into(),
@@ -82,13 +82,33 @@ impl Topology {
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
             args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
             args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.jobs.as_str().into()));
-            self.declare_queue(channel, &self.wait_queue(tier), args).await?;
+            channel.queue_declare(self.wait_queue(tier).as_str().into(), QueueDeclareOptions::durable(), args).await?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        for queue in [&self.jobs, &self.results] {
+            declare_or_accept(conn, queue).await?;
         }
         Ok(())
     }
+}
 
-    async fn declare_queue(&self, channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
-        channel.queue_declare(name.into(), QueueDeclareOptions::durable(), args).await.map(|_| ())
+/// Declares `queue` durable, or accepts the existing one when it was declared differently (the
+/// broker then refuses our declare with PRECONDITION_FAILED and closes that channel).
+async fn declare_or_accept(conn: &Connection, queue: &str) -> lapin::Result<()> {
+    let channel = conn.create_channel().await?;
+    match channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await {
+        Ok(_) => {
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(refused) => {
+            let probe = conn.create_channel().await?;
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            probe.queue_declare(queue.into(), passive, FieldTable::default()).await.map_err(|_| refused)?;
+            tracing::warn!(queue, "the queue exists with other arguments; using it as it is");
+            let _ = probe.close(200, "probed".into()).await;
+            Ok(())
+        }
     }
 }
 

@@ -133,3 +133,19 @@ async fn migrate_applies_the_schema_and_exits_0() {
     .unwrap();
     assert_eq!(tables, 2);
 }
+
+#[tokio::test]
+async fn a_jobs_queue_declared_first_by_a_publisher_is_used_as_it_is() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    // A producer that declared the queue its own way before any worker ran.
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongLongInt(100_000));
+    env.client.declare_with(&env.jobs, args).await;
+    env.publish(&job("early"), BasicProperties::default()).await;
+    let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
+    let (result, _) = env.next_result(&env.results).await;
+    assert!(result.is_success());
+    assert_eq!(result.custom_id.as_deref(), Some("early"));
+    worker.stop().await;
+}

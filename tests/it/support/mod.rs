@@ -312,7 +312,11 @@ impl BrokerClient {
     }
 
     pub async fn declare(&self, queue: &str) {
-        self.channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+        self.declare_with(queue, FieldTable::default()).await;
+    }
+
+    pub async fn declare_with(&self, queue: &str, args: FieldTable) {
+        self.channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), args).await.unwrap();
     }
 
     pub async fn publish(&self, queue: &str, body: &[u8], properties: BasicProperties) {
