@@ -110,16 +110,22 @@ impl WorkerApp {
                 broker_ready: self.broker_ready.clone(),
                 metrics: observability::recorder(),
             };
-            let (bound, server) = observability::serve(&config.http.addr, probe, shutdown.clone())
-                .await
-                .with_context(|| format!("cannot listen on http.addr `{}`", config.http.addr))?;
-            let _ = self.http_addr.set(bound);
-            tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
-            tasks.spawn(async move {
-                let _ = server.await;
-            });
+            match observability::serve(&config.http.addr, probe, shutdown.clone()).await {
+                Ok((bound, server)) => {
+                    let _ = self.http_addr.set(bound);
+                    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+                    tasks.spawn(async move {
+                        let _ = server.await;
+                    });
+                }
+                // Several workers on one host share a config: the second must still work.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => tracing::warn!(
+                    addr = %config.http.addr,
+                    "http.addr is in use (another worker on this host?): no /metrics here; give each worker its own HTTP_ADDR"
+                ),
+                Err(e) => return Err(e).with_context(|| format!("cannot listen on http.addr `{}`", config.http.addr)),
+            }
         }
-        tasks.spawn(store.clone().listen(shutdown.clone()));
         let longest_window =
             config.providers.iter().flat_map(|p| p.limits.iter().map(|l| l.per)).max().unwrap_or_default();
         tasks.spawn(housekeeping(store.clone(), config.worker.result_retention, longest_window, shutdown.clone()));

@@ -149,3 +149,32 @@ async fn a_jobs_queue_declared_first_by_a_publisher_is_used_as_it_is() {
     assert_eq!(result.custom_id.as_deref(), Some("early"));
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn workers_sharing_a_config_on_one_host_all_run_even_when_http_addr_is_taken() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let text =
+        env.config_text(&one_provider(&mock, ""), "").replace("addr = \"\"", &format!("addr = \"127.0.0.1:{port}\""));
+    let config = env.dir.join("shared.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut first = WorkerProcess::spawn(&config);
+    env.wait_for_queues().await;
+    let mut second = WorkerProcess::spawn(&config);
+    for i in 0..10 {
+        env.publish(&job(&format!("two-{i}")), BasicProperties::default()).await;
+    }
+    let results = env.results(&env.results, 10).await;
+    assert!(results.iter().all(|r| r.is_success()));
+    assert!(
+        first.child.try_wait().unwrap().is_none() && second.child.try_wait().unwrap().is_none(),
+        "both workers still run"
+    );
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200, "the first worker serves the endpoints");
+    first.signal("TERM");
+    second.signal("TERM");
+    assert_eq!(first.wait().await.code(), Some(0));
+    assert_eq!(second.wait().await.code(), Some(0));
+}
