@@ -173,6 +173,12 @@ pub async fn migrate_when_reachable(store: &PgStore, shutdown: &CancellationToke
             Err(sqlx::migrate::MigrateError::Execute(e)) if is_transient(&e) => {
                 tracing::warn!(error = %e, "database not reachable yet; retrying");
             }
+            Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some("3D000") =>
+            {
+                store.create_database().await.context("the database does not exist and cannot be created")?;
+                continue;
+            }
             Err(e) => return Err(e).context("applying the database migrations"),
         }
         tokio::select! {

@@ -73,6 +73,22 @@ impl PgStore {
         &self.pool
     }
 
+    /// Creates the database the pool points at (a fresh server has none called `fallback`).
+    pub async fn create_database(&self) -> Result<(), sqlx::Error> {
+        use sqlx::Connection as _;
+        let options = self.pool.connect_options();
+        let name = options.get_database().unwrap_or("fallback").to_string();
+        let mut admin = sqlx::PgConnection::connect_with(&options.as_ref().clone().database("postgres")).await?;
+        let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&mut admin).await {
+            Ok(_) => tracing::info!(database = %name, "created the database"),
+            // 42P04: another worker created it a moment ago.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         MIGRATOR.run(&self.pool).await
     }

@@ -178,3 +178,27 @@ async fn workers_sharing_a_config_on_one_host_all_run_even_when_http_addr_is_tak
     assert_eq!(first.wait().await.code(), Some(0));
     assert_eq!(second.wait().await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn migrate_creates_a_missing_database() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let fresh = format!("fwtest_{}_fresh", env.id);
+    let url = env.database_url.replace(&format!("fwtest_{}", env.id), &fresh);
+    let config = env.config_file(&one_provider(&mock, ""), "");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-worker"))
+        .args(["--config", config.to_str().unwrap(), "migrate"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let mut admin = env.db().await;
+    let exists: bool = sqlx::query_scalar("SELECT exists(SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&fresh)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    let drop = format!("DROP DATABASE IF EXISTS \"{fresh}\" WITH (FORCE)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop)).execute(&mut admin).await.unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(exists, "the database was created");
+}
