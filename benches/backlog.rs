@@ -51,6 +51,11 @@ async fn main() {
     println!(
         "backlog: {jobs} jobs, {workers} worker processes, 2 free providers at {PER_WINDOW} requests / {WINDOW:?} (strict), mock latency {LATENCY:?}"
     );
+    if std::env::var_os("ONLY_THROUGHPUT").is_some() {
+        let (rate, cpu) = throughput(2000).await;
+        println!("throughput {rate:.0} jobs/s {cpu:.3} ms/job");
+        return;
+    }
     let planned = run("planned", jobs, workers, true).await;
     let reactive = run("reactive", jobs, workers, false).await;
     println!();
@@ -191,7 +196,9 @@ async fn throughput(jobs: usize) -> (f64, f64) {
     let env = TestEnv::new().await;
     let fast = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
     let providers = format!("{}{}", provider("fast", &fast.base_url(), true, ""), chain("default", &["fast"], ""));
-    let config = env.config_file(&providers, "");
+    // The contract's default prefetch, as a production worker runs.
+    let config = env.dir.join("throughput.toml");
+    std::fs::write(&config, env.config_text(&providers, "").replace("prefetch = 8", "prefetch = 32")).unwrap();
     // A first worker declares the queues and leaves.
     let mut declarer = WorkerProcess::spawn(&config);
     env.wait_for_queues().await;

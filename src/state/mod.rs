@@ -3,6 +3,7 @@
 //! [`postgres::PgStore`] is the production store shared by every worker (contract §6);
 //! [`memory::MemoryStore`] is the embedded one for `batch` without a database and for unit tests.
 
+mod ledger_batcher;
 pub mod memory;
 pub mod postgres;
 pub mod quota;
@@ -109,4 +110,6 @@ pub trait ResultLedger: Send + Sync {
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }

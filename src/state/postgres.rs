@@ -7,14 +7,16 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::ledger_batcher::{self, Request};
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
 use crate::chain::CooldownReason;
 
@@ -34,6 +36,8 @@ pub struct PgStore {
     /// and the ones behind a refusal read it from the cache instead of asking again (no herd
     /// of queries each time a slot frees).
     gates: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// The ledger's batching task, started on first use.
+    ledger: Arc<OnceLock<mpsc::Sender<Request>>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -66,7 +70,11 @@ impl PgStore {
     }
 
     pub fn from_pool(pool: PgPool) -> PgStore {
-        PgStore { pool, cache: Arc::default(), gates: Arc::default() }
+        PgStore { pool, cache: Arc::default(), gates: Arc::default(), ledger: Arc::default() }
+    }
+
+    fn ledger(&self) -> &mpsc::Sender<Request> {
+        self.ledger.get_or_init(|| ledger_batcher::spawn(self.pool.clone()))
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -416,26 +424,19 @@ impl ProviderState for PgStore {
 #[async_trait::async_trait]
 impl ResultLedger for PgStore {
     async fn open(&self, key: &str) -> Result<LedgerEntry, StoreError> {
-        let row = sqlx::query(
-            "INSERT INTO job_results (job_key) VALUES ($1) \
-             ON CONFLICT (job_key) DO UPDATE SET deliveries = job_results.deliveries + 1 \
-             RETURNING deliveries, result::text AS result",
-        )
-        .bind(key)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(LedgerEntry { deliveries: row.get::<i32, _>("deliveries").max(0) as u32, result: row.get("result") })
+        let (reply, answer) = oneshot::channel();
+        self.ledger().send(Request::Open { key: key.to_string(), reply }).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
     }
 
     async fn store(&self, key: &str, result_json: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO job_results (job_key, result, answered_at) VALUES ($1, $2::jsonb, now()) \
-             ON CONFLICT (job_key) DO UPDATE SET result = EXCLUDED.result, answered_at = now()",
-        )
-        .bind(key)
-        .bind(result_json)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Store { key: key.to_string(), json: result_json.to_string(), reply };
+        self.ledger().send(request).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
     }
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the ledger task stopped".into())
 }

@@ -259,3 +259,35 @@ async fn status_shows_cooldowns_usage_and_last_errors() {
     let groq_line = table.lines().find(|l| l.starts_with("groq")).expect(&table);
     assert!(groq_line.contains("cooling") && groq_line.contains("3/30 requests per 1m"), "{table}");
 }
+
+#[tokio::test]
+async fn the_ledger_answers_concurrent_opens_and_stores_exactly() {
+    use fallback_worker::state::ResultLedger;
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    // Every key opened twice at once: the batch must count both receipts, not fail on the repeat.
+    let opens = (0..50).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move { (i % 25, store.open(&format!("k{}", i % 25)).await.unwrap()) })
+    });
+    let mut seen: std::collections::BTreeMap<i32, Vec<u32>> = Default::default();
+    for open in opens {
+        let (key, entry) = open.await.unwrap();
+        assert_eq!(entry.result, None);
+        seen.entry(key).or_default().push(entry.deliveries);
+    }
+    for deliveries in seen.values_mut() {
+        deliveries.sort();
+        assert_eq!(deliveries, &vec![1, 2]);
+    }
+    let stores = (0..25).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move { store.store(&format!("k{i}"), &format!("{{\"n\":{i}}}")).await.unwrap() })
+    });
+    for stored in stores {
+        stored.await.unwrap();
+    }
+    let again = store.open("k7").await.unwrap();
+    assert_eq!(again.deliveries, 3);
+    assert_eq!(again.result.as_deref(), Some("{\"n\": 7}"));
+}
