@@ -145,6 +145,7 @@ impl WorkerApp {
                 max_deliveries: config.worker.max_deliveries,
             },
             worker_id: self.worker_id.clone(),
+            key_locks: Default::default(),
         });
         let session = Session {
             url: config.amqp.url.clone(),

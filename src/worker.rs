@@ -40,6 +40,40 @@ pub struct JobHandler {
     pub rules: HandlerRules,
     /// `host:pid`, written into every result's `routing.worker`.
     pub worker_id: String,
+    /// Copies of one job in this process are worked one after the other.
+    pub key_locks: KeyLocks,
+}
+
+/// One lock per idempotency key being worked in this process: a second copy of a job that
+/// arrives meanwhile waits for the first, then is answered from the ledger instead of calling a
+/// provider again.
+#[derive(Default)]
+pub struct KeyLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyLocks {
+    async fn lock(&self, key: &str) -> KeyGuard<'_> {
+        let lock = self.0.lock().unwrap().entry(key.to_string()).or_default().clone();
+        let guard = lock.clone().lock_owned().await;
+        KeyGuard { locks: self, key: key.to_string(), lock, guard: Some(guard) }
+    }
+}
+
+struct KeyGuard<'a> {
+    locks: &'a KeyLocks,
+    key: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self.locks.0.lock().unwrap();
+        // Only the map and this guard hold the lock: nobody waits, forget the key.
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(&self.key);
+        }
+    }
 }
 
 /// What to do with a delivery once it has been looked at.
@@ -98,6 +132,7 @@ impl JobHandler {
         let span = tracing::Span::current();
         span.record("custom_id", job.custom_id.as_str());
         span.record("chain", job.chain.as_str());
+        let _one_copy_at_a_time = self.key_locks.lock(&key).await;
         match self.open_ledger(&key).await {
             Some(LedgerEntry { result: Some(stored), .. }) => {
                 if let Ok(result) = serde_json::from_str::<JobResult>(&stored) {

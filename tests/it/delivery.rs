@@ -202,3 +202,19 @@ async fn migrate_creates_a_missing_database() {
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(exists, "the database was created");
 }
+
+#[tokio::test]
+async fn two_copies_of_a_job_in_flight_at_once_call_the_provider_once() {
+    let env = TestEnv::new().await;
+    let mut slow = MockOptions::new(Profile::Groq);
+    slow.latency = Duration::from_millis(300);
+    let mock = MockProvider::start(slow).await.unwrap();
+    let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
+    let properties = BasicProperties::default().with_message_id("twice".into());
+    env.publish(&job("dup"), properties.clone()).await;
+    env.publish(&job("dup"), properties).await;
+    let results = env.results(&env.results, 2).await;
+    assert_eq!(results[0], results[1], "the second copy got the first one's stored result");
+    assert_eq!(mock.requests(), 1);
+    worker.stop().await;
+}
