@@ -66,6 +66,21 @@ impl JobProgress {
         let dropped = attempts.iter().filter(|a| a.outcome.is_final_for_job()).map(|a| a.provider.clone()).collect();
         Self { first_seen, attempts, dropped, backoff: HashMap::new() }
     }
+
+    /// Records that `member` was passed over. A job that waits goes through its chain again and
+    /// again: a skip repeating the provider's previous one only moves that entry's `until`, so the
+    /// result (and the metrics) list each stretch of skipping once, not once per wake-up.
+    fn skip(&mut self, member: &Member, outcome: AttemptOutcome, until: Option<SystemTime>, message: Option<String>) {
+        let until = until.map(|t| humantime::format_rfc3339_millis(t).to_string());
+        let previous = self.attempts.iter_mut().rev().find(|a| a.provider == member.name);
+        if let Some(previous) = previous.filter(|a| a.outcome == outcome) {
+            previous.until = until;
+            previous.message = message;
+            return;
+        }
+        let provider = member.name.clone();
+        self.attempts.push(Attempt { provider, outcome, status: None, latency_ms: 0, until, message });
+    }
 }
 
 /// How a job ended (or that it must wait).
@@ -148,7 +163,7 @@ pub async fn run_pass(
                 "about {needed_tokens} tokens do not fit a {}-token context",
                 member.context_window.unwrap_or(0)
             );
-            progress.attempts.push(skip(member, AttemptOutcome::SkippedContext, None, Some(message)));
+            progress.skip(member, AttemptOutcome::SkippedContext, None, Some(message));
             progress.dropped.insert(member.name.clone());
             continue;
         }
@@ -160,7 +175,7 @@ pub async fn run_pass(
         }
         let paid_from = progress.first_seen + chain.free_wait;
         if !member.free && now < paid_from {
-            progress.attempts.push(skip(member, AttemptOutcome::SkippedPaid, Some(paid_from), None));
+            progress.skip(member, AttemptOutcome::SkippedPaid, Some(paid_from), None);
             earliest(paid_from);
             continue;
         }
@@ -215,7 +230,7 @@ async fn call_member(
         let permit = match state.admit(ask, SystemTime::now()).await {
             Admission::Granted(permit) => permit,
             Admission::Cooling(cooldown) => {
-                progress.attempts.push(skip(member, AttemptOutcome::SkippedCooldown, Some(cooldown.until), None));
+                progress.skip(member, AttemptOutcome::SkippedCooldown, Some(cooldown.until), None);
                 return Err(Some(cooldown.until));
             }
             Admission::OverQuota { until, measure } => {
@@ -223,17 +238,12 @@ async fn call_member(
                     QuotaMeasure::Requests => "request limit",
                     QuotaMeasure::Tokens => "token limit",
                 };
-                progress.attempts.push(skip(
-                    member,
-                    AttemptOutcome::SkippedQuota,
-                    Some(until),
-                    Some(format!("{what} reached")),
-                ));
+                progress.skip(member, AttemptOutcome::SkippedQuota, Some(until), Some(format!("{what} reached")));
                 return Err(Some(until));
             }
             Admission::TooLarge => {
                 let message = format!("about {tokens} tokens exceed one of the provider's token limits");
-                progress.attempts.push(skip(member, AttemptOutcome::SkippedContext, None, Some(message)));
+                progress.skip(member, AttemptOutcome::SkippedContext, None, Some(message));
                 progress.dropped.insert(member.name.clone());
                 return Err(None);
             }
@@ -334,17 +344,6 @@ async fn settle_failure(
     let not_before = failure.retry_at.unwrap_or(now + backoff).max(now + backoff);
     progress.backoff.insert(member.name.clone(), (not_before, failures));
     Some(not_before)
-}
-
-fn skip(member: &Member, outcome: AttemptOutcome, until: Option<SystemTime>, message: Option<String>) -> Attempt {
-    Attempt {
-        provider: member.name.clone(),
-        outcome,
-        status: None,
-        latency_ms: 0,
-        until: until.map(|t| humantime::format_rfc3339_millis(t).to_string()),
-        message,
-    }
 }
 
 fn all_failed_message(chain: &Chain, progress: &JobProgress) -> String {

@@ -246,3 +246,34 @@ fn resumed_progress_keeps_dropped_providers() {
     let progress = JobProgress::resume(SystemTime::now(), attempts);
     assert!(progress.dropped.contains("a"));
 }
+
+#[tokio::test]
+async fn waking_up_again_and_again_lists_each_stretch_of_skips_once() {
+    let store = MemoryStore::new();
+    let cooling_until = SystemTime::now() + Duration::from_millis(400);
+    store
+        .cool_down(
+            "free",
+            crate::state::Cooldown { until: cooling_until, reason: CooldownReason::RateLimited, detail: String::new() },
+        )
+        .await;
+    let paid = Scripted::new(vec![]);
+    // The free provider cools for 400 ms; the paid one may be used after 150 ms: two passes skip
+    // the free one, the second calls the paid one.
+    let chain = chain(
+        vec![member("free", true, Scripted::new(vec![])), member("paid", false, paid.clone())],
+        Duration::from_millis(150),
+    );
+    let mut progress = JobProgress::new(SystemTime::now());
+    let hold = HoldPolicy { hold_limit: Duration::from_secs(5), hold_until: Instant::now() + Duration::from_secs(10) };
+    let verdict = run(&chain, &body(), chain.max_wait, &mut progress, &store, hold).await;
+    assert!(matches!(verdict, Verdict::Answered { ref provider, .. } if provider == "paid"), "{verdict:?}");
+    assert_eq!(
+        outcomes(&progress),
+        vec![
+            ("free".into(), AttemptOutcome::SkippedCooldown),
+            ("paid".into(), AttemptOutcome::SkippedPaid),
+            ("paid".into(), AttemptOutcome::Ok),
+        ]
+    );
+}
