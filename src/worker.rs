@@ -79,9 +79,9 @@ impl Drop for KeyGuard<'_> {
 /// What to do with a delivery once it has been looked at.
 enum Disposition {
     /// Publish this result to `target`, then ack.
-    Answer { target: String, result: JobResult },
+    Answer { target: String, reply: Reply },
     /// Dead-letter the message with `reason`, send the error result to `target`, then ack.
-    Poison { target: String, reason: String, result: JobResult },
+    Poison { target: String, reason: String, reply: Reply },
     /// Put the job in a delay queue until `until`, then ack.
     Park { until: SystemTime, attempts: Vec<Attempt> },
 }
@@ -135,10 +135,10 @@ impl JobHandler {
         let _one_copy_at_a_time = self.key_locks.lock(&key).await;
         match self.open_ledger(&key).await {
             Some(LedgerEntry { result: Some(stored), .. }) => {
-                if let Ok(result) = serde_json::from_str::<JobResult>(&stored) {
+                if let Some(reply) = Reply::stored(stored) {
                     tracing::info!("answered from the result ledger, no provider call");
                     observability::record_from_ledger();
-                    return Disposition::Answer { target, result };
+                    return Disposition::Answer { target, reply };
                 }
             }
             Some(entry) if entry.deliveries.saturating_sub(incoming.parks) > self.rules.max_deliveries => {
@@ -147,14 +147,21 @@ impl JobHandler {
             }
             _ => {}
         }
-        let disposition = self.run_chain(&job, &chain, incoming, &clock).await;
-        if let Disposition::Answer { result, .. } = &disposition {
-            self.store_result(&key, result).await;
+        let disposition = self.run_chain(&job, &chain, target, incoming, &clock).await;
+        if let Disposition::Answer { reply, .. } = &disposition {
+            self.store_result(&key, reply).await;
         }
         disposition
     }
 
-    async fn run_chain(&self, job: &Job, chain: &Chain, incoming: &Incoming, clock: &Clock) -> Disposition {
+    async fn run_chain(
+        &self,
+        job: &Job,
+        chain: &Chain,
+        target: String,
+        incoming: &Incoming,
+        clock: &Clock,
+    ) -> Disposition {
         let max_wait = job.max_wait.unwrap_or(chain.max_wait);
         let mut progress = JobProgress::resume(incoming.first_seen, incoming.previous_attempts.clone());
         let carried = incoming.previous_attempts.len();
@@ -166,8 +173,6 @@ impl JobHandler {
             // The delivery's hard deadline: hand the job back through a short park.
             Err(_) => Verdict::Wait { until: SystemTime::now() },
         };
-        let target =
-            self.reply_target(incoming.reply_to.as_deref()).unwrap_or_else(|_| self.rules.topology.results.clone());
         let routing = self.routing(Some(&chain.name), progress.attempts.clone(), clock);
         let result = match result_of(&job.custom_id, verdict, routing) {
             Ok(result) => result,
@@ -177,7 +182,7 @@ impl JobHandler {
             }
         };
         observability::record_result(&result, &progress.attempts[carried..]);
-        Disposition::Answer { target, result }
+        Disposition::Answer { target, reply: Reply::of(&result) }
     }
 
     fn poison(&self, incoming: &Incoming, custom_id: Option<String>, reason: String, clock: &Clock) -> Disposition {
@@ -187,7 +192,7 @@ impl JobHandler {
         let routing = self.routing(None, Vec::new(), clock);
         let result = error_result(custom_id, ErrorCode::InvalidRequest, reason.clone(), routing);
         observability::record_result(&result, &[]);
-        Disposition::Poison { target, reason, result }
+        Disposition::Poison { target, reason, reply: Reply::of(&result) }
     }
 
     /// Where the result goes: `reply_to` when it is allowed, the results queue when absent.
@@ -235,9 +240,9 @@ impl JobHandler {
         None
     }
 
-    async fn store_result(&self, key: &str, result: &JobResult) {
-        let json = serde_json::to_string(result).expect("results always serialize");
-        if let Err(e) = self.ledger.store(key, &json).await {
+    async fn store_result(&self, key: &str, reply: &Reply) {
+        let json = std::str::from_utf8(&reply.body).expect("serde_json writes UTF-8");
+        if let Err(e) = self.ledger.store(key, json).await {
             tracing::warn!(error = %e, "cannot store the result; a redelivery would call a provider again");
         }
     }
@@ -249,15 +254,15 @@ impl JobHandler {
         publisher: &Publisher,
     ) -> Result<(), String> {
         match disposition {
-            Disposition::Answer { target, result } => self.publish_result(&target, &result, incoming, publisher).await,
-            Disposition::Poison { target, reason, result } => {
+            Disposition::Answer { target, reply } => self.publish_result(&target, &reply, incoming, publisher).await,
+            Disposition::Poison { target, reason, reply } => {
                 let properties = with_headers(
                     &incoming.properties,
                     [(headers::REASON, AMQPValue::LongString(reason.as_str().into()))],
                 );
                 let dead = self.rules.topology.dead_letter_queue();
                 publish(publisher, &dead, &incoming.body, properties).await?;
-                self.publish_result(&target, &result, incoming, publisher).await
+                self.publish_result(&target, &reply, incoming, publisher).await
             }
             Disposition::Park { until, mut attempts } => {
                 let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
@@ -288,27 +293,49 @@ impl JobHandler {
     async fn publish_result(
         &self,
         target: &str,
-        result: &JobResult,
+        reply: &Reply,
         incoming: &Incoming,
         publisher: &Publisher,
     ) -> Result<(), String> {
-        let body = serde_json::to_vec(result).expect("results always serialize");
-        let correlation_id = incoming.correlation_id.clone().or_else(|| result.custom_id.clone()).unwrap_or_default();
+        let body = &reply.body;
+        let correlation_id = incoming.correlation_id.clone().or_else(|| reply.custom_id.clone()).unwrap_or_default();
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_correlation_id(correlation_id.as_str().into())
-            .with_message_id(result.id.as_str().into());
-        if publish(publisher, target, &body, properties.clone()).await? == Routed::Queued {
+            .with_message_id(reply.id.as_str().into());
+        if publish(publisher, target, body, properties.clone()).await? == Routed::Queued {
             return Ok(());
         }
         // The reply queue does not exist: keep the result rather than lose it.
         tracing::warn!(reply_to = target, "reply_to queue does not exist; result sent to the results queue");
         let properties =
             with_headers(&properties, [(headers::UNDELIVERABLE_REPLY_TO, AMQPValue::LongString(target.into()))]);
-        match publish(publisher, &self.rules.topology.results, &body, properties).await? {
+        match publish(publisher, &self.rules.topology.results, body, properties).await? {
             Routed::Queued => Ok(()),
             Routed::Unroutable => Err("the results queue is missing".into()),
         }
+    }
+}
+
+/// A result ready to publish: serialized once, for the ledger and the broker alike.
+struct Reply {
+    body: Vec<u8>,
+    /// For the default `correlation_id`.
+    custom_id: Option<String>,
+    /// The result's `id`, sent as the AMQP `message_id`.
+    id: String,
+}
+
+impl Reply {
+    fn of(result: &JobResult) -> Reply {
+        let body = serde_json::to_vec(result).expect("results always serialize");
+        Reply { body, custom_id: result.custom_id.clone(), id: result.id.clone() }
+    }
+
+    /// A result the ledger stored, published as it was stored.
+    fn stored(text: String) -> Option<Reply> {
+        let result: JobResult = serde_json::from_str(&text).ok()?;
+        Some(Reply { custom_id: result.custom_id, id: result.id, body: text.into_bytes() })
     }
 }
 
