@@ -93,6 +93,9 @@ pub enum Scenario {
     OutOfCredits,
 }
 
+/// How many request bodies [`MockStats`] keeps.
+pub const MAX_KEPT_BODIES: usize = 1000;
+
 /// A strict limit: never more than `requests` accepted in any window of `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestLimit {
@@ -124,7 +127,8 @@ pub struct MockStats {
     pub requests: usize,
     pub successes: usize,
     pub rate_limited: usize,
-    /// Bodies of the requests received, in order.
+    /// Bodies of the first requests received, in order (at most [`MAX_KEPT_BODIES`], so a mock
+    /// serving a long benchmark or demo does not grow without bound).
     pub bodies: Vec<Value>,
 }
 
@@ -236,7 +240,9 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
     {
         let mut stats = shared.stats.lock().unwrap();
         stats.requests += 1;
-        stats.bodies.push(json);
+        if stats.bodies.len() < MAX_KEPT_BODIES {
+            stats.bodies.push(json);
+        }
         match &scenario {
             Scenario::Success | Scenario::Slow(_) | Scenario::SpentBudget(_) => stats.successes += 1,
             Scenario::RateLimited(_) => stats.rate_limited += 1,

@@ -46,26 +46,16 @@ async fn a_broker_connection_cut_mid_run_is_recovered_and_every_job_answered() {
 async fn a_worker_started_before_the_broker_is_reachable_waits_for_it() {
     let env = TestEnv::new().await;
     let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
-    // A port nothing listens on yet: the worker keeps retrying instead of exiting.
-    let parked = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = parked.local_addr().unwrap().port();
-    drop(parked);
+    // The broker is "down": connections are dropped as soon as they are accepted.
+    let relay = Relay::start("127.0.0.1:5672".parse().unwrap()).await;
+    relay.set_down(true);
     let mut config =
         env.config(&format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], "")));
-    config.amqp.url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    config.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr);
     let worker = env.spawn_worker_unready(config, "w1");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("the worker tries again after a refusal", || async { relay.refused() >= 2 }).await;
     assert!(!worker.task.is_finished(), "no exit on a transient fault");
-    // Now put the broker behind that port.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut outbound = tokio::net::TcpStream::connect("127.0.0.1:5672").await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            });
-        }
-    });
+    relay.set_down(false);
     env.wait_for_queues().await;
     env.publish(&job("late-1"), BasicProperties::default()).await;
     let (result, _) = env.next_result(&env.results).await;

@@ -2,7 +2,7 @@
 //! network failure or a broker restart would), like lapin's own recovery tests do.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -13,6 +13,8 @@ pub struct Relay {
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     /// While set, new connections are closed at once (the service looks down).
     down: Arc<AtomicBool>,
+    /// Connections closed that way.
+    refused: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -24,10 +26,13 @@ impl Relay {
         let tracked = connections.clone();
         let down: Arc<AtomicBool> = Arc::default();
         let refusing = down.clone();
+        let refused: Arc<AtomicUsize> = Arc::default();
+        let counted = refused.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if refusing.load(Ordering::Relaxed) {
                     drop(inbound);
+                    counted.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 let task = tokio::spawn(async move {
@@ -38,7 +43,7 @@ impl Relay {
                 tracked.lock().unwrap().push(task);
             }
         });
-        Relay { addr, connections, down, accept }
+        Relay { addr, connections, down, refused, accept }
     }
 
     /// Drops every relayed connection (new ones are still accepted).
@@ -53,6 +58,11 @@ impl Relay {
 }
 
 impl Relay {
+    /// How many connections were closed while the service was down.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// Takes the service away (cutting every connection) or brings it back.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::Relaxed);
