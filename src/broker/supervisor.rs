@@ -63,7 +63,12 @@ pub async fn run_consumer<H: DeliveryHandler>(
 ) {
     let mut backoff = reconnect_backoff();
     while !shutdown.is_cancelled() {
-        match open(&session).await {
+        // lapin's connect has no deadline of its own: a peer that accepts and then stalls the
+        // handshake must not hold the worker forever.
+        let opened = tokio::time::timeout(SETUP_TIMEOUT, open(&session))
+            .await
+            .unwrap_or_else(|_| Err(format!("no session after {SETUP_TIMEOUT:?}")));
+        match opened {
             Ok(open) => {
                 backoff = reconnect_backoff();
                 ready.store(true, Ordering::Relaxed);
@@ -86,6 +91,9 @@ pub async fn run_consumer<H: DeliveryHandler>(
         }
     }
 }
+
+/// Longest a connect-declare-consume sequence may take before it is abandoned and retried.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
