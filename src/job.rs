@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::chain::Attempt;
+use crate::routing::Attempt;
 
 /// The chat-completion request a job carries, passed on to providers field by field.
 pub type ChatBody = Map<String, Value>;
@@ -186,6 +186,8 @@ pub enum ErrorCode {
     AllProvidersFailed,
     /// No provider became usable within `max_wait`.
     DeadlineExceeded,
+    /// The worker itself failed on this job again and again; it was dead-lettered.
+    InternalError,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,6 +10,7 @@
 //! | [`config`] | TOML + environment → validated [`config::Config`]; errors name file, key, problem |
 //! | [`job`] | the contract's job and result envelopes; validation → `invalid_request` |
 //! | [`chain`] | the fallback engine: pure logic over the provider and state traits |
+//! | [`routing`] | leaf types every layer shares: `Attempt`, `AttemptOutcome`, `CooldownReason` |
 //! | [`providers`] | one module per API dialect, retry-info parsing, the shared HTTP client |
 //! | [`state`] | shared provider state and the result ledger: Postgres, or in memory |
 //! | [`broker`] | RabbitMQ: topology, confirmed publisher, the reconnecting consumer supervisor |
@@ -30,6 +31,7 @@ pub mod job;
 pub mod mock;
 pub mod observability;
 pub mod providers;
+pub mod routing;
 pub mod secrets;
 pub mod state;
 pub mod telemetry;

@@ -25,9 +25,9 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::{Attempt, AttemptOutcome};
 use crate::config::Config;
 use crate::job::JobResult;
+use crate::routing::{Attempt, AttemptOutcome};
 use crate::state::postgres::PgStore;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -54,6 +54,7 @@ pub fn record_result(result: &JobResult, new_attempts: &[Attempt]) {
             crate::job::ErrorCode::InvalidRequest => "invalid_request",
             crate::job::ErrorCode::AllProvidersFailed => "all_providers_failed",
             crate::job::ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            crate::job::ErrorCode::InternalError => "internal_error",
         },
         (None, free) => {
             metrics::counter!("fallback_answers_total", "tier" => if free == Some(true) { "free" } else { "paid" })

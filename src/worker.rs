@@ -13,9 +13,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use tracing::Instrument;
 
 use crate::broker::{Ack, DeliveryHandler, Incoming, Outgoing, Publisher, Routed, Topology, headers};
-use crate::chain::{self, Attempt, Chain, HoldPolicy, JobProgress, Verdict};
+use crate::chain::{self, Chain, HoldPolicy, JobProgress, Verdict};
 use crate::job::{ErrorCode, ErrorEnvelope, InvalidJob, Job, JobResult, ResponseEnvelope, Routing};
 use crate::observability;
+use crate::routing::Attempt;
 use crate::state::{LedgerEntry, ProviderState, ResultLedger};
 
 /// The most attempts carried along a parked job (older ones are dropped).

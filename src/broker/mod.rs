@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-use crate::chain::Attempt;
+use crate::routing::Attempt;
 use crate::secrets::redact_url;
 
 /// Our own headers (not `x-`: those belong to the broker, and 4.x ignores client-set ones).

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-pub use outcome::{Attempt, AttemptOutcome, CooldownReason, circuit_cooldown, cooldown_for};
+pub use outcome::{circuit_cooldown, cooldown_for};
 
 use crate::config::LimitConfig;
 use crate::job::{ChatBody, ErrorCode, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
+use crate::routing::{Attempt, AttemptOutcome, CooldownReason};
 use crate::state::{Admission, Ask, Cooldown, ProviderState, QuotaMeasure};
 
 /// One provider as a chain uses it.

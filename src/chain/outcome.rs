@@ -2,50 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
 use crate::providers::{Failure, FailureKind};
-
-/// What happened when the chain considered one provider for one job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttemptOutcome {
-    Ok,
-    RateLimited,
-    Timeout,
-    ConnectError,
-    ServerError,
-    AuthError,
-    ClientError,
-    SkippedCooldown,
-    SkippedQuota,
-    SkippedContext,
-    SkippedPaid,
-}
-
-impl AttemptOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::RateLimited => "rate_limited",
-            Self::Timeout => "timeout",
-            Self::ConnectError => "connect_error",
-            Self::ServerError => "server_error",
-            Self::AuthError => "auth_error",
-            Self::ClientError => "client_error",
-            Self::SkippedCooldown => "skipped_cooldown",
-            Self::SkippedQuota => "skipped_quota",
-            Self::SkippedContext => "skipped_context",
-            Self::SkippedPaid => "skipped_paid",
-        }
-    }
-
-    /// The outcomes after which retrying this job on this provider cannot help (the request
-    /// itself is the problem), so the provider is dropped from the job's chain.
-    pub fn is_final_for_job(self) -> bool {
-        matches!(self, Self::ClientError | Self::SkippedContext)
-    }
-}
+use crate::routing::{AttemptOutcome, CooldownReason};
 
 impl From<FailureKind> for AttemptOutcome {
     fn from(kind: FailureKind) -> Self {
@@ -56,67 +14,15 @@ impl From<FailureKind> for AttemptOutcome {
             FailureKind::Server => Self::ServerError,
             FailureKind::Auth | FailureKind::Credits => Self::AuthError,
             FailureKind::Client => Self::ClientError,
+            FailureKind::ModelUnavailable => Self::ModelUnavailable,
         }
-    }
-}
-
-/// One line of `routing.attempts`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Attempt {
-    pub provider: String,
-    pub outcome: AttemptOutcome,
-    /// The HTTP status, when a response arrived.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    pub latency_ms: u64,
-    /// For skips and cooling failures: until when the provider is unusable (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub until: Option<String>,
-    /// A short, secret-free description of the error.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
-
-/// Why a provider is cooling down; shown by `status` and stored with the cooldown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CooldownReason {
-    /// A 429 (or 529): until the provider's retry time, 60 s when it gave none.
-    RateLimited,
-    /// A per-day quota is spent: until its reset.
-    QuotaDay,
-    /// Timeout or connection failure: 30 s.
-    Unreachable,
-    /// 401/403: the key is bad, 1 h.
-    Auth,
-    /// Out of credits (402, low balance): 1 h, or the provider's reset.
-    Credits,
-    /// A run of 5xx opened the circuit.
-    Circuit,
-}
-
-impl CooldownReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RateLimited => "rate_limited",
-            Self::QuotaDay => "quota_day",
-            Self::Unreachable => "unreachable",
-            Self::Auth => "auth",
-            Self::Credits => "credits",
-            Self::Circuit => "circuit",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        [Self::RateLimited, Self::QuotaDay, Self::Unreachable, Self::Auth, Self::Credits, Self::Circuit]
-            .into_iter()
-            .find(|r| r.as_str() == text)
     }
 }
 
 pub const DEFAULT_RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(60);
 pub const UNREACHABLE_COOLDOWN: Duration = Duration::from_secs(30);
 pub const AUTH_COOLDOWN: Duration = Duration::from_secs(3600);
+pub const MODEL_UNAVAILABLE_COOLDOWN: Duration = Duration::from_secs(3600);
 /// Consecutive 5xx answers (across all workers) that open the circuit.
 pub const CIRCUIT_THRESHOLD: u32 = 3;
 const CIRCUIT_BASE: Duration = Duration::from_secs(30);
@@ -133,6 +39,7 @@ pub fn cooldown_for(failure: &Failure, now: SystemTime) -> Option<(SystemTime, C
         FailureKind::Timeout | FailureKind::Connect => Some((now + UNREACHABLE_COOLDOWN, CooldownReason::Unreachable)),
         FailureKind::Auth => Some((now + AUTH_COOLDOWN, CooldownReason::Auth)),
         FailureKind::Credits => Some((failure.retry_at.unwrap_or(now + AUTH_COOLDOWN), CooldownReason::Credits)),
+        FailureKind::ModelUnavailable => Some((now + MODEL_UNAVAILABLE_COOLDOWN, CooldownReason::ModelUnavailable)),
         FailureKind::Server | FailureKind::Client => None,
     }
 }

@@ -47,6 +47,9 @@ pub enum FailureKind {
     Auth,
     /// Out of credits (402, a low balance): like a bad key, the provider is out for long.
     Credits,
+    /// The configured model is gone (404 model not found, 400 decommissioned, 410 deprecated,
+    /// Gemini `NOT_FOUND`): every job would fail the same way, so the provider cools down 1 h.
+    ModelUnavailable,
     /// The request itself was refused (400, 404, 413, too long): next provider, no cooldown.
     Client,
 }

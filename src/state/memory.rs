@@ -111,7 +111,7 @@ impl ResultLedger for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::CooldownReason;
+    use crate::routing::CooldownReason;
     use std::time::Duration;
 
     fn cooldown(until: SystemTime) -> Cooldown {

@@ -10,8 +10,8 @@ pub mod quota;
 
 use std::time::{Duration, SystemTime};
 
-use crate::chain::CooldownReason;
 use crate::config::LimitConfig;
+use crate::routing::CooldownReason;
 
 /// A provider that must not be called before `until`.
 #[derive(Debug, Clone, PartialEq, Eq)]

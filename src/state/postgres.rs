@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ledger_batcher::{self, Request};
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
-use crate::chain::CooldownReason;
+use crate::routing::CooldownReason;
 
 /// The embedded migrations (`migrations/`), applied under sqlx's advisory lock so that N workers
 /// can start together.

@@ -2,9 +2,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::chain::AttemptOutcome;
 use fallback_worker::job::ErrorCode;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
+use fallback_worker::routing::AttemptOutcome;
 use lapin::BasicProperties;
 use sqlx::Row;
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use fallback_worker::chain::AttemptOutcome;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
+use fallback_worker::routing::AttemptOutcome;
 use lapin::BasicProperties;
 use sqlx::Row;
 

@@ -80,7 +80,7 @@ async fn providers_that_hang_answer_garbage_or_close_the_connection_are_survived
     let (first, _) = env.next_result(&env.results).await;
     env.publish(&job("g-2"), BasicProperties::default()).await;
     let (second, _) = env.next_result(&env.results).await;
-    use fallback_worker::chain::AttemptOutcome;
+    use fallback_worker::routing::AttemptOutcome;
     assert_eq!(first.routing.attempts[0].outcome, AttemptOutcome::ServerError, "garbage is a server error");
     assert_eq!(
         second.routing.attempts[0].outcome,

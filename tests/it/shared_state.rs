@@ -2,9 +2,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::chain::CooldownReason;
 use fallback_worker::config::LimitConfig;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
+use fallback_worker::routing::CooldownReason;
 use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
 use lapin::BasicProperties;

@@ -1,0 +1,116 @@
+//! Leaf types every layer shares: what happened to one provider for one job ([`Attempt`],
+//! [`AttemptOutcome`], contract §3) and why a provider is cooling down ([`CooldownReason`], §6).
+//!
+//! They sit below `chain`, `job`, `state` and `broker` so that none of those needs another just
+//! for a name.
+
+use serde::{Deserialize, Serialize};
+
+/// What happened when the chain considered one provider for one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Ok,
+    RateLimited,
+    Timeout,
+    ConnectError,
+    ServerError,
+    AuthError,
+    ClientError,
+    /// The provider's model is gone (404 model not found, 400 decommissioned, 410 deprecated).
+    ModelUnavailable,
+    SkippedCooldown,
+    SkippedQuota,
+    SkippedContext,
+    SkippedPaid,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::RateLimited => "rate_limited",
+            Self::Timeout => "timeout",
+            Self::ConnectError => "connect_error",
+            Self::ServerError => "server_error",
+            Self::AuthError => "auth_error",
+            Self::ClientError => "client_error",
+            Self::ModelUnavailable => "model_unavailable",
+            Self::SkippedCooldown => "skipped_cooldown",
+            Self::SkippedQuota => "skipped_quota",
+            Self::SkippedContext => "skipped_context",
+            Self::SkippedPaid => "skipped_paid",
+        }
+    }
+
+    /// The outcomes after which retrying this job on this provider cannot help (the request
+    /// itself is the problem), so the provider is dropped from the job's chain.
+    pub fn is_final_for_job(self) -> bool {
+        matches!(self, Self::ClientError | Self::SkippedContext)
+    }
+}
+
+/// One line of `routing.attempts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub provider: String,
+    pub outcome: AttemptOutcome,
+    /// The HTTP status, when a response arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    /// For skips and cooling failures: until when the provider is unusable (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// A short, secret-free description of the error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Why a provider is cooling down; shown by `status` and stored with the cooldown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CooldownReason {
+    /// A 429 (or 529): until the provider's retry time, 60 s when it gave none.
+    RateLimited,
+    /// A per-day quota is spent: until its reset.
+    QuotaDay,
+    /// Timeout or connection failure: 30 s.
+    Unreachable,
+    /// 401/403: the key is bad, 1 h.
+    Auth,
+    /// Out of credits (402, low balance): 1 h, or the provider's reset.
+    Credits,
+    /// A run of 5xx opened the circuit.
+    Circuit,
+    /// The configured model is withdrawn: 1 h, until an operator fixes the config.
+    ModelUnavailable,
+}
+
+impl CooldownReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::QuotaDay => "quota_day",
+            Self::Unreachable => "unreachable",
+            Self::Auth => "auth",
+            Self::Credits => "credits",
+            Self::Circuit => "circuit",
+            Self::ModelUnavailable => "model_unavailable",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::RateLimited,
+            Self::QuotaDay,
+            Self::Unreachable,
+            Self::Auth,
+            Self::Credits,
+            Self::Circuit,
+            Self::ModelUnavailable,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == text)
+    }
+}
