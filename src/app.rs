@@ -11,13 +11,14 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::headers::HeaderKey;
 use crate::broker::{self, Session, Topology};
 use crate::chain::{Chain, Member};
 use crate::config::Config;
 use crate::observability::{self, Probe};
 use crate::providers::http::{HttpProvider, shared_client};
 use crate::secrets::{ApiKey, redact_url};
-use crate::state::postgres::PgStore;
+use crate::state::postgres::{HEARTBEAT_INTERVAL, PgStore};
 use crate::worker::{HandlerRules, JobHandler, worker_id};
 
 /// Builds every chain of the config. A provider whose `api_key_env` is not set in the
@@ -67,6 +68,7 @@ pub fn build_chains(
                 name: name.clone(),
                 members: chain_members,
                 max_wait: chain.max_wait,
+                max_wait_limit: chain.max_wait_limit,
                 free_wait: chain.free_wait,
             }),
         );
@@ -101,8 +103,11 @@ impl WorkerApp {
         if !migrate_when_reachable(&store, &shutdown).await? {
             return Ok(());
         }
+        let header_key = HeaderKey::new(store.shared_secret().await.context("reading the service's shared secret")?);
         let chains = build_chains(config, &shared_client(), &|var| std::env::var(var).ok())?;
         let tasks = tokio_util::task::TaskTracker::new();
+        // Cooldowns other workers set reach this one's cache through LISTEN/NOTIFY.
+        tasks.spawn(store.clone().listen(shutdown.clone()));
         if !config.http.addr.is_empty() {
             let probe = Probe {
                 config: Arc::new(config.clone()),
@@ -128,7 +133,13 @@ impl WorkerApp {
         }
         let longest_window =
             config.providers.iter().flat_map(|p| p.limits.iter().map(|l| l.per)).max().unwrap_or_default();
-        tasks.spawn(housekeeping(store.clone(), config.worker.result_retention, longest_window, shutdown.clone()));
+        let upkeep = Upkeep {
+            store: store.clone(),
+            worker: self.worker_id.clone(),
+            retention: config.worker.result_retention,
+            longest_window,
+        };
+        tasks.spawn(housekeeping(upkeep, shutdown.clone()));
         let reply_to_allow =
             config.amqp.reply_to_allow.iter().map(|p| glob::Pattern::new(p)).collect::<Result<_, _>>()?;
         let store = Arc::new(store);
@@ -146,6 +157,8 @@ impl WorkerApp {
             },
             worker_id: self.worker_id.clone(),
             key_locks: Default::default(),
+            header_key,
+            local_failures: Default::default(),
         });
         let session = Session {
             url: config.amqp.url.clone(),
@@ -171,7 +184,7 @@ pub async fn migrate_when_reachable(store: &PgStore, shutdown: &CancellationToke
     loop {
         match store.migrate().await {
             Ok(()) => return Ok(true),
-            Err(sqlx::migrate::MigrateError::Execute(e)) if is_transient(&e) => {
+            Err(sqlx::migrate::MigrateError::Execute(e)) if crate::state::postgres::is_transient(&e) => {
                 tracing::warn!(error = %e, "database not reachable yet; retrying");
             }
             Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(e)))
@@ -190,33 +203,41 @@ pub async fn migrate_when_reachable(store: &PgStore, shutdown: &CancellationToke
     }
 }
 
-/// Errors that go away by themselves (the server is restarting, the network blipped).
-pub fn is_transient(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
-        // 57P03: "the database system is starting up"; 57P01: admin shutdown.
-        sqlx::Error::Database(db) => {
-            matches!(db.code().as_deref(), Some("57P03" | "57P01" | "57P02"))
-        }
-        _ => false,
-    }
+/// What housekeeping works on.
+struct Upkeep {
+    store: PgStore,
+    /// This worker's id, for its heartbeat.
+    worker: String,
+    retention: Duration,
+    longest_window: Duration,
 }
 
-/// Prunes the ledger and the usage records now and then (any worker may; it is idempotent).
-async fn housekeeping(store: PgStore, retention: Duration, longest_window: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
+/// Sends this worker's heartbeat (the divisor of each limit's local share during a database
+/// outage) and prunes the ledger and the usage records now and then (any worker may; it is
+/// idempotent).
+async fn housekeeping(upkeep: Upkeep, shutdown: CancellationToken) {
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let mut prune = tokio::time::interval(Duration::from_secs(600));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = heartbeat.tick() => {
+                if let Err(e) = upkeep.store.heartbeat(&upkeep.worker).await {
+                    tracing::debug!(error = %e, "cannot send the heartbeat");
+                }
+            }
+            _ = prune.tick() => prune_old_records(&upkeep).await,
         }
-        match store.prune_ledger(retention).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "pruned old results from the ledger"),
-            Err(e) => tracing::warn!(error = %e, "cannot prune the result ledger"),
-        }
-        if let Err(e) = store.prune_usage(longest_window.max(Duration::from_secs(3600))).await {
-            tracing::warn!(error = %e, "cannot prune old usage records");
-        }
+    }
+}
+
+async fn prune_old_records(upkeep: &Upkeep) {
+    match upkeep.store.prune_ledger(upkeep.retention).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, "pruned old results from the ledger"),
+        Err(e) => tracing::warn!(error = %e, "cannot prune the result ledger"),
+    }
+    if let Err(e) = upkeep.store.prune_usage(upkeep.longest_window.max(Duration::from_secs(3600))).await {
+        tracing::warn!(error = %e, "cannot prune old usage records");
     }
 }

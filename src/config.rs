@@ -202,12 +202,18 @@ pub struct ChainConfig {
     pub providers: Vec<String>,
     #[serde(default = "default_max_wait", deserialize_with = "duration")]
     pub max_wait: Duration,
+    /// The most a job's own `max_wait` may ask for.
+    #[serde(default = "default_max_wait_limit", deserialize_with = "duration")]
+    pub max_wait_limit: Duration,
     #[serde(default, deserialize_with = "duration")]
     pub free_wait: Duration,
 }
 
 fn default_max_wait() -> Duration {
     Duration::from_secs(10 * 60)
+}
+fn default_max_wait_limit() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 #[derive(Debug, Deserialize)]
@@ -326,6 +332,9 @@ impl Config {
                 if !names.contains(member.as_str()) {
                     return Err(problem(&key, format!("`{member}` is not a declared provider")));
                 }
+            }
+            if chain.max_wait > chain.max_wait_limit {
+                return Err(problem(format!("chains.{name}.max_wait"), "is above the chain's max_wait_limit"));
             }
             let unique: BTreeSet<_> = chain.providers.iter().collect();
             if unique.len() != chain.providers.len() {

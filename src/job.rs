@@ -86,20 +86,27 @@ impl Job {
         Ok(Job { custom_id, chain, max_wait, body })
     }
 
-    /// The idempotency key (contract §4): the AMQP `message_id` if set, else a hash of
-    /// (`custom_id`, chain, body). serde_json maps are ordered, so equal bodies hash equal.
+    /// The idempotency key (contract §4): the AMQP `message_id` if set, else the job's
+    /// [`fingerprint`](Job::fingerprint).
     pub fn idempotency_key(&self, message_id: Option<&str>) -> String {
-        if let Some(id) = message_id.filter(|id| !id.is_empty()) {
-            return format!("msg:{id}");
+        match message_id.filter(|id| !id.is_empty()) {
+            Some(id) => format!("msg:{id}"),
+            None => self.fingerprint(),
         }
+    }
+
+    /// What makes two messages the same job: a hash of (`custom_id`, chain, body). A key may
+    /// only ever be given the result of the job whose fingerprint first used it. serde_json
+    /// maps are ordered, so equal bodies hash equal; the parts are length-prefixed so no two
+    /// different jobs can produce the same input to the hash.
+    pub fn fingerprint(&self) -> String {
+        let body = Value::Object(self.body.clone()).to_string();
         let mut hash = Sha256::new();
-        hash.update(self.custom_id.as_bytes());
-        hash.update([0]);
-        hash.update(self.chain.as_bytes());
-        hash.update([0]);
-        hash.update(Value::Object(self.body.clone()).to_string().as_bytes());
-        let digest = hash.finalize();
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        for part in [self.custom_id.as_str(), self.chain.as_str(), body.as_str()] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
         format!("sha256:{hex}")
     }
 }

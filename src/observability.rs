@@ -73,6 +73,21 @@ pub fn record_parked(new_attempts: &[Attempt]) {
     record_attempts(new_attempts);
 }
 
+/// Whether this worker serves from its own view because the database is unreachable.
+pub fn record_database_down(down: bool) {
+    metrics::gauge!("fallback_database_degraded").set(if down { 1.0 } else { 0.0 });
+}
+
+/// A delivery the worker failed on internally (a panic, an unforeseen error).
+pub fn record_internal_failure() {
+    metrics::counter!("fallback_internal_failures_total").increment(1);
+}
+
+/// A result or copy the broker refused for one message (a nack, a full or missing queue).
+pub fn record_refused_publish() {
+    metrics::counter!("fallback_refused_publishes_total").increment(1);
+}
+
 pub fn record_from_ledger() {
     metrics::counter!("fallback_jobs_total", "outcome" => "from_ledger").increment(1);
 }

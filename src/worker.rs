@@ -5,22 +5,23 @@
 //! leaves the message with the broker, and its redelivery is answered from the ledger.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
-use crate::broker::{Ack, DeliveryHandler, Incoming, Outgoing, Publisher, Routed, Topology, headers};
+use crate::broker::headers::{self, HeaderKey, Parked, ParkedState};
+use crate::broker::{
+    ConnectionLost, DeliveryHandler, Incoming, Outgoing, PublishError, Publisher, Routed, Settlement, Topology,
+};
 use crate::chain::{self, Chain, HoldPolicy, JobProgress, Verdict};
 use crate::job::{ErrorCode, ErrorEnvelope, InvalidJob, Job, JobResult, ResponseEnvelope, Routing};
 use crate::observability;
 use crate::routing::Attempt;
 use crate::state::{LedgerEntry, ProviderState, ResultLedger};
-
-/// The most attempts carried along a parked job (older ones are dropped).
-const MAX_CARRIED_ATTEMPTS: usize = 50;
 
 /// Rules for handling deliveries, from the config.
 #[derive(Debug, Clone)]
@@ -43,17 +44,21 @@ pub struct JobHandler {
     pub worker_id: String,
     /// Copies of one job in this process are worked one after the other.
     pub key_locks: KeyLocks,
+    /// Authenticates the state parked jobs carry in their headers.
+    pub header_key: HeaderKey,
+    /// Internal failures per delivery, counted here while the ledger is unreachable.
+    pub local_failures: LocalFailures,
 }
 
 /// One lock per idempotency key being worked in this process: a second copy of a job that
 /// arrives meanwhile waits for the first, then is answered from the ledger instead of calling a
 /// provider again.
 #[derive(Default)]
-pub struct KeyLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+pub struct KeyLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
 impl KeyLocks {
     async fn lock(&self, key: &str) -> KeyGuard<'_> {
-        let lock = self.0.lock().unwrap().entry(key.to_string()).or_default().clone();
+        let lock = self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone();
         let guard = lock.clone().lock_owned().await;
         KeyGuard { locks: self, key: key.to_string(), lock, guard: Some(guard) }
     }
@@ -69,7 +74,7 @@ struct KeyGuard<'a> {
 impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
         drop(self.guard.take());
-        let mut locks = self.locks.0.lock().unwrap();
+        let mut locks = self.locks.0.lock().unwrap_or_else(|p| p.into_inner());
         // Only the map and this guard hold the lock: nobody waits, forget the key.
         if Arc::strong_count(&self.lock) == 2 {
             locks.remove(&self.key);
@@ -77,64 +82,133 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
+/// Internal failures counted in this process (bounded: forgotten all at once when full, which
+/// only ever allows a few more retries).
+#[derive(Default)]
+pub struct LocalFailures(Mutex<HashMap<String, u32>>);
+
+impl LocalFailures {
+    const MAX_KEYS: usize = 10_000;
+
+    fn count(&self, key: &str) -> u32 {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if counts.len() >= Self::MAX_KEYS && !counts.contains_key(key) {
+            counts.clear();
+        }
+        let count = counts.entry(key.to_string()).or_default();
+        *count = count.saturating_add(1);
+        *count
+    }
+}
+
 /// What to do with a delivery once it has been looked at.
 enum Disposition {
     /// Publish this result to `target`, then ack.
     Answer { target: String, reply: Reply },
-    /// Dead-letter the message with `reason`, send the error result to `target`, then ack.
-    Poison { target: String, reason: String, reply: Reply },
-    /// Put the job in a delay queue until `until`, then ack.
-    Park { until: SystemTime, attempts: Vec<Attempt> },
+    /// Copy the message to the dead-letter queue with `reason`, send the error result to
+    /// `target`, then ack.
+    DeadLetter { target: String, reason: String, reply: Reply },
+    /// Put the job in a delay queue until `until`, carrying its authenticated state, then ack.
+    Park { until: SystemTime, state: ParkedState, identity: String },
 }
 
 #[async_trait::async_trait]
 impl DeliveryHandler for JobHandler {
-    async fn handle(&self, incoming: Incoming, publisher: &Publisher, ack: Ack) -> Result<(), String> {
+    async fn handle(&self, incoming: &Incoming, publisher: &Publisher) -> Result<Settlement, ConnectionLost> {
         // Every log line of this delivery carries the job's identity (filled in once parsed).
         let span = tracing::info_span!("job", custom_id = tracing::field::Empty, chain = tracing::field::Empty);
         async {
-            let disposition = self.decide(&incoming).await;
-            self.carry_out(disposition, &incoming, publisher).await?;
-            ack.ack().await
+            let disposition = self.decide(incoming).await;
+            self.carry_out(disposition, incoming, publisher).await
         }
         .instrument(span)
         .await
     }
+
+    async fn internal_failure(
+        &self,
+        incoming: &Incoming,
+        reason: &str,
+        publisher: &Publisher,
+    ) -> Result<Settlement, ConnectionLost> {
+        observability::record_internal_failure();
+        let key = delivery_key(incoming);
+        let failures = match self.ledger.record_failure(&key, reason).await {
+            Ok(count) => count,
+            Err(_) => self.local_failures.count(&key),
+        };
+        if failures < self.rules.max_deliveries {
+            let after = Duration::from_secs(1u64 << failures.min(5));
+            tracing::warn!(failures, retry_in = ?after, "internal failure on a job; it goes back to the queue");
+            return Ok(Settlement::Requeue { after });
+        }
+        let custom_id = Job::parse(&incoming.body).ok().map(|job| job.custom_id);
+        let reason = format!("the worker failed on this job {failures} times; last: {reason}");
+        let timing = Timing::start(incoming);
+        let disposition = self.dead_letter(incoming, custom_id, ErrorCode::InternalError, reason, &timing);
+        self.carry_out(disposition, incoming, publisher).await
+    }
+}
+
+/// Identifies one message for counting its internal failures, whether or not it parses.
+fn delivery_key(incoming: &Incoming) -> String {
+    let mut hash = Sha256::new();
+    let message_id = incoming.message_id.as_deref().unwrap_or("");
+    hash.update((message_id.len() as u64).to_be_bytes());
+    hash.update(message_id.as_bytes());
+    hash.update(&incoming.body);
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("delivery:{hex}")
 }
 
 impl JobHandler {
     async fn decide(&self, incoming: &Incoming) -> Disposition {
-        let started = Instant::now();
-        let origin = incoming.published_at.map_or(incoming.first_seen, |p| p.min(incoming.first_seen));
-        let clock = Clock { origin, started };
+        let timing = Timing::start(incoming);
+        let invalid = |custom_id: Option<String>, reason: String| {
+            self.dead_letter(incoming, custom_id, ErrorCode::InvalidRequest, reason, &timing)
+        };
         if incoming.body.len() > self.rules.max_message_bytes {
-            let reason = format!(
-                "the message has {} bytes, more than max_message_bytes ({})",
-                incoming.body.len(),
-                self.rules.max_message_bytes
-            );
-            return self.poison(incoming, None, reason, &clock);
+            let (size, limit) = (incoming.body.len(), self.rules.max_message_bytes);
+            return invalid(None, format!("the message has {size} bytes, more than max_message_bytes ({limit})"));
         }
         let job = match Job::parse(&incoming.body) {
             Ok(job) => job,
-            Err(InvalidJob { custom_id, message }) => {
-                return self.poison(incoming, custom_id, message, &clock);
-            }
+            Err(InvalidJob { custom_id, message }) => return invalid(custom_id, message),
         };
         let target = match self.reply_target(incoming.reply_to.as_deref()) {
             Ok(target) => target,
-            Err(refusal) => return self.poison(incoming, Some(job.custom_id), refusal, &clock),
+            Err(refusal) => return invalid(Some(job.custom_id), refusal),
         };
         let Some(chain) = self.chains.get(&job.chain).cloned() else {
             let reason = format!("unknown chain `{}`", job.chain);
-            return self.poison(incoming, Some(job.custom_id), reason, &clock);
+            return invalid(Some(job.custom_id), reason);
         };
-        let key = job.idempotency_key(incoming.message_id.as_deref());
+        let max_wait = match chain.max_wait_for(job.max_wait) {
+            Ok(max_wait) => max_wait,
+            Err(reason) => return invalid(Some(job.custom_id), reason),
+        };
         let span = tracing::Span::current();
         span.record("custom_id", job.custom_id.as_str());
         span.record("chain", job.chain.as_str());
+        let key = job.idempotency_key(incoming.message_id.as_deref());
+        let fingerprint = job.fingerprint();
+        let identity = format!("{key}\n{fingerprint}");
+        let parked = match headers::decode_parked(&self.header_key, &identity, &incoming.headers) {
+            Parked::Authentic(state) => Some(state),
+            Parked::Fresh => None,
+            Parked::Forged => {
+                tracing::warn!("ignoring parked-job headers the service did not write for this job");
+                None
+            }
+        };
+        let parks = parked.as_ref().map_or(0, |p| p.parks);
         let _one_copy_at_a_time = self.key_locks.lock(&key).await;
-        match self.open_ledger(&key).await {
+        match self.open_ledger(&key, &fingerprint).await {
+            Some(entry) if entry.other_job => {
+                let message_id = incoming.message_id.as_deref().unwrap_or_default();
+                let reason = format!("message_id `{message_id}` already used by another job");
+                return invalid(Some(job.custom_id), reason);
+            }
             Some(LedgerEntry { result: Some(stored), .. }) => {
                 if let Some(reply) = Reply::stored(stored) {
                     tracing::info!("answered from the result ledger, no provider call");
@@ -142,58 +216,68 @@ impl JobHandler {
                     return Disposition::Answer { target, reply };
                 }
             }
-            Some(entry) if entry.deliveries.saturating_sub(incoming.parks) > self.rules.max_deliveries => {
+            Some(entry) if entry.deliveries.saturating_sub(parks) > self.rules.max_deliveries => {
                 let reason = format!("delivered {} times without an answer (does it crash workers?)", entry.deliveries);
-                return self.poison(incoming, Some(job.custom_id), reason, &clock);
+                return self.dead_letter(incoming, Some(job.custom_id), ErrorCode::InternalError, reason, &timing);
             }
             _ => {}
         }
-        let disposition = self.run_chain(&job, &chain, target, incoming, &clock).await;
+        let run = ChainRun { job: &job, chain: &chain, max_wait, parked, identity };
+        let disposition = self.run_chain(run, target, incoming, &timing).await;
         if let Disposition::Answer { reply, .. } = &disposition {
-            self.store_result(&key, reply).await;
+            self.store_result(&key, &fingerprint, reply).await;
         }
         disposition
     }
 
-    async fn run_chain(
-        &self,
-        job: &Job,
-        chain: &Chain,
-        target: String,
-        incoming: &Incoming,
-        clock: &Clock,
-    ) -> Disposition {
-        let max_wait = job.max_wait.unwrap_or(chain.max_wait);
-        let mut progress = JobProgress::resume(incoming.first_seen, incoming.previous_attempts.clone());
-        let carried = incoming.previous_attempts.len();
-        let hold =
-            HoldPolicy { hold_limit: self.rules.hold_limit, hold_until: clock.started + self.rules.delivery_deadline };
-        let run = chain::run(chain, &job.body, max_wait, &mut progress, self.state.as_ref(), hold);
-        let verdict = match tokio::time::timeout(self.rules.delivery_deadline, run).await {
+    async fn run_chain(&self, run: ChainRun<'_>, target: String, incoming: &Incoming, timing: &Timing) -> Disposition {
+        let (first_seen, parks, previous) = match run.parked {
+            Some(state) => (state.first_seen(incoming.received_at), state.parks, state.attempts),
+            None => (incoming.received_at, 0, Vec::new()),
+        };
+        let carried = previous.len();
+        let mut progress = JobProgress::resume(first_seen, previous);
+        let hold_until = timing.started.checked_add(self.rules.delivery_deadline).unwrap_or(timing.started);
+        let hold = HoldPolicy { hold_limit: self.rules.hold_limit, hold_until };
+        let chain_run = chain::run(run.chain, &run.job.body, run.max_wait, &mut progress, self.state.as_ref(), hold);
+        let verdict = match tokio::time::timeout(self.rules.delivery_deadline, chain_run).await {
             Ok(verdict) => verdict,
             // The delivery's hard deadline: hand the job back through a short park.
             Err(_) => Verdict::Wait { until: SystemTime::now() },
         };
-        let routing = self.routing(Some(&chain.name), progress.attempts.clone(), clock);
-        let result = match result_of(&job.custom_id, verdict, routing) {
-            Ok(result) => result,
-            Err(until) => {
-                observability::record_parked(&progress.attempts[carried..]);
-                return Disposition::Park { until, attempts: progress.attempts };
+        let new_attempts = progress.attempts.get(carried..).unwrap_or_default();
+        // A parked job's time counts from its first receipt, across its parks.
+        let timing = Timing { origin: timing.origin.min(first_seen), started: timing.started };
+        let routing = self.routing(Some(&run.chain.name), progress.attempts.clone(), &timing);
+        match result_of(&run.job.custom_id, verdict, routing) {
+            Ok(result) => {
+                observability::record_result(&result, new_attempts);
+                Disposition::Answer { target, reply: Reply::of(&result) }
             }
-        };
-        observability::record_result(&result, &progress.attempts[carried..]);
-        Disposition::Answer { target, reply: Reply::of(&result) }
+            Err(until) => {
+                observability::record_parked(new_attempts);
+                let state = ParkedState::new(first_seen, parks.saturating_add(1), progress.attempts);
+                Disposition::Park { until, state, identity: run.identity }
+            }
+        }
     }
 
-    fn poison(&self, incoming: &Incoming, custom_id: Option<String>, reason: String, clock: &Clock) -> Disposition {
-        tracing::warn!(custom_id = custom_id.as_deref().unwrap_or("?"), %reason, "poison message: dead-lettered");
+    /// A message that is answered with an error and copied to the dead-letter queue.
+    fn dead_letter(
+        &self,
+        incoming: &Incoming,
+        custom_id: Option<String>,
+        code: ErrorCode,
+        reason: String,
+        timing: &Timing,
+    ) -> Disposition {
+        tracing::warn!(custom_id = custom_id.as_deref().unwrap_or("?"), ?code, %reason, "dead-lettered");
         let target =
             self.reply_target(incoming.reply_to.as_deref()).unwrap_or_else(|_| self.rules.topology.results.clone());
-        let routing = self.routing(None, Vec::new(), clock);
-        let result = error_result(custom_id, ErrorCode::InvalidRequest, reason.clone(), routing);
+        let routing = self.routing(None, Vec::new(), timing);
+        let result = error_result(custom_id, code, reason.clone(), routing);
         observability::record_result(&result, &[]);
-        Disposition::Poison { target, reason, reply: Reply::of(&result) }
+        Disposition::DeadLetter { target, reason, reply: Reply::of(&result) }
     }
 
     /// Where the result goes: `reply_to` when it is allowed, the results queue when absent.
@@ -210,10 +294,9 @@ impl JobHandler {
         Ok(reply_to.to_string())
     }
 
-    fn routing(&self, chain: Option<&str>, attempts: Vec<Attempt>, clock: &Clock) -> Routing {
-        let now = SystemTime::now();
-        let total = now.duration_since(clock.origin).unwrap_or_default();
-        let working = clock.started.elapsed();
+    fn routing(&self, chain: Option<&str>, attempts: Vec<Attempt>, timing: &Timing) -> Routing {
+        let total = SystemTime::now().duration_since(timing.origin).unwrap_or_default();
+        let working = timing.started.elapsed();
         Routing {
             chain: chain.map(str::to_string),
             provider: None,
@@ -221,30 +304,28 @@ impl JobHandler {
             free: None,
             attempts,
             worker: self.worker_id.clone(),
-            queued_ms: total.saturating_sub(working).as_millis() as u64,
-            total_ms: total.as_millis() as u64,
+            queued_ms: millis(total.saturating_sub(working)),
+            total_ms: millis(total),
         }
     }
 
-    /// The ledger entry; a database that stays away for a few tries is worked around (the job
-    /// is still answered, only its idempotency record is missing).
-    async fn open_ledger(&self, key: &str) -> Option<LedgerEntry> {
-        for delay_ms in [100, 500, 0] {
-            match self.ledger.open(key).await {
-                Ok(entry) => return Some(entry),
-                Err(e) if delay_ms == 0 => {
-                    tracing::warn!(error = %e, "result ledger unavailable; answering without it")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(delay_ms)).await,
+    /// The ledger entry, or `None` when the ledger cannot be reached: the job is then answered
+    /// without it (a redelivery may call a provider again). The store answers at once while the
+    /// database is known to be down, so this never holds a job on a dead pool.
+    async fn open_ledger(&self, key: &str, fingerprint: &str) -> Option<LedgerEntry> {
+        match self.ledger.open(key, fingerprint).await {
+            Ok(entry) => Some(entry),
+            Err(e) => {
+                tracing::debug!(error = %e, "result ledger unavailable; answering without it");
+                None
             }
         }
-        None
     }
 
-    async fn store_result(&self, key: &str, reply: &Reply) {
-        let json = std::str::from_utf8(&reply.body).expect("serde_json writes UTF-8");
-        if let Err(e) = self.ledger.store(key, json).await {
-            tracing::warn!(error = %e, "cannot store the result; a redelivery would call a provider again");
+    async fn store_result(&self, key: &str, fingerprint: &str, reply: &Reply) {
+        let json = String::from_utf8_lossy(&reply.body);
+        if let Err(e) = self.ledger.store(key, fingerprint, &json).await {
+            tracing::debug!(error = %e, "cannot store the result; a redelivery would call a provider again");
         }
     }
 
@@ -253,69 +334,136 @@ impl JobHandler {
         disposition: Disposition,
         incoming: &Incoming,
         publisher: &Publisher,
-    ) -> Result<(), String> {
+    ) -> Result<Settlement, ConnectionLost> {
         match disposition {
-            Disposition::Answer { target, reply } => self.publish_result(&target, &reply, incoming, publisher).await,
-            Disposition::Poison { target, reason, reply } => {
-                let properties = with_headers(
-                    &incoming.properties,
-                    [(headers::REASON, AMQPValue::LongString(reason.as_str().into()))],
-                );
-                let dead = self.rules.topology.dead_letter_queue();
-                publish(publisher, &dead, &incoming.body, properties).await?;
-                self.publish_result(&target, &reply, incoming, publisher).await
+            Disposition::Answer { target, reply } => {
+                match self.deliver_result(&target, &reply, incoming, publisher).await? {
+                    Delivery::Delivered => Ok(Settlement::Ack),
+                    Delivery::Diverted { refusal } => {
+                        let reason = format!("the result was refused by `{target}`: {refusal}");
+                        self.copy_to_dead_letter(incoming, &reason, publisher).await
+                    }
+                    Delivery::Failed => Ok(Settlement::Requeue { after: REFUSED_REQUEUE_DELAY }),
+                }
             }
-            Disposition::Park { until, mut attempts } => {
-                let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
-                let queue = self.rules.topology.wait_queue(Topology::tier_for(wait));
-                if attempts.len() > MAX_CARRIED_ATTEMPTS {
-                    attempts.drain(..attempts.len() - MAX_CARRIED_ATTEMPTS);
+            Disposition::DeadLetter { target, reason, reply } => {
+                if self.copy_to_dead_letter(incoming, &reason, publisher).await? != Settlement::Ack {
+                    return Ok(Settlement::Requeue { after: REFUSED_REQUEUE_DELAY });
                 }
-                let attempts = serde_json::to_string(&attempts).expect("attempts always serialize");
-                let first_seen =
-                    incoming.first_seen.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
-                let properties = with_headers(
-                    &incoming.properties,
-                    [
-                        (headers::FIRST_SEEN_MS, AMQPValue::LongLongInt(first_seen)),
-                        (headers::PARKS, AMQPValue::LongLongInt(i64::from(incoming.parks) + 1)),
-                        (headers::ATTEMPTS, AMQPValue::LongString(attempts.as_str().into())),
-                    ],
-                );
-                tracing::debug!(%queue, wait_ms = wait.as_millis() as u64, "parking the job until a provider is usable");
-                match publish(publisher, &queue, &incoming.body, properties).await? {
-                    Routed::Queued => Ok(()),
-                    Routed::Unroutable => Err(format!("delay queue `{queue}` is missing")),
+                match self.deliver_result(&target, &reply, incoming, publisher).await? {
+                    Delivery::Delivered | Delivery::Diverted { .. } => Ok(Settlement::Ack),
+                    // The copy is kept: its error result is lost, the job is not.
+                    Delivery::Failed => Ok(Settlement::Ack),
                 }
+            }
+            Disposition::Park { until, state, identity } => {
+                self.park(incoming, until, &state, &identity, publisher).await
             }
         }
     }
 
-    async fn publish_result(
+    async fn park(
+        &self,
+        incoming: &Incoming,
+        until: SystemTime,
+        state: &ParkedState,
+        identity: &str,
+        publisher: &Publisher,
+    ) -> Result<Settlement, ConnectionLost> {
+        let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
+        let queue = self.rules.topology.wait_queue(Topology::tier_for(wait));
+        let properties =
+            with_headers(incoming.copy_properties(), headers::encode_parked(&self.header_key, identity, state));
+        tracing::debug!(%queue, wait_ms = millis(wait), "parking the job until a provider is usable");
+        match publish_retrying(publisher, &queue, &incoming.body, properties).await? {
+            Ok(Routed::Queued) => Ok(Settlement::Ack),
+            // Our own delay queue is gone: rebuilding the session declares it again.
+            Ok(Routed::Unroutable) => Err(ConnectionLost(format!("delay queue `{queue}` is missing"))),
+            Err(refusal) => {
+                tracing::warn!(%queue, %refusal, "the delay queue refused the job; it goes back to the jobs queue");
+                Ok(Settlement::Requeue { after: Topology::tier_for(wait).min(REFUSED_REQUEUE_DELAY) })
+            }
+        }
+    }
+
+    /// Copies the message to the dead-letter queue with `reason`.
+    async fn copy_to_dead_letter(
+        &self,
+        incoming: &Incoming,
+        reason: &str,
+        publisher: &Publisher,
+    ) -> Result<Settlement, ConnectionLost> {
+        let dead = self.rules.topology.dead_letter_queue();
+        let properties =
+            with_headers(incoming.copy_properties(), [(headers::REASON, AMQPValue::LongString(reason.into()))]);
+        match publish_retrying(publisher, &dead, &incoming.body, properties).await? {
+            Ok(Routed::Queued) => Ok(Settlement::Ack),
+            Ok(Routed::Unroutable) => Err(ConnectionLost(format!("dead-letter queue `{dead}` is missing"))),
+            Err(refusal) => {
+                tracing::warn!(%refusal, "the dead-letter queue refused a copy; the job goes back to the queue");
+                Ok(Settlement::Requeue { after: REFUSED_REQUEUE_DELAY })
+            }
+        }
+    }
+
+    /// Publishes the result to `target`; one that `target` cannot take (missing, refusing)
+    /// goes to the results queue with a header saying where it was meant to go.
+    async fn deliver_result(
         &self,
         target: &str,
         reply: &Reply,
         incoming: &Incoming,
         publisher: &Publisher,
-    ) -> Result<(), String> {
-        let body = &reply.body;
+    ) -> Result<Delivery, ConnectionLost> {
         let correlation_id = incoming.correlation_id.clone().or_else(|| reply.custom_id.clone()).unwrap_or_default();
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_correlation_id(correlation_id.as_str().into())
             .with_message_id(reply.id.as_str().into());
-        if publish(publisher, target, body, properties.clone()).await? == Routed::Queued {
-            return Ok(());
+        let refusal = match publish_retrying(publisher, target, &reply.body, properties.clone()).await? {
+            Ok(Routed::Queued) => return Ok(Delivery::Delivered),
+            Ok(Routed::Unroutable) => None,
+            Err(refusal) => Some(refusal),
+        };
+        let results = &self.rules.topology.results;
+        tracing::warn!(
+            reply_to = target,
+            refusal = refusal.as_deref(),
+            "the result could not reach reply_to; sent to the results queue"
+        );
+        if target == results {
+            return Ok(Delivery::Failed);
         }
-        // The reply queue does not exist: keep the result rather than lose it.
-        tracing::warn!(reply_to = target, "reply_to queue does not exist; result sent to the results queue");
-        let properties =
-            with_headers(&properties, [(headers::UNDELIVERABLE_REPLY_TO, AMQPValue::LongString(target.into()))]);
-        match publish(publisher, &self.rules.topology.results, body, properties).await? {
-            Routed::Queued => Ok(()),
-            Routed::Unroutable => Err("the results queue is missing".into()),
+        let note = [(headers::UNDELIVERABLE_REPLY_TO, AMQPValue::LongString(target.into()))];
+        match publish_retrying(publisher, results, &reply.body, with_headers(properties, note)).await? {
+            Ok(Routed::Queued) => Ok(refusal.map_or(Delivery::Delivered, |refusal| Delivery::Diverted { refusal })),
+            Ok(Routed::Unroutable) | Err(_) => Ok(Delivery::Failed),
         }
     }
+}
+
+/// The pause before a job whose result or copy the broker refused goes back to the queue.
+const REFUSED_REQUEUE_DELAY: Duration = Duration::from_secs(5);
+
+/// How a result publish ended.
+enum Delivery {
+    /// At `reply_to` (or the results queue when that was the target).
+    Delivered,
+    /// `reply_to` refused it; it is in the results queue with a header.
+    Diverted { refusal: String },
+    /// No queue took it.
+    Failed,
+}
+
+/// What one chain run needs beyond the delivery.
+struct ChainRun<'a> {
+    job: &'a Job,
+    chain: &'a Chain,
+    max_wait: Duration,
+    /// The job's state from its previous deliveries, when authentic.
+    parked: Option<ParkedState>,
+    /// The job's key and fingerprint, which its parked state is bound to.
+    identity: String,
 }
 
 /// A result ready to publish: serialized once, for the ledger and the broker alike.
@@ -329,7 +477,8 @@ struct Reply {
 
 impl Reply {
     fn of(result: &JobResult) -> Reply {
-        let body = serde_json::to_vec(result).expect("results always serialize");
+        // A JobResult is strings, numbers and JSON values: serializing it cannot fail.
+        let body = serde_json::to_vec(result).unwrap_or_default();
         Reply { body, custom_id: result.custom_id.clone(), id: result.id.clone() }
     }
 
@@ -341,11 +490,21 @@ impl Reply {
 }
 
 /// Time anchors of one delivery.
-struct Clock {
-    /// When the job entered the system (publish timestamp or first receipt).
+struct Timing {
+    /// When the job entered the system (publish timestamp or receipt), for `queued_ms`.
     origin: SystemTime,
     /// When this delivery's processing started.
     started: Instant,
+}
+
+impl Timing {
+    fn start(incoming: &Incoming) -> Timing {
+        Timing { origin: incoming.published_at.unwrap_or(incoming.received_at), started: Instant::now() }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The result a verdict gives, or `Err(until)` when the job must wait until then.
@@ -387,24 +546,39 @@ pub fn error_result(custom_id: Option<String>, code: ErrorCode, message: String,
     }
 }
 
-async fn publish(
+/// Publishes, retrying a refusal of this message a few times with backoff (a queue that is
+/// full now may not be in a moment). `Err` only when the connection is gone; the inner `Err` is
+/// this message's last refusal.
+async fn publish_retrying(
     publisher: &Publisher,
     routing_key: &str,
     body: &[u8],
     properties: BasicProperties,
-) -> Result<Routed, String> {
-    publisher
-        .publish(Outgoing { routing_key, body, properties })
-        .await
-        .map_err(|e| format!("publishing to `{routing_key}` failed: {e}"))
+) -> Result<Result<Routed, String>, ConnectionLost> {
+    let mut last_refusal = String::new();
+    for delay_ms in [100, 400, 1600, 0] {
+        let outgoing = Outgoing { routing_key, body, properties: properties.clone() };
+        match publisher.publish(outgoing).await {
+            Ok(routed) => return Ok(Ok(routed)),
+            Err(PublishError::ConnectionLost(why)) => {
+                return Err(ConnectionLost(format!("publishing to `{routing_key}`: {why}")));
+            }
+            Err(PublishError::Refused(why)) => {
+                observability::record_refused_publish();
+                last_refusal = why;
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
+        }
+    }
+    Ok(Err(last_refusal))
 }
 
-fn with_headers<const N: usize>(properties: &BasicProperties, extra: [(&str, AMQPValue); N]) -> BasicProperties {
+fn with_headers<const N: usize>(properties: BasicProperties, extra: [(&str, AMQPValue); N]) -> BasicProperties {
     let mut table: FieldTable = properties.headers().clone().unwrap_or_default();
     for (key, value) in extra {
         table.insert(key.into(), value);
     }
-    properties.clone().with_headers(table)
+    properties.with_headers(table)
 }
 
 /// `host:pid`, to tell workers apart in results.

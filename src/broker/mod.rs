@@ -3,93 +3,75 @@
 //! Everything lapin-specific stays in this module; the worker sees an [`Incoming`] job, a
 //! [`Publisher`] that only returns once the broker has confirmed, and an ack handle.
 
+pub mod headers;
 mod publisher;
 mod supervisor;
 mod topology;
 
 pub use publisher::{Outgoing, PublishError, Publisher, Routed};
-pub use supervisor::{Ack, DeliveryHandler, Session, run_consumer};
+pub use supervisor::{ConnectionLost, DeliveryHandler, Session, Settlement, run_consumer};
 pub use topology::{Topology, WAIT_TIERS};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-use crate::routing::Attempt;
 use crate::secrets::redact_url;
 
-/// Our own headers (not `x-`: those belong to the broker, and 4.x ignores client-set ones).
-pub mod headers {
-    /// Why a message was dead-lettered.
-    pub const REASON: &str = "fallback-reason";
-    /// Epoch ms of the job's first receipt; `max_wait` counts from it across parks.
-    pub const FIRST_SEEN_MS: &str = "fallback-first-seen-ms";
-    /// How many times the job was parked in a delay queue.
-    pub const PARKS: &str = "fallback-parks";
-    /// The attempts made so far (JSON), so the final result tells the whole story.
-    pub const ATTEMPTS: &str = "fallback-attempts";
-    /// Where a result that could not reach its `reply_to` was meant to go.
-    pub const UNDELIVERABLE_REPLY_TO: &str = "fallback-undeliverable-reply-to";
-}
-
-/// A delivery, translated out of lapin's types.
-#[derive(Debug)]
+/// A delivery, translated out of lapin's types. Building it never fails and never panics: every
+/// property is only read here, and judged later by the worker.
+#[derive(Debug, Clone)]
 pub struct Incoming {
     pub body: Vec<u8>,
-    /// The original properties, re-used when the message is parked or dead-lettered.
-    pub properties: BasicProperties,
+    /// Every header the publisher set; only the service's own authenticated ones are believed
+    /// ([`headers::decode_parked`]).
+    pub headers: FieldTable,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
     pub message_id: Option<String>,
-    /// From our header when the job was parked before; otherwise now.
-    pub first_seen: SystemTime,
-    /// When the sender published it (AMQP `timestamp`, seconds), if it said.
+    /// When this worker received it.
+    pub received_at: SystemTime,
+    /// When the sender says it published it (AMQP `timestamp`, seconds): only for reporting
+    /// `routing.queued_ms`, and only when it is a real instant not after `received_at`.
     pub published_at: Option<SystemTime>,
-    pub parks: u32,
-    pub previous_attempts: Vec<Attempt>,
 }
 
 impl Incoming {
-    pub fn from_delivery(data: Vec<u8>, properties: BasicProperties) -> Incoming {
+    pub fn from_delivery(data: Vec<u8>, properties: &BasicProperties, received_at: SystemTime) -> Incoming {
         let text = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_string());
-        let table = properties.headers().clone().unwrap_or_default();
-        let first_seen = header_i64(&table, headers::FIRST_SEEN_MS)
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
-            .unwrap_or_else(SystemTime::now);
-        let previous_attempts = header_text(&table, headers::ATTEMPTS)
-            .and_then(|json| serde_json::from_str(&json).ok())
-            .unwrap_or_default();
+        let published_at = properties
+            .timestamp()
+            .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+            .filter(|at| *at <= received_at);
         Incoming {
+            headers: properties.headers().clone().unwrap_or_default(),
             reply_to: text(properties.reply_to()),
             correlation_id: text(properties.correlation_id()),
             message_id: text(properties.message_id()),
-            published_at: properties.timestamp().map(|s| UNIX_EPOCH + Duration::from_secs(s)),
-            first_seen,
-            parks: header_i64(&table, headers::PARKS).unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32,
-            previous_attempts,
+            received_at,
+            published_at,
             body: data,
-            properties,
         }
     }
-}
 
-fn header_i64(table: &FieldTable, key: &str) -> Option<i64> {
-    match table.inner().get(key)? {
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
-        AMQPValue::LongString(s) => s.to_string().parse().ok(),
-        _ => None,
-    }
-}
-
-fn header_text(table: &FieldTable, key: &str) -> Option<String> {
-    match table.inner().get(key)? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-        _ => None,
+    /// The properties a copy of this job carries when the service republishes it (parked, or
+    /// dead-lettered): only what names and routes the job. Nothing else the publisher set is
+    /// copied: `user_id` or `expiration` would make the broker close the publishing channel,
+    /// `CC`/`BCC` headers would route the copy to other queues, a priority or TTL would change
+    /// how it is served.
+    pub fn copy_properties(&self) -> BasicProperties {
+        let mut properties = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(reply_to) = &self.reply_to {
+            properties = properties.with_reply_to(reply_to.as_str().into());
+        }
+        if let Some(correlation_id) = &self.correlation_id {
+            properties = properties.with_correlation_id(correlation_id.as_str().into());
+        }
+        if let Some(message_id) = &self.message_id {
+            properties = properties.with_message_id(message_id.as_str().into());
+        }
+        properties
     }
 }
 

@@ -5,13 +5,14 @@
 //! Deliveries in flight when a session breaks cannot be acked any more; the broker redelivers
 //! them and the result ledger answers them without a second provider call.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_lite::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use futures_lite::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Acker, Connection};
 use tokio_util::sync::CancellationToken;
@@ -32,20 +33,81 @@ pub struct Session {
     pub connection_name: String,
 }
 
-/// Handles one delivery and acks it (through `ack`) once its outcome is confirmed.
-#[async_trait::async_trait]
-pub trait DeliveryHandler: Send + Sync + 'static {
-    /// `Err` means the session is unusable (a publish failed): the supervisor reconnects.
-    async fn handle(&self, incoming: Incoming, publisher: &Publisher, ack: Ack) -> Result<(), String>;
+/// What becomes of a delivery once its handler is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Its outcome (a result, a parked or dead-lettered copy) is confirmed: ack it.
+    Ack,
+    /// Hand it back to the broker after a pause, to be tried again (by any worker).
+    Requeue { after: Duration },
 }
 
-/// Acknowledges one delivery on the channel it came from.
-pub struct Ack(Acker);
+/// The session cannot go on (the connection failed): the supervisor rebuilds it, and the
+/// broker redelivers what was in flight.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConnectionLost(pub String);
 
-impl Ack {
-    pub async fn ack(self) -> Result<(), String> {
-        self.0.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(|e| format!("ack failed: {e}"))
+/// Handles deliveries. A failure of one message is a [`Settlement`], never an `Err`: only a
+/// broken connection is.
+#[async_trait::async_trait]
+pub trait DeliveryHandler: Send + Sync + 'static {
+    async fn handle(&self, incoming: &Incoming, publisher: &Publisher) -> Result<Settlement, ConnectionLost>;
+
+    /// The handling of `incoming` failed internally (it panicked, with `reason`): retry it, or
+    /// after too many failures answer it `internal_error` and dead-letter it.
+    async fn internal_failure(
+        &self,
+        incoming: &Incoming,
+        reason: &str,
+        publisher: &Publisher,
+    ) -> Result<Settlement, ConnectionLost>;
+}
+
+/// Handles one delivery inside a panic boundary: a panic is that message's internal failure,
+/// never the process's or another job's.
+async fn settle<H: DeliveryHandler>(
+    handler: &H,
+    incoming: &Incoming,
+    publisher: &Publisher,
+) -> Result<Settlement, ConnectionLost> {
+    match AssertUnwindSafe(handler.handle(incoming, publisher)).catch_unwind().await {
+        Ok(settled) => settled,
+        Err(panic) => {
+            let reason = panic_text(panic.as_ref());
+            tracing::error!(%reason, "handling a job panicked; it is retried, then dead-lettered");
+            let failure = handler.internal_failure(incoming, &reason, publisher);
+            match AssertUnwindSafe(failure).catch_unwind().await {
+                Ok(settled) => settled,
+                Err(_) => Ok(Settlement::Requeue { after: PANIC_REQUEUE_DELAY }),
+            }
+        }
     }
+}
+
+/// The pause before a message whose failure handling itself failed goes back to the broker.
+const PANIC_REQUEUE_DELAY: Duration = Duration::from_secs(5);
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    format!("panic: {}", crate::providers::short_message(&text))
+}
+
+/// Acks, or hands back after a pause.
+async fn apply(acker: Acker, settlement: Settlement) -> Result<(), String> {
+    match settlement {
+        Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
+        Settlement::Requeue { after } => {
+            tokio::time::sleep(after).await;
+            acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+        }
+    }
+    .map(|_| ())
+    .map_err(|e| format!("settling a delivery failed: {e}"))
 }
 
 enum SessionEnd {
@@ -106,7 +168,7 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 
 struct OpenSession {
     consume_conn: Connection,
-    publish_conn: Connection,
+    publish_conn: Arc<Connection>,
     consume_channel: lapin::Channel,
     consumer: lapin::Consumer,
     publisher: Publisher,
@@ -114,11 +176,10 @@ struct OpenSession {
 
 async fn open(session: &Session) -> Result<OpenSession, String> {
     let consume_conn = connect(&session.url, &format!("{} (consume)", session.connection_name)).await?;
-    let publish_conn = connect(&session.url, &format!("{} (publish)", session.connection_name)).await?;
+    let publish_conn = Arc::new(connect(&session.url, &format!("{} (publish)", session.connection_name)).await?);
     let setup = async {
         session.topology.declare(&publish_conn).await?;
-        let publish_channel = publish_conn.create_channel().await?;
-        let publisher = Publisher::new(publish_channel, session.confirm_timeout).await?;
+        let publisher = Publisher::new(publish_conn.clone(), session.confirm_timeout).await?;
         let consume_channel = consume_conn.create_channel().await?;
         consume_channel.basic_qos(session.prefetch, BasicQosOptions::default()).await?;
         let consumer = consume_channel
@@ -154,14 +215,19 @@ async fn serve<H: DeliveryHandler>(
     let end = loop {
         tokio::select! {
             () = shutdown.cancelled() => break SessionEnd::Shutdown,
-            () = broken.cancelled() => break SessionEnd::Broken("a publish or an ack failed".into()),
+            () = broken.cancelled() => break SessionEnd::Broken("the connection failed under a publish or an ack".into()),
             next = open.consumer.next() => match next {
                 Some(Ok(delivery)) => {
-                    let incoming = Incoming::from_delivery(delivery.data, delivery.properties);
-                    let ack = Ack(delivery.acker);
+                    let received_at = SystemTime::now();
                     let (handler, publisher, broken) = (handler.clone(), open.publisher.clone(), broken.clone());
                     tracker.spawn(async move {
-                        if let Err(reason) = handler.handle(incoming, &publisher, ack).await {
+                        let incoming = Incoming::from_delivery(delivery.data, &delivery.properties, received_at);
+                        let settled = settle(handler.as_ref(), &incoming, &publisher).await;
+                        let applied = match settled {
+                            Ok(settlement) => apply(delivery.acker, settlement).await,
+                            Err(ConnectionLost(reason)) => Err(reason),
+                        };
+                        if let Err(reason) = applied {
                             tracing::warn!(%reason, "job left unacked; the broker will redeliver it");
                             broken.cancel();
                         }

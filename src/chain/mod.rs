@@ -41,7 +41,26 @@ pub struct Chain {
     pub name: String,
     pub members: Vec<Member>,
     pub max_wait: Duration,
+    /// The most a job's own `max_wait` may ask for.
+    pub max_wait_limit: Duration,
     pub free_wait: Duration,
+}
+
+impl Chain {
+    /// How long a job may wait: its own `max_wait` when it set one within `max_wait_limit`,
+    /// else the chain's. Above the limit the job is invalid (the text says why).
+    pub fn max_wait_for(&self, asked: Option<Duration>) -> Result<Duration, String> {
+        match asked {
+            None => Ok(self.max_wait),
+            Some(asked) if asked <= self.max_wait_limit => Ok(asked),
+            Some(asked) => Err(format!(
+                "`max_wait` {} is above chain `{}`'s max_wait_limit ({})",
+                humantime::format_duration(asked),
+                self.name,
+                humantime::format_duration(self.max_wait_limit)
+            )),
+        }
+    }
 }
 
 /// What the engine remembers of one job across passes (and, through the worker, across parks).

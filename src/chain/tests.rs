@@ -58,7 +58,13 @@ fn member(name: &str, free: bool, provider: Arc<Scripted>) -> Member {
 }
 
 fn chain(members: Vec<Member>, free_wait: Duration) -> Chain {
-    Chain { name: "default".into(), members, max_wait: Duration::from_secs(600), free_wait }
+    Chain {
+        name: "default".into(),
+        members,
+        max_wait: Duration::from_secs(600),
+        max_wait_limit: Duration::from_secs(86_400),
+        free_wait,
+    }
 }
 
 fn body() -> ChatBody {

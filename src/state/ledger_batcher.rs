@@ -13,8 +13,8 @@ use super::{LedgerEntry, StoreError};
 const MAX_BATCH: usize = 128;
 
 pub enum Request {
-    Open { key: String, reply: oneshot::Sender<Result<LedgerEntry, StoreError>> },
-    Store { key: String, json: String, reply: oneshot::Sender<Result<(), StoreError>> },
+    Open { key: String, fingerprint: String, reply: oneshot::Sender<Result<LedgerEntry, StoreError>> },
+    Store { key: String, fingerprint: String, json: String, reply: oneshot::Sender<Result<(), StoreError>> },
 }
 
 impl Request {
@@ -64,35 +64,52 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     }
 }
 
+/// Counts one receipt of each key, unless the key belongs to another job (a reused
+/// `message_id`): then nothing is counted and the row's own fingerprint comes back.
 async fn open_all(pool: &PgPool, requests: Vec<Request>) {
-    let keys: Vec<String> = requests.iter().map(|r| r.key().to_string()).collect();
+    let (mut keys, mut fingerprints) = (Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()));
+    for request in &requests {
+        if let Request::Open { key, fingerprint, .. } = request {
+            keys.push(key.clone());
+            fingerprints.push(fingerprint.clone());
+        }
+    }
     let rows = sqlx::query(
-        "INSERT INTO job_results (job_key) SELECT unnest($1::text[]) \
-         ON CONFLICT (job_key) DO UPDATE SET deliveries = job_results.deliveries + 1 \
-         RETURNING job_key, deliveries, result::text AS result",
+        "INSERT INTO job_results (job_key, fingerprint) SELECT * FROM unnest($1::text[], $2::text[]) \
+         ON CONFLICT (job_key) DO UPDATE SET \
+           deliveries = job_results.deliveries + CASE \
+             WHEN job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint THEN 1 ELSE 0 END, \
+           fingerprint = coalesce(job_results.fingerprint, EXCLUDED.fingerprint) \
+         RETURNING job_key, deliveries, result, fingerprint",
     )
     .bind(&keys)
+    .bind(&fingerprints)
     .fetch_all(pool)
     .await;
-    let mut entries: HashMap<String, LedgerEntry> = HashMap::new();
+    let mut rows_by_key: HashMap<String, (u32, Option<String>, Option<String>)> = HashMap::new();
     let error = match rows {
         Ok(rows) => {
             for row in rows {
-                let entry = LedgerEntry {
-                    deliveries: row.get::<i32, _>("deliveries").max(0) as u32,
-                    result: row.get("result"),
-                };
-                entries.insert(row.get("job_key"), entry);
+                let deliveries = u32::try_from(row.get::<i32, _>("deliveries")).unwrap_or(0);
+                rows_by_key.insert(row.get("job_key"), (deliveries, row.get("result"), row.get("fingerprint")));
             }
             None
         }
-        Err(e) => Some(e.to_string()),
+        Err(e) => Some(describe(&e)),
     };
+    let mut entries: HashMap<String, LedgerEntry> = HashMap::new();
+    for (key, fingerprint) in keys.into_iter().zip(fingerprints) {
+        if let Some((deliveries, result, owner)) = rows_by_key.remove(&key) {
+            let other_job = owner.is_some_and(|owner| owner != fingerprint);
+            let result = if other_job { None } else { result };
+            entries.insert(key, LedgerEntry { deliveries, result, other_job });
+        }
+    }
     for request in requests {
-        if let Request::Open { key, reply } = request {
+        if let Request::Open { key, reply, .. } = request {
             let answer = match (&error, entries.remove(&key)) {
                 (None, Some(entry)) => Ok(entry),
-                (Some(e), _) => Err(StoreError::Unavailable(e.clone())),
+                (Some(e), _) => Err(e.to_store_error()),
                 (None, None) => Err(StoreError::Unavailable("the ledger returned no row".into())),
             };
             let _ = reply.send(answer);
@@ -100,28 +117,76 @@ async fn open_all(pool: &PgPool, requests: Vec<Request>) {
     }
 }
 
+/// Stores the results of a batch in one statement; when that fails, each one alone, so that one
+/// result the database refuses never costs the others their record.
 async fn store_all(pool: &PgPool, requests: Vec<Request>) {
-    let (mut keys, mut results) = (Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()));
-    for request in &requests {
-        if let Request::Store { key, json, .. } = request {
-            keys.push(key.clone());
-            results.push(json.clone());
+    let rows: Vec<(&str, &str, &str)> = requests
+        .iter()
+        .filter_map(|r| match r {
+            Request::Store { key, fingerprint, json, .. } => Some((key.as_str(), fingerprint.as_str(), json.as_str())),
+            Request::Open { .. } => None,
+        })
+        .collect();
+    let together = store_rows(pool, &rows).await;
+    let outcomes: Vec<Result<(), Failed>> = match together {
+        Ok(()) => vec![Ok(()); rows.len()],
+        Err(_) if rows.len() > 1 => {
+            let mut each = Vec::with_capacity(rows.len());
+            for row in &rows {
+                each.push(store_rows(pool, std::slice::from_ref(row)).await);
+            }
+            each
         }
+        Err(e) => vec![Err(e)],
+    };
+    let replies = requests.into_iter().filter_map(|r| match r {
+        Request::Store { reply, .. } => Some(reply),
+        Request::Open { .. } => None,
+    });
+    for (reply, outcome) in replies.zip(outcomes) {
+        let _ = reply.send(outcome.map_err(|e| e.to_store_error()));
     }
-    let done = sqlx::query(
-        "INSERT INTO job_results (job_key, result, answered_at) \
-         SELECT k, r::jsonb, now() FROM unnest($1::text[], $2::text[]) AS t(k, r) \
-         ON CONFLICT (job_key) DO UPDATE SET result = EXCLUDED.result, answered_at = now()",
+}
+
+/// One statement for `(key, fingerprint, result)` rows; a key that belongs to another job is
+/// left as it is.
+async fn store_rows(pool: &PgPool, rows: &[(&str, &str, &str)]) -> Result<(), Failed> {
+    let keys: Vec<&str> = rows.iter().map(|r| r.0).collect();
+    let fingerprints: Vec<&str> = rows.iter().map(|r| r.1).collect();
+    let results: Vec<&str> = rows.iter().map(|r| r.2).collect();
+    sqlx::query(
+        "INSERT INTO job_results (job_key, fingerprint, result, answered_at) \
+         SELECT k, f, r, now() FROM unnest($1::text[], $2::text[], $3::text[]) AS t(k, f, r) \
+         ON CONFLICT (job_key) DO UPDATE SET result = EXCLUDED.result, answered_at = now() \
+         WHERE job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint",
     )
     .bind(&keys)
+    .bind(&fingerprints)
     .bind(&results)
     .execute(pool)
     .await
     .map(|_| ())
-    .map_err(|e| e.to_string());
-    for request in requests {
-        if let Request::Store { reply, .. } = request {
-            let _ = reply.send(done.clone().map_err(StoreError::Unavailable));
+    .map_err(|e| describe(&e))
+}
+
+/// A batch's failure, shared by every request in it (sqlx errors cannot be cloned).
+#[derive(Debug, Clone)]
+struct Failed {
+    message: String,
+    /// The database could not be reached, as opposed to refusing this statement.
+    unreachable: bool,
+}
+
+impl Failed {
+    fn to_store_error(&self) -> StoreError {
+        if self.unreachable {
+            StoreError::Unreachable(self.message.clone())
+        } else {
+            StoreError::Unavailable(self.message.clone())
         }
     }
+}
+
+fn describe(error: &sqlx::Error) -> Failed {
+    Failed { message: error.to_string(), unreachable: super::postgres::is_transient(error) }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::quota::{self, Blocked, Usage};
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, ResultLedger, StoreError};
@@ -11,7 +11,16 @@ use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, Result
 pub struct MemoryStore {
     providers: Mutex<HashMap<String, ProviderRow>>,
     next_usage_id: std::sync::atomic::AtomicI64,
-    ledger: Mutex<HashMap<String, LedgerEntry>>,
+    ledger: Mutex<HashMap<String, LedgerRow>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+/// One job key: the job it belongs to, its receipts and its result.
+#[derive(Default)]
+struct LedgerRow {
+    fingerprint: String,
+    deliveries: u32,
+    result: Option<String>,
 }
 
 #[derive(Default, Clone)]
@@ -24,6 +33,28 @@ struct ProviderRow {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Records a call another store admitted, without checking any limit (the Postgres store's
+    /// own account of its calls); returns the record's id. Calls older than `keep` (the
+    /// provider's longest window) are forgotten.
+    pub fn record_call(&self, provider: &str, tokens: u64, flight: Duration, keep: Duration, now: SystemTime) -> i64 {
+        let id = self.next_usage_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let expires = now.checked_add(flight).unwrap_or(now);
+        let mut providers = self.providers.lock().unwrap();
+        let row = providers.entry(provider.to_string()).or_default();
+        quota::prune(&mut row.usage, keep, now);
+        row.usage.push(Usage { id, done: None, expires, tokens });
+        id
+    }
+
+    /// The calls recorded under `ids`, by provider (for writing them back to the shared store).
+    pub fn calls(&self, ids: &[i64]) -> Vec<(String, Usage)> {
+        let providers = self.providers.lock().unwrap();
+        providers
+            .iter()
+            .flat_map(|(name, row)| row.usage.iter().filter(|u| ids.contains(&u.id)).map(|u| (name.clone(), u.clone())))
+            .collect()
     }
 
     /// The stored cooldown of `provider` (expired or not), for inspection.
@@ -41,7 +72,7 @@ impl ProviderState for MemoryStore {
             return Admission::Cooling(cooldown);
         }
         if ask.limits.is_empty() {
-            return Admission::Granted(Permit { usage_id: None });
+            return Admission::Granted(Permit::UNCOUNTED);
         }
         if let Some(longest) = ask.limits.iter().map(|l| l.per).max() {
             quota::prune(&mut row.usage, longest, now);
@@ -50,7 +81,7 @@ impl ProviderState for MemoryStore {
             Ok(()) => {
                 let id = self.next_usage_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 row.usage.push(Usage { id, done: None, expires: now + ask.flight, tokens: ask.tokens });
-                Admission::Granted(Permit { usage_id: Some(id) })
+                Admission::Granted(Permit { usage_id: Some(id), local_id: None })
             }
             Err(Blocked::Until(until, measure)) => Admission::OverQuota { until, measure },
             Err(Blocked::TooLarge) => Admission::TooLarge,
@@ -93,18 +124,36 @@ impl ProviderState for MemoryStore {
 
 #[async_trait::async_trait]
 impl ResultLedger for MemoryStore {
-    async fn open(&self, key: &str) -> Result<LedgerEntry, StoreError> {
+    async fn open(&self, key: &str, fingerprint: &str) -> Result<LedgerEntry, StoreError> {
         let mut ledger = self.ledger.lock().unwrap();
-        let entry = ledger.entry(key.to_string()).or_insert(LedgerEntry { deliveries: 0, result: None });
-        entry.deliveries += 1;
-        Ok(entry.clone())
+        let row = ledger
+            .entry(key.to_string())
+            .or_insert_with(|| LedgerRow { fingerprint: fingerprint.to_string(), ..LedgerRow::default() });
+        if row.fingerprint != fingerprint {
+            return Ok(LedgerEntry { deliveries: row.deliveries, result: None, other_job: true });
+        }
+        row.deliveries = row.deliveries.saturating_add(1);
+        Ok(LedgerEntry { deliveries: row.deliveries, result: row.result.clone(), other_job: false })
     }
 
-    async fn store(&self, key: &str, result_json: &str) -> Result<(), StoreError> {
+    async fn store(&self, key: &str, fingerprint: &str, result_json: &str) -> Result<(), StoreError> {
         let mut ledger = self.ledger.lock().unwrap();
-        let entry = ledger.entry(key.to_string()).or_insert(LedgerEntry { deliveries: 1, result: None });
-        entry.result = Some(result_json.to_string());
+        let row = ledger.entry(key.to_string()).or_insert_with(|| LedgerRow {
+            fingerprint: fingerprint.to_string(),
+            deliveries: 1,
+            result: None,
+        });
+        if row.fingerprint == fingerprint {
+            row.result = Some(result_json.to_string());
+        }
         Ok(())
+    }
+
+    async fn record_failure(&self, key: &str, _reason: &str) -> Result<u32, StoreError> {
+        let mut failures = self.failures.lock().unwrap();
+        let count = failures.entry(key.to_string()).or_default();
+        *count = count.saturating_add(1);
+        Ok(*count)
     }
 }
 
@@ -112,7 +161,6 @@ impl ResultLedger for MemoryStore {
 mod tests {
     use super::*;
     use crate::routing::CooldownReason;
-    use std::time::Duration;
 
     fn cooldown(until: SystemTime) -> Cooldown {
         Cooldown { until, reason: CooldownReason::RateLimited, detail: String::new() }
@@ -127,10 +175,7 @@ mod tests {
         assert_eq!(store.cooldown_of("p").unwrap().until, now + Duration::from_secs(60));
         let ask = Ask { provider: "p", limits: &[], tokens: 10, flight: Duration::from_secs(5) };
         assert!(matches!(store.admit(ask, now).await, Admission::Cooling(_)));
-        assert_eq!(
-            store.admit(ask, now + Duration::from_secs(61)).await,
-            Admission::Granted(Permit { usage_id: None })
-        );
+        assert_eq!(store.admit(ask, now + Duration::from_secs(61)).await, Admission::Granted(Permit::UNCOUNTED));
     }
 
     #[tokio::test]
@@ -152,9 +197,22 @@ mod tests {
     #[tokio::test]
     async fn ledger_counts_deliveries_and_keeps_results() {
         let store = MemoryStore::new();
-        assert_eq!(store.open("k").await.unwrap().deliveries, 1);
-        store.store("k", "{}").await.unwrap();
-        let again = store.open("k").await.unwrap();
-        assert_eq!((again.deliveries, again.result.as_deref()), (2, Some("{}")));
+        assert_eq!(store.open("k", "job-a").await.unwrap().deliveries, 1);
+        store.store("k", "job-a", "{}").await.unwrap();
+        let again = store.open("k", "job-a").await.unwrap();
+        assert_eq!((again.deliveries, again.result.as_deref(), again.other_job), (2, Some("{}"), false));
+    }
+
+    #[tokio::test]
+    async fn a_key_reused_by_another_job_gets_nothing_of_the_first() {
+        let store = MemoryStore::new();
+        store.open("msg:1", "job-a").await.unwrap();
+        store.store("msg:1", "job-a", "{\"a\":1}").await.unwrap();
+        let other = store.open("msg:1", "job-b").await.unwrap();
+        assert!(other.other_job);
+        assert_eq!(other.result, None);
+        store.store("msg:1", "job-b", "{\"b\":1}").await.unwrap();
+        let first = store.open("msg:1", "job-a").await.unwrap();
+        assert_eq!((first.result.as_deref(), first.deliveries), (Some("{\"a\":1}"), 2));
     }
 }

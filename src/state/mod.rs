@@ -55,10 +55,18 @@ pub enum QuotaMeasure {
 }
 
 /// A granted call, counted in the provider's windows until it is finished.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Permit {
     /// The usage record, when the provider has limits.
     pub usage_id: Option<i64>,
+    /// This process's own record of the call: the Postgres store keeps one for every call so
+    /// that, while the database is away, it can hold its local share of each limit.
+    pub local_id: Option<i64>,
+}
+
+impl Permit {
+    /// A call that counts against no limit.
+    pub const UNCOUNTED: Permit = Permit { usage_id: None, local_id: None };
 }
 
 /// Provider state every worker sees the same way.
@@ -94,22 +102,37 @@ pub struct LedgerEntry {
     pub deliveries: u32,
     /// The stored result (a JSON text), when the job was answered before.
     pub result: Option<String>,
+    /// The key was first used by a job with another fingerprint (a reused `message_id`): this
+    /// delivery is not that job, and must not be given its result.
+    pub other_job: bool,
 }
 
-/// The idempotency ledger (contract §4): results by job key.
+/// The idempotency ledger (contract §4): results by job key, each key bound to the fingerprint
+/// of the job that first used it.
 #[async_trait::async_trait]
 pub trait ResultLedger: Send + Sync {
-    /// Records one more receipt of `key` and returns what is known of it.
-    async fn open(&self, key: &str) -> Result<LedgerEntry, StoreError>;
+    /// Records one more receipt of `key` by the job `fingerprint` and returns what is known of
+    /// it. A receipt by another job (`other_job`) counts nothing against the key's own job.
+    async fn open(&self, key: &str, fingerprint: &str) -> Result<LedgerEntry, StoreError>;
 
-    /// Stores the job's result so a redelivery is answered without a provider call.
-    async fn store(&self, key: &str, result_json: &str) -> Result<(), StoreError>;
+    /// Stores the job's result so a redelivery is answered without a provider call; a key that
+    /// belongs to another job is left alone.
+    async fn store(&self, key: &str, fingerprint: &str, result_json: &str) -> Result<(), StoreError>;
+
+    /// Counts one internal failure (a panic, an unforeseen error) of the delivery `key` and
+    /// returns how many it has had.
+    async fn record_failure(&self, key: &str, reason: &str) -> Result<u32, StoreError>;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database refused or failed this one request.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The database cannot be reached (stopped, restarting, network gone): calls fail at once
+    /// until it answers again, and the worker serves from its own view meanwhile.
+    #[error("database unreachable: {0}")]
+    Unreachable(String),
 }

@@ -3,10 +3,19 @@
 //! Every cooldown is written with `GREATEST` (it only moves forward) and announced with
 //! `pg_notify` in the same statement, so it is visible to all workers at commit. Before each
 //! call a worker reads the provider's row ([`ProviderState::admit`]); the local copy answers
-//! when a cooldown is already known (no round trip) and when the database is unreachable.
+//! when a cooldown is already known (no round trip).
+//!
+//! Postgres is not in the way of a call (contract §4): the first state call that finds the
+//! database unreachable marks it down, and from then on every state call answers at once from
+//! this worker's own view ([`Outage`]): the cooldowns it knows, each limit enforced over its own
+//! calls at `limit / workers last seen alive`, no ledger. A probe waits for the database to
+//! answer again, then reloads the shared state and writes back the calls and cooldowns of the
+//! outage.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +26,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::ledger_batcher::{self, Request};
+use super::memory::MemoryStore;
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
+use crate::config::LimitConfig;
 use crate::routing::CooldownReason;
 
 /// The embedded migrations (`migrations/`), applied under sqlx's advisory lock so that N workers
@@ -26,6 +37,18 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
 /// The NOTIFY channel for provider-state changes.
 const CHANNEL: &str = "fallback_provider_state";
+
+/// The longest one state call may take before the database counts as unreachable: a worker
+/// must not hold jobs for seconds on a dead connection pool.
+const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often an unreachable database is probed.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A worker not seen for this long is no longer counted among the living (heartbeats come
+/// every [`HEARTBEAT_INTERVAL`]).
+const HEARTBEAT_STALE: Duration = Duration::from_secs(30);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -38,6 +61,22 @@ pub struct PgStore {
     gates: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// The ledger's batching task, started on first use.
     ledger: Arc<OnceLock<mpsc::Sender<Request>>>,
+    /// Whether the database is reachable, and this worker's own view for when it is not.
+    outage: Arc<Outage>,
+}
+
+/// This worker's own view, kept at all times and used alone while the database is unreachable.
+#[derive(Default)]
+struct Outage {
+    down: AtomicBool,
+    /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
+    workers_alive: AtomicU32,
+    /// Every call this worker made recently, shared or not.
+    own_calls: MemoryStore,
+    /// Calls admitted locally during an outage, to write back to `provider_usage`.
+    unsynced_calls: Mutex<Vec<i64>>,
+    /// Cooldowns learnt during an outage, to share once the database is back.
+    unshared_cooldowns: Mutex<Vec<(String, Cooldown)>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -64,13 +103,191 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)?.application_name("fallback-worker");
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(STATE_CALL_TIMEOUT)
             .connect_lazy_with(options);
         Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> PgStore {
-        PgStore { pool, cache: Arc::default(), gates: Arc::default(), ledger: Arc::default() }
+        let outage = Outage { workers_alive: AtomicU32::new(1), ..Outage::default() };
+        PgStore { pool, cache: Arc::default(), gates: Arc::default(), ledger: Arc::default(), outage: Arc::new(outage) }
+    }
+
+    /// Whether state calls are currently served from this worker's own view.
+    pub fn is_degraded(&self) -> bool {
+        self.outage.down.load(Ordering::Relaxed)
+    }
+
+    /// Runs one state call against the database, unless it is known to be unreachable (then it
+    /// fails at once). A call that finds it unreachable, or takes longer than
+    /// [`STATE_CALL_TIMEOUT`], marks it down and starts the probe that brings it back.
+    async fn guarded<T>(&self, call: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
+        if self.is_degraded() {
+            return Err(StoreError::Unreachable("the database is down".into()));
+        }
+        match tokio::time::timeout(STATE_CALL_TIMEOUT, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if is_transient(&e) => {
+                self.went_down(&e.to_string());
+                Err(StoreError::Unreachable(e.to_string()))
+            }
+            Ok(Err(e)) => Err(StoreError::Database(e)),
+            Err(_) => {
+                let what = format!("no answer within {STATE_CALL_TIMEOUT:?}");
+                self.went_down(&what);
+                Err(StoreError::Unreachable(what))
+            }
+        }
+    }
+
+    /// Marks the database down (once) and starts probing for its return.
+    fn went_down(&self, why: &str) {
+        if self.outage.down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(
+            error = why,
+            "database unreachable: serving jobs from this worker's own view (cached cooldowns, a local share of every limit, no ledger)"
+        );
+        crate::observability::record_database_down(true);
+        let store = self.clone();
+        tokio::spawn(async move { store.recover().await });
+    }
+
+    /// Waits for the database to answer, then reloads the shared state, writes back what this
+    /// worker did meanwhile, and leaves degraded mode.
+    async fn recover(self) {
+        loop {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let ping = sqlx::query("SELECT 1").execute(&self.pool);
+            if !matches!(tokio::time::timeout(STATE_CALL_TIMEOUT, ping).await, Ok(Ok(_))) {
+                continue;
+            }
+            match self.write_back().await {
+                Ok((calls, cooldowns)) => {
+                    self.outage.down.store(false, Ordering::SeqCst);
+                    crate::observability::record_database_down(false);
+                    tracing::info!(
+                        calls,
+                        cooldowns,
+                        "database back: shared state reloaded, the outage's calls written back"
+                    );
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "database answers but cannot take the write-back yet"),
+            }
+        }
+    }
+
+    /// Shares the cooldowns and calls of the outage, then reloads every provider's row.
+    async fn write_back(&self) -> Result<(usize, usize), sqlx::Error> {
+        let cooldowns = std::mem::take(&mut *self.outage.unshared_cooldowns.lock().unwrap());
+        for (provider, cooldown) in &cooldowns {
+            if let Err(e) = self.share_cooldown(provider, cooldown).await {
+                self.outage.unshared_cooldowns.lock().unwrap().extend(cooldowns.iter().cloned());
+                return Err(e);
+            }
+        }
+        let ids = std::mem::take(&mut *self.outage.unsynced_calls.lock().unwrap());
+        let calls = self.outage.own_calls.calls(&ids);
+        let inserted = self.insert_calls(&calls).await;
+        if let Err(e) = inserted {
+            self.outage.unsynced_calls.lock().unwrap().extend(ids);
+            return Err(e);
+        }
+        self.reload().await?;
+        Ok((calls.len(), cooldowns.len()))
+    }
+
+    async fn insert_calls(&self, calls: &[(String, super::quota::Usage)]) -> Result<(), sqlx::Error> {
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let providers: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
+        let ends: Vec<i64> = calls.iter().map(|(_, u)| epoch_ms(u.done.unwrap_or(u.expires))).collect();
+        let tokens: Vec<i64> = calls.iter().map(|(_, u)| i64::try_from(u.tokens).unwrap_or(i64::MAX)).collect();
+        sqlx::query(
+            "INSERT INTO provider_usage (provider, sent_at, done_at, expires_at, tokens) \
+             SELECT p, to_timestamp(e::float8 / 1000), to_timestamp(e::float8 / 1000), to_timestamp(e::float8 / 1000), t \
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS c(p, e, t)",
+        )
+        .bind(&providers)
+        .bind(&ends)
+        .bind(&tokens)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Records this worker as alive and learns how many are (the divisor of the local share of
+    /// every limit while the database is away). Called by housekeeping.
+    pub async fn heartbeat(&self, worker: &str) -> Result<u32, StoreError> {
+        let stale = HEARTBEAT_STALE.as_secs_f64();
+        let alive = self
+            .guarded(async {
+                sqlx::query(
+                    "INSERT INTO worker_heartbeat (worker, seen_at) VALUES ($1, now()) \
+                     ON CONFLICT (worker) DO UPDATE SET seen_at = now()",
+                )
+                .bind(worker)
+                .execute(&self.pool)
+                .await?;
+                sqlx::query("DELETE FROM worker_heartbeat WHERE seen_at < now() - interval '1 day'")
+                    .execute(&self.pool)
+                    .await?;
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM worker_heartbeat WHERE seen_at > now() - make_interval(secs => $1)",
+                )
+                .bind(stale)
+                .fetch_one(&self.pool)
+                .await
+            })
+            .await?;
+        let alive = u32::try_from(alive).unwrap_or(u32::MAX).max(1);
+        self.outage.workers_alive.store(alive, Ordering::Relaxed);
+        Ok(alive)
+    }
+
+    /// The secret that authenticates parked jobs' state headers: created by the first worker,
+    /// read by every other.
+    pub async fn shared_secret(&self) -> Result<Vec<u8>, sqlx::Error> {
+        let fresh: Vec<u8> = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()].iter().flat_map(|u| *u.as_bytes()).collect();
+        sqlx::query("INSERT INTO service_secret (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
+            .bind(&fresh)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query_scalar("SELECT secret FROM service_secret WHERE id = 1").fetch_one(&self.pool).await
+    }
+
+    /// A call admitted by this worker alone while the database is away: every limit at
+    /// `limit / workers last seen alive`, counted over this worker's own recent calls.
+    async fn admit_locally(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
+        let workers = u64::from(self.outage.workers_alive.load(Ordering::Relaxed).max(1));
+        let share: Vec<LimitConfig> = ask
+            .limits
+            .iter()
+            .map(|l| LimitConfig {
+                requests: l.requests.map(|n| n / workers),
+                tokens: l.tokens.map(|n| n / workers),
+                per: l.per,
+            })
+            .collect();
+        let local_ask = Ask { limits: &share, ..ask };
+        match self.outage.own_calls.admit(local_ask, now).await {
+            // Larger than the local share, not than the limit: wait for the database instead.
+            Admission::TooLarge if !too_large_for(ask.limits, ask.tokens) => {
+                let until = now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now);
+                Admission::OverQuota { until, measure: QuotaMeasure::Tokens }
+            }
+            Admission::Granted(local) => {
+                let local_id = local.usage_id;
+                if let Some(id) = local_id {
+                    self.outage.unsynced_calls.lock().unwrap().push(id);
+                }
+                Admission::Granted(Permit { usage_id: None, local_id })
+            }
+            other => other,
+        }
     }
 
     fn ledger(&self) -> &mpsc::Sender<Request> {
@@ -214,13 +431,13 @@ impl PgStore {
         let (mut request_limits, mut request_windows, mut token_limits, mut token_windows) =
             (vec![], vec![], vec![], vec![]);
         for limit in ask.limits {
-            let window = limit.per.as_millis() as i64;
+            let window = saturating_i64(limit.per.as_millis());
             if let Some(n) = limit.requests {
-                request_limits.push(n as i64);
+                request_limits.push(saturating_i64(n));
                 request_windows.push(window);
             }
             if let Some(n) = limit.tokens {
-                token_limits.push(n as i64);
+                token_limits.push(saturating_i64(n));
                 token_windows.push(window);
             }
         }
@@ -232,8 +449,8 @@ impl PgStore {
         .bind(&request_windows)
         .bind(&token_limits)
         .bind(&token_windows)
-        .bind(ask.tokens.min(i64::MAX as u64) as i64)
-        .bind(ask.flight.as_millis() as i64)
+        .bind(saturating_i64(ask.tokens))
+        .bind(saturating_i64(ask.flight.as_millis()))
         .fetch_one(&self.pool)
         .await?;
         let usage_id: Option<i64> = row.get("usage_id");
@@ -242,7 +459,7 @@ impl PgStore {
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));
         let blocked_by: Option<String> = row.get("blocked_by");
         let admission = match (usage_id, until, blocked_by.as_deref()) {
-            (Some(id), _, _) => Admission::Granted(Permit { usage_id: Some(id) }),
+            (Some(id), _, _) => Admission::Granted(Permit { usage_id: Some(id), local_id: None }),
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
             (None, Some(until), Some("cooldown")) => match self.read_cooldown(ask.provider, now).await? {
                 Some(cooldown) => Admission::Cooling(cooldown),
@@ -250,7 +467,7 @@ impl PgStore {
             },
             (None, Some(until), Some("tokens")) => Admission::OverQuota { until, measure: QuotaMeasure::Tokens },
             (None, Some(until), _) => Admission::OverQuota { until, measure: QuotaMeasure::Requests },
-            (None, None, _) => Admission::Granted(Permit { usage_id: None }),
+            (None, None, _) => Admission::Granted(Permit::UNCOUNTED),
         };
         let blocked = match &admission {
             Admission::OverQuota { until, measure } => Some((*until, *measure)),
@@ -277,6 +494,10 @@ impl PgStore {
             .bind(retention.as_secs_f64())
             .execute(&self.pool)
             .await?;
+        sqlx::query("DELETE FROM delivery_failures WHERE last_at < now() - make_interval(secs => $1)")
+            .bind(retention.as_secs_f64())
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected())
     }
 }
@@ -291,65 +512,169 @@ fn cooldown_from(until_ms: i64, reason: Option<String>, detail: Option<String>) 
 }
 
 fn epoch_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| saturating_i64(d.as_millis()))
 }
 
-#[async_trait::async_trait]
-impl ProviderState for PgStore {
-    async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
+fn saturating_i64(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+/// Whether `tokens` exceed one of the token limits outright.
+fn too_large_for(limits: &[LimitConfig], tokens: u64) -> bool {
+    limits.iter().any(|l| l.tokens.is_some_and(|max| tokens > max))
+}
+
+/// Errors that go away by themselves (the server is stopped or restarting, the network blipped).
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        // 57P01..57P03: admin shutdown, crash shutdown, "the database system is starting up".
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P03" | "57P01" | "57P02")),
+        _ => false,
+    }
+}
+
+impl PgStore {
+    /// Admission through the database: the provider's row, then its limits under its gate.
+    async fn admit_shared(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, StoreError> {
         let provider = ask.provider;
-        if let Some(cooldown) = self.known_cooldown(provider).filter(|c| c.until > now) {
-            return Admission::Cooling(cooldown);
-        }
         if ask.limits.is_empty() {
-            return match self.read_cooldown(provider, now).await {
-                Ok(Some(cooldown)) => Admission::Cooling(cooldown),
-                Ok(None) => Admission::Granted(Permit { usage_id: None }),
-                Err(e) => {
-                    tracing::warn!(provider, error = %e, "cannot read provider state; using this worker's copy");
-                    Admission::Granted(Permit { usage_id: None })
-                }
-            };
+            let cooldown = self.guarded(self.read_cooldown(provider, now)).await?;
+            return Ok(cooldown.map_or(Admission::Granted(Permit::UNCOUNTED), Admission::Cooling));
         }
         if let Some((until, measure)) = self.quota_blocked(provider, now) {
-            return Admission::OverQuota { until, measure };
+            return Ok(Admission::OverQuota { until, measure });
         }
         let gate = self.gate(provider);
         let _turn = gate.lock().await;
         // Whoever held the gate before us may have learnt the answer already.
         let now = now.max(SystemTime::now());
         if let Some(cooldown) = self.known_cooldown(provider).filter(|c| c.until > now) {
-            return Admission::Cooling(cooldown);
+            return Ok(Admission::Cooling(cooldown));
         }
         if let Some((until, measure)) = self.quota_blocked(provider, now) {
-            return Admission::OverQuota { until, measure };
+            return Ok(Admission::OverQuota { until, measure });
         }
-        match self.acquire(ask, now).await {
+        let admission = self.guarded(self.acquire(ask, now)).await?;
+        Ok(match admission {
+            Admission::Granted(permit) => {
+                let keep = ask.limits.iter().map(|l| l.per).max().unwrap_or_default();
+                let local_id = Some(self.outage.own_calls.record_call(provider, ask.tokens, ask.flight, keep, now));
+                Admission::Granted(Permit { local_id, ..permit })
+            }
+            other => other,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ProviderState for PgStore {
+    async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
+        if let Some(cooldown) = self.known_cooldown(ask.provider).filter(|c| c.until > now) {
+            return Admission::Cooling(cooldown);
+        }
+        match self.admit_shared(ask, now).await {
             Ok(admission) => admission,
+            Err(StoreError::Unreachable(_)) if ask.limits.is_empty() => Admission::Granted(Permit::UNCOUNTED),
+            Err(StoreError::Unreachable(_)) => self.admit_locally(ask, now).await,
             Err(e) => {
-                tracing::warn!(provider, error = %e, "cannot count the call against shared limits; calling without");
-                Admission::Granted(Permit { usage_id: None })
+                tracing::warn!(provider = ask.provider, error = %e, "cannot ask the database for a slot; using this worker's share");
+                if ask.limits.is_empty() {
+                    Admission::Granted(Permit::UNCOUNTED)
+                } else {
+                    self.admit_locally(ask, now).await
+                }
             }
         }
     }
 
     async fn finish(&self, permit: Permit, tokens: Option<u64>) {
+        if let Some(local_id) = permit.local_id {
+            self.outage.own_calls.finish(Permit { usage_id: Some(local_id), local_id: None }, tokens).await;
+        }
         let Some(id) = permit.usage_id else { return };
-        let result = sqlx::query(
-            "UPDATE provider_usage SET done_at = clock_timestamp(), tokens = coalesce($2, tokens) WHERE id = $1",
-        )
-        .bind(id)
-        .bind(tokens.map(|t| t.min(i64::MAX as u64) as i64))
-        .execute(&self.pool)
-        .await;
+        let tokens = tokens.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+        let result = self
+            .guarded(
+                sqlx::query(
+                    "UPDATE provider_usage SET done_at = clock_timestamp(), tokens = coalesce($2, tokens) WHERE id = $1",
+                )
+                .bind(id)
+                .bind(tokens)
+                .execute(&self.pool),
+            )
+            .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "cannot record a call's answer; its slot frees when it expires");
+            tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
         }
     }
 
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         self.remember_cooldown(provider, Some(cooldown.clone()));
-        let result = sqlx::query(
+        if let Err(e) = self.guarded(self.share_cooldown(provider, &cooldown)).await {
+            tracing::warn!(provider, error = %e, "cannot share a cooldown now; it is shared when the database is back");
+            self.outage.unshared_cooldowns.lock().unwrap().push((provider.to_string(), cooldown));
+        }
+    }
+
+    async fn record_success(&self, provider: &str) {
+        let had_errors = self.cache.lock().unwrap().get(provider).is_some_and(|c| c.consecutive_server_errors > 0);
+        if !had_errors {
+            return;
+        }
+        let result = self
+            .guarded(
+                sqlx::query(
+                    "UPDATE provider_state SET consecutive_server_errors = 0, updated_at = now() WHERE provider = $1",
+                )
+                .bind(provider)
+                .execute(&self.pool),
+            )
+            .await;
+        if let Err(e) = &result {
+            tracing::debug!(provider, error = %e, "cannot reset the provider's error run");
+        }
+        if let Some(c) = self.cache.lock().unwrap().get_mut(provider) {
+            c.consecutive_server_errors = 0;
+        }
+    }
+
+    async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
+        let result = self
+            .guarded(
+                sqlx::query_scalar::<_, i32>(
+                    "INSERT INTO provider_state AS s (provider, consecutive_server_errors, last_error, last_error_at) \
+                     VALUES ($1, 1, $2, now()) \
+                     ON CONFLICT (provider) DO UPDATE SET consecutive_server_errors = s.consecutive_server_errors + 1, \
+                       last_error = EXCLUDED.last_error, last_error_at = now(), updated_at = now() \
+                     RETURNING consecutive_server_errors",
+                )
+                .bind(provider)
+                .bind(detail)
+                .fetch_one(&self.pool),
+            )
+            .await;
+        let mut cache = self.cache.lock().unwrap();
+        let entry = cache.entry(provider.to_string()).or_default();
+        match result {
+            Ok(count) => entry.consecutive_server_errors = count,
+            Err(e) => {
+                tracing::debug!(provider, error = %e, "cannot share a server error; counting locally");
+                entry.consecutive_server_errors = entry.consecutive_server_errors.saturating_add(1);
+            }
+        }
+        u32::try_from(entry.consecutive_server_errors).unwrap_or(0)
+    }
+}
+
+impl PgStore {
+    /// Writes a cooldown (only ever forward) and tells every worker in the same statement.
+    async fn share_cooldown(&self, provider: &str, cooldown: &Cooldown) -> Result<(), sqlx::Error> {
+        sqlx::query(
             "WITH up AS ( \
                INSERT INTO provider_state AS s (provider, cooldown_until, cooldown_reason, cooldown_detail, last_error, last_error_at) \
                VALUES ($1, to_timestamp($2::float8 / 1000), $3, $4, $4, now()) \
@@ -369,71 +694,63 @@ impl ProviderState for PgStore {
         .bind(&cooldown.detail)
         .bind(CHANNEL)
         .execute(&self.pool)
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(provider, error = %e, "cannot share a cooldown; only this worker knows it");
-        }
+        .await
+        .map(|_| ())
     }
 
-    async fn record_success(&self, provider: &str) {
-        let had_errors = self.cache.lock().unwrap().get(provider).is_some_and(|c| c.consecutive_server_errors > 0);
-        if !had_errors {
-            return;
+    /// Sends a ledger request to the batching task, unless the database is known to be down.
+    async fn ledger_call<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
+    ) -> Result<T, StoreError> {
+        if self.is_degraded() {
+            return Err(StoreError::Unreachable("the database is down".into()));
         }
-        let result = sqlx::query(
-            "UPDATE provider_state SET consecutive_server_errors = 0, updated_at = now() WHERE provider = $1",
-        )
-        .bind(provider)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => {
-                if let Some(c) = self.cache.lock().unwrap().get_mut(provider) {
-                    c.consecutive_server_errors = 0;
-                }
+        let (reply, answer) = oneshot::channel();
+        self.ledger().send(request(reply)).await.map_err(|_| closed())?;
+        match tokio::time::timeout(STATE_CALL_TIMEOUT, answer).await {
+            Ok(Ok(Err(StoreError::Unreachable(why)))) => {
+                self.went_down(&why);
+                Err(StoreError::Unreachable(why))
             }
-            Err(e) => tracing::warn!(provider, error = %e, "cannot reset the provider's error run"),
-        }
-    }
-
-    async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
-        let result = sqlx::query_scalar::<_, i32>(
-            "INSERT INTO provider_state AS s (provider, consecutive_server_errors, last_error, last_error_at) \
-             VALUES ($1, 1, $2, now()) \
-             ON CONFLICT (provider) DO UPDATE SET consecutive_server_errors = s.consecutive_server_errors + 1, \
-               last_error = EXCLUDED.last_error, last_error_at = now(), updated_at = now() \
-             RETURNING consecutive_server_errors",
-        )
-        .bind(provider)
-        .bind(detail)
-        .fetch_one(&self.pool)
-        .await;
-        let mut cache = self.cache.lock().unwrap();
-        let entry = cache.entry(provider.to_string()).or_default();
-        match result {
-            Ok(count) => entry.consecutive_server_errors = count,
-            Err(e) => {
-                tracing::warn!(provider, error = %e, "cannot share a server error; counting locally");
-                entry.consecutive_server_errors += 1;
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => {
+                let what = format!("the ledger did not answer within {STATE_CALL_TIMEOUT:?}");
+                self.went_down(&what);
+                Err(StoreError::Unreachable(what))
             }
         }
-        entry.consecutive_server_errors.max(0) as u32
     }
 }
 
 #[async_trait::async_trait]
 impl ResultLedger for PgStore {
-    async fn open(&self, key: &str) -> Result<LedgerEntry, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.ledger().send(Request::Open { key: key.to_string(), reply }).await.map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+    async fn open(&self, key: &str, fingerprint: &str) -> Result<LedgerEntry, StoreError> {
+        let (key, fingerprint) = (key.to_string(), fingerprint.to_string());
+        self.ledger_call(|reply| Request::Open { key, fingerprint, reply }).await
     }
 
-    async fn store(&self, key: &str, result_json: &str) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let request = Request::Store { key: key.to_string(), json: result_json.to_string(), reply };
-        self.ledger().send(request).await.map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+    async fn store(&self, key: &str, fingerprint: &str, result_json: &str) -> Result<(), StoreError> {
+        let (key, fingerprint, json) = (key.to_string(), fingerprint.to_string(), result_json.to_string());
+        self.ledger_call(|reply| Request::Store { key, fingerprint, json, reply }).await
+    }
+
+    async fn record_failure(&self, key: &str, reason: &str) -> Result<u32, StoreError> {
+        let count = self
+            .guarded(
+                sqlx::query_scalar::<_, i32>(
+                    "INSERT INTO delivery_failures AS f (delivery_key, last_reason) VALUES ($1, $2) \
+                     ON CONFLICT (delivery_key) DO UPDATE SET failures = f.failures + 1, \
+                       last_reason = EXCLUDED.last_reason, last_at = now() \
+                     RETURNING failures",
+                )
+                .bind(key)
+                .bind(reason)
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok(u32::try_from(count).unwrap_or(0))
     }
 }
 

@@ -46,22 +46,25 @@ pub fn check(usage: &[Usage], limits: &[LimitConfig], tokens: u64, now: SystemTi
         occupying.sort();
         let free_at = match (limit.requests, limit.tokens) {
             (Some(max), _) if occupying.len() as u64 >= max => {
-                let leaving = occupying.len() - max as usize;
-                Some((occupying[leaving].0 + limit.per, QuotaMeasure::Requests))
+                // The request that must leave the window before one more fits; with a limit of
+                // 0 (a local share rounded down) nothing ever fits: retry after a window.
+                let leaving = usize::try_from(max).ok().and_then(|max| occupying.len().checked_sub(max));
+                let left_at = leaving.and_then(|i| occupying.get(i)).map_or(now, |(end, _)| *end);
+                Some((later(left_at, limit.per), QuotaMeasure::Requests))
             }
             (_, Some(max)) => {
                 if tokens > max {
                     return Err(Blocked::TooLarge);
                 }
-                let used: u64 = occupying.iter().map(|(_, t)| t).sum();
-                let excess = (used + tokens).saturating_sub(max);
+                let used = occupying.iter().fold(0u64, |sum, (_, t)| sum.saturating_add(*t));
+                let excess = used.saturating_add(tokens).saturating_sub(max);
                 (excess > 0).then(|| {
-                    let mut freed = 0;
+                    let mut freed = 0u64;
                     let leaving = occupying.iter().find(|(_, t)| {
-                        freed += t;
+                        freed = freed.saturating_add(*t);
                         freed >= excess
                     });
-                    (leaving.map_or(now, |(end, _)| *end) + limit.per, QuotaMeasure::Tokens)
+                    (later(leaving.map_or(now, |(end, _)| *end), limit.per), QuotaMeasure::Tokens)
                 })
             }
             _ => None,
@@ -76,6 +79,11 @@ pub fn check(usage: &[Usage], limits: &[LimitConfig], tokens: u64, now: SystemTi
         Some((until, measure)) => Err(Blocked::Until(until, measure)),
         None => Ok(()),
     }
+}
+
+/// `at + per`, saturating far in the future instead of overflowing.
+fn later(at: SystemTime, per: Duration) -> SystemTime {
+    at.checked_add(per).unwrap_or(at)
 }
 
 /// Drops usage that no window of `longest` can see any more.
@@ -149,5 +157,16 @@ mod tests {
         );
         prune(&mut usage, Duration::from_secs(3), now);
         assert_eq!(usage.len(), 2);
+    }
+
+    #[test]
+    fn a_limit_of_zero_admits_nothing_and_does_not_panic() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(
+            check(&[], &[requests(0, 60)], 1, now),
+            Err(Blocked::Until(now + Duration::from_secs(60), QuotaMeasure::Requests))
+        );
+        let usage = vec![done(1, now, 1)];
+        assert!(matches!(check(&usage, &[requests(0, 60)], 1, now), Err(Blocked::Until(..))));
     }
 }

@@ -8,6 +8,7 @@ mod chain_flow;
 mod delivery;
 mod dialects;
 mod faults;
+mod hostile;
 mod observability;
 mod poison;
 mod shared_state;

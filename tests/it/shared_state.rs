@@ -77,7 +77,7 @@ async fn a_cooldown_only_moves_forward() {
     }
     assert_eq!(
         other.admit(ask, SystemTime::now() + Duration::from_secs(601)).await,
-        Admission::Granted(Permit { usage_id: None })
+        Admission::Granted(Permit::UNCOUNTED)
     );
 }
 
@@ -268,7 +268,7 @@ async fn the_ledger_answers_concurrent_opens_and_stores_exactly() {
     // Every key opened twice at once: the batch must count both receipts, not fail on the repeat.
     let opens = (0..50).map(|i| {
         let store = store.clone();
-        tokio::spawn(async move { (i % 25, store.open(&format!("k{}", i % 25)).await.unwrap()) })
+        tokio::spawn(async move { (i % 25, store.open(&format!("k{}", i % 25), "job").await.unwrap()) })
     });
     let mut seen: std::collections::BTreeMap<i32, Vec<u32>> = Default::default();
     for open in opens {
@@ -282,12 +282,37 @@ async fn the_ledger_answers_concurrent_opens_and_stores_exactly() {
     }
     let stores = (0..25).map(|i| {
         let store = store.clone();
-        tokio::spawn(async move { store.store(&format!("k{i}"), &format!("{{\"n\":{i}}}")).await.unwrap() })
+        tokio::spawn(async move { store.store(&format!("k{i}"), "job", &format!("{{\"n\":{i}}}")).await.unwrap() })
     });
     for stored in stores {
         stored.await.unwrap();
     }
-    let again = store.open("k7").await.unwrap();
+    let again = store.open("k7", "job").await.unwrap();
     assert_eq!(again.deliveries, 3);
-    assert_eq!(again.result.as_deref(), Some("{\"n\": 7}"));
+    assert_eq!(again.result.as_deref(), Some("{\"n\":7}"), "stored as published, byte for byte");
+    // Another job under the same key is told so, counts nothing, and cannot overwrite.
+    let other = store.open("k7", "another job").await.unwrap();
+    assert!(other.other_job && other.result.is_none());
+    store.store("k7", "another job", "{\"n\":\"other\"}").await.unwrap();
+    let mine = store.open("k7", "job").await.unwrap();
+    assert_eq!((mine.deliveries, mine.result.as_deref()), (4, Some("{\"n\":7}")));
+}
+
+#[tokio::test]
+async fn one_unstorable_result_never_fails_the_others_and_nul_escapes_are_stored() {
+    use fallback_worker::state::ResultLedger;
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    // JSON text with an escaped NUL: valid JSON that a jsonb column refuses.
+    let nul = r#"{"content":"a\u0000b"}"#;
+    let stores = (0..20).map(|i| {
+        let store = store.clone();
+        let json = if i == 7 { nul.to_string() } else { format!("{{\"n\":{i}}}") };
+        tokio::spawn(async move { store.store(&format!("k{i}"), "job", &json).await })
+    });
+    for stored in stores {
+        stored.await.unwrap().unwrap();
+    }
+    assert_eq!(store.open("k7", "job").await.unwrap().result.as_deref(), Some(nul));
+    assert_eq!(store.open("k3", "job").await.unwrap().result.as_deref(), Some("{\"n\":3}"));
 }
