@@ -591,3 +591,163 @@ pub fn worker_id() -> String {
         .unwrap_or_else(|| "localhost".into());
     format!("{host}:{}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Property tests over the whole decode path: whatever a publisher sends (body, properties,
+    //! headers), the handler decides an answer, a dead-letter or a park, and never panics.
+
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use lapin::types::{AMQPValue, FieldTable};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::chain::Member;
+    use crate::job::ChatBody;
+    use crate::providers::{ChatProvider, Completion, Failure};
+    use crate::state::memory::MemoryStore;
+
+    struct Instant200;
+
+    #[async_trait::async_trait]
+    impl ChatProvider for Instant200 {
+        async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
+            let body = serde_json::json!({"object": "chat.completion", "choices": [{"index": 0,
+                "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]});
+            Ok(Completion { status: 200, request_id: "r".into(), body, total_tokens: Some(3), exhausted_until: None })
+        }
+    }
+
+    fn handler() -> JobHandler {
+        let member = Member {
+            name: "p".into(),
+            model: "m".into(),
+            free: true,
+            context_window: Some(1000),
+            max_retries: 0,
+            limits: vec![],
+            timeout: Duration::from_secs(1),
+            provider: Arc::new(Instant200),
+        };
+        let chain = Chain {
+            name: "default".into(),
+            members: vec![member],
+            max_wait: Duration::from_secs(1),
+            max_wait_limit: Duration::from_secs(3600),
+            free_wait: Duration::ZERO,
+        };
+        let store = Arc::new(MemoryStore::new());
+        JobHandler {
+            chains: HashMap::from([("default".to_string(), Arc::new(chain))]),
+            state: store.clone(),
+            ledger: store,
+            rules: HandlerRules {
+                topology: Topology::new("llm.jobs", "llm.results"),
+                reply_to_allow: vec![glob::Pattern::new("reply.*").unwrap()],
+                max_message_bytes: 4096,
+                hold_limit: Duration::ZERO,
+                delivery_deadline: Duration::from_secs(5),
+                max_deliveries: 3,
+            },
+            worker_id: "test".into(),
+            key_locks: KeyLocks::default(),
+            header_key: HeaderKey::new(b"k".to_vec()),
+            local_failures: LocalFailures::default(),
+        }
+    }
+
+    fn amqp_value() -> impl Strategy<Value = AMQPValue> {
+        prop_oneof![
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            any::<i32>().prop_map(AMQPValue::LongInt),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            ".{0,64}".prop_map(|s| AMQPValue::LongString(s.into())),
+            "[0-9a-f]{0,70}".prop_map(|s| AMQPValue::LongString(s.into())),
+        ]
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(headers::PARKED_STATE.to_string()),
+            Just(headers::PARKED_MAC.to_string()),
+            Just("fallback-first-seen-ms".to_string()),
+            Just("fallback-attempts".to_string()),
+            Just("x-death".to_string()),
+            "[a-zA-Z-]{1,20}",
+        ]
+    }
+
+    /// Bodies that are job-shaped often enough to reach the chain.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let field = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            ".{0,12}".prop_map(serde_json::Value::from),
+            Just(serde_json::json!([{"role": "user", "content": "hi"}])),
+        ];
+        let job = (".{0,8}", field.clone(), field.clone(), field, any::<bool>()).prop_map(
+            |(custom_id, max_wait, max_tokens, chain, stream)| {
+                serde_json::json!({"custom_id": custom_id, "max_wait": max_wait, "chain": chain,
+                    "body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": max_tokens,
+                             "stream": stream}})
+                .to_string()
+                .into_bytes()
+            },
+        );
+        let wait = "[0-9]{1,25}(ms|s|m|h|d)".prop_map(|w| {
+            serde_json::json!({"custom_id": "w", "max_wait": w,
+                "body": {"messages": [{"role": "user", "content": "x"}]}})
+            .to_string()
+            .into_bytes()
+        });
+        prop_oneof![proptest::collection::vec(any::<u8>(), 0..64), job, wait]
+    }
+
+    fn incoming() -> impl Strategy<Value = Incoming> {
+        let pairs = proptest::collection::vec((header_name(), amqp_value()), 0..6);
+        let text = proptest::option::of(".{0,20}");
+        (body(), pairs, proptest::option::of(any::<u64>()), text.clone(), text.clone(), text).prop_map(
+            |(body, pairs, timestamp, reply_to, message_id, correlation_id)| {
+                let mut table = FieldTable::default();
+                for (name, value) in pairs {
+                    table.insert(name.into(), value);
+                }
+                let mut properties = BasicProperties::default().with_headers(table);
+                if let Some(t) = timestamp {
+                    properties = properties.with_timestamp(t);
+                }
+                if let Some(r) = reply_to {
+                    properties = properties.with_reply_to(r.as_str().into());
+                }
+                if let Some(m) = message_id {
+                    properties = properties.with_message_id(m.as_str().into());
+                }
+                if let Some(c) = correlation_id {
+                    properties = properties.with_correlation_id(c.as_str().into());
+                }
+                Incoming::from_delivery(body, &properties, SystemTime::now())
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_delivery_ends_in_an_answer_a_dead_letter_or_a_park(incoming in incoming()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let handler = handler();
+            let disposition = runtime.block_on(handler.decide(&incoming));
+            match disposition {
+                Disposition::Answer { reply, .. } | Disposition::DeadLetter { reply, .. } => {
+                    let result: JobResult = serde_json::from_slice(&reply.body).unwrap();
+                    prop_assert!(result.is_success() || result.error.is_some());
+                }
+                Disposition::Park { state, .. } => prop_assert!(state.parks >= 1),
+            }
+        }
+    }
+}
