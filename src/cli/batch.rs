@@ -34,7 +34,7 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
     let mut output = Output::open(options.out, options.errors)?;
     let chains = build_chains(config, &shared_client(), &|var| std::env::var(var).ok())?;
     let names = chains.keys().cloned().collect();
-    let mut backlog = read_input(options.input, output.done(), &names)?;
+    let mut backlog = read_input(options.input, output.done(), &names, None)?;
     let state: Arc<dyn ProviderState> = match &options.database_url {
         Some(url) => {
             let store = PgStore::connect_lazy(url, (options.concurrency as u32 + 2).max(4))?;

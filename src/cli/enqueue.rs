@@ -45,7 +45,7 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     let mut output = Output::open(options.out, options.errors)?;
     let chains = config.chains.keys().cloned().collect();
-    let backlog = read_input(options.input, output.done(), &chains)?;
+    let backlog = read_input(options.input, output.done(), &chains, Some(config.amqp.max_message_bytes))?;
     let reply_queue = reply_queue_for(options.out);
     let conn = broker::connect(&config.amqp.url, "fallback-worker enqueue").await.map_err(anyhow::Error::msg)?;
     wait_for_jobs_queue(&conn, &config.amqp.jobs_queue, &shutdown).await?;
