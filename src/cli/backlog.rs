@@ -219,19 +219,22 @@ impl Progress {
 }
 
 /// The summary line and exit code (contract §1): 0 only when every line has a successful result.
-pub fn conclude(backlog: &Backlog, output: &Output) -> ExitCode {
+/// `unanswered` lines (the run gave up waiting for them) count against success like failures:
+/// the run is over, but not every line got a result.
+pub fn conclude(backlog: &Backlog, output: &Output, unanswered: usize) -> ExitCode {
     eprintln!(
-        "{} succeeded, {} failed, {} invalid line(s){}",
+        "{} succeeded, {} failed, {} invalid line(s){}{}",
         output.succeeded,
         output.failed,
         backlog.invalid,
+        if unanswered > 0 { format!(", {unanswered} without a result") } else { String::new() },
         if backlog.already_done > 0 {
             format!(" ({} done by an earlier run)", backlog.already_done)
         } else {
             String::new()
         }
     );
-    if backlog.invalid == 0 && output.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) }
+    if backlog.invalid == 0 && output.failed == 0 && unanswered == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) }
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
     }
     feeder.abort();
     progress.finish();
-    Ok(conclude(&backlog, &output))
+    Ok(conclude(&backlog, &output, 0))
 }
 
 /// Runs one line through its chain, waiting in place (there is no broker to park it in).

@@ -148,6 +148,68 @@ async fn enqueue_refuses_a_line_over_max_message_bytes_and_ends() {
 }
 
 #[tokio::test]
+async fn enqueue_matches_a_poison_result_without_custom_id_by_its_correlation_id() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let providers = providers(&free, &narrow);
+    // The workers' limit is smaller than the one enqueue knows of (its config has the default):
+    // enqueue publishes the big line, and the worker refuses it before reading its custom_id.
+    let mut worker_config = env.config(&providers);
+    worker_config.amqp.max_message_bytes = SMALL_LIMIT;
+    let worker = env.spawn_worker(worker_config, "w1").await;
+    let config = env.config_file(&providers, "");
+    let lines = vec![job("ok-0"), big_job("big", SMALL_LIMIT + 2000), job("ok-1")];
+    let input = write_input(&env, "in.jsonl", &lines);
+    let (out, err) = (env.dir.join("out.jsonl"), env.dir.join("err.jsonl"));
+    env.remove_later(reply_queue_for(&out));
+    let args = ["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--errors", err.to_str().unwrap()];
+    let output = run_bounded(command(&config, &args), 2 * PATIENCE).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert_eq!(ids(&results_in(&out)), ["ok-0".to_string(), "ok-1".to_string()].into());
+    let failed = results_in(&err);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].custom_id.as_deref(), Some("big"), "filled in from the correlation id");
+    let error = failed[0].error.as_ref().unwrap();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(error.message.contains("max_message_bytes"), "{}", error.message);
+    assert_eq!(env.client.depth(&env.dead_queue()).await, 1, "the worker dead-lettered the big job");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn enqueue_gives_up_after_the_idle_timeout_listing_the_lines_without_a_result() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let providers = providers(&free, &narrow);
+    // The jobs queue exists but no worker consumes it: no result is ever coming.
+    env.client.declare(&env.jobs).await;
+    let config = env.config_file(&providers, "");
+    let input = write_input(&env, "in.jsonl", &[job("i-0"), job("i-1")]);
+    let out = env.dir.join("out.jsonl");
+    env.remove_later(reply_queue_for(&out));
+    let args = ["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut give_up = command(&config, &args);
+    give_up.args(["--idle-timeout", "2s"]);
+    let output = run_bounded(give_up, 2 * PATIENCE).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    for missing in ["in.jsonl:1: no result for custom_id \"i-0\"", "in.jsonl:2: no result for custom_id \"i-1\""] {
+        assert!(stderr.contains(missing), "`{missing}` is listed: {stderr}");
+    }
+    assert!(results_in(&out).is_empty());
+
+    // Nothing was lost by giving up: once a worker runs, the same command collects every result.
+    let worker = env.spawn_worker(env.config(&providers), "w1").await;
+    let again = run_bounded(command(&config, &args), 2 * PATIENCE).await;
+    assert_eq!(again.status.code(), Some(0), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(ids(&results_in(&out)), ["i-0".to_string(), "i-1".to_string()].into());
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn an_interrupted_enqueue_resumes_without_losing_results() {
     let env = TestEnv::new().await;
     let mut slow = MockOptions::new(Profile::Groq);
