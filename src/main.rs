@@ -37,7 +37,8 @@ enum Command {
     /// Apply the Postgres migrations and exit.
     Migrate,
     /// Publish every line of an OpenAI-Batch file as a job and write the results to OUT
-    /// (resumable: lines already in OUT are skipped). Exit 3 if a line was invalid or failed.
+    /// (resumable: lines already in OUT are skipped). Exit 3 if a line was invalid, failed, or
+    /// got no result before the idle timeout.
     Enqueue {
         input: PathBuf,
         #[arg(long)]
@@ -45,6 +46,10 @@ enum Command {
         /// Write failed lines here instead of OUT (like the Batch API's error file).
         #[arg(long)]
         errors: Option<PathBuf>,
+        /// Give up when no result has arrived for this long, e.g. `2h` (default: the longest
+        /// max_wait of the lines plus 30 minutes).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle_timeout: Option<Duration>,
     },
     /// Run the same chains in-process, without RabbitMQ (and without Postgres unless
     /// DATABASE_URL is set). Exit 3 if a line was invalid or failed.
@@ -127,8 +132,13 @@ async fn run(cli: Cli) -> ExitCode {
         }
     });
     let backlog_run = match &cli.command {
-        Command::Enqueue { input, out, errors } => {
-            let options = fallback_worker::cli::enqueue::EnqueueOptions { input, out, errors: errors.as_deref() };
+        Command::Enqueue { input, out, errors, idle_timeout } => {
+            let options = fallback_worker::cli::enqueue::EnqueueOptions {
+                input,
+                out,
+                errors: errors.as_deref(),
+                idle_timeout: *idle_timeout,
+            };
             Some(fallback_worker::cli::enqueue::run(&config, options, shutdown.clone()).await)
         }
         Command::Batch { input, out, errors, concurrency } => {

@@ -32,9 +32,18 @@ pub struct Backlog {
     pub already_done: usize,
 }
 
-/// Reads `path`; invalid lines (bad JSON, contract §2, unknown chain, a repeated `custom_id`)
-/// are reported as `FILE:LINE: problem` and skipped.
-pub fn read_input(path: &Path, done: &HashSet<String>, chains: &BTreeSet<String>) -> anyhow::Result<Backlog> {
+/// Reads `path`; invalid lines (bad JSON, contract §2, unknown chain, a repeated `custom_id`,
+/// more than `max_line_bytes` when given) are reported as `FILE:LINE: problem` and skipped.
+///
+/// `max_line_bytes` is for `enqueue`: a worker refuses a message over `amqp.max_message_bytes`
+/// before reading it, so its error result cannot name the line; refusing the line here, with its
+/// number, is clearer than publishing a job that is bound to fail.
+pub fn read_input(
+    path: &Path,
+    done: &HashSet<String>,
+    chains: &BTreeSet<String>,
+    max_line_bytes: Option<usize>,
+) -> anyhow::Result<Backlog> {
     let file = File::open(path).with_context(|| format!("cannot open the input {}", path.display()))?;
     let mut backlog = Backlog::default();
     let mut seen = HashSet::new();
@@ -44,6 +53,12 @@ pub fn read_input(path: &Path, done: &HashSet<String>, chains: &BTreeSet<String>
         if raw.trim().is_empty() {
             continue;
         }
+        let too_big = max_line_bytes.filter(|limit| raw.len() > *limit).map(|limit| {
+            format!(
+                "the line has {} bytes, more than amqp.max_message_bytes ({limit}): a worker would refuse it",
+                raw.len()
+            )
+        });
         let problem = match Job::parse(raw.as_bytes()) {
             Err(invalid) => Some(invalid.message),
             Ok(job) if !chains.contains(&job.chain) => Some(format!("unknown chain `{}`", job.chain)),
@@ -54,6 +69,7 @@ pub fn read_input(path: &Path, done: &HashSet<String>, chains: &BTreeSet<String>
                 backlog.already_done += 1;
                 None
             }
+            Ok(_) if too_big.is_some() => too_big,
             Ok(job) => {
                 backlog.pending.push(Line { number, job, raw });
                 None
@@ -203,19 +219,22 @@ impl Progress {
 }
 
 /// The summary line and exit code (contract §1): 0 only when every line has a successful result.
-pub fn conclude(backlog: &Backlog, output: &Output) -> ExitCode {
+/// `unanswered` lines (the run gave up waiting for them) count against success like failures:
+/// the run is over, but not every line got a result.
+pub fn conclude(backlog: &Backlog, output: &Output, unanswered: usize) -> ExitCode {
     eprintln!(
-        "{} succeeded, {} failed, {} invalid line(s){}",
+        "{} succeeded, {} failed, {} invalid line(s){}{}",
         output.succeeded,
         output.failed,
         backlog.invalid,
+        if unanswered > 0 { format!(", {unanswered} without a result") } else { String::new() },
         if backlog.already_done > 0 {
             format!(" ({} done by an earlier run)", backlog.already_done)
         } else {
             String::new()
         }
     );
-    if backlog.invalid == 0 && output.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) }
+    if backlog.invalid == 0 && output.failed == 0 && unanswered == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) }
 }
 
 #[cfg(test)]
@@ -245,13 +264,35 @@ mod tests {
         );
         let done: HashSet<String> = ["c".to_string()].into();
         let chains: BTreeSet<String> = ["default".to_string()].into();
-        let backlog = read_input(&input, &done, &chains).unwrap();
+        let backlog = read_input(&input, &done, &chains, None).unwrap();
         assert_eq!(
             backlog.pending.iter().map(|l| (l.number, l.job.custom_id.as_str())).collect::<Vec<_>>(),
             vec![(1, "a")]
         );
         assert_eq!(backlog.invalid, 3);
         assert_eq!(backlog.already_done, 1);
+    }
+
+    #[test]
+    fn lines_over_the_size_limit_are_invalid_with_their_number() {
+        let small = "{\"custom_id\":\"a\",\"body\":{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}}";
+        let big = format!(
+            "{{\"custom_id\":\"big\",\"body\":{{\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}}}",
+            "x".repeat(200)
+        );
+        let input = temp("in.jsonl", &format!("{small}\n{big}\n"));
+        let chains: BTreeSet<String> = ["default".to_string()].into();
+        let limit = small.len().max(100);
+        let backlog = read_input(&input, &HashSet::new(), &chains, Some(limit)).unwrap();
+        assert_eq!(backlog.pending.iter().map(|l| l.number).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(backlog.invalid, 1, "the big line is counted as invalid");
+        // Exactly at the limit is allowed, as in the worker (`len > max_message_bytes` is refused).
+        let exact = read_input(&input, &HashSet::new(), &chains, Some(big.len())).unwrap();
+        assert_eq!(exact.pending.len(), 2);
+        assert_eq!(exact.invalid, 0);
+        // `batch` has no broker and no such limit.
+        let unlimited = read_input(&input, &HashSet::new(), &chains, None).unwrap();
+        assert_eq!(unlimited.pending.len(), 2);
     }
 
     #[test]

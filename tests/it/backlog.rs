@@ -42,6 +42,38 @@ async fn run(mut command: Command) -> Output {
     tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
 }
 
+/// Like [`run`], but the test fails (and the process is killed) if it has not ended within
+/// `limit`: for the runs that used to wait forever.
+async fn run_bounded(mut command: Command, limit: Duration) -> Output {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id().to_string();
+    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
+    match tokio::time::timeout(limit, waiting).await {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("the command did not end within {limit:?}");
+        }
+    }
+}
+
+/// A config file for `enqueue` with extra `[amqp]` keys.
+fn config_file_with_amqp(env: &TestEnv, providers_and_chains: &str, amqp_keys: &str) -> PathBuf {
+    let text = env.config_text(providers_and_chains, "").replacen("[amqp]\n", &format!("[amqp]\n{amqp_keys}\n"), 1);
+    let path = env.dir.join(format!("enqueue-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A job line of more than `bytes` bytes.
+fn big_job(custom_id: &str, bytes: usize) -> String {
+    serde_json::json!({"custom_id": custom_id, "body": {"messages": [{"role": "user", "content": "x".repeat(bytes)}]}})
+        .to_string()
+}
+
+/// The small `max_message_bytes` these tests give the workers (the default is 1 MiB).
+const SMALL_LIMIT: usize = 4096;
+
 fn providers(free: &MockProvider, strict: &MockProvider) -> String {
     format!(
         "{}{}{}{}",
@@ -81,6 +113,99 @@ async fn enqueue_reports_invalid_lines_splits_failures_and_exits_3() {
     let failed = results_in(&err);
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].error.as_ref().unwrap().code, ErrorCode::AllProvidersFailed);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn enqueue_refuses_a_line_over_max_message_bytes_and_ends() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let providers = providers(&free, &narrow);
+    let mut worker_config = env.config(&providers);
+    worker_config.amqp.max_message_bytes = SMALL_LIMIT;
+    let worker = env.spawn_worker(worker_config, "w1").await;
+    let config = config_file_with_amqp(&env, &providers, &format!("max_message_bytes = {SMALL_LIMIT}"));
+    let mut lines: Vec<String> = (0..3).map(|i| job(&format!("ok-{i}"))).collect();
+    lines.push(big_job("big", SMALL_LIMIT + 2000));
+    let input = write_input(&env, "in.jsonl", &lines);
+    let (out, err) = (env.dir.join("out.jsonl"), env.dir.join("err.jsonl"));
+    env.remove_later(reply_queue_for(&out));
+    let args = ["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--errors", err.to_str().unwrap()];
+    let output = run_bounded(command(&config, &args), 2 * PATIENCE).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("in.jsonl:4:") && stderr.contains("max_message_bytes"),
+        "the big line is reported with its number and why: {stderr}"
+    );
+    let good = results_in(&out);
+    assert_eq!(ids(&good), (0..3).map(|i| format!("ok-{i}")).collect());
+    assert!(good.iter().all(JobResult::is_success));
+    assert!(results_in(&err).is_empty(), "the refused line was never published, so it has no result");
+    assert_eq!(env.client.depth(&env.dead_queue()).await, 0, "nothing reached the dead-letter queue");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn enqueue_matches_a_poison_result_without_custom_id_by_its_correlation_id() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let providers = providers(&free, &narrow);
+    // The workers' limit is smaller than the one enqueue knows of (its config has the default):
+    // enqueue publishes the big line, and the worker refuses it before reading its custom_id.
+    let mut worker_config = env.config(&providers);
+    worker_config.amqp.max_message_bytes = SMALL_LIMIT;
+    let worker = env.spawn_worker(worker_config, "w1").await;
+    let config = env.config_file(&providers, "");
+    let lines = vec![job("ok-0"), big_job("big", SMALL_LIMIT + 2000), job("ok-1")];
+    let input = write_input(&env, "in.jsonl", &lines);
+    let (out, err) = (env.dir.join("out.jsonl"), env.dir.join("err.jsonl"));
+    env.remove_later(reply_queue_for(&out));
+    let args = ["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--errors", err.to_str().unwrap()];
+    let output = run_bounded(command(&config, &args), 2 * PATIENCE).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert_eq!(ids(&results_in(&out)), ["ok-0".to_string(), "ok-1".to_string()].into());
+    let failed = results_in(&err);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].custom_id.as_deref(), Some("big"), "filled in from the correlation id");
+    let error = failed[0].error.as_ref().unwrap();
+    assert_eq!(error.code, ErrorCode::InvalidRequest);
+    assert!(error.message.contains("max_message_bytes"), "{}", error.message);
+    assert_eq!(env.client.depth(&env.dead_queue()).await, 1, "the worker dead-lettered the big job");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn enqueue_gives_up_after_the_idle_timeout_listing_the_lines_without_a_result() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let providers = providers(&free, &narrow);
+    // The jobs queue exists but no worker consumes it: no result is ever coming.
+    env.client.declare(&env.jobs).await;
+    let config = env.config_file(&providers, "");
+    let input = write_input(&env, "in.jsonl", &[job("i-0"), job("i-1")]);
+    let out = env.dir.join("out.jsonl");
+    env.remove_later(reply_queue_for(&out));
+    let args = ["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut give_up = command(&config, &args);
+    give_up.args(["--idle-timeout", "2s"]);
+    let output = run_bounded(give_up, 2 * PATIENCE).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    for missing in ["in.jsonl:1: no result for custom_id \"i-0\"", "in.jsonl:2: no result for custom_id \"i-1\""] {
+        assert!(stderr.contains(missing), "`{missing}` is listed: {stderr}");
+    }
+    assert!(results_in(&out).is_empty());
+
+    // Nothing was lost by giving up: once a worker runs, the same command collects every result.
+    let worker = env.spawn_worker(env.config(&providers), "w1").await;
+    let again = run_bounded(command(&config, &args), 2 * PATIENCE).await;
+    assert_eq!(again.status.code(), Some(0), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(ids(&results_in(&out)), ["i-0".to_string(), "i-1".to_string()].into());
     worker.stop().await;
 }
 
