@@ -185,9 +185,25 @@ fn bare_routing(chain: String, worker: String, took: Duration) -> Routing {
 /// Runs one line through its chain, waiting in place (there is no broker to park it in).
 async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: String) -> JobResult {
     let started = Instant::now();
-    let max_wait = line.job.max_wait.unwrap_or(chain.max_wait);
+    let max_wait = match chain.max_wait_for(line.job.max_wait) {
+        Ok(max_wait) => max_wait,
+        Err(reason) => {
+            let routing = Routing {
+                chain: Some(chain.name.clone()),
+                provider: None,
+                model: None,
+                free: None,
+                attempts: Vec::new(),
+                worker,
+                queued_ms: 0,
+                total_ms: 0,
+            };
+            return error_result(Some(line.job.custom_id.clone()), ErrorCode::InvalidRequest, reason, routing);
+        }
+    };
     let mut progress = JobProgress::new(SystemTime::now());
-    let hold = HoldPolicy { hold_limit: max_wait, hold_until: started + max_wait + Duration::from_secs(60) };
+    let hold_until = started.checked_add(max_wait.saturating_add(Duration::from_secs(60))).unwrap_or(started);
+    let hold = HoldPolicy { hold_limit: max_wait, hold_until };
     let verdict = chain::run(chain, &line.job.body, max_wait, &mut progress, state, hold).await;
     let total_ms = started.elapsed().as_millis() as u64;
     let routing = Routing {
@@ -253,8 +269,13 @@ mod tests {
 
     #[test]
     fn the_bound_covers_max_wait_and_two_walks_of_the_chain() {
-        let chain =
-            Chain { name: "c".into(), members: Vec::new(), max_wait: Duration::ZERO, free_wait: Duration::ZERO };
+        let chain = Chain {
+            name: "c".into(),
+            members: Vec::new(),
+            max_wait: Duration::ZERO,
+            max_wait_limit: Duration::ZERO,
+            free_wait: Duration::ZERO,
+        };
         assert_eq!(line_bound(Duration::from_secs(600), &chain), Duration::from_secs(600 + 120));
         assert_eq!(line_bound(Duration::MAX, &chain), Duration::MAX, "no overflow on external numbers");
     }
