@@ -5,6 +5,7 @@
 //! [`run`] repeats passes, waiting in between while the wait is short, and hands a long wait back
 //! to the caller (the worker parks the job in a delay queue rather than hold a broker slot).
 
+pub mod clock;
 mod outcome;
 
 use std::collections::{HashMap, HashSet};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-pub use outcome::{circuit_cooldown, cooldown_for};
+pub use outcome::{CIRCUIT_THRESHOLD, circuit_cooldown, cooldown_for};
 
 use crate::config::LimitConfig;
 use crate::job::{ChatBody, ErrorCode, estimate_prompt_tokens, requested_completion_tokens};
