@@ -166,9 +166,9 @@ impl JobHandler {
         let max_wait = job.max_wait.unwrap_or(chain.max_wait);
         let mut progress = JobProgress::resume(incoming.first_seen, incoming.previous_attempts.clone());
         let carried = incoming.previous_attempts.len();
-        let hold =
-            HoldPolicy { hold_limit: self.rules.hold_limit, hold_until: clock.started + self.rules.delivery_deadline };
-        let run = chain::run(chain, &job.body, max_wait, &mut progress, self.state.as_ref(), hold);
+        let left = self.rules.delivery_deadline.saturating_sub(clock.started.elapsed());
+        let hold = HoldPolicy::new(self.rules.hold_limit, SystemTime::now(), left);
+        let run = chain::run(chain, &job.body, max_wait, &mut progress, self.state.as_ref(), hold, &chain::SystemClock);
         let verdict = match tokio::time::timeout(self.rules.delivery_deadline, run).await {
             Ok(verdict) => verdict,
             // The delivery's hard deadline: hand the job back through a short park.

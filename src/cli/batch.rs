@@ -5,14 +5,14 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::backlog::{Line, Output, Progress, conclude, read_input};
 use crate::app::{build_chains, migrate_when_reachable};
-use crate::chain::{self, Chain, HoldPolicy, JobProgress};
+use crate::chain::{self, Chain, Clock, HoldPolicy, JobProgress, SystemClock};
 use crate::config::Config;
 use crate::job::{ErrorCode, JobResult, Routing};
 use crate::providers::http::shared_client;
@@ -95,10 +95,12 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
 /// Runs one line through its chain, waiting in place (there is no broker to park it in).
 async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: String) -> JobResult {
     let started = Instant::now();
+    let clock = SystemClock;
     let max_wait = line.job.max_wait.unwrap_or(chain.max_wait);
-    let mut progress = JobProgress::new(SystemTime::now());
-    let hold = HoldPolicy { hold_limit: max_wait, hold_until: started + max_wait + Duration::from_secs(60) };
-    let verdict = chain::run(chain, &line.job.body, max_wait, &mut progress, state, hold).await;
+    let mut progress = JobProgress::new(clock.now());
+    // Every wait within max_wait happens in place: there is no broker to park the job in.
+    let hold = HoldPolicy::new(max_wait, clock.now(), max_wait.saturating_add(Duration::from_secs(60)));
+    let verdict = chain::run(chain, &line.job.body, max_wait, &mut progress, state, hold, &clock).await;
     let total_ms = started.elapsed().as_millis() as u64;
     let routing = Routing {
         chain: Some(chain.name.clone()),
