@@ -9,5 +9,6 @@ mod delivery;
 mod dialects;
 mod faults;
 mod observability;
+mod outages;
 mod poison;
 mod shared_state;
