@@ -17,7 +17,7 @@ use crate::broker::headers::{self, HeaderKey, Parked, ParkedState};
 use crate::broker::{
     ConnectionLost, DeliveryHandler, Incoming, Outgoing, PublishError, Publisher, Routed, Settlement, Topology,
 };
-use crate::chain::{self, Chain, HoldPolicy, JobProgress, Verdict};
+use crate::chain::{self, Chain, HoldPolicy, JobProgress, SystemClock, Verdict};
 use crate::job::{ErrorCode, ErrorEnvelope, InvalidJob, Job, JobResult, ResponseEnvelope, Routing};
 use crate::observability;
 use crate::routing::Attempt;
@@ -237,9 +237,10 @@ impl JobHandler {
         };
         let carried = previous.len();
         let mut progress = JobProgress::resume(first_seen, previous);
-        let hold_until = timing.started.checked_add(self.rules.delivery_deadline).unwrap_or(timing.started);
-        let hold = HoldPolicy { hold_limit: self.rules.hold_limit, hold_until };
-        let chain_run = chain::run(run.chain, &run.job.body, run.max_wait, &mut progress, self.state.as_ref(), hold);
+        let left = self.rules.delivery_deadline.saturating_sub(timing.started.elapsed());
+        let hold = HoldPolicy::new(self.rules.hold_limit, SystemTime::now(), left);
+        let state = self.state.as_ref();
+        let chain_run = chain::run(run.chain, &run.job.body, run.max_wait, &mut progress, state, hold, &SystemClock);
         let verdict = match tokio::time::timeout(self.rules.delivery_deadline, chain_run).await {
             Ok(verdict) => verdict,
             // The delivery's hard deadline: hand the job back through a short park.

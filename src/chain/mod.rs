@@ -1,25 +1,28 @@
 //! The fallback engine: pure logic over two traits, [`ChatProvider`] and [`ProviderState`].
 //!
-//! It knows nothing of AMQP, SQL or HTTP. One *pass* walks the chain in order and either gets an
-//! answer, fails for good, or names the earliest instant a provider becomes usable again;
-//! [`run`] repeats passes, waiting in between while the wait is short, and hands a long wait back
-//! to the caller (the worker parks the job in a delay queue rather than hold a broker slot).
+//! It knows nothing of AMQP, SQL or HTTP, and reads the time only from a [`Clock`]. One *pass*
+//! walks the chain in order and either gets an answer, fails for good, or names the earliest
+//! instant a provider becomes usable again; [`run`] repeats passes, waiting in between while the
+//! wait is short, and hands a long wait back to the caller (the worker parks the job in a delay
+//! queue rather than hold a broker slot).
 
+pub mod clock;
 mod outcome;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-pub use outcome::{circuit_cooldown, cooldown_for};
+pub use clock::{Clock, SystemClock, far_future, later};
+pub use outcome::{CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
 
 use crate::config::LimitConfig;
 use crate::job::{ChatBody, ErrorCode, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
 use crate::routing::{Attempt, AttemptOutcome, CooldownReason};
-use crate::state::{Admission, Ask, Cooldown, ProviderState, QuotaMeasure};
+use crate::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
 
 /// One provider as a chain uses it.
 #[derive(Clone)]
@@ -91,7 +94,7 @@ impl JobProgress {
     /// again: a skip repeating the provider's previous one only moves that entry's `until`, so the
     /// result (and the metrics) list each stretch of skipping once, not once per wake-up.
     fn skip(&mut self, member: &Member, outcome: AttemptOutcome, until: Option<SystemTime>, message: Option<String>) {
-        let until = until.map(|t| humantime::format_rfc3339_millis(t).to_string());
+        let until = until.map(stamp);
         let previous = self.attempts.iter_mut().rev().find(|a| a.provider == member.name);
         if let Some(previous) = previous.filter(|a| a.outcome == outcome) {
             previous.until = until;
@@ -128,7 +131,39 @@ pub struct HoldPolicy {
     /// Waits up to this long happen in place; longer ones are returned as [`Verdict::Wait`].
     pub hold_limit: Duration,
     /// Never wait in place past this instant (the delivery's deadline).
-    pub hold_until: Instant,
+    pub hold_until: SystemTime,
+}
+
+impl HoldPolicy {
+    /// Waits of up to `hold_limit` in place, none ending more than `hold_for` after `now`.
+    pub fn new(hold_limit: Duration, now: SystemTime, hold_for: Duration) -> Self {
+        Self { hold_limit, hold_until: later(now, hold_for) }
+    }
+}
+
+/// When a passed-over provider may be tried again, and whose word that time is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NextTry {
+    at: SystemTime,
+    /// The provider gave this time (a 429's retry time, a daily reset), or it is certain (a
+    /// limit's window, `free_wait`): a deadline before it may fail the job at once. Otherwise
+    /// it is our estimate (an open circuit, a backoff, a host that did not answer), which the
+    /// job waits out until its deadline (contract §6).
+    firm: bool,
+}
+
+impl NextTry {
+    fn firm(at: SystemTime) -> Self {
+        Self { at, firm: true }
+    }
+
+    fn estimate(at: SystemTime) -> Self {
+        Self { at, firm: false }
+    }
+
+    fn after_cooldown(cooldown: &Cooldown) -> Self {
+        Self { at: cooldown.until, firm: outcome::is_providers_word(cooldown.reason) }
+    }
 }
 
 /// Runs passes until the job is answered, fails, or must wait longer than the policy allows.
@@ -139,18 +174,20 @@ pub async fn run(
     progress: &mut JobProgress,
     state: &dyn ProviderState,
     hold: HoldPolicy,
+    clock: &dyn Clock,
 ) -> Verdict {
     loop {
-        let verdict = run_pass(chain, body, max_wait, progress, state).await;
+        let verdict = run_pass(chain, body, max_wait, progress, state, clock).await;
         let Verdict::Wait { until } = verdict else {
             return verdict;
         };
-        let wait = until.duration_since(SystemTime::now()).unwrap_or_default();
-        let wait = wait + spread(wait);
-        if wait > hold.hold_limit || Instant::now() + wait > hold.hold_until {
+        let now = clock.now();
+        let wait = until.duration_since(now).unwrap_or_default();
+        let wait = wait.saturating_add(spread(wait));
+        if wait > hold.hold_limit || later(now, wait) > hold.hold_until {
             return Verdict::Wait { until };
         }
-        tokio::time::sleep(wait).await;
+        clock.sleep(wait).await;
     }
 }
 
@@ -168,16 +205,15 @@ pub async fn run_pass(
     max_wait: Duration,
     progress: &mut JobProgress,
     state: &dyn ProviderState,
+    clock: &dyn Clock,
 ) -> Verdict {
-    let needed_tokens = estimate_prompt_tokens(body) + requested_completion_tokens(body).unwrap_or(0);
-    let mut wake: Option<SystemTime> = None;
-    let mut earliest = |t: SystemTime| wake = Some(wake.map_or(t, |w: SystemTime| w.min(t)));
-
+    let needed_tokens = estimate_prompt_tokens(body).saturating_add(requested_completion_tokens(body).unwrap_or(0));
+    let mut next_tries = Vec::new();
     for member in &chain.members {
         if progress.dropped.contains(&member.name) {
             continue;
         }
-        let now = SystemTime::now();
+        let now = clock.now();
         if member.context_window.is_some_and(|window| needed_tokens > window) {
             let message = format!(
                 "about {needed_tokens} tokens do not fit a {}-token context",
@@ -190,16 +226,17 @@ pub async fn run_pass(
         if let Some(&(not_before, _)) = progress.backoff.get(&member.name)
             && not_before > now
         {
-            earliest(not_before);
+            next_tries.push(NextTry::estimate(not_before));
             continue;
         }
-        let paid_from = progress.first_seen + chain.free_wait;
+        let paid_from = later(progress.first_seen, chain.free_wait);
         if !member.free && now < paid_from {
             progress.skip(member, AttemptOutcome::SkippedPaid, Some(paid_from), None);
-            earliest(paid_from);
+            next_tries.push(NextTry::firm(paid_from));
             continue;
         }
-        match call_member(member, body, needed_tokens, progress, state).await {
+        let call = Call { member, body, tokens: needed_tokens, state, clock };
+        match call_member(&call, progress).await {
             Ok(completion) => {
                 return Verdict::Answered {
                     provider: member.name.clone(),
@@ -208,36 +245,59 @@ pub async fn run_pass(
                     completion,
                 };
             }
-            Err(Some(retry_at)) => earliest(retry_at),
+            Err(Some(next)) => next_tries.push(next),
             Err(None) => {}
         }
     }
+    conclude(chain, max_wait, progress, &next_tries, clock.now())
+}
 
-    let deadline = progress.first_seen + max_wait;
-    match wake {
-        Some(until) if until <= deadline => Verdict::Wait { until },
-        Some(until) => Verdict::Failed {
-            code: ErrorCode::DeadlineExceeded,
-            message: format!(
-                "no provider of chain `{}` becomes usable within max_wait ({}); the earliest is at {}",
-                chain.name,
-                humantime::format_duration(max_wait),
-                humantime::format_rfc3339_seconds(until)
-            ),
-        },
-        None => Verdict::Failed { code: ErrorCode::AllProvidersFailed, message: all_failed_message(chain, progress) },
+/// What a pass that got no answer means for the job. It waits for the earliest provider within
+/// its deadline; when every provider is beyond it, the job fails at once only if each of those
+/// times is the provider's own word, and otherwise waits until the deadline (an estimate may be
+/// wrong: the provider may come back sooner) and fails there.
+fn conclude(
+    chain: &Chain,
+    max_wait: Duration,
+    progress: &JobProgress,
+    next_tries: &[NextTry],
+    now: SystemTime,
+) -> Verdict {
+    let Some(earliest) = next_tries.iter().map(|next| next.at).min() else {
+        return Verdict::Failed { code: ErrorCode::AllProvidersFailed, message: all_failed_message(chain, progress) };
+    };
+    let deadline = later(progress.first_seen, max_wait);
+    if earliest <= deadline {
+        return Verdict::Wait { until: earliest };
+    }
+    if now < deadline && !next_tries.iter().all(|next| next.firm) {
+        return Verdict::Wait { until: deadline };
+    }
+    Verdict::Failed {
+        code: ErrorCode::DeadlineExceeded,
+        message: format!(
+            "no provider of chain `{}` becomes usable within max_wait ({}); the earliest is at {}",
+            chain.name,
+            humantime::format_duration(max_wait),
+            stamp(earliest)
+        ),
     }
 }
 
-/// Calls one member (with in-place retries on timeout/5xx). `Err(Some(t))`: usable again at
-/// `t`; `Err(None)`: dropped for this job.
-async fn call_member(
-    member: &Member,
-    body: &ChatBody,
+/// One member's call for one job: what [`call_member`] and its helpers share.
+struct Call<'a> {
+    member: &'a Member,
+    body: &'a ChatBody,
+    /// The request's estimated size (prompt + completion budget).
     tokens: u64,
-    progress: &mut JobProgress,
-    state: &dyn ProviderState,
-) -> Result<Completion, Option<SystemTime>> {
+    state: &'a dyn ProviderState,
+    clock: &'a dyn Clock,
+}
+
+/// Calls one member (with in-place retries on timeout/5xx). `Err(Some(next))`: usable again
+/// then; `Err(None)`: dropped for this job.
+async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Completion, Option<NextTry>> {
+    let member = call.member;
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
         .with_max_delay(Duration::from_secs(4))
@@ -245,39 +305,14 @@ async fn call_member(
         .with_jitter()
         .build();
     loop {
-        let ask =
-            Ask { provider: &member.name, limits: &member.limits, tokens, flight: member.timeout + FLIGHT_MARGIN };
-        let permit = match state.admit(ask, SystemTime::now()).await {
-            Admission::Granted(permit) => permit,
-            Admission::Cooling(cooldown) => {
-                progress.skip(member, AttemptOutcome::SkippedCooldown, Some(cooldown.until), None);
-                return Err(Some(cooldown.until));
-            }
-            Admission::OverQuota { until, measure } => {
-                let what = match measure {
-                    QuotaMeasure::Requests => "request limit",
-                    QuotaMeasure::Tokens => "token limit",
-                };
-                progress.skip(member, AttemptOutcome::SkippedQuota, Some(until), Some(format!("{what} reached")));
-                return Err(Some(until));
-            }
-            Admission::TooLarge => {
-                let message = format!("about {tokens} tokens exceed one of the provider's token limits");
-                progress.skip(member, AttemptOutcome::SkippedContext, None, Some(message));
-                progress.dropped.insert(member.name.clone());
-                return Err(None);
-            }
-        };
-        let started = Instant::now();
-        let result = member.provider.complete(body).await;
-        let latency_ms = started.elapsed().as_millis() as u64;
-        state.finish(permit, result.as_ref().ok().and_then(|c| c.total_tokens)).await;
+        let permit = admit(call, progress).await?;
+        let started = call.clock.now();
+        let result = member.provider.complete(call.body).await;
+        let latency_ms = elapsed_ms(call.clock, started);
+        call.state.finish(permit, result.as_ref().ok().and_then(|c| c.total_tokens)).await;
         let failure = match result {
             Ok(completion) => {
-                state.record_success(&member.name).await;
-                if let Some(until) = completion.exhausted_until {
-                    spent_budget(member, until, state).await;
-                }
+                settle_success(call, &completion).await;
                 progress.attempts.push(Attempt {
                     provider: member.name.clone(),
                     outcome: AttemptOutcome::Ok,
@@ -290,80 +325,157 @@ async fn call_member(
             }
             Err(failure) => failure,
         };
-        // A timeout that will be retried in place does not cool the provider down yet.
         let retry_delay = if failure.kind.is_retryable_in_place() { delays.next() } else { None };
-        let retry_at = if retry_delay.is_some() && failure.kind == FailureKind::Timeout {
-            None
+        // A timeout that will be retried in place does not cool the provider down yet.
+        let settled = if retry_delay.is_some() && failure.kind == FailureKind::Timeout {
+            Settled::Nothing
         } else {
-            settle_failure(member, &failure, progress, state).await
+            settle_failure(call, &failure, progress).await
         };
         progress.attempts.push(Attempt {
             provider: member.name.clone(),
             outcome: failure.kind.into(),
             status: failure.status,
             latency_ms,
-            until: retry_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            until: settled.next_try().map(|next| stamp(next.at)),
             message: Some(failure.message.clone()),
         });
-        let circuit_open = retry_at.is_some_and(|t| t > SystemTime::now() + Duration::from_secs(5));
-        match retry_delay {
-            Some(delay) if !circuit_open => tokio::time::sleep(delay).await,
-            _ if failure.kind == FailureKind::Client => {
+        match (failure.kind, retry_delay, settled) {
+            (FailureKind::Client, _, _) => {
                 progress.dropped.insert(member.name.clone());
                 return Err(None);
             }
-            _ => {
-                return Err(Some(retry_at.unwrap_or_else(|| SystemTime::now() + Duration::from_secs(1))));
+            (_, Some(delay), Settled::JobBackoff(_) | Settled::Nothing) => call.clock.sleep(delay).await,
+            (_, _, Settled::Shared(next) | Settled::JobBackoff(next)) => return Err(Some(next)),
+            (_, None, Settled::Nothing) => {
+                return Err(Some(NextTry::estimate(later(call.clock.now(), Duration::from_secs(1)))));
             }
         }
     }
 }
 
-/// Slack on top of a provider's timeout before an unanswered call stops counting in its windows.
-const FLIGHT_MARGIN: Duration = Duration::from_secs(5);
-
-/// A success whose headers say a budget is spent: cool the provider down until its reset rather
-/// than let the next call collect a 429.
-async fn spent_budget(member: &Member, until: SystemTime, state: &dyn ProviderState) {
-    let now = SystemTime::now();
-    if until <= now {
-        return;
-    }
-    let reason =
-        if until > now + Duration::from_secs(3600) { CooldownReason::QuotaDay } else { CooldownReason::RateLimited };
-    let detail = "the provider's rate-limit headers report a spent budget".to_string();
-    state.cool_down(&member.name, Cooldown { until, reason, detail }).await;
+/// Milliseconds since `started` on `clock` (zero if the clock went backwards).
+fn elapsed_ms(clock: &dyn Clock, started: SystemTime) -> u64 {
+    let elapsed = clock.now().duration_since(started).unwrap_or_default();
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Applies a failure to the shared state; returns when the provider is usable again for this job.
-async fn settle_failure(
-    member: &Member,
-    failure: &Failure,
-    progress: &mut JobProgress,
-    state: &dyn ProviderState,
-) -> Option<SystemTime> {
-    let now = SystemTime::now();
-    if let Some((until, reason)) = cooldown_for(failure, now) {
-        let detail = failure.message.clone();
-        state.cool_down(&member.name, Cooldown { until, reason, detail }).await;
-        return Some(until);
+/// Slack on top of a provider's timeout before an unanswered call stops counting in its windows
+/// (and before a half-open probe that never answered may be taken by someone else).
+const FLIGHT_MARGIN: Duration = Duration::from_secs(5);
+
+/// Asks the shared state for one call. A provider whose circuit has just ended is called by one
+/// job across all workers (the half-open probe); every other job skips it as cooling down.
+async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Option<NextTry>> {
+    let member = call.member;
+    let now = call.clock.now();
+    let flight = member.timeout.saturating_add(FLIGHT_MARGIN);
+    let ask = Ask { provider: &member.name, limits: &member.limits, tokens: call.tokens, flight };
+    let mut admission = call.state.admit(ask, now).await;
+    if let Admission::Granted(permit) = admission {
+        if call.state.claim_probe(&member.name, now, flight).await {
+            return Ok(permit);
+        }
+        // Another job probes the provider: give the slot back and learn until when it holds it.
+        call.state.finish(permit, None).await;
+        admission = call.state.admit(ask, now).await;
+    }
+    match admission {
+        Admission::Granted(permit) => Ok(permit),
+        Admission::Cooling(cooldown) => {
+            progress.skip(member, AttemptOutcome::SkippedCooldown, Some(cooldown.until), None);
+            Err(Some(NextTry::after_cooldown(&cooldown)))
+        }
+        Admission::OverQuota { until, measure } => {
+            let what = match measure {
+                QuotaMeasure::Requests => "request limit",
+                QuotaMeasure::Tokens => "token limit",
+            };
+            progress.skip(member, AttemptOutcome::SkippedQuota, Some(until), Some(format!("{what} reached")));
+            // Room comes no earlier than the window says: a certain time, not a guess.
+            Err(Some(NextTry::firm(until)))
+        }
+        Admission::TooLarge => {
+            let message = format!("about {} tokens exceed one of the provider's token limits", call.tokens);
+            progress.skip(member, AttemptOutcome::SkippedContext, None, Some(message));
+            progress.dropped.insert(member.name.clone());
+            Err(None)
+        }
+    }
+}
+
+/// A success closes the provider's circuit; one whose headers say a budget is spent cools the
+/// provider down until its reset rather than let the next call collect a 429.
+async fn settle_success(call: &Call<'_>, completion: &Completion) {
+    let member = call.member;
+    call.state.record_success(&member.name).await;
+    let Some(reset) = completion.exhausted_until else { return };
+    let now = call.clock.now();
+    if reset <= now {
+        return;
+    }
+    let until = clamp_asked(&member.name, reset, now);
+    let reason = if until > later(now, Duration::from_secs(3600)) {
+        CooldownReason::QuotaDay
+    } else {
+        CooldownReason::RateLimited
+    };
+    let detail = "the provider's rate-limit headers report a spent budget".to_string();
+    call.state.cool_down(&member.name, Cooldown { until, reason, detail }).await;
+}
+
+/// What a failure did to the provider's availability.
+#[derive(Debug, Clone, Copy)]
+enum Settled {
+    /// Cooling down for every worker (a 429, a bad key, an open circuit…).
+    Shared(NextTry),
+    /// Only this job stays away for a while (a lone 5xx).
+    JobBackoff(NextTry),
+    /// Nothing to wait for: a client error, or a timeout about to be retried in place.
+    Nothing,
+}
+
+impl Settled {
+    fn next_try(self) -> Option<NextTry> {
+        match self {
+            Self::Shared(next) | Self::JobBackoff(next) => Some(next),
+            Self::Nothing => None,
+        }
+    }
+}
+
+/// Applies a failure to the shared state and to the job's own backoff.
+async fn settle_failure(call: &Call<'_>, failure: &Failure, progress: &mut JobProgress) -> Settled {
+    let (member, state, now) = (call.member, call.state, call.clock.now());
+    if let Some((until, reason)) = cooldown_for(&member.name, failure, now) {
+        let cooldown = Cooldown { until, reason, detail: failure.message.clone() };
+        state.cool_down(&member.name, cooldown.clone()).await;
+        return Settled::Shared(NextTry::after_cooldown(&cooldown));
     }
     if failure.kind != FailureKind::Server {
-        return None;
+        return Settled::Nothing;
     }
+    // A 503's own retry-after, if any, still bounds how soon this provider is tried again.
+    let asked = failure.retry_at.map(|asked| clamp_asked(&member.name, asked, now));
     let consecutive = state.record_server_error(&member.name, &failure.message).await;
     if let Some(open_for) = circuit_cooldown(consecutive) {
-        let until = failure.retry_at.unwrap_or(now + open_for).max(now + open_for);
+        let until = later(now, open_for).max(asked.unwrap_or(now));
         let detail = format!("{consecutive} server errors in a row: {}", failure.message);
         state.cool_down(&member.name, Cooldown { until, reason: CooldownReason::Circuit, detail }).await;
-        return Some(until);
+        return Settled::Shared(NextTry::estimate(until));
     }
     // A lone 5xx: this job backs off from this provider for a while, others are not affected.
-    let failures = progress.backoff.get(&member.name).map_or(0, |&(_, n)| n) + 1;
+    let failures = progress.backoff.get(&member.name).map_or(0, |&(_, n)| n).saturating_add(1);
     let backoff = Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30));
-    let not_before = failure.retry_at.unwrap_or(now + backoff).max(now + backoff);
+    let not_before = later(now, backoff).max(asked.unwrap_or(now));
     progress.backoff.insert(member.name.clone(), (not_before, failures));
-    Some(not_before)
+    Settled::JobBackoff(NextTry::estimate(not_before))
+}
+
+/// An instant as RFC 3339 for results and messages; never panics (the formatter refuses years
+/// past 9999 and instants before 1970, so those are pinned to the range it can write).
+fn stamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at.clamp(SystemTime::UNIX_EPOCH, far_future())).to_string()
 }
 
 fn all_failed_message(chain: &Chain, progress: &JobProgress) -> String {

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use super::clock::later;
 use crate::providers::{Failure, FailureKind};
 use crate::routing::{AttemptOutcome, CooldownReason};
 
@@ -25,31 +26,81 @@ pub const AUTH_COOLDOWN: Duration = Duration::from_secs(3600);
 pub const MODEL_UNAVAILABLE_COOLDOWN: Duration = Duration::from_secs(3600);
 /// Consecutive 5xx answers (across all workers) that open the circuit.
 pub const CIRCUIT_THRESHOLD: u32 = 3;
-const CIRCUIT_BASE: Duration = Duration::from_secs(30);
+const CIRCUIT_BASE: Duration = Duration::from_secs(5);
 const CIRCUIT_MAX: Duration = Duration::from_secs(300);
+/// The shortest cooldown a provider can ask for: a `retry-after: 0` (or a reset already past)
+/// would otherwise invite an immediate herd of retries.
+pub const SHORTEST_ASKED_COOLDOWN: Duration = Duration::from_secs(1);
+/// The longest: a garbled header or a far-away reset must not take a provider out for days.
+pub const LONGEST_ASKED_COOLDOWN: Duration = Duration::from_secs(24 * 3600);
 
 /// The shared cooldown a failure calls for (contract §6), if any. Server errors are handled by
 /// [`circuit_cooldown`], client errors never cool a provider down.
-pub fn cooldown_for(failure: &Failure, now: SystemTime) -> Option<(SystemTime, CooldownReason)> {
+pub fn cooldown_for(provider: &str, failure: &Failure, now: SystemTime) -> Option<(SystemTime, CooldownReason)> {
+    let asked_or = |default: Duration| match failure.retry_at {
+        Some(asked) => clamp_asked(provider, asked, now),
+        None => later(now, default),
+    };
     match failure.kind {
         FailureKind::RateLimited => {
             let reason = if failure.daily { CooldownReason::QuotaDay } else { CooldownReason::RateLimited };
-            Some((failure.retry_at.unwrap_or(now + DEFAULT_RATE_LIMIT_COOLDOWN), reason))
+            Some((asked_or(DEFAULT_RATE_LIMIT_COOLDOWN), reason))
         }
-        FailureKind::Timeout | FailureKind::Connect => Some((now + UNREACHABLE_COOLDOWN, CooldownReason::Unreachable)),
-        FailureKind::Auth => Some((now + AUTH_COOLDOWN, CooldownReason::Auth)),
-        FailureKind::Credits => Some((failure.retry_at.unwrap_or(now + AUTH_COOLDOWN), CooldownReason::Credits)),
-        FailureKind::ModelUnavailable => Some((now + MODEL_UNAVAILABLE_COOLDOWN, CooldownReason::ModelUnavailable)),
+        FailureKind::Timeout | FailureKind::Connect => {
+            Some((later(now, UNREACHABLE_COOLDOWN), CooldownReason::Unreachable))
+        }
+        FailureKind::Auth => Some((later(now, AUTH_COOLDOWN), CooldownReason::Auth)),
+        FailureKind::Credits => Some((asked_or(AUTH_COOLDOWN), CooldownReason::Credits)),
+        FailureKind::ModelUnavailable => {
+            Some((later(now, MODEL_UNAVAILABLE_COOLDOWN), CooldownReason::ModelUnavailable))
+        }
         FailureKind::Server | FailureKind::Client => None,
     }
 }
 
-/// After `consecutive` 5xx answers in a row: the circuit's open time, growing with each further
-/// failure (30 s, 60 s, … up to 5 min). When it ends the next call is the half-open probe: its
-/// success closes the circuit, its failure reopens it for longer.
+/// A time a provider asked for (retry-after, a reset header, `RetryInfo`, a daily reset), held
+/// to [1 s, 24 h] from `now`. Every such time passes through here; a clamp is logged because it
+/// means the provider (or our reading of it) said something odd.
+pub fn clamp_asked(provider: &str, asked: SystemTime, now: SystemTime) -> SystemTime {
+    let earliest = later(now, SHORTEST_ASKED_COOLDOWN);
+    let latest = later(now, LONGEST_ASKED_COOLDOWN);
+    let clamped = asked.clamp(earliest, latest);
+    if clamped != asked {
+        let from_now = |t: SystemTime| match t.duration_since(now) {
+            Ok(ahead) => ahead.as_secs_f64(),
+            Err(behind) => -behind.duration().as_secs_f64(),
+        };
+        tracing::warn!(
+            provider,
+            asked_secs = from_now(asked),
+            clamped_secs = from_now(clamped),
+            "clamped the cooldown a provider asked for to [1 s, 24 h]"
+        );
+    }
+    clamped
+}
+
+/// After `consecutive` 5xx answers in a row: the circuit's open time, doubling with each further
+/// failure (5 s, 10 s, 20 s, … up to 5 min). When it ends one call across all workers is the
+/// half-open probe: its success closes the circuit, its failure reopens it for longer.
 pub fn circuit_cooldown(consecutive: u32) -> Option<Duration> {
     let over = consecutive.checked_sub(CIRCUIT_THRESHOLD)?;
     Some(CIRCUIT_BASE.saturating_mul(1 << over.min(8)).min(CIRCUIT_MAX))
+}
+
+/// Whether a cooldown's end is the provider's own word (a 429's retry time, a daily reset),
+/// rather than our estimate of when it may work again (an open circuit, an unreachable host, a
+/// bad key an operator may fix). Only the provider's word may fail a job before its `max_wait`
+/// (contract §6); an estimate makes the job wait.
+pub fn is_providers_word(reason: CooldownReason) -> bool {
+    match reason {
+        CooldownReason::RateLimited | CooldownReason::QuotaDay => true,
+        CooldownReason::Unreachable
+        | CooldownReason::Auth
+        | CooldownReason::Credits
+        | CooldownReason::Circuit
+        | CooldownReason::ModelUnavailable => false,
+    }
 }
 
 #[cfg(test)]
@@ -65,39 +116,112 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let given = now + Duration::from_secs(7);
         assert_eq!(
-            cooldown_for(&failure(FailureKind::RateLimited, Some(given), false), now),
+            cooldown_for("p", &failure(FailureKind::RateLimited, Some(given), false), now),
             Some((given, CooldownReason::RateLimited))
         );
         assert_eq!(
-            cooldown_for(&failure(FailureKind::RateLimited, None, false), now),
+            cooldown_for("p", &failure(FailureKind::RateLimited, None, false), now),
             Some((now + Duration::from_secs(60), CooldownReason::RateLimited))
         );
         assert_eq!(
-            cooldown_for(&failure(FailureKind::RateLimited, Some(given), true), now).unwrap().1,
+            cooldown_for("p", &failure(FailureKind::RateLimited, Some(given), true), now).unwrap().1,
             CooldownReason::QuotaDay
         );
         assert_eq!(
-            cooldown_for(&failure(FailureKind::Timeout, None, false), now),
+            cooldown_for("p", &failure(FailureKind::Timeout, None, false), now),
             Some((now + Duration::from_secs(30), CooldownReason::Unreachable))
         );
         assert_eq!(
-            cooldown_for(&failure(FailureKind::Connect, None, false), now).unwrap().0,
+            cooldown_for("p", &failure(FailureKind::Connect, None, false), now).unwrap().0,
             now + Duration::from_secs(30)
         );
         assert_eq!(
-            cooldown_for(&failure(FailureKind::Auth, None, false), now),
+            cooldown_for("p", &failure(FailureKind::Auth, None, false), now),
             Some((now + Duration::from_secs(3600), CooldownReason::Auth))
         );
-        assert_eq!(cooldown_for(&failure(FailureKind::Client, None, false), now), None);
-        assert_eq!(cooldown_for(&failure(FailureKind::Server, None, false), now), None);
+        assert_eq!(cooldown_for("p", &failure(FailureKind::Client, None, false), now), None);
+        assert_eq!(cooldown_for("p", &failure(FailureKind::Server, None, false), now), None);
     }
 
     #[test]
     fn circuit_opens_after_a_run_and_grows() {
         assert_eq!(circuit_cooldown(2), None);
-        assert_eq!(circuit_cooldown(3), Some(Duration::from_secs(30)));
-        assert_eq!(circuit_cooldown(4), Some(Duration::from_secs(60)));
-        assert_eq!(circuit_cooldown(40), Some(Duration::from_secs(300)));
+        let opens: Vec<u64> = (3..=10).map(|n| circuit_cooldown(n).unwrap().as_secs()).collect();
+        assert_eq!(opens, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(circuit_cooldown(u32::MAX), Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn model_unavailable_cools_down_an_hour() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let gone = failure(FailureKind::ModelUnavailable, None, false);
+        assert_eq!(
+            cooldown_for("p", &gone, now),
+            Some((now + Duration::from_secs(3600), CooldownReason::ModelUnavailable))
+        );
+    }
+
+    /// Log lines written while `f` runs.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn asked_cooldowns_are_clamped_to_one_second_and_one_day_and_the_clamp_is_logged() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let hour = now + Duration::from_secs(3600);
+        let log = logged(|| assert_eq!(clamp_asked("groq", hour, now), hour));
+        assert!(log.is_empty(), "no clamp, no log: {log}");
+
+        let cases = [
+            (now, now + Duration::from_secs(1)),
+            (now - Duration::from_secs(3600), now + Duration::from_secs(1)),
+            (now + Duration::from_millis(200), now + Duration::from_secs(1)),
+            (now + Duration::from_secs(3 * 86400), now + Duration::from_secs(86400)),
+            (SystemTime::UNIX_EPOCH, now + Duration::from_secs(1)),
+            (crate::chain::clock::far_future(), now + Duration::from_secs(86400)),
+        ];
+        for (asked, expected) in cases {
+            let log = logged(|| assert_eq!(clamp_asked("groq", asked, now), expected));
+            assert!(log.contains("WARN") && log.contains("provider=\"groq\""), "{log}");
+            assert!(log.contains("asked_secs=") && log.contains("clamped_secs="), "{log}");
+        }
+    }
+
+    #[test]
+    fn every_time_a_provider_gives_goes_through_the_clamp() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = now + Duration::from_secs(86400);
+        // A daily quota resetting in 30 h, a credit reset in a week, a retry-after of 0 s.
+        let daily = failure(FailureKind::RateLimited, Some(now + Duration::from_secs(30 * 3600)), true);
+        assert_eq!(cooldown_for("p", &daily, now), Some((day, CooldownReason::QuotaDay)));
+        let credits = failure(FailureKind::Credits, Some(now + Duration::from_secs(7 * 86400)), false);
+        assert_eq!(cooldown_for("p", &credits, now), Some((day, CooldownReason::Credits)));
+        let at_once = failure(FailureKind::RateLimited, Some(now), false);
+        assert_eq!(cooldown_for("p", &at_once, now).unwrap().0, now + Duration::from_secs(1));
+    }
+
+    #[test]
+    fn only_rate_limits_are_the_providers_word() {
+        assert!(is_providers_word(CooldownReason::RateLimited) && is_providers_word(CooldownReason::QuotaDay));
+        for estimate in [CooldownReason::Circuit, CooldownReason::Unreachable, CooldownReason::Auth] {
+            assert!(!is_providers_word(estimate), "{estimate:?}");
+        }
     }
 
     #[test]

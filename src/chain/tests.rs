@@ -1,15 +1,37 @@
-//! The engine driven by scripted providers and the in-memory store: no network, no broker.
+//! The engine driven by scripted providers, the in-memory store and a manual clock: no network,
+//! no broker, no wall time. Every instant below is exact because only the tests move the clock.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use serde_json::json;
+use tokio::sync::Notify;
 
+use super::clock::ManualClock;
 use super::*;
 use crate::providers::FailureKind;
 use crate::state::memory::MemoryStore;
 
-/// A provider that answers from a script and counts its calls.
+/// Where every test's clock starts.
+fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn completion() -> Completion {
+    Completion {
+        status: 200,
+        request_id: "req".into(),
+        body: json!({"object": "chat.completion", "choices": []}),
+        total_tokens: Some(10),
+        exhausted_until: None,
+    }
+}
+
+/// A provider that answers from a script (then succeeds) and counts its calls.
 struct Scripted {
     answers: Mutex<VecDeque<Result<(), Failure>>>,
     calls: Mutex<usize>,
@@ -30,13 +52,68 @@ impl ChatProvider for Scripted {
     async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
         *self.calls.lock().unwrap() += 1;
         let next = self.answers.lock().unwrap().pop_front().unwrap_or(Ok(()));
-        next.map(|()| Completion {
-            status: 200,
-            request_id: "req".into(),
-            body: json!({"object": "chat.completion", "choices": []}),
-            total_tokens: Some(10),
-            exhausted_until: None,
-        })
+        next.map(|()| completion())
+    }
+}
+
+/// A provider that answers 503 until an instant of the test's clock, then succeeds.
+struct Outage {
+    clock: Arc<ManualClock>,
+    until: SystemTime,
+    failures: Mutex<usize>,
+    successes: Mutex<usize>,
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for Outage {
+    async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
+        if self.clock.now() < self.until {
+            *self.failures.lock().unwrap() += 1;
+            return Err(failure(FailureKind::Server, 503));
+        }
+        *self.successes.lock().unwrap() += 1;
+        Ok(completion())
+    }
+}
+
+/// A provider whose first call stays in flight until the test releases it.
+#[derive(Default)]
+struct Gated {
+    entered: Notify,
+    release: Notify,
+    calls: Mutex<usize>,
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for Gated {
+    async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
+        let first = {
+            let mut calls = self.calls.lock().unwrap();
+            *calls += 1;
+            *calls == 1
+        };
+        if first {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        Ok(completion())
+    }
+}
+
+/// A provider whose calls all stay in flight until the test releases them, then answer 503.
+#[derive(Default)]
+struct Stalled {
+    in_flight: Mutex<usize>,
+    release: Notify,
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for Stalled {
+    async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
+        let released = self.release.notified();
+        *self.in_flight.lock().unwrap() += 1;
+        released.await;
+        Err(failure(FailureKind::Server, 503))
     }
 }
 
@@ -44,7 +121,13 @@ fn failure(kind: FailureKind, status: u16) -> Failure {
     Failure::new(kind, Some(status), format!("HTTP {status}"))
 }
 
-fn member(name: &str, free: bool, provider: Arc<Scripted>) -> Member {
+fn rate_limited(retry_at: SystemTime) -> Failure {
+    let mut limited = failure(FailureKind::RateLimited, 429);
+    limited.retry_at = Some(retry_at);
+    limited
+}
+
+fn member(name: &str, free: bool, provider: Arc<dyn ChatProvider>) -> Member {
     Member {
         name: name.into(),
         model: format!("{name}-model"),
@@ -52,19 +135,13 @@ fn member(name: &str, free: bool, provider: Arc<Scripted>) -> Member {
         context_window: None,
         max_retries: 0,
         limits: Vec::new(),
-        timeout: Duration::from_secs(10),
+        timeout: secs(10),
         provider,
     }
 }
 
 fn chain(members: Vec<Member>, free_wait: Duration) -> Chain {
-    Chain {
-        name: "default".into(),
-        members,
-        max_wait: Duration::from_secs(600),
-        max_wait_limit: Duration::from_secs(86_400),
-        free_wait,
-    }
+    Chain { name: "default".into(), members, max_wait: secs(600), max_wait_limit: secs(86_400), free_wait }
 }
 
 fn body() -> ChatBody {
@@ -75,56 +152,74 @@ fn outcomes(progress: &JobProgress) -> Vec<(String, AttemptOutcome)> {
     progress.attempts.iter().map(|a| (a.provider.clone(), a.outcome)).collect()
 }
 
-async fn pass(chain: &Chain, progress: &mut JobProgress, store: &MemoryStore) -> Verdict {
-    run_pass(chain, &body(), chain.max_wait, progress, store).await
+async fn pass(chain: &Chain, progress: &mut JobProgress, store: &MemoryStore, clock: &ManualClock) -> Verdict {
+    run_pass(chain, &body(), chain.max_wait, progress, store, clock).await
+}
+
+/// A whole run, holding the job in place for up to `hold_limit`.
+async fn run_holding(
+    chain: &Chain,
+    max_wait: Duration,
+    progress: &mut JobProgress,
+    store: &MemoryStore,
+    clock: &ManualClock,
+    hold_limit: Duration,
+) -> Verdict {
+    let hold = HoldPolicy::new(hold_limit, clock.now(), hold_limit.saturating_add(secs(60)));
+    run(chain, &body(), max_wait, progress, store, hold, clock).await
+}
+
+fn answered_by(verdict: &Verdict) -> Option<&str> {
+    match verdict {
+        Verdict::Answered { provider, .. } => Some(provider),
+        _ => None,
+    }
 }
 
 #[tokio::test]
 async fn a_429_moves_on_at_once_and_cools_the_provider_for_everyone() {
-    let mut limited = failure(FailureKind::RateLimited, 429);
-    limited.retry_at = Some(SystemTime::now() + Duration::from_secs(30));
-    let (a, b) = (Scripted::new(vec![Err(limited)]), Scripted::new(vec![]));
+    let clock = ManualClock::starting_at(t0());
+    let (a, b) = (Scripted::new(vec![Err(rate_limited(t0() + secs(30)))]), Scripted::new(vec![]));
     let chain = chain(vec![member("a", true, a.clone()), member("b", true, b.clone())], Duration::ZERO);
     let store = MemoryStore::new();
-    let mut progress = JobProgress::new(SystemTime::now());
-    let verdict = pass(&chain, &mut progress, &store).await;
-    assert!(matches!(verdict, Verdict::Answered { ref provider, .. } if provider == "b"), "{verdict:?}");
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut progress, &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("b"), "{verdict:?}");
     assert_eq!(outcomes(&progress), vec![("a".into(), AttemptOutcome::RateLimited), ("b".into(), AttemptOutcome::Ok)]);
-    assert_eq!(store.cooldown_of("a").unwrap().reason, CooldownReason::RateLimited);
+    let cooldown = store.cooldown_of("a").unwrap();
+    assert_eq!((cooldown.reason, cooldown.until), (CooldownReason::RateLimited, t0() + secs(30)));
 
     // The next job does not call the cooling provider at all.
-    let mut next = JobProgress::new(SystemTime::now());
-    pass(&chain, &mut next, &store).await;
+    let mut next = JobProgress::new(clock.now());
+    pass(&chain, &mut next, &store, &clock).await;
     assert_eq!(a.calls(), 1);
     assert_eq!(next.attempts[0].outcome, AttemptOutcome::SkippedCooldown);
 }
 
 #[tokio::test]
 async fn timeouts_cool_down_30s_after_the_in_place_retries() {
+    let clock = ManualClock::starting_at(t0());
     let a = Scripted::new(vec![Err(failure(FailureKind::Timeout, 0)), Err(failure(FailureKind::Timeout, 0))]);
-    let b = Scripted::new(vec![]);
     let mut with_retry = member("a", true, a.clone());
     with_retry.max_retries = 1;
-    let chain = chain(vec![with_retry, member("b", true, b)], Duration::ZERO);
+    let chain = chain(vec![with_retry, member("b", true, Scripted::new(vec![]))], Duration::ZERO);
     let store = MemoryStore::new();
-    let mut progress = JobProgress::new(SystemTime::now());
-    let verdict = pass(&chain, &mut progress, &store).await;
-    assert!(matches!(verdict, Verdict::Answered { ref provider, .. } if provider == "b"));
+    let verdict = pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("b"));
     assert_eq!(a.calls(), 2, "one try plus max_retries = 1");
+    assert!(clock.now() > t0(), "the retry waited its backoff on the clock");
     let cooldown = store.cooldown_of("a").unwrap();
-    assert_eq!(cooldown.reason, CooldownReason::Unreachable);
-    let left = cooldown.until.duration_since(SystemTime::now()).unwrap();
-    assert!(left > Duration::from_secs(25) && left <= Duration::from_secs(30), "{left:?}");
+    assert_eq!((cooldown.reason, cooldown.until), (CooldownReason::Unreachable, clock.now() + secs(30)));
 }
 
 #[tokio::test]
 async fn client_errors_move_on_without_cooldown_and_fail_the_job_when_all_refuse() {
+    let clock = ManualClock::starting_at(t0());
     let a = Scripted::new(vec![Err(failure(FailureKind::Client, 400))]);
     let b = Scripted::new(vec![Err(failure(FailureKind::Client, 413))]);
     let chain = chain(vec![member("a", true, a), member("b", true, b)], Duration::ZERO);
     let store = MemoryStore::new();
-    let mut progress = JobProgress::new(SystemTime::now());
-    let verdict = pass(&chain, &mut progress, &store).await;
+    let verdict = pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
     let Verdict::Failed { code, message } = verdict else { panic!("{verdict:?}") };
     assert_eq!(code, ErrorCode::AllProvidersFailed);
     assert!(message.contains("a: client_error 400") && message.contains("b: client_error 413"), "{message}");
@@ -133,83 +228,339 @@ async fn client_errors_move_on_without_cooldown_and_fail_the_job_when_all_refuse
 
 #[tokio::test]
 async fn auth_errors_cool_down_an_hour() {
+    let clock = ManualClock::starting_at(t0());
     let a = Scripted::new(vec![Err(failure(FailureKind::Auth, 401))]);
     let chain = chain(vec![member("a", true, a), member("b", true, Scripted::new(vec![]))], Duration::ZERO);
     let store = MemoryStore::new();
-    pass(&chain, &mut JobProgress::new(SystemTime::now()), &store).await;
+    pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
     let cooldown = store.cooldown_of("a").unwrap();
-    assert_eq!(cooldown.reason, CooldownReason::Auth);
-    assert!(cooldown.until > SystemTime::now() + Duration::from_secs(3500));
+    assert_eq!((cooldown.reason, cooldown.until), (CooldownReason::Auth, t0() + secs(3600)));
 }
 
 #[tokio::test]
-async fn a_run_of_server_errors_opens_the_circuit() {
-    let errors = (0..3).map(|_| Err(failure(FailureKind::Server, 500))).collect();
-    let a = Scripted::new(errors);
+async fn a_withdrawn_model_is_recorded_cooled_an_hour_and_skipped_by_the_next_job() {
+    let clock = ManualClock::starting_at(t0());
+    let gone = Scripted::new(vec![Err(failure(FailureKind::ModelUnavailable, 404))]);
+    let chain =
+        chain(vec![member("gone", true, gone.clone()), member("b", true, Scripted::new(vec![]))], Duration::ZERO);
+    let store = MemoryStore::new();
+    let mut first = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut first, &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("b"), "{verdict:?}");
+    let an_hour = humantime::format_rfc3339_millis(t0() + secs(3600)).to_string();
+    let attempt = &first.attempts[0];
+    assert_eq!((attempt.outcome, attempt.status), (AttemptOutcome::ModelUnavailable, Some(404)));
+    assert_eq!(attempt.until.as_deref(), Some(an_hour.as_str()), "the attempt carries the cooldown's end");
+    assert_eq!(store.cooldown_of("gone").unwrap().reason, CooldownReason::ModelUnavailable);
+
+    clock.advance(secs(60));
+    let mut second = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut second, &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("b"));
+    assert_eq!(
+        outcomes(&second),
+        vec![("gone".into(), AttemptOutcome::SkippedCooldown), ("b".into(), AttemptOutcome::Ok)]
+    );
+    assert_eq!(second.attempts[0].until.as_deref(), Some(an_hour.as_str()));
+    assert_eq!(gone.calls(), 1, "one request finds out, not every job");
+}
+
+#[tokio::test]
+async fn a_run_of_server_errors_opens_the_circuit_for_5s() {
+    let clock = ManualClock::starting_at(t0());
+    let a = Scripted::new((0..3).map(|_| Err(failure(FailureKind::Server, 500))).collect());
     let chain = chain(vec![member("a", true, a.clone()), member("b", true, Scripted::new(vec![]))], Duration::ZERO);
     let store = MemoryStore::new();
     for _ in 0..3 {
-        pass(&chain, &mut JobProgress::new(SystemTime::now()), &store).await;
+        pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
     }
     let cooldown = store.cooldown_of("a").expect("circuit open");
-    assert_eq!(cooldown.reason, CooldownReason::Circuit);
-    pass(&chain, &mut JobProgress::new(SystemTime::now()), &store).await;
+    assert_eq!((cooldown.reason, cooldown.until), (CooldownReason::Circuit, t0() + secs(5)));
+    clock.advance(Duration::from_millis(4999));
+    pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
     assert_eq!(a.calls(), 3, "no call while the circuit is open");
+}
+
+/// Opens `provider`'s circuit in `store` as three failed calls would have, until `until`.
+async fn open_circuit(store: &MemoryStore, provider: &str, until: SystemTime) {
+    for _ in 0..CIRCUIT_THRESHOLD {
+        store.record_server_error(provider, "HTTP 503").await;
+    }
+    let detail = "3 server errors in a row".to_string();
+    store.cool_down(provider, Cooldown { until, reason: CooldownReason::Circuit, detail }).await;
+}
+
+#[tokio::test]
+async fn one_job_probes_an_expired_circuit_while_the_others_keep_skipping_and_its_success_closes_it() {
+    let clock = ManualClock::starting_at(t0());
+    let store = MemoryStore::new();
+    open_circuit(&store, "a", t0() + secs(5)).await;
+    clock.advance(secs(5));
+    let gated = Arc::new(Gated::default());
+    let chain = chain(vec![member("a", true, gated.clone())], Duration::ZERO);
+
+    let (mut prober, mut other) = (JobProgress::new(clock.now()), JobProgress::new(clock.now()));
+    let probe = pass(&chain, &mut prober, &store, &clock);
+    let meanwhile = async {
+        gated.entered.notified().await;
+        let verdict = pass(&chain, &mut other, &store, &clock).await;
+        gated.release.notify_one();
+        verdict
+    };
+    let (probed, skipped) = tokio::join!(probe, meanwhile);
+    assert_eq!(answered_by(&probed), Some("a"), "{probed:?}");
+    let hold_end = t0() + secs(5) + secs(10) + FLIGHT_MARGIN;
+    assert!(matches!(skipped, Verdict::Wait { until } if until == hold_end), "{skipped:?}");
+    assert_eq!(outcomes(&other), vec![("a".into(), AttemptOutcome::SkippedCooldown)]);
+    assert_eq!(*gated.calls.lock().unwrap(), 1, "one probe across all jobs");
+
+    // The probe's success closed the circuit: the next job calls at once, not after the hold.
+    assert_eq!(store.cooldown_of("a"), None);
+    let verdict = pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("a"));
+    assert_eq!(*gated.calls.lock().unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_failed_probe_reopens_the_circuit_for_twice_as_long() {
+    let clock = ManualClock::starting_at(t0());
+    let a = Scripted::new((0..5).map(|_| Err(failure(FailureKind::Server, 503))).collect());
+    let chain = chain(vec![member("a", true, a.clone())], Duration::ZERO);
+    let store = MemoryStore::new();
+    for _ in 0..3 {
+        pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+    }
+    let mut opened = Vec::new();
+    for _ in 0..2 {
+        let until = store.cooldown_of("a").unwrap().until;
+        clock.advance(until.duration_since(clock.now()).unwrap());
+        let probe_at = clock.now();
+        pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+        let reopened = store.cooldown_of("a").unwrap();
+        assert_eq!(reopened.reason, CooldownReason::Circuit);
+        opened.push(reopened.until.duration_since(probe_at).unwrap());
+    }
+    assert_eq!(opened, [secs(10), secs(20)], "the probe's hold (15 s) does not stretch the open time");
+    assert_eq!(a.calls(), 5, "one call per open period");
+}
+
+#[tokio::test]
+async fn the_late_503s_of_calls_in_flight_when_the_circuit_opens_do_not_lengthen_it() {
+    let clock = Arc::new(ManualClock::starting_at(t0()));
+    let store = Arc::new(MemoryStore::new());
+    let stalled = Arc::new(Stalled::default());
+    let chain = Arc::new(chain(vec![member("a", true, stalled.clone())], Duration::ZERO));
+    let jobs: Vec<_> = (0..8)
+        .map(|_| {
+            let (chain, store, clock) = (chain.clone(), store.clone(), clock.clone());
+            tokio::spawn(async move {
+                let mut progress = JobProgress::new(clock.now());
+                run_pass(&chain, &body(), chain.max_wait, &mut progress, store.as_ref(), clock.as_ref()).await
+            })
+        })
+        .collect();
+    for _ in 0..1000 {
+        if *stalled.in_flight.lock().unwrap() == 8 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(*stalled.in_flight.lock().unwrap(), 8, "all eight calls are in flight");
+    stalled.release.notify_waiters();
+    for job in jobs {
+        let verdict = job.await.unwrap();
+        assert!(matches!(verdict, Verdict::Wait { .. }), "{verdict:?}");
+    }
+    let circuit = store.cooldown_of("a").unwrap();
+    assert_eq!(circuit.reason, CooldownReason::Circuit);
+    assert_eq!(circuit.until, t0() + secs(5), "opened once for 5 s, not 5 s doubled five times");
 }
 
 #[tokio::test]
 async fn paid_providers_wait_for_free_wait() {
-    let mut limited = failure(FailureKind::RateLimited, 429);
-    limited.retry_at = Some(SystemTime::now() + Duration::from_secs(20));
-    let free = Scripted::new(vec![Err(limited)]);
+    let clock = ManualClock::starting_at(t0());
+    let free = Scripted::new(vec![Err(rate_limited(t0() + secs(20)))]);
     let paid = Scripted::new(vec![]);
-    let chain = chain(vec![member("free", true, free), member("paid", false, paid.clone())], Duration::from_secs(60));
+    let chain = chain(vec![member("free", true, free), member("paid", false, paid.clone())], secs(60));
     let store = MemoryStore::new();
-    let mut progress = JobProgress::new(SystemTime::now());
-    let verdict = pass(&chain, &mut progress, &store).await;
-    let Verdict::Wait { until } = verdict else { panic!("{verdict:?}") };
-    assert!(until <= SystemTime::now() + Duration::from_secs(20), "wakes for the free provider first");
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut progress, &store, &clock).await;
+    assert!(
+        matches!(verdict, Verdict::Wait { until } if until == t0() + secs(20)),
+        "wakes for the free provider first"
+    );
     assert_eq!(paid.calls(), 0);
     assert_eq!(progress.attempts[1].outcome, AttemptOutcome::SkippedPaid);
 
     // Once free_wait has passed the paid net is used.
-    let mut old = JobProgress::new(SystemTime::now() - Duration::from_secs(61));
-    let verdict = pass(&chain, &mut old, &store).await;
+    let mut old = JobProgress::new(t0() - secs(61));
+    let verdict = pass(&chain, &mut old, &store, &clock).await;
     assert!(matches!(verdict, Verdict::Answered { ref provider, free: false, .. } if provider == "paid"));
 }
 
 #[tokio::test]
 async fn the_paid_net_is_used_at_once_when_free_wait_is_zero() {
-    let mut limited = failure(FailureKind::RateLimited, 429);
-    limited.retry_at = Some(SystemTime::now() + Duration::from_secs(20));
+    let clock = ManualClock::starting_at(t0());
     let chain = chain(
-        vec![member("free", true, Scripted::new(vec![Err(limited)])), member("paid", false, Scripted::new(vec![]))],
+        vec![
+            member("free", true, Scripted::new(vec![Err(rate_limited(t0() + secs(20)))])),
+            member("paid", false, Scripted::new(vec![])),
+        ],
         Duration::ZERO,
     );
-    let verdict = pass(&chain, &mut JobProgress::new(SystemTime::now()), &MemoryStore::new()).await;
-    assert!(matches!(verdict, Verdict::Answered { ref provider, .. } if provider == "paid"));
+    let verdict = pass(&chain, &mut JobProgress::new(clock.now()), &MemoryStore::new(), &clock).await;
+    assert_eq!(answered_by(&verdict), Some("paid"));
 }
 
 #[tokio::test]
-async fn a_wait_beyond_max_wait_is_deadline_exceeded() {
-    let mut limited = failure(FailureKind::RateLimited, 429);
-    limited.retry_at = Some(SystemTime::now() + Duration::from_secs(3600));
-    let mut chain = chain(vec![member("a", true, Scripted::new(vec![Err(limited)]))], Duration::ZERO);
-    chain.max_wait = Duration::from_secs(60);
-    let verdict = pass(&chain, &mut JobProgress::new(SystemTime::now()), &MemoryStore::new()).await;
+async fn a_429_retry_time_beyond_max_wait_fails_the_job_at_once() {
+    let clock = ManualClock::starting_at(t0());
+    let only = Scripted::new(vec![Err(rate_limited(t0() + secs(3600)))]);
+    let chain = chain(vec![member("only", true, only.clone())], Duration::ZERO);
+    let store = MemoryStore::new();
+    let verdict = run_holding(&chain, secs(60), &mut JobProgress::new(clock.now()), &store, &clock, secs(60)).await;
+    let Verdict::Failed { code: ErrorCode::DeadlineExceeded, message } = verdict else { panic!("{verdict:?}") };
+    assert!(message.contains("max_wait (1m)"), "{message}");
+    assert_eq!(clock.now(), t0(), "failed at once, without waiting");
+    assert_eq!(only.calls(), 1);
+
+    // A second job learns the same from the shared cooldown, without a call.
+    let verdict = run_holding(&chain, secs(60), &mut JobProgress::new(clock.now()), &store, &clock, secs(60)).await;
     assert!(matches!(verdict, Verdict::Failed { code: ErrorCode::DeadlineExceeded, .. }), "{verdict:?}");
+    assert_eq!((clock.now(), only.calls()), (t0(), 1));
+}
+
+#[tokio::test]
+async fn an_estimate_beyond_max_wait_makes_the_job_wait_for_its_deadline_before_failing() {
+    let clock = ManualClock::starting_at(t0());
+    // A timeout: the provider gave no time, 30 s is our guess; the job may wait 10 s.
+    let only = Scripted::new(vec![Err(failure(FailureKind::Timeout, 0))]);
+    let chain = chain(vec![member("only", true, only.clone())], Duration::ZERO);
+    let store = MemoryStore::new();
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_pass(&chain, &body(), secs(10), &mut progress, &store, &clock).await;
+    assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(10)), "{verdict:?}");
+
+    let verdict = run_holding(&chain, secs(10), &mut progress, &store, &clock, secs(60)).await;
+    assert!(matches!(verdict, Verdict::Failed { code: ErrorCode::DeadlineExceeded, .. }), "{verdict:?}");
+    assert!(clock.now() >= t0() + secs(10), "failed only at the deadline: {:?}", clock.now().duration_since(t0()));
+    assert_eq!(only.calls(), 1);
+}
+
+fn outage(clock: &Arc<ManualClock>, lasting: Duration) -> Arc<Outage> {
+    Arc::new(Outage {
+        clock: clock.clone(),
+        until: later(clock.now(), lasting),
+        failures: Mutex::default(),
+        successes: Mutex::default(),
+    })
+}
+
+#[tokio::test]
+async fn a_provider_down_for_10s_answers_a_job_that_may_wait_60s() {
+    let clock = Arc::new(ManualClock::starting_at(t0()));
+    let down = outage(&clock, secs(10));
+    let mut flaky = member("flaky", true, down.clone());
+    flaky.max_retries = 2;
+    let chain = chain(vec![flaky], Duration::ZERO);
+    let store = MemoryStore::new();
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_holding(&chain, secs(60), &mut progress, &store, &clock, secs(60)).await;
+    assert_eq!(answered_by(&verdict), Some("flaky"), "{verdict:?}");
+    assert!(clock.now() >= t0() + secs(10) && clock.now() <= t0() + secs(60));
+    assert_eq!(*down.successes.lock().unwrap(), 1);
+    assert!(outcomes(&progress).contains(&("flaky".into(), AttemptOutcome::ServerError)));
+}
+
+#[tokio::test]
+async fn sixty_jobs_caught_in_a_10s_outage_all_wait_and_are_answered_after_it() {
+    let clock = Arc::new(ManualClock::starting_at(t0()));
+    let (first, second) = (outage(&clock, secs(10)), outage(&clock, secs(10)));
+    let chain =
+        chain(vec![member("first", true, first.clone()), member("second", true, second.clone())], Duration::ZERO);
+    let store = MemoryStore::new();
+    let max_wait = secs(60);
+    // Each job: its progress and when it next runs a pass (all arrive at t0, as in a backlog).
+    let mut jobs: Vec<(JobProgress, SystemTime)> = (0..60).map(|_| (JobProgress::new(t0()), t0())).collect();
+    let mut answered = 0;
+    while !jobs.is_empty() {
+        let now = clock.now();
+        let mut still_waiting = Vec::new();
+        for (mut progress, wake) in jobs {
+            if wake > now {
+                still_waiting.push((progress, wake));
+                continue;
+            }
+            match run_pass(&chain, &body(), max_wait, &mut progress, &store, clock.as_ref()).await {
+                Verdict::Answered { .. } => answered += 1,
+                Verdict::Wait { until } => still_waiting.push((progress, until)),
+                failed @ Verdict::Failed { .. } => {
+                    panic!("failed at +{:?}: {failed:?}", clock.now().duration_since(t0()))
+                }
+            }
+        }
+        jobs = still_waiting;
+        if let Some(next) = jobs.iter().map(|(_, wake)| *wake).min() {
+            clock.advance(next.duration_since(clock.now()).unwrap_or_default());
+        }
+        assert!(clock.now() <= t0() + max_wait, "still waiting at the deadline");
+    }
+    assert_eq!(answered, 60);
+    for provider in [&first, &second] {
+        // Three 503s open the circuit, the probe at +5 s fails, the one at +15 s closes it.
+        assert_eq!(*provider.failures.lock().unwrap(), 4, "the circuit kept the herd away");
+    }
+    let successes = *first.successes.lock().unwrap() + *second.successes.lock().unwrap();
+    assert_eq!(successes, 60);
+}
+
+#[tokio::test]
+async fn a_max_wait_of_u64_max_seconds_panics_nowhere() {
+    let huge = Duration::from_secs(u64::MAX);
+    let clock = ManualClock::starting_at(t0());
+    let store = MemoryStore::new();
+    // A provider that is down (an estimate), one rate-limited (its word), a paid one never due.
+    let chain = Chain {
+        name: "default".into(),
+        members: vec![
+            member("down", true, Scripted::new(vec![Err(failure(FailureKind::Connect, 0))])),
+            member("limited", true, Scripted::new(vec![Err(rate_limited(t0() + secs(30)))])),
+            member("paid", false, Scripted::new(vec![])),
+        ],
+        max_wait: huge,
+        max_wait_limit: huge,
+        free_wait: huge,
+    };
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_pass(&chain, &body(), huge, &mut progress, &store, &clock).await;
+    assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(30)), "{verdict:?}");
+    assert_eq!(progress.attempts[2].until.as_deref(), Some("9999-12-31T00:00:00.000Z"));
+
+    let hold = HoldPolicy::new(Duration::MAX, clock.now(), Duration::MAX);
+    let verdict = run(&chain, &body(), huge, &mut progress, &store, hold, &clock).await;
+    assert!(matches!(verdict, Verdict::Answered { .. }), "{verdict:?}");
+
+    // A job claiming to be first seen past the end of time, and its deadline message.
+    let beyond = far_future() + secs(86400);
+    let mut late = JobProgress::new(beyond);
+    let verdict = run_pass(&chain, &body(), huge, &mut late, &store, &clock).await;
+    assert!(matches!(verdict, Verdict::Answered { .. }), "{verdict:?}");
+    let verdict = conclude(&chain, huge, &late, &[NextTry::firm(beyond + secs(1))], beyond);
+    let Verdict::Failed { code: ErrorCode::DeadlineExceeded, message } = verdict else { panic!("{verdict:?}") };
+    assert!(message.contains("9999-12-31"), "{message}");
 }
 
 #[tokio::test]
 async fn prompts_too_long_for_a_context_window_skip_it_without_a_call() {
+    let clock = ManualClock::starting_at(t0());
     let small = Scripted::new(vec![]);
     let mut narrow = member("narrow", true, small.clone());
     narrow.context_window = Some(50);
     let chain = chain(vec![narrow, member("wide", true, Scripted::new(vec![]))], Duration::ZERO);
     let store = MemoryStore::new();
-    let mut progress = JobProgress::new(SystemTime::now());
-    let verdict = pass(&chain, &mut progress, &store).await;
-    assert!(matches!(verdict, Verdict::Answered { ref provider, .. } if provider == "wide"));
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut progress, &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("wide"));
     assert_eq!(small.calls(), 0);
     assert_eq!(progress.attempts[0].outcome, AttemptOutcome::SkippedContext);
     assert!(store.cooldown_of("narrow").is_none());
@@ -217,26 +568,36 @@ async fn prompts_too_long_for_a_context_window_skip_it_without_a_call() {
 
 #[tokio::test]
 async fn run_waits_in_place_for_a_short_cooldown_and_then_answers() {
-    let mut limited = failure(FailureKind::RateLimited, 429);
-    limited.retry_at = Some(SystemTime::now() + Duration::from_millis(300));
-    let a = Scripted::new(vec![Err(limited)]);
+    let clock = ManualClock::starting_at(t0());
+    let a = Scripted::new(vec![Err(rate_limited(t0() + secs(2)))]);
     let chain = chain(vec![member("a", true, a.clone())], Duration::ZERO);
-    let mut progress = JobProgress::new(SystemTime::now());
-    let hold = HoldPolicy { hold_limit: Duration::from_secs(5), hold_until: Instant::now() + Duration::from_secs(10) };
-    let verdict = run(&chain, &body(), chain.max_wait, &mut progress, &MemoryStore::new(), hold).await;
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_holding(&chain, chain.max_wait, &mut progress, &MemoryStore::new(), &clock, secs(5)).await;
     assert!(matches!(verdict, Verdict::Answered { .. }), "{verdict:?}");
     assert_eq!(a.calls(), 2);
+    let waited = clock.now().duration_since(t0()).unwrap();
+    assert!(waited >= secs(2) && waited <= secs(2) + Duration::from_millis(250), "{waited:?}");
 }
 
 #[tokio::test]
 async fn run_hands_back_waits_longer_than_the_hold_limit() {
-    let mut limited = failure(FailureKind::RateLimited, 429);
-    limited.retry_at = Some(SystemTime::now() + Duration::from_secs(120));
-    let chain = chain(vec![member("a", true, Scripted::new(vec![Err(limited)]))], Duration::ZERO);
-    let hold = HoldPolicy { hold_limit: Duration::from_secs(5), hold_until: Instant::now() + Duration::from_secs(600) };
+    let clock = ManualClock::starting_at(t0());
+    let chain =
+        chain(vec![member("a", true, Scripted::new(vec![Err(rate_limited(t0() + secs(120)))]))], Duration::ZERO);
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_holding(&chain, chain.max_wait, &mut progress, &MemoryStore::new(), &clock, secs(5)).await;
+    assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(120)), "{verdict:?}");
+    assert_eq!(clock.now(), t0(), "handed back without waiting");
+}
+
+#[tokio::test]
+async fn run_does_not_wait_past_the_hold_deadline() {
+    let clock = ManualClock::starting_at(t0());
+    let chain = chain(vec![member("a", true, Scripted::new(vec![Err(rate_limited(t0() + secs(4)))]))], Duration::ZERO);
+    let hold = HoldPolicy::new(secs(5), t0(), secs(3));
     let verdict =
-        run(&chain, &body(), chain.max_wait, &mut JobProgress::new(SystemTime::now()), &MemoryStore::new(), hold).await;
-    assert!(matches!(verdict, Verdict::Wait { .. }), "{verdict:?}");
+        run(&chain, &body(), chain.max_wait, &mut JobProgress::new(t0()), &MemoryStore::new(), hold, &clock).await;
+    assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(4)), "{verdict:?}");
 }
 
 #[test]
@@ -249,18 +610,19 @@ fn resumed_progress_keeps_dropped_providers() {
         until: None,
         message: None,
     }];
-    let progress = JobProgress::resume(SystemTime::now(), attempts);
+    let progress = JobProgress::resume(t0(), attempts);
     assert!(progress.dropped.contains("a"));
 }
 
 #[tokio::test]
 async fn waking_up_again_and_again_lists_each_stretch_of_skips_once() {
+    let clock = ManualClock::starting_at(t0());
     let store = MemoryStore::new();
-    let cooling_until = SystemTime::now() + Duration::from_millis(400);
+    let cooling_until = t0() + Duration::from_millis(400);
     store
         .cool_down(
             "free",
-            crate::state::Cooldown { until: cooling_until, reason: CooldownReason::RateLimited, detail: String::new() },
+            Cooldown { until: cooling_until, reason: CooldownReason::RateLimited, detail: String::new() },
         )
         .await;
     let paid = Scripted::new(vec![]);
@@ -270,10 +632,9 @@ async fn waking_up_again_and_again_lists_each_stretch_of_skips_once() {
         vec![member("free", true, Scripted::new(vec![])), member("paid", false, paid.clone())],
         Duration::from_millis(150),
     );
-    let mut progress = JobProgress::new(SystemTime::now());
-    let hold = HoldPolicy { hold_limit: Duration::from_secs(5), hold_until: Instant::now() + Duration::from_secs(10) };
-    let verdict = run(&chain, &body(), chain.max_wait, &mut progress, &store, hold).await;
-    assert!(matches!(verdict, Verdict::Answered { ref provider, .. } if provider == "paid"), "{verdict:?}");
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_holding(&chain, chain.max_wait, &mut progress, &store, &clock, secs(5)).await;
+    assert_eq!(answered_by(&verdict), Some("paid"), "{verdict:?}");
     assert_eq!(
         outcomes(&progress),
         vec![

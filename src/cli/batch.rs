@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backlog::{Line, Output, Progress, conclude, read_input};
 use crate::app::{build_chains, migrate_when_reachable};
-use crate::chain::{self, Chain, HoldPolicy, JobProgress};
+use crate::chain::{self, Chain, Clock, HoldPolicy, JobProgress, SystemClock};
 use crate::config::Config;
 use crate::job::{ErrorCode, JobResult, Routing};
 use crate::providers::http::shared_client;
@@ -201,10 +201,11 @@ async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: S
             return error_result(Some(line.job.custom_id.clone()), ErrorCode::InvalidRequest, reason, routing);
         }
     };
-    let mut progress = JobProgress::new(SystemTime::now());
-    let hold_until = started.checked_add(max_wait.saturating_add(Duration::from_secs(60))).unwrap_or(started);
-    let hold = HoldPolicy { hold_limit: max_wait, hold_until };
-    let verdict = chain::run(chain, &line.job.body, max_wait, &mut progress, state, hold).await;
+    let clock = SystemClock;
+    let mut progress = JobProgress::new(clock.now());
+    // Every wait within max_wait happens in place: there is no broker to park the job in.
+    let hold = HoldPolicy::new(max_wait, clock.now(), max_wait.saturating_add(Duration::from_secs(60)));
+    let verdict = chain::run(chain, &line.job.body, max_wait, &mut progress, state, hold, &clock).await;
     let total_ms = started.elapsed().as_millis() as u64;
     let routing = Routing {
         chain: Some(chain.name.clone()),

@@ -6,6 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use super::quota::{self, Blocked, Usage};
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, ResultLedger, StoreError};
+use crate::chain::CIRCUIT_THRESHOLD;
+use crate::chain::clock::later;
+use crate::routing::CooldownReason;
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -27,6 +30,8 @@ struct LedgerRow {
 struct ProviderRow {
     cooldown: Option<Cooldown>,
     consecutive_server_errors: u32,
+    /// A half-open probe of the circuit is in flight: its 5xx counts, stale ones do not.
+    probing: bool,
     usage: Vec<Usage>,
 }
 
@@ -103,7 +108,7 @@ impl ProviderState for MemoryStore {
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         let mut providers = self.providers.lock().unwrap();
         let row = providers.entry(provider.to_string()).or_default();
-        if row.cooldown.as_ref().is_none_or(|current| cooldown.until > current.until) {
+        if row.cooldown.as_ref().is_none_or(|current| cooldown.replaces(current)) {
             row.cooldown = Some(cooldown);
         }
     }
@@ -111,13 +116,34 @@ impl ProviderState for MemoryStore {
     async fn record_success(&self, provider: &str) {
         if let Some(row) = self.providers.lock().unwrap().get_mut(provider) {
             row.consecutive_server_errors = 0;
+            row.probing = false;
+            if row.cooldown.as_ref().is_some_and(|c| c.reason == CooldownReason::Circuit) {
+                row.cooldown = None;
+            }
         }
+    }
+
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool {
+        let mut providers = self.providers.lock().unwrap();
+        let Some(row) = providers.get_mut(provider) else { return true };
+        let Some(circuit) = row.cooldown.as_mut().filter(|c| c.reason == CooldownReason::Circuit) else {
+            return true;
+        };
+        if circuit.until > now {
+            return false;
+        }
+        circuit.until = later(now, hold_for);
+        row.probing = true;
+        true
     }
 
     async fn record_server_error(&self, provider: &str, _detail: &str) -> u32 {
         let mut providers = self.providers.lock().unwrap();
         let row = providers.entry(provider.to_string()).or_default();
-        row.consecutive_server_errors += 1;
+        if row.consecutive_server_errors < CIRCUIT_THRESHOLD || row.probing {
+            row.consecutive_server_errors = row.consecutive_server_errors.saturating_add(1);
+        }
+        row.probing = false;
         row.consecutive_server_errors
     }
 }
@@ -160,7 +186,6 @@ impl ResultLedger for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::CooldownReason;
 
     fn cooldown(until: SystemTime) -> Cooldown {
         Cooldown { until, reason: CooldownReason::RateLimited, detail: String::new() }
@@ -192,6 +217,62 @@ mod tests {
             matches!(store.admit(ask, now).await, Admission::OverQuota { .. }),
             "answered calls still count for the window"
         );
+    }
+
+    fn circuit(until: SystemTime) -> Cooldown {
+        Cooldown { until, reason: CooldownReason::Circuit, detail: String::new() }
+    }
+
+    #[tokio::test]
+    async fn one_caller_takes_the_probe_of_an_expired_circuit() {
+        let store = MemoryStore::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let hold = Duration::from_secs(35);
+        assert!(store.claim_probe("p", now, hold).await, "no circuit: call");
+        store.cool_down("p", circuit(now + Duration::from_secs(5))).await;
+        assert!(!store.claim_probe("p", now, hold).await, "open circuit: no call");
+        let expired = now + Duration::from_secs(5);
+        assert!(store.claim_probe("p", expired, hold).await, "the first caller takes the probe");
+        assert!(!store.claim_probe("p", expired, hold).await, "the second does not");
+        assert_eq!(store.cooldown_of("p").unwrap().until, expired + hold, "the hold keeps others away");
+        assert!(store.claim_probe("p", expired + hold, hold).await, "a probe that never answered is taken again");
+    }
+
+    #[tokio::test]
+    async fn a_success_closes_the_circuit_and_a_failed_probe_reopens_it_from_now() {
+        let store = MemoryStore::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        store.cool_down("p", circuit(now)).await;
+        assert!(store.claim_probe("p", now, Duration::from_secs(35)).await);
+        // The probe fails at once: the doubled open time replaces the longer hold.
+        store.cool_down("p", circuit(now + Duration::from_secs(10))).await;
+        assert_eq!(store.cooldown_of("p").unwrap().until, now + Duration::from_secs(10));
+        // A later probe succeeds: the circuit is closed for everyone at once.
+        assert!(store.claim_probe("p", now + Duration::from_secs(10), Duration::from_secs(35)).await);
+        store.record_success("p").await;
+        assert_eq!(store.cooldown_of("p"), None);
+        // Other cooldowns are not touched by a success.
+        store.cool_down("p", cooldown(now + Duration::from_secs(60))).await;
+        store.record_success("p").await;
+        assert!(store.cooldown_of("p").is_some());
+    }
+
+    #[tokio::test]
+    async fn late_5xx_of_calls_sent_before_the_circuit_opened_do_not_lengthen_the_run() {
+        let store = MemoryStore::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for expected in 1..=3 {
+            assert_eq!(store.record_server_error("p", "503").await, expected);
+        }
+        assert_eq!(store.record_server_error("p", "503").await, 3, "even before the circuit is stored");
+        store.cool_down("p", circuit(now + Duration::from_secs(5))).await;
+        for _ in 0..5 {
+            assert_eq!(store.record_server_error("p", "503").await, 3, "in flight before the circuit opened");
+        }
+        let expired = now + Duration::from_secs(5);
+        assert!(store.claim_probe("p", expired, Duration::from_secs(35)).await);
+        assert_eq!(store.record_server_error("p", "503").await, 4, "the failed probe counts");
+        assert_eq!(store.record_server_error("p", "503").await, 4, "once");
     }
 
     #[tokio::test]

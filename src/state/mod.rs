@@ -22,6 +22,17 @@ pub struct Cooldown {
     pub detail: String,
 }
 
+impl Cooldown {
+    /// Whether `self` replaces `current` in the shared state. A cooldown only moves forward,
+    /// except that a circuit reopened by a failed probe replaces the probe's hold
+    /// ([`ProviderState::claim_probe`]): the new open time counts from the failure, not from
+    /// the end of a hold sized for the slowest possible answer.
+    pub fn replaces(&self, current: &Cooldown) -> bool {
+        let reopened = self.reason == CooldownReason::Circuit && current.reason == CooldownReason::Circuit;
+        reopened || self.until > current.until
+    }
+}
+
 /// What the chain asks before calling a provider.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
@@ -88,10 +99,26 @@ pub trait ProviderState: Send + Sync {
     /// forward: an earlier `until` than the one stored changes nothing.
     async fn cool_down(&self, provider: &str, cooldown: Cooldown);
 
-    /// A call succeeded: closes the 5xx circuit.
+    /// A call succeeded: resets the 5xx run and closes the circuit (its cooldown is cleared, so
+    /// every worker may call at once, not only when the probe's hold ends).
     async fn record_success(&self, provider: &str);
 
+    /// The half-open probe (contract §6): when `provider`'s circuit cooldown has expired, exactly
+    /// one caller across all workers takes the probe, which holds the cooldown `hold_for` past
+    /// `now` (the call's timeout and a margin) so every other worker keeps skipping it while the
+    /// probe is in flight. Call it after [`admit`](Self::admit) granted a call.
+    ///
+    /// Returns whether the caller may call: true when it just took the probe or the provider
+    /// has no circuit cooldown; false when someone else holds the probe (or the circuit is
+    /// still open).
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool;
+
     /// A call failed with a 5xx: returns how many 5xx in a row all workers have now seen.
+    ///
+    /// Once the run has reached [`CIRCUIT_THRESHOLD`](crate::chain::CIRCUIT_THRESHOLD), only
+    /// the 5xx of a half-open probe counts: any other is the late answer of a call sent before
+    /// the circuit opened, news of the same outage. So the count grows by one per failed probe,
+    /// and the open time doubles per probe, not per call that happened to be in flight.
     async fn record_server_error(&self, provider: &str, detail: &str) -> u32;
 }
 

@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
+use crate::chain::CIRCUIT_THRESHOLD;
+use crate::chain::clock::later;
 use crate::config::LimitConfig;
 use crate::routing::CooldownReason;
 
@@ -386,9 +388,11 @@ impl PgStore {
         let mut cache = self.cache.lock().unwrap();
         let entry = cache.entry(provider.to_string()).or_default();
         let newer = match (&entry.cooldown, &cooldown) {
-            (Some(current), Some(new)) => new.until > current.until,
+            (Some(current), Some(new)) => new.replaces(current),
             (None, Some(_)) => true,
-            _ => false,
+            // The shared row has no cooldown any more: a success closed the circuit.
+            (Some(current), None) => current.reason == CooldownReason::Circuit,
+            (None, None) => false,
         };
         if newer {
             entry.cooldown = cooldown;
@@ -622,16 +626,26 @@ impl ProviderState for PgStore {
     }
 
     async fn record_success(&self, provider: &str) {
-        let had_errors = self.cache.lock().unwrap().get(provider).is_some_and(|c| c.consecutive_server_errors > 0);
+        let circuit = |c: &CachedProvider| c.cooldown.as_ref().is_some_and(|c| c.reason == CooldownReason::Circuit);
+        let had_errors =
+            self.cache.lock().unwrap().get(provider).is_some_and(|c| c.consecutive_server_errors > 0 || circuit(c));
         if !had_errors {
             return;
         }
+        // Closing the circuit is announced so that every worker calls again at once.
         let result = self
             .guarded(
                 sqlx::query(
-                    "UPDATE provider_state SET consecutive_server_errors = 0, updated_at = now() WHERE provider = $1",
+                    "WITH up AS ( \
+                       UPDATE provider_state SET consecutive_server_errors = 0, circuit_probe_at = NULL, updated_at = now(), \
+                         cooldown_until = CASE WHEN cooldown_reason = 'circuit' THEN 'epoch'::timestamptz ELSE cooldown_until END, \
+                         cooldown_reason = CASE WHEN cooldown_reason = 'circuit' THEN NULL ELSE cooldown_reason END \
+                       WHERE provider = $1 RETURNING provider, cooldown_reason) \
+                     SELECT pg_notify($2, json_build_object('provider', provider, 'until_ms', 0, \
+                       'reason', NULL::text, 'detail', NULL::text)::text) FROM up WHERE cooldown_reason IS NULL",
                 )
                 .bind(provider)
+                .bind(CHANNEL)
                 .execute(&self.pool),
             )
             .await;
@@ -641,6 +655,60 @@ impl ProviderState for PgStore {
         if let Some(c) = self.cache.lock().unwrap().get_mut(provider) {
             c.consecutive_server_errors = 0;
         }
+        self.remember_cooldown(provider, None);
+    }
+
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool {
+        // Only a circuit this process knows of can need a probe: the listener brings every
+        // opening within moments, long before its (at least 5 s) open time ends.
+        let Some(known) = self.known_cooldown(provider).filter(|c| c.reason == CooldownReason::Circuit) else {
+            return true;
+        };
+        if known.until > now {
+            return false;
+        }
+        let hold = Cooldown { until: later(now, hold_for), ..known };
+        // One statement: take the probe if the circuit is still expired (a second worker's
+        // UPDATE waits for the first's row lock, then finds the hold and takes nothing), announce
+        // the hold, and tell "someone else holds it" from "there is no circuit any more".
+        let claimed = self
+            .guarded(
+                sqlx::query_as::<_, (bool, bool)>(
+                    "WITH current AS (SELECT cooldown_reason FROM provider_state WHERE provider = $1), \
+                     claimed AS ( \
+                       UPDATE provider_state SET cooldown_until = to_timestamp($3::float8 / 1000), \
+                         circuit_probe_at = to_timestamp($2::float8 / 1000), updated_at = now() \
+                       WHERE provider = $1 AND cooldown_reason = 'circuit' \
+                         AND cooldown_until <= to_timestamp($2::float8 / 1000) \
+                       RETURNING provider, cooldown_until, cooldown_reason, cooldown_detail), \
+                     announced AS ( \
+                       SELECT pg_notify($4, json_build_object('provider', provider, \
+                         'until_ms', (extract(epoch FROM cooldown_until) * 1000)::bigint, \
+                         'reason', cooldown_reason, 'detail', cooldown_detail)::text) FROM claimed) \
+                     SELECT (SELECT count(*) FROM announced) > 0, \
+                            coalesce((SELECT cooldown_reason = 'circuit' FROM current), false)",
+                )
+                .bind(provider)
+                .bind(epoch_ms(now) as f64)
+                .bind(epoch_ms(hold.until) as f64)
+                .bind(CHANNEL)
+                .fetch_one(&self.pool),
+            )
+            .await;
+        match claimed {
+            Ok((true, _)) => {
+                self.remember_cooldown(provider, Some(hold));
+                true
+            }
+            Ok((false, circuit)) => !circuit,
+            Err(e) => {
+                // While the database is away each worker probes on its own: at most one probe
+                // per worker, as the local hold keeps this worker's other jobs back.
+                tracing::debug!(provider, error = %e, "cannot claim the circuit's probe in the database; probing from here");
+                self.remember_cooldown(provider, Some(hold));
+                true
+            }
+        }
     }
 
     async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
@@ -649,12 +717,15 @@ impl ProviderState for PgStore {
                 sqlx::query_scalar::<_, i32>(
                     "INSERT INTO provider_state AS s (provider, consecutive_server_errors, last_error, last_error_at) \
                      VALUES ($1, 1, $2, now()) \
-                     ON CONFLICT (provider) DO UPDATE SET consecutive_server_errors = s.consecutive_server_errors + 1, \
+                     ON CONFLICT (provider) DO UPDATE SET consecutive_server_errors = s.consecutive_server_errors \
+                         + CASE WHEN s.consecutive_server_errors >= $3 AND s.circuit_probe_at IS NULL THEN 0 ELSE 1 END, \
+                       circuit_probe_at = NULL, \
                        last_error = EXCLUDED.last_error, last_error_at = now(), updated_at = now() \
                      RETURNING consecutive_server_errors",
                 )
                 .bind(provider)
                 .bind(detail)
+                .bind(i32::try_from(CIRCUIT_THRESHOLD).unwrap_or(i32::MAX))
                 .fetch_one(&self.pool),
             )
             .await;
@@ -679,9 +750,9 @@ impl PgStore {
                INSERT INTO provider_state AS s (provider, cooldown_until, cooldown_reason, cooldown_detail, last_error, last_error_at) \
                VALUES ($1, to_timestamp($2::float8 / 1000), $3, $4, $4, now()) \
                ON CONFLICT (provider) DO UPDATE SET \
-                 cooldown_reason = CASE WHEN EXCLUDED.cooldown_until > s.cooldown_until THEN EXCLUDED.cooldown_reason ELSE s.cooldown_reason END, \
-                 cooldown_detail = CASE WHEN EXCLUDED.cooldown_until > s.cooldown_until THEN EXCLUDED.cooldown_detail ELSE s.cooldown_detail END, \
-                 cooldown_until = GREATEST(s.cooldown_until, EXCLUDED.cooldown_until), \
+                 cooldown_reason = CASE WHEN (EXCLUDED.cooldown_until > s.cooldown_until OR (EXCLUDED.cooldown_reason = 'circuit' AND s.cooldown_reason = 'circuit')) THEN EXCLUDED.cooldown_reason ELSE s.cooldown_reason END, \
+                 cooldown_detail = CASE WHEN (EXCLUDED.cooldown_until > s.cooldown_until OR (EXCLUDED.cooldown_reason = 'circuit' AND s.cooldown_reason = 'circuit')) THEN EXCLUDED.cooldown_detail ELSE s.cooldown_detail END, \
+                 cooldown_until = CASE WHEN (EXCLUDED.cooldown_until > s.cooldown_until OR (EXCLUDED.cooldown_reason = 'circuit' AND s.cooldown_reason = 'circuit')) THEN EXCLUDED.cooldown_until ELSE s.cooldown_until END, \
                  last_error = EXCLUDED.last_error, last_error_at = now(), updated_at = now() \
                RETURNING s.provider, s.cooldown_until, s.cooldown_reason, s.cooldown_detail) \
              SELECT pg_notify($5, json_build_object('provider', provider, \

@@ -10,5 +10,6 @@ mod dialects;
 mod faults;
 mod hostile;
 mod observability;
+mod outages;
 mod poison;
 mod shared_state;
