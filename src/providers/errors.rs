@@ -146,8 +146,8 @@ fn kind_for(status: u16, info: &ErrorInfo) -> FailureKind {
 fn retry_at(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option<SystemTime> {
     retry_info::from_headers(headers, now)
         .or_else(|| info.metadata_reset())
-        .or_else(|| info.retry_delay().map(|d| now + d))
-        .or_else(|| retry_info::wait_from_message(&info.message).map(|d| now + d))
+        .or_else(|| info.retry_delay().and_then(|d| now.checked_add(d)))
+        .or_else(|| retry_info::wait_from_message(&info.message).and_then(|d| now.checked_add(d)))
 }
 
 /// When the error says a per-day quota is spent: its reset.
@@ -158,28 +158,46 @@ fn daily_reset(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option
     };
     // Groq names the window: "(TPD)" / "(RPD)"; its "try again in" is the precise wait.
     if message.contains("(TPD)") || message.contains("(RPD)") {
-        return retry_at(headers, info, now).or(Some(next_utc_midnight(now)));
+        return retry_at(headers, info, now).or_else(|| next_utc_midnight(now));
     }
     // Gemini: the quota id says PerDay; its retryDelay is misleading, the reset is Pacific midnight.
     if info.quota_ids().iter().any(|id| id.contains("PerDay")) {
-        return Some(next_pacific_midnight(now));
+        return next_pacific_midnight(now);
     }
     // OpenRouter's free tier: reset at UTC midnight, also given as epoch ms.
     let openrouter_daily =
         info.limit_source() == Some("openrouter_free_tier_daily") || message.contains("free-models-per-day");
     if openrouter_daily {
         let header = headers.get("x-ratelimit-reset").and_then(|v| v.to_str().ok()).and_then(retry_info::parse_epoch);
-        return header.or_else(|| info.metadata_reset()).or(Some(next_utc_midnight(now)));
+        return header.or_else(|| info.metadata_reset()).or_else(|| next_utc_midnight(now));
     }
     // Cerebras: "Tokens per day limit exceeded".
     if message.to_ascii_lowercase().contains("per day") {
         let reset = reset_header(&["x-ratelimit-reset-tokens-day", "x-ratelimit-reset-requests-day"]);
-        return reset.or(Some(next_utc_midnight(now)));
+        return reset.or_else(|| next_utc_midnight(now));
     }
     // SambaNova: "Violated duration_s: 86400".
     if message.contains("duration_s: 86400") {
         let reset = reset_header(&["x-ratelimit-reset-requests-day"]);
-        return reset.or(Some(next_utc_midnight(now)));
+        return reset.or_else(|| next_utc_midnight(now));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_past_the_end_of_time_are_dropped_not_panicked_on() {
+        let last = std::time::UNIX_EPOCH + std::time::Duration::new(i64::MAX.unsigned_abs(), 999_999_999);
+        let body = r#"{"error":{"code":429,"message":"Please retry in 58s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"58s"}]}}"#;
+        let parsed: Value = serde_json::from_str(body).unwrap();
+        let failure = classify(429, &HeaderMap::new(), &ErrorInfo::read(Some(&parsed), body.as_bytes()), last);
+        assert_eq!((failure.kind, failure.retry_at), (FailureKind::RateLimited, None));
+        let groq_day = r#"{"error":{"message":"… on tokens per day (TPD): Limit 100000. Please try again in 9m38.016s.","type":"tokens","code":"rate_limit_exceeded"}}"#;
+        let parsed: Value = serde_json::from_str(groq_day).unwrap();
+        let failure = classify(429, &HeaderMap::new(), &ErrorInfo::read(Some(&parsed), groq_day.as_bytes()), last);
+        assert_eq!(failure.retry_at, None);
+    }
 }
