@@ -197,4 +197,23 @@ mod tests {
         assert_eq!(done.total_tokens, None);
         assert_eq!(done.body.get("usage"), None);
     }
+
+    #[test]
+    fn a_withdrawn_model_is_model_unavailable() {
+        let gone = r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-3-5-sonnet-20241022"},"request_id":"req_011CVfG3PpZSwfcTNx5NJCWZ"}"#;
+        let failure = interpret(404, &HeaderMap::new(), gone.as_bytes(), now()).unwrap_err();
+        assert_eq!((failure.kind, failure.status), (FailureKind::ModelUnavailable, Some(404)));
+        // A reset header from the far end of time is no reason to panic.
+        let far = headers(&[
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+        ]);
+        let limited = interpret(
+            429,
+            &far,
+            br#"{"type":"error","error":{"type":"rate_limit_error","message":"Rate limited"}}"#,
+            now(),
+        );
+        assert_eq!(limited.unwrap_err().kind, FailureKind::RateLimited);
+    }
 }

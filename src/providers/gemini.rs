@@ -253,4 +253,11 @@ mod tests {
         let thinking = answer(json!({"promptTokenCount": 5, "candidatesTokenCount": 3, "thoughtsTokenCount": 4}));
         assert_eq!(thinking.body["usage"], json!({"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}));
     }
+
+    #[test]
+    fn a_withdrawn_model_is_model_unavailable() {
+        let gone = r#"{"error":{"code":404,"message":"models/gemini-pro is not found for API version v1beta, or is not supported for generateContent. Call ListModels to see the list of available models and their supported methods.","status":"NOT_FOUND"}}"#;
+        let failure = interpret(404, &HeaderMap::new(), gone.as_bytes(), "gemini-pro", now()).unwrap_err();
+        assert_eq!((failure.kind, failure.status), (FailureKind::ModelUnavailable, Some(404)));
+    }
 }

@@ -320,7 +320,7 @@ mod tests {
     }
 
     #[test]
-    fn context_and_model_errors_move_on_without_cooldown() {
+    fn context_errors_move_on_and_a_missing_model_is_model_unavailable() {
         let ctx = fail(
             400,
             &[],
@@ -329,7 +329,7 @@ mod tests {
         assert_eq!(ctx.kind, FailureKind::Client);
         assert_eq!(
             fail(404, &[], r#"{"error":{"message":"The model `x` does not exist","code":"model_not_found"}}"#).kind,
-            FailureKind::Client
+            FailureKind::ModelUnavailable
         );
         assert_eq!(
             fail(408, &[], r#"{"error":{"code":408,"message":"Request timed out"}}"#).kind,
