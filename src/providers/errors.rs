@@ -159,6 +159,13 @@ impl ErrorInfo {
 
 /// Classifies an error answer and extracts when to come back.
 pub fn classify(status: u16, headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Failure {
+    // The shared client follows no redirect (http.rs): following one would carry the key header
+    // to whichever host `Location` names. A 3xx from a chat endpoint is a misconfigured or
+    // moved provider; as a server error it is retried like one and opens the circuit if it lasts.
+    if (300..400).contains(&status) {
+        let message = format!("the provider answered a redirect (HTTP {status}), not followed");
+        return Failure::new(FailureKind::Server, Some(status), message);
+    }
     let message = if info.message.is_empty() { format!("HTTP {status}") } else { info.message.clone() };
     let mut failure = Failure::new(kind_for(status, info), Some(status), message);
     match failure.kind {
@@ -431,6 +438,15 @@ mod tests {
             ),
             FailureKind::Credits
         );
+    }
+
+    #[test]
+    fn a_redirect_is_a_server_error_that_says_so() {
+        for status in [301, 302, 303, 307, 308] {
+            let failure = classified(status, "");
+            assert_eq!(failure.kind, FailureKind::Server);
+            assert_eq!(failure.message, format!("the provider answered a redirect (HTTP {status}), not followed"));
+        }
     }
 
     #[test]
