@@ -10,4 +10,5 @@ mod dialects;
 mod faults;
 mod observability;
 mod poison;
+mod provider_faults;
 mod shared_state;
