@@ -13,32 +13,59 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::HeaderMap;
 
-/// Go's duration units, longest spelling first so `ms` is not read as `m` followed by `s`.
-const GO_UNITS: &[(&str, f64)] =
-    &[("ms", 1e-3), ("us", 1e-6), ("µs", 1e-6), ("μs", 1e-6), ("ns", 1e-9), ("h", 3600.0), ("m", 60.0), ("s", 1.0)];
+/// Go's duration units in nanoseconds, longest spelling first so `ms` is not read as `m`
+/// followed by `s`.
+const GO_UNITS: &[(&str, u128)] = &[
+    ("ms", 1_000_000),
+    ("us", 1_000),
+    ("µs", 1_000),
+    ("μs", 1_000),
+    ("ns", 1),
+    ("h", 3_600_000_000_000),
+    ("m", 60_000_000_000),
+    ("s", 1_000_000_000),
+];
 
 /// Go-style durations as Groq and OpenAI send them: `2m59.56s`, `7.66s`, `185ms`, `1h25m3.847s`.
-/// Rounded up to the millisecond so we never come back early.
+/// Rounded up to the millisecond so we never come back early. Read in integer nanoseconds, so
+/// `9242h4694m1592s549ms` is exactly that (a float sum is off by a millisecond there), and a
+/// value too large for a `Duration` is `None`.
 pub fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return None;
     }
-    let mut total_seconds: f64 = 0.0;
+    let mut total_nanos: u128 = 0;
     while !rest.is_empty() {
         let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         let (number, tail) = rest.split_at_checked(number_len)?;
-        if number.is_empty() {
-            return None;
-        }
-        let value: f64 = number.parse().ok()?;
-        let (unit_seconds, after_unit) =
-            GO_UNITS.iter().find_map(|(unit, seconds)| Some((*seconds, tail.strip_prefix(unit)?)))?;
-        // f64 arithmetic cannot panic; an overflow to infinity is refused by `ceil_ms`.
-        total_seconds += value * unit_seconds;
+        let (unit_nanos, after_unit) =
+            GO_UNITS.iter().find_map(|(unit, nanos)| Some((*nanos, tail.strip_prefix(unit)?)))?;
+        total_nanos = total_nanos.checked_add(decimal_times(number, unit_nanos)?)?;
         rest = after_unit;
     }
-    ceil_ms(total_seconds)
+    let millis = total_nanos.div_ceil(1_000_000);
+    Some(Duration::from_millis(u64::try_from(millis).ok()?))
+}
+
+/// `number` (digits with at most one `.`) times `unit` nanoseconds, rounded up to a whole
+/// nanosecond; `None` when it is no number or overflows.
+fn decimal_times(number: &str, unit: u128) -> Option<u128> {
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+        return None;
+    }
+    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    // 18 digits keep `fraction × unit` inside u128 (10^18 × 3.6·10^12 < 2^128); a non-zero digit
+    // beyond them only rounds the result up by a nanosecond.
+    let (kept, dropped) = fraction.split_at_checked(fraction.len().min(18))?;
+    let scale = 10u128.checked_pow(u32::try_from(kept.len()).ok()?)?;
+    let kept: u128 = if kept.is_empty() { 0 } else { kept.parse().ok()? };
+    let mut part = kept.checked_mul(unit)?.div_ceil(scale);
+    if dropped.bytes().any(|b| b != b'0') {
+        part = part.checked_add(1)?;
+    }
+    whole.checked_mul(unit)?.checked_add(part)
 }
 
 /// Plain seconds, integer or float (`retry-after: 2`, `11.75`, Cerebras `33011.382867097855`).
@@ -248,7 +275,12 @@ mod tests {
         assert_eq!(ms("6m0s"), 360_000);
         assert_eq!(ms("12ms"), 12);
         assert_eq!(ms("1m47.5854s"), 107_586);
+        // Found by the property suite: a float sum read this one 1 ms long.
+        assert_eq!(ms("9242h4694m1592s549ms"), 33_554_432_549);
+        assert_eq!(ms(".5s"), 500);
+        assert_eq!(ms("1.0000000000000000000001s"), 1_001); // any excess rounds up
         assert_eq!(parse_go_duration("soon"), None);
+        assert_eq!(parse_go_duration("."), None);
         assert_eq!(parse_go_duration(""), None);
         assert_eq!(parse_go_duration("5"), None);
     }
