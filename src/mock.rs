@@ -353,9 +353,10 @@ fn over_limit(shared: &Shared) -> Option<Duration> {
     let mut wait = None;
     for limit in limits {
         let in_window: Vec<&Instant> = accepted.iter().filter(|t| now.duration_since(**t) < limit.per).collect();
-        if in_window.len() >= limit.requests {
-            let oldest_that_matters = in_window[in_window.len() - limit.requests];
-            let free_at = *oldest_that_matters + limit.per;
+        // The request that must leave the window before another fits; a limit of 0 (which
+        // `--limit 0/1s` can ask for) has none, and is retried after `per`.
+        if let Some(oldest_that_matters) = in_window.len().checked_sub(limit.requests) {
+            let free_at = in_window.get(oldest_that_matters).map_or(now, |t| **t) + limit.per;
             let w = free_at.duration_since(now);
             wait = Some(wait.map_or(w, |x: Duration| x.max(w)));
         }
@@ -975,5 +976,16 @@ mod tests {
             assert_eq!((failure.kind, failure.status), (FailureKind::Client, Some(403)), "{profile:?}");
             assert!(failure.message.contains("requires moderation"), "{}", failure.message);
         }
+    }
+
+    #[tokio::test]
+    async fn a_limit_of_zero_refuses_every_request_instead_of_panicking() {
+        let mut options = MockOptions::new(Profile::Groq);
+        options.limits = vec![RequestLimit { requests: 0, per: Duration::from_secs(1) }];
+        let mock = MockProvider::start(options).await.unwrap();
+        let url = format!("{}/chat/completions", mock.base_url());
+        let response = reqwest::Client::new().post(url).body("{}").send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 429);
+        assert_eq!(mock.stats().rate_limited, 1);
     }
 }
