@@ -91,6 +91,15 @@ pub enum Scenario {
     SafetyBlock,
     /// The profile's out-of-credits error (402, Anthropic's low-balance 400, OpenAI's 429).
     OutOfCredits,
+    /// The profile's answer for a withdrawn or unknown model (providers.md §11 `model_gone`):
+    /// Groq's, OpenAI's and Cerebras' 404 `model_not_found`, OpenRouter's 404 "No endpoints
+    /// found for …", Gemini's 404 `NOT_FOUND`, Anthropic's 404 `not_found_error`, SambaNova's
+    /// 410 `model_deprecated`, the Hugging Face router's 400 `model_not_supported`.
+    ModelGone,
+    /// OpenRouter's 403 moderation refusal for this request's input, with `metadata.reasons`
+    /// and `flagged_input`. Every profile answers with OpenRouter's body: OpenRouter is the one
+    /// provider that documents such a 403, and the worker reads it whatever the profile.
+    Moderation,
 }
 
 /// How many request bodies [`MockStats`] keeps.
@@ -306,6 +315,8 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
             ),
         },
         Scenario::OutOfCredits => out_of_credits(profile),
+        Scenario::ModelGone => model_gone(profile, &model),
+        Scenario::Moderation => moderation(&model),
     }
 }
 
@@ -342,9 +353,10 @@ fn over_limit(shared: &Shared) -> Option<Duration> {
     let mut wait = None;
     for limit in limits {
         let in_window: Vec<&Instant> = accepted.iter().filter(|t| now.duration_since(**t) < limit.per).collect();
-        if in_window.len() >= limit.requests {
-            let oldest_that_matters = in_window[in_window.len() - limit.requests];
-            let free_at = *oldest_that_matters + limit.per;
+        // The request that must leave the window before another fits; a limit of 0 (which
+        // `--limit 0/1s` can ask for) has none, and is retried after `per`.
+        if let Some(oldest_that_matters) = in_window.len().checked_sub(limit.requests) {
+            let free_at = in_window.get(oldest_that_matters).map_or(now, |t| **t) + limit.per;
             let w = free_at.duration_since(now);
             wait = Some(wait.map_or(w, |x: Duration| x.max(w)));
         }
@@ -844,6 +856,68 @@ fn out_of_credits(profile: Profile) -> Response {
     }
 }
 
+fn model_gone(profile: Profile, model: &str) -> Response {
+    let does_not_exist = format!("The model `{model}` does not exist or you do not have access to it.");
+    match profile {
+        Profile::Groq => json_response(
+            404,
+            &[],
+            json!({"error": {"message": does_not_exist, "type": "invalid_request_error", "code": "model_not_found"}}),
+        ),
+        Profile::Openai => json_response(
+            404,
+            &[],
+            json!({"error": {"message": does_not_exist, "type": "invalid_request_error", "param": null, "code": "model_not_found"}}),
+        ),
+        Profile::Cerebras => json_response(
+            404,
+            &[],
+            json!({"message": format!("Model {model} does not exist or you do not have access to it."), "type": "not_found_error", "param": "model", "code": "model_not_found"}),
+        ),
+        Profile::Openrouter => json_response(
+            404,
+            &[],
+            json!({"error": {"message": format!("No endpoints found for {model}."), "code": 404}}),
+        ),
+        Profile::GeminiNative | Profile::GeminiOpenai => {
+            let error = json!({"error": {"code": 404, "message": format!("models/{model} is not found for API version v1beta, or is not supported for generateContent. Call ListModels to see the list of available models and their supported methods."), "status": "NOT_FOUND"}});
+            let body = if profile == Profile::GeminiOpenai { json!([error]) } else { error };
+            respond(404, &[], "application/json; charset=UTF-8", body.to_string())
+        }
+        Profile::Anthropic => {
+            json_response(404, &[], envelope(profile, 404, &format!("model: {model}"), "not_found_error", Value::Null))
+        }
+        Profile::Sambanova => json_response(
+            410,
+            &[],
+            envelope(
+                profile,
+                410,
+                &format!("Model {model} has been deprecated"),
+                "invalid_request_error",
+                json!("model_deprecated"),
+            ),
+        ),
+        Profile::Huggingface => json_response(
+            400,
+            &[],
+            json!({"error": {"message": format!("The requested model '{model}' is not supported by any provider you have enabled."), "type": "invalid_request_error", "param": "model", "code": "model_not_supported"}}),
+        ),
+    }
+}
+
+/// OpenRouter's documented moderation error (`ModerationErrorMetadata`): providers.md names the
+/// 403 but holds no captured body.
+fn moderation(model: &str) -> Response {
+    json_response(
+        403,
+        &[],
+        json!({"error": {"code": 403, "message": format!("{model} requires moderation on OpenRouter. Your input was flagged for \"violence\""),
+            "metadata": {"reasons": ["violence"], "flagged_input": "(the flagged part of the input)", "provider_name": "OpenAI", "model_slug": model}},
+            "user_id": "user_mock"}),
+    )
+}
+
 fn epoch_ms(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
 }
@@ -854,4 +928,64 @@ pub fn parse_limit(text: &str) -> Result<RequestLimit, String> {
     let requests = requests.trim().parse().map_err(|_| format!("`{requests}` is not a number of requests"))?;
     let per = crate::config::parse_duration(per)?;
     Ok(RequestLimit { requests, per })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::{Failure, FailureKind, anthropic, gemini, openai};
+
+    const ALL: [Profile; 9] = [
+        Profile::Groq,
+        Profile::Cerebras,
+        Profile::Openrouter,
+        Profile::GeminiOpenai,
+        Profile::GeminiNative,
+        Profile::Anthropic,
+        Profile::Sambanova,
+        Profile::Huggingface,
+        Profile::Openai,
+    ];
+
+    /// What the worker's dialect for `profile` makes of a mock answer.
+    async fn read(profile: Profile, response: Response) -> Failure {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let now = SystemTime::now();
+        let result = match profile {
+            Profile::GeminiNative => gemini::interpret(status, &headers, &body, "m", now),
+            Profile::Anthropic => anthropic::interpret(status, &headers, &body, now),
+            _ => openai::interpret(status, &headers, &body, now),
+        };
+        result.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn every_profile_withdraws_a_model_the_way_the_worker_recognises() {
+        for profile in ALL {
+            let failure = read(profile, model_gone(profile, "old-model")).await;
+            assert_eq!(failure.kind, FailureKind::ModelUnavailable, "{profile:?}: {}", failure.message);
+        }
+    }
+
+    #[tokio::test]
+    async fn moderation_is_a_client_error_for_every_profile() {
+        for profile in ALL {
+            let failure = read(profile, moderation("some/model")).await;
+            assert_eq!((failure.kind, failure.status), (FailureKind::Client, Some(403)), "{profile:?}");
+            assert!(failure.message.contains("requires moderation"), "{}", failure.message);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_limit_of_zero_refuses_every_request_instead_of_panicking() {
+        let mut options = MockOptions::new(Profile::Groq);
+        options.limits = vec![RequestLimit { requests: 0, per: Duration::from_secs(1) }];
+        let mock = MockProvider::start(options).await.unwrap();
+        let url = format!("{}/chat/completions", mock.base_url());
+        let response = reqwest::Client::new().post(url).body("{}").send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 429);
+        assert_eq!(mock.stats().rate_limited, 1);
+    }
 }

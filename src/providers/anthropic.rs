@@ -9,7 +9,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{Map, Value, json};
 
 use super::errors::{ErrorInfo, classify};
-use super::translate::{Answer, max_tokens, refuse_unsupported, stop_sequences, text_messages};
+use super::translate::{Answer, Usage, max_tokens, refuse_unsupported, stop_sequences, text_messages};
 use super::{Completion, Failure, FailureKind, retry_info};
 use crate::job::ChatBody;
 
@@ -78,26 +78,18 @@ pub fn interpret(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime)
         Some("refusal") => "content_filter",
         _ => "stop",
     };
-    let prompt = json.pointer("/usage/input_tokens").and_then(Value::as_u64).unwrap_or(0);
-    let completion = json.pointer("/usage/output_tokens").and_then(Value::as_u64).unwrap_or(0);
+    let count = |key: &str| json.pointer(&format!("/usage/{key}")).and_then(Value::as_u64).unwrap_or(0);
+    let usage = Usage::new(count("input_tokens"), count("output_tokens"), None);
     let id = json.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
     let request_id =
         headers.get("request-id").and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_else(|| id.clone());
-    let body = Answer {
-        id: &id,
-        model: json.get("model").cloned().unwrap_or(Value::Null),
-        text,
-        finish_reason,
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: prompt + completion,
-    }
-    .into_chat_completion(now);
+    let body = Answer { id: &id, model: json.get("model").cloned().unwrap_or(Value::Null), text, finish_reason, usage }
+        .into_chat_completion(now);
     Ok(Completion {
         status,
         request_id,
         body,
-        total_tokens: Some(prompt + completion),
+        total_tokens: usage.map(|u| u.total_tokens),
         exhausted_until: retry_info::exhausted_reset(headers, now),
     })
 }
@@ -195,5 +187,33 @@ mod tests {
             fail(500, &[], r#"{"type":"error","error":{"type":"api_error","message":"Internal server error"}}"#).kind,
             FailureKind::Server
         );
+    }
+
+    #[test]
+    fn usage_that_cannot_be_true_is_dropped_not_summed() {
+        let answer = json!({"id": "msg_01", "type": "message", "model": "m", "content": [{"type": "text", "text": "x"}],
+            "usage": {"input_tokens": u64::MAX, "output_tokens": 1}});
+        let done = interpret(200, &HeaderMap::new(), answer.to_string().as_bytes(), now()).unwrap();
+        assert_eq!(done.total_tokens, None);
+        assert_eq!(done.body.get("usage"), None);
+    }
+
+    #[test]
+    fn a_withdrawn_model_is_model_unavailable() {
+        let gone = r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-3-5-sonnet-20241022"},"request_id":"req_011CVfG3PpZSwfcTNx5NJCWZ"}"#;
+        let failure = interpret(404, &HeaderMap::new(), gone.as_bytes(), now()).unwrap_err();
+        assert_eq!((failure.kind, failure.status), (FailureKind::ModelUnavailable, Some(404)));
+        // A reset header from the far end of time is no reason to panic.
+        let far = headers(&[
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+        ]);
+        let limited = interpret(
+            429,
+            &far,
+            br#"{"type":"error","error":{"type":"rate_limit_error","message":"Rate limited"}}"#,
+            now(),
+        );
+        assert_eq!(limited.unwrap_err().kind, FailureKind::RateLimited);
     }
 }

@@ -99,10 +99,73 @@ impl ErrorInfo {
     fn has_reason(&self, reason: &str) -> bool {
         self.details.iter().any(|d| d.get("reason").and_then(Value::as_str) == Some(reason))
     }
+
+    /// The error says the configured model is gone or unknown, whichever provider wrote it
+    /// (`message` is the lowercased message):
+    /// - `model_not_found` (Groq, OpenAI, Cerebras at 404; SambaNova at 400) and the Hugging Face
+    ///   router's 400 `model_not_supported` (no enabled provider serves the model);
+    /// - Groq's 400 `model_decommissioned` / "has been decommissioned";
+    /// - the text "… does not exist or you do not have access to it" at 404;
+    /// - OpenRouter's 404 "No endpoints found for <model>." (not "… matching your data policy"
+    ///   or "… that can handle the requested parameters", which depend on the request);
+    /// - Gemini's 404 `NOT_FOUND` "models/… is not found for API version …";
+    /// - Anthropic's 404 `not_found_error` "model: <model>";
+    /// - any 410 (SambaNova's `model_deprecated`): the resource is gone for every request.
+    fn names_a_missing_model(&self, status: u16, message: &str) -> bool {
+        let code = self.code.as_str();
+        match status {
+            400 | 404 if matches!(code, "model_not_found" | "model_not_supported") => true,
+            400 => code == "model_decommissioned" || message.contains("has been decommissioned"),
+            404 => {
+                message.contains("does not exist")
+                    || message.starts_with("no endpoints found for ")
+                    || (self.kind == "NOT_FOUND" && message.contains("models/") && message.contains("is not found"))
+                    || (self.kind == "not_found_error" && message.starts_with("model:"))
+            }
+            410 => true,
+            _ => false,
+        }
+    }
+
+    /// OpenRouter's 403 for a spent budget (`metadata.limit_source` such as
+    /// `openrouter_key_limit`, `openrouter_workspace_budget`, `openrouter_guardrail_budget`, or
+    /// a message that names a budget): every request fails alike until it is topped up.
+    fn spent_budget(&self, message: &str) -> bool {
+        let source = self.limit_source().unwrap_or_default();
+        source.ends_with("_budget")
+            || matches!(source, "openrouter_key_limit" | "openrouter_credits")
+            || message.contains("budget")
+    }
+
+    /// A 403 that refuses this request's content rather than the caller: OpenRouter's
+    /// moderation ("<model> requires moderation on OpenRouter. Your input was flagged for …",
+    /// with `metadata.reasons` and `metadata.flagged_input`) and guardrails ("blocked by
+    /// guardrail", prompt-injection detectors, content policies). Not a bad key: Cloudflare's
+    /// HTML 403, Cerebras' "Not authenticated", Gemini's `PERMISSION_DENIED` stay `Auth`.
+    fn refuses_the_content(&self, message: &str) -> bool {
+        let flagged =
+            self.metadata.as_ref().is_some_and(|m| m.get("reasons").is_some() || m.get("flagged_input").is_some());
+        const MARKERS: &[&str] = &[
+            "requires moderation",
+            "input was flagged",
+            "output was flagged",
+            "guardrail",
+            "prompt injection",
+            "content policy",
+        ];
+        flagged || MARKERS.iter().any(|marker| message.contains(marker))
+    }
 }
 
 /// Classifies an error answer and extracts when to come back.
 pub fn classify(status: u16, headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Failure {
+    // The shared client follows no redirect (http.rs): following one would carry the key header
+    // to whichever host `Location` names. A 3xx from a chat endpoint is a misconfigured or
+    // moved provider; as a server error it is retried like one and opens the circuit if it lasts.
+    if (300..400).contains(&status) {
+        let message = format!("the provider answered a redirect (HTTP {status}), not followed");
+        return Failure::new(FailureKind::Server, Some(status), message);
+    }
     let message = if info.message.is_empty() { format!("HTTP {status}") } else { info.message.clone() };
     let mut failure = Failure::new(kind_for(status, info), Some(status), message);
     match failure.kind {
@@ -126,11 +189,19 @@ fn kind_for(status: u16, info: &ErrorInfo) -> FailureKind {
         // our quota: a short per-job backoff, no shared 60 s cooldown.
         429 if matches!(info.code.as_str(), "queue_exceeded" | "queue_full") => FailureKind::Server,
         429 | 529 => FailureKind::RateLimited,
+        // Every job would get the same answer until an operator changes the model: one request
+        // finds out, the provider cools down 1 h (contract §6).
+        400 | 404 | 410 if info.names_a_missing_model(status, &message) => FailureKind::ModelUnavailable,
         400 if info.has_reason("API_KEY_INVALID") || message.contains("api key not valid") => FailureKind::Auth,
         // Anthropic's low balance is a 400; Hugging Face's spending cap a 403.
         400 | 403 if message.contains("credit balance is too low") || message.contains("spending limit") => {
             FailureKind::Credits
         }
+        // OpenRouter's 403 for a spent key, workspace or guardrail budget: the account, not the key.
+        403 if info.spent_budget(&message) => FailureKind::Credits,
+        // A 403 that judges this request's content (moderation, a guardrail) says nothing about
+        // the key: the next provider may take the job, and this one stays usable for others.
+        403 if info.refuses_the_content(&message) => FailureKind::Client,
         401 | 403 => FailureKind::Auth,
         402 => FailureKind::Credits,
         408 => FailureKind::Timeout,
@@ -146,8 +217,8 @@ fn kind_for(status: u16, info: &ErrorInfo) -> FailureKind {
 fn retry_at(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option<SystemTime> {
     retry_info::from_headers(headers, now)
         .or_else(|| info.metadata_reset())
-        .or_else(|| info.retry_delay().map(|d| now + d))
-        .or_else(|| retry_info::wait_from_message(&info.message).map(|d| now + d))
+        .or_else(|| info.retry_delay().and_then(|d| now.checked_add(d)))
+        .or_else(|| retry_info::wait_from_message(&info.message).and_then(|d| now.checked_add(d)))
 }
 
 /// When the error says a per-day quota is spent: its reset.
@@ -158,28 +229,236 @@ fn daily_reset(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option
     };
     // Groq names the window: "(TPD)" / "(RPD)"; its "try again in" is the precise wait.
     if message.contains("(TPD)") || message.contains("(RPD)") {
-        return retry_at(headers, info, now).or(Some(next_utc_midnight(now)));
+        return retry_at(headers, info, now).or_else(|| next_utc_midnight(now));
     }
     // Gemini: the quota id says PerDay; its retryDelay is misleading, the reset is Pacific midnight.
     if info.quota_ids().iter().any(|id| id.contains("PerDay")) {
-        return Some(next_pacific_midnight(now));
+        return next_pacific_midnight(now);
     }
     // OpenRouter's free tier: reset at UTC midnight, also given as epoch ms.
     let openrouter_daily =
         info.limit_source() == Some("openrouter_free_tier_daily") || message.contains("free-models-per-day");
     if openrouter_daily {
         let header = headers.get("x-ratelimit-reset").and_then(|v| v.to_str().ok()).and_then(retry_info::parse_epoch);
-        return header.or_else(|| info.metadata_reset()).or(Some(next_utc_midnight(now)));
+        return header.or_else(|| info.metadata_reset()).or_else(|| next_utc_midnight(now));
     }
     // Cerebras: "Tokens per day limit exceeded".
     if message.to_ascii_lowercase().contains("per day") {
         let reset = reset_header(&["x-ratelimit-reset-tokens-day", "x-ratelimit-reset-requests-day"]);
-        return reset.or(Some(next_utc_midnight(now)));
+        return reset.or_else(|| next_utc_midnight(now));
     }
     // SambaNova: "Violated duration_s: 86400".
     if message.contains("duration_s: 86400") {
         let reset = reset_header(&["x-ratelimit-reset-requests-day"]);
-        return reset.or(Some(next_utc_midnight(now)));
+        return reset.or_else(|| next_utc_midnight(now));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::test_support::*;
+
+    fn classified(status: u16, body: &str) -> Failure {
+        let parsed: Option<Value> = serde_json::from_str(body).ok();
+        classify(status, &HeaderMap::new(), &ErrorInfo::read(parsed.as_ref(), body.as_bytes()), now())
+    }
+
+    fn kind(status: u16, body: &str) -> FailureKind {
+        classified(status, body).kind
+    }
+
+    /// Verbatim bodies from providers.md (§1.4, §2.4, §3.4, §4.1, §4.2, §6, §7, §8 and the §11
+    /// `model_gone` rows): the configured model is gone, whoever says so.
+    #[test]
+    fn a_withdrawn_model_is_model_unavailable_in_every_envelope() {
+        let gone = [
+            // Groq 404 (and a model deprecated since 2026-08 answers the same).
+            (
+                404,
+                r#"{"error":{"message":"The model `llama-3.1-405b-reasoning` does not exist or you do not have access to it.","type":"invalid_request_error","code":"model_not_found"}}"#,
+            ),
+            // Groq 400 decommissioned.
+            (
+                400,
+                r#"{"error":{"message":"The model `llama-3.2-11b-vision-preview` has been decommissioned and is no longer supported. Please refer to https://console.groq.com/docs/deprecations for a recommendation on which model to use instead.","type":"invalid_request_error","code":"model_decommissioned"}}"#,
+            ),
+            // Cerebras, unwrapped.
+            (
+                404,
+                r#"{"message":"Model llama-4-scout-17b does not exist or you do not have access to it.","type":"not_found_error","param":"model","code":"model_not_found"}"#,
+            ),
+            // OpenAI.
+            (
+                404,
+                r#"{"error":{"message":"The model `gpt-legacy` does not exist or you do not have access to it.","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+            ),
+            // OpenRouter: only a message.
+            (
+                404,
+                r#"{"error":{"message":"No endpoints found for nousresearch/hermes-3-llama-3.1-405b:free.","code":404}}"#,
+            ),
+            // Gemini native and its OpenAI endpoint's array form.
+            (
+                404,
+                r#"{"error":{"code":404,"message":"models/gemini-pro is not found for API version v1beta, or is not supported for generateContent. Call ListModels to see the list of available models and their supported methods.","status":"NOT_FOUND"}}"#,
+            ),
+            (
+                404,
+                r#"[{"error":{"code":404,"message":"models/gemini-pro is not found for API version v1beta, or is not supported for generateContent.","status":"NOT_FOUND"}}]"#,
+            ),
+            // Anthropic.
+            (
+                404,
+                r#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-3-5-sonnet-20241022"},"request_id":"req_011CVfG3PpZSwfcTNx5NJCWZ"}"#,
+            ),
+            // SambaNova: providers.md gives the codes (400 `model_not_found`, 410
+            // `model_deprecated`) and the envelope, not the messages.
+            (
+                400,
+                r#"{"error":{"message":"Model not found","type":"invalid_request_error","param":"model","code":"model_not_found"},"request_id":"r"}"#,
+            ),
+            (
+                410,
+                r#"{"error":{"message":"Model deprecated","type":"invalid_request_error","param":"model","code":"model_deprecated"},"request_id":"r"}"#,
+            ),
+            // Hugging Face router: no enabled provider serves the model.
+            (
+                400,
+                r#"{"error":{"message":"The requested model 'Qwen/Qwen3-Next-80B-A3B-Thinking' is not supported by any provider you have enabled.","type":"invalid_request_error","param":"model","code":"model_not_supported"}}"#,
+            ),
+        ];
+        for (status, body) in gone {
+            let failure = classified(status, body);
+            assert_eq!(failure.kind, FailureKind::ModelUnavailable, "{status} {body}");
+            assert_eq!(failure.status, Some(status));
+            assert_eq!(failure.retry_at, None, "the chain's 1 h applies");
+        }
+    }
+
+    #[test]
+    fn not_found_that_depends_on_the_request_stays_a_client_error() {
+        // OpenRouter: the account's data policy or this request's parameters, not the model.
+        assert_eq!(
+            kind(
+                404,
+                r#"{"error":{"message":"No endpoints found matching your data policy (Free model training).","code":404}}"#
+            ),
+            FailureKind::Client
+        );
+        assert_eq!(
+            kind(
+                503,
+                r#"{"error":{"code":503,"message":"No endpoints found that can handle the requested parameters."}}"#
+            ),
+            FailureKind::Server
+        );
+        assert_eq!(kind(404, "<html><title>404 Not Found</title></html>"), FailureKind::Client);
+        assert_eq!(
+            kind(
+                400,
+                r#"{"error":{"message":"Please reduce the length of the messages or completion.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#
+            ),
+            FailureKind::Client
+        );
+        // A 400 "does not exist" is about a parameter, not the model.
+        assert_eq!(
+            kind(400, r#"{"error":{"message":"The tool `x` does not exist.","type":"invalid_request_error"}}"#),
+            FailureKind::Client
+        );
+    }
+
+    /// OpenRouter's 403 moderation refusal. providers.md names the case (§3.2: "403 moderation
+    /// flag, guardrail or budget") without a captured body, so this is the shape OpenRouter
+    /// documents (errors-and-debugging: `ModerationErrorMetadata` with `reasons`,
+    /// `flagged_input`, `provider_name`, `model_slug`), with its documented message.
+    const OPENROUTER_MODERATION: &str = r#"{"error":{"code":403,"message":"openai/gpt-4o requires moderation on OpenRouter. Your input was flagged for \"violence\"","metadata":{"reasons":["violence"],"flagged_input":"how do I...","provider_name":"OpenAI","model_slug":"openai/gpt-4o"}},"user_id":"user_x"}"#;
+
+    #[test]
+    fn a_403_that_judges_the_request_is_a_client_error() {
+        assert_eq!(kind(403, OPENROUTER_MODERATION), FailureKind::Client);
+        // The metadata alone is enough, whatever the message says.
+        assert_eq!(
+            kind(
+                403,
+                r#"{"error":{"code":403,"message":"Forbidden","metadata":{"reasons":["hate"],"flagged_input":"…"}}}"#
+            ),
+            FailureKind::Client
+        );
+        // Guardrails (constructed from OpenRouter's description: "blocked by a guardrail, for
+        // example a content filter or prompt-injection detector").
+        for message in [
+            "Request blocked by guardrail: PII detected",
+            "Request blocked: prompt injection patterns detected",
+            "This request violates our content policy.",
+        ] {
+            let body = serde_json::json!({"error": {"code": 403, "message": message}}).to_string();
+            assert_eq!(kind(403, &body), FailureKind::Client, "{message}");
+        }
+        // Inside a 200 (OpenRouter reports errors raised while routing in the body).
+        let in_body =
+            crate::providers::openai::interpret(200, &HeaderMap::new(), OPENROUTER_MODERATION.as_bytes(), now());
+        assert_eq!(in_body.unwrap_err().kind, FailureKind::Client);
+    }
+
+    #[test]
+    fn a_403_about_the_caller_keeps_its_kind() {
+        // Cloudflare's HTML page (Groq, lobehub#2143) and Cerebras without a key: the key.
+        let cloudflare = "<!DOCTYPE html><html><head><title>Attention Required! | Cloudflare</title></head><body>Please enable cookies.</body></html>";
+        assert_eq!(kind(403, cloudflare), FailureKind::Auth);
+        assert_eq!(kind(403, r#"{"detail":"Not authenticated"}"#), FailureKind::Auth);
+        assert_eq!(
+            kind(403, r#"{"error":{"code":403,"message":"Permission denied.","status":"PERMISSION_DENIED"}}"#),
+            FailureKind::Auth
+        );
+        assert_eq!(
+            kind(
+                403,
+                r#"{"type":"error","error":{"type":"permission_error","message":"Your API key does not have permission to use the specified resource."}}"#
+            ),
+            FailureKind::Auth
+        );
+        // Hugging Face's monthly spending cap and OpenRouter's budgets: the account's money.
+        assert_eq!(
+            kind(403, r#"{"error":"You have exceeded your monthly spending limit for Inference Providers."}"#),
+            FailureKind::Credits
+        );
+        assert_eq!(
+            kind(
+                403,
+                r#"{"error":{"code":403,"message":"Key limit exceeded","metadata":{"limit_source":"openrouter_key_limit"}}}"#
+            ),
+            FailureKind::Credits
+        );
+        assert_eq!(
+            kind(
+                403,
+                r#"{"error":{"code":403,"message":"Guardrail budget exhausted","metadata":{"limit_source":"openrouter_guardrail_budget"}}}"#
+            ),
+            FailureKind::Credits
+        );
+    }
+
+    #[test]
+    fn a_redirect_is_a_server_error_that_says_so() {
+        for status in [301, 302, 303, 307, 308] {
+            let failure = classified(status, "");
+            assert_eq!(failure.kind, FailureKind::Server);
+            assert_eq!(failure.message, format!("the provider answered a redirect (HTTP {status}), not followed"));
+        }
+    }
+
+    #[test]
+    fn waits_past_the_end_of_time_are_dropped_not_panicked_on() {
+        let last = std::time::UNIX_EPOCH + std::time::Duration::new(i64::MAX.unsigned_abs(), 999_999_999);
+        let body = r#"{"error":{"code":429,"message":"Please retry in 58s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"58s"}]}}"#;
+        let parsed: Value = serde_json::from_str(body).unwrap();
+        let failure = classify(429, &HeaderMap::new(), &ErrorInfo::read(Some(&parsed), body.as_bytes()), last);
+        assert_eq!((failure.kind, failure.retry_at), (FailureKind::RateLimited, None));
+        let groq_day = r#"{"error":{"message":"… on tokens per day (TPD): Limit 100000. Please try again in 9m38.016s.","type":"tokens","code":"rate_limit_exceeded"}}"#;
+        let parsed: Value = serde_json::from_str(groq_day).unwrap();
+        let failure = classify(429, &HeaderMap::new(), &ErrorInfo::read(Some(&parsed), groq_day.as_bytes()), last);
+        assert_eq!(failure.retry_at, None);
+    }
 }

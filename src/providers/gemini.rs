@@ -11,7 +11,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{Map, Value, json};
 
 use super::errors::{ErrorInfo, classify};
-use super::translate::{Answer, max_tokens, refuse_unsupported, stop_sequences, text_messages};
+use super::translate::{Answer, Usage, max_tokens, refuse_unsupported, stop_sequences, text_messages};
 use super::{Completion, Failure, FailureKind, retry_info};
 use crate::job::ChatBody;
 
@@ -116,30 +116,23 @@ pub fn interpret(
         return Err(Failure::new(FailureKind::Client, Some(status), format!("the answer was blocked ({reason})")));
     }
     let count = |key: &str| json.pointer(&format!("/usageMetadata/{key}")).and_then(Value::as_u64);
-    let prompt = count("promptTokenCount").unwrap_or(0);
-    let completion = count("candidatesTokenCount").unwrap_or(0) + count("thoughtsTokenCount").unwrap_or(0);
-    let total = count("totalTokenCount").unwrap_or(prompt + completion);
+    // Thinking tokens are billed as output, so they count as completion tokens.
+    let usage =
+        count("candidatesTokenCount").unwrap_or(0).checked_add(count("thoughtsTokenCount").unwrap_or(0)).and_then(
+            |completion| Usage::new(count("promptTokenCount").unwrap_or(0), completion, count("totalTokenCount")),
+        );
     let id = json
         .get("responseId")
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let model = json.get("modelVersion").and_then(Value::as_str).unwrap_or(model);
-    let body = Answer {
-        id: &id,
-        model: json!(model),
-        text,
-        finish_reason,
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: total,
-    }
-    .into_chat_completion(now);
+    let body = Answer { id: &id, model: json!(model), text, finish_reason, usage }.into_chat_completion(now);
     Ok(Completion {
         status,
         request_id: id,
         body,
-        total_tokens: Some(total),
+        total_tokens: usage.map(|u| u.total_tokens),
         exhausted_until: retry_info::exhausted_reset(headers, now),
     })
 }
@@ -242,5 +235,29 @@ mod tests {
             interpret(402, &HeaderMap::new(), billing.as_bytes(), "m", now()).unwrap_err().kind,
             FailureKind::Credits
         );
+    }
+
+    #[test]
+    fn usage_that_cannot_be_true_is_dropped_not_summed() {
+        let answer = |usage: Value| {
+            let body = json!({"candidates": [{"content": {"parts": [{"text": "x"}]}, "finishReason": "STOP"}], "usageMetadata": usage});
+            interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), "m", now()).unwrap()
+        };
+        let overflowing =
+            answer(json!({"promptTokenCount": 5, "candidatesTokenCount": u64::MAX, "thoughtsTokenCount": 1}));
+        assert_eq!(overflowing.total_tokens, None);
+        assert_eq!(overflowing.body.get("usage"), None);
+        assert_eq!(overflowing.body["choices"][0]["message"]["content"], "x");
+        let no_total = answer(json!({"promptTokenCount": u64::MAX, "candidatesTokenCount": 1}));
+        assert_eq!(no_total.total_tokens, None);
+        let thinking = answer(json!({"promptTokenCount": 5, "candidatesTokenCount": 3, "thoughtsTokenCount": 4}));
+        assert_eq!(thinking.body["usage"], json!({"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}));
+    }
+
+    #[test]
+    fn a_withdrawn_model_is_model_unavailable() {
+        let gone = r#"{"error":{"code":404,"message":"models/gemini-pro is not found for API version v1beta, or is not supported for generateContent. Call ListModels to see the list of available models and their supported methods.","status":"NOT_FOUND"}}"#;
+        let failure = interpret(404, &HeaderMap::new(), gone.as_bytes(), "gemini-pro", now()).unwrap_err();
+        assert_eq!((failure.kind, failure.status), (FailureKind::ModelUnavailable, Some(404)));
     }
 }

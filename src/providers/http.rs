@@ -14,8 +14,14 @@ use crate::secrets::{ApiKey, scrub};
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Builds the one HTTP client every provider shares.
+///
+/// It follows no redirect: reqwest strips only `Authorization` when a redirect leaves the host,
+/// so following one would hand `x-api-key` / `x-goog-api-key` (and any configured extra header)
+/// to whichever host a provider, a proxy or an attacker names in `Location`. A 3xx is answered
+/// as a server failure instead ([`errors::classify`](super::errors::classify)).
 pub fn shared_client() -> reqwest::Client {
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(90))
         .user_agent(concat!("fallback-worker/", env!("CARGO_PKG_VERSION")))
@@ -125,7 +131,7 @@ impl ChatProvider for HttpProvider {
 async fn read_limited(mut response: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+        if body.len().saturating_add(chunk.len()) > MAX_RESPONSE_BYTES {
             return Ok(None);
         }
         body.extend_from_slice(&chunk);
@@ -146,4 +152,52 @@ fn transport_failure(error: &reqwest::Error) -> Failure {
         "the connection failed"
     };
     Failure::new(FailureKind::Connect, None, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::{MockOptions, MockProvider, Profile};
+    use crate::providers::test_support::body;
+
+    /// A server that answers every request with `status` and `Location: location`.
+    async fn redirector(status: u16, location: String) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = axum::http::StatusCode::from_u16(status).unwrap();
+        let app = axum::Router::new().fallback(move || {
+            let location = location.clone();
+            async move { (status, [(axum::http::header::LOCATION, location)]) }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_so_the_key_never_reaches_another_host() {
+        let cases = [
+            (ProviderKind::Openai, Profile::Openai, 302),
+            (ProviderKind::Gemini, Profile::GeminiNative, 307),
+            (ProviderKind::Anthropic, Profile::Anthropic, 308),
+        ];
+        for (kind, profile, status) in cases {
+            // The other host would answer anything with a success, so a followed redirect
+            // would turn this call into an `Ok` and count a request there.
+            let elsewhere = MockProvider::start(MockOptions::new(profile)).await.unwrap();
+            let redirect = redirector(status, format!("{}/chat/completions", elsewhere.base_url())).await;
+            let config: ProviderConfig = toml::from_str(&format!(
+                "name = \"p\"\nkind = \"{kind}\"\nbase_url = \"http://{redirect}/v1\"\nmodel = \"m\"\ntimeout = \"5s\""
+            ))
+            .unwrap();
+            let key = ApiKey::new("sk-test-0123456789".into());
+            let provider = HttpProvider::new(shared_client(), &config, Some(key)).unwrap();
+            let job = body(serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}));
+
+            let failure = provider.complete(&job).await.unwrap_err();
+
+            assert_eq!((failure.kind, failure.status), (FailureKind::Server, Some(status)), "{kind}");
+            assert_eq!(failure.message, format!("the provider answered a redirect (HTTP {status}), not followed"));
+            assert_eq!(elsewhere.requests(), 0, "{kind}: the redirect target got a request");
+        }
+    }
 }

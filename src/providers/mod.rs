@@ -94,11 +94,9 @@ pub fn short_message(text: &str) -> String {
     if text.len() <= MAX {
         return text.to_string();
     }
-    let mut end = MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    // The longest prefix of at most MAX bytes that ends on a character boundary.
+    let end = (0..=MAX).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{}…", text.get(..end).unwrap_or_default())
 }
 
 /// Helpers for the dialects' unit tests.
@@ -124,5 +122,19 @@ pub(crate) mod test_support {
             map.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
         }
         map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_message;
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        assert_eq!(short_message("  short  "), "short");
+        let long = "é".repeat(400); // two bytes each: byte 300 is a boundary, 301 is not
+        assert_eq!(short_message(&long), format!("{}…", "é".repeat(150)));
+        let odd = format!("a{}", "é".repeat(400)); // byte 300 falls inside a character
+        assert_eq!(short_message(&odd), format!("a{}…", "é".repeat(149)));
     }
 }

@@ -43,7 +43,9 @@ fn success(status: u16, headers: &HeaderMap, json: Value, now: SystemTime) -> Re
     // OpenRouter reports errors raised while generating inside a 200 body.
     if json.get("error").is_some_and(|e| !e.is_null()) {
         let info = ErrorInfo::read(Some(&json), &[]);
-        let code = info.numeric_code.unwrap_or(502);
+        // The code is the provider's word: only an error status is taken as one (a "code": 200
+        // or 302 inside an error would otherwise read as a success or a redirect).
+        let code = info.numeric_code.filter(|c| (400..600).contains(c)).unwrap_or(502);
         return Err(classify(code, headers, &info, now));
     }
     let choices = json.get("choices").and_then(Value::as_array);
@@ -226,6 +228,11 @@ mod tests {
         assert_eq!(err.kind, FailureKind::Server);
         let rate = fail(200, &[], r#"{"error":{"code":429,"message":"upstream rate-limited"}}"#);
         assert_eq!(rate.kind, FailureKind::RateLimited);
+        // A code that is no error status is not believed: a generic upstream failure.
+        for code in ["200", "302", "0", "70000"] {
+            let odd = fail(200, &[], &format!(r#"{{"error":{{"code":{code},"message":"odd"}}}}"#));
+            assert_eq!((odd.kind, odd.status), (FailureKind::Server, Some(502)), "code {code}");
+        }
     }
 
     #[test]
@@ -320,7 +327,7 @@ mod tests {
     }
 
     #[test]
-    fn context_and_model_errors_move_on_without_cooldown() {
+    fn context_errors_move_on_and_a_missing_model_is_model_unavailable() {
         let ctx = fail(
             400,
             &[],
@@ -329,7 +336,7 @@ mod tests {
         assert_eq!(ctx.kind, FailureKind::Client);
         assert_eq!(
             fail(404, &[], r#"{"error":{"message":"The model `x` does not exist","code":"model_not_found"}}"#).kind,
-            FailureKind::Client
+            FailureKind::ModelUnavailable
         );
         assert_eq!(
             fail(408, &[], r#"{"error":{"code":408,"message":"Request timed out"}}"#).kind,

@@ -2,53 +2,75 @@
 //!
 //! All functions are pure: they take the time "now" and return an absolute instant, so the
 //! real examples from the reference are unit-tested here without a clock or a network.
+//!
+//! Every number here comes from a provider, so none of it is trusted: a value that is negative,
+//! not finite, or too large for a `Duration` or a `SystemTime` (`retry-after: 1e300`, an epoch
+//! near `u64::MAX` milliseconds) yields `None`, never a panic; the chain then falls back to its
+//! default cooldown. A value that is merely absurd but representable (a wait of a thousand
+//! years) is returned as is: the chain clamps every cooldown to [1 s, 24 h].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::header::HeaderMap;
 
+/// Go's duration units in nanoseconds, longest spelling first so `ms` is not read as `m`
+/// followed by `s`.
+const GO_UNITS: &[(&str, u128)] = &[
+    ("ms", 1_000_000),
+    ("us", 1_000),
+    ("µs", 1_000),
+    ("μs", 1_000),
+    ("ns", 1),
+    ("h", 3_600_000_000_000),
+    ("m", 60_000_000_000),
+    ("s", 1_000_000_000),
+];
+
 /// Go-style durations as Groq and OpenAI send them: `2m59.56s`, `7.66s`, `185ms`, `1h25m3.847s`.
-/// Rounded up to the millisecond so we never come back early.
+/// Rounded up to the millisecond so we never come back early. Read in integer nanoseconds, so
+/// `9242h4694m1592s549ms` is exactly that (a float sum is off by a millisecond there), and a
+/// value too large for a `Duration` is `None`.
 pub fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return None;
     }
-    let mut total_ns: f64 = 0.0;
+    let mut total_nanos: u128 = 0;
     while !rest.is_empty() {
         let number_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        if number_len == 0 {
-            return None;
-        }
-        let value: f64 = rest[..number_len].parse().ok()?;
-        rest = &rest[number_len..];
-        let (unit_ns, unit_len) = if rest.starts_with("ms") {
-            (1e6, 2)
-        } else if rest.starts_with("us") {
-            (1e3, 2)
-        } else if rest.starts_with("µs") {
-            (1e3, "µs".len())
-        } else if rest.starts_with("ns") {
-            (1.0, 2)
-        } else if rest.starts_with('h') {
-            (3600e9, 1)
-        } else if rest.starts_with('m') {
-            (60e9, 1)
-        } else if rest.starts_with('s') {
-            (1e9, 1)
-        } else {
-            return None;
-        };
-        total_ns += value * unit_ns;
-        rest = &rest[unit_len..];
+        let (number, tail) = rest.split_at_checked(number_len)?;
+        let (unit_nanos, after_unit) =
+            GO_UNITS.iter().find_map(|(unit, nanos)| Some((*nanos, tail.strip_prefix(unit)?)))?;
+        total_nanos = total_nanos.checked_add(decimal_times(number, unit_nanos)?)?;
+        rest = after_unit;
     }
-    Some(ceil_ms(total_ns / 1e9))
+    let millis = total_nanos.div_ceil(1_000_000);
+    Some(Duration::from_millis(u64::try_from(millis).ok()?))
+}
+
+/// `number` (digits with at most one `.`) times `unit` nanoseconds, rounded up to a whole
+/// nanosecond; `None` when it is no number or overflows.
+fn decimal_times(number: &str, unit: u128) -> Option<u128> {
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+        return None;
+    }
+    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    // 18 digits keep `fraction × unit` inside u128 (10^18 × 3.6·10^12 < 2^128); a non-zero digit
+    // beyond them only rounds the result up by a nanosecond.
+    let (kept, dropped) = fraction.split_at_checked(fraction.len().min(18))?;
+    let scale = 10u128.checked_pow(u32::try_from(kept.len()).ok()?)?;
+    let kept: u128 = if kept.is_empty() { 0 } else { kept.parse().ok()? };
+    let mut part = kept.checked_mul(unit)?.div_ceil(scale);
+    if dropped.bytes().any(|b| b != b'0') {
+        part = part.checked_add(1)?;
+    }
+    whole.checked_mul(unit)?.checked_add(part)
 }
 
 /// Plain seconds, integer or float (`retry-after: 2`, `11.75`, Cerebras `33011.382867097855`).
 pub fn parse_seconds(text: &str) -> Option<Duration> {
-    let value: f64 = text.trim().parse().ok()?;
-    (value.is_finite() && value >= 0.0).then(|| ceil_ms(value))
+    ceil_ms(text.trim().parse().ok()?)
 }
 
 /// Protobuf `Duration` as Gemini's `RetryInfo.retryDelay` carries it: `"58s"`, `"38.2s"`.
@@ -59,13 +81,14 @@ pub fn parse_protobuf_duration(text: &str) -> Option<Duration> {
 /// An epoch timestamp: above 1e12 it is milliseconds (OpenRouter), above 1e9 seconds.
 pub fn parse_epoch(text: &str) -> Option<SystemTime> {
     let value: f64 = text.trim().parse().ok()?;
-    if value > 1e12 {
-        Some(UNIX_EPOCH + Duration::from_millis(value as u64))
+    let since_epoch = if value > 1e12 {
+        millis(value)?
     } else if value > 1e9 {
-        Some(UNIX_EPOCH + ceil_ms(value))
+        ceil_ms(value)?
     } else {
-        None
-    }
+        return None;
+    };
+    UNIX_EPOCH.checked_add(since_epoch)
 }
 
 /// RFC 3339 instants (Anthropic's `anthropic-ratelimit-*-reset`).
@@ -76,7 +99,7 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
 /// `retry-after`: seconds (float tolerated) or an HTTP-date.
 pub fn parse_retry_after(text: &str, now: SystemTime) -> Option<SystemTime> {
     if let Some(wait) = parse_seconds(text) {
-        return Some(now + wait);
+        return now.checked_add(wait);
     }
     httpdate::parse_http_date(text.trim()).ok()
 }
@@ -85,36 +108,28 @@ pub fn parse_retry_after(text: &str, now: SystemTime) -> Option<SystemTime> {
 /// OpenRouter), float seconds (Cerebras) or a Go duration (Groq, OpenAI).
 pub fn parse_reset(text: &str, now: SystemTime) -> Option<SystemTime> {
     parse_epoch(text)
-        .or_else(|| parse_seconds(text).map(|d| now + d))
-        .or_else(|| parse_go_duration(text).map(|d| now + d))
+        .or_else(|| parse_seconds(text).and_then(|d| now.checked_add(d)))
+        .or_else(|| parse_go_duration(text).and_then(|d| now.checked_add(d)))
         .or_else(|| parse_rfc3339(text))
 }
 
 /// The wait a provider writes into its message: Groq's "Please try again in 1.984999999s",
 /// Gemini's "Please retry in 58.217843437s."
 pub fn wait_from_message(message: &str) -> Option<Duration> {
-    for marker in ["try again in ", "retry in "] {
-        if let Some(start) = message.find(marker) {
-            let tail = &message[start + marker.len()..];
-            let end = tail.find(|c: char| c.is_whitespace() || c == ',').unwrap_or(tail.len());
-            let token = tail[..end].trim_end_matches('.');
-            if let Some(wait) = parse_go_duration(token) {
-                return Some(wait);
-            }
-        }
-    }
-    None
+    ["try again in ", "retry in "].iter().find_map(|marker| {
+        let (_, tail) = message.split_once(marker)?;
+        let token = tail.split(|c: char| c.is_whitespace() || c == ',').next()?;
+        parse_go_duration(token.trim_end_matches('.'))
+    })
 }
 
 /// The retry instant from the standard headers, most precise first: `retry-after-ms`,
 /// `retry-after`, then the reset of whichever `x-ratelimit-*` budget is exhausted.
 pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Option<SystemTime> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
-        && ms.is_finite()
-        && ms >= 0.0
-    {
-        return Some(now + ceil_ms(ms / 1000.0));
+    let after_ms = get("retry-after-ms").and_then(|v| v.trim().parse().ok()).and_then(millis);
+    if let Some(at) = after_ms.and_then(|wait| now.checked_add(wait)) {
+        return Some(at);
     }
     if let Some(at) = get("retry-after").and_then(|v| parse_retry_after(v, now)) {
         return Some(at);
@@ -149,47 +164,56 @@ pub fn exhausted_reset(headers: &HeaderMap, now: SystemTime) -> Option<SystemTim
     latest
 }
 
+const DAY: i64 = 86_400;
+
 /// The next midnight in UTC (OpenRouter's daily free quota, and our guess for daily quotas whose
-/// provider gives no reset).
-pub fn next_utc_midnight(now: SystemTime) -> SystemTime {
-    let secs = unix_secs(now);
-    UNIX_EPOCH + Duration::from_secs((secs / 86_400 + 1) * 86_400)
+/// provider gives no reset). `None` only for a `now` at the very end of what `SystemTime` holds.
+pub fn next_utc_midnight(now: SystemTime) -> Option<SystemTime> {
+    let day = DAY.unsigned_abs();
+    let midnight = (unix_secs(now) / day).checked_add(1)?.checked_mul(day)?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(midnight))
 }
 
 /// The next midnight in America/Los_Angeles (Gemini's per-day quotas), with US daylight-saving
 /// rules: PDT (UTC−7) from the second Sunday of March, 02:00, to the first Sunday of November.
-pub fn next_pacific_midnight(now: SystemTime) -> SystemTime {
-    let secs = unix_secs(now) as i64;
-    let offset = pacific_offset_secs(secs);
-    let local_day = (secs + offset).div_euclid(86_400);
-    let midnight_local = (local_day + 1) * 86_400;
+/// `None` only for a `now` so far in the future that the calendar arithmetic would overflow.
+pub fn next_pacific_midnight(now: SystemTime) -> Option<SystemTime> {
+    let secs = i64::try_from(unix_secs(now)).ok()?;
+    let offset = pacific_offset_secs(secs)?;
+    let local_day = secs.checked_add(offset)?.div_euclid(DAY);
+    let midnight_local = local_day.checked_add(1)?.checked_mul(DAY)?;
     // Midnight is before the 02:00 switch, so the offset in force at midnight is that of the
     // hour before it.
-    let offset_at_midnight = pacific_offset_secs(midnight_local - offset - 3600);
-    UNIX_EPOCH + Duration::from_secs((midnight_local - offset_at_midnight) as u64)
+    let offset_at_midnight = pacific_offset_secs(midnight_local.checked_sub(offset)?.checked_sub(3600)?)?;
+    let midnight_utc = u64::try_from(midnight_local.checked_sub(offset_at_midnight)?).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(midnight_utc))
 }
 
-fn pacific_offset_secs(unix: i64) -> i64 {
-    let (year, _, _) = civil_from_days(unix.div_euclid(86_400));
-    let dst_start = days_from_civil(year, 3, nth_sunday(year, 3, 2)) * 86_400 + 10 * 3600; // 02:00 PST
-    let dst_end = days_from_civil(year, 11, nth_sunday(year, 11, 1)) * 86_400 + 9 * 3600; // 02:00 PDT
-    if (dst_start..dst_end).contains(&unix) { -7 * 3600 } else { -8 * 3600 }
+fn pacific_offset_secs(unix: i64) -> Option<i64> {
+    let (year, _, _) = civil_from_days(unix.div_euclid(DAY));
+    let instant = |month, n, hour_utc: i64| {
+        days_from_civil(year, month, nth_sunday(year, month, n)).checked_mul(DAY)?.checked_add(hour_utc * 3600)
+    };
+    let dst_start = instant(3, 2, 10)?; // 02:00 PST
+    let dst_end = instant(11, 1, 9)?; // 02:00 PDT
+    Some(if (dst_start..dst_end).contains(&unix) { -7 * 3600 } else { -8 * 3600 })
 }
 
 /// Day of the month of the `n`th Sunday of `month`.
-fn nth_sunday(year: i64, month: u32, n: i64) -> u32 {
+fn nth_sunday(year: i64, month: u32, n: u32) -> u32 {
     let first = days_from_civil(year, month, 1);
-    let weekday = (first + 4).rem_euclid(7); // 1970-01-01 was a Thursday; 0 = Sunday
-    (1 + (7 - weekday) % 7 + 7 * (n - 1)) as u32
+    let weekday = (first + 4).rem_euclid(7) as u32; // 1970-01-01 was a Thursday; 0 = Sunday
+    1 + (7 - weekday) % 7 + 7 * (n - 1)
 }
 
-// Howard Hinnant's civil-calendar algorithms.
+// Howard Hinnant's civil-calendar algorithms. Their inputs come from `SystemTime` (at most
+// ±2^63 s, so ±1.1e14 days and ±2.9e11 years): every intermediate value stays far inside i64.
 fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
-    let m = month as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day as i64 - 1;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
 }
@@ -207,12 +231,26 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// Seconds since the epoch; an instant before it counts as the epoch.
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn ceil_ms(seconds: f64) -> Duration {
-    Duration::from_millis((seconds * 1000.0 - 1e-6).ceil().max(0.0) as u64)
+/// A wait of `seconds`, rounded up to the millisecond (the `- 1e-6` absorbs float noise such
+/// as `1.984999999` × 1000); `None` when negative, not finite or beyond `Duration`.
+fn ceil_ms(seconds: f64) -> Option<Duration> {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return None;
+    }
+    millis((seconds * 1000.0 - 1e-6).max(0.0))
+}
+
+/// `ms` milliseconds, rounded up; `None` when negative, not finite or over `u64::MAX` ms.
+fn millis(ms: f64) -> Option<Duration> {
+    // 2^64 is exactly representable; every f64 below it converts to u64 without saturating.
+    const LIMIT: f64 = 18_446_744_073_709_551_616.0;
+    let ms = ms.ceil();
+    (ms.is_finite() && (0.0..LIMIT).contains(&ms)).then(|| Duration::from_millis(ms as u64))
 }
 
 #[cfg(test)]
@@ -237,7 +275,12 @@ mod tests {
         assert_eq!(ms("6m0s"), 360_000);
         assert_eq!(ms("12ms"), 12);
         assert_eq!(ms("1m47.5854s"), 107_586);
+        // Found by the property suite: a float sum read this one 1 ms long.
+        assert_eq!(ms("9242h4694m1592s549ms"), 33_554_432_549);
+        assert_eq!(ms(".5s"), 500);
+        assert_eq!(ms("1.0000000000000000000001s"), 1_001); // any excess rounds up
         assert_eq!(parse_go_duration("soon"), None);
+        assert_eq!(parse_go_duration("."), None);
         assert_eq!(parse_go_duration(""), None);
         assert_eq!(parse_go_duration("5"), None);
     }
@@ -300,16 +343,54 @@ mod tests {
 
     #[test]
     fn midnights() {
-        assert_eq!(next_utc_midnight(at("2026-10-03T23:59:59Z")), at("2026-10-04T00:00:00Z"));
+        assert_eq!(next_utc_midnight(at("2026-10-03T23:59:59Z")), Some(at("2026-10-04T00:00:00Z")));
         // Summer: PDT, midnight is 07:00 UTC.
-        assert_eq!(next_pacific_midnight(at("2026-07-01T12:00:00Z")), at("2026-07-02T07:00:00Z"));
-        assert_eq!(next_pacific_midnight(at("2026-07-02T06:59:00Z")), at("2026-07-02T07:00:00Z"));
+        assert_eq!(next_pacific_midnight(at("2026-07-01T12:00:00Z")), Some(at("2026-07-02T07:00:00Z")));
+        assert_eq!(next_pacific_midnight(at("2026-07-02T06:59:00Z")), Some(at("2026-07-02T07:00:00Z")));
         // Winter: PST, midnight is 08:00 UTC.
-        assert_eq!(next_pacific_midnight(at("2026-12-01T12:00:00Z")), at("2026-12-02T08:00:00Z"));
+        assert_eq!(next_pacific_midnight(at("2026-12-01T12:00:00Z")), Some(at("2026-12-02T08:00:00Z")));
         // 2026 DST starts Sunday March 8 and ends Sunday November 1.
-        assert_eq!(next_pacific_midnight(at("2026-03-07T12:00:00Z")), at("2026-03-08T08:00:00Z"));
-        assert_eq!(next_pacific_midnight(at("2026-03-08T12:00:00Z")), at("2026-03-09T07:00:00Z"));
-        assert_eq!(next_pacific_midnight(at("2026-10-31T12:00:00Z")), at("2026-11-01T07:00:00Z"));
-        assert_eq!(next_pacific_midnight(at("2026-11-01T12:00:00Z")), at("2026-11-02T08:00:00Z"));
+        assert_eq!(next_pacific_midnight(at("2026-03-07T12:00:00Z")), Some(at("2026-03-08T08:00:00Z")));
+        assert_eq!(next_pacific_midnight(at("2026-03-08T12:00:00Z")), Some(at("2026-03-09T07:00:00Z")));
+        assert_eq!(next_pacific_midnight(at("2026-10-31T12:00:00Z")), Some(at("2026-11-01T07:00:00Z")));
+        assert_eq!(next_pacific_midnight(at("2026-11-01T12:00:00Z")), Some(at("2026-11-02T08:00:00Z")));
+    }
+
+    #[test]
+    fn absurd_values_yield_none_instead_of_panicking() {
+        let now = at("2026-10-03T12:00:00Z");
+        for text in ["1e300", "99999999999999999999", "inf", "NaN", "-infinity", "-5", "-0.5"] {
+            assert_eq!(parse_retry_after(text, now), None, "retry-after: {text}");
+            assert_eq!(parse_reset(text, now), None, "reset: {text}");
+        }
+        assert_eq!(parse_retry_after("1e19", now), None, "more milliseconds than a u64 holds");
+        assert_eq!(parse_go_duration(&format!("{}h", "9".repeat(400))), None);
+        assert_eq!(parse_go_duration("1.2.3s"), None);
+        assert_eq!(parse_protobuf_duration("1e300s"), None);
+        assert_eq!(parse_epoch("1e300"), None);
+        assert_eq!(parse_epoch("NaN"), None);
+        // An epoch of u64::MAX milliseconds is past what a Duration of milliseconds holds; one
+        // of 1e18 ms is still an instant (31 million years away) that the chain clamps to 24 h.
+        assert_eq!(parse_epoch("18446744073709551615"), None);
+        assert!(parse_epoch("1e18").is_some_and(|t| t > now));
+        let huge_ms = headers(&[("retry-after-ms", "1e30"), ("retry-after", "7")]);
+        assert_eq!(from_headers(&huge_ms, now), Some(now + Duration::from_secs(7)), "falls back to retry-after");
+        let only_huge = headers(&[("retry-after-ms", "1e30")]);
+        assert_eq!(from_headers(&only_huge, now), None);
+        assert_eq!(wait_from_message("Please try again in 1e300s."), None);
+    }
+
+    #[test]
+    fn waits_from_the_end_of_time_do_not_overflow() {
+        let last = UNIX_EPOCH + Duration::new(i64::MAX.unsigned_abs(), 999_999_999);
+        assert_eq!(parse_retry_after("2", last), None);
+        assert_eq!(parse_reset("2m59.56s", last), None);
+        assert_eq!(from_headers(&headers(&[("retry-after-ms", "5")]), last), None);
+        assert_eq!(next_utc_midnight(last), None);
+        assert_eq!(next_pacific_midnight(last), None);
+        // Before the epoch counts as the epoch: the next midnight is 1970-01-02.
+        let before = UNIX_EPOCH - Duration::from_secs(86_400 * 365);
+        assert_eq!(next_utc_midnight(before), Some(at("1970-01-02T00:00:00Z")));
+        assert_eq!(next_pacific_midnight(before), Some(at("1970-01-01T08:00:00Z")));
     }
 }

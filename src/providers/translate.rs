@@ -69,20 +69,46 @@ pub struct Answer<'a> {
     pub model: Value,
     pub text: String,
     pub finish_reason: &'a str,
+    /// `None` when the provider reported none, or counts that cannot be true.
+    pub usage: Option<Usage>,
+}
+
+/// Token counts in OpenAI's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
 }
 
+impl Usage {
+    /// The counts a provider reported (`total` when it gave one, else the sum); `None` when the
+    /// sum does not fit a u64: a broken or hostile answer, whose counts must not correct the
+    /// shared token budgets.
+    pub fn new(prompt_tokens: u64, completion_tokens: u64, total: Option<u64>) -> Option<Usage> {
+        let total_tokens = match total {
+            Some(total) => total,
+            None => prompt_tokens.checked_add(completion_tokens)?,
+        };
+        Some(Usage { prompt_tokens, completion_tokens, total_tokens })
+    }
+}
+
 impl Answer<'_> {
     pub fn into_chat_completion(self, now: SystemTime) -> Value {
-        json!({
+        let mut completion = json!({
             "id": format!("chatcmpl-{}", self.id),
             "object": "chat.completion",
             "created": now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text}, "finish_reason": self.finish_reason}],
-            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens},
-        })
+        });
+        if let (Some(usage), Value::Object(fields)) = (self.usage, &mut completion) {
+            fields.insert(
+                "usage".into(),
+                json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.total_tokens}),
+            );
+        }
+        completion
     }
 }

@@ -12,4 +12,5 @@ mod hostile;
 mod observability;
 mod outages;
 mod poison;
+mod provider_faults;
 mod shared_state;
