@@ -103,7 +103,10 @@ impl WorkerApp {
         if !migrate_when_reachable(&store, &shutdown).await? {
             return Ok(());
         }
-        let header_key = HeaderKey::new(store.shared_secret().await.context("reading the service's shared secret")?);
+        let Some(secret) = shared_secret_when_reachable(&store, &shutdown).await else {
+            return Ok(());
+        };
+        let header_key = HeaderKey::new(secret);
         let chains = build_chains(config, &shared_client(), &|var| std::env::var(var).ok())?;
         let tasks = tokio_util::task::TaskTracker::new();
         // Cooldowns other workers set reach this one's cache through LISTEN/NOTIFY.
@@ -174,6 +177,23 @@ impl WorkerApp {
         tasks.wait().await;
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// The service's shared secret, waiting out a database that blinks right after the migrations.
+/// `None`: shut down before it came.
+async fn shared_secret_when_reachable(store: &PgStore, shutdown: &CancellationToken) -> Option<Vec<u8>> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match store.shared_secret().await {
+            Ok(secret) => return Some(secret),
+            Err(e) => tracing::warn!(error = %e, "cannot read the service's shared secret yet; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -47,6 +47,13 @@ const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often an unreachable database is probed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Cooldowns kept for sharing after an outage (the latest per provider is what matters).
+const MAX_UNSHARED_COOLDOWNS: usize = 1000;
+
+/// State calls in a row that may time out before the database counts as unreachable: one slow
+/// query (a lock wait, a full pool) fails only itself.
+const TIMEOUTS_BEFORE_DOWN: u32 = 3;
+
 /// A worker not seen for this long is no longer counted among the living (heartbeats come
 /// every [`HEARTBEAT_INTERVAL`]).
 const HEARTBEAT_STALE: Duration = Duration::from_secs(30);
@@ -71,6 +78,8 @@ pub struct PgStore {
 #[derive(Default)]
 struct Outage {
     down: AtomicBool,
+    /// State calls in a row that got no answer in time.
+    timeouts_in_a_row: AtomicU32,
     /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
     workers_alive: AtomicU32,
     /// Every call this worker made recently, shared or not.
@@ -127,7 +136,11 @@ impl PgStore {
         if self.is_degraded() {
             return Err(StoreError::Unreachable("the database is down".into()));
         }
-        match tokio::time::timeout(STATE_CALL_TIMEOUT, call).await {
+        let answer = tokio::time::timeout(STATE_CALL_TIMEOUT, call).await;
+        if answer.is_ok() {
+            self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
+        }
+        match answer {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if is_transient(&e) => {
                 self.went_down(&e.to_string());
@@ -136,6 +149,9 @@ impl PgStore {
             Ok(Err(e)) => Err(StoreError::Database(e)),
             Err(_) => {
                 let what = format!("no answer within {STATE_CALL_TIMEOUT:?}");
+                if self.outage.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < TIMEOUTS_BEFORE_DOWN {
+                    return Err(StoreError::Unavailable(what));
+                }
                 self.went_down(&what);
                 Err(StoreError::Unreachable(what))
             }
@@ -280,6 +296,12 @@ impl PgStore {
             Admission::TooLarge if !too_large_for(ask.limits, ask.tokens) => {
                 let until = now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now);
                 Admission::OverQuota { until, measure: QuotaMeasure::Tokens }
+            }
+            // The local share is this worker's guess, not the provider's word: the job asks again
+            // soon (the database may be back) rather than wait out a whole window or fail.
+            Admission::OverQuota { until, measure } => {
+                let soon = now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now);
+                Admission::OverQuota { until: until.min(soon), measure }
             }
             Admission::Granted(local) => {
                 let local_id = local.usage_id;
@@ -619,9 +641,19 @@ impl ProviderState for PgStore {
 
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         self.remember_cooldown(provider, Some(cooldown.clone()));
-        if let Err(e) = self.guarded(self.share_cooldown(provider, &cooldown)).await {
-            tracing::warn!(provider, error = %e, "cannot share a cooldown now; it is shared when the database is back");
-            self.outage.unshared_cooldowns.lock().unwrap().push((provider.to_string(), cooldown));
+        match self.guarded(self.share_cooldown(provider, &cooldown)).await {
+            Ok(()) => {}
+            Err(StoreError::Unreachable(_)) => {
+                tracing::warn!(provider, "cannot share a cooldown now; it is shared when the database is back");
+                let mut unshared = self.outage.unshared_cooldowns.lock().unwrap();
+                if unshared.len() < MAX_UNSHARED_COOLDOWNS {
+                    unshared.push((provider.to_string(), cooldown));
+                }
+            }
+            // Refused for good (it would be refused again at write-back): this worker keeps it.
+            Err(e) => {
+                tracing::warn!(provider, error = %e, "the database refused a cooldown; only this worker knows it")
+            }
         }
     }
 
@@ -762,7 +794,8 @@ impl PgStore {
         .bind(provider)
         .bind(epoch_ms(cooldown.until) as f64)
         .bind(cooldown.reason.as_str())
-        .bind(&cooldown.detail)
+        // Postgres text cannot hold NUL; a provider's message may.
+        .bind(cooldown.detail.replace('\0', ""))
         .bind(CHANNEL)
         .execute(&self.pool)
         .await
