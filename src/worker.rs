@@ -139,8 +139,8 @@ impl DeliveryHandler for JobHandler {
         };
         if failures < self.rules.max_deliveries {
             let after = Duration::from_secs(1u64 << failures.min(5));
-            tracing::warn!(failures, retry_in = ?after, "internal failure on a job; it goes back to the queue");
-            return Ok(Settlement::Requeue { after });
+            tracing::warn!(failures, retry_in = ?after, "internal failure on a job; it is tried again later");
+            return self.retry_later(incoming, after, publisher).await;
         }
         let custom_id = Job::parse(&incoming.body).ok().map(|job| job.custom_id);
         let reason = format!("the worker failed on this job {failures} times; last: {reason}");
@@ -344,7 +344,11 @@ impl JobHandler {
                         let reason = format!("the result was refused by `{target}`: {refusal}");
                         self.copy_to_dead_letter(incoming, &reason, publisher).await
                     }
-                    Delivery::Failed => Ok(Settlement::Requeue { after: REFUSED_REQUEUE_DELAY }),
+                    // Counted like any failure of the worker on this job, so it cannot loop.
+                    Delivery::Failed => {
+                        let reason = format!("no queue took the result (`{target}`, then the results queue)");
+                        self.internal_failure(incoming, &reason, publisher).await
+                    }
                 }
             }
             Disposition::DeadLetter { target, reason, reply } => {
@@ -384,6 +388,29 @@ impl JobHandler {
                 tracing::warn!(%queue, %refusal, "the delay queue refused the job; it goes back to the jobs queue");
                 Ok(Settlement::Requeue { after: Topology::tier_for(wait).min(REFUSED_REQUEUE_DELAY) })
             }
+        }
+    }
+
+    /// Hands the job back through a delay queue (and acks this delivery), so a retry neither
+    /// holds a prefetch slot while it waits nor comes straight back to this worker. The job's
+    /// parked state, if any, goes along as it came (it is authenticated, or ignored).
+    async fn retry_later(
+        &self,
+        incoming: &Incoming,
+        after: Duration,
+        publisher: &Publisher,
+    ) -> Result<Settlement, ConnectionLost> {
+        let queue = self.rules.topology.wait_queue(Topology::tier_for(after));
+        let mut carried = FieldTable::default();
+        for name in [headers::PARKED_STATE, headers::PARKED_MAC] {
+            if let Some(value) = incoming.headers.inner().get(name) {
+                carried.insert(name.into(), value.clone());
+            }
+        }
+        let properties = incoming.copy_properties().with_headers(carried);
+        match publish_retrying(publisher, &queue, &incoming.body, properties).await? {
+            Ok(Routed::Queued) => Ok(Settlement::Ack),
+            Ok(Routed::Unroutable) | Err(_) => Ok(Settlement::Requeue { after: after.min(REFUSED_REQUEUE_DELAY) }),
         }
     }
 

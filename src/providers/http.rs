@@ -11,7 +11,9 @@ use crate::job::ChatBody;
 use crate::secrets::{ApiKey, scrub};
 
 /// Largest answer we read; a provider sending more is broken (or hostile).
-const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// 8 MiB keeps a result (the answer plus its envelope) below RabbitMQ 4.x's default
+/// `max_message_size` of 16 MiB, which would otherwise refuse it on every try.
+const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Builds the one HTTP client every provider shares.
 ///
@@ -122,7 +124,7 @@ impl ChatProvider for HttpProvider {
             Ok((status, headers, Some(bytes))) => {
                 self.interpret(status, &headers, &bytes).map_err(|f| self.scrubbed(f))
             }
-            Ok((status, _, None)) => Err(Failure::new(FailureKind::Server, Some(status), "the answer exceeded 16 MiB")),
+            Ok((status, _, None)) => Err(Failure::new(FailureKind::Server, Some(status), "the answer exceeded 8 MiB")),
             Err(e) => Err(transport_failure(&e)),
         }
     }

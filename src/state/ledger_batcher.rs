@@ -79,7 +79,8 @@ async fn open_all(pool: &PgPool, requests: Vec<Request>) {
          ON CONFLICT (job_key) DO UPDATE SET \
            deliveries = job_results.deliveries + CASE \
              WHEN job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint THEN 1 ELSE 0 END, \
-           fingerprint = coalesce(job_results.fingerprint, EXCLUDED.fingerprint) \
+           fingerprint = CASE WHEN job_results.fingerprint IS NULL AND job_results.result IS NULL \
+             THEN EXCLUDED.fingerprint ELSE job_results.fingerprint END \
          RETURNING job_key, deliveries, result, fingerprint",
     )
     .bind(&keys)
@@ -100,8 +101,10 @@ async fn open_all(pool: &PgPool, requests: Vec<Request>) {
     let mut entries: HashMap<String, LedgerEntry> = HashMap::new();
     for (key, fingerprint) in keys.into_iter().zip(fingerprints) {
         if let Some((deliveries, result, owner)) = rows_by_key.remove(&key) {
-            let other_job = owner.is_some_and(|owner| owner != fingerprint);
-            let result = if other_job { None } else { result };
+            let other_job = owner.as_ref().is_some_and(|owner| *owner != fingerprint);
+            // A result stored before keys were bound to jobs (no fingerprint) may be another
+            // job's: it is never served; the job runs again and its result takes the row.
+            let result = if owner.as_deref() == Some(fingerprint.as_str()) { result } else { None };
             entries.insert(key, LedgerEntry { deliveries, result, other_job });
         }
     }
@@ -157,7 +160,8 @@ async fn store_rows(pool: &PgPool, rows: &[(&str, &str, &str)]) -> Result<(), Fa
     sqlx::query(
         "INSERT INTO job_results (job_key, fingerprint, result, answered_at) \
          SELECT k, f, r, now() FROM unnest($1::text[], $2::text[], $3::text[]) AS t(k, f, r) \
-         ON CONFLICT (job_key) DO UPDATE SET result = EXCLUDED.result, answered_at = now() \
+         ON CONFLICT (job_key) DO UPDATE SET result = EXCLUDED.result, answered_at = now(), \
+           fingerprint = coalesce(job_results.fingerprint, EXCLUDED.fingerprint) \
          WHERE job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint",
     )
     .bind(&keys)

@@ -185,6 +185,10 @@ impl PgStore {
                 Ok((calls, cooldowns)) => {
                     self.outage.down.store(false, Ordering::SeqCst);
                     crate::observability::record_database_down(false);
+                    // What was admitted or learnt between the write-back and now.
+                    if let Err(e) = self.write_back().await {
+                        tracing::debug!(error = %e, "the last calls of the outage wait for the next write-back");
+                    }
                     tracing::info!(
                         calls,
                         cooldowns,

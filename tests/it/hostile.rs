@@ -247,13 +247,17 @@ async fn a_database_stopped_for_15_s_under_load_stops_no_job() {
     let results = env.results(&env.results, published).await;
     assert!(results.iter().all(|r| r.is_success()));
     assert_eq!(env.client.depth(&env.jobs).await, 0, "nothing left behind");
-    // The calls of the outage are written back once the database is back.
+    // The calls of the outage are written back once the database is back: each call counted
+    // exactly once in the shared windows.
+    let calls = mock.requests();
+    assert_eq!(calls, published + 1);
     eventually("the outage's calls are counted in the shared windows", || async {
         let counted: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_usage WHERE provider = 'p'")
             .fetch_one(&mut env.db().await)
             .await
             .unwrap();
-        counted as usize > published
+        assert!(counted as usize <= calls, "{counted} usage rows for {calls} calls: written back twice");
+        counted as usize == calls
     })
     .await;
     worker.stop().await;
@@ -344,4 +348,26 @@ async fn a_job_that_panics_is_retried_then_dead_lettered_and_others_go_on() {
     assert!(ready.load(Ordering::Relaxed), "the session survived the panics");
     shutdown.cancel();
     consumer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_channel_the_broker_closes_over_one_message_is_reopened_for_the_next() {
+    use fallback_worker::broker::{Outgoing, PublishError, Publisher, Routed};
+    let env = TestEnv::new().await;
+    let queue = env.reply_queue("publisher").await;
+    let connection = Arc::new(broker::connect(&amqp_url(), "publisher test").await.unwrap());
+    let publisher = Publisher::new(connection.clone(), Duration::from_secs(10)).await.unwrap();
+    let send = |properties: BasicProperties| {
+        let publisher = publisher.clone();
+        let queue = queue.clone();
+        async move { publisher.publish(Outgoing { routing_key: &queue, body: b"x", properties }).await }
+    };
+    // Another broker user's id: the broker closes the channel (PRECONDITION_FAILED).
+    let refused = send(BasicProperties::default().with_user_id("mallory".into())).await;
+    assert!(matches!(refused, Err(PublishError::Refused(_))), "{refused:?}");
+    for _ in 0..3 {
+        assert_eq!(send(BasicProperties::default()).await.unwrap(), Routed::Queued);
+    }
+    assert!(connection.status().connected(), "only the channel was closed");
+    assert_eq!(env.client.depth(&queue).await, 3);
 }

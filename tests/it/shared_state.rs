@@ -316,3 +316,21 @@ async fn one_unstorable_result_never_fails_the_others_and_nul_escapes_are_stored
     assert_eq!(store.open("k7", "job").await.unwrap().result.as_deref(), Some(nul));
     assert_eq!(store.open("k3", "job").await.unwrap().result.as_deref(), Some("{\"n\":3}"));
 }
+
+#[tokio::test]
+async fn a_result_stored_before_keys_were_bound_to_jobs_is_never_served() {
+    use fallback_worker::state::ResultLedger;
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    // A row an older worker wrote: no fingerprint, another job's result.
+    sqlx::query("INSERT INTO job_results (job_key, result) VALUES ('msg:legacy', '{\"theirs\":1}')")
+        .execute(&mut env.db().await)
+        .await
+        .unwrap();
+    let entry = store.open("msg:legacy", "job-b").await.unwrap();
+    assert_eq!((entry.result, entry.other_job), (None, false), "run again, never served");
+    store.store("msg:legacy", "job-b", "{\"mine\":1}").await.unwrap();
+    let again = store.open("msg:legacy", "job-b").await.unwrap();
+    assert_eq!(again.result.as_deref(), Some("{\"mine\":1}"));
+    assert!(store.open("msg:legacy", "job-c").await.unwrap().other_job, "the key now belongs to job-b");
+}
