@@ -134,14 +134,8 @@ impl WorkerApp {
                 Err(e) => return Err(e).with_context(|| format!("cannot listen on http.addr `{}`", config.http.addr)),
             }
         }
-        let longest_window =
-            config.providers.iter().flat_map(|p| p.limits.iter().map(|l| l.per)).max().unwrap_or_default();
-        let upkeep = Upkeep {
-            store: store.clone(),
-            worker: self.worker_id.clone(),
-            retention: config.worker.result_retention,
-            longest_window,
-        };
+        let upkeep =
+            Upkeep { store: store.clone(), worker: self.worker_id.clone(), retention: config.worker.result_retention };
         tasks.spawn(housekeeping(upkeep, shutdown.clone()));
         let reply_to_allow =
             config.amqp.reply_to_allow.iter().map(|p| glob::Pattern::new(p)).collect::<Result<_, _>>()?;
@@ -229,7 +223,6 @@ struct Upkeep {
     /// This worker's id, for its heartbeat.
     worker: String,
     retention: Duration,
-    longest_window: Duration,
 }
 
 /// Sends this worker's heartbeat (the divisor of each limit's local share during a database
@@ -257,7 +250,7 @@ async fn prune_old_records(upkeep: &Upkeep) {
         Ok(n) => tracing::info!(deleted = n, "pruned old results from the ledger"),
         Err(e) => tracing::warn!(error = %e, "cannot prune the result ledger"),
     }
-    if let Err(e) = upkeep.store.prune_usage(upkeep.longest_window.max(Duration::from_secs(3600))).await {
+    if let Err(e) = upkeep.store.prune_usage().await {
         tracing::warn!(error = %e, "cannot prune old usage records");
     }
 }

@@ -81,13 +81,14 @@ impl AmqpConfig {
 pub struct PostgresConfig {
     /// Database URL; may carry a password, printed only through [`redact_url`].
     pub url: String,
-    /// Pool size; the listener and the handlers share it.
+    /// Pool size, the listener's connection included: 3 by default, so one Postgres with the
+    /// default `max_connections = 100` serves 30 workers.
     pub max_connections: u32,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        Self { url: "postgres://postgres@127.0.0.1:5432/fallback".into(), max_connections: 8 }
+        Self { url: "postgres://postgres@127.0.0.1:5432/fallback".into(), max_connections: 3 }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The glue for one delivery: decode → ledger → chain → publish → ack.
 //!
-//! Order matters for the delivery guarantees (contract §4): the result is stored, then
-//! published and confirmed, and only then is the job acked. A crash anywhere before the ack
-//! leaves the message with the broker, and its redelivery is answered from the ledger.
+//! Order matters for the delivery guarantees (contract §4): the result is stored in the ledger
+//! and published (confirmed) at the same time, and only when both are done is the job acked. A
+//! crash anywhere before the ack leaves the message with the broker, and its redelivery is
+//! answered from the ledger (or, if the store had not finished, the job runs again).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -102,9 +103,9 @@ impl LocalFailures {
 }
 
 /// What to do with a delivery once it has been looked at.
-enum Disposition {
-    /// Publish this result to `target`, then ack.
-    Answer { target: String, reply: Reply },
+enum Disposition<'a> {
+    /// Publish this result to `target` (and record it in the ledger at the same time), then ack.
+    Answer { target: String, reply: Reply, record: Option<LedgerRecord<'a>> },
     /// Copy the message to the dead-letter queue with `reason`, send the error result to
     /// `target`, then ack.
     DeadLetter { target: String, reason: String, reply: Reply },
@@ -150,6 +151,14 @@ impl DeliveryHandler for JobHandler {
     }
 }
 
+/// Where a fresh result goes in the ledger. It holds the job's key lock until the result is
+/// stored, so a second copy of the job in this process is answered from the ledger.
+struct LedgerRecord<'a> {
+    key: String,
+    fingerprint: String,
+    _one_copy_at_a_time: KeyGuard<'a>,
+}
+
 /// Identifies one message for counting its internal failures, whether or not it parses.
 fn delivery_key(incoming: &Incoming) -> String {
     let mut hash = Sha256::new();
@@ -162,7 +171,7 @@ fn delivery_key(incoming: &Incoming) -> String {
 }
 
 impl JobHandler {
-    async fn decide(&self, incoming: &Incoming) -> Disposition {
+    async fn decide(&self, incoming: &Incoming) -> Disposition<'_> {
         let timing = Timing::start(incoming);
         let invalid = |custom_id: Option<String>, reason: String| {
             self.dead_letter(incoming, custom_id, ErrorCode::InvalidRequest, reason, &timing)
@@ -202,7 +211,7 @@ impl JobHandler {
             }
         };
         let parks = parked.as_ref().map_or(0, |p| p.parks);
-        let _one_copy_at_a_time = self.key_locks.lock(&key).await;
+        let one_copy_at_a_time = self.key_locks.lock(&key).await;
         match self.open_ledger(&key, &fingerprint).await {
             Some(entry) if entry.other_job => {
                 let message_id = incoming.message_id.as_deref().unwrap_or_default();
@@ -213,7 +222,7 @@ impl JobHandler {
                 if let Some(reply) = Reply::stored(stored) {
                     tracing::info!("answered from the result ledger, no provider call");
                     observability::record_from_ledger();
-                    return Disposition::Answer { target, reply };
+                    return Disposition::Answer { target, reply, record: None };
                 }
             }
             Some(entry) if entry.deliveries.saturating_sub(parks) > self.rules.max_deliveries => {
@@ -223,14 +232,22 @@ impl JobHandler {
             _ => {}
         }
         let run = ChainRun { job: &job, chain: &chain, max_wait, parked, identity };
-        let disposition = self.run_chain(run, target, incoming, &timing).await;
-        if let Disposition::Answer { reply, .. } = &disposition {
-            self.store_result(&key, &fingerprint, reply).await;
+        match self.run_chain(run, target, incoming, &timing).await {
+            Disposition::Answer { target, reply, .. } => {
+                let record = LedgerRecord { key, fingerprint, _one_copy_at_a_time: one_copy_at_a_time };
+                Disposition::Answer { target, reply, record: Some(record) }
+            }
+            other => other,
         }
-        disposition
     }
 
-    async fn run_chain(&self, run: ChainRun<'_>, target: String, incoming: &Incoming, timing: &Timing) -> Disposition {
+    async fn run_chain(
+        &self,
+        run: ChainRun<'_>,
+        target: String,
+        incoming: &Incoming,
+        timing: &Timing,
+    ) -> Disposition<'static> {
         let (first_seen, parks, previous) = match run.parked {
             Some(state) => (state.first_seen(incoming.received_at), state.parks, state.attempts),
             None => (incoming.received_at, 0, Vec::new()),
@@ -253,7 +270,7 @@ impl JobHandler {
         match result_of(&run.job.custom_id, verdict, routing) {
             Ok(result) => {
                 observability::record_result(&result, new_attempts);
-                Disposition::Answer { target, reply: Reply::of(&result) }
+                Disposition::Answer { target, reply: Reply::of(&result), record: None }
             }
             Err(until) => {
                 observability::record_parked(new_attempts);
@@ -271,7 +288,7 @@ impl JobHandler {
         code: ErrorCode,
         reason: String,
         timing: &Timing,
-    ) -> Disposition {
+    ) -> Disposition<'static> {
         tracing::warn!(custom_id = custom_id.as_deref().unwrap_or("?"), ?code, %reason, "dead-lettered");
         let target =
             self.reply_target(incoming.reply_to.as_deref()).unwrap_or_else(|_| self.rules.topology.results.clone());
@@ -323,22 +340,26 @@ impl JobHandler {
         }
     }
 
-    async fn store_result(&self, key: &str, fingerprint: &str, reply: &Reply) {
+    async fn store_result(&self, record: Option<LedgerRecord<'_>>, reply: &Reply) {
+        let Some(record) = record else { return };
         let json = String::from_utf8_lossy(&reply.body);
-        if let Err(e) = self.ledger.store(key, fingerprint, &json).await {
+        if let Err(e) = self.ledger.store(&record.key, &record.fingerprint, &json).await {
             tracing::debug!(error = %e, "cannot store the result; a redelivery would call a provider again");
         }
     }
 
     async fn carry_out(
         &self,
-        disposition: Disposition,
+        disposition: Disposition<'_>,
         incoming: &Incoming,
         publisher: &Publisher,
     ) -> Result<Settlement, ConnectionLost> {
         match disposition {
-            Disposition::Answer { target, reply } => {
-                match self.deliver_result(&target, &reply, incoming, publisher).await? {
+            Disposition::Answer { target, reply, record } => {
+                // The ack waits for both; neither waits for the other.
+                let stored = self.store_result(record, &reply);
+                let (delivered, ()) = tokio::join!(self.deliver_result(&target, &reply, incoming, publisher), stored);
+                match delivered? {
                     Delivery::Delivered => Ok(Settlement::Ack),
                     Delivery::Diverted { refusal } => {
                         let reason = format!("the result was refused by `{target}`: {refusal}");

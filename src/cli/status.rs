@@ -89,18 +89,20 @@ pub async fn collect(config: &Config, store: &PgStore) -> Result<Vec<ProviderSta
 }
 
 async fn window_usage(store: &PgStore, provider: &str, limit: &LimitConfig) -> Result<WindowUsage, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT count(*) AS requests, coalesce(sum(tokens), 0)::bigint AS tokens FROM provider_usage \
-         WHERE provider = $1 AND coalesce(done_at, expires_at) > now() - make_interval(secs => $2)",
+    let (measure, max) = match (limit.requests, limit.tokens) {
+        (Some(n), _) => ("requests", n),
+        (_, n) => ("tokens", n.unwrap_or(0)),
+    };
+    // Read-only: what is in the window now (admission retires what has left it, lazily).
+    let used: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(amount), 0)::bigint FROM quota_use \
+         WHERE scope = $1 AND measure = $2 AND window_ms = $3 AND leaves_at > now()",
     )
     .bind(provider)
-    .bind(limit.per.as_secs_f64())
+    .bind(measure)
+    .bind(i64::try_from(limit.per.as_millis()).unwrap_or(i64::MAX))
     .fetch_one(store.pool())
     .await?;
-    let (measure, max, used) = match (limit.requests, limit.tokens) {
-        (Some(n), _) => ("requests", n, row.get::<i64, _>("requests")),
-        (_, n) => ("tokens", n.unwrap_or(0), row.get::<i64, _>("tokens")),
-    };
     Ok(WindowUsage {
         measure,
         limit: max,

@@ -87,8 +87,9 @@ impl Permit {
 #[async_trait::async_trait]
 pub trait ProviderState: Send + Sync {
     /// Whether the provider may be called now; if it may, the call is counted against its limits
-    /// at once (so two workers cannot both take the last slot). Reads the shared truth, so a
-    /// cooldown set by another worker a moment ago is seen before this worker's next call.
+    /// at once (so two workers cannot both take the last slot). Sees the shared truth: a
+    /// cooldown another worker recorded is seen before this worker's next call (the Postgres
+    /// store's listener delivers it to the local copy as it commits).
     async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission;
 
     /// The answer to a granted call arrived: its window occupancy ends now, and its token count

@@ -1,9 +1,12 @@
 //! The Postgres store: the table is the truth, LISTEN/NOTIFY keeps a local copy warm.
 //!
 //! Every cooldown is written with `GREATEST` (it only moves forward) and announced with
-//! `pg_notify` in the same statement, so it is visible to all workers at commit. Before each
-//! call a worker reads the provider's row ([`ProviderState::admit`]); the local copy answers
-//! when a cooldown is already known (no round trip).
+//! `pg_notify` in the same statement, so it is visible to all workers at commit. Every worker's
+//! listener copies each change into its local cache (and reloads the table after any reconnect,
+//! since notifications sent meanwhile are lost), so admission reads the cache, not the row: a
+//! provider without limits costs no query per call. While the listener is not live, admission
+//! reads the row per call as before. A provider with limits is admitted by `fallback_acquire`,
+//! which checks the row's cooldown under its lock anyway.
 //!
 //! Postgres is not in the way of a call (contract §4): the first state call that finds the
 //! database unreachable marks it down, and from then on every state call answers at once from
@@ -78,14 +81,18 @@ pub struct PgStore {
 #[derive(Default)]
 struct Outage {
     down: AtomicBool,
+    /// The LISTEN session is up and has loaded the table since it (re)connected: the local copy
+    /// of every cooldown is current, so a provider without limits is admitted without a query.
+    listening: AtomicBool,
     /// State calls in a row that got no answer in time.
     timeouts_in_a_row: AtomicU32,
     /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
     workers_alive: AtomicU32,
     /// Every call this worker made recently, shared or not.
     own_calls: MemoryStore,
-    /// Calls admitted locally during an outage, to write back to `provider_usage`.
-    unsynced_calls: Mutex<Vec<i64>>,
+    /// Calls admitted locally during an outage, with the limits they count against, to write
+    /// back to the shared windows.
+    unsynced_calls: Mutex<Vec<(i64, Vec<LimitConfig>)>>,
     /// Cooldowns learnt during an outage, to share once the database is back.
     unshared_cooldowns: Mutex<Vec<(String, Cooldown)>>,
 }
@@ -210,35 +217,46 @@ impl PgStore {
                 return Err(e);
             }
         }
-        let ids = std::mem::take(&mut *self.outage.unsynced_calls.lock().unwrap());
-        let calls = self.outage.own_calls.calls(&ids);
-        let inserted = self.insert_calls(&calls).await;
+        let unsynced = std::mem::take(&mut *self.outage.unsynced_calls.lock().unwrap());
+        let inserted = self.insert_calls(&unsynced).await;
         if let Err(e) = inserted {
-            self.outage.unsynced_calls.lock().unwrap().extend(ids);
+            self.outage.unsynced_calls.lock().unwrap().extend(unsynced);
             return Err(e);
         }
         self.reload().await?;
-        Ok((calls.len(), cooldowns.len()))
+        Ok((unsynced.len(), cooldowns.len()))
     }
 
-    async fn insert_calls(&self, calls: &[(String, super::quota::Usage)]) -> Result<(), sqlx::Error> {
-        if calls.is_empty() {
-            return Ok(());
+    /// Counts calls made during an outage in the shared windows of the limits they were
+    /// admitted under, as if the database had admitted them (one transaction).
+    async fn insert_calls(&self, unsynced: &[(i64, Vec<LimitConfig>)]) -> Result<(), sqlx::Error> {
+        let ids: Vec<i64> = unsynced.iter().map(|(id, _)| *id).collect();
+        let calls: HashMap<i64, (String, super::quota::Usage)> =
+            self.outage.own_calls.calls(&ids).into_iter().map(|(p, u)| (u.id, (p, u))).collect();
+        let mut transaction = self.pool.begin().await?;
+        for (id, limits) in unsynced {
+            let Some((provider, usage)) = calls.get(id) else { continue };
+            let call: i64 = sqlx::query_scalar("SELECT nextval('quota_call_id')").fetch_one(&mut *transaction).await?;
+            let end = usage.done.unwrap_or(usage.expires);
+            for limit in limits {
+                let window = limit.per;
+                let measured =
+                    [("requests", limit.requests.map(|_| 1)), ("tokens", limit.tokens.map(|_| usage.tokens))];
+                for (measure, amount) in measured {
+                    let Some(amount) = amount else { continue };
+                    sqlx::query("SELECT fallback_add_use($1, $2, $3, $4, $5, to_timestamp($6::float8 / 1000))")
+                        .bind(call)
+                        .bind(provider)
+                        .bind(measure)
+                        .bind(saturating_i64(window.as_millis()))
+                        .bind(saturating_i64(amount))
+                        .bind(epoch_ms(end.checked_add(window).unwrap_or(end)) as f64)
+                        .execute(&mut *transaction)
+                        .await?;
+                }
+            }
         }
-        let providers: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
-        let ends: Vec<i64> = calls.iter().map(|(_, u)| epoch_ms(u.done.unwrap_or(u.expires))).collect();
-        let tokens: Vec<i64> = calls.iter().map(|(_, u)| i64::try_from(u.tokens).unwrap_or(i64::MAX)).collect();
-        sqlx::query(
-            "INSERT INTO provider_usage (provider, sent_at, done_at, expires_at, tokens) \
-             SELECT p, to_timestamp(e::float8 / 1000), to_timestamp(e::float8 / 1000), to_timestamp(e::float8 / 1000), t \
-             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS c(p, e, t)",
-        )
-        .bind(&providers)
-        .bind(&ends)
-        .bind(&tokens)
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
+        transaction.commit().await
     }
 
     /// Records this worker as alive and learns how many are (the divisor of the local share of
@@ -310,7 +328,7 @@ impl PgStore {
             Admission::Granted(local) => {
                 let local_id = local.usage_id;
                 if let Some(id) = local_id {
-                    self.outage.unsynced_calls.lock().unwrap().push(id);
+                    self.outage.unsynced_calls.lock().unwrap().push((id, ask.limits.to_vec()));
                 }
                 Admission::Granted(Permit { usage_id: None, local_id })
             }
@@ -372,26 +390,30 @@ impl PgStore {
                 let mut listener = PgListener::connect_with(&self.pool).await?;
                 listener.listen(CHANNEL).await?;
                 self.reload().await?;
+                self.outage.listening.store(true, Ordering::SeqCst);
                 tracing::debug!("listening for provider-state changes");
                 loop {
                     match listener.try_recv().await? {
                         Some(notification) => self.apply_notice(notification.payload()),
                         None => {
+                            // Notifications sent while it was away are lost: read the table.
+                            self.outage.listening.store(false, Ordering::SeqCst);
                             tracing::info!("provider-state listener reconnected; reloading");
                             self.reload().await?;
+                            self.outage.listening.store(true, Ordering::SeqCst);
                         }
                     }
                 }
                 #[allow(unreachable_code)]
                 Ok::<(), sqlx::Error>(())
             };
-            tokio::select! {
+            let result = tokio::select! {
                 () = shutdown.cancelled() => return,
-                result = session => {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "provider-state listener lost the database; retrying");
-                    }
-                }
+                result = session => result,
+            };
+            self.outage.listening.store(false, Ordering::SeqCst);
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "provider-state listener lost the database; retrying");
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -508,14 +530,16 @@ impl PgStore {
     }
 
     /// Deletes usage records older than any window can see (called by housekeeping).
-    pub async fn prune_usage(&self, longest_window: Duration) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query(
-            "DELETE FROM provider_usage WHERE coalesce(done_at, expires_at) < now() - make_interval(secs => $1)",
+    /// Retires, in every window, the calls that have left it (admission does so lazily for the
+    /// providers it admits; this covers providers no longer called). Returns the windows' total
+    /// use left.
+    pub async fn prune_usage(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT coalesce(sum(fallback_window_used(scope, measure, window_ms, clock_timestamp())), 0)::bigint \
+             FROM quota_window",
         )
-        .bind(longest_window.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        .fetch_one(&self.pool)
+        .await
     }
 
     /// Deletes ledger rows first seen longer ago than `retention` (called by housekeeping).
@@ -572,6 +596,10 @@ impl PgStore {
     /// Admission through the database: the provider's row, then its limits under its gate.
     async fn admit_shared(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, StoreError> {
         let provider = ask.provider;
+        if ask.limits.is_empty() && self.outage.listening.load(Ordering::SeqCst) {
+            // The listener keeps the local copy current; `admit` has checked it already.
+            return Ok(Admission::Granted(Permit::UNCOUNTED));
+        }
         if ask.limits.is_empty() {
             let cooldown = self.guarded(self.read_cooldown(provider, now)).await?;
             return Ok(cooldown.map_or(Admission::Granted(Permit::UNCOUNTED), Admission::Cooling));
@@ -628,16 +656,8 @@ impl ProviderState for PgStore {
         }
         let Some(id) = permit.usage_id else { return };
         let tokens = tokens.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
-        let result = self
-            .guarded(
-                sqlx::query(
-                    "UPDATE provider_usage SET done_at = clock_timestamp(), tokens = coalesce($2, tokens) WHERE id = $1",
-                )
-                .bind(id)
-                .bind(tokens)
-                .execute(&self.pool),
-            )
-            .await;
+        let result =
+            self.guarded(sqlx::query("SELECT fallback_finish($1, $2)").bind(id).bind(tokens).execute(&self.pool)).await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
         }

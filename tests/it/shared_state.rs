@@ -227,7 +227,10 @@ async fn status_shows_cooldowns_usage_and_last_errors() {
         provider("paid", "http://127.0.0.1:9/v1", false, ""),
         chain("default", &["groq", "paid"], "")
     );
-    let limits = [LimitConfig { requests: Some(30), tokens: None, per: Duration::from_secs(60) }];
+    let limits = [
+        LimitConfig { requests: Some(30), tokens: None, per: Duration::from_secs(60) },
+        LimitConfig { requests: None, tokens: Some(6000), per: Duration::from_secs(60) },
+    ];
     let ask = Ask { provider: "groq", limits: &limits, tokens: 120, flight: Duration::from_secs(5) };
     for _ in 0..3 {
         assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
