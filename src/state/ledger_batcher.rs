@@ -55,18 +55,56 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         deferred = later;
         let (opens, stores): (Vec<Request>, Vec<Request>) =
             now.into_iter().partition(|r| matches!(r, Request::Open { .. }));
-        if !stores.is_empty() {
-            store_all(&pool, stores).await;
-        }
-        if !opens.is_empty() {
-            open_all(&pool, opens).await;
+        match (opens.is_empty(), stores.is_empty()) {
+            (true, true) => {}
+            (false, true) => open_all(&pool, opens, Vec::new()).await,
+            (true, false) => store_all(&pool, stores).await,
+            // Under load both kinds wait: one round trip serves them together.
+            (false, false) => open_all(&pool, opens, stores).await,
         }
     }
 }
 
-/// Counts one receipt of each key, unless the key belongs to another job (a reused
-/// `message_id`): then nothing is counted and the row's own fingerprint comes back.
-async fn open_all(pool: &PgPool, requests: Vec<Request>) {
+/// The statement that stores results: keys, fingerprints and results as three text arrays (the
+/// parameters' numbers given), leaving a key that belongs to another job as it is.
+macro_rules! store_sql {
+    ($keys:literal, $fingerprints:literal, $results:literal) => {
+        concat!(
+            "INSERT INTO job_results (job_key, fingerprint, result, answered_at) \
+             SELECT k, f, r, now() FROM unnest(",
+            $keys,
+            "::text[], ",
+            $fingerprints,
+            "::text[], ",
+            $results,
+            "::text[]) AS t(k, f, r) \
+             ON CONFLICT (job_key) DO UPDATE SET result = EXCLUDED.result, answered_at = now(), \
+               fingerprint = coalesce(job_results.fingerprint, EXCLUDED.fingerprint) \
+             WHERE job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint"
+        )
+    };
+}
+
+/// The statement that counts receipts (`$1` keys, `$2` fingerprints), unless a key belongs to
+/// another job (a reused `message_id`): then nothing is counted and the row's own fingerprint
+/// comes back. A result stored before keys were bound to jobs (no fingerprint) stays unbound.
+macro_rules! open_sql {
+    () => {
+        "INSERT INTO job_results (job_key, fingerprint) SELECT * FROM unnest($1::text[], $2::text[]) \
+         ON CONFLICT (job_key) DO UPDATE SET \
+           deliveries = job_results.deliveries + CASE \
+             WHEN job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint THEN 1 ELSE 0 END, \
+           fingerprint = CASE WHEN job_results.fingerprint IS NULL AND job_results.result IS NULL \
+             THEN EXCLUDED.fingerprint ELSE job_results.fingerprint END \
+         RETURNING job_key, deliveries, result, fingerprint"
+    };
+}
+
+/// Counts one receipt of each key of `opens` and answers what the ledger knows of it; the
+/// results of `stores`, when there are any, are written in the same statement (and, should that
+/// fail, on their own).
+async fn open_all(pool: &PgPool, opens: Vec<Request>, stores: Vec<Request>) {
+    let requests = opens;
     let (mut keys, mut fingerprints) = (Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()));
     for request in &requests {
         if let Request::Open { key, fingerprint, .. } = request {
@@ -74,19 +112,28 @@ async fn open_all(pool: &PgPool, requests: Vec<Request>) {
             fingerprints.push(fingerprint.clone());
         }
     }
-    let rows = sqlx::query(
-        "INSERT INTO job_results (job_key, fingerprint) SELECT * FROM unnest($1::text[], $2::text[]) \
-         ON CONFLICT (job_key) DO UPDATE SET \
-           deliveries = job_results.deliveries + CASE \
-             WHEN job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint THEN 1 ELSE 0 END, \
-           fingerprint = CASE WHEN job_results.fingerprint IS NULL AND job_results.result IS NULL \
-             THEN EXCLUDED.fingerprint ELSE job_results.fingerprint END \
-         RETURNING job_key, deliveries, result, fingerprint",
-    )
-    .bind(&keys)
-    .bind(&fingerprints)
-    .fetch_all(pool)
-    .await;
+    let rows = if stores.is_empty() {
+        sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints).fetch_all(pool).await
+    } else {
+        let rows = store_rows_of(&stores);
+        let stored = rows.len();
+        let together = concat!("WITH stored AS (", store_sql!("$3", "$4", "$5"), " RETURNING 1) ", open_sql!());
+        let answer = sqlx::query(together)
+            .bind(&keys)
+            .bind(&fingerprints)
+            .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
+            .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
+            .fetch_all(pool)
+            .await;
+        if answer.is_ok() {
+            reply_to_stores(stores, vec![Ok(()); stored]);
+            answer
+        } else {
+            store_all(pool, stores).await;
+            sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints).fetch_all(pool).await
+        }
+    };
     let mut rows_by_key: HashMap<String, (u32, Option<String>, Option<String>)> = HashMap::new();
     let error = match rows {
         Ok(rows) => {
@@ -123,13 +170,7 @@ async fn open_all(pool: &PgPool, requests: Vec<Request>) {
 /// Stores the results of a batch in one statement; when that fails, each one alone, so that one
 /// result the database refuses never costs the others their record.
 async fn store_all(pool: &PgPool, requests: Vec<Request>) {
-    let rows: Vec<(&str, &str, &str)> = requests
-        .iter()
-        .filter_map(|r| match r {
-            Request::Store { key, fingerprint, json, .. } => Some((key.as_str(), fingerprint.as_str(), json.as_str())),
-            Request::Open { .. } => None,
-        })
-        .collect();
+    let rows = store_rows_of(&requests);
     let together = store_rows(pool, &rows).await;
     let outcomes: Vec<Result<(), Failed>> = match together {
         Ok(()) => vec![Ok(()); rows.len()],
@@ -142,6 +183,21 @@ async fn store_all(pool: &PgPool, requests: Vec<Request>) {
         }
         Err(e) => vec![Err(e)],
     };
+    reply_to_stores(requests, outcomes);
+}
+
+/// The `(key, fingerprint, result)` of each store request.
+fn store_rows_of(requests: &[Request]) -> Vec<(&str, &str, &str)> {
+    requests
+        .iter()
+        .filter_map(|r| match r {
+            Request::Store { key, fingerprint, json, .. } => Some((key.as_str(), fingerprint.as_str(), json.as_str())),
+            Request::Open { .. } => None,
+        })
+        .collect()
+}
+
+fn reply_to_stores(requests: Vec<Request>, outcomes: Vec<Result<(), Failed>>) {
     let replies = requests.into_iter().filter_map(|r| match r {
         Request::Store { reply, .. } => Some(reply),
         Request::Open { .. } => None,
@@ -151,26 +207,19 @@ async fn store_all(pool: &PgPool, requests: Vec<Request>) {
     }
 }
 
-/// One statement for `(key, fingerprint, result)` rows; a key that belongs to another job is
-/// left as it is.
+/// One statement for `(key, fingerprint, result)` rows.
 async fn store_rows(pool: &PgPool, rows: &[(&str, &str, &str)]) -> Result<(), Failed> {
     let keys: Vec<&str> = rows.iter().map(|r| r.0).collect();
     let fingerprints: Vec<&str> = rows.iter().map(|r| r.1).collect();
     let results: Vec<&str> = rows.iter().map(|r| r.2).collect();
-    sqlx::query(
-        "INSERT INTO job_results (job_key, fingerprint, result, answered_at) \
-         SELECT k, f, r, now() FROM unnest($1::text[], $2::text[], $3::text[]) AS t(k, f, r) \
-         ON CONFLICT (job_key) DO UPDATE SET result = EXCLUDED.result, answered_at = now(), \
-           fingerprint = coalesce(job_results.fingerprint, EXCLUDED.fingerprint) \
-         WHERE job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint",
-    )
-    .bind(&keys)
-    .bind(&fingerprints)
-    .bind(&results)
-    .execute(pool)
-    .await
-    .map(|_| ())
-    .map_err(|e| describe(&e))
+    sqlx::query(store_sql!("$1", "$2", "$3"))
+        .bind(&keys)
+        .bind(&fingerprints)
+        .bind(&results)
+        .execute(pool)
+        .await
+        .map(|_| ())
+        .map_err(|e| describe(&e))
 }
 
 /// A batch's failure, shared by every request in it (sqlx errors cannot be cloned).

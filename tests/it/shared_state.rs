@@ -337,3 +337,32 @@ async fn a_result_stored_before_keys_were_bound_to_jobs_is_never_served() {
     assert_eq!(again.result.as_deref(), Some("{\"mine\":1}"));
     assert!(store.open("msg:legacy", "job-c").await.unwrap().other_job, "the key now belongs to job-b");
 }
+
+#[tokio::test]
+async fn opens_and_stores_in_flight_together_are_all_done_in_shared_round_trips() {
+    use fallback_worker::state::ResultLedger;
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    for i in 0..40 {
+        store.open(&format!("s{i}"), "job").await.unwrap();
+    }
+    // Stores of answered jobs and opens of new ones at the same time, as under load.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (storing, opening) = (store.clone(), store.clone());
+        tasks.push(tokio::spawn(async move {
+            storing.store(&format!("s{i}"), "job", &format!("{{\"n\":{i}}}")).await.map(|_| None)
+        }));
+        tasks.push(tokio::spawn(async move { opening.open(&format!("o{i}"), "job").await.map(Some) }));
+    }
+    for task in tasks {
+        if let Some(entry) = task.await.unwrap().unwrap() {
+            assert_eq!((entry.deliveries, entry.result, entry.other_job), (1, None, false));
+        }
+    }
+    for i in [0, 17, 39] {
+        let entry = store.open(&format!("s{i}"), "job").await.unwrap();
+        assert_eq!(entry.result, Some(format!("{{\"n\":{i}}}")));
+        assert_eq!(entry.deliveries, 2);
+    }
+}
