@@ -372,3 +372,42 @@ async fn a_channel_the_broker_closes_over_one_message_is_reopened_for_the_next()
     assert!(connection.status().connected(), "only the channel was closed");
     assert_eq!(env.client.depth(&queue).await, 3);
 }
+
+#[tokio::test]
+async fn a_parked_jobs_state_is_bound_to_that_job_and_replays_onto_no_other() {
+    use fallback_worker::mock::{RetryHint, Scenario};
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
+    mock.script([Scenario::RateLimited(RetryHint::RetryAfterMs(40_000))]);
+    let providers = one_provider(&mock, "");
+    let worker = env.spawn_worker(env.config_with(&providers, "hold_limit = \"500ms\""), "w1").await;
+    env.publish(&job("parked"), BasicProperties::default().with_message_id("m-parked".into())).await;
+    // The job waits 40 s for the provider: it is parked in the 30 s delay queue. Take it out.
+    let wait_queue = format!("{}.wait.30s", env.jobs);
+    let (body, parked) = env.client.next_message(&wait_queue, PATIENCE).await.expect("the job is parked");
+    assert!(header(&parked, PARKED_MAC).is_some(), "{parked:?}");
+    worker.stop().await;
+    sqlx::query("UPDATE provider_state SET cooldown_until = now(), cooldown_reason = NULL")
+        .execute(&mut env.db().await)
+        .await
+        .unwrap();
+    let worker = env.spawn_worker(env.config(&providers), "w2").await;
+    let carried = parked.headers().clone().unwrap_or_default();
+
+    // The authentic state on another job (another body, another message_id): ignored.
+    let other = BasicProperties::default().with_message_id("m-other".into()).with_headers(carried.clone());
+    env.publish(&job("other"), other).await;
+    let (result, _) = env.next_result(&env.results).await;
+    assert_eq!(result.custom_id.as_deref(), Some("other"));
+    let outcomes: Vec<_> = result.routing.attempts.iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, vec![AttemptOutcome::Ok], "no state carried over from the parked job");
+
+    // Back on its own job, it is that job's story.
+    let own = BasicProperties::default().with_message_id("m-parked".into()).with_headers(carried);
+    env.client.publish(&env.jobs, &body, own).await;
+    let (result, _) = env.next_result(&env.results).await;
+    assert_eq!(result.custom_id.as_deref(), Some("parked"));
+    let outcomes: Vec<_> = result.routing.attempts.iter().map(|a| a.outcome).collect();
+    assert_eq!(outcomes, vec![AttemptOutcome::RateLimited, AttemptOutcome::Ok]);
+    worker.stop().await;
+}
