@@ -87,7 +87,9 @@ $$;
 -- Admits one call to `p_provider` if its cooldown is over and every limit leaves room, in one
 -- round trip and under the provider row's lock (so concurrent workers cannot both take the last
 -- slot). Otherwise returns when the provider will have room (`blocked_until_ms`, epoch ms) and
--- what blocks it: 'cooldown', 'requests', 'tokens', or 'tokens_exceed_limit'.
+-- what blocks it: 'cooldown', 'requests', 'tokens', or 'tokens_exceed_limit'. Times are rounded
+-- up to the millisecond, so a job that waits for room never comes back a moment too early.
+-- Windows are locked in the order given (the caller sorts them), as is the provider row first.
 CREATE OR REPLACE FUNCTION fallback_acquire(
     p_provider text,
     p_request_limits bigint[], p_request_windows_ms bigint[],
@@ -109,7 +111,7 @@ BEGIN
     INSERT INTO provider_state (provider) VALUES (p_provider) ON CONFLICT (provider) DO NOTHING;
     SELECT cooldown_until INTO v_cooldown FROM provider_state WHERE provider = p_provider FOR UPDATE;
     IF v_cooldown > v_now THEN
-        RETURN QUERY SELECT NULL::bigint, (extract(epoch FROM v_cooldown) * 1000)::bigint, 'cooldown'::text;
+        RETURN QUERY SELECT NULL::bigint, ceil(extract(epoch FROM v_cooldown) * 1000)::bigint, 'cooldown'::text;
         RETURN;
     END IF;
 
@@ -145,7 +147,7 @@ BEGIN
     END LOOP;
 
     IF v_wait IS NOT NULL THEN
-        RETURN QUERY SELECT NULL::bigint, (extract(epoch FROM v_wait) * 1000)::bigint, v_by;
+        RETURN QUERY SELECT NULL::bigint, ceil(extract(epoch FROM v_wait) * 1000)::bigint, v_by;
         RETURN;
     END IF;
     v_id := nextval('quota_call_id');

@@ -98,8 +98,13 @@ impl WorkerApp {
     /// database that refuses the migrations ends it early; transient faults are waited out.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = &self.config;
-        let store = PgStore::connect_lazy(&config.postgres.url, config.postgres.max_connections)
+        // One of the connections is the LISTEN session's own.
+        let pool_size = config.postgres.max_connections.saturating_sub(1).max(1);
+        let mut store = PgStore::connect_lazy(&config.postgres.url, pool_size)
             .with_context(|| format!("postgres.url `{}`", redact_url(&config.postgres.url)))?;
+        if let Some(url) = &config.postgres.listen_url {
+            store = store.with_listen_url(url).with_context(|| format!("postgres.listen_url `{}`", redact_url(url)))?;
+        }
         if !migrate_when_reachable(&store, &shutdown).await? {
             return Ok(());
         }

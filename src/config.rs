@@ -81,14 +81,17 @@ impl AmqpConfig {
 pub struct PostgresConfig {
     /// Database URL; may carry a password, printed only through [`redact_url`].
     pub url: String,
-    /// Pool size, the listener's connection included: 3 by default, so one Postgres with the
-    /// default `max_connections = 100` serves 30 workers.
+    /// Connections per worker, the LISTEN session's included: 3 by default, so one Postgres
+    /// with the default `max_connections = 100` serves 30 workers.
     pub max_connections: u32,
+    /// Where the LISTEN session connects, when not `url`: Postgres itself or a session-mode
+    /// PgBouncer, when `url` goes through a transaction-mode PgBouncer (LISTEN needs a session).
+    pub listen_url: Option<String>,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        Self { url: "postgres://postgres@127.0.0.1:5432/fallback".into(), max_connections: 3 }
+        Self { url: "postgres://postgres@127.0.0.1:5432/fallback".into(), max_connections: 3, listen_url: None }
     }
 }
 
@@ -304,6 +307,9 @@ impl Config {
     fn validate(&self) -> Result<(), (String, String)> {
         validate_amqp(&self.amqp)?;
         validate_url(&self.postgres.url, &["postgres", "postgresql"], "postgres.url")?;
+        if let Some(url) = &self.postgres.listen_url {
+            validate_url(url, &["postgres", "postgresql"], "postgres.listen_url")?;
+        }
         if self.postgres.max_connections < 2 {
             return Err(problem("postgres.max_connections", "must be at least 2 (one is the listener)"));
         }

@@ -226,20 +226,35 @@ async fn store_rows(pool: &PgPool, rows: &[(&str, &str, &str)]) -> Result<(), Fa
 #[derive(Debug, Clone)]
 struct Failed {
     message: String,
-    /// The database could not be reached, as opposed to refusing this statement.
-    unreachable: bool,
+    kind: FailedKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FailedKind {
+    /// The database refused this statement.
+    Refused,
+    /// No connection was free in time.
+    Busy,
+    /// The database could not be reached.
+    Unreachable,
 }
 
 impl Failed {
     fn to_store_error(&self) -> StoreError {
-        if self.unreachable {
-            StoreError::Unreachable(self.message.clone())
-        } else {
-            StoreError::Unavailable(self.message.clone())
+        let message = self.message.clone();
+        match self.kind {
+            FailedKind::Refused => StoreError::Unavailable(message),
+            FailedKind::Busy => StoreError::Busy(message),
+            FailedKind::Unreachable => StoreError::Unreachable(message),
         }
     }
 }
 
 fn describe(error: &sqlx::Error) -> Failed {
-    Failed { message: error.to_string(), unreachable: super::postgres::is_transient(error) }
+    let kind = match error {
+        sqlx::Error::PoolTimedOut => FailedKind::Busy,
+        e if super::postgres::is_transient(e) => FailedKind::Unreachable,
+        _ => FailedKind::Refused,
+    };
+    Failed { message: error.to_string(), kind }
 }

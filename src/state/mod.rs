@@ -59,7 +59,7 @@ pub enum Admission {
     TooLarge,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum QuotaMeasure {
     Requests,
     Tokens,
@@ -159,6 +159,10 @@ pub enum StoreError {
     /// The database refused or failed this one request.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The database answers too slowly (every connection busy, a lock wait): this call fails,
+    /// and several in a row count as unreachable.
+    #[error("database busy: {0}")]
+    Busy(String),
     /// The database cannot be reached (stopped, restarting, network gone): calls fail at once
     /// until it answers again, and the worker serves from its own view meanwhile.
     #[error("database unreachable: {0}")]

@@ -57,6 +57,15 @@ const MAX_UNSHARED_COOLDOWNS: usize = 1000;
 /// query (a lock wait, a full pool) fails only itself.
 const TIMEOUTS_BEFORE_DOWN: u32 = 3;
 
+/// The LISTEN session pings itself this often through the pool ...
+const LISTEN_PING: Duration = Duration::from_secs(5);
+/// ... and counts as dead after this long without any notification, its own pings included: a
+/// connection that died without a close (an idle cut by a NAT or a load balancer) would
+/// otherwise leave the cache stale while it claims to be live.
+const LISTEN_SILENCE: Duration = Duration::from_secs(15);
+/// The channel of those pings.
+const PING_CHANNEL: &str = "fallback_listener_ping";
+
 /// A worker not seen for this long is no longer counted among the living (heartbeats come
 /// every [`HEARTBEAT_INTERVAL`]).
 const HEARTBEAT_STALE: Duration = Duration::from_secs(30);
@@ -75,6 +84,10 @@ pub struct PgStore {
     ledger: Arc<OnceLock<mpsc::Sender<Request>>>,
     /// Whether the database is reachable, and this worker's own view for when it is not.
     outage: Arc<Outage>,
+    /// Where the LISTEN session connects: its own connection, outside the pool (so a busy pool
+    /// never starves it), and possibly another address (a session-mode PgBouncer, or Postgres
+    /// itself, when the pool goes through a transaction-mode PgBouncer).
+    listen_options: Arc<PgConnectOptions>,
 }
 
 /// This worker's own view, kept at all times and used alone while the database is unreachable.
@@ -110,9 +123,17 @@ struct CachedProvider {
 #[derive(Deserialize)]
 struct Notice {
     provider: String,
-    until_ms: i64,
+    /// Absent on notices that only carry the 5xx run.
+    #[serde(default)]
+    until_ms: Option<i64>,
+    #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
     detail: Option<String>,
+    /// The provider's run of 5xx across workers, when it changed (so a success anywhere ends
+    /// every worker's view of the run).
+    #[serde(default)]
+    server_errors: Option<i32>,
 }
 
 impl PgStore {
@@ -128,7 +149,22 @@ impl PgStore {
 
     pub fn from_pool(pool: PgPool) -> PgStore {
         let outage = Outage { workers_alive: AtomicU32::new(1), ..Outage::default() };
-        PgStore { pool, cache: Arc::default(), gates: Arc::default(), ledger: Arc::default(), outage: Arc::new(outage) }
+        let listen_options = Arc::new(pool.connect_options().as_ref().clone());
+        PgStore {
+            pool,
+            cache: Arc::default(),
+            gates: Arc::default(),
+            ledger: Arc::default(),
+            outage: Arc::new(outage),
+            listen_options,
+        }
+    }
+
+    /// Sends the LISTEN session to `url` instead of the pool's address.
+    pub fn with_listen_url(mut self, url: &str) -> Result<PgStore, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url)?.application_name("fallback-worker listener");
+        self.listen_options = Arc::new(options);
+        Ok(self)
     }
 
     /// Whether state calls are currently served from this worker's own view.
@@ -149,20 +185,25 @@ impl PgStore {
         }
         match answer {
             Ok(Ok(value)) => Ok(value),
+            // Every connection busy (lock waits, a slow write-back) is slowness, not an outage.
+            Ok(Err(sqlx::Error::PoolTimedOut)) => Err(self.timed_out("no pool connection free in time")),
             Ok(Err(e)) if is_transient(&e) => {
                 self.went_down(&e.to_string());
                 Err(StoreError::Unreachable(e.to_string()))
             }
             Ok(Err(e)) => Err(StoreError::Database(e)),
-            Err(_) => {
-                let what = format!("no answer within {STATE_CALL_TIMEOUT:?}");
-                if self.outage.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < TIMEOUTS_BEFORE_DOWN {
-                    return Err(StoreError::Unavailable(what));
-                }
-                self.went_down(&what);
-                Err(StoreError::Unreachable(what))
-            }
+            Err(_) => Err(self.timed_out(&format!("no answer within {STATE_CALL_TIMEOUT:?}"))),
         }
+    }
+
+    /// A state call that got no answer in time: that call fails; several in a row mean the
+    /// database is unreachable (one slow query must not switch the worker's mode).
+    fn timed_out(&self, what: &str) -> StoreError {
+        if self.outage.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < TIMEOUTS_BEFORE_DOWN {
+            return StoreError::Busy(what.to_string());
+        }
+        self.went_down(what);
+        StoreError::Unreachable(what.to_string())
     }
 
     /// Marks the database down (once) and starts probing for its return.
@@ -228,35 +269,48 @@ impl PgStore {
     }
 
     /// Counts calls made during an outage in the shared windows of the limits they were
-    /// admitted under, as if the database had admitted them (one transaction).
+    /// admitted under, as if the database had admitted them: one set-based statement per
+    /// window, each its own short transaction, so no admission waits long behind it.
     async fn insert_calls(&self, unsynced: &[(i64, Vec<LimitConfig>)]) -> Result<(), sqlx::Error> {
         let ids: Vec<i64> = unsynced.iter().map(|(id, _)| *id).collect();
         let calls: HashMap<i64, (String, super::quota::Usage)> =
             self.outage.own_calls.calls(&ids).into_iter().map(|(p, u)| (u.id, (p, u))).collect();
-        let mut transaction = self.pool.begin().await?;
+        // (provider, measure, window) → the calls' amounts and leaving times (epoch ms).
+        type Window = (String, QuotaMeasure, Duration);
+        let mut windows: HashMap<Window, (Vec<i64>, Vec<f64>)> = HashMap::new();
         for (id, limits) in unsynced {
             let Some((provider, usage)) = calls.get(id) else { continue };
-            let call: i64 = sqlx::query_scalar("SELECT nextval('quota_call_id')").fetch_one(&mut *transaction).await?;
             let end = usage.done.unwrap_or(usage.expires);
-            for limit in limits {
-                let window = limit.per;
-                let measured =
-                    [("requests", limit.requests.map(|_| 1)), ("tokens", limit.tokens.map(|_| usage.tokens))];
-                for (measure, amount) in measured {
-                    let Some(amount) = amount else { continue };
-                    sqlx::query("SELECT fallback_add_use($1, $2, $3, $4, $5, to_timestamp($6::float8 / 1000))")
-                        .bind(call)
-                        .bind(provider)
-                        .bind(measure)
-                        .bind(saturating_i64(window.as_millis()))
-                        .bind(saturating_i64(amount))
-                        .bind(epoch_ms(end.checked_add(window).unwrap_or(end)) as f64)
-                        .execute(&mut *transaction)
-                        .await?;
-                }
+            for (measure, window) in strictest_per_window(limits).into_keys() {
+                let amount = match measure {
+                    QuotaMeasure::Requests => 1,
+                    QuotaMeasure::Tokens => usage.tokens,
+                };
+                let leaves = epoch_ms(end.checked_add(window).unwrap_or(end)) as f64;
+                let entry = windows.entry((provider.clone(), measure, window)).or_default();
+                entry.0.push(saturating_i64(amount));
+                entry.1.push(leaves);
             }
         }
-        transaction.commit().await
+        for ((provider, measure, window), (amounts, leaves)) in windows {
+            sqlx::query(
+                "WITH added AS ( \
+                   INSERT INTO quota_use (call_id, scope, measure, window_ms, amount, leaves_at) \
+                   SELECT nextval('quota_call_id'), $1, $2, $3, a, to_timestamp(l / 1000) \
+                   FROM unnest($4::bigint[], $5::float8[]) AS t(a, l) RETURNING amount) \
+                 INSERT INTO quota_window AS w (scope, measure, window_ms, used) \
+                 SELECT $1, $2, $3, coalesce(sum(amount), 0) FROM added \
+                 ON CONFLICT (scope, measure, window_ms) DO UPDATE SET used = w.used + EXCLUDED.used",
+            )
+            .bind(&provider)
+            .bind(measure_name(measure))
+            .bind(saturating_i64(window.as_millis()))
+            .bind(&amounts)
+            .bind(&leaves)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
     }
 
     /// Records this worker as alive and learns how many are (the divisor of the local share of
@@ -285,7 +339,18 @@ impl PgStore {
             .await?;
         let alive = u32::try_from(alive).unwrap_or(u32::MAX).max(1);
         self.outage.workers_alive.store(alive, Ordering::Relaxed);
+        self.share_pending_cooldowns().await;
         Ok(alive)
+    }
+
+    /// Shares the cooldowns a slow database could not take when they were learnt.
+    async fn share_pending_cooldowns(&self) {
+        let pending = std::mem::take(&mut *self.outage.unshared_cooldowns.lock().unwrap());
+        for (provider, cooldown) in pending {
+            if cooldown.until > SystemTime::now() {
+                self.cool_down(&provider, cooldown).await;
+            }
+        }
     }
 
     /// The secret that authenticates parked jobs' state headers: created by the first worker,
@@ -387,13 +452,24 @@ impl PgStore {
         let mut delay = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
             let session = async {
-                let mut listener = PgListener::connect_with(&self.pool).await?;
-                listener.listen(CHANNEL).await?;
+                let own_connection = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(STATE_CALL_TIMEOUT)
+                    .connect_lazy_with((*self.listen_options).clone());
+                let mut listener = PgListener::connect_with(&own_connection).await?;
+                listener.listen_all([CHANNEL, PING_CHANNEL]).await?;
                 self.reload().await?;
                 self.outage.listening.store(true, Ordering::SeqCst);
                 tracing::debug!("listening for provider-state changes");
+                let _pinger = Pinger(tokio::spawn(ping_listeners(self.pool.clone())));
                 loop {
-                    match listener.try_recv().await? {
+                    let Ok(received) = tokio::time::timeout(LISTEN_SILENCE, listener.try_recv()).await else {
+                        return Err(sqlx::Error::Protocol(format!(
+                            "no notification for {LISTEN_SILENCE:?}, not even a ping: the LISTEN connection is dead"
+                        )));
+                    };
+                    match received? {
+                        Some(notification) if notification.channel() == PING_CHANNEL => {}
                         Some(notification) => self.apply_notice(notification.payload()),
                         None => {
                             // Notifications sent while it was away are lost: read the table.
@@ -423,13 +499,19 @@ impl PgStore {
         }
     }
 
+    /// Applies one provider-state notification to the local copy.
     fn apply_notice(&self, payload: &str) {
         let Ok(notice) = serde_json::from_str::<Notice>(payload) else {
             tracing::warn!("ignoring a malformed provider-state notification");
             return;
         };
-        let cooldown = cooldown_from(notice.until_ms, notice.reason, notice.detail);
-        self.remember_cooldown(&notice.provider, cooldown);
+        if let Some(count) = notice.server_errors {
+            self.cache.lock().unwrap().entry(notice.provider.clone()).or_default().consecutive_server_errors = count;
+        }
+        if let Some(until_ms) = notice.until_ms {
+            let cooldown = cooldown_from(until_ms, notice.reason, notice.detail);
+            self.remember_cooldown(&notice.provider, cooldown);
+        }
     }
 
     fn remember_cooldown(&self, provider: &str, cooldown: Option<Cooldown>) {
@@ -480,18 +562,16 @@ impl PgStore {
 
     /// Takes a slot in the provider's windows, or learns when there will be one.
     async fn acquire(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, sqlx::Error> {
+        let windows = strictest_per_window(ask.limits);
         let (mut request_limits, mut request_windows, mut token_limits, mut token_windows) =
             (vec![], vec![], vec![], vec![]);
-        for limit in ask.limits {
-            let window = saturating_i64(limit.per.as_millis());
-            if let Some(n) = limit.requests {
-                request_limits.push(saturating_i64(n));
-                request_windows.push(window);
-            }
-            if let Some(n) = limit.tokens {
-                token_limits.push(saturating_i64(n));
-                token_windows.push(window);
-            }
+        for ((measure, window), limit) in windows {
+            let (limits, windows) = match measure {
+                QuotaMeasure::Requests => (&mut request_limits, &mut request_windows),
+                QuotaMeasure::Tokens => (&mut token_limits, &mut token_windows),
+            };
+            limits.push(saturating_i64(limit));
+            windows.push(saturating_i64(window.as_millis()));
         }
         let row = sqlx::query(
             "SELECT usage_id, blocked_until_ms, blocked_by FROM fallback_acquire($1, $2, $3, $4, $5, $6, $7)",
@@ -534,12 +614,21 @@ impl PgStore {
     /// providers it admits; this covers providers no longer called). Returns the windows' total
     /// use left.
     pub async fn prune_usage(&self) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT coalesce(sum(fallback_window_used(scope, measure, window_ms, clock_timestamp())), 0)::bigint \
-             FROM quota_window",
-        )
-        .fetch_one(&self.pool)
-        .await
+        let windows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT scope, measure, window_ms FROM quota_window").fetch_all(&self.pool).await?;
+        let mut left = 0i64;
+        // One window per statement: an admission locks its provider's windows in its own order,
+        // and must never wait on a prune that holds another of them.
+        for (scope, measure, window_ms) in windows {
+            let used: i64 = sqlx::query_scalar("SELECT fallback_window_used($1, $2, $3, clock_timestamp())")
+                .bind(scope)
+                .bind(measure)
+                .bind(window_ms)
+                .fetch_one(&self.pool)
+                .await?;
+            left = left.saturating_add(used);
+        }
+        Ok(left)
     }
 
     /// Deletes ledger rows first seen longer ago than `retention` (called by housekeeping).
@@ -571,6 +660,51 @@ fn epoch_ms(t: SystemTime) -> i64 {
 
 fn saturating_i64(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
+}
+
+/// The limits as the database counts them: one running total per (measure, window), so two
+/// limits on the same measure and window are one (the stricter); ordered, so every admission
+/// locks the windows in the same order.
+fn strictest_per_window(limits: &[LimitConfig]) -> std::collections::BTreeMap<(QuotaMeasure, Duration), u64> {
+    let mut strictest = std::collections::BTreeMap::new();
+    for limit in limits {
+        let measured = [(QuotaMeasure::Requests, limit.requests), (QuotaMeasure::Tokens, limit.tokens)];
+        for (measure, value) in measured {
+            if let Some(value) = value {
+                let entry = strictest.entry((measure, limit.per)).or_insert(value);
+                *entry = (*entry).min(value);
+            }
+        }
+    }
+    strictest
+}
+
+/// The name a measure has in the quota tables.
+fn measure_name(measure: QuotaMeasure) -> &'static str {
+    match measure {
+        QuotaMeasure::Requests => "requests",
+        QuotaMeasure::Tokens => "tokens",
+    }
+}
+
+/// Sends a ping on [`PING_CHANNEL`] every [`LISTEN_PING`] (best effort: a ping that cannot be
+/// sent only makes the listener reconnect sooner).
+async fn ping_listeners(pool: PgPool) {
+    let mut every = tokio::time::interval(LISTEN_PING);
+    loop {
+        every.tick().await;
+        let ping = sqlx::query("SELECT pg_notify($1, '')").bind(PING_CHANNEL).execute(&pool);
+        let _ = tokio::time::timeout(STATE_CALL_TIMEOUT, ping).await;
+    }
+}
+
+/// Stops the pinger when the LISTEN session it proves alive ends.
+struct Pinger(tokio::task::JoinHandle<()>);
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Whether `tokens` exceed one of the token limits outright.
@@ -637,15 +771,15 @@ impl ProviderState for PgStore {
         }
         match self.admit_shared(ask, now).await {
             Ok(admission) => admission,
-            Err(StoreError::Unreachable(_)) if ask.limits.is_empty() => Admission::Granted(Permit::UNCOUNTED),
+            Err(_) if ask.limits.is_empty() => Admission::Granted(Permit::UNCOUNTED),
+            // Only an unreachable database hands limits to this worker's own share.
             Err(StoreError::Unreachable(_)) => self.admit_locally(ask, now).await,
+            // A slow or failed admission on a reachable database: the shared window may be full,
+            // so no call now; ask again shortly.
             Err(e) => {
-                tracing::warn!(provider = ask.provider, error = %e, "cannot ask the database for a slot; using this worker's share");
-                if ask.limits.is_empty() {
-                    Admission::Granted(Permit::UNCOUNTED)
-                } else {
-                    self.admit_locally(ask, now).await
-                }
+                tracing::warn!(provider = ask.provider, error = %e, "cannot ask the database for a slot now; trying again shortly");
+                let until = now.checked_add(STATE_CALL_TIMEOUT).unwrap_or(now);
+                Admission::OverQuota { until, measure: QuotaMeasure::Requests }
             }
         }
     }
@@ -667,16 +801,17 @@ impl ProviderState for PgStore {
         self.remember_cooldown(provider, Some(cooldown.clone()));
         match self.guarded(self.share_cooldown(provider, &cooldown)).await {
             Ok(()) => {}
-            Err(StoreError::Unreachable(_)) => {
-                tracing::warn!(provider, "cannot share a cooldown now; it is shared when the database is back");
+            // Refused for good (it would be refused again): this worker keeps it.
+            Err(StoreError::Database(e)) => {
+                tracing::warn!(provider, error = %e, "the database refused a cooldown; only this worker knows it")
+            }
+            // Slow or away: shared by the next heartbeat, or when the database is back.
+            Err(e) => {
+                tracing::warn!(provider, error = %e, "cannot share a cooldown now; it is shared as soon as possible");
                 let mut unshared = self.outage.unshared_cooldowns.lock().unwrap();
                 if unshared.len() < MAX_UNSHARED_COOLDOWNS {
                     unshared.push((provider.to_string(), cooldown));
                 }
-            }
-            // Refused for good (it would be refused again at write-back): this worker keeps it.
-            Err(e) => {
-                tracing::warn!(provider, error = %e, "the database refused a cooldown; only this worker knows it")
             }
         }
     }
@@ -698,7 +833,8 @@ impl ProviderState for PgStore {
                          cooldown_reason = CASE WHEN cooldown_reason = 'circuit' THEN NULL ELSE cooldown_reason END \
                        WHERE provider = $1 RETURNING provider, cooldown_reason) \
                      SELECT pg_notify($2, json_build_object('provider', provider, 'until_ms', 0, \
-                       'reason', NULL::text, 'detail', NULL::text)::text) FROM up WHERE cooldown_reason IS NULL",
+                       'reason', NULL::text, 'detail', NULL::text, 'server_errors', 0)::text) FROM up \
+                     WHERE cooldown_reason IS NULL",
                 )
                 .bind(provider)
                 .bind(CHANNEL)
@@ -771,17 +907,21 @@ impl ProviderState for PgStore {
         let result = self
             .guarded(
                 sqlx::query_scalar::<_, i32>(
-                    "INSERT INTO provider_state AS s (provider, consecutive_server_errors, last_error, last_error_at) \
-                     VALUES ($1, 1, $2, now()) \
-                     ON CONFLICT (provider) DO UPDATE SET consecutive_server_errors = s.consecutive_server_errors \
-                         + CASE WHEN s.consecutive_server_errors >= $3 AND s.circuit_probe_at IS NULL THEN 0 ELSE 1 END, \
-                       circuit_probe_at = NULL, \
-                       last_error = EXCLUDED.last_error, last_error_at = now(), updated_at = now() \
-                     RETURNING consecutive_server_errors",
+                    "WITH up AS ( \
+                       INSERT INTO provider_state AS s (provider, consecutive_server_errors, last_error, last_error_at) \
+                       VALUES ($1, 1, $2, now()) \
+                       ON CONFLICT (provider) DO UPDATE SET consecutive_server_errors = s.consecutive_server_errors \
+                           + CASE WHEN s.consecutive_server_errors >= $3 AND s.circuit_probe_at IS NULL THEN 0 ELSE 1 END, \
+                         circuit_probe_at = NULL, \
+                         last_error = EXCLUDED.last_error, last_error_at = now(), updated_at = now() \
+                       RETURNING provider, consecutive_server_errors) \
+                     SELECT consecutive_server_errors FROM up, LATERAL (SELECT pg_notify($4, \
+                       json_build_object('provider', provider, 'server_errors', consecutive_server_errors)::text)) n",
                 )
                 .bind(provider)
                 .bind(detail)
                 .bind(i32::try_from(CIRCUIT_THRESHOLD).unwrap_or(i32::MAX))
+                .bind(CHANNEL)
                 .fetch_one(&self.pool),
             )
             .await;
@@ -837,17 +977,17 @@ impl PgStore {
         let (reply, answer) = oneshot::channel();
         self.ledger().send(request(reply)).await.map_err(|_| closed())?;
         match tokio::time::timeout(STATE_CALL_TIMEOUT, answer).await {
+            Ok(Ok(Err(StoreError::Busy(why)))) => Err(self.timed_out(&why)),
             Ok(Ok(Err(StoreError::Unreachable(why)))) => {
                 self.went_down(&why);
                 Err(StoreError::Unreachable(why))
             }
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(closed()),
-            Err(_) => {
-                let what = format!("the ledger did not answer within {STATE_CALL_TIMEOUT:?}");
-                self.went_down(&what);
-                Err(StoreError::Unreachable(what))
+            Ok(Ok(answer)) => {
+                self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                answer
             }
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(self.timed_out(&format!("the ledger did not answer within {STATE_CALL_TIMEOUT:?}"))),
         }
     }
 }
@@ -884,4 +1024,32 @@ impl ResultLedger for PgStore {
 
 fn closed() -> StoreError {
     StoreError::Unavailable("the ledger task stopped".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(requests: Option<u64>, tokens: Option<u64>, secs: u64) -> LimitConfig {
+        LimitConfig { requests, tokens, per: Duration::from_secs(secs) }
+    }
+
+    #[test]
+    fn two_limits_on_one_measure_and_window_are_one_running_total_the_stricter() {
+        let limits = [
+            limit(Some(4), None, 60),
+            limit(Some(2), None, 60),
+            limit(None, Some(500), 60),
+            limit(Some(9), None, 3600),
+        ];
+        let windows: Vec<_> = strictest_per_window(&limits).into_iter().collect();
+        assert_eq!(
+            windows,
+            vec![
+                ((QuotaMeasure::Requests, Duration::from_secs(60)), 2),
+                ((QuotaMeasure::Requests, Duration::from_secs(3600)), 9),
+                ((QuotaMeasure::Tokens, Duration::from_secs(60)), 500),
+            ]
+        );
+    }
 }

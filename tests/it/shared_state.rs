@@ -366,3 +366,42 @@ async fn opens_and_stores_in_flight_together_are_all_done_in_shared_round_trips(
         assert_eq!(entry.deliveries, 2);
     }
 }
+
+#[tokio::test]
+async fn a_success_in_one_worker_ends_every_workers_run_of_server_errors() {
+    let env = TestEnv::new().await;
+    let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
+    let shutdown = CancellationToken::new();
+    let listeners =
+        [tokio::spawn(a.clone().listen(shutdown.clone())), tokio::spawn(b.clone().listen(shutdown.clone()))];
+    eventually("both listeners subscribe", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()",
+        )
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+        n >= 2
+    })
+    .await;
+    assert_eq!(a.record_server_error("p", "503").await, 1);
+    assert_eq!(a.record_server_error("p", "503").await, 2);
+    // B learns of the run through the notifications, so its success ends it for everyone.
+    let learnt = || async {
+        sqlx::query_scalar::<_, i32>("SELECT consecutive_server_errors FROM provider_state WHERE provider = 'p'")
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap()
+    };
+    assert_eq!(learnt().await, 2);
+    eventually("B hears of the run", || async {
+        b.record_success("p").await;
+        learnt().await == 0
+    })
+    .await;
+    assert_eq!(a.record_server_error("p", "503").await, 1, "the run started again after B's success");
+    shutdown.cancel();
+    for listener in listeners {
+        listener.await.unwrap();
+    }
+}
