@@ -6,6 +6,7 @@ mod support;
 mod backlog;
 mod chain_flow;
 mod delivery;
+mod deploy;
 mod dialects;
 mod faults;
 mod hostile;
