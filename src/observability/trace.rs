@@ -147,7 +147,10 @@ struct Entries(Vec<(ShortString, AMQPValue)>);
 
 impl Injector for Entries {
     fn set(&mut self, key: &str, value: String) {
-        self.0.push((key.into(), AMQPValue::LongString(value.into())));
+        // The propagator writes an empty `tracestate` for a trace without one: leave it out.
+        if !value.is_empty() {
+            self.0.push((key.into(), AMQPValue::LongString(value.into())));
+        }
     }
 }
 
@@ -307,6 +310,40 @@ mod tests {
         assert!(inject(&span).is_empty());
         let properties = with_trace_context(BasicProperties::default());
         assert!(properties.headers().is_none());
+    }
+
+    #[test]
+    fn a_copy_keeps_its_headers_and_gets_the_current_spans_trace_context() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        // Spans get OpenTelemetry contexts, and go nowhere: no exporter.
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("job");
+            continue_trace(&span, &headers(&[(TRACEPARENT, long(PARENT))]));
+            let _entered = span.enter();
+            let copy = headers(&[
+                ("fallback-parked", long("{}")),
+                (TRACEPARENT, long("00-11111111111111111111111111111111-2222222222222222-01")),
+                (TRACESTATE, long("stale=1")),
+            ]);
+            let properties = with_trace_context(BasicProperties::default().with_headers(copy));
+            let table = properties.headers().clone().unwrap_or_default();
+            assert_eq!(table.inner().get("fallback-parked"), Some(&long("{}")), "the service's own headers stay");
+            assert_eq!(table.inner().get(TRACESTATE), None, "the job's trace has no tracestate");
+            let written = parent_from(&table).expect("a traceparent of the job span");
+            let written = written.span().span_context().clone();
+            assert_eq!(written.trace_id(), TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap());
+            assert_eq!(written.span_id(), span.context().span().span_context().span_id());
+            assert_ne!(
+                written.span_id(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                "the job's span, not its parent"
+            );
+        });
     }
 
     /// Header values as a publisher could send them: near-misses of the grammar, random text,
