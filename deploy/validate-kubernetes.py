@@ -66,7 +66,8 @@ def load_all():
 
 def validate_schema(name, document):
     key = (document.get("apiVersion"), document.get("kind"))
-    what = f"{name} {key[1]}/{document.get('metadata', {}).get('name', '?')}"
+    object_name = document.get("metadata", {}).get("name")
+    what = f"{name} {key[1]}" + (f"/{object_name}" if object_name else "")
     if key in LOCAL_SCHEMAS:
         schema = json.loads((SCHEMAS / LOCAL_SCHEMAS[key]).read_text())
         validator = jsonschema.Draft202012Validator(schema)
