@@ -10,9 +10,12 @@ RUN cargo build --release --locked --bin fallback-worker
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 fallback
+    && groupadd --system --gid 10001 fallback \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin fallback
 COPY --from=build /src/target/release/fallback-worker /usr/local/bin/fallback-worker
-USER fallback
+# Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd. The binary
+# writes nothing to disk (logs go to stderr), so a read-only root filesystem works as is.
+USER 10001:10001
 ENV LOG_FORMAT=json
 ENTRYPOINT ["fallback-worker"]
 CMD ["worker"]

@@ -51,7 +51,7 @@ pub fn build_chains(
                 max_retries: provider.max_retries,
                 limits: provider.limits.clone(),
                 timeout: provider.timeout,
-                provider: Arc::new(http),
+                provider: observability::trace::traced(&provider.name, Arc::new(http)),
             },
         );
     }

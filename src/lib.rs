@@ -18,8 +18,8 @@
 //! | [`app`] | wiring a worker process from the config |
 //! | [`cli`] | user-facing tools: `status` |
 //! | [`mock`] | a mock provider speaking each real provider's dialect, for tests, demo and benchmarks |
-//! | [`observability`] | Prometheus `/metrics`, `/healthz`, `/readyz` |
-//! | [`telemetry`] | logging setup |
+//! | [`observability`] | Prometheus `/metrics`, `/healthz`, `/readyz`; trace context across the queue |
+//! | [`telemetry`] | logging setup; the OTLP span exporter when configured |
 //! | [`secrets`] | keeping keys and passwords out of every output |
 
 pub mod app;

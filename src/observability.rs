@@ -12,6 +12,11 @@
 //! - `queue_wait_seconds`: time from publish (or first receipt) to processing;
 //! - `provider_cooling{provider}` and `quota_used{provider,measure,per}` /
 //!   `quota_limit{…}`: the shared state, read from Postgres at scrape time.
+//!
+//! Traces across the queue (W3C trace context in AMQP headers, a span per provider call) are
+//! in [`trace`]; their export is set up in [`crate::telemetry`].
+
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -118,6 +118,8 @@ impl DeliveryHandler for JobHandler {
     async fn handle(&self, incoming: &Incoming, publisher: &Publisher) -> Result<Settlement, ConnectionLost> {
         // Every log line of this delivery carries the job's identity (filled in once parsed).
         let span = tracing::info_span!("job", custom_id = tracing::field::Empty, chain = tracing::field::Empty);
+        // A `traceparent` in the job's headers makes this span part of the publisher's trace.
+        observability::trace::continue_trace(&span, &incoming.headers);
         async {
             let disposition = self.decide(incoming).await;
             self.carry_out(disposition, incoming, publisher).await
@@ -604,6 +606,8 @@ async fn publish_retrying(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<Result<Routed, String>, ConnectionLost> {
+    // Results and copies of the job carry the job span's trace context back out.
+    let properties = observability::trace::with_trace_context(properties);
     let mut last_refusal = String::new();
     for delay_ms in [100, 400, 1600, 0] {
         let outgoing = Outgoing { routing_key, body, properties: properties.clone() };

@@ -261,10 +261,19 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn spawn(config: &Path) -> WorkerProcess {
+        Self::spawn_with_env(config, &[])
+    }
+
+    /// Like [`spawn`](Self::spawn), with extra environment variables. Trace export is off
+    /// unless `env` turns it on, whatever the test runner's environment says.
+    pub fn spawn_with_env(config: &Path, env: &[(&str, &str)]) -> WorkerProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_fallback-worker"))
             .args(["--config", config.to_str().unwrap(), "worker"])
             .env("RUST_LOG", if std::env::var_os("TEST_LOG").is_some() { "info" } else { "warn" })
             .env("LOG_FORMAT", "text")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
