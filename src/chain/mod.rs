@@ -6,6 +6,7 @@
 //! wait is short, and hands a long wait back to the caller (the worker parks the job in a delay
 //! queue rather than hold a broker slot).
 
+pub mod checks;
 pub mod clock;
 mod outcome;
 
