@@ -264,7 +264,17 @@ impl Expectation {
         let Some(validator) = validator else { return Ok(()) };
         // A validator is third-party code running on a hostile schema and a hostile answer: a
         // panic in it rejects this answer instead of failing the whole delivery.
-        let first_error = catch_unwind(AssertUnwindSafe(|| validator.validate(&value).err().map(describe)));
+        let first_error = catch_unwind(AssertUnwindSafe(|| {
+            if validator.is_valid(&value) {
+                return None;
+            }
+            // A missing required property says most about what the model got wrong, so it is
+            // named first whatever order the validator finds the errors in.
+            validator
+                .iter_errors(&value)
+                .min_by_key(|e| !matches!(e.kind(), ValidationErrorKind::Required { .. }))
+                .map(describe)
+        }));
         match first_error {
             Ok(None) => Ok(()),
             Ok(Some(what)) => Err(Rejection::new(RejectReason::Schema, &what)),
@@ -308,7 +318,9 @@ fn describe(error: ValidationError<'_>) -> String {
         return format!("{path}/{} is required", name.replace('~', "~0").replace('/', "~1"));
     }
     let subject = if path.is_empty() { "the answer".to_string() } else { path };
-    error.masked_with(subject).to_string()
+    let what = error.masked_with(subject.as_str()).to_string();
+    // Some messages (additional properties, unevaluated items) do not say where they apply.
+    if what.contains(&subject) { what } else { format!("{subject}: {what}") }
 }
 
 /// The longest rejection message, in bytes (schema errors can quote long enums or patterns).
@@ -537,6 +549,16 @@ mod tests {
         assert_eq!(rejection(&job, &missing), (RejectReason::Schema, "schema: /echo is required".into()));
         let wrong_type = says(r#"{"echo": "hi", "n": "three"}"#);
         assert_eq!(rejection(&job, &wrong_type).1, r#"schema: /n is not of type "integer""#);
+        let closed = expect(
+            Accept::default(),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object",
+                "properties": {"echo": {"type": "string"}}, "required": ["echo"], "additionalProperties": false}}}}),
+        );
+        assert_eq!(rejection(&closed, &missing).1, "schema: /echo is required", "the missing property comes first");
+        assert_eq!(
+            rejection(&closed, &says(r#"{"echo": "hi", "extra": 1}"#)).1,
+            "schema: the answer: Additional properties are not allowed ('extra' was unexpected)"
+        );
         let not_object = says(r#"["hi"]"#);
         assert_eq!(rejection(&job, &not_object).1, r#"schema: the answer is not of type "object""#);
         assert_eq!(rejection(&job, &says("hi")).0, RejectReason::NotJson);
