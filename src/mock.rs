@@ -119,6 +119,38 @@ pub enum Scenario {
     Says(String),
 }
 
+/// How a mock run from the command line answers every request (`--answers`), so the demo
+/// and local runs can show the answer checks at work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Answers {
+    /// Normal answers ("mock answer from <model>").
+    #[default]
+    Good,
+    /// [`Scenario::EmptyAnswer`].
+    Empty,
+    /// [`Scenario::CutOff`].
+    CutOff,
+    /// [`Scenario::ProseAroundJson`].
+    ProseAroundJson,
+    /// [`Scenario::OffSchemaJson`].
+    OffSchemaJson,
+    /// [`Scenario::ToolCall`].
+    ToolCall,
+}
+
+impl Answers {
+    pub fn scenario(self) -> Scenario {
+        match self {
+            Self::Good => Scenario::Success,
+            Self::Empty => Scenario::EmptyAnswer,
+            Self::CutOff => Scenario::CutOff,
+            Self::ProseAroundJson => Scenario::ProseAroundJson,
+            Self::OffSchemaJson => Scenario::OffSchemaJson,
+            Self::ToolCall => Scenario::ToolCall,
+        }
+    }
+}
+
 /// What a successful answer carries, before the profile shapes it.
 struct Reply {
     /// The text; `None` for a tool call.
