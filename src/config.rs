@@ -210,7 +210,7 @@ pub struct ChainConfig {
     #[serde(default, deserialize_with = "duration")]
     pub free_wait: Duration,
     /// The answer checks (contract §7): `content`, `finish` and `json` on unless turned off.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::chain::checks::accept_table")]
     pub accept: Accept,
 }
 
@@ -531,6 +531,7 @@ providers = ["groq"]
             ("accept = { jsno = false }", "chains.default.accept.jsno"),
             ("accept = { on_all_rejected = \"worst\" }", "chains.default.accept.on_all_rejected"),
             ("accept = { min_chars = -3 }", "chains.default.accept.min_chars"),
+            ("accept = [false]", "chains.default.accept"),
         ] {
             let text = MINIMAL.replace(r#"providers = ["groq"]"#, &format!("providers = [\"groq\"]\n{bad}"));
             let err = parse(&text).unwrap_err();

@@ -61,6 +61,22 @@ impl Accept {
     }
 }
 
+/// Reads a chain's `accept` from a table only. serde would also read the struct from an array,
+/// by position, and `accept = [false]` must not quietly turn the content check off.
+pub fn accept_table<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Accept, D::Error> {
+    struct Table;
+    impl<'de> serde::de::Visitor<'de> for Table {
+        type Value = Accept;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a table such as { json = true, min_chars = 20 }")
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<Accept, M::Error> {
+            Accept::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    deserializer.deserialize_map(Table)
+}
+
 /// What happens when no answer passed the checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
