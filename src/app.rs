@@ -70,6 +70,7 @@ pub fn build_chains(
                 max_wait: chain.max_wait,
                 max_wait_limit: chain.max_wait_limit,
                 free_wait: chain.free_wait,
+                accept: chain.accept,
             }),
         );
     }

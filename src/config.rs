@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::chain::checks::Accept;
 use crate::secrets::redact_url;
 
 /// A configuration problem: which file, which key, what is wrong.
@@ -211,6 +212,9 @@ pub struct ChainConfig {
     pub max_wait_limit: Duration,
     #[serde(default, deserialize_with = "duration")]
     pub free_wait: Duration,
+    /// The answer checks (contract §7): `content`, `finish` and `json` on unless turned off.
+    #[serde(default, deserialize_with = "crate::chain::checks::accept_table")]
+    pub accept: Accept,
 }
 
 fn default_max_wait() -> Duration {
@@ -513,6 +517,32 @@ providers = ["groq"]
         let chain = &config.chains["default"];
         assert_eq!(chain.max_wait, Duration::from_secs(600));
         assert_eq!(chain.free_wait, Duration::ZERO);
+        assert_eq!(chain.accept, Accept::default(), "the contract's checks are on by default");
+        assert!(chain.accept.content && chain.accept.finish && chain.accept.json);
+    }
+
+    #[test]
+    fn a_chains_accept_is_read_and_a_bad_one_names_its_key() {
+        use crate::chain::checks::OnAllRejected;
+        let text = MINIMAL.replace(
+            r#"providers = ["groq"]"#,
+            "providers = [\"groq\"]\naccept = { json = false, min_chars = 12, on_all_rejected = \"best\" }",
+        );
+        let accept = parse(&text).unwrap().chains["default"].accept;
+        assert_eq!(
+            accept,
+            Accept { json: false, min_chars: 12, on_all_rejected: OnAllRejected::Best, ..Accept::default() }
+        );
+        for (bad, key) in [
+            ("accept = { jsno = false }", "chains.default.accept.jsno"),
+            ("accept = { on_all_rejected = \"worst\" }", "chains.default.accept.on_all_rejected"),
+            ("accept = { min_chars = -3 }", "chains.default.accept.min_chars"),
+            ("accept = [false]", "chains.default.accept"),
+        ] {
+            let text = MINIMAL.replace(r#"providers = ["groq"]"#, &format!("providers = [\"groq\"]\n{bad}"));
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+        }
     }
 
     #[test]

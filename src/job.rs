@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::chain::checks::{AcceptOverride, compiled_schema};
 use crate::routing::Attempt;
 
 /// The chat-completion request a job carries, passed on to providers field by field.
@@ -23,6 +24,8 @@ pub struct Job {
     /// Overrides the chain's `max_wait` when set.
     pub max_wait: Option<Duration>,
     pub body: ChatBody,
+    /// Overrides the chain's answer checks, key by key (contract §7).
+    pub accept: Option<AcceptOverride>,
 }
 
 /// Why a message is not a valid job; the text is safe to return to the sender.
@@ -42,6 +45,7 @@ struct RawJob {
     body: Option<Value>,
     chain: Option<Value>,
     max_wait: Option<Value>,
+    accept: Option<Value>,
 }
 
 impl Job {
@@ -82,8 +86,12 @@ impl Job {
             Some(Value::Object(body)) => body,
             _ => return fail("`body` must be a chat-completion request object"),
         };
+        let accept = match raw.accept {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(AcceptOverride::parse(&value).map_err(|m| invalid(Some(&custom_id), &m))?),
+        };
         validate_body(&body).map_err(|m| invalid(Some(&custom_id), &m))?;
-        Ok(Job { custom_id, chain, max_wait, body })
+        Ok(Job { custom_id, chain, max_wait, body, accept })
     }
 
     /// The idempotency key (contract §4): the AMQP `message_id` if set, else the job's
@@ -130,6 +138,15 @@ fn validate_body(body: &ChatBody) -> Result<(), String> {
     }
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         return Err("`body.stream: true` is not supported: results are whole chat completions".into());
+    }
+    // A schema the answers are to be checked against must compile: refused here, the job gets
+    // a clear `invalid_request` instead of every provider's answer failing the check.
+    let format = body.get("response_format");
+    if format.and_then(|f| f.get("type")).and_then(Value::as_str) == Some("json_schema")
+        && let Some(schema) = format.and_then(|f| f.get("json_schema")).and_then(|s| s.get("schema"))
+        && !schema.is_null()
+    {
+        compiled_schema(schema).map_err(|e| format!("`body.response_format.json_schema.schema`: {e}"))?;
     }
     Ok(())
 }
@@ -204,6 +221,10 @@ pub struct Routing {
     pub model: Option<String>,
     pub free: Option<bool>,
     pub attempts: Vec<Attempt>,
+    /// The answer failed the job's checks and was given because of `on_all_rejected = "best"`
+    /// (contract §7). Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rejected: bool,
     /// `host:pid` of the worker that answered.
     pub worker: String,
     /// Time from first receipt (or publish, when the sender set a timestamp) to processing start.
@@ -264,12 +285,43 @@ mod tests {
             (r#"{"custom_id":"a","body":{"messages":[{"role":"user"}],"stream":true}}"#, "stream"),
             (r#"{"custom_id":"a","max_wait":"soon","body":{"messages":[{"role":"user"}]}}"#, "max_wait"),
             (r#"{"custom_id":"a","chain":7,"body":{"messages":[{"role":"user"}]}}"#, "chain"),
+            (
+                r#"{"custom_id":"a","accept":{"jsno":true},"body":{"messages":[{"role":"user"}]}}"#,
+                "`accept`: unknown field `jsno`",
+            ),
+            (
+                r#"{"custom_id":"a","accept":"strict","body":{"messages":[{"role":"user"}]}}"#,
+                "`accept`: must be an object",
+            ),
+            (
+                r#"{"custom_id":"a","accept":{"on_all_rejected":"any"},"body":{"messages":[{"role":"user"}]}}"#,
+                "`accept`: unknown variant",
+            ),
+            (
+                r#"{"custom_id":"a","body":{"messages":[{"role":"user"}],"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"nope"}}}}}"#,
+                "`body.response_format.json_schema.schema`: the JSON Schema does not compile",
+            ),
         ];
         for (text, needle) in cases {
             let err = parse(text).unwrap_err();
             assert!(err.message.contains(needle), "{text}: {err}");
         }
         assert_eq!(parse(r#"{"custom_id":"a","url":"x","body":{}}"#).unwrap_err().custom_id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_jobs_accept_is_read_key_by_key() {
+        let job = parse(r#"{"custom_id":"a","accept":{"min_chars":40,"on_all_rejected":"best"},"body":{"messages":[{"role":"user"}]}}"#).unwrap();
+        let accept = job.accept.unwrap();
+        assert_eq!(accept.min_chars, Some(40));
+        assert_eq!(accept.on_all_rejected, Some(crate::chain::OnAllRejected::Best));
+        assert_eq!((accept.content, accept.finish, accept.json), (None, None, None), "unset keys keep the chain's");
+        assert_eq!(
+            parse(r#"{"custom_id":"a","accept":null,"body":{"messages":[{"role":"user"}]}}"#).unwrap().accept,
+            None
+        );
+        let schema = r#"{"custom_id":"a","body":{"messages":[{"role":"user"}],"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object","required":["echo"]}}}}}"#;
+        assert!(parse(schema).is_ok());
     }
 
     #[test]

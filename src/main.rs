@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use fallback_worker::app::{WorkerApp, migrate_when_reachable};
 use fallback_worker::config::{Config, EnvOverrides};
-use fallback_worker::mock::{MockOptions, MockProvider, Profile, RequestLimit, parse_limit};
+use fallback_worker::mock::{Answers, MockOptions, MockProvider, Profile, RequestLimit, parse_limit};
 use fallback_worker::state::postgres::PgStore;
 use fallback_worker::telemetry;
 
@@ -87,6 +87,9 @@ enum Command {
         /// Require `Authorization: Bearer <key>`.
         #[arg(long, env = "MOCK_API_KEY")]
         api_key: Option<String>,
+        /// Answer every request this way (bad answers show the answer checks at work).
+        #[arg(long, value_enum, default_value = "good")]
+        answers: Answers,
     },
 }
 
@@ -109,11 +112,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    if let Command::MockProvider { listen, profile, limits, latency, api_key } = cli.command {
+    if let Command::MockProvider { listen, profile, limits, latency, api_key, answers } = cli.command {
         let options = MockOptions { profile, api_key, limits, latency };
         return match MockProvider::start_on(listen, options).await {
             Ok(mock) => {
-                tracing::info!(addr = %mock.addr, ?profile, "mock provider listening");
+                mock.set_fallback(answers.scenario());
+                tracing::info!(addr = %mock.addr, ?profile, ?answers, "mock provider listening");
                 let _ = shutdown_signal().await;
                 ExitCode::SUCCESS
             }

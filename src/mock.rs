@@ -100,6 +100,69 @@ pub enum Scenario {
     /// and `flagged_input`. Every profile answers with OpenRouter's body: OpenRouter is the one
     /// provider that documents such a 403, and the worker reads it whatever the profile.
     Moderation,
+    // Bad answers on purpose (contract §7): each a 200 with the profile's success headers and
+    // answer shape, as free tiers send them, for the answer checks to catch.
+    /// An answer with no text (whitespace only), finished normally: an empty Gemini answer.
+    EmptyAnswer,
+    /// An answer stopped by the provider's own output cap: `finish_reason: "length"` (Gemini
+    /// `MAX_TOKENS`, Anthropic `max_tokens`), text ending mid-sentence.
+    CutOff,
+    /// The JSON the job asked for, wrapped in prose and a Markdown code fence, as small models
+    /// answer a `response_format` they do not honour.
+    ProseAroundJson,
+    /// Valid JSON off the schema the tests ask for (`{"echo": string}` required): an object
+    /// with a `reply` key and no `echo`.
+    OffSchemaJson,
+    /// A call of the tool `get_weather` (`{"city": "Paris"}`) instead of a text answer.
+    ToolCall,
+    /// A normal answer whose text is exactly this (e.g. the JSON a schema asks for).
+    Says(String),
+}
+
+/// How a mock run from the command line answers every request (`--answers`), so the demo
+/// and local runs can show the answer checks at work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Answers {
+    /// Normal answers ("mock answer from <model>").
+    #[default]
+    Good,
+    /// [`Scenario::EmptyAnswer`].
+    Empty,
+    /// [`Scenario::CutOff`].
+    CutOff,
+    /// [`Scenario::ProseAroundJson`].
+    ProseAroundJson,
+    /// [`Scenario::OffSchemaJson`].
+    OffSchemaJson,
+    /// [`Scenario::ToolCall`].
+    ToolCall,
+}
+
+impl Answers {
+    pub fn scenario(self) -> Scenario {
+        match self {
+            Self::Good => Scenario::Success,
+            Self::Empty => Scenario::EmptyAnswer,
+            Self::CutOff => Scenario::CutOff,
+            Self::ProseAroundJson => Scenario::ProseAroundJson,
+            Self::OffSchemaJson => Scenario::OffSchemaJson,
+            Self::ToolCall => Scenario::ToolCall,
+        }
+    }
+}
+
+/// What a successful answer carries, before the profile shapes it.
+struct Reply {
+    /// The text; `None` for a tool call.
+    text: Option<String>,
+    /// Stopped by the output cap rather than finished.
+    cut_off: bool,
+}
+
+impl Reply {
+    fn text(text: impl Into<String>) -> Reply {
+        Reply { text: Some(text.into()), cut_off: false }
+    }
 }
 
 /// How many request bodies [`MockStats`] keeps.
@@ -253,7 +316,15 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
             stats.bodies.push(json);
         }
         match &scenario {
-            Scenario::Success | Scenario::Slow(_) | Scenario::SpentBudget(_) => stats.successes += 1,
+            Scenario::Success
+            | Scenario::Slow(_)
+            | Scenario::SpentBudget(_)
+            | Scenario::EmptyAnswer
+            | Scenario::CutOff
+            | Scenario::ProseAroundJson
+            | Scenario::OffSchemaJson
+            | Scenario::ToolCall
+            | Scenario::Says(_) => stats.successes += 1,
             Scenario::RateLimited(_) => stats.rate_limited += 1,
             _ => {}
         }
@@ -317,6 +388,24 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
         Scenario::OutOfCredits => out_of_credits(profile),
         Scenario::ModelGone => model_gone(profile, &model),
         Scenario::Moderation => moderation(&model),
+        Scenario::EmptyAnswer => answer(profile, &model, Reply::text(" \n")),
+        Scenario::CutOff => answer(
+            profile,
+            &model,
+            Reply { text: Some("There are three reasons. First, the free tier's".into()), cut_off: true },
+        ),
+        Scenario::ProseAroundJson => answer(
+            profile,
+            &model,
+            Reply::text(format!(
+                "Sure! Here is the JSON you asked for:\n```json\n{{\"echo\": \"mock answer from {model}\"}}\n```\nLet me know if you need anything else."
+            )),
+        ),
+        Scenario::OffSchemaJson => {
+            answer(profile, &model, Reply::text(json!({"reply": format!("mock answer from {model}")}).to_string()))
+        }
+        Scenario::ToolCall => answer(profile, &model, Reply { text: None, cut_off: false }),
+        Scenario::Says(text) => answer(profile, &model, Reply::text(text)),
     }
 }
 
@@ -399,15 +488,36 @@ fn request_id() -> String {
 }
 
 fn success(profile: Profile, model: &str) -> Response {
+    answer(profile, model, Reply::text(format!("mock answer from {model}")))
+}
+
+/// The tool call every [`Scenario::ToolCall`] makes.
+const TOOL: &str = "get_weather";
+
+/// A 200 carrying `reply` in the profile's answer shape, with its success headers.
+fn answer(profile: Profile, model: &str, reply: Reply) -> Response {
     let id = request_id();
-    let answer = format!("mock answer from {model}");
+    let tool_args = json!({"city": "Paris"});
     match profile {
         Profile::GeminiNative => {
-            let body = json!({"candidates": [{"content": {"parts": [{"text": answer}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+            let (part, finish) = match &reply.text {
+                Some(text) => (json!({"text": text}), if reply.cut_off { "MAX_TOKENS" } else { "STOP" }),
+                None => (json!({"functionCall": {"name": TOOL, "args": tool_args}}), "STOP"),
+            };
+            let body = json!({"candidates": [{"content": {"parts": [part], "role": "model"}, "finishReason": finish, "index": 0}],
                 "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 8, "totalTokenCount": 20}, "modelVersion": model, "responseId": id});
             return respond(200, &[], "application/json; charset=UTF-8", body.to_string());
         }
         Profile::Anthropic => {
+            let (block, stop_reason) = match &reply.text {
+                Some(text) => {
+                    (json!({"type": "text", "text": text}), if reply.cut_off { "max_tokens" } else { "end_turn" })
+                }
+                None => (
+                    json!({"type": "tool_use", "id": format!("toolu_{id}"), "name": TOOL, "input": tool_args}),
+                    "tool_use",
+                ),
+            };
             let reset = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(1)).to_string();
             let headers = vec![
                 h("request-id", format!("req_011{id}")),
@@ -416,18 +526,26 @@ fn success(profile: Profile, model: &str) -> Response {
                 h("anthropic-ratelimit-requests-reset", reset),
             ];
             let body = json!({"id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": answer}], "stop_reason": "end_turn", "stop_sequence": null,
+                "content": [block], "stop_reason": stop_reason, "stop_sequence": null,
                 "usage": {"input_tokens": 12, "output_tokens": 8}});
             return json_response(200, &headers, body);
         }
         _ => {}
     }
+    let (message, finish_reason) = match &reply.text {
+        Some(text) => (json!({"role": "assistant", "content": text}), if reply.cut_off { "length" } else { "stop" }),
+        None => (
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_{id}"), "type": "function",
+                "function": {"name": TOOL, "arguments": tool_args.to_string()}}]}),
+            "tool_calls",
+        ),
+    };
     let body = json!({
         "id": format!("chatcmpl-{id}"),
         "object": "chat.completion",
         "created": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("mock answer from {model}")}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}
     });
     let headers = match profile {
@@ -959,6 +1077,57 @@ mod tests {
             _ => openai::interpret(status, &headers, &body, now),
         };
         result.unwrap_err()
+    }
+
+    /// The completion the worker's dialect for `profile` reads from a mock success.
+    async fn completion(profile: Profile, response: Response) -> crate::providers::Completion {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let now = SystemTime::now();
+        let result = match profile {
+            Profile::GeminiNative => gemini::interpret(status, &headers, &body, "m", now),
+            Profile::Anthropic => anthropic::interpret(status, &headers, &body, now),
+            _ => openai::interpret(status, &headers, &body, now),
+        };
+        result.unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_profile_answers_badly_in_the_ways_the_answer_checks_catch() {
+        use crate::chain::checks::{Accept, Expectation, RejectReason};
+        let plain = Expectation::for_job(Accept::default(), &serde_json::Map::new()).unwrap();
+        let schema = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "echo",
+            "schema": {"type": "object", "properties": {"echo": {"type": "string"}}, "required": ["echo"]}}}});
+        let echo = Expectation::for_job(Accept::default(), schema.as_object().unwrap()).unwrap();
+        for profile in ALL {
+            let verdict = |expect: &Expectation, answer: crate::providers::Completion| {
+                expect.check(&answer.body).map_err(|r| (r.reason, r.message))
+            };
+            let empty = completion(profile, answer(profile, "m", Reply::text(" \n"))).await;
+            assert_eq!(verdict(&plain, empty), Err((RejectReason::Empty, "empty content".into())), "{profile:?}");
+            let cut = completion(profile, answer(profile, "m", Reply { text: Some("It".into()), cut_off: true })).await;
+            assert_eq!(verdict(&plain, cut).unwrap_err().0, RejectReason::CutOff, "{profile:?}");
+            let prose = Reply::text("Sure:\n```json\n{\"echo\": \"x\"}\n```");
+            let prose = completion(profile, answer(profile, "m", prose)).await;
+            assert_eq!(verdict(&echo, prose).unwrap_err().0, RejectReason::NotJson, "{profile:?}");
+            let off = completion(profile, answer(profile, "m", Reply::text(r#"{"reply": "x"}"#))).await;
+            assert_eq!(
+                verdict(&echo, off),
+                Err((RejectReason::Schema, "schema: /echo is required".into())),
+                "{profile:?}"
+            );
+            let good = completion(profile, answer(profile, "m", Reply::text(r#"{"echo": "x"}"#))).await;
+            assert_eq!(verdict(&echo, good), Ok(()), "{profile:?}");
+        }
+        // Tool calls in the OpenAI shape pass as they are; the Gemini and Anthropic shapes
+        // depend on their dialects translating `functionCall` / `tool_use` back.
+        for profile in [Profile::Groq, Profile::Cerebras, Profile::Openrouter, Profile::Openai] {
+            let call = completion(profile, answer(profile, "m", Reply { text: None, cut_off: false })).await;
+            assert_eq!(call.body["choices"][0]["message"]["tool_calls"][0]["function"]["name"], TOOL);
+            assert_eq!(call.body["choices"][0]["finish_reason"], "tool_calls");
+            assert_eq!(plain.check(&call.body), Ok(()), "{profile:?}");
+        }
     }
 
     #[tokio::test]

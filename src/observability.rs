@@ -9,6 +9,8 @@
 //! - `attempts_total{provider,outcome}`: every attempt, skips included;
 //! - `provider_latency_seconds{provider}`: latency of calls that reached the provider;
 //! - `answers_total{tier}`: successful answers by `free` or `paid` provider;
+//! - `rejected_outputs_total{provider,reason}`: answers that failed a job's checks (contract §7),
+//!   by reason: `empty`, `cut_off`, `content_filter`, `not_json`, `schema`, `too_short`;
 //! - `queue_wait_seconds`: time from publish (or first receipt) to processing;
 //! - `provider_cooling{provider}` and `quota_used{provider,measure,per}` /
 //!   `quota_limit{…}`: the shared state, read from Postgres at scrape time.
@@ -30,6 +32,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::checks::RejectReason;
 use crate::config::Config;
 use crate::job::JobResult;
 use crate::routing::{Attempt, AttemptOutcome};
@@ -101,6 +104,14 @@ fn record_attempts(attempts: &[Attempt]) {
     for attempt in attempts {
         metrics::counter!("fallback_attempts_total", "provider" => attempt.provider.clone(), "outcome" => attempt.outcome.as_str())
             .increment(1);
+        if attempt.outcome == AttemptOutcome::RejectedOutput {
+            // The attempt's message is its only record of the reason; its wording is fixed per
+            // reason (and its label therefore bounded) by `chain::checks`.
+            let reason =
+                attempt.message.as_deref().and_then(RejectReason::of_message).map_or("other", RejectReason::label);
+            metrics::counter!("fallback_rejected_outputs_total", "provider" => attempt.provider.clone(), "reason" => reason)
+                .increment(1);
+        }
         let reached_provider = attempt.status.is_some()
             || matches!(attempt.outcome, AttemptOutcome::Timeout | AttemptOutcome::ConnectError);
         if reached_provider {

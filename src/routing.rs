@@ -19,6 +19,8 @@ pub enum AttemptOutcome {
     ClientError,
     /// The provider's model is gone (404 model not found, 400 decommissioned, 410 deprecated).
     ModelUnavailable,
+    /// An answer arrived but failed the job's checks (contract §7); `message` says which.
+    RejectedOutput,
     SkippedCooldown,
     SkippedQuota,
     SkippedContext,
@@ -36,6 +38,7 @@ impl AttemptOutcome {
             Self::AuthError => "auth_error",
             Self::ClientError => "client_error",
             Self::ModelUnavailable => "model_unavailable",
+            Self::RejectedOutput => "rejected_output",
             Self::SkippedCooldown => "skipped_cooldown",
             Self::SkippedQuota => "skipped_quota",
             Self::SkippedContext => "skipped_context",
@@ -44,9 +47,11 @@ impl AttemptOutcome {
     }
 
     /// The outcomes after which retrying this job on this provider cannot help (the request
-    /// itself is the problem), so the provider is dropped from the job's chain.
+    /// itself is the problem, or the provider's answer to it failed the job's checks), so the
+    /// provider is dropped from the job's chain. A rejected answer must not make the job wait
+    /// for the same provider to answer the same way again.
     pub fn is_final_for_job(self) -> bool {
-        matches!(self, Self::ClientError | Self::SkippedContext)
+        matches!(self, Self::ClientError | Self::SkippedContext | Self::RejectedOutput)
     }
 }
 

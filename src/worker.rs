@@ -259,7 +259,7 @@ impl JobHandler {
         let left = self.rules.delivery_deadline.saturating_sub(timing.started.elapsed());
         let hold = HoldPolicy::new(self.rules.hold_limit, SystemTime::now(), left);
         let state = self.state.as_ref();
-        let chain_run = chain::run(run.chain, &run.job.body, run.max_wait, &mut progress, state, hold, &SystemClock);
+        let chain_run = chain::run(run.chain, run.job, run.max_wait, &mut progress, state, hold, &SystemClock);
         let verdict = match tokio::time::timeout(self.rules.delivery_deadline, chain_run).await {
             Ok(verdict) => verdict,
             // The delivery's hard deadline: hand the job back through a short park.
@@ -323,6 +323,7 @@ impl JobHandler {
             model: None,
             free: None,
             attempts,
+            rejected: false,
             worker: self.worker_id.clone(),
             queued_ms: millis(total.saturating_sub(working)),
             total_ms: millis(total),
@@ -562,8 +563,9 @@ fn millis(d: Duration) -> u64 {
 pub fn result_of(custom_id: &str, verdict: Verdict, mut routing: Routing) -> Result<JobResult, SystemTime> {
     match verdict {
         Verdict::Wait { until } => Err(until),
-        Verdict::Answered { provider, model, free, completion } => {
-            tracing::info!(custom_id, provider = %provider, attempts = routing.attempts.len(), "answered");
+        Verdict::Answered { provider, model, free, completion, rejected } => {
+            tracing::info!(custom_id, provider = %provider, attempts = routing.attempts.len(), rejected, "answered");
+            routing.rejected = rejected;
             routing.provider = Some(provider);
             routing.model = Some(model);
             routing.free = Some(free);
@@ -691,6 +693,7 @@ mod tests {
             max_wait: Duration::from_secs(1),
             max_wait_limit: Duration::from_secs(3600),
             free_wait: Duration::ZERO,
+            accept: Default::default(),
         };
         let store = Arc::new(MemoryStore::new());
         JobHandler {

@@ -6,6 +6,7 @@
 //! wait is short, and hands a long wait back to the caller (the worker parks the job in a delay
 //! queue rather than hold a broker slot).
 
+pub mod checks;
 pub mod clock;
 mod outcome;
 
@@ -15,11 +16,12 @@ use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
+pub use checks::{Accept, Expectation, OnAllRejected};
 pub use clock::{Clock, SystemClock, far_future, later};
 pub use outcome::{CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
 
 use crate::config::LimitConfig;
-use crate::job::{ChatBody, ErrorCode, estimate_prompt_tokens, requested_completion_tokens};
+use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
 use crate::routing::{Attempt, AttemptOutcome, CooldownReason};
 use crate::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
@@ -47,6 +49,8 @@ pub struct Chain {
     /// The most a job's own `max_wait` may ask for.
     pub max_wait_limit: Duration,
     pub free_wait: Duration,
+    /// What an acceptable answer is (contract §7); a job's own `accept` overrides it key by key.
+    pub accept: Accept,
 }
 
 impl Chain {
@@ -77,6 +81,19 @@ pub struct JobProgress {
     /// Providers that failed this job transiently without a shared cooldown (a lone 5xx), with
     /// the time before which this job will not retry them and how often they failed.
     backoff: HashMap<String, (SystemTime, u32)>,
+    /// The last answer the job's checks rejected, kept when `on_all_rejected = "best"` so the
+    /// job can get it instead of failing. Held in memory only: a job parked meanwhile comes
+    /// back without it (an answer does not fit the parked job's headers).
+    best: Option<Box<RejectedAnswer>>,
+}
+
+/// An answer that failed the job's checks, and who gave it.
+#[derive(Debug, Clone)]
+struct RejectedAnswer {
+    provider: String,
+    model: String,
+    free: bool,
+    completion: Completion,
 }
 
 impl JobProgress {
@@ -87,7 +104,7 @@ impl JobProgress {
     /// Rebuilds progress from a parked job's attempt list.
     pub fn resume(first_seen: SystemTime, attempts: Vec<Attempt>) -> Self {
         let dropped = attempts.iter().filter(|a| a.outcome.is_final_for_job()).map(|a| a.provider.clone()).collect();
-        Self { first_seen, attempts, dropped, backoff: HashMap::new() }
+        Self { first_seen, attempts, dropped, backoff: HashMap::new(), best: None }
     }
 
     /// Records that `member` was passed over. A job that waits goes through its chain again and
@@ -114,6 +131,9 @@ pub enum Verdict {
         model: String,
         free: bool,
         completion: Completion,
+        /// The answer failed the job's checks and is given because of
+        /// `on_all_rejected = "best"` (`routing.rejected` in the result).
+        rejected: bool,
     },
     Failed {
         code: ErrorCode,
@@ -166,18 +186,37 @@ impl NextTry {
     }
 }
 
+/// One job as a pass serves it: the request and the checks its answers must pass.
+pub struct Request<'a> {
+    pub body: &'a ChatBody,
+    pub expect: Expectation,
+}
+
+impl<'a> Request<'a> {
+    /// `job` under `chain`'s answer checks, overridden by the job's own `accept`. `Err` (a text
+    /// for `invalid_request`) when no answer to it could be checked: its schema does not compile.
+    pub fn new(chain: &Chain, job: &'a Job) -> Result<Request<'a>, String> {
+        let accept = chain.accept.overridden_by(job.accept.as_ref());
+        Ok(Request { body: &job.body, expect: Expectation::for_job(accept, &job.body)? })
+    }
+}
+
 /// Runs passes until the job is answered, fails, or must wait longer than the policy allows.
 pub async fn run(
     chain: &Chain,
-    body: &ChatBody,
+    job: &Job,
     max_wait: Duration,
     progress: &mut JobProgress,
     state: &dyn ProviderState,
     hold: HoldPolicy,
     clock: &dyn Clock,
 ) -> Verdict {
+    let request = match Request::new(chain, job) {
+        Ok(request) => request,
+        Err(message) => return Verdict::Failed { code: ErrorCode::InvalidRequest, message },
+    };
     loop {
-        let verdict = run_pass(chain, body, max_wait, progress, state, clock).await;
+        let verdict = run_pass(chain, &request, max_wait, progress, state, clock).await;
         let Verdict::Wait { until } = verdict else {
             return verdict;
         };
@@ -201,12 +240,13 @@ fn spread(wait: Duration) -> Duration {
 /// One walk through the chain.
 pub async fn run_pass(
     chain: &Chain,
-    body: &ChatBody,
+    request: &Request<'_>,
     max_wait: Duration,
     progress: &mut JobProgress,
     state: &dyn ProviderState,
     clock: &dyn Clock,
 ) -> Verdict {
+    let body = request.body;
     let needed_tokens = estimate_prompt_tokens(body).saturating_add(requested_completion_tokens(body).unwrap_or(0));
     let mut next_tries = Vec::new();
     for member in &chain.members {
@@ -235,7 +275,7 @@ pub async fn run_pass(
             next_tries.push(NextTry::firm(paid_from));
             continue;
         }
-        let call = Call { member, body, tokens: needed_tokens, state, clock };
+        let call = Call { member, body, expect: &request.expect, tokens: needed_tokens, state, clock };
         match call_member(&call, progress).await {
             Ok(completion) => {
                 return Verdict::Answered {
@@ -243,13 +283,25 @@ pub async fn run_pass(
                     model: member.model.clone(),
                     free: member.free,
                     completion,
+                    rejected: false,
                 };
             }
             Err(Some(next)) => next_tries.push(next),
             Err(None) => {}
         }
     }
-    conclude(chain, max_wait, progress, &next_tries, clock.now())
+    let verdict = conclude(chain, max_wait, progress, &next_tries, clock.now());
+    match (verdict, progress.best.take()) {
+        // `on_all_rejected = "best"`: the last rejected answer rather than no answer at all.
+        (Verdict::Failed { .. }, Some(best)) => {
+            let RejectedAnswer { provider, model, free, completion } = *best;
+            Verdict::Answered { provider, model, free, completion, rejected: true }
+        }
+        (verdict, best) => {
+            progress.best = best;
+            verdict
+        }
+    }
 }
 
 /// What a pass that got no answer means for the job. It waits for the earliest provider within
@@ -288,6 +340,8 @@ fn conclude(
 struct Call<'a> {
     member: &'a Member,
     body: &'a ChatBody,
+    /// What the job's answers must pass (contract §7).
+    expect: &'a Expectation,
     /// The request's estimated size (prompt + completion budget).
     tokens: u64,
     state: &'a dyn ProviderState,
@@ -313,15 +367,18 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
         let failure = match result {
             Ok(completion) => {
                 settle_success(call, &completion).await;
+                let rejection = call.expect.check(&completion.body).err();
                 progress.attempts.push(Attempt {
                     provider: member.name.clone(),
-                    outcome: AttemptOutcome::Ok,
+                    outcome: if rejection.is_some() { AttemptOutcome::RejectedOutput } else { AttemptOutcome::Ok },
                     status: Some(completion.status),
                     latency_ms,
                     until: None,
-                    message: None,
+                    message: rejection.as_ref().map(|r| r.message.clone()),
                 });
-                return Ok(completion);
+                let Some(rejection) = rejection else { return Ok(completion) };
+                reject(call, rejection.reason, completion, progress).await;
+                return Err(None);
             }
             Err(failure) => failure,
         };
@@ -351,6 +408,21 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
                 return Err(Some(NextTry::estimate(later(call.clock.now(), Duration::from_secs(1)))));
             }
         }
+    }
+}
+
+/// An answer that failed the job's checks: the provider worked (its circuit closed, the call
+/// counted in its windows) but gave this job a bad answer, so it is dropped for this job like
+/// a client error, without a cooldown: another job may well get a good answer from it. The
+/// rejection is counted for `status`, and the answer kept for `on_all_rejected = "best"`.
+async fn reject(call: &Call<'_>, reason: checks::RejectReason, completion: Completion, progress: &mut JobProgress) {
+    let member = call.member;
+    tracing::info!(provider = %member.name, reason = reason.label(), "an answer failed the job's checks");
+    call.state.record_rejected_output(&member.name, reason.label()).await;
+    progress.dropped.insert(member.name.clone());
+    if call.expect.accept.on_all_rejected == OnAllRejected::Best {
+        let (provider, model, free) = (member.name.clone(), member.model.clone(), member.free);
+        progress.best = Some(Box::new(RejectedAnswer { provider, model, free, completion }));
     }
 }
 
@@ -497,6 +569,13 @@ fn all_failed_message(chain: &Chain, progress: &JobProgress) -> String {
             }
         })
         .collect();
+    let rejected_last = |member: &Member| {
+        let last = progress.attempts.iter().rev().find(|a| a.provider == member.name);
+        last.is_some_and(|a| a.outcome == AttemptOutcome::RejectedOutput)
+    };
+    if chain.members.iter().all(rejected_last) {
+        return format!("no answer from chain `{}` passed the job's checks: {}", chain.name, reasons.join("; "));
+    }
     format!("every provider of chain `{}` refused the request: {}", chain.name, reasons.join("; "))
 }
 

@@ -229,6 +229,9 @@ mod tests {
         let json = serde_json::to_string(&AttemptOutcome::SkippedPaid).unwrap();
         assert_eq!(json, "\"skipped_paid\"");
         assert_eq!(AttemptOutcome::RateLimited.as_str(), "rate_limited");
+        assert_eq!(serde_json::to_string(&AttemptOutcome::RejectedOutput).unwrap(), "\"rejected_output\"");
+        assert_eq!(AttemptOutcome::RejectedOutput.as_str(), "rejected_output");
+        assert!(AttemptOutcome::RejectedOutput.is_final_for_job(), "a rejected provider is dropped for the job");
         assert_eq!(CooldownReason::parse("quota_day"), Some(CooldownReason::QuotaDay));
     }
 }

@@ -25,7 +25,8 @@ fn completion() -> Completion {
     Completion {
         status: 200,
         request_id: "req".into(),
-        body: json!({"object": "chat.completion", "choices": []}),
+        body: json!({"object": "chat.completion", "choices": [{"index": 0,
+            "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}]}),
         total_tokens: Some(10),
         exhausted_until: None,
     }
@@ -141,11 +142,27 @@ fn member(name: &str, free: bool, provider: Arc<dyn ChatProvider>) -> Member {
 }
 
 fn chain(members: Vec<Member>, free_wait: Duration) -> Chain {
-    Chain { name: "default".into(), members, max_wait: secs(600), max_wait_limit: secs(86_400), free_wait }
+    Chain {
+        name: "default".into(),
+        members,
+        max_wait: secs(600),
+        max_wait_limit: secs(86_400),
+        free_wait,
+        accept: Accept::default(),
+    }
 }
 
 fn body() -> ChatBody {
     serde_json::from_value(json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 100})).unwrap()
+}
+
+fn job() -> Job {
+    Job { custom_id: "job".into(), chain: "default".into(), max_wait: None, body: body(), accept: None }
+}
+
+/// `job` under the contract's default checks.
+fn request(job: &Job) -> Request<'_> {
+    Request { body: &job.body, expect: Expectation::for_job(Accept::default(), &job.body).unwrap() }
 }
 
 fn outcomes(progress: &JobProgress) -> Vec<(String, AttemptOutcome)> {
@@ -153,7 +170,7 @@ fn outcomes(progress: &JobProgress) -> Vec<(String, AttemptOutcome)> {
 }
 
 async fn pass(chain: &Chain, progress: &mut JobProgress, store: &MemoryStore, clock: &ManualClock) -> Verdict {
-    run_pass(chain, &body(), chain.max_wait, progress, store, clock).await
+    run_pass(chain, &request(&job()), chain.max_wait, progress, store, clock).await
 }
 
 /// A whole run, holding the job in place for up to `hold_limit`.
@@ -166,7 +183,7 @@ async fn run_holding(
     hold_limit: Duration,
 ) -> Verdict {
     let hold = HoldPolicy::new(hold_limit, clock.now(), hold_limit.saturating_add(secs(60)));
-    run(chain, &body(), max_wait, progress, store, hold, clock).await
+    run(chain, &job(), max_wait, progress, store, hold, clock).await
 }
 
 fn answered_by(verdict: &Verdict) -> Option<&str> {
@@ -355,7 +372,7 @@ async fn the_late_503s_of_calls_in_flight_when_the_circuit_opens_do_not_lengthen
             let (chain, store, clock) = (chain.clone(), store.clone(), clock.clone());
             tokio::spawn(async move {
                 let mut progress = JobProgress::new(clock.now());
-                run_pass(&chain, &body(), chain.max_wait, &mut progress, store.as_ref(), clock.as_ref()).await
+                run_pass(&chain, &request(&job()), chain.max_wait, &mut progress, store.as_ref(), clock.as_ref()).await
             })
         })
         .collect();
@@ -438,7 +455,7 @@ async fn an_estimate_beyond_max_wait_makes_the_job_wait_for_its_deadline_before_
     let chain = chain(vec![member("only", true, only.clone())], Duration::ZERO);
     let store = MemoryStore::new();
     let mut progress = JobProgress::new(clock.now());
-    let verdict = run_pass(&chain, &body(), secs(10), &mut progress, &store, &clock).await;
+    let verdict = run_pass(&chain, &request(&job()), secs(10), &mut progress, &store, &clock).await;
     assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(10)), "{verdict:?}");
 
     let verdict = run_holding(&chain, secs(10), &mut progress, &store, &clock, secs(60)).await;
@@ -491,7 +508,7 @@ async fn sixty_jobs_caught_in_a_10s_outage_all_wait_and_are_answered_after_it() 
                 still_waiting.push((progress, wake));
                 continue;
             }
-            match run_pass(&chain, &body(), max_wait, &mut progress, &store, clock.as_ref()).await {
+            match run_pass(&chain, &request(&job()), max_wait, &mut progress, &store, clock.as_ref()).await {
                 Verdict::Answered { .. } => answered += 1,
                 Verdict::Wait { until } => still_waiting.push((progress, until)),
                 failed @ Verdict::Failed { .. } => {
@@ -530,20 +547,21 @@ async fn a_max_wait_of_u64_max_seconds_panics_nowhere() {
         max_wait: huge,
         max_wait_limit: huge,
         free_wait: huge,
+        accept: Accept::default(),
     };
     let mut progress = JobProgress::new(clock.now());
-    let verdict = run_pass(&chain, &body(), huge, &mut progress, &store, &clock).await;
+    let verdict = run_pass(&chain, &request(&job()), huge, &mut progress, &store, &clock).await;
     assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(30)), "{verdict:?}");
     assert_eq!(progress.attempts[2].until.as_deref(), Some("9999-12-31T00:00:00.000Z"));
 
     let hold = HoldPolicy::new(Duration::MAX, clock.now(), Duration::MAX);
-    let verdict = run(&chain, &body(), huge, &mut progress, &store, hold, &clock).await;
+    let verdict = run(&chain, &job(), huge, &mut progress, &store, hold, &clock).await;
     assert!(matches!(verdict, Verdict::Answered { .. }), "{verdict:?}");
 
     // A job claiming to be first seen past the end of time, and its deadline message.
     let beyond = far_future() + secs(86400);
     let mut late = JobProgress::new(beyond);
-    let verdict = run_pass(&chain, &body(), huge, &mut late, &store, &clock).await;
+    let verdict = run_pass(&chain, &request(&job()), huge, &mut late, &store, &clock).await;
     assert!(matches!(verdict, Verdict::Answered { .. }), "{verdict:?}");
     let verdict = conclude(&chain, huge, &late, &[NextTry::firm(beyond + secs(1))], beyond);
     let Verdict::Failed { code: ErrorCode::DeadlineExceeded, message } = verdict else { panic!("{verdict:?}") };
@@ -596,7 +614,7 @@ async fn run_does_not_wait_past_the_hold_deadline() {
     let chain = chain(vec![member("a", true, Scripted::new(vec![Err(rate_limited(t0() + secs(4)))]))], Duration::ZERO);
     let hold = HoldPolicy::new(secs(5), t0(), secs(3));
     let verdict =
-        run(&chain, &body(), chain.max_wait, &mut JobProgress::new(t0()), &MemoryStore::new(), hold, &clock).await;
+        run(&chain, &job(), chain.max_wait, &mut JobProgress::new(t0()), &MemoryStore::new(), hold, &clock).await;
     assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(4)), "{verdict:?}");
 }
 
@@ -643,4 +661,245 @@ async fn waking_up_again_and_again_lists_each_stretch_of_skips_once() {
             ("paid".into(), AttemptOutcome::Ok),
         ]
     );
+}
+
+/// A provider that answers 200 with these completion bodies, in order (then a good answer).
+struct Says {
+    bodies: Mutex<VecDeque<serde_json::Value>>,
+    calls: Mutex<usize>,
+}
+
+impl Says {
+    fn new(bodies: Vec<serde_json::Value>) -> Arc<Self> {
+        Arc::new(Self { bodies: Mutex::new(bodies.into()), calls: Mutex::new(0) })
+    }
+
+    fn calls(&self) -> usize {
+        *self.calls.lock().unwrap()
+    }
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for Says {
+    async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
+        *self.calls.lock().unwrap() += 1;
+        let next = self.bodies.lock().unwrap().pop_front();
+        Ok(next.map_or_else(completion, |body| Completion { body, ..completion() }))
+    }
+}
+
+/// A completion body whose message says `text`, stopped for `finish_reason`.
+fn answer(text: &str, finish_reason: &str) -> serde_json::Value {
+    json!({"object": "chat.completion", "choices": [{"index": 0,
+        "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}]})
+}
+
+fn messages(progress: &JobProgress) -> Vec<Option<&str>> {
+    progress.attempts.iter().map(|a| a.message.as_deref()).collect()
+}
+
+#[tokio::test]
+async fn a_rejected_answer_moves_on_without_a_cooldown_but_still_counts_in_the_window() {
+    // The memory store stamps a finished call with the wall time: this clock starts there.
+    let clock = ManualClock::starting_at(SystemTime::now());
+    let bad = Says::new(vec![answer("  ", "stop")]);
+    let good = Says::new(vec![]);
+    let mut first = member("bad", true, bad.clone());
+    first.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(60) }];
+    let chain = chain(vec![first, member("good", true, good.clone())], Duration::ZERO);
+    let store = MemoryStore::new();
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut progress, &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("good"), "{verdict:?}");
+    assert!(matches!(verdict, Verdict::Answered { rejected: false, .. }));
+    assert_eq!(
+        outcomes(&progress),
+        vec![("bad".into(), AttemptOutcome::RejectedOutput), ("good".into(), AttemptOutcome::Ok)]
+    );
+    assert_eq!(messages(&progress), vec![Some("empty content"), None]);
+    assert_eq!(progress.attempts[0].status, Some(200));
+    assert_eq!(store.cooldown_of("bad"), None, "a bad answer cools nothing down");
+    assert_eq!(store.rejected_outputs("bad", "empty"), 1, "counted for `status`");
+
+    // The call took the provider's one request of the minute: the next job skips it for quota.
+    let mut next = JobProgress::new(clock.now());
+    pass(&chain, &mut next, &store, &clock).await;
+    assert_eq!(next.attempts[0].outcome, AttemptOutcome::SkippedQuota);
+    assert_eq!(bad.calls(), 1);
+}
+
+/// A job asking this, with no completion cap of its own (so a `length` finish is a cut-off).
+fn asking(extra: serde_json::Value, accept: Option<serde_json::Value>) -> Job {
+    let mut body: ChatBody = serde_json::from_value(json!({"messages": [{"role": "user", "content": "x"}]})).unwrap();
+    if let serde_json::Value::Object(extra) = extra {
+        body.extend(extra);
+    }
+    let accept = accept.map(|a| checks::AcceptOverride::parse(&a).unwrap());
+    Job { body, accept, ..job() }
+}
+
+async fn run_job(
+    chain: &Chain,
+    job: &Job,
+    progress: &mut JobProgress,
+    store: &MemoryStore,
+    clock: &ManualClock,
+) -> Verdict {
+    let hold = HoldPolicy::new(secs(60), clock.now(), secs(120));
+    run(chain, job, chain.max_wait, progress, store, hold, clock).await
+}
+
+#[tokio::test]
+async fn a_rejected_provider_is_not_waited_for_nor_called_again_for_the_job() {
+    let clock = ManualClock::starting_at(t0());
+    let bad = Says::new(vec![answer("The three reasons are", "length"), answer("again", "length")]);
+    let later = Scripted::new(vec![Err(rate_limited(t0() + secs(30)))]);
+    let chain = chain(vec![member("bad", true, bad.clone()), member("later", true, later.clone())], Duration::ZERO);
+    let store = MemoryStore::new();
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_job(&chain, &asking(json!({}), None), &mut progress, &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("later"), "{verdict:?}");
+    let waited = clock.now().duration_since(t0()).unwrap();
+    assert!(waited >= secs(30) && waited < secs(31), "it waited for the rate-limited provider only: {waited:?}");
+    assert_eq!(bad.calls(), 1, "dropped for the job, like a client error");
+    assert_eq!(messages(&progress)[0], Some("cut off at the provider's cap"));
+    // A parked job read back from its attempts keeps the rejected provider dropped.
+    let resumed = JobProgress::resume(t0(), progress.attempts.clone());
+    assert!(resumed.dropped.contains("bad"));
+}
+
+#[tokio::test]
+async fn a_length_finish_under_the_jobs_own_cap_is_accepted() {
+    let clock = ManualClock::starting_at(t0());
+    let short = Says::new(vec![answer("The three reasons are", "length")]);
+    let chain = chain(vec![member("short", true, short.clone())], Duration::ZERO);
+    let mut progress = JobProgress::new(clock.now());
+    let capped = asking(json!({"max_completion_tokens": 5}), None);
+    let verdict = run_job(&chain, &capped, &mut progress, &MemoryStore::new(), &clock).await;
+    assert!(matches!(verdict, Verdict::Answered { rejected: false, .. }), "{verdict:?}");
+}
+
+/// A chain of three providers answering badly in three ways.
+fn three_bad(accept: Accept) -> Chain {
+    let mut chain = chain(
+        vec![
+            member("empty", true, Says::new(vec![answer("", "stop")])),
+            member("prose", true, Says::new(vec![answer("Here it is: {\"echo\": \"x\"}", "stop")])),
+            member("off", true, Says::new(vec![answer("{\"reply\": \"x\"}", "stop")])),
+        ],
+        Duration::ZERO,
+    );
+    chain.accept = accept;
+    chain
+}
+
+fn echo_schema() -> serde_json::Value {
+    json!({"response_format": {"type": "json_schema", "json_schema": {"name": "echo",
+        "schema": {"type": "object", "properties": {"echo": {"type": "string"}}, "required": ["echo"]}}}})
+}
+
+#[tokio::test]
+async fn when_every_answer_is_rejected_the_job_fails_listing_each_reason() {
+    let clock = ManualClock::starting_at(t0());
+    let chain = three_bad(Accept::default());
+    let store = MemoryStore::new();
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_job(&chain, &asking(echo_schema(), None), &mut progress, &store, &clock).await;
+    let Verdict::Failed { code: ErrorCode::AllProvidersFailed, message } = verdict else { panic!("{verdict:?}") };
+    assert_eq!(
+        message,
+        "no answer from chain `default` passed the job's checks: empty: rejected_output 200: empty content; \
+         prose: rejected_output 200: not JSON: expected value at line 1 column 1; \
+         off: rejected_output 200: schema: /echo is required"
+    );
+    assert_eq!(clock.now(), t0(), "nothing to wait for");
+    for (provider, reason) in [("empty", "empty"), ("prose", "not_json"), ("off", "schema")] {
+        assert_eq!(store.rejected_outputs(provider, reason), 1, "{provider}");
+        assert_eq!(store.cooldown_of(provider), None);
+    }
+}
+
+#[tokio::test]
+async fn on_all_rejected_best_gives_the_last_rejected_answer_marked() {
+    let clock = ManualClock::starting_at(t0());
+    let chain = three_bad(Accept { on_all_rejected: OnAllRejected::Best, ..Accept::default() });
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_job(&chain, &asking(echo_schema(), None), &mut progress, &MemoryStore::new(), &clock).await;
+    let Verdict::Answered { provider, rejected: true, completion, .. } = verdict else { panic!("{verdict:?}") };
+    assert_eq!(provider, "off", "the last rejected answer");
+    assert_eq!(completion.body["choices"][0]["message"]["content"], "{\"reply\": \"x\"}");
+    assert_eq!(outcomes(&progress).iter().filter(|(_, o)| *o == AttemptOutcome::RejectedOutput).count(), 3);
+}
+
+#[tokio::test]
+async fn best_never_beats_a_good_answer_later_in_the_chain() {
+    let clock = ManualClock::starting_at(t0());
+    let mut chain = chain(
+        vec![member("empty", true, Says::new(vec![answer("", "stop")])), member("good", true, Says::new(vec![]))],
+        Duration::ZERO,
+    );
+    chain.accept.on_all_rejected = OnAllRejected::Best;
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_job(&chain, &asking(json!({}), None), &mut progress, &MemoryStore::new(), &clock).await;
+    assert!(
+        matches!(verdict, Verdict::Answered { ref provider, rejected: false, .. } if provider == "good"),
+        "{verdict:?}"
+    );
+}
+
+#[tokio::test]
+async fn best_also_answers_a_job_whose_other_providers_are_out_past_its_deadline() {
+    let clock = ManualClock::starting_at(t0());
+    let mut chain = chain(
+        vec![
+            member("empty", true, Says::new(vec![answer("", "stop")])),
+            member("spent", true, Scripted::new(vec![Err(rate_limited(t0() + secs(7200)))])),
+        ],
+        Duration::ZERO,
+    );
+    chain.accept.on_all_rejected = OnAllRejected::Best;
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_job(&chain, &asking(json!({}), None), &mut progress, &MemoryStore::new(), &clock).await;
+    assert!(
+        matches!(verdict, Verdict::Answered { ref provider, rejected: true, .. } if provider == "empty"),
+        "{verdict:?}"
+    );
+    // Without `best` the same job fails on the provider's word.
+    let (mut progress, store) = (JobProgress::new(clock.now()), MemoryStore::new());
+    chain.accept.on_all_rejected = OnAllRejected::Fail;
+    chain.members[0].provider = Says::new(vec![answer("", "stop")]);
+    chain.members[1].provider = Scripted::new(vec![Err(rate_limited(t0() + secs(7200)))]);
+    let verdict = run_job(&chain, &asking(json!({}), None), &mut progress, &store, &clock).await;
+    assert!(matches!(verdict, Verdict::Failed { code: ErrorCode::DeadlineExceeded, .. }), "{verdict:?}");
+}
+
+#[tokio::test]
+async fn a_jobs_accept_overrides_the_chains_key_by_key() {
+    let clock = ManualClock::starting_at(t0());
+    let chain = three_bad(Accept::default());
+    // This job wants no JSON check: the prose answer is fine; the empty one still is not.
+    let job = asking(echo_schema(), Some(json!({"json": false})));
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_job(&chain, &job, &mut progress, &MemoryStore::new(), &clock).await;
+    assert_eq!(answered_by(&verdict), Some("prose"), "{verdict:?}");
+    assert_eq!(messages(&progress)[0], Some("empty content"));
+    // And one that asks for `best` on a chain that fails.
+    let chain = three_bad(Accept::default());
+    let job = asking(echo_schema(), Some(json!({"on_all_rejected": "best"})));
+    let verdict = run_job(&chain, &job, &mut JobProgress::new(clock.now()), &MemoryStore::new(), &clock).await;
+    assert!(matches!(verdict, Verdict::Answered { rejected: true, .. }), "{verdict:?}");
+}
+
+#[tokio::test]
+async fn a_schema_that_does_not_compile_fails_the_job_before_any_call() {
+    let clock = ManualClock::starting_at(t0());
+    let never = Says::new(vec![]);
+    let chain = chain(vec![member("never", true, never.clone())], Duration::ZERO);
+    // Built by hand: `Job::parse` refuses such a job already.
+    let job =
+        asking(json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 12}}}}), None);
+    let verdict = run_job(&chain, &job, &mut JobProgress::new(clock.now()), &MemoryStore::new(), &clock).await;
+    let Verdict::Failed { code: ErrorCode::InvalidRequest, message } = verdict else { panic!("{verdict:?}") };
+    assert!(message.contains("does not compile"), "{message}");
+    assert_eq!(never.calls(), 0);
 }

@@ -176,6 +176,7 @@ fn bare_routing(chain: String, worker: String, took: Duration) -> Routing {
         model: None,
         free: None,
         attempts: Vec::new(),
+        rejected: false,
         worker,
         queued_ms: 0,
         total_ms: took.as_millis() as u64,
@@ -194,6 +195,7 @@ async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: S
                 model: None,
                 free: None,
                 attempts: Vec::new(),
+                rejected: false,
                 worker,
                 queued_ms: 0,
                 total_ms: 0,
@@ -205,7 +207,7 @@ async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: S
     let mut progress = JobProgress::new(clock.now());
     // Every wait within max_wait happens in place: there is no broker to park the job in.
     let hold = HoldPolicy::new(max_wait, clock.now(), max_wait.saturating_add(Duration::from_secs(60)));
-    let verdict = chain::run(chain, &line.job.body, max_wait, &mut progress, state, hold, &clock).await;
+    let verdict = chain::run(chain, &line.job, max_wait, &mut progress, state, hold, &clock).await;
     let total_ms = started.elapsed().as_millis() as u64;
     let routing = Routing {
         chain: Some(chain.name.clone()),
@@ -213,6 +215,7 @@ async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: S
         model: None,
         free: None,
         attempts: progress.attempts,
+        rejected: false,
         worker,
         queued_ms: 0,
         total_ms,
@@ -276,6 +279,7 @@ mod tests {
             max_wait: Duration::ZERO,
             max_wait_limit: Duration::ZERO,
             free_wait: Duration::ZERO,
+            accept: Default::default(),
         };
         assert_eq!(line_bound(Duration::from_secs(600), &chain), Duration::from_secs(600 + 120));
         assert_eq!(line_bound(Duration::MAX, &chain), Duration::MAX, "no overflow on external numbers");

@@ -164,6 +164,7 @@ impl Awaited {
             model: None,
             free: None,
             attempts: Vec::new(),
+            rejected: false,
             worker: self.writer.clone(),
             queued_ms: 0,
             total_ms: 0,

@@ -1,5 +1,6 @@
 //! `fallback-worker status`: every configured provider's shared state, as all workers see it.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -25,6 +26,10 @@ pub struct ProviderStatus {
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
     pub windows: Vec<WindowUsage>,
+    /// Answers that failed a job's checks (contract §7), by reason, across all workers since
+    /// the database was created. A rejection never cools a provider down: many here mean the
+    /// provider is poor at what these jobs ask, not that it is unavailable.
+    pub rejected_outputs: BTreeMap<String, u64>,
 }
 
 /// Use of one configured limit right now.
@@ -61,6 +66,7 @@ pub async fn collect(config: &Config, store: &PgStore) -> Result<Vec<ProviderSta
             last_error: None,
             last_error_at: None,
             windows: Vec::new(),
+            rejected_outputs: rejected_outputs(store, &provider.name).await?,
         };
         if let Some(row) = row {
             let until = epoch(row.get("until_ms"));
@@ -88,6 +94,14 @@ pub async fn collect(config: &Config, store: &PgStore) -> Result<Vec<ProviderSta
     Ok(out)
 }
 
+async fn rejected_outputs(store: &PgStore, provider: &str) -> Result<BTreeMap<String, u64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT reason, count FROM rejected_outputs WHERE provider = $1")
+        .bind(provider)
+        .fetch_all(store.pool())
+        .await?;
+    Ok(rows.into_iter().map(|(reason, count)| (reason, count.max(0) as u64)).collect())
+}
+
 async fn window_usage(store: &PgStore, provider: &str, limit: &LimitConfig) -> Result<WindowUsage, sqlx::Error> {
     let (measure, max) = match (limit.requests, limit.tokens) {
         (Some(n), _) => ("requests", n),
@@ -113,8 +127,9 @@ async fn window_usage(store: &PgStore, provider: &str, limit: &LimitConfig) -> R
 
 /// The human-readable table.
 pub fn render_table(statuses: &[ProviderStatus]) -> String {
-    let mut rows =
-        vec![["PROVIDER", "FREE", "STATE", "UNTIL", "REASON", "USAGE", "LAST ERROR"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["PROVIDER", "FREE", "STATE", "UNTIL", "REASON", "USAGE", "REJECTED", "LAST ERROR"].map(String::from).to_vec(),
+    ];
     for s in statuses {
         let usage =
             s.windows.iter().map(|w| format!("{}/{} {} per {}", w.used, w.limit, w.measure, w.per)).collect::<Vec<_>>();
@@ -127,6 +142,7 @@ pub fn render_table(statuses: &[ProviderStatus]) -> String {
             s.until.clone().unwrap_or_else(|| "-".into()),
             s.reason.clone().unwrap_or_else(|| "-".into()),
             if usage.is_empty() { "-".into() } else { usage.join(", ") },
+            rejected_cell(&s.rejected_outputs),
             last_error.unwrap_or_else(|| "-".into()),
         ]);
     }
@@ -139,6 +155,16 @@ pub fn render_table(statuses: &[ProviderStatus]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `"3 (empty 2, not_json 1)"`, or `-` when no answer was rejected.
+fn rejected_cell(counts: &BTreeMap<String, u64>) -> String {
+    let total: u64 = counts.values().fold(0, |sum, n| sum.saturating_add(*n));
+    if total == 0 {
+        return "-".into();
+    }
+    let each: Vec<String> = counts.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+    format!("{total} ({})", each.join(", "))
 }
 
 fn epoch(ms: i64) -> SystemTime {

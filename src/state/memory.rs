@@ -16,6 +16,8 @@ pub struct MemoryStore {
     next_usage_id: std::sync::atomic::AtomicI64,
     ledger: Mutex<HashMap<String, LedgerRow>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Rejected answers by (provider, reason), for tests and the embedded `batch` run.
+    rejected_outputs: Mutex<HashMap<(String, String), u64>>,
 }
 
 /// One job key: the job it belongs to, its receipts and its result.
@@ -60,6 +62,12 @@ impl MemoryStore {
             .iter()
             .flat_map(|(name, row)| row.usage.iter().filter(|u| ids.contains(&u.id)).map(|u| (name.clone(), u.clone())))
             .collect()
+    }
+
+    /// How many answers of `provider` were rejected for `reason`.
+    pub fn rejected_outputs(&self, provider: &str, reason: &str) -> u64 {
+        let counts = self.rejected_outputs.lock().unwrap();
+        counts.get(&(provider.to_string(), reason.to_string())).copied().unwrap_or(0)
     }
 
     /// The stored cooldown of `provider` (expired or not), for inspection.
@@ -145,6 +153,12 @@ impl ProviderState for MemoryStore {
         }
         row.probing = false;
         row.consecutive_server_errors
+    }
+
+    async fn record_rejected_output(&self, provider: &str, reason: &str) {
+        let mut counts = self.rejected_outputs.lock().unwrap();
+        let count = counts.entry((provider.to_string(), reason.to_string())).or_default();
+        *count = count.saturating_add(1);
     }
 }
 

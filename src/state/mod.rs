@@ -121,6 +121,12 @@ pub trait ProviderState: Send + Sync {
     /// the circuit opened, news of the same outage. So the count grows by one per failed probe,
     /// and the open time doubles per probe, not per call that happened to be in flight.
     async fn record_server_error(&self, provider: &str, detail: &str) -> u32;
+
+    /// An answer of `provider` failed a job's checks (contract §7) for `reason` (a
+    /// [`RejectReason`](crate::chain::checks::RejectReason) label): counted for `status`, across
+    /// all workers. Nothing else changes: a rejection cools nothing down. Best effort: a count
+    /// the database cannot take now is dropped (`/metrics` still counts it).
+    async fn record_rejected_output(&self, provider: &str, reason: &str);
 }
 
 /// What the ledger knows of a job when a delivery of it arrives.

@@ -936,6 +936,23 @@ impl ProviderState for PgStore {
         }
         u32::try_from(entry.consecutive_server_errors).unwrap_or(0)
     }
+
+    async fn record_rejected_output(&self, provider: &str, reason: &str) {
+        let result = self
+            .guarded(
+                sqlx::query(
+                    "INSERT INTO rejected_outputs AS r (provider, reason) VALUES ($1, $2) \
+                     ON CONFLICT (provider, reason) DO UPDATE SET count = r.count + 1, last_at = now()",
+                )
+                .bind(provider)
+                .bind(reason)
+                .execute(&self.pool),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::debug!(provider, reason, error = %e, "cannot count a rejected answer for `status`");
+        }
+    }
 }
 
 impl PgStore {

@@ -299,6 +299,7 @@ async fn a_job_that_panics_is_retried_then_dead_lettered_and_others_go_on() {
             max_wait: Duration::from_secs(60),
             max_wait_limit: Duration::from_secs(3600),
             free_wait: Duration::ZERO,
+            accept: Default::default(),
         }),
     );
     let store = Arc::new(MemoryStore::new());

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod answer_checks;
 mod backlog;
 mod chain_flow;
 mod delivery;
