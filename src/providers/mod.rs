@@ -6,6 +6,7 @@
 //! reqwest client.
 
 pub mod anthropic;
+pub mod capabilities;
 pub mod errors;
 pub mod gemini;
 pub mod http;
