@@ -955,7 +955,7 @@ mod tests {
         let now = SystemTime::now();
         let result = match profile {
             Profile::GeminiNative => gemini::interpret(status, &headers, &body, "m", now),
-            Profile::Anthropic => anthropic::interpret(status, &headers, &body, now),
+            Profile::Anthropic => anthropic::interpret(status, &headers, &body, anthropic::Reading::text("m"), now),
             _ => openai::interpret(status, &headers, &body, now),
         };
         result.unwrap_err()

@@ -88,12 +88,15 @@ impl HttpProvider {
         }
     }
 
-    fn interpret(&self, status: u16, headers: &HeaderMap, bytes: &[u8]) -> Result<Completion, Failure> {
+    /// Reads the answer to `body` (Anthropic's depends on it: JSON may come as a tool's input).
+    fn interpret(&self, body: &ChatBody, status: u16, headers: &HeaderMap, bytes: &[u8]) -> Result<Completion, Failure> {
         let now = SystemTime::now();
         match self.kind {
             ProviderKind::Openai => openai::interpret(status, headers, bytes, now),
             ProviderKind::Gemini => gemini::interpret(status, headers, bytes, &self.model, now),
-            ProviderKind::Anthropic => anthropic::interpret(status, headers, bytes, now),
+            ProviderKind::Anthropic => {
+                anthropic::interpret(status, headers, bytes, anthropic::Reading::of(body, &self.model), now)
+            }
         }
     }
 
@@ -122,7 +125,7 @@ impl ChatProvider for HttpProvider {
         .await;
         match result {
             Ok((status, headers, Some(bytes))) => {
-                self.interpret(status, &headers, &bytes).map_err(|f| self.scrubbed(f))
+                self.interpret(body, status, &headers, &bytes).map_err(|f| self.scrubbed(f))
             }
             Ok((status, _, None)) => Err(Failure::new(FailureKind::Server, Some(status), "the answer exceeded 8 MiB")),
             Err(e) => Err(transport_failure(&e)),

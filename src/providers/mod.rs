@@ -9,9 +9,11 @@ pub mod anthropic;
 pub mod capabilities;
 pub mod errors;
 pub mod gemini;
+pub mod gemini_schema;
 pub mod http;
 pub mod openai;
 pub mod retry_info;
+pub mod shape;
 pub mod translate;
 
 use std::time::SystemTime;
