@@ -14,3 +14,4 @@ mod outages;
 mod poison;
 mod provider_faults;
 mod shared_state;
+mod tools;
