@@ -613,7 +613,8 @@ providers = ["groq"]
         assert_eq!(parse(MINIMAL).unwrap().provider("groq").unwrap().supports, None, "absent: the kind decides");
         let none = parse(&MINIMAL.replace("free = true", "free = true\nsupports = []")).unwrap();
         assert_eq!(none.provider("groq").unwrap().supports, Some(vec![]));
-        let err = parse(&MINIMAL.replace("free = true", "free = true\nsupports = [\"tools\", \"vision\"]")).unwrap_err();
+        let err =
+            parse(&MINIMAL.replace("free = true", "free = true\nsupports = [\"tools\", \"vision\"]")).unwrap_err();
         assert_eq!(err.key, "providers[0].supports[1]");
         assert!(err.problem.contains("vision") && err.problem.contains("json_schema"), "{err}");
     }

@@ -403,7 +403,10 @@ fn request_id() -> String {
 enum Asked {
     Text,
     /// Call this function; its arguments follow this (JSON or Gemini) schema.
-    Call { name: String, schema: Value },
+    Call {
+        name: String,
+        schema: Value,
+    },
     /// Answer JSON, following this schema when there is one.
     Json(Option<Value>),
 }
@@ -425,7 +428,8 @@ fn asked(profile: Profile, request: &Value) -> Asked {
                 .map(|d| json!({"name": d.get("name"), "schema": d.get("parameters")}))
                 .collect();
             let config = request.pointer("/toolConfig/functionCallingConfig");
-            let forced = config.and_then(|c| c.pointer("/allowedFunctionNames/0")).and_then(Value::as_str).map(str::to_string);
+            let forced =
+                config.and_then(|c| c.pointer("/allowedFunctionNames/0")).and_then(Value::as_str).map(str::to_string);
             let off = config.and_then(|c| c.get("mode")).and_then(Value::as_str) == Some("NONE");
             let last = request.get("contents").and_then(Value::as_array).and_then(|c| c.last());
             let answering = last.and_then(|c| c.get("parts")).and_then(Value::as_array).is_some_and(|parts| {
@@ -442,7 +446,8 @@ fn asked(profile: Profile, request: &Value) -> Asked {
                 .map(|t| json!({"name": t.get("name"), "schema": t.get("input_schema")}))
                 .collect();
             let choice = request.get("tool_choice");
-            let forced = choice.filter(|c| c.get("type").and_then(Value::as_str) == Some("tool")).and_then(|c| text(c, "name"));
+            let forced =
+                choice.filter(|c| c.get("type").and_then(Value::as_str) == Some("tool")).and_then(|c| text(c, "name"));
             let off = choice.and_then(|c| c.get("type")).and_then(Value::as_str) == Some("none");
             let last = request.get("messages").and_then(Value::as_array).and_then(|m| m.last());
             let answering = last.and_then(|m| m.get("content")).and_then(Value::as_array).is_some_and(|blocks| {
@@ -558,9 +563,10 @@ fn success(profile: Profile, model: &str, request: &Value) -> Response {
                 h("anthropic-ratelimit-requests-reset", reset),
             ];
             let (content, stop_reason) = match &call {
-                Some((name, input)) => {
-                    (json!([{"type": "tool_use", "id": format!("toolu_{id}"), "name": name, "input": input}]), "tool_use")
-                }
+                Some((name, input)) => (
+                    json!([{"type": "tool_use", "id": format!("toolu_{id}"), "name": name, "input": input}]),
+                    "tool_use",
+                ),
                 None => (json!([{"type": "text", "text": answer}]), "end_turn"),
             };
             let body = json!({"id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model,
@@ -1192,7 +1198,8 @@ mod tests {
                 "response_format": {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}});
             let body = answer_to(profile, &job).await;
             assert_eq!(body["choices"][0]["finish_reason"], "stop", "{profile:?}: {body}");
-            let content: Value = serde_json::from_str(body["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+            let content: Value =
+                serde_json::from_str(body["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
             assert_eq!(content, json!({"name": "mock", "tags": ["mock"]}), "{profile:?}");
         }
     }

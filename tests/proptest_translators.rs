@@ -27,10 +27,45 @@ use serde_json::{Map, Value, json};
 
 /// Keys the translators look for, so that random objects often hit them.
 const KEYS: &[&str] = &[
-    "type", "text", "content", "role", "tool_calls", "tool_call_id", "id", "function", "name", "arguments",
-    "parameters", "image_url", "url", "properties", "items", "required", "enum", "const", "anyOf", "allOf", "oneOf",
-    "$ref", "$defs", "nullable", "additionalProperties", "format", "minimum", "functionCall", "args", "input",
-    "parts", "candidates", "finishReason", "stop_reason", "usage", "model", "modelVersion", "schema", "json_schema",
+    "type",
+    "text",
+    "content",
+    "role",
+    "tool_calls",
+    "tool_call_id",
+    "id",
+    "function",
+    "name",
+    "arguments",
+    "parameters",
+    "image_url",
+    "url",
+    "properties",
+    "items",
+    "required",
+    "enum",
+    "const",
+    "anyOf",
+    "allOf",
+    "oneOf",
+    "$ref",
+    "$defs",
+    "nullable",
+    "additionalProperties",
+    "format",
+    "minimum",
+    "functionCall",
+    "args",
+    "input",
+    "parts",
+    "candidates",
+    "finishReason",
+    "stop_reason",
+    "usage",
+    "model",
+    "modelVersion",
+    "schema",
+    "json_schema",
 ];
 
 fn key() -> impl Strategy<Value = String> {
@@ -40,12 +75,51 @@ fn key() -> impl Strategy<Value = String> {
 fn text() -> impl Strategy<Value = String> {
     prop_oneof![
         select(vec![
-            "", "auto", "none", "required", "function", "string", "integer", "number", "boolean", "array", "object",
-            "null", "STRING", "OBJECT", "json_object", "json_schema", "text", "image_url", "tool_use", "tool_result",
-            "input_audio", "#/$defs/A", "#/$defs/B", "#", "#/", "data:image/png;base64,AAAA", "data:;base64,",
-            "data:image/png,raw", "https://x.org/a.png", "http://x", "ftp://x", "{\"a\": 1}", "[1, 2]", "{", "null",
-            "STOP", "MAX_TOKENS", "SAFETY", "MALFORMED_FUNCTION_CALL", "max_tokens", "refusal", "json_answer",
-            "call.1", "é", "\u{0}",
+            "",
+            "auto",
+            "none",
+            "required",
+            "function",
+            "string",
+            "integer",
+            "number",
+            "boolean",
+            "array",
+            "object",
+            "null",
+            "STRING",
+            "OBJECT",
+            "json_object",
+            "json_schema",
+            "text",
+            "image_url",
+            "tool_use",
+            "tool_result",
+            "input_audio",
+            "#/$defs/A",
+            "#/$defs/B",
+            "#",
+            "#/",
+            "data:image/png;base64,AAAA",
+            "data:;base64,",
+            "data:image/png,raw",
+            "https://x.org/a.png",
+            "http://x",
+            "ftp://x",
+            "{\"a\": 1}",
+            "[1, 2]",
+            "{",
+            "null",
+            "STOP",
+            "MAX_TOKENS",
+            "SAFETY",
+            "MALFORMED_FUNCTION_CALL",
+            "max_tokens",
+            "refusal",
+            "json_answer",
+            "call.1",
+            "é",
+            "\u{0}",
         ])
         .prop_map(str::to_string),
         any::<String>(),
@@ -61,12 +135,8 @@ fn number() -> impl Strategy<Value = Value> {
 }
 
 fn any_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        number(),
-        text().prop_map(Value::String),
-    ];
+    let leaf =
+        prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::Bool), number(), text().prop_map(Value::String),];
     leaf.prop_recursive(5, 64, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
@@ -148,7 +218,8 @@ fn content() -> impl Strategy<Value = Value> {
 }
 
 fn tool_call() -> impl Strategy<Value = Value> {
-    let object = prop::collection::vec((key(), any_json()), 0..3).prop_map(|kv| Value::Object(kv.into_iter().collect()));
+    let object =
+        prop::collection::vec((key(), any_json()), 0..3).prop_map(|kv| Value::Object(kv.into_iter().collect()));
     let arguments = prop_oneof![
         4 => object.prop_map(|v| Value::String(v.to_string())),
         1 => text().prop_map(Value::String),
@@ -202,7 +273,8 @@ fn tool_choice() -> impl Strategy<Value = Value> {
 fn response_format() -> impl Strategy<Value = Value> {
     prop_oneof![
         select(vec!["text", "json_object", "json_schema", "xml"]).prop_map(|t| json!({"type": t})),
-        schema().prop_map(|s| json!({"type": "json_schema", "json_schema": {"name": "n", "strict": true, "schema": s}})),
+        schema()
+            .prop_map(|s| json!({"type": "json_schema", "json_schema": {"name": "n", "strict": true, "schema": s}})),
         any_json(),
     ]
 }
@@ -251,7 +323,8 @@ fn gemini_types_only(schema: &Value) -> bool {
 }
 
 fn anthropic_id(id: &Value) -> bool {
-    id.as_str().is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+    id.as_str()
+        .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
 }
 
 proptest! {
@@ -307,7 +380,8 @@ fn gemini_answer() -> impl Strategy<Value = Value> {
     let part = prop_oneof![
         text().prop_map(|t| json!({"text": t})),
         (text(), any_json()).prop_map(|(name, args)| json!({"functionCall": {"name": name, "args": args}})),
-        (any_json(), any_json(), any_json()).prop_map(|(id, name, args)| json!({"functionCall": {"id": id, "name": name, "args": args}})),
+        (any_json(), any_json(), any_json())
+            .prop_map(|(id, name, args)| json!({"functionCall": {"id": id, "name": name, "args": args}})),
         text().prop_map(|t| json!({"text": t, "thought": true})),
         any_json(),
     ];
@@ -320,8 +394,10 @@ fn gemini_answer() -> impl Strategy<Value = Value> {
 fn anthropic_answer() -> impl Strategy<Value = Value> {
     let block = prop_oneof![
         text().prop_map(|t| json!({"type": "text", "text": t})),
-        (text(), text(), any_json()).prop_map(|(id, name, input)| json!({"type": "tool_use", "id": id, "name": name, "input": input})),
-        (any_json(), any_json()).prop_map(|(id, input)| json!({"type": "tool_use", "id": id, "name": "json_answer", "input": input})),
+        (text(), text(), any_json())
+            .prop_map(|(id, name, input)| json!({"type": "tool_use", "id": id, "name": name, "input": input})),
+        (any_json(), any_json())
+            .prop_map(|(id, input)| json!({"type": "tool_use", "id": id, "name": "json_answer", "input": input})),
         (any_json(), any_json()).prop_map(|(id, name)| json!({"type": "tool_use", "id": id, "name": name})),
         any_json(),
     ];
@@ -357,4 +433,3 @@ proptest! {
         }
     }
 }
-

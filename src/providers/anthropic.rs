@@ -118,7 +118,9 @@ fn json_tool(format: ResponseFormat) -> Result<Option<Value>, String> {
             let schema = match schema.filter(|s| s.as_object().is_none_or(|o| !o.is_empty())) {
                 None => json!({"type": "object"}),
                 Some(schema) if schema.get("type").and_then(Value::as_str) == Some("object") => schema,
-                Some(_) => return Err("a `json_schema` whose top level is not an object (a tool's input is one)".into()),
+                Some(_) => {
+                    return Err("a `json_schema` whose top level is not an object (a tool's input is one)".into());
+                }
             };
             (schema, description.or(name))
         }
@@ -162,7 +164,9 @@ fn user_content(message: &Value) -> Result<Value, String> {
                 if !IMAGE_TYPES.contains(&media_type.as_str()) {
                     return Err(format!("`{media_type}` images"));
                 }
-                blocks.push(json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}));
+                blocks.push(
+                    json!({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}),
+                );
             }
             Part::Image(Image::Url(url)) => {
                 blocks.push(json!({"type": "image", "source": {"type": "url", "url": url}}));
@@ -218,7 +222,8 @@ impl<'a> Reading<'a> {
 
     /// How to read the answer to `body`.
     pub fn of(body: &ChatBody, model: &'a str) -> Self {
-        let json_tool = matches!(response_format(body), Ok(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }));
+        let json_tool =
+            matches!(response_format(body), Ok(ResponseFormat::JsonObject | ResponseFormat::JsonSchema { .. }));
         Self { model, json_tool }
     }
 }
@@ -239,11 +244,15 @@ pub fn interpret(
         return Err(Failure::new(FailureKind::Server, Some(status), "the provider answered 200 without a message"));
     };
     let blocks = json.get("content").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let of_type = |kind: &'static str| blocks.iter().filter(move |b| b.get("type").and_then(Value::as_str) == Some(kind));
+    let of_type =
+        |kind: &'static str| blocks.iter().filter(move |b| b.get("type").and_then(Value::as_str) == Some(kind));
     let mut text: String = of_type("text").filter_map(|b| b.get("text").and_then(Value::as_str)).collect();
     let uses: Vec<&Value> = of_type("tool_use").collect();
     let stop_reason = json.get("stop_reason").and_then(Value::as_str);
-    let json_answer = reading.json_tool.then(|| uses.iter().find(|b| b.get("name").and_then(Value::as_str) == Some(JSON_TOOL))).flatten();
+    let json_answer = reading
+        .json_tool
+        .then(|| uses.iter().find(|b| b.get("name").and_then(Value::as_str) == Some(JSON_TOOL)))
+        .flatten();
     let (calls, finish_reason) = if let Some(json_answer) = json_answer {
         // The forced tool's input is the answer; any preamble text is not part of the JSON.
         text = json_answer.get("input").map_or_else(|| "{}".to_string(), Value::to_string);
@@ -283,7 +292,8 @@ fn call_out(block: &Value) -> Option<CallOut> {
         None | Some(Value::Null) => "{}".to_string(),
         Some(input) => input.to_string(),
     };
-    let id = block.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()).map_or_else(new_call_id, str::to_string);
+    let id =
+        block.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()).map_or_else(new_call_id, str::to_string);
     Some(CallOut { id, name, arguments })
 }
 
@@ -349,7 +359,10 @@ mod tests {
                     "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}},
                    {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}])
         );
-        assert_eq!(request["tool_choice"], json!({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true}));
+        assert_eq!(
+            request["tool_choice"],
+            json!({"type": "tool", "name": "get_weather", "disable_parallel_tool_use": true})
+        );
         let turns = request["messages"].as_array().unwrap();
         assert_eq!(turns.len(), 4, "both results go back in one user turn: {turns:?}");
         assert_eq!(
@@ -384,7 +397,10 @@ mod tests {
         assert_eq!(with(json!({"tool_choice": "required"})), json!({"type": "any"}));
         assert_eq!(with(json!({"tool_choice": "none"})), json!({"type": "none"}));
         assert_eq!(with(json!({})), Value::Null, "the API's default (auto)");
-        assert_eq!(with(json!({"parallel_tool_calls": false})), json!({"type": "auto", "disable_parallel_tool_use": true}));
+        assert_eq!(
+            with(json!({"parallel_tool_calls": false})),
+            json!({"type": "auto", "disable_parallel_tool_use": true})
+        );
     }
 
     #[test]
@@ -400,9 +416,17 @@ mod tests {
         assert_eq!(request["tools"][0]["input_schema"], schema);
         assert!(request["tools"][0]["description"].as_str().unwrap().ends_with("It is: a person"));
         assert_eq!(request["tool_choice"], json!({"type": "tool", "name": JSON_TOOL}));
-        let object = request_body(&body(json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})), "m").unwrap();
+        let object = request_body(
+            &body(json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}})),
+            "m",
+        )
+        .unwrap();
         assert_eq!(object["tools"][0]["input_schema"], json!({"type": "object"}));
-        let text = request_body(&body(json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "text"}})), "m").unwrap();
+        let text = request_body(
+            &body(json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "text"}})),
+            "m",
+        )
+        .unwrap();
         assert_eq!(text.get("tools"), None);
 
         let refused = |job: Value| request_body(&body(job), "m").unwrap_err();
@@ -433,7 +457,10 @@ mod tests {
         );
         assert_eq!(crate::providers::shape::chat_completion_problems(&done.body), Vec::<String>::new());
         let nameless = json!({"type": "message", "content": [{"type": "tool_use", "id": "t", "input": {}}], "stop_reason": "tool_use"});
-        assert_eq!(interpret(200, &HeaderMap::new(), nameless.to_string().as_bytes(), TEXT, now()).unwrap_err().kind, FailureKind::Server);
+        assert_eq!(
+            interpret(200, &HeaderMap::new(), nameless.to_string().as_bytes(), TEXT, now()).unwrap_err().kind,
+            FailureKind::Server
+        );
     }
 
     #[test]

@@ -77,9 +77,9 @@ pub fn needs(body: &ChatBody) -> Capabilities {
             || matches!(m.get("role").and_then(Value::as_str), Some("tool" | "function"))
     };
     let image = |m: &Value| {
-        m.get("content").and_then(Value::as_array).is_some_and(|parts| {
-            parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
-        })
+        m.get("content")
+            .and_then(Value::as_array)
+            .is_some_and(|parts| parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url")))
     };
     Capabilities {
         tools: non_empty(body.get("tools")) || non_empty(body.get("functions")) || messages.iter().any(tool_turn),
@@ -129,7 +129,8 @@ mod tests {
     fn needs_are_read_from_every_place_a_job_can_ask_for_them() {
         let plain = body(json!({"messages": [user(json!("hi"))], "response_format": {"type": "json_object"}}));
         assert_eq!(needs(&plain), Capabilities::NONE, "json_object is carried by every kind without a capability");
-        let tools = body(json!({"messages": [user(json!("hi"))], "tools": [{"type": "function", "function": {"name": "f"}}]}));
+        let tools =
+            body(json!({"messages": [user(json!("hi"))], "tools": [{"type": "function", "function": {"name": "f"}}]}));
         assert_eq!(needs(&tools), Capabilities { tools: true, ..Capabilities::NONE });
         let empty_tools = body(json!({"messages": [user(json!("hi"))], "tools": []}));
         assert_eq!(needs(&empty_tools), Capabilities::NONE);
@@ -137,7 +138,9 @@ mod tests {
             {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "42"}]}));
         assert!(needs(&tool_turns).tools, "a tool conversation without `tools` still needs function calling");
-        let schema = body(json!({"messages": [user(json!("hi"))], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}));
+        let schema = body(
+            json!({"messages": [user(json!("hi"))], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}),
+        );
         assert_eq!(needs(&schema), Capabilities { json_schema: true, ..Capabilities::NONE });
         let image = body(json!({"messages": [user(json!([{"type": "text", "text": "what is this?"},
             {"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}]))]}));
@@ -146,7 +149,8 @@ mod tests {
 
     #[test]
     fn supports_narrows_the_kind_and_the_refusal_names_what_is_missing() {
-        let everything = body(json!({"messages": [user(json!([{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]))],
+        let everything =
+            body(json!({"messages": [user(json!([{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]))],
             "tools": [{"type": "function", "function": {"name": "f"}}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}));
         let all = Capabilities::configured(ProviderKind::Gemini, None);

@@ -24,8 +24,8 @@ use super::errors::{ErrorInfo, classify};
 use super::gemini_schema;
 use super::translate::{
     Answer, CallOut, Image, Part, ResponseFormat, ToolChoice, Usage, content_parts, functions, max_tokens,
-    media_type_of_url, messages, new_call_id, refuse_unsupported, response_format, role, stop_sequences,
-    text_of, tool_calls, tool_choice,
+    media_type_of_url, messages, new_call_id, refuse_unsupported, response_format, role, stop_sequences, text_of,
+    tool_calls, tool_choice,
 };
 use super::{Completion, Failure, FailureKind, retry_info};
 use crate::job::ChatBody;
@@ -191,8 +191,9 @@ fn generation_config(body: &ChatBody) -> Result<Map<String, Value>, String> {
             config.insert("responseMimeType".into(), json!("application/json"));
             // No schema, or `{}`: any JSON, which is JSON mode.
             if let Some(schema) = schema.filter(|s| s.as_object().is_none_or(|o| !o.is_empty())) {
-                let converted = gemini_schema::convert(&schema)
-                    .map_err(|what| format!("a `json_schema` with {what} (Gemini's responseSchema cannot express it)"))?;
+                let converted = gemini_schema::convert(&schema).map_err(|what| {
+                    format!("a `json_schema` with {what} (Gemini's responseSchema cannot express it)")
+                })?;
                 config.insert("responseSchema".into(), converted);
             }
         }
@@ -228,12 +229,10 @@ pub fn interpret(
     let parts = candidate.pointer("/content/parts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     let answered: Vec<&Value> = parts.iter().filter(|p| p.get("thought") != Some(&Value::Bool(true))).collect();
     let text: String = answered.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect();
-    let calls = answered
-        .iter()
-        .filter_map(|p| p.get("functionCall"))
-        .map(call_out)
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| Failure::new(FailureKind::Server, Some(status), "the provider answered a function call without a name"))?;
+    let calls =
+        answered.iter().filter_map(|p| p.get("functionCall")).map(call_out).collect::<Option<Vec<_>>>().ok_or_else(
+            || Failure::new(FailureKind::Server, Some(status), "the provider answered a function call without a name"),
+        )?;
     let reason = candidate.get("finishReason").and_then(Value::as_str).unwrap_or("STOP");
     let finish_reason = match reason {
         _ if !calls.is_empty() => "tool_calls",
@@ -242,7 +241,11 @@ pub fn interpret(
         "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => "content_filter",
         "MALFORMED_FUNCTION_CALL" | "UNEXPECTED_TOOL_CALL" => {
             // The model failed at this request's tools: the next provider may not.
-            return Err(Failure::new(FailureKind::Client, Some(status), format!("the model's tool call failed ({reason})")));
+            return Err(Failure::new(
+                FailureKind::Client,
+                Some(status),
+                format!("the model's tool call failed ({reason})"),
+            ));
         }
         _ => "stop",
     };
@@ -279,7 +282,8 @@ fn call_out(call: &Value) -> Option<CallOut> {
         None | Some(Value::Null) => "{}".to_string(),
         Some(args) => args.to_string(),
     };
-    let id = call.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()).map_or_else(new_call_id, str::to_string);
+    let id =
+        call.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()).map_or_else(new_call_id, str::to_string);
     Some(CallOut { id, name, arguments })
 }
 
@@ -320,14 +324,20 @@ mod tests {
             json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
         );
         assert!(request_body(&image).unwrap_err().contains("neither `https://` nor `data:`"));
-        let audio = body(json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}));
+        let audio =
+            body(json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}));
         assert_eq!(request_body(&audio).unwrap_err(), "`input_audio` content parts");
-        let orphan = body(json!({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]}));
+        let orphan = body(
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]}),
+        );
         assert_eq!(request_body(&orphan).unwrap_err(), "a tool result whose call is not in the conversation");
         let map = body(json!({"messages": [{"role": "user", "content": "x"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "m", "schema": {"type": "object", "additionalProperties": {"type": "integer"}}}}}));
         let refused = request_body(&map).unwrap_err();
-        assert!(refused.starts_with("a `json_schema` with `additionalProperties` with a schema (a map) at `/`"), "{refused}");
+        assert!(
+            refused.starts_with("a `json_schema` with `additionalProperties` with a schema (a map) at `/`"),
+            "{refused}"
+        );
         let tool = body(json!({"messages": [{"role": "user", "content": "x"}],
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"v": {"not": {"type": "string"}}}}}}]}));
         assert_eq!(request_body(&tool).unwrap_err(), "tool `f` parameters with `not` at `/properties/v`");
@@ -437,7 +447,10 @@ mod tests {
         assert_eq!(calls.len(), 2);
         assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
         assert_eq!(calls[0]["type"], "function");
-        assert_eq!(calls[0]["function"], json!({"name": "get_current_weather", "arguments": "{\"location\":\"Boston, MA\"}"}));
+        assert_eq!(
+            calls[0]["function"],
+            json!({"name": "get_current_weather", "arguments": "{\"location\":\"Boston, MA\"}"})
+        );
         assert_eq!(calls[1]["id"], "fc_2");
         assert_eq!(calls[1]["function"]["arguments"], "{}");
         assert_eq!(crate::providers::shape::chat_completion_problems(&done.body), Vec::<String>::new());
@@ -446,7 +459,8 @@ mod tests {
         let done = interpret(200, &HeaderMap::new(), only_call.to_string().as_bytes(), "m", now()).unwrap();
         assert_eq!(done.body["choices"][0]["message"]["content"], Value::Null);
 
-        let nameless = json!({"candidates": [{"content": {"parts": [{"functionCall": {"args": {}}}]}, "finishReason": "STOP"}]});
+        let nameless =
+            json!({"candidates": [{"content": {"parts": [{"functionCall": {"args": {}}}]}, "finishReason": "STOP"}]});
         let failure = interpret(200, &HeaderMap::new(), nameless.to_string().as_bytes(), "m", now()).unwrap_err();
         assert_eq!(failure.kind, FailureKind::Server);
         let malformed = json!({"candidates": [{"content": {"parts": []}, "finishReason": "MALFORMED_FUNCTION_CALL"}]});

@@ -128,7 +128,13 @@ impl Converter<'_> {
         Ok(Value::Object(out))
     }
 
-    fn object(&mut self, fields: &Map<String, Value>, out: &mut Map<String, Value>, path: &str, depth: usize) -> Result<(), String> {
+    fn object(
+        &mut self,
+        fields: &Map<String, Value>,
+        out: &mut Map<String, Value>,
+        path: &str,
+        depth: usize,
+    ) -> Result<(), String> {
         let at = |what: &str| format!("{what} at `{}`", if path.is_empty() { "/" } else { path });
         refuse_enum(fields).map_err(|what| at(&what))?;
         for key in ["additionalProperties", "unevaluatedProperties"] {
@@ -168,7 +174,13 @@ impl Converter<'_> {
         Ok(())
     }
 
-    fn any_of(&mut self, any_of: &Value, fields: &Map<String, Value>, path: &str, depth: usize) -> Result<Value, String> {
+    fn any_of(
+        &mut self,
+        any_of: &Value,
+        fields: &Map<String, Value>,
+        path: &str,
+        depth: usize,
+    ) -> Result<Value, String> {
         let at = |what: &str| format!("{what} at `{}`", if path.is_empty() { "/" } else { path });
         let branches = any_of.as_array().filter(|b| !b.is_empty()).ok_or_else(|| at("`anyOf` that is not a list"))?;
         let is_null = |b: &Value| b.get("type").and_then(Value::as_str) == Some("null");
@@ -183,16 +195,20 @@ impl Converter<'_> {
             1 => converted.pop().unwrap_or_default(),
             _ => json!({"anyOf": converted}),
         };
-        if let Value::Object(out_fields) = &mut out {
-            if nullable {
-                out_fields.insert("nullable".into(), json!(true));
-            }
+        if let (true, Value::Object(out_fields)) = (nullable, &mut out) {
+            out_fields.insert("nullable".into(), json!(true));
         }
         overlay_annotations(&mut out, fields);
         Ok(out)
     }
 
-    fn reference(&mut self, reference: &Value, fields: &Map<String, Value>, path: &str, depth: usize) -> Result<Value, String> {
+    fn reference(
+        &mut self,
+        reference: &Value,
+        fields: &Map<String, Value>,
+        path: &str,
+        depth: usize,
+    ) -> Result<Value, String> {
         let at = |what: &str| format!("{what} at `{}`", if path.is_empty() { "/" } else { path });
         let reference = reference.as_str().ok_or_else(|| at("a `$ref` that is not a string"))?;
         let pointer = reference.strip_prefix('#').ok_or_else(|| at(&format!("a non-local `$ref` `{reference}`")))?;
@@ -366,7 +382,8 @@ mod tests {
     #[test]
     fn what_changes_validity_and_cannot_be_written_is_refused_with_its_place() {
         let refused = |schema: Value| convert(&schema).unwrap_err();
-        let one_of = json!({"type": "object", "properties": {"pet": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}});
+        let one_of =
+            json!({"type": "object", "properties": {"pet": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}});
         assert_eq!(refused(one_of), "`oneOf` at `/properties/pet`");
         let recursive = json!({"$defs": {"Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}},
             "$ref": "#/$defs/Node"});

@@ -101,7 +101,13 @@ impl HttpProvider {
     }
 
     /// Reads the answer to `body` (Anthropic's depends on it: JSON may come as a tool's input).
-    fn interpret(&self, body: &ChatBody, status: u16, headers: &HeaderMap, bytes: &[u8]) -> Result<Completion, Failure> {
+    fn interpret(
+        &self,
+        body: &ChatBody,
+        status: u16,
+        headers: &HeaderMap,
+        bytes: &[u8],
+    ) -> Result<Completion, Failure> {
         let now = SystemTime::now();
         match self.kind {
             ProviderKind::Openai => openai::interpret(status, headers, bytes, now),
@@ -224,7 +230,10 @@ mod tests {
         assert_eq!(configured("openai", "").can_carry(&one_of), Ok(()), "OpenAI takes the schema as it is");
         assert_eq!(configured("anthropic", "").can_carry(&one_of), Ok(()), "a tool's input_schema is JSON Schema");
         let refused = configured("gemini", "").can_carry(&one_of).unwrap_err();
-        assert!(refused.starts_with("the gemini kind cannot carry a `json_schema` with `oneOf` at `/properties/v`"), "{refused}");
+        assert!(
+            refused.starts_with("the gemini kind cannot carry a `json_schema` with `oneOf` at `/properties/v`"),
+            "{refused}"
+        );
     }
 
     #[tokio::test]

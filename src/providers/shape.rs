@@ -141,10 +141,16 @@ mod tests {
             json!({"candidates": [{"content": {"parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}], "role": "model"}, "finishReason": "STOP"}]}),
         ];
         let anthropic_answers = [
-            (json!({"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
-                "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 7}}), false),
-            (json!({"id": "msg_2", "type": "message", "role": "assistant", "model": "claude", "content": [{"type": "tool_use", "id": "toolu_2", "name": anthropic::JSON_TOOL, "input": {"a": 1}}],
-                "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 7}}), true),
+            (
+                json!({"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+                "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 7}}),
+                false,
+            ),
+            (
+                json!({"id": "msg_2", "type": "message", "role": "assistant", "model": "claude", "content": [{"type": "tool_use", "id": "toolu_2", "name": anthropic::JSON_TOOL, "input": {"a": 1}}],
+                "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 7}}),
+                true,
+            ),
         ];
         let mut bodies: Vec<Value> = gemini_answers
             .iter()
@@ -152,7 +158,9 @@ mod tests {
             .collect();
         for (answer, json_tool) in anthropic_answers {
             let reading = anthropic::Reading { model: "m", json_tool };
-            bodies.push(anthropic::interpret(200, &HeaderMap::new(), answer.to_string().as_bytes(), reading, now).unwrap().body);
+            bodies.push(
+                anthropic::interpret(200, &HeaderMap::new(), answer.to_string().as_bytes(), reading, now).unwrap().body,
+            );
         }
         bodies
     }

@@ -252,7 +252,11 @@ pub enum ResponseFormat {
     Text,
     JsonObject,
     /// `json_schema`: the schema (`None` when the job gave none), its name and description.
-    JsonSchema { schema: Option<Value>, name: Option<String>, description: Option<String> },
+    JsonSchema {
+        schema: Option<Value>,
+        name: Option<String>,
+        description: Option<String>,
+    },
 }
 
 /// The job's `response_format` (`Text` when it set none).
@@ -349,7 +353,9 @@ impl Answer<'_> {
             let calls = self
                 .tool_calls
                 .into_iter()
-                .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .map(
+                    |c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}),
+                )
                 .collect();
             fields.insert("tool_calls".into(), Value::Array(calls));
         }
@@ -407,7 +413,11 @@ mod tests {
         assert_eq!(tool_choice(&named).unwrap(), Some(ToolChoice::Function("f".into())));
         assert_eq!(tool_choice(&body(json!({"tool_choice": "required"}))).unwrap(), Some(ToolChoice::Required));
         assert!(tool_choice(&body(json!({"tool_choice": "sometimes"}))).is_err());
-        assert!(functions(&body(json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]}))).unwrap_err().contains("custom"));
+        assert!(
+            functions(&body(json!({"tools": [{"type": "custom", "custom": {"name": "x"}}]})))
+                .unwrap_err()
+                .contains("custom")
+        );
     }
 
     #[test]

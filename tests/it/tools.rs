@@ -88,8 +88,12 @@ async fn a_provider_that_cannot_carry_tools_is_skipped_without_a_request_or_its_
     env.publish(&tools_job("tools-1", "default"), BasicProperties::default()).await;
     let (result, _) = env.next_result(&env.results).await;
     answer(&result);
-    let attempts: Vec<_> =
-        result.routing.attempts.iter().map(|a| (a.provider.as_str(), a.outcome, a.status, a.message.as_deref())).collect();
+    let attempts: Vec<_> = result
+        .routing
+        .attempts
+        .iter()
+        .map(|a| (a.provider.as_str(), a.outcome, a.status, a.message.as_deref()))
+        .collect();
     assert_eq!(
         attempts,
         vec![
@@ -126,7 +130,12 @@ async fn json_schemas_and_images_reach_each_dialect() {
     let config = env.config(&format!(
         "{}{}{}{}",
         provider("gemini", &gemini.base_url(), true, "kind = \"gemini\""),
-        provider("claude", &claude.base_url(), true, "kind = \"anthropic\"\nsupports = [\"tools\", \"json_schema\", \"images\"]"),
+        provider(
+            "claude",
+            &claude.base_url(),
+            true,
+            "kind = \"anthropic\"\nsupports = [\"tools\", \"json_schema\", \"images\"]"
+        ),
         chain("default", &["gemini"], ""),
         chain("claude", &["claude"], "")
     ));
@@ -152,7 +161,10 @@ async fn json_schemas_and_images_reach_each_dialect() {
     let sent = &gemini.stats().bodies[0];
     assert_eq!(sent["generationConfig"]["responseMimeType"], "application/json");
     assert_eq!(sent["generationConfig"]["responseSchema"]["properties"]["legs"]["type"], "INTEGER");
-    assert_eq!(sent["contents"][0]["parts"][1], json!({"inline_data": {"mime_type": "image/png", "data": "iVBORw0KGgo="}}));
+    assert_eq!(
+        sent["contents"][0]["parts"][1],
+        json!({"inline_data": {"mime_type": "image/png", "data": "iVBORw0KGgo="}})
+    );
     let sent = &claude.stats().bodies[0];
     assert_eq!(sent["tool_choice"], json!({"type": "tool", "name": "json_answer"}));
     assert_eq!(sent["tools"][0]["input_schema"], schema);
