@@ -155,7 +155,7 @@ async fn refusals_that_are_about_the_request_move_on_without_cooldown() {
     assert!(result.routing.attempts[1].message.as_deref().unwrap().contains("prompt is too long"));
     assert!(reasons(&env).await.is_empty(), "no cooldown");
 
-    // A request a kind cannot carry is not sent at all, and takes no quota slot.
+    // A request a kind cannot carry is not sent at all.
     let with_logprobs = serde_json::json!({"custom_id": "logprobs-1", "body": {"messages": [{"role": "user", "content": "x"}],
         "logprobs": true}});
     env.publish(&with_logprobs.to_string(), BasicProperties::default()).await;
