@@ -12,6 +12,7 @@
 //!
 //! Answers: text blocks are the content, `tool_use` blocks the `tool_calls`.
 
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use reqwest::header::HeaderMap;
@@ -49,13 +50,17 @@ pub fn request_body(body: &ChatBody, model: &str) -> Result<Value, String> {
     let mut system = Vec::new();
     let mut turns: Vec<Value> = Vec::new();
     let mut after_tool_result = false;
+    // The tools the conversation called, which the API wants declared.
+    let mut called = BTreeSet::new();
     for message in messages(body) {
         let role = role(message);
         let is_tool_result = role == "tool";
         match role {
             "system" | "developer" => system.push(text_of(message)?),
             "user" => turns.push(json!({"role": "user", "content": user_content(message)?})),
-            "assistant" => turns.push(json!({"role": "assistant", "content": assistant_content(message)?})),
+            "assistant" => {
+                turns.push(json!({"role": "assistant", "content": assistant_content(message, &mut called)?}));
+            }
             "tool" => {
                 let block = tool_result(message)?;
                 // Every result of one turn's calls goes back in one user turn.
@@ -84,27 +89,41 @@ pub fn request_body(body: &ChatBody, model: &str) -> Result<Value, String> {
     if let Some(stop) = stop_sequences(body) {
         request.insert("stop_sequences".into(), stop);
     }
-    if let Some(tool) = json_tool {
-        request.insert("tools".into(), json!([tool]));
-        request.insert("tool_choice".into(), json!({"type": "tool", "name": JSON_TOOL}));
-    } else if !declared.is_empty() {
-        let tools: Vec<Value> = declared
-            .into_iter()
-            .map(|f| {
-                let mut tool = Map::new();
-                tool.insert("name".into(), json!(f.name));
-                if let Some(description) = f.description {
-                    tool.insert("description".into(), json!(description));
-                }
-                let schema = f.parameters.unwrap_or_else(|| json!({"type": "object", "properties": {}}));
-                tool.insert("input_schema".into(), schema);
-                Value::Object(tool)
-            })
-            .collect();
-        request.insert("tools".into(), Value::Array(tools));
-        if let Some(choice) = anthropic_tool_choice(body)? {
-            request.insert("tool_choice".into(), choice);
+    let declared_names: BTreeSet<String> = declared.iter().map(|f| f.name.clone()).collect();
+    let mut tools: Vec<Value> = declared
+        .into_iter()
+        .map(|f| {
+            let mut tool = Map::new();
+            tool.insert("name".into(), json!(f.name));
+            if let Some(description) = f.description {
+                tool.insert("description".into(), json!(description));
+            }
+            let schema = f.parameters.unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+            tool.insert("input_schema".into(), schema);
+            Value::Object(tool)
+        })
+        .collect();
+    let choice = match json_tool {
+        Some(tool) => {
+            tools.insert(0, tool);
+            Some(json!({"type": "tool", "name": JSON_TOOL}))
         }
+        None if !tools.is_empty() => anthropic_tool_choice(body)?,
+        // Only tools the conversation used earlier (declared below): none may be called now.
+        None if !called.is_empty() => Some(json!({"type": "none"})),
+        None => None,
+    };
+    // The API refuses `tool_use` / `tool_result` blocks whose tools are not declared, which
+    // OpenAI allows: a tool called earlier but no longer offered is declared back, as such.
+    for name in called.into_iter().filter(|n| !declared_names.contains(n) && n != JSON_TOOL) {
+        tools.push(json!({"name": name, "description": "Used earlier in this conversation; not offered now.",
+            "input_schema": {"type": "object"}}));
+    }
+    if !tools.is_empty() {
+        request.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(choice) = choice {
+        request.insert("tool_choice".into(), choice);
     }
     Ok(Value::Object(request))
 }
@@ -176,8 +195,9 @@ fn user_content(message: &Value) -> Result<Value, String> {
     Ok(if blocks.is_empty() { json!("") } else { Value::Array(blocks) })
 }
 
-/// An assistant message: its text, and its tool calls as `tool_use` blocks.
-fn assistant_content(message: &Value) -> Result<Value, String> {
+/// An assistant message: its text, and its tool calls as `tool_use` blocks (their names added
+/// to `called`).
+fn assistant_content(message: &Value, called: &mut BTreeSet<String>) -> Result<Value, String> {
     let text = text_of(message)?;
     let calls = tool_calls(message)?;
     if calls.is_empty() {
@@ -188,6 +208,7 @@ fn assistant_content(message: &Value) -> Result<Value, String> {
         blocks.push(json!({"type": "text", "text": text}));
     }
     for call in calls {
+        called.insert(call.name.clone());
         blocks.push(json!({"type": "tool_use", "id": block_id(&call.id), "name": call.name, "input": call.arguments}));
     }
     Ok(Value::Array(blocks))
@@ -384,6 +405,24 @@ mod tests {
                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
                    {"type": "image", "source": {"type": "url", "url": "https://upload.wikimedia.org/a.jpg"}}])
         );
+    }
+
+    #[test]
+    fn tools_called_earlier_but_not_offered_now_are_declared_and_not_callable() {
+        let request = request_body(
+            &body(json!({"messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "user", "content": "Summarise in one word."}]})),
+            "m",
+        )
+        .unwrap();
+        assert_eq!(request["tools"][0]["name"], "get_weather");
+        assert_eq!(request["tools"][0]["input_schema"], json!({"type": "object"}));
+        assert_eq!(request["tool_choice"], json!({"type": "none"}));
+        let plain = request_body(&body(json!({"messages": [{"role": "user", "content": "x"}]})), "m").unwrap();
+        assert_eq!((plain.get("tools"), plain.get("tool_choice")), (None, None));
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub fn request_body(body: &ChatBody) -> Result<Value, String> {
         request.insert("systemInstruction".into(), json!({"parts": system}));
     }
     let declarations = function_declarations(body)?;
+    let json_output = !matches!(response_format(body)?, ResponseFormat::Text);
+    if !declarations.is_empty() && json_output {
+        // Gemini (2.x) answers a JSON response type together with function declarations with
+        // a 400: no call should be spent finding that out.
+        return Err("`response_format` together with `tools`".into());
+    }
     if !declarations.is_empty() {
         request.insert("tools".into(), json!([{"functionDeclarations": declarations}]));
         if let Some(config) = function_calling_config(body)? {
@@ -341,6 +347,10 @@ mod tests {
         let tool = body(json!({"messages": [{"role": "user", "content": "x"}],
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"v": {"not": {"type": "string"}}}}}}]}));
         assert_eq!(request_body(&tool).unwrap_err(), "tool `f` parameters with `not` at `/properties/v`");
+        let both =
+            body(json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"},
+            "tools": [{"type": "function", "function": {"name": "f"}}]}));
+        assert_eq!(request_body(&both).unwrap_err(), "`response_format` together with `tools`");
     }
 
     /// The request of Gemini's function-calling guide, from its OpenAI equivalent: a declared
