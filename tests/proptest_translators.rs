@@ -351,11 +351,17 @@ proptest! {
             }
         }
         if let Ok(request) = anthropic::request_body(&body, "m") {
+            let declared: Vec<Value> =
+                request["tools"].as_array().into_iter().flatten().map(|t| t["name"].clone()).collect();
             for turn in request["messages"].as_array().cloned().unwrap_or_default() {
                 prop_assert!(matches!(turn["role"].as_str(), Some("user" | "assistant")), "{turn}");
                 for block in turn["content"].as_array().cloned().unwrap_or_default() {
                     match block["type"].as_str() {
-                        Some("tool_use") => prop_assert!(anthropic_id(&block["id"]) && block["input"].is_object(), "{block}"),
+                        Some("tool_use") => {
+                            prop_assert!(anthropic_id(&block["id"]) && block["input"].is_object(), "{block}");
+                            // The API refuses a tool_use block whose tool is not declared.
+                            prop_assert!(declared.contains(&block["name"]), "{block} not in {declared:?}");
+                        }
                         Some("tool_result") => prop_assert!(anthropic_id(&block["tool_use_id"]), "{block}"),
                         _ => {}
                     }
