@@ -177,6 +177,36 @@ pub struct ProviderConfig {
     pub limits: Vec<LimitConfig>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// What the model behind this provider can carry, narrowing what its kind can: a model
+    /// without vision or function calling is skipped for such jobs before any request (and any
+    /// quota) is spent on it. `None`: everything the kind carries.
+    #[serde(default)]
+    pub supports: Option<Vec<Capability>>,
+}
+
+/// Something a job may need beyond plain text, which a provider's `supports` may leave out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    /// `tools` / `tool_choice`, tool calls and tool results in the conversation.
+    Tools,
+    /// `response_format: {"type": "json_schema", ...}`.
+    JsonSchema,
+    /// `image_url` content parts.
+    Images,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 3] = [Capability::Tools, Capability::JsonSchema, Capability::Images];
+
+    /// The name the config and the skip messages use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Tools => "tools",
+            Capability::JsonSchema => "json_schema",
+            Capability::Images => "images",
+        }
+    }
 }
 
 fn default_kind() -> ProviderKind {
@@ -610,6 +640,19 @@ providers = ["groq"]
     fn results_queue_inside_jobs_namespace_is_refused() {
         let text = format!("[amqp]\njobs_queue = \"q\"\nresults_queue = \"q.results\"\n{MINIMAL}");
         assert_eq!(parse(&text).unwrap_err().key, "amqp.results_queue");
+    }
+
+    #[test]
+    fn supports_narrows_what_a_provider_carries_and_names_a_bad_entry() {
+        let config = parse(&MINIMAL.replace("free = true", "free = true\nsupports = [\"tools\", \"images\"]")).unwrap();
+        assert_eq!(config.provider("groq").unwrap().supports, Some(vec![Capability::Tools, Capability::Images]));
+        assert_eq!(parse(MINIMAL).unwrap().provider("groq").unwrap().supports, None, "absent: the kind decides");
+        let none = parse(&MINIMAL.replace("free = true", "free = true\nsupports = []")).unwrap();
+        assert_eq!(none.provider("groq").unwrap().supports, Some(vec![]));
+        let err =
+            parse(&MINIMAL.replace("free = true", "free = true\nsupports = [\"tools\", \"vision\"]")).unwrap_err();
+        assert_eq!(err.key, "providers[0].supports[1]");
+        assert!(err.problem.contains("vision") && err.problem.contains("json_schema"), "{err}");
     }
 
     #[test]

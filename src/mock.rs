@@ -155,13 +155,19 @@ impl Answers {
 struct Reply {
     /// The text; `None` for a tool call.
     text: Option<String>,
+    /// The tool call's name and arguments, when `text` is `None` (default: [`TOOL`]).
+    call: Option<(String, Value)>,
     /// Stopped by the output cap rather than finished.
     cut_off: bool,
 }
 
 impl Reply {
     fn text(text: impl Into<String>) -> Reply {
-        Reply { text: Some(text.into()), cut_off: false }
+        Reply { text: Some(text.into()), call: None, cut_off: false }
+    }
+
+    fn call(name: String, arguments: Value) -> Reply {
+        Reply { text: None, call: Some((name, arguments)), cut_off: false }
     }
 }
 
@@ -313,7 +319,7 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
         let mut stats = shared.stats.lock().unwrap();
         stats.requests += 1;
         if stats.bodies.len() < MAX_KEPT_BODIES {
-            stats.bodies.push(json);
+            stats.bodies.push(json.clone());
         }
         match &scenario {
             Scenario::Success
@@ -333,16 +339,16 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
     match scenario {
         Scenario::Success => {
             tokio::time::sleep(shared.options.latency).await;
-            success(profile, &model)
+            success(profile, &model, &json)
         }
         Scenario::Slow(delay) => {
             tokio::select! {
-                () = tokio::time::sleep(delay) => success(profile, &model),
+                () = tokio::time::sleep(delay) => success(profile, &model, &json),
                 () = shared.stop.cancelled() => plain(503, "mock stopped"),
             }
         }
         Scenario::SpentBudget(reset) => {
-            let mut response = success(profile, &model);
+            let mut response = success(profile, &model, &json);
             let headers = response.headers_mut();
             headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("0"));
             headers.insert(
@@ -392,7 +398,7 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
         Scenario::CutOff => answer(
             profile,
             &model,
-            Reply { text: Some("There are three reasons. First, the free tier's".into()), cut_off: true },
+            Reply { text: Some("There are three reasons. First, the free tier's".into()), call: None, cut_off: true },
         ),
         Scenario::ProseAroundJson => answer(
             profile,
@@ -404,7 +410,7 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
         Scenario::OffSchemaJson => {
             answer(profile, &model, Reply::text(json!({"reply": format!("mock answer from {model}")}).to_string()))
         }
-        Scenario::ToolCall => answer(profile, &model, Reply { text: None, cut_off: false }),
+        Scenario::ToolCall => answer(profile, &model, Reply { text: None, call: None, cut_off: false }),
         Scenario::Says(text) => answer(profile, &model, Reply::text(text)),
     }
 }
@@ -487,8 +493,148 @@ fn request_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-fn success(profile: Profile, model: &str) -> Response {
-    answer(profile, model, Reply::text(format!("mock answer from {model}")))
+/// What a request asks of the model beyond text, read in the profile's own dialect.
+#[derive(Debug, Clone, PartialEq)]
+enum Asked {
+    Text,
+    /// Call this function; its arguments follow this (JSON or Gemini) schema.
+    Call {
+        name: String,
+        schema: Value,
+    },
+    /// Answer JSON, following this schema when there is one.
+    Json(Option<Value>),
+}
+
+/// Reads a request the way the real provider would decide between text, a tool call and JSON:
+/// declared tools not switched off and no tool result to answer yet mean a call (the forced or
+/// allowed one when named, else the first); a JSON response format means JSON.
+fn asked(profile: Profile, request: &Value) -> Asked {
+    let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+    let (tools, forced, off, answering) = match profile {
+        Profile::GeminiNative => {
+            let declarations: Vec<Value> = request
+                .get("tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.get("functionDeclarations").and_then(Value::as_array))
+                .flatten()
+                .map(|d| json!({"name": d.get("name"), "schema": d.get("parameters")}))
+                .collect();
+            let config = request.pointer("/toolConfig/functionCallingConfig");
+            let forced =
+                config.and_then(|c| c.pointer("/allowedFunctionNames/0")).and_then(Value::as_str).map(str::to_string);
+            let off = config.and_then(|c| c.get("mode")).and_then(Value::as_str) == Some("NONE");
+            let last = request.get("contents").and_then(Value::as_array).and_then(|c| c.last());
+            let answering = last.and_then(|c| c.get("parts")).and_then(Value::as_array).is_some_and(|parts| {
+                parts.iter().any(|p| p.get("functionResponse").is_some() || p.get("function_response").is_some())
+            });
+            (declarations, forced, off, answering)
+        }
+        Profile::Anthropic => {
+            let tools: Vec<Value> = request
+                .get("tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|t| json!({"name": t.get("name"), "schema": t.get("input_schema")}))
+                .collect();
+            let choice = request.get("tool_choice");
+            let forced =
+                choice.filter(|c| c.get("type").and_then(Value::as_str) == Some("tool")).and_then(|c| text(c, "name"));
+            let off = choice.and_then(|c| c.get("type")).and_then(Value::as_str) == Some("none");
+            let last = request.get("messages").and_then(Value::as_array).and_then(|m| m.last());
+            let answering = last.and_then(|m| m.get("content")).and_then(Value::as_array).is_some_and(|blocks| {
+                blocks.iter().any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+            });
+            (tools, forced, off, answering)
+        }
+        _ => {
+            let tools: Vec<Value> = request
+                .get("tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.get("function"))
+                .map(|f| json!({"name": f.get("name"), "schema": f.get("parameters")}))
+                .collect();
+            let choice = request.get("tool_choice");
+            let forced = choice.and_then(|c| c.pointer("/function/name")).and_then(Value::as_str).map(str::to_string);
+            let off = choice.and_then(Value::as_str) == Some("none");
+            let last = request.get("messages").and_then(Value::as_array).and_then(|m| m.last());
+            let answering = last.and_then(|m| m.get("role")).and_then(Value::as_str) == Some("tool");
+            (tools, forced, off, answering)
+        }
+    };
+    if !tools.is_empty() && !off && !answering {
+        let chosen = forced
+            .as_deref()
+            .and_then(|name| tools.iter().find(|t| t.get("name").and_then(Value::as_str) == Some(name)))
+            .or(tools.first());
+        if let Some(tool) = chosen {
+            let name = tool.get("name").and_then(Value::as_str).unwrap_or("tool").to_string();
+            return Asked::Call { name, schema: tool.get("schema").cloned().unwrap_or(Value::Null) };
+        }
+    }
+    let json_mode = match profile {
+        Profile::GeminiNative => {
+            let config = request.get("generationConfig");
+            (config.and_then(|c| c.get("responseMimeType")).and_then(Value::as_str) == Some("application/json"))
+                .then(|| config.and_then(|c| c.get("responseSchema")).cloned())
+        }
+        Profile::Anthropic => None,
+        _ => match request.pointer("/response_format/type").and_then(Value::as_str) {
+            Some("json_object") => Some(None),
+            Some("json_schema") => Some(request.pointer("/response_format/json_schema/schema").cloned()),
+            _ => None,
+        },
+    };
+    json_mode.map_or(Asked::Text, Asked::Json)
+}
+
+/// A small document that follows `schema` (JSON Schema or Gemini's upper-case types): every
+/// listed property, the first enum value, the smallest allowed array.
+fn sample(schema: &Value, depth: usize) -> Value {
+    if depth > 8 {
+        return Value::Null;
+    }
+    if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
+        return first.clone();
+    }
+    if let Some(first) = schema.get("anyOf").and_then(|a| a.get(0)) {
+        return sample(first, depth + 1);
+    }
+    let kind = schema.get("type").and_then(Value::as_str).map(str::to_ascii_lowercase);
+    let kind = kind.as_deref().or_else(|| schema.get("properties").map(|_| "object"));
+    match kind {
+        Some("string") => json!("mock"),
+        Some("integer") => schema.get("minimum").filter(|m| m.is_i64() || m.is_u64()).cloned().unwrap_or(json!(1)),
+        Some("number") => schema.get("minimum").cloned().unwrap_or(json!(1.5)),
+        Some("boolean") => json!(true),
+        Some("null") => Value::Null,
+        Some("array") => {
+            let wanted = schema.get("minItems").and_then(Value::as_u64).unwrap_or(0).min(3);
+            let item = sample(schema.get("items").unwrap_or(&Value::Null), depth + 1);
+            Value::Array((0..wanted).map(|_| item.clone()).collect())
+        }
+        _ => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let fields = properties.into_iter().flatten().map(|(k, v)| (k.clone(), sample(v, depth + 1))).collect();
+            Value::Object(fields)
+        }
+    }
+}
+
+/// A success in the profile's own shape: text, a tool call, or JSON, as the request asked.
+fn success(profile: Profile, model: &str, request: &Value) -> Response {
+    let reply = match asked(profile, request) {
+        Asked::Json(Some(schema)) => Reply::text(sample(&schema, 0).to_string()),
+        Asked::Json(None) => Reply::text(json!({"answer": format!("mock answer from {model}")}).to_string()),
+        Asked::Text => Reply::text(format!("mock answer from {model}")),
+        Asked::Call { name, schema } => Reply::call(name, sample(&schema, 0)),
+    };
+    answer(profile, model, reply)
 }
 
 /// The tool call every [`Scenario::ToolCall`] makes.
@@ -497,12 +643,12 @@ const TOOL: &str = "get_weather";
 /// A 200 carrying `reply` in the profile's answer shape, with its success headers.
 fn answer(profile: Profile, model: &str, reply: Reply) -> Response {
     let id = request_id();
-    let tool_args = json!({"city": "Paris"});
+    let (tool, tool_args) = reply.call.clone().unwrap_or_else(|| (TOOL.to_string(), json!({"city": "Paris"})));
     match profile {
         Profile::GeminiNative => {
             let (part, finish) = match &reply.text {
                 Some(text) => (json!({"text": text}), if reply.cut_off { "MAX_TOKENS" } else { "STOP" }),
-                None => (json!({"functionCall": {"name": TOOL, "args": tool_args}}), "STOP"),
+                None => (json!({"functionCall": {"name": tool, "args": tool_args}}), "STOP"),
             };
             let body = json!({"candidates": [{"content": {"parts": [part], "role": "model"}, "finishReason": finish, "index": 0}],
                 "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 8, "totalTokenCount": 20}, "modelVersion": model, "responseId": id});
@@ -514,7 +660,7 @@ fn answer(profile: Profile, model: &str, reply: Reply) -> Response {
                     (json!({"type": "text", "text": text}), if reply.cut_off { "max_tokens" } else { "end_turn" })
                 }
                 None => (
-                    json!({"type": "tool_use", "id": format!("toolu_{id}"), "name": TOOL, "input": tool_args}),
+                    json!({"type": "tool_use", "id": format!("toolu_{id}"), "name": tool, "input": tool_args}),
                     "tool_use",
                 ),
             };
@@ -536,7 +682,7 @@ fn answer(profile: Profile, model: &str, reply: Reply) -> Response {
         Some(text) => (json!({"role": "assistant", "content": text}), if reply.cut_off { "length" } else { "stop" }),
         None => (
             json!({"role": "assistant", "content": null, "tool_calls": [{"id": format!("call_{id}"), "type": "function",
-                "function": {"name": TOOL, "arguments": tool_args.to_string()}}]}),
+                "function": {"name": tool, "arguments": tool_args.to_string()}}]}),
             "tool_calls",
         ),
     };
@@ -1073,7 +1219,7 @@ mod tests {
         let now = SystemTime::now();
         let result = match profile {
             Profile::GeminiNative => gemini::interpret(status, &headers, &body, "m", now),
-            Profile::Anthropic => anthropic::interpret(status, &headers, &body, now),
+            Profile::Anthropic => anthropic::interpret(status, &headers, &body, anthropic::Reading::text("m"), now),
             _ => openai::interpret(status, &headers, &body, now),
         };
         result.unwrap_err()
@@ -1087,7 +1233,7 @@ mod tests {
         let now = SystemTime::now();
         let result = match profile {
             Profile::GeminiNative => gemini::interpret(status, &headers, &body, "m", now),
-            Profile::Anthropic => anthropic::interpret(status, &headers, &body, now),
+            Profile::Anthropic => anthropic::interpret(status, &headers, &body, anthropic::Reading::text("m"), now),
             _ => openai::interpret(status, &headers, &body, now),
         };
         result.unwrap()
@@ -1106,7 +1252,9 @@ mod tests {
             };
             let empty = completion(profile, answer(profile, "m", Reply::text(" \n"))).await;
             assert_eq!(verdict(&plain, empty), Err((RejectReason::Empty, "empty content".into())), "{profile:?}");
-            let cut = completion(profile, answer(profile, "m", Reply { text: Some("It".into()), cut_off: true })).await;
+            let cut =
+                completion(profile, answer(profile, "m", Reply { text: Some("It".into()), call: None, cut_off: true }))
+                    .await;
             assert_eq!(verdict(&plain, cut).unwrap_err().0, RejectReason::CutOff, "{profile:?}");
             let prose = Reply::text("Sure:\n```json\n{\"echo\": \"x\"}\n```");
             let prose = completion(profile, answer(profile, "m", prose)).await;
@@ -1123,7 +1271,8 @@ mod tests {
         // Tool calls in the OpenAI shape pass as they are; the Gemini and Anthropic shapes
         // depend on their dialects translating `functionCall` / `tool_use` back.
         for profile in [Profile::Groq, Profile::Cerebras, Profile::Openrouter, Profile::Openai] {
-            let call = completion(profile, answer(profile, "m", Reply { text: None, cut_off: false })).await;
+            let call =
+                completion(profile, answer(profile, "m", Reply { text: None, call: None, cut_off: false })).await;
             assert_eq!(call.body["choices"][0]["message"]["tool_calls"][0]["function"]["name"], TOOL);
             assert_eq!(call.body["choices"][0]["finish_reason"], "tool_calls");
             assert_eq!(plain.check(&call.body), Ok(()), "{profile:?}");
@@ -1144,6 +1293,70 @@ mod tests {
             let failure = read(profile, moderation("some/model")).await;
             assert_eq!((failure.kind, failure.status), (FailureKind::Client, Some(403)), "{profile:?}");
             assert!(failure.message.contains("requires moderation"), "{}", failure.message);
+        }
+    }
+
+    /// What the worker's dialect for `profile` makes of the mock's answer to the OpenAI `job`,
+    /// sent the way that dialect sends it.
+    async fn answer_to(profile: Profile, job: &Value) -> Value {
+        let job: crate::job::ChatBody = serde_json::from_value(job.clone()).unwrap();
+        let request = match profile {
+            Profile::GeminiNative => gemini::request_body(&job).unwrap(),
+            Profile::Anthropic => anthropic::request_body(&job, "m").unwrap(),
+            _ => openai::request_body(&job, "m"),
+        };
+        let response = success(profile, "m", &request);
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let now = SystemTime::now();
+        let done = match profile {
+            Profile::GeminiNative => gemini::interpret(status, &headers, &body, "m", now),
+            Profile::Anthropic => anthropic::interpret(status, &headers, &body, anthropic::Reading::of(&job, "m"), now),
+            _ => openai::interpret(status, &headers, &body, now),
+        };
+        done.unwrap().body
+    }
+
+    #[tokio::test]
+    async fn every_profile_answers_tools_with_a_call_in_its_own_dialect() {
+        let weather = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}});
+        let clock = json!({"type": "function", "function": {"name": "now"}});
+        for profile in ALL {
+            let job = json!({"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [clock, weather],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+            let body = answer_to(profile, &job).await;
+            let choice = &body["choices"][0];
+            assert_eq!(choice["finish_reason"], "tool_calls", "{profile:?}: {body}");
+            let call = &choice["message"]["tool_calls"][0];
+            assert_eq!(call["function"]["name"], "get_weather", "{profile:?}: the forced tool");
+            let arguments: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            assert_eq!(arguments, json!({"city": "mock", "unit": "celsius"}), "{profile:?}");
+
+            // With the tool's result in the conversation, the model answers in text.
+            let mut answered = job.clone();
+            answered["messages"] = json!([{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]);
+            let body = answer_to(profile, &answered).await;
+            assert_eq!(body["choices"][0]["finish_reason"], "stop", "{profile:?}: {body}");
+            assert_eq!(body["choices"][0]["message"]["content"], "mock answer from m");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_profile_answers_a_json_schema_with_a_document_that_follows_it() {
+        let schema = json!({"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+            "required": ["name", "tags"]});
+        for profile in ALL {
+            let job = json!({"messages": [{"role": "user", "content": "Describe"}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}});
+            let body = answer_to(profile, &job).await;
+            assert_eq!(body["choices"][0]["finish_reason"], "stop", "{profile:?}: {body}");
+            let content: Value =
+                serde_json::from_str(body["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+            assert_eq!(content, json!({"name": "mock", "tags": ["mock"]}), "{profile:?}");
         }
     }
 

@@ -24,6 +24,9 @@ pub enum AttemptOutcome {
     SkippedCooldown,
     SkippedQuota,
     SkippedContext,
+    /// The provider's API or its configured `supports` cannot carry what the job needs (tools,
+    /// a JSON schema, images…): passed over before any request or quota is spent on it.
+    SkippedCapability,
     SkippedPaid,
 }
 
@@ -42,6 +45,7 @@ impl AttemptOutcome {
             Self::SkippedCooldown => "skipped_cooldown",
             Self::SkippedQuota => "skipped_quota",
             Self::SkippedContext => "skipped_context",
+            Self::SkippedCapability => "skipped_capability",
             Self::SkippedPaid => "skipped_paid",
         }
     }
@@ -51,7 +55,7 @@ impl AttemptOutcome {
     /// provider is dropped from the job's chain. A rejected answer must not make the job wait
     /// for the same provider to answer the same way again.
     pub fn is_final_for_job(self) -> bool {
-        matches!(self, Self::ClientError | Self::SkippedContext | Self::RejectedOutput)
+        matches!(self, Self::ClientError | Self::SkippedContext | Self::RejectedOutput | Self::SkippedCapability)
     }
 }
 
@@ -117,5 +121,20 @@ impl CooldownReason {
         ]
         .into_iter()
         .find(|r| r.as_str() == text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capability_skip_is_named_as_the_contract_says_and_ends_the_provider_for_the_job() {
+        let outcome = AttemptOutcome::SkippedCapability;
+        assert_eq!(serde_json::to_string(&outcome).unwrap(), "\"skipped_capability\"");
+        assert_eq!(serde_json::from_str::<AttemptOutcome>("\"skipped_capability\"").unwrap(), outcome);
+        assert_eq!(outcome.as_str(), "skipped_capability");
+        // A parked job resumed from its attempt list must not try the provider again.
+        assert!(outcome.is_final_for_job());
     }
 }

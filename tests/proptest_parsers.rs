@@ -486,7 +486,7 @@ proptest! {
         for result in [
             openai::interpret(status, &headers, &body, now),
             gemini::interpret(status, &headers, &body, "model", now),
-            anthropic::interpret(status, &headers, &body, now),
+            anthropic::interpret(status, &headers, &body, anthropic::Reading::text("model"), now),
         ] {
             match result {
                 Ok(done) => {
@@ -506,7 +506,7 @@ proptest! {
         let bytes = body.to_string().into_bytes();
         let answers = [
             gemini::interpret(200, &HeaderMap::new(), &bytes, "model", now),
-            anthropic::interpret(200, &HeaderMap::new(), &bytes, now),
+            anthropic::interpret(200, &HeaderMap::new(), &bytes, anthropic::Reading::text("model"), now),
         ];
         for done in answers.into_iter().flatten() {
             prop_assert_eq!(&done.body["object"], "chat.completion");

@@ -263,6 +263,12 @@ pub async fn run_pass(
             progress.dropped.insert(member.name.clone());
             continue;
         }
+        // Before admission: a provider that cannot carry the job costs no request and no quota.
+        if let Err(missing) = member.provider.can_carry(body) {
+            progress.skip(member, AttemptOutcome::SkippedCapability, None, Some(missing));
+            progress.dropped.insert(member.name.clone());
+            continue;
+        }
         if let Some(&(not_before, _)) = progress.backoff.get(&member.name)
             && not_before > now
         {

@@ -903,3 +903,56 @@ async fn a_schema_that_does_not_compile_fails_the_job_before_any_call() {
     assert!(message.contains("does not compile"), "{message}");
     assert_eq!(never.calls(), 0);
 }
+
+/// A provider that cannot carry tools (`supports = []` on a kind that can), counting its calls.
+struct NoTools {
+    calls: Mutex<usize>,
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for NoTools {
+    async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
+        *self.calls.lock().unwrap() += 1;
+        Ok(completion())
+    }
+
+    fn can_carry(&self, body: &ChatBody) -> Result<(), String> {
+        match body.get("tools") {
+            Some(_) => Err("the job needs tools".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_provider_that_cannot_carry_the_job_is_skipped_before_admission() {
+    let clock = ManualClock::starting_at(t0());
+    let store = MemoryStore::new();
+    let picky = Arc::new(NoTools { calls: Mutex::new(0) });
+    // One request a minute: a skip that took the slot would leave none for the plain job.
+    let mut limited = member("picky", false, picky.clone());
+    limited.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(60) }];
+    let chain = chain(vec![limited, member("other", true, Scripted::new(vec![]))], secs(3600));
+    let mut tools = job();
+    tools.body.insert("tools".into(), json!([{"type": "function", "function": {"name": "f"}}]));
+
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_pass(&chain, &request(&tools), chain.max_wait, &mut progress, &store, &clock).await;
+
+    assert_eq!(answered_by(&verdict), Some("other"), "{verdict:?}");
+    assert_eq!(
+        outcomes(&progress),
+        vec![("picky".into(), AttemptOutcome::SkippedCapability), ("other".into(), AttemptOutcome::Ok)]
+    );
+    assert_eq!(progress.attempts[0].message.as_deref(), Some("the job needs tools"));
+    // Not paid-skipped and waited for: a provider that can never carry the job is dropped,
+    // whatever `free_wait` says, and a resumed job does not try it again.
+    assert!(JobProgress::resume(t0(), progress.attempts.clone()).dropped.contains("picky"));
+    assert_eq!(*picky.calls.lock().unwrap(), 0);
+
+    // The slot is still there: the next admission gets it, the one after finds it spent.
+    let limits = chain.members[0].limits.clone();
+    let ask = Ask { provider: "picky", limits: &limits, tokens: 10, flight: secs(60) };
+    assert!(matches!(store.admit(ask, clock.now()).await, Admission::Granted(_)));
+    assert!(matches!(store.admit(ask, clock.now()).await, Admission::OverQuota { .. }));
+}

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 
+use super::capabilities::{self, Capabilities};
 use super::{ChatProvider, Completion, Failure, FailureKind, anthropic, gemini, openai};
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::job::ChatBody;
@@ -42,6 +43,8 @@ pub struct HttpProvider {
     headers: HeaderMap,
     /// Kept to scrub any echo of it from error messages.
     key: Option<ApiKey>,
+    /// What the kind carries, narrowed by the configured `supports`.
+    carries: Capabilities,
 }
 
 impl HttpProvider {
@@ -76,7 +79,16 @@ impl HttpProvider {
                 HeaderValue::from_str(value).map_err(|e| format!("provider `{name}`: header `{header}`: {e}"))?;
             headers.insert(header, value);
         }
-        Ok(Self { client, kind: config.kind, url, model: config.model.clone(), timeout: config.timeout, headers, key })
+        Ok(Self {
+            client,
+            kind: config.kind,
+            url,
+            model: config.model.clone(),
+            timeout: config.timeout,
+            headers,
+            key,
+            carries: Capabilities::configured(config.kind, config.supports.as_deref()),
+        })
     }
 
     /// The request body in this provider's dialect, or what it cannot carry.
@@ -88,12 +100,21 @@ impl HttpProvider {
         }
     }
 
-    fn interpret(&self, status: u16, headers: &HeaderMap, bytes: &[u8]) -> Result<Completion, Failure> {
+    /// Reads the answer to `body` (Anthropic's depends on it: JSON may come as a tool's input).
+    fn interpret(
+        &self,
+        body: &ChatBody,
+        status: u16,
+        headers: &HeaderMap,
+        bytes: &[u8],
+    ) -> Result<Completion, Failure> {
         let now = SystemTime::now();
         match self.kind {
             ProviderKind::Openai => openai::interpret(status, headers, bytes, now),
             ProviderKind::Gemini => gemini::interpret(status, headers, bytes, &self.model, now),
-            ProviderKind::Anthropic => anthropic::interpret(status, headers, bytes, now),
+            ProviderKind::Anthropic => {
+                anthropic::interpret(status, headers, bytes, anthropic::Reading::of(body, &self.model), now)
+            }
         }
     }
 
@@ -107,9 +128,20 @@ impl HttpProvider {
 
 #[async_trait::async_trait]
 impl ChatProvider for HttpProvider {
+    /// Translates the request once more than strictly needed (here, then in `complete`): a
+    /// translation is microseconds against a call's hundreds of milliseconds, and it keeps the
+    /// check exactly as strict as the request that would be sent.
+    fn can_carry(&self, body: &ChatBody) -> Result<(), String> {
+        if let Some(missing) = capabilities::refusal(self.kind, self.carries, body) {
+            return Err(missing);
+        }
+        self.payload(body).map(drop).map_err(|what| format!("the {} kind cannot carry {what}", self.kind))
+    }
+
     async fn complete(&self, body: &ChatBody) -> Result<Completion, Failure> {
+        // The chain asked `can_carry` first; this only guards callers that did not.
         let payload = self.payload(body).map_err(|what| {
-            Failure::new(FailureKind::Client, None, format!("not sent: the {} kind cannot carry {what} yet", self.kind))
+            Failure::new(FailureKind::Client, None, format!("not sent: the {} kind cannot carry {what}", self.kind))
         })?;
         let request = self.client.post(&self.url).headers(self.headers.clone()).timeout(self.timeout).json(&payload);
         let result = async {
@@ -122,7 +154,7 @@ impl ChatProvider for HttpProvider {
         .await;
         match result {
             Ok((status, headers, Some(bytes))) => {
-                self.interpret(status, &headers, &bytes).map_err(|f| self.scrubbed(f))
+                self.interpret(body, status, &headers, &bytes).map_err(|f| self.scrubbed(f))
             }
             Ok((status, _, None)) => Err(Failure::new(FailureKind::Server, Some(status), "the answer exceeded 8 MiB")),
             Err(e) => Err(transport_failure(&e)),
@@ -173,6 +205,35 @@ mod tests {
         });
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
+    }
+
+    fn configured(kind: &str, extra: &str) -> HttpProvider {
+        let config: ProviderConfig = toml::from_str(&format!(
+            "name = \"p\"\nkind = \"{kind}\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n{extra}"
+        ))
+        .unwrap();
+        HttpProvider::new(shared_client(), &config, None).unwrap()
+    }
+
+    #[test]
+    fn can_carry_answers_from_supports_and_from_the_translation() {
+        let tools = body(serde_json::json!({"messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}}]}));
+        for kind in ["openai", "gemini", "anthropic"] {
+            assert_eq!(configured(kind, "").can_carry(&tools), Ok(()), "{kind} carries tools by default");
+            let narrowed = configured(kind, "supports = [\"images\"]").can_carry(&tools).unwrap_err();
+            assert_eq!(narrowed, "the job needs tools, which this provider's `supports` leaves out");
+        }
+        let one_of = body(serde_json::json!({"messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object",
+                "properties": {"v": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}}}}}));
+        assert_eq!(configured("openai", "").can_carry(&one_of), Ok(()), "OpenAI takes the schema as it is");
+        assert_eq!(configured("anthropic", "").can_carry(&one_of), Ok(()), "a tool's input_schema is JSON Schema");
+        let refused = configured("gemini", "").can_carry(&one_of).unwrap_err();
+        assert!(
+            refused.starts_with("the gemini kind cannot carry a `json_schema` with `oneOf` at `/properties/v`"),
+            "{refused}"
+        );
     }
 
     #[tokio::test]

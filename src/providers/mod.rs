@@ -6,11 +6,14 @@
 //! reqwest client.
 
 pub mod anthropic;
+pub mod capabilities;
 pub mod errors;
 pub mod gemini;
+pub mod gemini_schema;
 pub mod http;
 pub mod openai;
 pub mod retry_info;
+pub mod shape;
 pub mod translate;
 
 use std::time::SystemTime;
@@ -85,6 +88,16 @@ impl Failure {
 pub trait ChatProvider: Send + Sync {
     /// Sends one chat request (the job's body; the provider sets its own `model`).
     async fn complete(&self, body: &ChatBody) -> Result<Completion, Failure>;
+
+    /// Whether this provider can carry `body` at all (its API, its dialect's translation and its
+    /// configured `supports`), or what it lacks. The chain asks before taking a quota slot, so
+    /// a provider that could only refuse the job costs neither a request nor a slot
+    /// (`skipped_capability`). The default carries everything: a provider that sends the body
+    /// as it is.
+    fn can_carry(&self, body: &ChatBody) -> Result<(), String> {
+        let _ = body;
+        Ok(())
+    }
 }
 
 /// Cuts a provider message to a readable length for results and logs.

@@ -156,14 +156,17 @@ async fn refusals_that_are_about_the_request_move_on_without_cooldown() {
     assert!(reasons(&env).await.is_empty(), "no cooldown");
 
     // A request a kind cannot carry is not sent at all.
-    let with_tools = serde_json::json!({"custom_id": "tools-1", "body": {"messages": [{"role": "user", "content": "x"}],
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}});
-    env.publish(&with_tools.to_string(), BasicProperties::default()).await;
+    let with_logprobs = serde_json::json!({"custom_id": "logprobs-1", "body": {"messages": [{"role": "user", "content": "x"}],
+        "logprobs": true}});
+    env.publish(&with_logprobs.to_string(), BasicProperties::default()).await;
     let (result, _) = env.next_result(&env.results).await;
     let first = &result.routing.attempts[0];
-    assert_eq!((first.provider.as_str(), first.outcome, first.status), ("gemini", AttemptOutcome::ClientError, None));
-    assert!(first.message.as_deref().unwrap().contains("`tools`"), "{first:?}");
-    assert_eq!(gemini.requests(), 1, "the tools job never reached the Gemini mock");
+    assert_eq!(
+        (first.provider.as_str(), first.outcome, first.status),
+        ("gemini", AttemptOutcome::SkippedCapability, None)
+    );
+    assert_eq!(first.message.as_deref(), Some("the gemini kind cannot carry `logprobs`"));
+    assert_eq!(gemini.requests(), 1, "the logprobs job never reached the Gemini mock");
     assert_eq!(claude.requests(), 1);
     assert_eq!(result.routing.provider.as_deref(), Some("groq"));
     worker.stop().await;

@@ -16,4 +16,5 @@ mod outages;
 mod poison;
 mod provider_faults;
 mod shared_state;
+mod tools;
 mod trace_context;

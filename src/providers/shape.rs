@@ -1,0 +1,208 @@
+//! What the official OpenAI SDK requires of a `chat.completion` (openai-python's pydantic models
+//! `ChatCompletion`, `Choice`, `ChatCompletionMessage`, `ChatCompletionMessageFunctionToolCall`,
+//! `CompletionUsage`), as a check in Rust.
+//!
+//! Every result body must load in a client's SDK whatever dialect produced it (contract §3).
+//! The translators are tested against this check on the providers' documented answers and on
+//! arbitrary ones; a test also runs the SDK itself when Python has it, to keep this check
+//! honest. Only required fields and the types pydantic enforces are checked: extra fields are
+//! allowed, as the SDK allows them.
+
+use serde_json::Value;
+
+/// `Choice.finish_reason`'s literal values.
+pub const FINISH_REASONS: &[&str] = &["stop", "length", "tool_calls", "content_filter", "function_call"];
+
+/// Everything in `body` that the SDK's `ChatCompletion.model_validate` would refuse; empty when
+/// it loads.
+pub fn chat_completion_problems(body: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut need = |ok: bool, what: &str| {
+        if !ok {
+            problems.push(what.to_string());
+        }
+    };
+    need(body.is_object(), "the body is not an object");
+    need(body.get("id").is_some_and(Value::is_string), "`id` is not a string");
+    need(body.get("object").and_then(Value::as_str) == Some("chat.completion"), "`object` is not \"chat.completion\"");
+    need(is_int(body.get("created")), "`created` is not an integer");
+    need(body.get("model").is_some_and(Value::is_string), "`model` is not a string");
+    need(optional(body.get("system_fingerprint"), Value::is_string), "`system_fingerprint` is not a string");
+    if let Some(usage) = body.get("usage").filter(|u| !u.is_null()) {
+        for key in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+            need(is_int(usage.get(key)), &format!("`usage.{key}` is not an integer"));
+        }
+    }
+    let Some(choices) = body.get("choices").and_then(Value::as_array) else {
+        problems.push("`choices` is not a list".into());
+        return problems;
+    };
+    for (i, choice) in choices.iter().enumerate() {
+        choice_problems(choice, &format!("choices[{i}]"), &mut problems);
+    }
+    problems
+}
+
+fn choice_problems(choice: &Value, at: &str, problems: &mut Vec<String>) {
+    let mut need = |ok: bool, what: &str| {
+        if !ok {
+            problems.push(format!("`{at}.{what}"));
+        }
+    };
+    let finish = choice.get("finish_reason").and_then(Value::as_str);
+    need(finish.is_some_and(|f| FINISH_REASONS.contains(&f)), "finish_reason` is not one of the SDK's literals");
+    need(is_int(choice.get("index")), "index` is not an integer");
+    let Some(message) = choice.get("message").filter(|m| m.is_object()) else {
+        problems.push(format!("`{at}.message` is not an object"));
+        return;
+    };
+    need(message.get("role").and_then(Value::as_str) == Some("assistant"), "message.role` is not \"assistant\"");
+    need(optional(message.get("content"), Value::is_string), "message.content` is neither a string nor null");
+    need(optional(message.get("refusal"), Value::is_string), "message.refusal` is neither a string nor null");
+    let Some(calls) = message.get("tool_calls").filter(|c| !c.is_null()) else { return };
+    let Some(calls) = calls.as_array() else {
+        problems.push(format!("`{at}.message.tool_calls` is not a list"));
+        return;
+    };
+    for (j, call) in calls.iter().enumerate() {
+        let mut need = |ok: bool, what: &str| {
+            if !ok {
+                problems.push(format!("`{at}.message.tool_calls[{j}].{what}"));
+            }
+        };
+        need(call.get("id").is_some_and(Value::is_string), "id` is not a string");
+        need(call.get("type").and_then(Value::as_str) == Some("function"), "type` is not \"function\"");
+        need(call.pointer("/function/name").is_some_and(Value::is_string), "function.name` is not a string");
+        need(call.pointer("/function/arguments").is_some_and(Value::is_string), "function.arguments` is not a string");
+    }
+}
+
+/// Present and an integer (pydantic's `int` refuses fractions and text).
+fn is_int(value: Option<&Value>) -> bool {
+    value.is_some_and(|v| v.is_u64() || v.is_i64())
+}
+
+/// Absent, null, or of the right type (pydantic's `Optional[...]` with a default).
+fn optional(value: Option<&Value>, right: fn(&Value) -> bool) -> bool {
+    value.is_none_or(|v| v.is_null() || right(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+    use std::time::SystemTime;
+
+    use reqwest::header::HeaderMap;
+    use serde_json::json;
+
+    use super::*;
+    use crate::providers::{anthropic, gemini};
+
+    /// A chat.completion as OpenAI documents it, with a tool call.
+    fn documented() -> Value {
+        json!({"id": "chatcmpl-abc123", "object": "chat.completion", "created": 1_699_896_916, "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "call_abc123", "type": "function", "function": {"name": "get_current_weather", "arguments": "{\n\"location\": \"Boston, MA\"\n}"}}]},
+                "logprobs": null, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 82, "completion_tokens": 17, "total_tokens": 99}})
+    }
+
+    #[test]
+    fn the_documented_completion_passes_and_each_broken_field_is_named() {
+        assert_eq!(chat_completion_problems(&documented()), Vec::<String>::new());
+        let broken = [
+            ("/model", Value::Null, "`model` is not a string"),
+            ("/created", json!(1.5), "`created` is not an integer"),
+            ("/choices/0/finish_reason", json!("error"), "`choices[0].finish_reason` is not one of the SDK's literals"),
+            ("/choices/0/message/content", json!(["x"]), "`choices[0].message.content` is neither a string nor null"),
+            (
+                "/choices/0/message/tool_calls/0/function/arguments",
+                json!({"location": "Boston"}),
+                "`choices[0].message.tool_calls[0].function.arguments` is not a string",
+            ),
+            ("/usage/total_tokens", json!("99"), "`usage.total_tokens` is not an integer"),
+        ];
+        for (pointer, value, problem) in broken {
+            let mut body = documented();
+            if let Some(slot) = body.pointer_mut(pointer) {
+                *slot = value;
+            }
+            assert_eq!(chat_completion_problems(&body), vec![problem.to_string()], "{pointer}");
+        }
+        assert_eq!(chat_completion_problems(&json!([])).first().map(String::as_str), Some("the body is not an object"));
+    }
+
+    /// Translated answers of every kind: text, tool calls, JSON through a forced tool.
+    fn translated() -> Vec<Value> {
+        let now = SystemTime::UNIX_EPOCH;
+        let gemini_answers = [
+            json!({"candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}, "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1, "totalTokenCount": 4}}),
+            json!({"candidates": [{"content": {"parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}], "role": "model"}, "finishReason": "STOP"}]}),
+        ];
+        let anthropic_answers = [
+            (
+                json!({"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+                "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 7}}),
+                false,
+            ),
+            (
+                json!({"id": "msg_2", "type": "message", "role": "assistant", "model": "claude", "content": [{"type": "tool_use", "id": "toolu_2", "name": anthropic::JSON_TOOL, "input": {"a": 1}}],
+                "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 7}}),
+                true,
+            ),
+        ];
+        let mut bodies: Vec<Value> = gemini_answers
+            .iter()
+            .map(|a| gemini::interpret(200, &HeaderMap::new(), a.to_string().as_bytes(), "m", now).unwrap().body)
+            .collect();
+        for (answer, json_tool) in anthropic_answers {
+            let reading = anthropic::Reading { model: "m", json_tool };
+            bodies.push(
+                anthropic::interpret(200, &HeaderMap::new(), answer.to_string().as_bytes(), reading, now).unwrap().body,
+            );
+        }
+        bodies
+    }
+
+    #[test]
+    fn translated_answers_pass_the_rust_check() {
+        for body in translated() {
+            assert_eq!(chat_completion_problems(&body), Vec::<String>::new(), "{body}");
+        }
+    }
+
+    /// The same answers through the SDK itself, when this machine's Python has the `openai`
+    /// package (`pip install openai`); otherwise the test says so and checks nothing more than
+    /// the Rust check above. It also runs the documented broken answer, so that an SDK that
+    /// accepted anything would fail it.
+    #[test]
+    fn translated_answers_load_in_the_official_openai_sdk_when_installed() {
+        let probe = Command::new("python3").args(["-c", "import openai"]).stderr(Stdio::null()).status();
+        if !probe.is_ok_and(|s| s.success()) {
+            eprintln!("SKIPPED: python3 with the `openai` package is not available (pip install openai)");
+            return;
+        }
+        let script = "import json, sys\n\
+from openai.types.chat import ChatCompletion\n\
+bodies = json.load(sys.stdin)\n\
+for body in bodies['good']:\n    ChatCompletion.model_validate(body)\n\
+try:\n    ChatCompletion.model_validate(bodies['bad'])\nexcept Exception:\n    sys.exit(0)\n\
+sys.exit('the SDK accepted arguments that are an object')\n";
+        let mut bad = documented();
+        if let Some(arguments) = bad.pointer_mut("/choices/0/message/tool_calls/0/function/arguments") {
+            *arguments = json!({"location": "Boston"});
+        }
+        let input = json!({"good": translated(), "bad": bad}).to_string();
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+}
