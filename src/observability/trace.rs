@@ -170,6 +170,11 @@ pub fn traced(name: &str, provider: Arc<dyn ChatProvider>) -> Arc<dyn ChatProvid
 
 #[async_trait::async_trait]
 impl ChatProvider for Traced {
+    /// The wrapped provider's answer: a wrapper must not widen what a provider carries.
+    fn can_carry(&self, body: &ChatBody) -> Result<(), String> {
+        self.inner.can_carry(body)
+    }
+
     async fn complete(&self, body: &ChatBody) -> Result<Completion, Failure> {
         let span = tracing::info_span!(
             "provider_call",
