@@ -13,4 +13,5 @@ mod observability;
 mod outages;
 mod poison;
 mod provider_faults;
+mod quorum;
 mod shared_state;
