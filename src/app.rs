@@ -91,7 +91,7 @@ pub struct WorkerApp {
 
 impl WorkerApp {
     pub fn new(config: Config) -> WorkerApp {
-        let topology = Topology::new(&config.amqp.jobs_queue, &config.amqp.results_queue);
+        let topology = Topology::from_config(&config.amqp, &config.worker);
         WorkerApp { config, topology, worker_id: worker_id(), broker_ready: Arc::default(), http_addr: Arc::default() }
     }
 
@@ -164,14 +164,14 @@ impl WorkerApp {
             local_failures: Default::default(),
         });
         let session = Session {
-            url: config.amqp.url.clone(),
+            urls: config.amqp.url.clone(),
             prefetch: config.amqp.prefetch,
             topology: self.topology.clone(),
             confirm_timeout: config.amqp.confirm_timeout,
             drain_timeout: config.worker.drain_timeout,
             connection_name: format!("fallback-worker {}", self.worker_id),
         };
-        tracing::info!(worker = %self.worker_id, broker = %redact_url(&config.amqp.url), "worker starting");
+        tracing::info!(worker = %self.worker_id, broker = %config.amqp.url.redacted(), "worker starting");
         broker::run_consumer(session, handler, shutdown.clone(), self.broker_ready.clone()).await;
         tasks.close();
         tasks.wait().await;

@@ -40,8 +40,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
-    /// Broker URL; may carry a password, so it is only ever printed through [`redact_url`].
-    pub url: String,
+    /// The broker's URL, or the URLs of a cluster's nodes, tried in turn; they may carry a
+    /// password, so they only ever print redacted.
+    pub url: BrokerUrls,
     pub jobs_queue: String,
     pub results_queue: String,
     /// Jobs in flight per worker process (the consumer's `basic.qos`).
@@ -54,18 +55,129 @@ pub struct AmqpConfig {
     /// (a broker under a memory alarm never confirms; we must not wait forever).
     #[serde(deserialize_with = "duration")]
     pub confirm_timeout: Duration,
+    /// `quorum` declares every queue as a replicated quorum queue, so a RabbitMQ cluster can lose
+    /// a node without losing a job; `classic` (the default) keeps the plain durable queues of a
+    /// single broker.
+    pub queue_type: QueueType,
 }
 
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url: BrokerUrls::one("amqp://guest:guest@127.0.0.1:5672/%2f"),
             jobs_queue: "llm.jobs".into(),
             results_queue: "llm.results".into(),
             prefetch: 32,
             reply_to_allow: vec!["*".into()],
             max_message_bytes: 1024 * 1024,
             confirm_timeout: Duration::from_secs(30),
+            queue_type: QueueType::Classic,
+        }
+    }
+}
+
+/// The kind of queue the service declares (contract §5 `amqp.queue_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Plain durable queues: one broker, or a cluster where each queue lives on one node.
+    #[default]
+    Classic,
+    /// Raft-replicated queues (RabbitMQ 3.10 and later): a cluster keeps serving them, and the
+    /// messages in them, while a minority of its nodes is down.
+    Quorum,
+}
+
+/// One broker URL, or several: the nodes of one RabbitMQ cluster, tried in turn.
+///
+/// Never empty. `Debug` and [`redacted`](Self::redacted) hide every password, so the list can be
+/// logged and put in errors as it is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<String>);
+
+impl BrokerUrls {
+    /// A single node.
+    pub fn one(url: impl Into<String>) -> BrokerUrls {
+        BrokerUrls(vec![url.into()])
+    }
+
+    /// A comma-separated list (env `AMQP_URL`, or a TOML string): a new URL starts at each comma
+    /// followed (after blanks) by `amqp://` or `amqps://`, so a comma elsewhere (in a password, a
+    /// query) stays in its URL. Blanks and commas around the URLs are dropped; `None` when
+    /// nothing is left. Text before the first URL is kept as an entry, for validation to refuse.
+    pub fn parse_list(text: &str) -> Option<BrokerUrls> {
+        let mut starts = vec![0];
+        for (i, _) in text.match_indices(',') {
+            let rest = text[i + 1..].trim_start();
+            if rest.starts_with("amqp://") || rest.starts_with("amqps://") {
+                starts.push(i + 1);
+            }
+        }
+        starts.push(text.len());
+        let urls: Vec<String> = starts
+            .windows(2)
+            .map(|w| text[w[0]..w[1]].trim().trim_end_matches(',').trim().to_string())
+            .filter(|u| !u.is_empty() && !u.chars().all(|c| c == ',' || c.is_whitespace()))
+            .collect();
+        (!urls.is_empty()).then_some(BrokerUrls(urls))
+    }
+
+    /// The URLs in the order they are tried.
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The first node: where a worker starts.
+    pub fn first(&self) -> &str {
+        self.0.first().map_or("", String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every URL with its password hidden, comma-separated: for logs and error messages.
+    pub fn redacted(&self) -> String {
+        self.0.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl From<String> for BrokerUrls {
+    fn from(url: String) -> BrokerUrls {
+        BrokerUrls::one(url)
+    }
+}
+
+impl From<&str> for BrokerUrls {
+    fn from(url: &str) -> BrokerUrls {
+        BrokerUrls::one(url)
+    }
+}
+
+impl fmt::Debug for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrls[{}]", self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerUrls {
+    /// A TOML string (one URL, or a comma-separated list as in `AMQP_URL`) or an array of
+    /// strings. An empty array is kept empty here, for validation to name the key.
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<BrokerUrls, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Form::deserialize(de) {
+            Ok(Form::One(text)) => Ok(BrokerUrls::parse_list(&text).unwrap_or(BrokerUrls(Vec::new()))),
+            Ok(Form::Many(urls)) => Ok(BrokerUrls(urls.into_iter().map(|u| u.trim().to_string()).collect())),
+            Err(_) => Err(serde::de::Error::custom("must be a URL string or an array of URL strings")),
         }
     }
 }
@@ -320,8 +432,9 @@ impl Config {
             providers: raw.providers,
             chains: raw.chains,
         };
-        if let Some(url) = &env.amqp_url {
-            config.amqp.url = url.clone();
+        if let Some(urls) = &env.amqp_url {
+            // A blank AMQP_URL leaves no URL, which validation refuses by name.
+            config.amqp.url = BrokerUrls::parse_list(urls).unwrap_or(BrokerUrls(Vec::new()));
         }
         if let Some(url) = &env.database_url {
             config.postgres.url = url.clone();
@@ -405,7 +518,17 @@ fn problem(key: impl Into<String>, problem: impl Into<String>) -> (String, Strin
 }
 
 fn validate_amqp(amqp: &AmqpConfig) -> Result<(), (String, String)> {
-    validate_url(&amqp.url, &["amqp", "amqps"], "amqp.url")?;
+    let urls = amqp.url.as_slice();
+    if urls.is_empty() {
+        return Err(problem("amqp.url", "needs at least one URL"));
+    }
+    for (i, url) in urls.iter().enumerate() {
+        let key = if urls.len() == 1 { "amqp.url".to_string() } else { format!("amqp.url[{i}]") };
+        validate_url(url, &["amqp", "amqps"], &key)?;
+        if urls[..i].contains(url) {
+            return Err(problem(key, format!("`{}` is listed twice", redact_url(url))));
+        }
+    }
     for (key, name) in [("amqp.jobs_queue", &amqp.jobs_queue), ("amqp.results_queue", &amqp.results_queue)] {
         if name.is_empty() || name.len() > 200 || name.starts_with("amq.") {
             return Err(problem(
@@ -632,7 +755,7 @@ providers = ["groq"]
         assert!(!err.to_string().contains("hunter2"), "{err}");
         let env = EnvOverrides { database_url: Some("postgres://u:pw@db/x".into()), ..env };
         let config = Config::parse(MINIMAL, Path::new("f.toml"), &env).unwrap();
-        assert_eq!(config.amqp.url, "amqp://u:s3cret@broker:5672/%2f");
+        assert_eq!(config.amqp.url.as_slice(), ["amqp://u:s3cret@broker:5672/%2f"]);
         assert_eq!(config.postgres.url, "postgres://u:pw@db/x");
     }
 
@@ -660,5 +783,70 @@ providers = ["groq"]
         let text = include_str!("../fallback.example.toml");
         let config = parse(text).unwrap();
         assert!(config.providers.iter().any(|p| !p.free), "the example has a paid safety net");
+    }
+
+    #[test]
+    fn amqp_url_takes_one_url_or_a_list_of_nodes() {
+        let one = parse(MINIMAL).unwrap();
+        assert_eq!(one.amqp.url.as_slice(), ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+        assert_eq!(one.amqp.queue_type, QueueType::Classic, "classic unless asked");
+        let array = parse(&format!(
+            "[amqp]\nurl = [\"amqp://u:p@n1:5672/%2f\", \" amqp://u:p@n2:5672/%2f \"]\nqueue_type = \"quorum\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(array.amqp.url.as_slice(), ["amqp://u:p@n1:5672/%2f", "amqp://u:p@n2:5672/%2f"]);
+        assert_eq!(array.amqp.url.first(), "amqp://u:p@n1:5672/%2f");
+        assert_eq!(array.amqp.queue_type, QueueType::Quorum);
+        let string_list = parse(&format!("[amqp]\nurl = \"amqp://n1, amqps://n2\"\n{MINIMAL}")).unwrap();
+        assert_eq!(string_list.amqp.url.as_slice(), ["amqp://n1", "amqps://n2"]);
+    }
+
+    #[test]
+    fn amqp_url_env_is_a_comma_separated_list() {
+        let env = EnvOverrides {
+            amqp_url: Some("amqp://u:pw@n1:5681/%2f,amqp://u:pw@n2:5682/%2f, amqp://u:pw@n3:5683/%2f,".into()),
+            ..Default::default()
+        };
+        let config = Config::parse(MINIMAL, Path::new("f.toml"), &env).unwrap();
+        assert_eq!(
+            config.amqp.url.as_slice(),
+            ["amqp://u:pw@n1:5681/%2f", "amqp://u:pw@n2:5682/%2f", "amqp://u:pw@n3:5683/%2f"],
+            "trimmed, a trailing comma ignored"
+        );
+    }
+
+    #[test]
+    fn a_comma_that_starts_no_url_stays_in_its_url() {
+        let urls = BrokerUrls::parse_list("amqp://u:pa,ss@n1/%2f?x=1,2,amqp://n2").unwrap();
+        assert_eq!(urls.as_slice(), ["amqp://u:pa,ss@n1/%2f?x=1,2", "amqp://n2"]);
+        assert_eq!(BrokerUrls::parse_list(" , ,"), None);
+        assert_eq!(BrokerUrls::parse_list("amqp://one").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bad_node_lists_name_the_entry_and_never_print_a_password() {
+        let err = parse(&format!("[amqp]\nurl = []\n{MINIMAL}")).unwrap_err();
+        assert_eq!((err.key.as_str(), err.problem.as_str()), ("amqp.url", "needs at least one URL"));
+        let bad = parse(&format!("[amqp]\nurl = [\"amqp://u:s3cret@n1/\", \"http://u:s3cret@n2/\"]\n{MINIMAL}"));
+        let err = bad.unwrap_err();
+        assert_eq!(err.key, "amqp.url[1]");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let twice = parse(&format!("[amqp]\nurl = [\"amqp://u:s3cret@n1/\", \"amqp://u:s3cret@n1/\"]\n{MINIMAL}"));
+        let err = twice.unwrap_err();
+        assert_eq!(err.key, "amqp.url[1]");
+        assert!(err.problem.contains("twice") && !err.to_string().contains("s3cret"), "{err}");
+        let blank_env = EnvOverrides { amqp_url: Some(" ".into()), ..Default::default() };
+        assert_eq!(Config::parse(MINIMAL, Path::new("f.toml"), &blank_env).unwrap_err().key, "amqp.url");
+        let not_a_url = parse(&format!("[amqp]\nurl = 5\n{MINIMAL}")).unwrap_err();
+        assert_eq!(not_a_url.key, "amqp.url");
+        let debug = format!("{:?}", BrokerUrls::parse_list("amqp://u:s3cret@n1/,amqp://u:s3cret@n2/").unwrap());
+        assert!(!debug.contains("s3cret") && debug.contains("n2"), "{debug}");
+    }
+
+    #[test]
+    fn an_unknown_queue_type_is_refused() {
+        let err = parse(&format!("[amqp]\nqueue_type = \"stream\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(err.key, "amqp.queue_type");
+        assert!(err.problem.contains("classic") && err.problem.contains("quorum"), "{err}");
     }
 }

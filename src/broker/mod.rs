@@ -4,19 +4,22 @@
 //! [`Publisher`] that only returns once the broker has confirmed, and an ack handle.
 
 pub mod headers;
+mod nodes;
 mod publisher;
 mod supervisor;
 mod topology;
 
+pub use nodes::{NextTry, NodeRotation, STABLE_SESSION};
 pub use publisher::{Outgoing, PublishError, Publisher, Routed};
 pub use supervisor::{ConnectionLost, DeliveryHandler, Session, Settlement, run_consumer};
-pub use topology::{Topology, WAIT_TIERS};
+pub use topology::{QueueRole, Topology, WAIT_TIERS, declare_or_accept, delivery_limit_backstop};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
+use crate::config::BrokerUrls;
 use crate::secrets::redact_url;
 
 /// A delivery, translated out of lapin's types. Building it never fails and never panics: every
@@ -81,4 +84,23 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, String> {
     Connection::connect(url, properties)
         .await
         .map_err(|e| format!("cannot connect to RabbitMQ at {}: {e}", redact_url(url)))
+}
+
+/// Opens a connection to the first node of `urls` that accepts one within `per_node` (tools
+/// such as `enqueue`, which need any node of the cluster). The error names every node tried,
+/// passwords hidden.
+pub async fn connect_any(urls: &BrokerUrls, name: &str, per_node: Duration) -> Result<Connection, String> {
+    let mut failures = Vec::new();
+    for url in urls.as_slice() {
+        match tokio::time::timeout(per_node, connect(url, name)).await {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) => failures.push(e),
+            Err(_) => failures.push(format!(
+                "RabbitMQ at {} did not accept a connection within {}",
+                redact_url(url),
+                humantime::format_duration(per_node)
+            )),
+        }
+    }
+    Err(failures.join("; "))
 }

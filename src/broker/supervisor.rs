@@ -2,13 +2,15 @@
 //!
 //! lapin's own auto-recovery still receives fixes (see rust-ecosystem.md §1.3), so this loop
 //! owns the connections: a broken session is dropped whole and rebuilt with jittered backoff.
+//! With several node URLs (a cluster) it rebuilds on the next node at once, and backs off only
+//! when every node failed in a row ([`NodeRotation`]).
 //! Deliveries in flight when a session breaks cannot be acked any more; the broker redelivers
 //! them and the result ledger answers them without a second provider call.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_lite::{FutureExt, StreamExt};
@@ -18,12 +20,16 @@ use lapin::{Acker, Connection};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::nodes::{NextTry, NodeRotation};
 use super::{Incoming, Publisher, Topology, connect};
+use crate::config::BrokerUrls;
+use crate::secrets::redact_url;
 
 /// What the supervisor needs to know.
 #[derive(Debug, Clone)]
 pub struct Session {
-    pub url: String,
+    /// The broker, or the nodes of one cluster, tried in turn.
+    pub urls: BrokerUrls,
     pub prefetch: u16,
     pub topology: Topology,
     pub confirm_timeout: Duration,
@@ -124,27 +130,39 @@ pub async fn run_consumer<H: DeliveryHandler>(
     ready: Arc<AtomicBool>,
 ) {
     let mut backoff = reconnect_backoff();
+    let mut nodes = NodeRotation::new(&session.urls);
     while !shutdown.is_cancelled() {
+        let url = nodes.current().to_string();
+        let (position, of) = nodes.position();
+        let node = format!("{} ({position} of {of})", redact_url(&url));
         // lapin's connect has no deadline of its own: a peer that accepts and then stalls the
         // handshake must not hold the worker forever.
-        let opened = tokio::time::timeout(SETUP_TIMEOUT, open(&session))
+        let opened = tokio::time::timeout(SETUP_TIMEOUT, open(&session, &url))
             .await
             .unwrap_or_else(|_| Err(format!("no session after {SETUP_TIMEOUT:?}")));
-        match opened {
+        let next = match opened {
             Ok(open) => {
                 backoff = reconnect_backoff();
                 ready.store(true, Ordering::Relaxed);
-                tracing::info!(queue = %session.topology.jobs, prefetch = session.prefetch, "consuming jobs");
+                tracing::info!(queue = %session.topology.jobs, prefetch = session.prefetch, %node, "consuming jobs");
+                let started = Instant::now();
                 let end = serve(&session, open, handler.clone(), &shutdown).await;
                 ready.store(false, Ordering::Relaxed);
                 match end {
                     SessionEnd::Shutdown => return,
                     SessionEnd::Broken(reason) => {
-                        tracing::warn!(%reason, "broker session lost; reconnecting")
+                        tracing::warn!(%reason, %node, "broker session lost; reconnecting");
+                        nodes.session_broke(started.elapsed())
                     }
                 }
             }
-            Err(reason) => tracing::warn!(%reason, "cannot open a broker session; retrying"),
+            Err(reason) => {
+                tracing::warn!(%reason, %node, "cannot open a broker session; retrying");
+                nodes.cannot_open()
+            }
+        };
+        if next == NextTry::Now {
+            continue;
         }
         let delay = backoff.next().unwrap_or(Duration::from_secs(10));
         tokio::select! {
@@ -174,9 +192,16 @@ struct OpenSession {
     publisher: Publisher,
 }
 
-async fn open(session: &Session) -> Result<OpenSession, String> {
-    let consume_conn = connect(&session.url, &format!("{} (consume)", session.connection_name)).await?;
-    let publish_conn = Arc::new(connect(&session.url, &format!("{} (publish)", session.connection_name)).await?);
+/// Opens a session on the node at `url`: both connections go to the same node.
+async fn open(session: &Session, url: &str) -> Result<OpenSession, String> {
+    let consume_conn = connect(url, &format!("{} (consume)", session.connection_name)).await?;
+    let publish_conn = match connect(url, &format!("{} (publish)", session.connection_name)).await {
+        Ok(conn) => Arc::new(conn),
+        Err(e) => {
+            close(&consume_conn).await;
+            return Err(e);
+        }
+    };
     let setup = async {
         session.topology.declare(&publish_conn).await?;
         let publisher = Publisher::new(publish_conn.clone(), session.confirm_timeout).await?;

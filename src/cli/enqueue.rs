@@ -28,8 +28,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backlog::{Line, Output, Progress, conclude, read_input};
-use crate::broker;
-use crate::config::{AmqpConfig, Config};
+use crate::broker::{self, QueueRole, Topology};
+use crate::config::{AmqpConfig, BrokerUrls, Config};
 use crate::job::{ErrorCode, JobResult, Routing};
 use crate::worker::{error_result, worker_id};
 
@@ -38,7 +38,8 @@ use crate::worker::{error_result, worker_id};
 /// says `enqueue` waits for all results, so giving up early must be rare.
 pub const IDLE_MARGIN: Duration = Duration::from_secs(30 * 60);
 
-/// How long a broker connection may take to open (lapin's own connect has no deadline).
+/// How long a broker connection may take to open on one node (lapin's own connect has no
+/// deadline); with several node URLs, each gets this long in turn.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long the goodbyes at the end (deleting the empty reply queue, closing) may take: the
@@ -188,8 +189,12 @@ pub async fn run(
     let idle_timeout = options.idle_timeout.unwrap_or_else(|| default_idle_timeout(&backlog.pending, config));
     let conn = connect(&config.amqp.url, "fallback-worker enqueue").await?;
     wait_for_jobs_queue(&conn, &config.amqp.jobs_queue, &shutdown).await?;
+    // With `queue_type = "quorum"` the reply queue is a quorum queue too (contract §4: every
+    // queue the service declares), so the results survive the node that held them; one left
+    // by an earlier run of the other type is used as it is.
+    let reply_args = Topology::from_config(&config.amqp, &config.worker).arguments(QueueRole::Reply);
+    broker::declare_or_accept(&conn, &reply_queue, reply_args).await?;
     let channel = conn.create_channel().await?;
-    channel.queue_declare(reply_queue.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
     channel.basic_qos(256, BasicQosOptions::default()).await?;
     let mut results = channel
         .basic_consume(reply_queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -274,16 +279,10 @@ fn report_unanswered(input: &Path, awaited: &Awaited, idle_timeout: Duration, re
     );
 }
 
-/// Opens a broker connection, or fails after [`CONNECT_TIMEOUT`].
-async fn connect(url: &str, name: &str) -> anyhow::Result<lapin::Connection> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, broker::connect(url, name)).await {
-        Ok(connected) => connected.map_err(anyhow::Error::msg),
-        Err(_) => anyhow::bail!(
-            "RabbitMQ at {} did not accept a connection within {}",
-            crate::secrets::redact_url(url),
-            humantime::format_duration(CONNECT_TIMEOUT)
-        ),
-    }
+/// Opens a broker connection to the first node of `urls` that takes one, each tried for at most
+/// [`CONNECT_TIMEOUT`].
+async fn connect(urls: &BrokerUrls, name: &str) -> anyhow::Result<lapin::Connection> {
+    broker::connect_any(urls, name, CONNECT_TIMEOUT).await.map_err(anyhow::Error::msg)
 }
 
 /// Workers declare the jobs queue; waits (up to two minutes) for one to have done so, rather
@@ -319,12 +318,12 @@ async fn wait_for_jobs_queue(
 
 /// Publishes every job with confirms (pipelined in batches) on a connection of its own.
 async fn publish_all(
-    url: String,
+    urls: BrokerUrls,
     jobs_queue: String,
     reply_queue: String,
     lines: Vec<(String, String)>,
 ) -> anyhow::Result<()> {
-    let conn = connect(&url, "fallback-worker enqueue (publish)").await?;
+    let conn = connect(&urls, "fallback-worker enqueue (publish)").await?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
     for chunk in lines.chunks(500) {

@@ -18,7 +18,7 @@ async fn a_broker_connection_cut_mid_run_is_recovered_and_every_job_answered() {
     let relay = Relay::start("127.0.0.1:5672".parse().unwrap()).await;
     let mut config =
         env.config(&format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], "")));
-    config.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr);
+    config.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
     let worker = env.spawn_worker(config, "w1").await;
 
     let total = 40;
@@ -51,7 +51,7 @@ async fn a_worker_started_before_the_broker_is_reachable_waits_for_it() {
     relay.set_down(true);
     let mut config =
         env.config(&format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], "")));
-    config.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr);
+    config.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
     let worker = env.spawn_worker_unready(config, "w1");
     eventually("the worker tries again after a refusal", || async { relay.refused() >= 2 }).await;
     assert!(!worker.task.is_finished(), "no exit on a transient fault");

@@ -322,7 +322,7 @@ async fn a_job_that_panics_is_retried_then_dead_lettered_and_others_go_on() {
         local_failures: Default::default(),
     };
     let session = Session {
-        url: amqp_url(),
+        urls: amqp_url().into(),
         prefetch: 8,
         topology,
         confirm_timeout: Duration::from_secs(10),

@@ -15,6 +15,7 @@ mod observability;
 mod outages;
 mod poison;
 mod provider_faults;
+mod quorum;
 mod shared_state;
 mod tools;
 mod trace_context;

@@ -62,7 +62,7 @@ async fn readyz_turns_unready_when_the_broker_goes_away_and_ready_again_after() 
     let mut config =
         env.config(&format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], "")));
     config.http.addr = "127.0.0.1:0".into();
-    config.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr);
+    config.amqp.url = format!("amqp://guest:guest@{}/%2f", relay.addr).into();
     let worker = env.spawn_worker(config, "w1").await;
     assert_eq!(get(&worker, "/readyz").await, (200, "broker up\ndatabase up\n".into()));
 
