@@ -1268,8 +1268,10 @@ mod tests {
             let good = completion(profile, answer(profile, "m", Reply::text(r#"{"echo": "x"}"#))).await;
             assert_eq!(verdict(&echo, good), Ok(()), "{profile:?}");
         }
-        // Tool calls in the OpenAI shape pass as they are; the Gemini and Anthropic shapes
-        // depend on their dialects translating `functionCall` / `tool_use` back.
+        // Tool calls in the OpenAI shape pass as they are (for a job that offered the tool); the
+        // Gemini and Anthropic shapes depend on their dialects translating them back.
+        let offered = json!({"tools": [{"type": "function", "function": {"name": TOOL}}]});
+        let plain = Expectation::for_job(Accept::default(), offered.as_object().unwrap()).unwrap();
         for profile in [Profile::Groq, Profile::Cerebras, Profile::Openrouter, Profile::Openai] {
             let call =
                 completion(profile, answer(profile, "m", Reply { text: None, call: None, cut_off: false })).await;

@@ -202,6 +202,9 @@ pub struct Expectation {
     /// The job set `max_tokens` or `max_completion_tokens`: a `length` finish is what it asked.
     capped_by_job: bool,
     json: JsonWanted,
+    /// The functions the job declared in `tools` (unless `tool_choice` is `none`): only a call
+    /// to one of them, well formed, is an answer that needs no content.
+    callable: Vec<String>,
 }
 
 impl std::fmt::Debug for Expectation {
@@ -231,7 +234,7 @@ impl Expectation {
             (true, Some(None)) => JsonWanted::Any,
             (true, Some(Some(schema))) => JsonWanted::Schema(compiled_schema(schema)?),
         };
-        Ok(Expectation { accept, capped_by_job, json })
+        Ok(Expectation { accept, capped_by_job, json, callable: callable_functions(body) })
     }
 
     /// Holds one answer (an OpenAI `chat.completion` body) against the checks, in the order
@@ -242,7 +245,7 @@ impl Expectation {
         let message = choice.and_then(|c| c.get("message"));
         let finish_reason = choice.and_then(|c| c.get("finish_reason")).and_then(Value::as_str);
         let text = message.map(message_text).unwrap_or_default();
-        let calls_tools = message.is_some_and(has_tool_calls);
+        let calls_tools = message.is_some_and(|m| calls_declared_tools(m, &self.callable));
         let accept = &self.accept;
         if accept.finish {
             match finish_reason {
@@ -319,10 +322,29 @@ fn message_text(message: &Value) -> String {
     }
 }
 
-/// Whether a message calls a tool (`tool_calls`, or the legacy `function_call`).
-fn has_tool_calls(message: &Value) -> bool {
-    let calls = message.get("tool_calls").and_then(Value::as_array).is_some_and(|calls| !calls.is_empty());
-    calls || message.get("function_call").is_some_and(Value::is_object)
+/// The function names a job may be answered with a call to.
+fn callable_functions(body: &Map<String, Value>) -> Vec<String> {
+    if body.get("tool_choice").and_then(Value::as_str) == Some("none") {
+        return Vec::new();
+    }
+    let tools = body.get("tools").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    tools.iter().filter_map(|tool| tool.pointer("/function/name").and_then(Value::as_str).map(str::to_string)).collect()
+}
+
+/// Whether a message answers by calling tools: a non-empty `tool_calls` (or a legacy
+/// `function_call`) in which every call names a function the job declared and carries its
+/// arguments as a string. Anything else (a call nobody offered, a broken call) is held to the
+/// content checks like any other answer.
+fn calls_declared_tools(message: &Value, callable: &[String]) -> bool {
+    let well_formed = |function: Option<&Value>| {
+        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+        let arguments = function.and_then(|f| f.get("arguments")).map(Value::is_string);
+        name.is_some_and(|name| callable.iter().any(|c| c == name)) && arguments == Some(true)
+    };
+    if let Some(calls) = message.get("tool_calls").and_then(Value::as_array) {
+        return !calls.is_empty() && calls.iter().all(|call| well_formed(call.get("function")));
+    }
+    message.get("function_call").is_some_and(|call| well_formed(Some(call)))
 }
 
 /// A validation error in a few words: where in the answer (a JSON pointer) and what is wrong,
@@ -363,6 +385,7 @@ pub fn compiled_schema(schema: &Value) -> Result<Arc<Validator>, String> {
     if let Some(hit) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(hit);
     }
+    check_schema_cost(schema)?;
     // Compiled outside the lock: a large schema must not hold up every other job's lookup.
     let built = catch_unwind(AssertUnwindSafe(|| {
         jsonschema::options().offline().with_pattern_options(PatternOptions::regex()).build(schema)
@@ -374,6 +397,112 @@ pub fn compiled_schema(schema: &Value) -> Result<Arc<Validator>, String> {
     };
     cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, text.len(), validator.clone());
     Ok(validator)
+}
+
+/// The most schema nodes a schema may stand for once its `$ref`s are followed. Validation time
+/// grows with that expansion, not with the schema's text: 30 definitions each `anyOf` the one
+/// before, twice, are 1.5 KB and 2^30 branches, which would hold a worker's thread for hours
+/// (the check runs on the async runtime and cannot be interrupted). Real answer schemas expand to
+/// a few hundred nodes.
+pub const MAX_SCHEMA_EXPANSION: u64 = 20_000;
+
+/// Keywords whose subschemas apply to a part of the instance, not to the instance itself: a
+/// `$ref` cycle through one of them follows the answer's own depth and ends with it.
+const DESCENDING: [&str; 9] = [
+    "properties",
+    "patternProperties",
+    "additionalProperties",
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "contains",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+];
+
+/// Refuses a schema whose `$ref`s expand beyond [`MAX_SCHEMA_EXPANSION`] nodes, that loops on
+/// itself without descending into the answer, or that refers to anything but a JSON pointer
+/// inside itself.
+fn check_schema_cost(root: &Value) -> Result<(), String> {
+    let mut walk = SchemaWalk { root, memo: HashMap::new(), on_path: Vec::new() };
+    let cost = walk.cost(root, 0)?;
+    if cost > MAX_SCHEMA_EXPANSION {
+        return Err(format!(
+            "the JSON Schema is too complex: its references expand to more than {MAX_SCHEMA_EXPANSION} subschemas"
+        ));
+    }
+    Ok(())
+}
+
+struct SchemaWalk<'a> {
+    root: &'a Value,
+    /// Expanded size of each `$ref` target already measured.
+    memo: HashMap<String, u64>,
+    /// `$ref` targets being expanded, with how many descending keywords lay above each.
+    on_path: Vec<(String, u32)>,
+}
+
+impl SchemaWalk<'_> {
+    fn cost(&mut self, node: &Value, descended: u32) -> Result<u64, String> {
+        match node {
+            Value::Object(map) => {
+                let mut total = 1u64;
+                for (key, child) in map {
+                    let part = match key.as_str() {
+                        "$ref" => self.follow(child, descended)?,
+                        "$dynamicRef" | "$recursiveRef" => {
+                            return Err("the JSON Schema uses $dynamicRef, which is not supported".into());
+                        }
+                        // Annotations and literal values hold no subschemas.
+                        "enum" | "const" | "examples" | "default" | "description" | "title" => 0,
+                        k if DESCENDING.contains(&k) => self.cost(child, descended.saturating_add(1))?,
+                        _ => self.cost(child, descended)?,
+                    };
+                    total = total.saturating_add(part);
+                    if total > MAX_SCHEMA_EXPANSION {
+                        return Ok(total);
+                    }
+                }
+                Ok(total)
+            }
+            Value::Array(items) => {
+                let mut total = 0u64;
+                for item in items {
+                    total = total.saturating_add(self.cost(item, descended)?);
+                    if total > MAX_SCHEMA_EXPANSION {
+                        return Ok(total);
+                    }
+                }
+                Ok(total)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    fn follow(&mut self, reference: &Value, descended: u32) -> Result<u64, String> {
+        let Some(pointer) = reference.as_str().and_then(|r| r.strip_prefix('#')) else {
+            return Err("the JSON Schema may only refer to itself (`#/...`)".into());
+        };
+        if let Some(&(_, above)) = self.on_path.iter().find(|(p, _)| p == pointer) {
+            if above == descended {
+                return Err("the JSON Schema refers to itself without descending into the answer".into());
+            }
+            // A recursive schema: validation follows the answer's depth. Counted once.
+            return Ok(1);
+        }
+        if let Some(&known) = self.memo.get(pointer) {
+            return Ok(known);
+        }
+        let Some(target) = self.root.pointer(pointer) else {
+            return Err(format!("the JSON Schema refers to `#{pointer}`, which it does not contain"));
+        };
+        self.on_path.push((pointer.to_string(), descended));
+        let cost = self.cost(target, descended);
+        self.on_path.pop();
+        let cost = cost?;
+        self.memo.insert(pointer.to_string(), cost);
+        Ok(cost)
+    }
 }
 
 fn cache() -> &'static Mutex<SchemaCache> {
@@ -486,6 +615,49 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_whose_references_explode_is_refused_before_it_is_compiled() {
+        let mut defs = serde_json::Map::new();
+        defs.insert("d0".into(), json!({"type": "string"}));
+        for i in 1..=30 {
+            let previous = format!("#/$defs/d{}", i - 1);
+            defs.insert(format!("d{i}"), json!({"anyOf": [{"$ref": previous}, {"$ref": previous}]}));
+        }
+        let schema = json!({"$defs": defs, "$ref": "#/$defs/d30"});
+        let refused = compiled_schema(&schema).unwrap_err();
+        assert!(refused.contains("too complex"), "{refused}");
+        let looping = json!({"anyOf": [{"$ref": "#"}, {"type": "string"}]});
+        assert!(compiled_schema(&looping).unwrap_err().contains("without descending"));
+        assert!(compiled_schema(&json!({"$ref": "https://example.org/s.json"})).is_err());
+        // A recursive schema that descends into the answer is fine.
+        let tree = json!({"type": "object", "properties": {"name": {"type": "string"},
+            "children": {"type": "array", "items": {"$ref": "#"}}}});
+        assert!(compiled_schema(&tree).is_ok());
+    }
+
+    #[test]
+    fn only_a_well_formed_call_to_a_declared_tool_is_an_answer_without_content() {
+        let tools =
+            json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+        let with_tools = expect(Accept { min_chars: 50, ..Accept::default() }, json!({"tools": tools}));
+        let good = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"}}]});
+        assert!(with_tools.check(&answer(good, "tool_calls")).is_ok());
+        for garbage in [
+            json!({"role": "assistant", "content": "", "tool_calls": [null]}),
+            json!({"role": "assistant", "content": "", "tool_calls": [{}]}),
+            json!({"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "rm_rf", "arguments": "{}"}}]}),
+            json!({"role": "assistant", "content": "", "function_call": {}}),
+        ] {
+            assert_eq!(rejection(&with_tools, &answer(garbage, "stop")).0, RejectReason::Empty);
+        }
+        // A job that offered no tools is not answered by a call.
+        let plain_call = json!({"role": "assistant", "content": "x", "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"}}]});
+        let no_tools = expect(Accept { min_chars: 50, ..Accept::default() }, json!({}));
+        assert_eq!(rejection(&no_tools, &answer(plain_call, "tool_calls")).0, RejectReason::TooShort);
+    }
+
+    #[test]
     fn a_plain_answer_passes_every_default_check() {
         assert_eq!(plain().check(&says("Paris is the capital of France.")), Ok(()));
     }
@@ -514,11 +686,15 @@ mod tests {
     fn content_accepts_tool_calls_and_text_parts() {
         let call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]});
-        assert_eq!(plain().check(&answer(call.clone(), "tool_calls")), Ok(()));
+        let tools = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        assert_eq!(
+            expect(Accept::default(), json!({"tools": tools})).check(&answer(call.clone(), "tool_calls")),
+            Ok(())
+        );
         let parts = json!({"role": "assistant", "content": [{"type": "text", "text": "Hello"}]});
         assert_eq!(plain().check(&answer(parts, "stop")), Ok(()));
         // A tool call is the answer even when the job asked for JSON content.
-        let json_job = expect(Accept::default(), json!({"response_format": {"type": "json_object"}}));
+        let json_job = expect(Accept::default(), json!({"tools": tools, "response_format": {"type": "json_object"}}));
         assert_eq!(json_job.check(&answer(call, "tool_calls")), Ok(()));
     }
 
@@ -678,7 +854,7 @@ mod tests {
         assert!(Expectation::for_job(Accept { json: false, ..Accept::default() }, &body(bad)).is_ok());
         for remote in ["https://example.com/schema.json", "file:///etc/passwd"] {
             let err = compiled_schema(&json!({"$ref": remote})).unwrap_err();
-            assert!(err.contains("does not compile"), "{remote}: {err}");
+            assert!(err.contains("may only refer to itself"), "{remote}: {err}");
         }
         let local = json!({"$defs": {"e": {"type": "string"}}, "properties": {"echo": {"$ref": "#/$defs/e"}}});
         assert!(compiled_schema(&local).unwrap().is_valid(&json!({"echo": "x"})));
