@@ -103,6 +103,7 @@ pub fn request_body(body: &ChatBody, model: &str) -> Result<Value, String> {
             Value::Object(tool)
         })
         .collect();
+    let json_declared = json_tool.is_some();
     let choice = match json_tool {
         Some(tool) => {
             tools.insert(0, tool);
@@ -115,7 +116,9 @@ pub fn request_body(body: &ChatBody, model: &str) -> Result<Value, String> {
     };
     // The API refuses `tool_use` / `tool_result` blocks whose tools are not declared, which
     // OpenAI allows: a tool called earlier but no longer offered is declared back, as such.
-    for name in called.into_iter().filter(|n| !declared_names.contains(n) && n != JSON_TOOL) {
+    // (A conversation may also have called a tool named like [`JSON_TOOL`]: declared back too
+    // unless this request declares the JSON tool itself.)
+    for name in called.into_iter().filter(|n| !declared_names.contains(n) && !(json_declared && n == JSON_TOOL)) {
         tools.push(json!({"name": name, "description": "Used earlier in this conversation; not offered now.",
             "input_schema": {"type": "object"}}));
     }
@@ -423,6 +426,15 @@ mod tests {
         assert_eq!(request["tool_choice"], json!({"type": "none"}));
         let plain = request_body(&body(json!({"messages": [{"role": "user", "content": "x"}]})), "m").unwrap();
         assert_eq!((plain.get("tools"), plain.get("tool_choice")), (None, None));
+        // Found by the property test: an earlier call to a tool named like the JSON tool.
+        let named_like_json = request_body(
+            &body(json!({"messages": [
+                {"role": "assistant", "content": [], "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": JSON_TOOL, "arguments": "{}"}}]},
+                {"role": "user", "content": "x"}]})),
+            "m",
+        )
+        .unwrap();
+        assert_eq!(named_like_json["tools"][0]["name"], JSON_TOOL);
     }
 
     #[test]
