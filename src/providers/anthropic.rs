@@ -118,7 +118,7 @@ pub fn request_body(body: &ChatBody, model: &str) -> Result<Value, String> {
     // OpenAI allows: a tool called earlier but no longer offered is declared back, as such.
     // (A conversation may also have called a tool named like [`JSON_TOOL`]: declared back too
     // unless this request declares the JSON tool itself.)
-    for name in called.into_iter().filter(|n| !declared_names.contains(n) && !(json_declared && n == JSON_TOOL)) {
+    for name in called.into_iter().filter(|n| !declared_names.contains(n) && (!json_declared || n != JSON_TOOL)) {
         tools.push(json!({"name": name, "description": "Used earlier in this conversation; not offered now.",
             "input_schema": {"type": "object"}}));
     }
