@@ -760,8 +760,9 @@ impl Row {
         self
     }
 
+    /// Rounded to the two decimals the table shows, so a verdict never contradicts the figure.
     fn ratio(&self) -> f64 {
-        self.service / self.reference
+        (self.service / self.reference * 100.0).round() / 100.0
     }
 
     fn verdict(&self) -> &'static str {
