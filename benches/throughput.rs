@@ -41,6 +41,12 @@
 //! - `scaling N procs`: N processes, no limits, one backlog of `scaling_jobs`: total jobs/s against
 //!   one minimal worker on the same backlog (prefetch 32).
 //!
+//! Before the table, one line per run: jobs/s and the workers' CPU per job, then the CPU per job
+//! of every RabbitMQ (`beam.smp`) and Postgres process on the machine over the same span (other
+//! users of them count too) and how busy the whole machine was: near 100 % means the cores, not
+//! the worker, set the pace. The admission part also prints jobs/s along each single-process run
+//! in eighths, to show whether the rate falls as usage grows or only starts slow.
+//!
 //! Everything shares the machine's cores (broker, Postgres, mock, this process, the workers):
 //! figures are only comparable within one run, which is why each comes with its reference.
 
@@ -145,6 +151,8 @@ async fn admission(broker: &Broker, settings: &Settings) -> Vec<Row> {
     let (jobs, block) = (settings.admission_jobs, settings.block.min(settings.admission_jobs));
     let limited = backlog_run(broker, Subject::limited(1), 32, jobs, "limited").await;
     let unlimited = backlog_run(broker, Subject::service(1), 32, jobs, "no limits").await;
+    println!("    jobs/s along the limited run, in eighths: {}", limited.profile(8));
+    println!("    jobs/s along the run without limits:      {}", unlimited.profile(8));
     let k = settings.shared_workers;
     let shared = backlog_run(broker, Subject::limited(k), 32, settings.shared_jobs, "limited").await;
     let shared_unlimited = backlog_run(broker, Subject::service(k), 32, settings.shared_jobs, "no limits").await;
@@ -206,8 +214,8 @@ impl Subject {
 /// One run's results, in arrival order.
 struct Run {
     arrivals: Vec<Instant>,
-    /// CPU ticks of the worker processes between the first result and the last.
-    cpu_ticks: u64,
+    /// CPU spent between the first result and the last.
+    cpu: CpuUse,
 }
 
 impl Run {
@@ -226,8 +234,21 @@ impl Run {
         (range.len() - 1) as f64 / span.as_secs_f64()
     }
 
+    /// The worker processes' CPU per job.
     fn cpu_ms_per_job(&self) -> f64 {
-        self.cpu_ticks as f64 / TICKS_PER_SEC * 1000.0 / (self.jobs() - 1) as f64
+        self.per_job_ms(self.cpu.workers)
+    }
+
+    fn per_job_ms(&self, ticks: u64) -> f64 {
+        ticks as f64 / TICKS_PER_SEC * 1000.0 / (self.jobs() - 1) as f64
+    }
+
+    /// Jobs/s over each of `slices` equal parts of the run: how the rate moves along it.
+    fn profile(&self, slices: usize) -> String {
+        let size = self.jobs() / slices;
+        let rates: Vec<String> =
+            (0..slices).map(|i| format!("{:.0}", self.rate_over(i * size..(i + 1) * size))).collect();
+        rates.join(" ")
     }
 }
 
@@ -296,12 +317,16 @@ async fn backlog_run(broker: &Broker, subject: Subject, prefetch: u16, jobs: usi
     let collected = collect(&mut results, jobs, &pids).await;
     stop(&mut workers).await;
     check_answers(subject, &collected);
-    let run = Run { arrivals: collected.arrivals, cpu_ticks: collected.cpu_ticks };
+    let run = Run { arrivals: collected.arrivals, cpu: collected.cpu };
     println!(
-        "  {:<22} p{prefetch:<3} {tag:<14} {jobs:>6} jobs  {:>8.0} jobs/s  {:>7.3} ms CPU/job  (run {:.1} s)",
+        "  {:<22} p{prefetch:<3} {tag:<14} {jobs:>6} jobs  {:>8.0} jobs/s  {:>6.3} ms CPU/job  \
+         (broker {:.3}, postgres {:.3}; machine {:.0}% busy; run {:.1} s)",
         subject.label(),
         run.rate(),
         run.cpu_ms_per_job(),
+        run.per_job_ms(run.cpu.broker),
+        run.per_job_ms(run.cpu.postgres),
+        run.cpu.machine_busy_pct,
         started.elapsed().as_secs_f64()
     );
     run
@@ -367,15 +392,19 @@ struct Collected {
     arrivals: Vec<Instant>,
     correlation_ids: Vec<String>,
     bodies: Vec<Vec<u8>>,
-    /// CPU ticks of `pids` between the first arrival and the last.
-    cpu_ticks: u64,
+    /// CPU spent between the first arrival and the last.
+    cpu: CpuUse,
 }
 
 /// Takes `n` results from `consumer`, noting when each arrived.
 async fn collect(consumer: &mut Consumer, n: usize, pids: &[u32]) -> Collected {
-    let mut collected =
-        Collected { arrivals: Vec::with_capacity(n), correlation_ids: Vec::new(), bodies: Vec::new(), cpu_ticks: 0 };
-    let mut cpu_at_first = 0;
+    let mut collected = Collected {
+        arrivals: Vec::with_capacity(n),
+        correlation_ids: Vec::new(),
+        bodies: Vec::new(),
+        cpu: CpuUse::default(),
+    };
+    let mut cpu_at_first = None;
     while collected.arrivals.len() < n {
         let delivery = match tokio::time::timeout(STALL, consumer.next()).await {
             Ok(Some(Ok(delivery))) => delivery,
@@ -384,13 +413,15 @@ async fn collect(consumer: &mut Consumer, n: usize, pids: &[u32]) -> Collected {
         };
         collected.arrivals.push(Instant::now());
         if collected.arrivals.len() == 1 {
-            cpu_at_first = cpu_ticks(pids);
+            cpu_at_first = Some(CpuSnapshot::take(pids));
         }
         let correlation_id = delivery.properties.correlation_id().as_ref().map(|c| c.to_string());
         collected.correlation_ids.push(correlation_id.unwrap_or_default());
         collected.bodies.push(delivery.data);
     }
-    collected.cpu_ticks = cpu_ticks(pids) - cpu_at_first;
+    if let Some(first) = cpu_at_first {
+        collected.cpu = CpuSnapshot::take(pids).since(&first);
+    }
     collected
 }
 
@@ -410,9 +441,71 @@ fn check_answers(subject: Subject, collected: &Collected) {
     assert_eq!(failed, 0, "{}: every job is answered", subject.label());
 }
 
-/// utime + stime of these processes, in ticks.
-fn cpu_ticks(pids: &[u32]) -> u64 {
-    pids.iter().map(|pid| process_cpu_ticks(*pid)).sum()
+/// CPU counters at one instant: the workers', the broker's and Postgres' (every `beam.smp` and
+/// `postgres` process on the machine, so other users of them count too), the whole machine's.
+struct CpuSnapshot {
+    workers: u64,
+    /// (pid, is the broker, ticks) of every broker and Postgres process.
+    infra: Vec<(u32, bool, u64)>,
+    machine_busy: u64,
+    machine_total: u64,
+}
+
+/// What was spent between two snapshots, in ticks (the machine's as a share of its capacity).
+#[derive(Default)]
+struct CpuUse {
+    workers: u64,
+    broker: u64,
+    postgres: u64,
+    machine_busy_pct: f64,
+}
+
+impl CpuSnapshot {
+    fn take(worker_pids: &[u32]) -> CpuSnapshot {
+        let (machine_busy, machine_total) = machine_ticks();
+        CpuSnapshot {
+            workers: worker_pids.iter().map(|pid| process_cpu_ticks(*pid)).sum(),
+            infra: infra_processes().into_iter().map(|(pid, broker)| (pid, broker, process_cpu_ticks(pid))).collect(),
+            machine_busy,
+            machine_total,
+        }
+    }
+
+    /// A process that started in between counts whole; one that ended in between is lost.
+    fn since(&self, earlier: &CpuSnapshot) -> CpuUse {
+        let mut used = CpuUse { workers: self.workers.saturating_sub(earlier.workers), ..Default::default() };
+        for &(pid, broker, ticks) in &self.infra {
+            let before = earlier.infra.iter().find(|(p, ..)| *p == pid).map_or(0, |(.., t)| *t);
+            *(if broker { &mut used.broker } else { &mut used.postgres }) += ticks.saturating_sub(before);
+        }
+        let total = self.machine_total.saturating_sub(earlier.machine_total).max(1);
+        used.machine_busy_pct = 100.0 * self.machine_busy.saturating_sub(earlier.machine_busy) as f64 / total as f64;
+        used
+    }
+}
+
+/// Every RabbitMQ and Postgres process: (pid, is the broker).
+fn infra_processes() -> Vec<(u32, bool)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| match std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim() {
+            "beam.smp" => Some((pid, true)),
+            "postgres" => Some((pid, false)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// (busy, total) ticks of all cores since boot, from the first line of `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> =
+        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user)
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 fn process_cpu_ticks(pid: u32) -> u64 {
@@ -667,8 +760,9 @@ impl Row {
         self
     }
 
+    /// Rounded to the two decimals the table shows, so a verdict never contradicts the figure.
     fn ratio(&self) -> f64 {
-        self.service / self.reference
+        (self.service / self.reference * 100.0).round() / 100.0
     }
 
     fn verdict(&self) -> &'static str {
