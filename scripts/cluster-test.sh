@@ -31,8 +31,10 @@ NODES=(1 2 3)
 
 ctl() {
   local node=$1; shift
-  runuser -u rabbitmq -- env -i PATH=/usr/bin:/bin HOME="$dir/home" LC_ALL=C.UTF-8 \
-    timeout 60 "$RMQ_BIN/rabbitmqctl" -q -n "$node" "$@"
+  # From the test's own directory: the Erlang VM looks up code in its working directory, and
+  # the checkout may be one the rabbitmq user cannot read (CI clones into a root-only temp dir).
+  (cd "$dir" && runuser -u rabbitmq -- env -i PATH=/usr/bin:/bin HOME="$dir/home" LC_ALL=C.UTF-8 \
+    timeout 60 "$RMQ_BIN/rabbitmqctl" -q -n "$node" "$@")
 }
 
 # The node that holds llm.jobs, asking `node`: a quorum queue's leader, or a classic queue's home
@@ -48,7 +50,7 @@ jobs_leader() {
 node_pid() {
   local pid
   pid=$(cat "$dir/n$1/pid" 2>/dev/null) || return 1
-  tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "RABBITMQ_NODENAME=fwc$1@localhost" && echo "$pid"
+  tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" | grep -qx "RABBITMQ_NODENAME=fwc$1@localhost" && echo "$pid"
 }
 
 # The node-killing half, run by the checker at the chosen moment: finds the jobs queue's leader
