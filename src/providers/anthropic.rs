@@ -222,11 +222,19 @@ fn tool_result(message: &Value) -> Result<Value, String> {
     Ok(json!({"type": "tool_result", "tool_use_id": block_id(id), "content": text_of(message)?}))
 }
 
-/// A tool call id as the API accepts it (`^[a-zA-Z0-9_-]+$`): other characters become `_`,
-/// the same way for a call and its result, so the pair still matches.
+/// A tool call id as the API accepts it (`^[a-zA-Z0-9_-]+$`): kept when it already is one, else
+/// replaced by a hash of it, the same way for a call and its result, so the pair still matches.
 fn block_id(id: &str) -> String {
-    let id: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    if id.is_empty() { "call".into() } else { id }
+    let clean =
+        !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if clean {
+        return id.to_string();
+    }
+    // Injective where a character-by-character cleaning is not (`call.1` and `call:1` would both
+    // become `call_1`, pairing a tool result with the wrong call): a hash of the whole id.
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(id.as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("call_h{hex}")
 }
 
 /// What reading an answer needs to know of its request.
@@ -394,13 +402,13 @@ mod tests {
             json!({"role": "assistant", "content": [
                 {"type": "text", "text": "I'll check."},
                 {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "get_weather", "input": {"location": "San Francisco, CA"}},
-                {"type": "tool_use", "id": "call_2", "name": "get_time", "input": {}}]})
+                {"type": "tool_use", "id": block_id("call.2"), "name": "get_time", "input": {}}]})
         );
         assert_eq!(
             turns[2],
             json!({"role": "user", "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9", "content": "15 degrees"},
-                {"type": "tool_result", "tool_use_id": "call_2", "content": "noon"}]})
+                {"type": "tool_result", "tool_use_id": block_id("call.2"), "content": "noon"}]})
         );
         assert_eq!(
             turns[3]["content"],
@@ -408,6 +416,19 @@ mod tests {
                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
                    {"type": "image", "source": {"type": "url", "url": "https://upload.wikimedia.org/a.jpg"}}])
         );
+    }
+
+    #[test]
+    fn tool_call_ids_that_clean_alike_stay_apart() {
+        assert_eq!(block_id("call_1"), "call_1");
+        assert_eq!(block_id("toolu-01"), "toolu-01");
+        let (dot, colon) = (block_id("call.1"), block_id("call:1"));
+        assert_ne!(dot, colon);
+        assert_ne!(dot, "call_1");
+        for id in [&dot, &colon] {
+            assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'), "{id}");
+        }
+        assert_eq!(block_id("call.1"), dot, "a call and its result map alike");
     }
 
     #[test]

@@ -207,6 +207,17 @@ pub fn functions(body: &ChatBody) -> Result<Vec<Function>, String> {
             }
             let function = tool.get("function").ok_or("a tool without a `function`")?;
             let name = function.get("name").and_then(Value::as_str).ok_or("a function without a name")?;
+            // The Gemini and Anthropic APIs refuse other names with a 400 (after the call took its
+            // quota slot): saying so here makes it a capability skip before admission.
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid {
+                return Err(format!(
+                    "a function name outside [A-Za-z0-9_-]{{1,64}} (`{}`)",
+                    crate::providers::short_message(name)
+                ));
+            }
             Ok(Function {
                 name: name.to_string(),
                 description: function.get("description").and_then(Value::as_str).map(str::to_string),
@@ -418,6 +429,12 @@ mod tests {
                 .unwrap_err()
                 .contains("custom")
         );
+        for bad in ["get.weather", "", "x".repeat(65).as_str(), "naïve"] {
+            let tools = body(json!({"tools": [{"type": "function", "function": {"name": bad}}]}));
+            assert!(functions(&tools).unwrap_err().contains("function name outside"), "{bad:?}");
+        }
+        let fine = body(json!({"tools": [{"type": "function", "function": {"name": "get_weather-2"}}]}));
+        assert_eq!(functions(&fine).unwrap()[0].name, "get_weather-2");
     }
 
     #[test]
