@@ -79,7 +79,14 @@ impl Publisher {
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Routed::Queued),
             Confirmation::Ack(Some(_returned)) => Ok(Routed::Unroutable),
-            Confirmation::Nack(_) => Err(PublishError::Refused("nack (a full queue that rejects publishes?)".into())),
+            Confirmation::Nack(_) => {
+                // A channel that published to a quorum queue whose leader died can keep nacking
+                // after a new leader is elected: the next message goes out on a fresh channel.
+                self.renew(&channel).await;
+                Err(PublishError::Refused(
+                    "nack (a full queue that rejects publishes, or a queue changing leader?)".into(),
+                ))
+            }
         }
     }
 
@@ -98,6 +105,21 @@ impl Publisher {
         tracing::info!("reopened the publishing channel after the broker closed it over one message");
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
         Ok(fresh)
+    }
+
+    /// Replaces `stale` with a fresh confirm channel, unless another task already did.
+    async fn renew(&self, stale: &Channel) {
+        if self.channel.lock().unwrap_or_else(|p| p.into_inner()).id() != stale.id() {
+            return;
+        }
+        let Ok(fresh) = open_confirm_channel(&self.connection).await else { return };
+        let old = {
+            let mut current = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+            if current.id() == stale.id() { std::mem::replace(&mut *current, fresh) } else { fresh }
+        };
+        tracing::info!("renewed the publishing channel after a nack");
+        // Publishes still waiting on the old channel fail and are retried on the new one.
+        let _ = tokio::time::timeout(Duration::from_secs(2), old.close(200, "renewed".into())).await;
     }
 
     /// A publish error is the message's own while the connection still stands.
