@@ -113,11 +113,13 @@ impl Publisher {
             return;
         }
         let Ok(fresh) = open_confirm_channel(&self.connection).await else { return };
-        let old = {
+        let (old, renewed) = {
             let mut current = self.channel.lock().unwrap_or_else(|p| p.into_inner());
-            if current.id() == stale.id() { std::mem::replace(&mut *current, fresh) } else { fresh }
+            if current.id() == stale.id() { (std::mem::replace(&mut *current, fresh), true) } else { (fresh, false) }
         };
-        tracing::info!("renewed the publishing channel after a nack");
+        if renewed {
+            tracing::info!("renewed the publishing channel after a nack");
+        }
         // Publishes still waiting on the old channel fail and are retried on the new one.
         let _ = tokio::time::timeout(Duration::from_secs(2), old.close(200, "renewed".into())).await;
     }

@@ -189,17 +189,7 @@ async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: S
     let max_wait = match chain.max_wait_for(line.job.max_wait) {
         Ok(max_wait) => max_wait,
         Err(reason) => {
-            let routing = Routing {
-                chain: Some(chain.name.clone()),
-                provider: None,
-                model: None,
-                free: None,
-                attempts: Vec::new(),
-                rejected: false,
-                worker,
-                queued_ms: 0,
-                total_ms: 0,
-            };
+            let routing = bare_routing(chain.name.clone(), worker, Duration::ZERO);
             return error_result(Some(line.job.custom_id.clone()), ErrorCode::InvalidRequest, reason, routing);
         }
     };
