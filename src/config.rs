@@ -35,6 +35,9 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     /// Chains by name; `default` always exists and every member names a declared provider.
     pub chains: BTreeMap<String, ChainConfig>,
+    /// Pools of limits shared by several providers (`[[quotas]]`, contract §5): one account's
+    /// limits across models or endpoints.
+    pub quotas: Vec<QuotaPoolConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -294,6 +297,19 @@ pub struct ProviderConfig {
     /// quota) is spent on it. `None`: everything the kind carries.
     #[serde(default)]
     pub supports: Option<Vec<Capability>>,
+    /// The shared pools (`[[quotas]]` names) this provider draws from as well as its own
+    /// `limits`.
+    #[serde(default)]
+    pub quotas: Vec<String>,
+}
+
+/// `[[quotas]]`: limits held once for every provider that names the pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaPoolConfig {
+    pub name: String,
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
 }
 
 /// Something a job may need beyond plain text, which a provider's `supports` may leave out.
@@ -379,6 +395,8 @@ struct FileConfig {
     worker: WorkerConfig,
     providers: Vec<ProviderConfig>,
     chains: BTreeMap<String, ChainConfig>,
+    #[serde(default)]
+    quotas: Vec<QuotaPoolConfig>,
 }
 
 /// Environment values that override the file (contract §1).
@@ -431,6 +449,7 @@ impl Config {
             worker: raw.worker,
             providers: raw.providers,
             chains: raw.chains,
+            quotas: raw.quotas,
         };
         if let Some(urls) = &env.amqp_url {
             // A blank AMQP_URL leaves no URL, which validation refuses by name.

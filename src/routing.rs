@@ -124,6 +124,40 @@ impl CooldownReason {
     }
 }
 
+/// What a limit counts: calls or tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum QuotaMeasure {
+    Requests,
+    Tokens,
+}
+
+/// Whom a provider's 429 is about (contract §6): this model alone, or the whole account (every
+/// provider that draws from the same `[[quotas]]` pool), e.g. OpenRouter's
+/// `free-models-per-day` or a Gemini project quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LimitScope {
+    #[default]
+    Model,
+    Account,
+}
+
+/// What a provider's rate-limit headers said about one of its budgets on an answer
+/// (`x-ratelimit-remaining-*` and `-reset-*`, Anthropic's and Gemini's equivalents): the shared
+/// view of the matching limit is corrected from it (contract §6), never beyond what the config
+/// declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaObservation {
+    pub measure: QuotaMeasure,
+    /// What the provider says is left.
+    pub remaining: u64,
+    /// The size of the budget, when the provider said it.
+    pub limit: Option<u64>,
+    /// When the provider says the budget is whole again, when it said.
+    pub resets_at: Option<std::time::SystemTime>,
+    /// The window the provider named (`-day`, `-minute` suffixes), when it named one.
+    pub window: Option<std::time::Duration>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -672,7 +672,14 @@ mod tests {
         async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
             let body = serde_json::json!({"object": "chat.completion", "choices": [{"index": 0,
                 "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]});
-            Ok(Completion { status: 200, request_id: "r".into(), body, total_tokens: Some(3), exhausted_until: None })
+            Ok(Completion {
+                status: 200,
+                request_id: "r".into(),
+                body,
+                total_tokens: Some(3),
+                exhausted_until: None,
+                quota: Vec::new(),
+            })
         }
     }
 

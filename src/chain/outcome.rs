@@ -108,7 +108,14 @@ mod tests {
     use super::*;
 
     fn failure(kind: FailureKind, retry_at: Option<SystemTime>, daily: bool) -> Failure {
-        Failure { kind, status: Some(429), retry_at, daily, message: String::new() }
+        Failure {
+            kind,
+            status: Some(429),
+            retry_at,
+            daily,
+            scope: crate::routing::LimitScope::Model,
+            message: String::new(),
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ fn completion() -> Completion {
             "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}]}),
         total_tokens: Some(10),
         exhausted_until: None,
+        quota: Vec::new(),
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::SystemTime;
 use serde_json::Value;
 
 use crate::job::ChatBody;
+use crate::routing::{LimitScope, QuotaObservation};
 
 /// A successful answer, already in OpenAI `chat.completion` form.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +35,9 @@ pub struct Completion {
     /// The rate-limit headers of this success say a budget is now spent, until this reset:
     /// the next call would be refused, so the provider cools down without waiting for a 429.
     pub exhausted_until: Option<SystemTime>,
+    /// What the rate-limit headers of this answer said of each budget (contract §6: they
+    /// correct the shared view both ways).
+    pub quota: Vec<QuotaObservation>,
 }
 
 /// How a failed call is classified (contract §3 outcomes, §6 cooldowns).
@@ -73,13 +77,15 @@ pub struct Failure {
     pub retry_at: Option<SystemTime>,
     /// The provider says a per-day quota is spent (so `retry_at` is the daily reset).
     pub daily: bool,
+    /// Whether a 429 is about this model or the whole account (its `[[quotas]]` pools).
+    pub scope: LimitScope,
     /// Short, secret-free description (the provider's message, trimmed).
     pub message: String,
 }
 
 impl Failure {
     pub fn new(kind: FailureKind, status: Option<u16>, message: impl Into<String>) -> Self {
-        Self { kind, status, retry_at: None, daily: false, message: message.into() }
+        Self { kind, status, retry_at: None, daily: false, scope: LimitScope::Model, message: message.into() }
     }
 }
 

@@ -64,7 +64,7 @@ fn success(status: u16, headers: &HeaderMap, json: Value, now: SystemTime) -> Re
         .unwrap_or_default();
     let total_tokens = json.pointer("/usage/total_tokens").and_then(Value::as_u64);
     let exhausted_until = retry_info::exhausted_reset(headers, now);
-    Ok(Completion { status, request_id, body: json, total_tokens, exhausted_until })
+    Ok(Completion { status, request_id, body: json, total_tokens, exhausted_until, quota: Vec::new() })
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

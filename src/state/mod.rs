@@ -11,7 +11,7 @@ pub mod quota;
 use std::time::{Duration, SystemTime};
 
 use crate::config::LimitConfig;
-use crate::routing::CooldownReason;
+use crate::routing::{CooldownReason, QuotaObservation};
 
 /// A provider that must not be called before `until`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,11 +59,7 @@ pub enum Admission {
     TooLarge,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum QuotaMeasure {
-    Requests,
-    Tokens,
-}
+pub use crate::routing::QuotaMeasure;
 
 /// A granted call, counted in the provider's windows until it is finished.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -127,6 +123,13 @@ pub trait ProviderState: Send + Sync {
     /// all workers. Nothing else changes: a rejection cools nothing down. Best effort: a count
     /// the database cannot take now is dropped (`/metrics` still counts it).
     async fn record_rejected_output(&self, provider: &str, reason: &str);
+
+    /// A successful answer of `ask.provider` carried what the provider counts of its budgets:
+    /// the shared view of the matching limits (its own and its pools') is corrected from it
+    /// (contract §6), within what the config declares. The default ignores it.
+    async fn observe_quota(&self, ask: Ask<'_>, seen: &[QuotaObservation], now: SystemTime) {
+        let _ = (ask, seen, now);
+    }
 }
 
 /// What the ledger knows of a job when a delivery of it arrives.
