@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::calendar::DailyReset;
 use crate::chain::checks::Accept;
 use crate::secrets::redact_url;
 
@@ -357,6 +358,15 @@ pub struct LimitConfig {
     pub tokens: Option<u64>,
     #[serde(deserialize_with = "duration")]
     pub per: Duration,
+    /// A calendar window (`per = "1d"` only): the quota is whole again at this time of day, as
+    /// the provider counts, instead of sliding.
+    #[serde(default, deserialize_with = "daily_reset")]
+    pub resets: Option<DailyReset>,
+}
+
+fn daily_reset<'de, D: Deserializer<'de>>(de: D) -> Result<Option<DailyReset>, D::Error> {
+    let text = String::deserialize(de)?;
+    DailyReset::parse(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -624,6 +634,9 @@ fn validate_provider(provider: &ProviderConfig, i: usize) -> Result<(), (String,
         }
         if limit.per < Duration::from_millis(100) {
             return Err(problem(format!("{key}.per"), "must be at least 100ms"));
+        }
+        if limit.resets.is_some() && limit.per != Duration::from_secs(86_400) {
+            return Err(problem(format!("{key}.resets"), "a calendar reset needs `per = \"1d\"`"));
         }
     }
     for name in provider.headers.keys() {

@@ -24,6 +24,7 @@
 
 pub mod app;
 pub mod broker;
+pub mod calendar;
 pub mod chain;
 pub mod cli;
 pub mod config;

@@ -706,7 +706,7 @@ async fn a_rejected_answer_moves_on_without_a_cooldown_but_still_counts_in_the_w
     let bad = Says::new(vec![answer("  ", "stop")]);
     let good = Says::new(vec![]);
     let mut first = member("bad", true, bad.clone());
-    first.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(60) }];
+    first.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(60), resets: None }];
     let chain = chain(vec![first, member("good", true, good.clone())], Duration::ZERO);
     let store = MemoryStore::new();
     let mut progress = JobProgress::new(clock.now());
@@ -932,7 +932,7 @@ async fn a_provider_that_cannot_carry_the_job_is_skipped_before_admission() {
     let picky = Arc::new(NoTools { calls: Mutex::new(0) });
     // One request a minute: a skip that took the slot would leave none for the plain job.
     let mut limited = member("picky", false, picky.clone());
-    limited.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(60) }];
+    limited.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(60), resets: None }];
     let chain = chain(vec![limited, member("other", true, Scripted::new(vec![]))], secs(3600));
     let mut tools = job();
     tools.body.insert("tools".into(), json!([{"type": "function", "function": {"name": "f"}}]));

@@ -220,7 +220,12 @@ mod tests {
     #[tokio::test]
     async fn limits_count_granted_calls_until_finished() {
         let store = MemoryStore::new();
-        let limits = [crate::config::LimitConfig { requests: Some(2), tokens: None, per: Duration::from_secs(60) }];
+        let limits = [crate::config::LimitConfig {
+            requests: Some(2),
+            tokens: None,
+            per: Duration::from_secs(60),
+            resets: None,
+        }];
         let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
         let now = SystemTime::now();
         let Admission::Granted(first) = store.admit(ask, now).await else { panic!() };

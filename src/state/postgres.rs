@@ -375,6 +375,7 @@ impl PgStore {
                 requests: l.requests.map(|n| n / workers),
                 tokens: l.tokens.map(|n| n / workers),
                 per: l.per,
+                resets: l.resets.clone(),
             })
             .collect();
         let local_ask = Ask { limits: &share, ..ask };
@@ -1048,7 +1049,7 @@ mod tests {
     use super::*;
 
     fn limit(requests: Option<u64>, tokens: Option<u64>, secs: u64) -> LimitConfig {
-        LimitConfig { requests, tokens, per: Duration::from_secs(secs) }
+        LimitConfig { requests, tokens, per: Duration::from_secs(secs), resets: None }
     }
 
     #[test]

@@ -97,11 +97,11 @@ mod tests {
     use super::*;
 
     fn requests(n: u64, secs: u64) -> LimitConfig {
-        LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(secs) }
+        LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(secs), resets: None }
     }
 
     fn tokens(n: u64, secs: u64) -> LimitConfig {
-        LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs) }
+        LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
     }
 
     fn done(id: i64, at: SystemTime, tokens: u64) -> Usage {

@@ -126,7 +126,7 @@ async fn notifications_reach_other_workers_and_a_reconnect_reloads() {
 async fn limits_hold_across_workers_under_concurrency() {
     let env = TestEnv::new().await;
     let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
-    let limits = [LimitConfig { requests: Some(5), tokens: None, per: Duration::from_secs(2) }];
+    let limits = [LimitConfig { requests: Some(5), tokens: None, per: Duration::from_secs(2), resets: None }];
     let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
     let attempts = (0..40).map(|i| {
         let store = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -163,7 +163,7 @@ async fn limits_hold_across_workers_under_concurrency() {
 async fn token_limits_use_estimates_corrected_by_usage() {
     let env = TestEnv::new().await;
     let store = migrated_store(&env).await;
-    let limits = [LimitConfig { requests: None, tokens: Some(1000), per: Duration::from_secs(60) }];
+    let limits = [LimitConfig { requests: None, tokens: Some(1000), per: Duration::from_secs(60), resets: None }];
     let big = Ask { provider: "t", limits: &limits, tokens: 800, flight: Duration::from_secs(5) };
     let Admission::Granted(permit) = store.admit(big, SystemTime::now()).await else { panic!() };
     let other = migrated_store(&env).await;
@@ -228,8 +228,8 @@ async fn status_shows_cooldowns_usage_and_last_errors() {
         chain("default", &["groq", "paid"], "")
     );
     let limits = [
-        LimitConfig { requests: Some(30), tokens: None, per: Duration::from_secs(60) },
-        LimitConfig { requests: None, tokens: Some(6000), per: Duration::from_secs(60) },
+        LimitConfig { requests: Some(30), tokens: None, per: Duration::from_secs(60), resets: None },
+        LimitConfig { requests: None, tokens: Some(6000), per: Duration::from_secs(60), resets: None },
     ];
     let ask = Ask { provider: "groq", limits: &limits, tokens: 120, flight: Duration::from_secs(5) };
     for _ in 0..3 {
