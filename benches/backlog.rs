@@ -10,7 +10,11 @@
 //! - `reactive`: limits are not configured and `free_wait` is 0, the seed article's behaviour:
 //!   call, collect the 429, cool down, fall through to the paid model.
 //!
-//! A third run, `throughput`, measures the worker itself: one worker process, one unlimited
+//! - `pooled`: the two free models sit behind one account (one mock serves both and holds one
+//!   limit for the pair, as OpenRouter counts every `:free` model of a key together); the config
+//!   declares that limit once, as a `[[quotas]]` pool both providers name (issue #11).
+//!
+//! A last run, `throughput`, measures the worker itself: one worker process, one unlimited
 //! provider answering at once, 2000 jobs: jobs per second and CPU per job.
 //!
 //! It prints wall time against the ideal for strict windows and against jobs / (sum of free
@@ -31,8 +35,33 @@ const WINDOW: Duration = Duration::from_secs(2);
 const PER_WINDOW: usize = 10;
 const LATENCY: Duration = Duration::from_millis(20);
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Planned,
+    Reactive,
+    Pooled,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Planned => "planned",
+            Mode::Reactive => "reactive",
+            Mode::Pooled => "pooled",
+        }
+    }
+
+    /// Free calls the mocks accept per window: two providers, or one account for both.
+    fn free_per_window(self) -> usize {
+        match self {
+            Mode::Pooled => PER_WINDOW,
+            Mode::Planned | Mode::Reactive => 2 * PER_WINDOW,
+        }
+    }
+}
+
 struct Outcome {
-    mode: &'static str,
+    mode: Mode,
     wall: Duration,
     ideal: Duration,
     rate_min: Duration,
@@ -56,19 +85,20 @@ async fn main() {
         println!("throughput {rate:.0} jobs/s {cpu:.3} ms/job");
         return;
     }
-    let planned = run("planned", jobs, workers, true).await;
-    let reactive = run("reactive", jobs, workers, false).await;
+    let planned = run(Mode::Planned, jobs, workers).await;
+    let reactive = run(Mode::Reactive, jobs, workers).await;
+    let pooled = run(Mode::Pooled, jobs, workers).await;
     println!();
     println!(
         "{:<9} {:>6} {:>9} {:>9} {:>9} {:>12} {:>6} {:>6} {:>6} {:>12} {:>10}",
         "mode", "jobs", "wall_s", "ideal_s", "rate_s", "utilization", "429s", "paid", "free", "cpu_ms/job", "idle_MB"
     );
-    for o in [planned, reactive] {
+    for o in [planned, reactive, pooled] {
         // Free capacity used: free answers against what strict windows allow in the same time.
-        let utilization = 100.0 * o.free as f64 / capacity(o.wall.saturating_sub(LATENCY), 2 * PER_WINDOW);
+        let utilization = 100.0 * o.free as f64 / capacity(o.wall.saturating_sub(LATENCY), o.mode.free_per_window());
         println!(
             "{:<9} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>11.1}% {:>6} {:>6} {:>6} {:>12.3} {:>10.1}",
-            o.mode,
+            o.mode.name(),
             jobs,
             o.wall.as_secs_f64(),
             o.ideal.as_secs_f64(),
@@ -94,7 +124,7 @@ async fn main() {
     );
 }
 
-async fn run(mode: &'static str, jobs: usize, workers: usize, planned: bool) -> Outcome {
+async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
     let env = TestEnv::new().await;
     let strict = |profile| {
         let mut options = MockOptions::new(profile);
@@ -103,21 +133,34 @@ async fn run(mode: &'static str, jobs: usize, workers: usize, planned: bool) -> 
         options
     };
     let groq = MockProvider::start(strict(Profile::Groq)).await.unwrap();
-    let cerebras = MockProvider::start(strict(Profile::Cerebras)).await.unwrap();
+    // Pooled: both free models are served by one account (one mock, one limit for the pair).
+    let second = match mode {
+        Mode::Pooled => None,
+        Mode::Planned | Mode::Reactive => Some(MockProvider::start(strict(Profile::Cerebras)).await.unwrap()),
+    };
+    let second_url = second.as_ref().map_or_else(|| groq.base_url(), |m| m.base_url());
     let mut paid_options = MockOptions::new(Profile::Openai);
     paid_options.latency = LATENCY;
     let paid = MockProvider::start(paid_options).await.unwrap();
-    let limits = if planned {
-        format!("limits = [{{ requests = {PER_WINDOW}, per = \"{}\" }}]", humantime::format_duration(WINDOW))
-    } else {
-        String::new()
+    let window = humantime::format_duration(WINDOW);
+    let limits = match mode {
+        Mode::Planned => format!("limits = [{{ requests = {PER_WINDOW}, per = \"{window}\" }}]"),
+        Mode::Pooled => "quotas = [\"account\"]".to_string(),
+        Mode::Reactive => String::new(),
     };
-    let free_wait = if planned { "free_wait = \"1h\"" } else { "free_wait = \"0s\"" };
+    let pool = match mode {
+        Mode::Pooled => {
+            format!("[[quotas]]\nname = \"account\"\nlimits = [{{ requests = {PER_WINDOW}, per = \"{window}\" }}]\n\n")
+        }
+        Mode::Planned | Mode::Reactive => String::new(),
+    };
+    let free_wait = if mode == Mode::Reactive { "free_wait = \"0s\"" } else { "free_wait = \"1h\"" };
     let providers = format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}",
         provider("groq", &groq.base_url(), true, &limits),
-        provider("cerebras", &cerebras.base_url(), true, &limits),
+        provider("cerebras", &second_url, true, &limits),
         provider("paid", &paid.base_url(), false, ""),
+        pool,
         chain("default", &["groq", "cerebras", "paid"], &format!("{free_wait}\nmax_wait = \"1h\""))
     );
     let config = env.config_file(&providers, "");
@@ -130,7 +173,7 @@ async fn run(mode: &'static str, jobs: usize, workers: usize, planned: bool) -> 
 
     let started = Instant::now();
     for i in 0..jobs {
-        env.publish(&job(&format!("{mode}-{i}")), BasicProperties::default()).await;
+        env.publish(&job(&format!("{}-{i}", mode.name())), BasicProperties::default()).await;
     }
     let results = env.results(&env.results, jobs).await;
     let wall = started.elapsed();
@@ -144,15 +187,16 @@ async fn run(mode: &'static str, jobs: usize, workers: usize, planned: bool) -> 
         process.wait().await;
     }
     let failed = results.iter().filter(|r| !r.is_success()).count();
-    assert_eq!(failed, 0, "{mode}: every job gets an answer");
+    assert_eq!(failed, 0, "{}: every job gets an answer", mode.name());
     let free = results.iter().filter(|r| r.routing.free == Some(true)).count();
-    let free_rate = 2.0 * PER_WINDOW as f64 / WINDOW.as_secs_f64();
+    let per_window = mode.free_per_window();
+    let free_rate = per_window as f64 / WINDOW.as_secs_f64();
     Outcome {
         mode,
         wall,
-        ideal: ideal_wall(jobs, 2 * PER_WINDOW) + LATENCY,
+        ideal: ideal_wall(jobs, per_window) + LATENCY,
         rate_min: Duration::from_secs_f64(jobs as f64 / free_rate),
-        rate_limited: groq.stats().rate_limited + cerebras.stats().rate_limited,
+        rate_limited: groq.stats().rate_limited + second.as_ref().map_or(0, |m| m.stats().rate_limited),
         paid: paid.requests(),
         free,
         cpu_ms_per_job,
