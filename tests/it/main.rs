@@ -14,6 +14,7 @@ mod hostile;
 mod observability;
 mod outages;
 mod poison;
+mod pool_workers;
 mod provider_faults;
 mod quorum;
 mod shared_state;
