@@ -14,6 +14,7 @@ mod hostile;
 mod observability;
 mod outages;
 mod poison;
+mod pools;
 mod provider_faults;
 mod quorum;
 mod shared_state;
