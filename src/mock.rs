@@ -355,16 +355,16 @@ async fn respond_to(shared: &Shared, scenario: Scenario, profile: Profile, model
     match scenario {
         Scenario::Success => {
             tokio::time::sleep(shared.options.latency).await;
-            success(profile, &model, &json)
+            success(profile, &model, json)
         }
         Scenario::Slow(delay) => {
             tokio::select! {
-                () = tokio::time::sleep(delay) => success(profile, &model, &json),
+                () = tokio::time::sleep(delay) => success(profile, &model, json),
                 () = shared.stop.cancelled() => plain(503, "mock stopped"),
             }
         }
         Scenario::SpentBudget(reset) => {
-            let mut response = success(profile, &model, &json);
+            let mut response = success(profile, &model, json);
             let headers = response.headers_mut();
             headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("0"));
             headers.insert(

@@ -971,11 +971,21 @@ impl ChatProvider for Observing {
     }
 }
 
+/// One `observe_quota` call, as the store received it.
+#[derive(Debug, Clone, PartialEq)]
+struct Observed {
+    provider: String,
+    limits: Vec<LimitConfig>,
+    tokens: u64,
+    seen: Vec<crate::routing::QuotaObservation>,
+    now: SystemTime,
+}
+
 /// The memory store, plus a record of what it was taught through `observe_quota`.
 #[derive(Default)]
 struct Recording {
     store: MemoryStore,
-    observed: Mutex<Vec<(String, Vec<LimitConfig>, u64, Vec<crate::routing::QuotaObservation>, SystemTime)>>,
+    observed: Mutex<Vec<Observed>>,
 }
 
 #[async_trait::async_trait]
@@ -1002,8 +1012,8 @@ impl ProviderState for Recording {
         self.store.record_rejected_output(provider, reason).await;
     }
     async fn observe_quota(&self, ask: Ask<'_>, seen: &[crate::routing::QuotaObservation], now: SystemTime) {
-        let entry = (ask.provider.to_string(), ask.limits.to_vec(), ask.tokens, seen.to_vec(), now);
-        self.observed.lock().unwrap().push(entry);
+        let (provider, limits, tokens) = (ask.provider.to_string(), ask.limits.to_vec(), ask.tokens);
+        self.observed.lock().unwrap().push(Observed { provider, limits, tokens, seen: seen.to_vec(), now });
     }
 }
 
@@ -1026,7 +1036,8 @@ async fn a_success_hands_what_the_headers_said_to_the_store_with_the_admissions_
     assert_eq!(answered_by(&verdict), Some("a"));
     let observed = store.observed.lock().unwrap().clone();
     let tokens = estimate_prompt_tokens(&body()).saturating_add(100);
-    assert_eq!(observed, vec![("a".to_string(), limited.limits.clone(), tokens, seen, t0())]);
+    let expected = Observed { provider: "a".into(), limits: limited.limits.clone(), tokens, seen, now: t0() };
+    assert_eq!(observed, vec![expected]);
 
     // An answer without rate-limit headers teaches nothing: the store is not called.
     let silent = chain(vec![member("b", true, Scripted::new(vec![]))], Duration::ZERO);
