@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::headers::HeaderKey;
 use crate::broker::{self, Session, Topology};
 use crate::chain::{Chain, Member};
-use crate::config::Config;
+use crate::config::{Config, ProviderConfig};
 use crate::observability::{self, Probe};
 use crate::providers::http::{HttpProvider, shared_client};
 use crate::secrets::{ApiKey, redact_url};
@@ -51,6 +51,7 @@ pub fn build_chains(
                 max_retries: provider.max_retries,
                 limits: provider.limits.clone(),
                 timeout: provider.timeout,
+                pool_mates: pool_mates(config, provider),
                 provider: observability::trace::traced(&provider.name, Arc::new(http)),
             },
         );
@@ -75,6 +76,19 @@ pub fn build_chains(
         );
     }
     Ok(chains)
+}
+
+/// The other providers of the config that draw from one of `provider`'s `[[quotas]]` pools,
+/// each once, in config order. Disabled ones too: another worker may have their key, and a
+/// cooldown of a provider this worker does not call costs nothing.
+fn pool_mates(config: &Config, provider: &ProviderConfig) -> Vec<String> {
+    config
+        .providers
+        .iter()
+        .filter(|other| other.name != provider.name)
+        .filter(|other| other.quotas.iter().any(|pool| provider.quotas.contains(pool)))
+        .map(|other| other.name.clone())
+        .collect()
 }
 
 /// A worker process: everything `fallback-worker worker` runs.
@@ -258,5 +272,40 @@ async fn prune_old_records(upkeep: &Upkeep) {
     }
     if let Err(e) = upkeep.store.prune_usage().await {
         tracing::warn!(error = %e, "cannot prune old usage records");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::EnvOverrides;
+
+    #[test]
+    fn pool_mates_are_the_other_providers_of_any_shared_pool() {
+        let provider = |name: &str, quotas: &str| {
+            format!(
+                "[[providers]]\nname = \"{name}\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nquotas = [{quotas}]\n"
+            )
+        };
+        let text = [
+            provider("a", r#""or-free""#),
+            provider("b", r#""or-free", "other""#),
+            provider("c", r#""other""#),
+            provider("d", ""),
+            "[[quotas]]\nname = \"or-free\"\n[[quotas]]\nname = \"other\"\n".to_string(),
+            "[chains.default]\nproviders = [\"a\", \"b\", \"c\", \"d\"]\n".to_string(),
+        ]
+        .concat();
+        let config = Config::parse(&text, Path::new("test.toml"), &EnvOverrides::default()).unwrap();
+        let mates = |name: &str| pool_mates(&config, config.providers.iter().find(|p| p.name == name).unwrap());
+        assert_eq!(mates("a"), vec!["b"]);
+        assert_eq!(mates("b"), vec!["a", "c"]);
+        assert_eq!(mates("c"), vec!["b"]);
+        assert!(mates("d").is_empty());
+        let chains = build_chains(&config, &reqwest::Client::new(), &|_| None).unwrap();
+        let members = &chains["default"].members;
+        assert_eq!(members.iter().map(|m| m.pool_mates.len()).collect::<Vec<_>>(), vec![1, 2, 1, 0]);
     }
 }

@@ -11,7 +11,7 @@
 //! | [`job`] | the contract's job and result envelopes; validation → `invalid_request` |
 //! | [`chain`] | the fallback engine: pure logic over the provider and state traits |
 //! | [`routing`] | leaf types every layer shares: `Attempt`, `AttemptOutcome`, `CooldownReason` |
-//! | [`providers`] | one module per API dialect, retry-info parsing, the shared HTTP client |
+//! | [`providers`] | one module per API dialect, retry-info and rate-limit-header parsing, the shared HTTP client |
 //! | [`state`] | shared provider state and the result ledger: Postgres, or in memory |
 //! | [`broker`] | RabbitMQ: topology, confirmed publisher, the reconnecting consumer supervisor |
 //! | [`worker`] | the glue for one delivery: decode → ledger → chain → publish → ack |

@@ -60,6 +60,12 @@ pub enum RetryHint {
     Nothing,
     /// The profile's per-day quota error, resetting at `SystemTime`.
     Daily(SystemTime),
+    /// A 429 the provider scopes to the whole account, resetting at `SystemTime`: OpenRouter's
+    /// `free-models-per-day` (every `:free` model of the key), Gemini's
+    /// `GenerateRequestsPerDayPerProjectPerModel-FreeTier` (the project's quota, both
+    /// endpoints). No other provider scopes a 429 to the account in providers.md: the other
+    /// profiles answer their per-day error, as with [`RetryHint::Daily`].
+    Account(SystemTime),
 }
 
 /// What the mock does with one request.
@@ -314,7 +320,7 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
         .map(str::to_string)
         .or(from_path)
         .unwrap_or_else(|| "mock-model".into());
-    let scenario = next_scenario(&shared, &headers);
+    let (scenario, standings) = next_scenario(&shared, &headers);
     {
         let mut stats = shared.stats.lock().unwrap();
         stats.requests += 1;
@@ -336,19 +342,29 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
         }
     }
     shared.arrived.notify_waiters();
+    let mut response = respond_to(&shared, scenario, profile, &model, &json).await;
+    if response.status() == StatusCode::OK {
+        standing_headers(profile, &standings, SystemTime::now(), response.headers_mut());
+    }
+    response
+}
+
+/// The answer `scenario` calls for.
+async fn respond_to(shared: &Shared, scenario: Scenario, profile: Profile, model: &str, json: &Value) -> Response {
+    let model = model.to_string();
     match scenario {
         Scenario::Success => {
             tokio::time::sleep(shared.options.latency).await;
-            success(profile, &model, &json)
+            success(profile, &model, json)
         }
         Scenario::Slow(delay) => {
             tokio::select! {
-                () = tokio::time::sleep(delay) => success(profile, &model, &json),
+                () = tokio::time::sleep(delay) => success(profile, &model, json),
                 () = shared.stop.cancelled() => plain(503, "mock stopped"),
             }
         }
         Scenario::SpentBudget(reset) => {
-            let mut response = success(profile, &model, &json);
+            let mut response = success(profile, &model, json);
             let headers = response.headers_mut();
             headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("0"));
             headers.insert(
@@ -415,7 +431,9 @@ async fn chat(State(shared): State<Arc<Shared>>, uri: axum::http::Uri, headers: 
     }
 }
 
-fn next_scenario(shared: &Shared, headers: &HeaderMap) -> Scenario {
+/// What to do with this request, and where the mock's limits stand once it is accepted (empty
+/// when it has none, or did not count the request).
+fn next_scenario(shared: &Shared, headers: &HeaderMap) -> (Scenario, Vec<Standing>) {
     if let Some(key) = &shared.options.api_key {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let authorized = match shared.options.profile {
@@ -424,20 +442,35 @@ fn next_scenario(shared: &Shared, headers: &HeaderMap) -> Scenario {
             _ => header("authorization") == Some(format!("Bearer {key}").as_str()),
         };
         if !authorized {
-            return Scenario::Unauthorized;
+            return (Scenario::Unauthorized, Vec::new());
         }
     }
-    if let Some(wait) = over_limit(shared) {
-        return Scenario::RateLimited(RetryHint::Native(wait));
-    }
-    shared.script.lock().unwrap().pop_front().unwrap_or_else(|| shared.fallback.lock().unwrap().clone())
+    let standings = match admit(shared) {
+        Ok(standings) => standings,
+        Err(wait) => return (Scenario::RateLimited(RetryHint::Native(wait)), Vec::new()),
+    };
+    let scripted = shared.script.lock().unwrap().pop_front();
+    (scripted.unwrap_or_else(|| shared.fallback.lock().unwrap().clone()), standings)
 }
 
-/// Admits the request against the strict windows, or returns how long until it would fit.
-fn over_limit(shared: &Shared) -> Option<Duration> {
+/// Where one of the mock's strict limits stands once a request is accepted: what its success
+/// headers say, so that a client learning from them learns the truth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Standing {
+    limit: RequestLimit,
+    /// Requests the window still takes now.
+    remaining: usize,
+    /// Until the window holds none of the requests it holds now ("fully replenished", as
+    /// OpenAI and Anthropic define their reset): one `per`, since this request just entered.
+    replenished_in: Duration,
+}
+
+/// Admits the request against the strict windows and says where each stands, or returns how
+/// long until it would fit.
+fn admit(shared: &Shared) -> Result<Vec<Standing>, Duration> {
     let limits = &shared.options.limits;
     if limits.is_empty() {
-        return None;
+        return Ok(Vec::new());
     }
     let now = Instant::now();
     let mut accepted = shared.accepted.lock().unwrap();
@@ -456,10 +489,71 @@ fn over_limit(shared: &Shared) -> Option<Duration> {
             wait = Some(wait.map_or(w, |x: Duration| x.max(w)));
         }
     }
-    if wait.is_none() {
-        accepted.push_back(now);
+    if let Some(wait) = wait {
+        return Err(wait);
     }
-    wait
+    accepted.push_back(now);
+    let standing = |limit: &RequestLimit| {
+        let used = accepted.iter().filter(|t| now.duration_since(**t) < limit.per).count();
+        Standing { limit: *limit, remaining: limit.requests.saturating_sub(used), replenished_in: limit.per }
+    };
+    Ok(limits.iter().map(standing).collect())
+}
+
+/// The limit a client is closest to: fewest requests left, then the longest to replenish.
+fn binding(standings: &[Standing]) -> Option<&Standing> {
+    standings.iter().min_by_key(|s| (s.remaining, std::cmp::Reverse(s.replenished_in)))
+}
+
+/// Adds the profile's rate-limit headers for where the mock's limits stand, in the profile's
+/// own names and formats (providers.md §11): one unsuffixed request set for the binding limit
+/// (Groq, OpenAI, SambaNova: Go durations, SambaNova an epoch), Anthropic's set with an RFC
+/// 3339 reset, and Cerebras' `-minute`/`-hour`/`-day` sets for the limits whose window is one
+/// of those. OpenRouter, Gemini and the Hugging Face router send none on a success. A header
+/// the scenario already set (a spent budget) is kept.
+fn standing_headers(profile: Profile, standings: &[Standing], now: SystemTime, map: &mut HeaderMap) {
+    let mut headers = Vec::new();
+    let binding = binding(standings);
+    match (profile, binding) {
+        (Profile::Groq | Profile::Openai, Some(b)) => {
+            headers.push(h("x-ratelimit-limit-requests", b.limit.requests));
+            headers.push(h("x-ratelimit-remaining-requests", b.remaining));
+            headers.push(h("x-ratelimit-reset-requests", go_duration(b.replenished_in)));
+        }
+        (Profile::Sambanova, Some(b)) => {
+            headers.push(h("x-ratelimit-limit-requests", b.limit.requests));
+            headers.push(h("x-ratelimit-remaining-requests", b.remaining));
+            headers.push(h("x-ratelimit-reset-requests", epoch_ms(now + b.replenished_in).div_ceil(1000)));
+        }
+        (Profile::Anthropic, Some(b)) => {
+            let reset = now + b.replenished_in + Duration::from_millis(999);
+            headers.push(h("anthropic-ratelimit-requests-limit", b.limit.requests));
+            headers.push(h("anthropic-ratelimit-requests-remaining", b.remaining));
+            headers.push(h("anthropic-ratelimit-requests-reset", humantime::format_rfc3339_seconds(reset)));
+        }
+        (Profile::Cerebras, Some(_)) => {
+            for standing in standings {
+                let suffix = match standing.limit.per.as_secs() {
+                    60 if standing.limit.per.subsec_nanos() == 0 => "minute",
+                    3600 if standing.limit.per.subsec_nanos() == 0 => "hour",
+                    86_400 if standing.limit.per.subsec_nanos() == 0 => "day",
+                    _ => continue,
+                };
+                headers.push(h(&format!("x-ratelimit-limit-requests-{suffix}"), standing.limit.requests));
+                headers.push(h(&format!("x-ratelimit-remaining-requests-{suffix}"), standing.remaining));
+                let reset = format!("{:.3}", standing.replenished_in.as_secs_f64());
+                headers.push(h(&format!("x-ratelimit-reset-requests-{suffix}"), reset));
+            }
+        }
+        _ => {}
+    }
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) =
+            (axum::http::HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value))
+        {
+            map.entry(name).or_insert(value);
+        }
+    }
 }
 
 fn respond(status: u16, headers: &[(String, String)], content_type: &str, body: String) -> Response {
@@ -664,13 +758,7 @@ fn answer(profile: Profile, model: &str, reply: Reply) -> Response {
                     "tool_use",
                 ),
             };
-            let reset = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(1)).to_string();
-            let headers = vec![
-                h("request-id", format!("req_011{id}")),
-                h("anthropic-ratelimit-requests-limit", 50),
-                h("anthropic-ratelimit-requests-remaining", 49),
-                h("anthropic-ratelimit-requests-reset", reset),
-            ];
+            let headers = vec![h("request-id", format!("req_011{id}"))];
             let body = json!({"id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model,
                 "content": [block], "stop_reason": stop_reason, "stop_sequence": null,
                 "usage": {"input_tokens": 12, "output_tokens": 8}});
@@ -694,38 +782,16 @@ fn answer(profile: Profile, model: &str, reply: Reply) -> Response {
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}
     });
+    // Rate-limit headers are added by `standing_headers` from the mock's own limits: fixed
+    // numbers would tell a client that learns from them something untrue.
     let headers = match profile {
-        Profile::Groq => vec![
-            h("x-request-id", format!("req_{id}")),
-            h("x-groq-region", "us-west-1"),
-            h("x-ratelimit-limit-requests", 14400),
-            h("x-ratelimit-remaining-requests", 14399),
-            h("x-ratelimit-reset-requests", "6s"),
-            h("x-ratelimit-limit-tokens", 6000),
-            h("x-ratelimit-remaining-tokens", 5980),
-            h("x-ratelimit-reset-tokens", "200ms"),
-        ],
-        Profile::Cerebras => vec![
-            h("x-ratelimit-limit-requests-minute", 30),
-            h("x-ratelimit-remaining-requests-minute", 29),
-            h("x-ratelimit-reset-requests-minute", "42.1"),
-            h("x-ratelimit-limit-tokens-minute", 60000),
-            h("x-ratelimit-remaining-tokens-minute", 59000),
-            h("x-ratelimit-reset-tokens-minute", "42.1"),
-            h("x-ratelimit-limit-requests-day", 14400),
-            h("x-ratelimit-remaining-requests-day", 14399),
-            h("x-ratelimit-reset-requests-day", "33011.382867097855"),
-        ],
+        Profile::Groq => vec![h("x-request-id", format!("req_{id}")), h("x-groq-region", "us-west-1")],
         Profile::Openrouter => vec![h("x-generation-id", format!("gen-{id}"))],
-        Profile::Sambanova => vec![h("x-ratelimit-limit-requests", 20), h("x-ratelimit-remaining-requests", 19)],
         Profile::Huggingface => vec![h("x-request-id", format!("Root=1-{id}"))],
-        Profile::Openai => vec![
-            h("x-request-id", format!("req_{id}")),
-            h("x-ratelimit-limit-requests", 500),
-            h("x-ratelimit-remaining-requests", 499),
-            h("x-ratelimit-reset-requests", "120ms"),
-        ],
-        Profile::GeminiOpenai | Profile::GeminiNative | Profile::Anthropic => vec![],
+        Profile::Openai => vec![h("x-request-id", format!("req_{id}"))],
+        Profile::Cerebras | Profile::Sambanova | Profile::GeminiOpenai | Profile::GeminiNative | Profile::Anthropic => {
+            vec![]
+        }
     };
     json_response(200, &headers, body)
 }
@@ -797,7 +863,7 @@ fn rate_limited(profile: Profile, model: &str, hint: &RetryHint) -> Response {
         }
         RetryHint::InMessage(w) => wait = *w,
         RetryHint::Nothing => {}
-        RetryHint::Daily(reset) => return daily_limit(profile, model, *reset),
+        RetryHint::Daily(reset) | RetryHint::Account(reset) => return daily_limit(profile, model, *reset),
     }
     let body = match profile {
         Profile::GeminiNative => {
@@ -929,13 +995,16 @@ fn daily_limit(profile: Profile, model: &str, reset: SystemTime) -> Response {
                 json!("token_quota_exceeded"),
             ),
         ),
-        Profile::GeminiOpenai => json_response(
-            429,
-            &[],
-            json!([{"error": {"code": 429, "message": "You exceeded your current quota, please check your plan and billing details.", "status": "RESOURCE_EXHAUSTED",
-                "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier", "quotaValue": "20"}]},
-                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "22s"}]}}]),
-        ),
+        // The project's daily quota (providers.md §4.1, 2025 form), with the misleading
+        // `retryDelay` the real one carries; the OpenAI-compatible endpoint wraps it in an array.
+        Profile::GeminiOpenai | Profile::GeminiNative => {
+            let error = json!({"error": {"code": 429, "message": "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.", "status": "RESOURCE_EXHAUSTED",
+                "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests", "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier", "quotaDimensions": {"location": "global", "model": model}, "quotaValue": "20"}]},
+                            {"@type": "type.googleapis.com/google.rpc.Help", "links": [{"description": "Learn more about Gemini API quotas", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "22s"}]}});
+            let body = if profile == Profile::GeminiOpenai { json!([error]) } else { error };
+            respond(429, &[], "application/json; charset=UTF-8", body.to_string())
+        }
         Profile::Sambanova => json_response(
             429,
             &[],
@@ -1359,6 +1428,90 @@ mod tests {
             let content: Value =
                 serde_json::from_str(body["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
             assert_eq!(content, json!({"name": "mock", "tags": ["mock"]}), "{profile:?}");
+        }
+    }
+
+    /// What the worker reads from one request to a running mock: its classified answer.
+    async fn call(mock: &MockProvider, profile: Profile) -> Result<crate::providers::Completion, Failure> {
+        let url = format!("{}/chat/completions", mock.base_url());
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let response = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.unwrap();
+        match profile {
+            Profile::Anthropic => {
+                anthropic::interpret(status, &headers, &bytes, anthropic::Reading::text("m"), SystemTime::now())
+            }
+            _ => openai::interpret(status, &headers, &bytes, SystemTime::now()),
+        }
+    }
+
+    #[tokio::test]
+    async fn success_headers_tell_where_the_mocks_own_limits_stand() {
+        use crate::routing::QuotaMeasure;
+        for profile in [Profile::Groq, Profile::Openai, Profile::Sambanova, Profile::Anthropic] {
+            let mut options = MockOptions::new(profile);
+            options.limits = vec![
+                RequestLimit { requests: 3, per: Duration::from_secs(60) },
+                RequestLimit { requests: 100, per: Duration::from_secs(86_400) },
+            ];
+            let mock = MockProvider::start(options).await.unwrap();
+            for left in [2, 1, 0] {
+                let done = call(&mock, profile).await.unwrap();
+                let seen = done.quota.first().copied().unwrap_or_else(|| panic!("{profile:?}: no observation"));
+                assert_eq!(
+                    (done.quota.len(), seen.measure, seen.remaining, seen.limit),
+                    (1, QuotaMeasure::Requests, left, Some(3)),
+                    "{profile:?}"
+                );
+                let resets_in = seen.resets_at.unwrap().duration_since(SystemTime::now()).unwrap_or_default();
+                assert!(resets_in > Duration::from_secs(55) && resets_in <= Duration::from_secs(62), "{resets_in:?}");
+                // The last slot spent: the worker cools the provider rather than collect a 429.
+                assert_eq!(done.exhausted_until.is_some(), left == 0, "{profile:?}");
+            }
+            let refused = call(&mock, profile).await.unwrap_err();
+            assert_eq!(refused.kind, FailureKind::RateLimited, "{profile:?}");
+        }
+        // Cerebras names each window it can: the minute and the day, not a 2 s window.
+        let mut options = MockOptions::new(Profile::Cerebras);
+        options.limits = vec![
+            RequestLimit { requests: 30, per: Duration::from_secs(60) },
+            RequestLimit { requests: 5, per: Duration::from_secs(2) },
+            RequestLimit { requests: 14_400, per: Duration::from_secs(86_400) },
+        ];
+        let mock = MockProvider::start(options).await.unwrap();
+        let done = call(&mock, Profile::Cerebras).await.unwrap();
+        let seen: Vec<_> = done.quota.iter().map(|o| (o.remaining, o.limit, o.window.map(|w| w.as_secs()))).collect();
+        assert_eq!(seen, vec![(29, Some(30), Some(60)), (14_399, Some(14_400), Some(86_400))]);
+    }
+
+    #[tokio::test]
+    async fn without_limits_a_success_claims_no_budget() {
+        for profile in [Profile::Groq, Profile::Cerebras, Profile::Openai, Profile::Sambanova, Profile::Anthropic] {
+            let mock = MockProvider::start(MockOptions::new(profile)).await.unwrap();
+            let done = call(&mock, profile).await.unwrap();
+            assert_eq!((done.quota.len(), done.exhausted_until), (0, None), "{profile:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn account_scoped_429s_read_as_the_accounts() {
+        use crate::routing::LimitScope;
+        let reset = SystemTime::now() + Duration::from_secs(3600);
+        for profile in [Profile::Openrouter, Profile::GeminiOpenai, Profile::GeminiNative] {
+            let failure = read(profile, rate_limited(profile, "m", &RetryHint::Account(reset))).await;
+            assert_eq!(
+                (failure.kind, failure.scope, failure.daily),
+                (FailureKind::RateLimited, LimitScope::Account, true),
+                "{profile:?}: {}",
+                failure.message
+            );
+        }
+        // Providers that scope nothing to the account answer their daily error, the model's.
+        for profile in [Profile::Groq, Profile::Cerebras, Profile::Anthropic] {
+            let failure = read(profile, rate_limited(profile, "m", &RetryHint::Account(reset))).await;
+            assert_eq!((failure.kind, failure.scope), (FailureKind::RateLimited, LimitScope::Model), "{profile:?}");
         }
     }
 

@@ -692,6 +692,7 @@ mod tests {
             max_retries: 0,
             limits: vec![],
             timeout: Duration::from_secs(1),
+            pool_mates: vec![],
             provider: Arc::new(Instant200),
         };
         let chain = Chain {

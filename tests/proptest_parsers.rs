@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fallback_worker::config::{Config, EnvOverrides};
 use fallback_worker::providers::errors::{ErrorInfo, classify};
-use fallback_worker::providers::{FailureKind, anthropic, gemini, openai, retry_info};
+use fallback_worker::providers::{FailureKind, anthropic, gemini, openai, quota_headers, retry_info};
+use fallback_worker::routing::{QuotaMeasure, QuotaObservation};
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -340,13 +341,15 @@ fn header_value() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn header_name() -> impl Strategy<Value = String> {
-    let suffix = select(vec!["", "-requests", "-tokens", "-requests-day", "-tokens-minute", "-x"]);
+    let suffix =
+        select(vec!["", "-requests", "-tokens", "-requests-day", "-tokens-minute", "-requests-hour", "-x", "-tokens-"]);
     prop_oneof![
         select(vec!["retry-after", "retry-after-ms", "x-request-id", "request-id", "x-generation-id"])
             .prop_map(str::to_string),
         suffix.clone().prop_map(|s| format!("x-ratelimit-remaining{s}")),
+        suffix.clone().prop_map(|s| format!("x-ratelimit-limit{s}")),
         suffix.prop_map(|s| format!("x-ratelimit-reset{s}")),
-        (select(vec!["requests", "tokens", "input-tokens"]), select(vec!["remaining", "reset"]))
+        (select(vec!["requests", "tokens", "input-tokens"]), select(vec!["remaining", "reset", "limit"]))
             .prop_map(|(b, w)| format!("anthropic-ratelimit-{b}-{w}")),
         "[a-z][a-z0-9-]{0,20}",
     ]
@@ -415,6 +418,36 @@ proptest! {
         let _ = retry_info::exhausted_reset(&headers, now);
     }
 
+    /// Whatever the headers, the quota reader returns at most one observation per budget, none
+    /// claiming more left than its own limit.
+    #[test]
+    fn quota_headers_never_panic_nor_contradict_themselves(headers in header_map(), now in any_now()) {
+        let seen = quota_headers::observe(&headers, now);
+        prop_assert!(seen.len() <= 8);
+        for observation in &seen {
+            prop_assert!(observation.limit.is_none_or(|limit| observation.remaining <= limit), "{observation:?}");
+        }
+    }
+
+    /// Budgets written in each provider's header names and formats read back as written.
+    #[test]
+    fn quota_headers_round_trip(budgets in prop::collection::vec(written_budget(), 0..8), now in any_now()) {
+        let mut map = HeaderMap::new();
+        let mut expected = std::collections::BTreeMap::new();
+        for budget in &budgets {
+            let slot = budget.slot();
+            if expected.contains_key(&slot) {
+                continue; // one budget per name: a second would contradict the first
+            }
+            for (name, value) in budget.headers() {
+                map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(&value).unwrap());
+            }
+            expected.insert(slot, budget.observation(now));
+        }
+        let expected: Vec<_> = expected.into_values().collect();
+        prop_assert_eq!(quota_headers::observe(&map, now), expected);
+    }
+
     /// A wait given in seconds comes back as exactly that wait from now.
     #[test]
     fn whole_seconds_are_read_exactly(seconds in 0u64..=1_000_000_000_000, now in any_now()) {
@@ -442,6 +475,99 @@ proptest! {
             && retry_info::parse_seconds(&wait).is_some()
         {
             prop_assert!(at >= now);
+        }
+    }
+}
+
+/// One budget as a provider writes it: `x-ratelimit-*` (with or without a window suffix,
+/// resets in float seconds or a Go duration) or Anthropic's (RFC 3339 resets, no window).
+#[derive(Debug, Clone)]
+struct WrittenBudget {
+    tokens: bool,
+    /// Index into ["", "-minute", "-hour", "-day"]; Anthropic's sets have none (0).
+    window: usize,
+    anthropic: bool,
+    limit: Option<u64>,
+    remaining: u64,
+    /// Whole seconds from now, below 1e9 so that it cannot read as an epoch.
+    reset_secs: Option<u64>,
+    go_duration: bool,
+}
+
+const SUFFIXES: [&str; 4] = ["", "-minute", "-hour", "-day"];
+const WINDOW_SECS: [Option<u64>; 4] = [None, Some(60), Some(3600), Some(86_400)];
+const PRESENT: u64 = 1_790_000_000;
+
+fn written_budget() -> impl Strategy<Value = WrittenBudget> {
+    (
+        any::<bool>(),
+        0..4usize,
+        any::<bool>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<bool>(),
+        0..1_000_000_000u64,
+        any::<bool>(),
+    )
+        .prop_map(|(tokens, window, anthropic, a, b, with_limit, reset, go_duration)| {
+            let (remaining, limit) = (a.min(b), a.max(b));
+            WrittenBudget {
+                tokens,
+                window: if anthropic { 0 } else { window },
+                anthropic,
+                limit: with_limit.then_some(limit),
+                remaining,
+                reset_secs: (reset % 3 != 0).then_some(reset),
+                go_duration,
+            }
+        })
+}
+
+impl WrittenBudget {
+    fn slot(&self) -> (bool, usize) {
+        (self.tokens, self.window)
+    }
+
+    fn headers(&self) -> Vec<(String, String)> {
+        let measure = if self.tokens { "tokens" } else { "requests" };
+        let name = |field: &str| {
+            if self.anthropic {
+                format!("anthropic-ratelimit-{measure}-{field}")
+            } else {
+                format!("x-ratelimit-{field}-{measure}{}", SUFFIXES[self.window])
+            }
+        };
+        let mut headers = vec![(name("remaining"), self.remaining.to_string())];
+        if let Some(limit) = self.limit {
+            headers.push((name("limit"), limit.to_string()));
+        }
+        if let Some(secs) = self.reset_secs {
+            let value = if self.anthropic {
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(PRESENT + secs)).to_string()
+            } else if self.go_duration {
+                format!("{}h{}m{}s", secs / 3600, secs % 3600 / 60, secs % 60)
+            } else {
+                format!("{secs}.000")
+            };
+            headers.push((name("reset"), value));
+        }
+        headers
+    }
+
+    fn observation(&self, now: SystemTime) -> QuotaObservation {
+        let resets_at = self.reset_secs.and_then(|secs| {
+            if self.anthropic {
+                Some(UNIX_EPOCH + Duration::from_secs(PRESENT + secs))
+            } else {
+                now.checked_add(Duration::from_secs(secs))
+            }
+        });
+        QuotaObservation {
+            measure: if self.tokens { QuotaMeasure::Tokens } else { QuotaMeasure::Requests },
+            remaining: self.remaining,
+            limit: self.limit,
+            resets_at,
+            window: WINDOW_SECS[self.window].map(Duration::from_secs),
         }
     }
 }

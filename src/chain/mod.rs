@@ -23,7 +23,7 @@ pub use outcome::{CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for
 use crate::config::LimitConfig;
 use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
-use crate::routing::{Attempt, AttemptOutcome, CooldownReason};
+use crate::routing::{Attempt, AttemptOutcome, CooldownReason, LimitScope};
 use crate::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
 
 /// One provider as a chain uses it.
@@ -38,6 +38,10 @@ pub struct Member {
     pub limits: Vec<LimitConfig>,
     /// The per-request timeout: bounds how long a call can occupy the provider's windows.
     pub timeout: Duration,
+    /// Every other configured provider that draws from one of this provider's `[[quotas]]`
+    /// pools, resolved once from the config: an account-scoped 429 (contract §6) cools them
+    /// down with this one, so no worker spends a request to learn what the account said.
+    pub pool_mates: Vec<String>,
     pub provider: Arc<dyn ChatProvider>,
 }
 
@@ -354,6 +358,16 @@ struct Call<'a> {
     clock: &'a dyn Clock,
 }
 
+impl Call<'_> {
+    /// What the shared state is asked about this call: the same for admission and for what
+    /// the answer's headers teach, so both speak of the same limits.
+    fn ask(&self) -> Ask<'_> {
+        let member = self.member;
+        let flight = member.timeout.saturating_add(FLIGHT_MARGIN);
+        Ask { provider: &member.name, limits: &member.limits, tokens: self.tokens, flight }
+    }
+}
+
 /// Calls one member (with in-place retries on timeout/5xx). `Err(Some(next))`: usable again
 /// then; `Err(None)`: dropped for this job.
 async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Completion, Option<NextTry>> {
@@ -447,8 +461,8 @@ const FLIGHT_MARGIN: Duration = Duration::from_secs(5);
 async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Option<NextTry>> {
     let member = call.member;
     let now = call.clock.now();
-    let flight = member.timeout.saturating_add(FLIGHT_MARGIN);
-    let ask = Ask { provider: &member.name, limits: &member.limits, tokens: call.tokens, flight };
+    let ask = call.ask();
+    let flight = ask.flight;
     let mut admission = call.state.admit(ask, now).await;
     if let Admission::Granted(permit) = admission {
         if call.state.claim_probe(&member.name, now, flight).await {
@@ -482,13 +496,17 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
     }
 }
 
-/// A success closes the provider's circuit; one whose headers say a budget is spent cools the
-/// provider down until its reset rather than let the next call collect a 429.
+/// A success closes the provider's circuit and teaches the shared view what the provider's
+/// rate-limit headers say is left (contract §6); one whose headers say a budget is spent cools
+/// the provider down until its reset rather than let the next call collect a 429.
 async fn settle_success(call: &Call<'_>, completion: &Completion) {
     let member = call.member;
     call.state.record_success(&member.name).await;
-    let Some(reset) = completion.exhausted_until else { return };
     let now = call.clock.now();
+    if !completion.quota.is_empty() {
+        call.state.observe_quota(call.ask(), &completion.quota, now).await;
+    }
+    let Some(reset) = completion.exhausted_until else { return };
     if reset <= now {
         return;
     }
@@ -526,6 +544,9 @@ impl Settled {
 async fn settle_failure(call: &Call<'_>, failure: &Failure, progress: &mut JobProgress) -> Settled {
     let (member, state, now) = (call.member, call.state, call.clock.now());
     if let Some((until, reason)) = cooldown_for(&member.name, failure, now) {
+        if failure.kind == FailureKind::RateLimited && failure.scope == LimitScope::Account {
+            return cool_down_pool(call, failure, until, reason).await;
+        }
         let cooldown = Cooldown { until, reason, detail: failure.message.clone() };
         state.cool_down(&member.name, cooldown.clone()).await;
         return Settled::Shared(NextTry::after_cooldown(&cooldown));
@@ -548,6 +569,25 @@ async fn settle_failure(call: &Call<'_>, failure: &Failure, progress: &mut JobPr
     let not_before = later(now, backoff).max(asked.unwrap_or(now));
     progress.backoff.insert(member.name.clone(), (not_before, failures));
     Settled::JobBackoff(NextTry::estimate(not_before))
+}
+
+/// A 429 the provider scoped to the account (contract §6): the provider and every pool mate
+/// cool down together, each through the shared state (so every worker learns it the usual
+/// way), with a detail that says it was the account's limit and who met it.
+async fn cool_down_pool(call: &Call<'_>, failure: &Failure, until: SystemTime, reason: CooldownReason) -> Settled {
+    let member = call.member;
+    let detail = format!("the account's limit (its [[quotas]] pools): {}", failure.message);
+    let cooldown = Cooldown { until, reason, detail };
+    call.state.cool_down(&member.name, cooldown.clone()).await;
+    for mate in &member.pool_mates {
+        let detail =
+            format!("the account's limit, met by `{}` (a [[quotas]] pool it shares): {}", member.name, failure.message);
+        call.state.cool_down(mate, Cooldown { until, reason, detail }).await;
+    }
+    if !member.pool_mates.is_empty() {
+        tracing::info!(provider = %member.name, mates = ?member.pool_mates, "an account-scoped 429 cools the provider's pools");
+    }
+    Settled::Shared(NextTry::after_cooldown(&cooldown))
 }
 
 /// An instant as RFC 3339 for results and messages; never panics (the formatter refuses years

@@ -138,6 +138,7 @@ fn member(name: &str, free: bool, provider: Arc<dyn ChatProvider>) -> Member {
         max_retries: 0,
         limits: Vec::new(),
         timeout: secs(10),
+        pool_mates: Vec::new(),
         provider,
     }
 }
@@ -956,4 +957,152 @@ async fn a_provider_that_cannot_carry_the_job_is_skipped_before_admission() {
     let ask = Ask { provider: "picky", limits: &limits, tokens: 10, flight: secs(60) };
     assert!(matches!(store.admit(ask, clock.now()).await, Admission::Granted(_)));
     assert!(matches!(store.admit(ask, clock.now()).await, Admission::OverQuota { .. }));
+}
+
+/// A provider that answers once with what its rate-limit headers said.
+struct Observing {
+    quota: Vec<crate::routing::QuotaObservation>,
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for Observing {
+    async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
+        Ok(Completion { quota: self.quota.clone(), ..completion() })
+    }
+}
+
+/// One `observe_quota` call, as the store received it.
+#[derive(Debug, Clone, PartialEq)]
+struct Observed {
+    provider: String,
+    limits: Vec<LimitConfig>,
+    tokens: u64,
+    seen: Vec<crate::routing::QuotaObservation>,
+    now: SystemTime,
+}
+
+/// The memory store, plus a record of what it was taught through `observe_quota`.
+#[derive(Default)]
+struct Recording {
+    store: MemoryStore,
+    observed: Mutex<Vec<Observed>>,
+}
+
+#[async_trait::async_trait]
+impl ProviderState for Recording {
+    async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
+        self.store.admit(ask, now).await
+    }
+    async fn finish(&self, permit: Permit, tokens: Option<u64>) {
+        self.store.finish(permit, tokens).await;
+    }
+    async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
+        self.store.cool_down(provider, cooldown).await;
+    }
+    async fn record_success(&self, provider: &str) {
+        self.store.record_success(provider).await;
+    }
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool {
+        self.store.claim_probe(provider, now, hold_for).await
+    }
+    async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
+        self.store.record_server_error(provider, detail).await
+    }
+    async fn record_rejected_output(&self, provider: &str, reason: &str) {
+        self.store.record_rejected_output(provider, reason).await;
+    }
+    async fn observe_quota(&self, ask: Ask<'_>, seen: &[crate::routing::QuotaObservation], now: SystemTime) {
+        let (provider, limits, tokens) = (ask.provider.to_string(), ask.limits.to_vec(), ask.tokens);
+        self.observed.lock().unwrap().push(Observed { provider, limits, tokens, seen: seen.to_vec(), now });
+    }
+}
+
+#[tokio::test]
+async fn a_success_hands_what_the_headers_said_to_the_store_with_the_admissions_ask() {
+    let clock = ManualClock::starting_at(t0());
+    let seen = vec![crate::routing::QuotaObservation {
+        measure: QuotaMeasure::Requests,
+        remaining: 3,
+        limit: Some(14_400),
+        resets_at: Some(t0() + secs(179)),
+        window: None,
+    }];
+    let mut limited = member("a", true, Arc::new(Observing { quota: seen.clone() }));
+    limited.limits = vec![LimitConfig { requests: Some(10), tokens: None, per: secs(60), resets: None }];
+    let observing = chain(vec![limited.clone()], Duration::ZERO);
+    let store = Recording::default();
+    let verdict =
+        run_pass(&observing, &request(&job()), observing.max_wait, &mut JobProgress::new(t0()), &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("a"));
+    let observed = store.observed.lock().unwrap().clone();
+    let tokens = estimate_prompt_tokens(&body()).saturating_add(100);
+    let expected = Observed { provider: "a".into(), limits: limited.limits.clone(), tokens, seen, now: t0() };
+    assert_eq!(observed, vec![expected]);
+
+    // An answer without rate-limit headers teaches nothing: the store is not called.
+    let silent = chain(vec![member("b", true, Scripted::new(vec![]))], Duration::ZERO);
+    let store = Recording::default();
+    run_pass(&silent, &request(&job()), silent.max_wait, &mut JobProgress::new(t0()), &store, &clock).await;
+    assert!(store.observed.lock().unwrap().is_empty());
+}
+
+fn account_limited(retry_at: SystemTime) -> Failure {
+    let mut limited = rate_limited(retry_at);
+    limited.daily = true;
+    limited.scope = crate::routing::LimitScope::Account;
+    limited.message = "Rate limit exceeded: free-models-per-day.".into();
+    limited
+}
+
+#[tokio::test]
+async fn an_account_scoped_429_cools_every_pool_mate_and_no_request_reaches_them() {
+    let clock = ManualClock::starting_at(t0());
+    let reset = t0() + secs(7200);
+    let a = Scripted::new(vec![Err(account_limited(reset))]);
+    let (b, c) = (Scripted::new(vec![]), Scripted::new(vec![]));
+    let mut pooled_a = member("a", true, a.clone());
+    // `z` shares the pool but is in no chain here (another chain, or another worker's key).
+    pooled_a.pool_mates = vec!["b".into(), "z".into()];
+    let mut pooled_b = member("b", true, b.clone());
+    pooled_b.pool_mates = vec!["a".into(), "z".into()];
+    let chain = chain(vec![pooled_a, pooled_b, member("c", true, c.clone())], Duration::ZERO);
+    let store = MemoryStore::new();
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut progress, &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("c"), "{verdict:?}");
+    assert_eq!(
+        outcomes(&progress),
+        vec![
+            ("a".into(), AttemptOutcome::RateLimited),
+            ("b".into(), AttemptOutcome::SkippedCooldown),
+            ("c".into(), AttemptOutcome::Ok)
+        ]
+    );
+    assert_eq!(b.calls(), 0, "the pool mate got no request");
+    for name in ["a", "b", "z"] {
+        let cooldown = store.cooldown_of(name).unwrap();
+        assert_eq!((cooldown.reason, cooldown.until), (CooldownReason::QuotaDay, reset), "{name}");
+        assert!(cooldown.detail.contains("account's limit"), "{name}: {}", cooldown.detail);
+        assert!(cooldown.detail.contains("free-models-per-day"), "{name}: {}", cooldown.detail);
+    }
+    assert!(store.cooldown_of("b").unwrap().detail.contains("met by `a`"));
+    assert!(store.cooldown_of("c").is_none(), "outside the pool");
+}
+
+#[tokio::test]
+async fn a_model_scoped_429_cools_only_the_provider_even_in_a_pool() {
+    let clock = ManualClock::starting_at(t0());
+    let a = Scripted::new(vec![Err(rate_limited(t0() + secs(30)))]);
+    let b = Scripted::new(vec![]);
+    let mut pooled_a = member("a", true, a.clone());
+    pooled_a.pool_mates = vec!["b".into()];
+    let mut pooled_b = member("b", true, b.clone());
+    pooled_b.pool_mates = vec!["a".into()];
+    let chain = chain(vec![pooled_a, pooled_b], Duration::ZERO);
+    let store = MemoryStore::new();
+    let verdict = pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("b"), "{verdict:?}");
+    assert_eq!(b.calls(), 1);
+    assert!(store.cooldown_of("b").is_none());
+    assert_eq!(store.cooldown_of("a").unwrap().detail, "HTTP 429");
 }

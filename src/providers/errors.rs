@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::retry_info::{self, next_pacific_midnight, next_utc_midnight};
 use super::{Failure, FailureKind, short_message};
+use crate::routing::LimitScope;
 
 /// The parts of an error body that classification reads, from any envelope providers use.
 #[derive(Debug, Default)]
@@ -96,6 +97,36 @@ impl ErrorInfo {
             .collect()
     }
 
+    /// Whom a 429 is about (contract §6): the whole account when the provider says so, else
+    /// this model. The account's word, from providers.md:
+    /// - OpenRouter (§3.3, §3.5): the `:free` limits (20 a minute, 50 or 1000 a day) are
+    ///   "account-wide across all `:free` models (not per model or key)", so both
+    ///   `free-models-per-day` (and `-high-balance`) and `free-models-per-min` in the message
+    ///   are the account's, as is any `metadata.limit_source` OpenRouter counts itself
+    ///   (`openrouter_free_tier_daily`, `openrouter_key_limit`, `…_budget`). The exception is
+    ///   `upstream_provider_shared_pool`: the upstream provider throttled this one model (the
+    ///   message names it, "… is temporarily rate-limited upstream"), so other models of the
+    ///   account still answer.
+    /// - Gemini (§4.1): "rate limits are applied per project, not per API key", and the
+    ///   `QuotaFailure` violations name what counted: an id with `PerProject`
+    ///   (`GenerateRequestsPerDayPerProjectPerModel-FreeTier`, `…PerMinutePerProjectPerModel…`)
+    ///   is a count the project holds for every key and both endpoints (native and
+    ///   OpenAI-compatible) that reach the model, which is what a `[[quotas]]` pool declares,
+    ///   so the pool cools. `GenerateContentInputTokensPerModelPerMinute-FreeTier` names no
+    ///   project: it says this request's input tokens did not fit the model's minute budget,
+    ///   which a smaller request through another entry may still fit, so only this provider
+    ///   cools. A bare `RESOURCE_EXHAUSTED` names nothing and stays the model's.
+    /// - Everything else (Groq's and Cerebras' org limits per model, Anthropic's, SambaNova's)
+    ///   is reported per model and stays `Model`.
+    fn scope(&self) -> LimitScope {
+        let openrouter_account = match self.limit_source() {
+            Some(source) => source.starts_with("openrouter_"),
+            None => self.message.contains("free-models-per-day") || self.message.contains("free-models-per-min"),
+        };
+        let project_quota = self.quota_ids().iter().any(|id| id.contains("PerProject"));
+        if openrouter_account || project_quota { LimitScope::Account } else { LimitScope::Model }
+    }
+
     fn has_reason(&self, reason: &str) -> bool {
         self.details.iter().any(|d| d.get("reason").and_then(Value::as_str) == Some(reason))
     }
@@ -173,6 +204,7 @@ pub fn classify(status: u16, headers: &HeaderMap, info: &ErrorInfo, now: SystemT
             let daily_reset = daily_reset(headers, info, now);
             failure.daily = daily_reset.is_some();
             failure.retry_at = daily_reset.or_else(|| retry_at(headers, info, now));
+            failure.scope = info.scope();
         }
         FailureKind::Server | FailureKind::Credits => failure.retry_at = retry_info::from_headers(headers, now),
         _ => {}
@@ -438,6 +470,50 @@ mod tests {
             ),
             FailureKind::Credits
         );
+    }
+
+    /// providers.md §3.3 and §4.1, verbatim where captured: who a 429 is about.
+    #[test]
+    fn account_scoped_429s_are_told_from_the_models_own() {
+        let account = [
+            // OpenRouter's daily free-model cap, verbatim (2026).
+            r#"{"error":{"message":"Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day","code":429,"metadata":{"headers":{"X-RateLimit-Limit":"50","X-RateLimit-Remaining":"0","X-RateLimit-Reset":"1788912000000"},"limit_source":"openrouter_free_tier_daily","remedy_hint":"…"}},"user_id":"user_…"}"#,
+            // The 1000-a-day tier, and the per-minute cap: the message alone says it.
+            r#"{"error":{"message":"Rate limit exceeded: free-models-per-day-high-balance.","code":429}}"#,
+            r#"{"error":{"message":"Rate limit exceeded: free-models-per-min. ","code":429,"metadata":{"headers":{"X-RateLimit-Limit":"20","X-RateLimit-Remaining":"0","X-RateLimit-Reset":"1791028860000"}}},"user_id":"user_mock"}"#,
+            // A proxied variant with a string code.
+            r#"{"error":{"message":"Rate limit exceeded: free-models-per-day.","type":"rate_limit_error","code":"429"}}"#,
+            // Gemini per minute, verbatim (2026): PerMinutePerProjectPerModel.
+            r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current usage, head to: https://ai.dev/rate-limit. \n* Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_free_tier_requests, limit: 5, model: gemini-3-flash\nPlease retry in 58.217843437s.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.Help","links":[{"description":"Learn more about Gemini API quotas","url":"https://ai.google.dev/gemini-api/docs/rate-limits"}]},{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{"model":"gemini-3-flash","location":"global"},"quotaValue":"5"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"58s"}]}}"#,
+            // Gemini per day (2025 form: QuotaFailure, Help, RetryInfo), and the same through
+            // the OpenAI-compatible endpoint's array.
+            r#"{"error":{"code":429,"message":"You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests","quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaDimensions":{"location":"global","model":"gemini-2.5-flash"},"quotaValue":"250"}]},{"@type":"type.googleapis.com/google.rpc.Help","links":[]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"22s"}]}}"#,
+            r#"[{"error":{"code":429,"message":"You exceeded your current quota.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaValue":"20"}]}]}}]"#,
+        ];
+        for body in account {
+            let failure = classified(429, body);
+            assert_eq!((failure.kind, failure.scope), (FailureKind::RateLimited, LimitScope::Account), "{body}");
+        }
+        let model = [
+            // OpenRouter: the upstream provider throttled this one model, verbatim.
+            r#"{"error":{"message":"Provider returned error","code":429,"metadata":{"raw":"google/gemma-4-31b-it:free is temporarily rate-limited upstream. Please retry shortly, or add your own key to accumulate your rate limits: https://openrouter.ai/settings/integrations","provider_name":"Google AI Studio","is_byok":false,"provider_error_code":"429","limit_source":"upstream_provider_shared_pool","remedy_hint":"Retry shortly, add your own provider key (https://openrouter.ai/settings/integrations), or route to another provider with provider routing: https://openrouter.ai/docs/features/provider-routing"}},"user_id":"user_3Jl6aKLIaiC4dg8s3fhdvCpIhBu"}"#,
+            // Gemini's per-model token budget and its bare form.
+            r#"{"error":{"code":429,"message":"You exceeded your current quota.","status":"RESOURCE_EXHAUSTED","details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[{"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_input_token_count","quotaId":"GenerateContentInputTokensPerModelPerMinute-FreeTier","quotaValue":"250000"}]},{"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"26s"}]}}"#,
+            r#"{"error":{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED"}}"#,
+            r#"[{"error":{"code":429,"message":"Resource has been exhausted (e.g. check quota).","status":"RESOURCE_EXHAUSTED"}}]"#,
+            // Groq, Cerebras, Anthropic, OpenAI: per model (or per organization and model).
+            r#"{"error":{"message":"Rate limit reached for model `llama-3.3-70b-versatile` in organization `org_01kes94v04f9ramd2n1vj4gjnc` service tier `on_demand` on tokens per minute (TPM): Limit 12000, Used 2542, Requested 9855. Please try again in 1.984999999s. Need more tokens? Upgrade to Dev Tier today at https://console.groq.com/settings/billing","type":"tokens","code":"rate_limit_exceeded"}}"#,
+            r#"{"message":"Tokens per day limit exceeded - too many tokens processed.","type":"too_many_tokens_error","param":"quota","code":"token_quota_exceeded"}"#,
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed your account's rate limit. Please try again later."},"request_id":"req_011Ca6u66aLnUk1L2q2MSyRy"}"#,
+            r#"{"error":{"message":"Rate limit reached for gpt-4.1 in organization org-vyUrKHsIdLcZGKR3zqCqllrS on tokens per min (TPM): Limit 30000, Used 28039, Requested 3906. Please try again in 3.89s. Visit https://platform.openai.com/account/rate-limits to learn more.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#,
+        ];
+        for body in model {
+            let failure = classified(429, body);
+            assert_eq!((failure.kind, failure.scope), (FailureKind::RateLimited, LimitScope::Model), "{body}");
+        }
+        // Only a rate limit has a scope: OpenRouter's spent key budget is `Credits`, as before.
+        let budget = r#"{"error":{"code":403,"message":"Key limit exceeded","metadata":{"limit_source":"openrouter_key_limit"}}}"#;
+        assert_eq!(classified(403, budget).scope, LimitScope::Model);
     }
 
     #[test]

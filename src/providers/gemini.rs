@@ -277,7 +277,7 @@ pub fn interpret(
         body,
         total_tokens: usage.map(|u| u.total_tokens),
         exhausted_until: retry_info::exhausted_reset(headers, now),
-        quota: Vec::new(),
+        quota: super::quota_headers::observe(headers, now),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod gemini;
 pub mod gemini_schema;
 pub mod http;
 pub mod openai;
+pub mod quota_headers;
 pub mod retry_info;
 pub mod shape;
 pub mod translate;

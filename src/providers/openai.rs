@@ -11,8 +11,8 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use super::errors::{ErrorInfo, classify};
-use super::retry_info;
 use super::{Completion, Failure, FailureKind, short_message};
+use super::{quota_headers, retry_info};
 use crate::job::ChatBody;
 
 /// The request body for `model`: the job's body with the provider's own model.
@@ -64,7 +64,8 @@ fn success(status: u16, headers: &HeaderMap, json: Value, now: SystemTime) -> Re
         .unwrap_or_default();
     let total_tokens = json.pointer("/usage/total_tokens").and_then(Value::as_u64);
     let exhausted_until = retry_info::exhausted_reset(headers, now);
-    Ok(Completion { status, request_id, body: json, total_tokens, exhausted_until, quota: Vec::new() })
+    let quota = quota_headers::observe(headers, now);
+    Ok(Completion { status, request_id, body: json, total_tokens, exhausted_until, quota })
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -97,6 +98,30 @@ mod tests {
         let spent = headers(&[("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "1m26.4s")]);
         let done = interpret(200, &spent, COMPLETION.as_bytes(), now()).unwrap();
         assert_eq!(done.exhausted_until, Some(now() + Duration::from_millis(86_400)));
+    }
+
+    #[test]
+    fn a_success_reports_what_its_rate_limit_headers_say() {
+        let groq = headers(&[
+            ("x-ratelimit-limit-requests", "14400"),
+            ("x-ratelimit-remaining-requests", "14370"),
+            ("x-ratelimit-reset-requests", "2m59.56s"),
+            ("x-ratelimit-remaining-tokens", "garbage"),
+        ]);
+        let done = interpret(200, &groq, COMPLETION.as_bytes(), now()).unwrap();
+        assert_eq!(
+            done.quota,
+            vec![crate::routing::QuotaObservation {
+                measure: crate::routing::QuotaMeasure::Requests,
+                remaining: 14370,
+                limit: Some(14400),
+                resets_at: Some(now() + Duration::from_millis(179_560)),
+                window: None,
+            }]
+        );
+        assert_eq!(done.exhausted_until, None);
+        let none = interpret(200, &HeaderMap::new(), COMPLETION.as_bytes(), now()).unwrap();
+        assert!(none.quota.is_empty());
     }
 
     #[test]

@@ -288,6 +288,7 @@ async fn a_job_that_panics_is_retried_then_dead_lettered_and_others_go_on() {
         max_retries: 0,
         limits: vec![],
         timeout: Duration::from_secs(2),
+        pool_mates: vec![],
         provider,
     };
     let mut chains: HashMap<String, Arc<Chain>> = good;

@@ -15,6 +15,7 @@ mod observability;
 mod outages;
 mod poison;
 mod pool_workers;
+mod pools;
 mod provider_faults;
 mod quorum;
 mod shared_state;
