@@ -20,7 +20,7 @@ pub use checks::{Accept, Expectation, OnAllRejected};
 pub use clock::{Clock, SystemClock, far_future, later};
 pub use outcome::{CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
 
-use crate::config::LimitConfig;
+use crate::config::{LimitConfig, QuotaPoolConfig};
 use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
 use crate::routing::{Attempt, AttemptOutcome, CooldownReason};
@@ -36,6 +36,9 @@ pub struct Member {
     pub max_retries: u32,
     /// Held across all workers by the state store.
     pub limits: Vec<LimitConfig>,
+    /// The pools (`[[quotas]]`, resolved from config at build time) the provider draws from as
+    /// well: shared, so building an [`Ask`] per call allocates nothing.
+    pub pools: Arc<[QuotaPoolConfig]>,
     /// The per-request timeout: bounds how long a call can occupy the provider's windows.
     pub timeout: Duration,
     pub provider: Arc<dyn ChatProvider>,
@@ -448,7 +451,7 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
     let member = call.member;
     let now = call.clock.now();
     let flight = member.timeout.saturating_add(FLIGHT_MARGIN);
-    let ask = Ask { provider: &member.name, limits: &member.limits, tokens: call.tokens, flight };
+    let ask = Ask { provider: &member.name, limits: &member.limits, pools: &member.pools, tokens: call.tokens, flight };
     let mut admission = call.state.admit(ask, now).await;
     if let Admission::Granted(permit) = admission {
         if call.state.claim_probe(&member.name, now, flight).await {
@@ -474,7 +477,7 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
             Err(Some(NextTry::firm(until)))
         }
         Admission::TooLarge => {
-            let message = format!("about {} tokens exceed one of the provider's token limits", call.tokens);
+            let message = format!("about {} tokens exceed one of the provider's (or its pools') token limits", call.tokens);
             progress.skip(member, AttemptOutcome::SkippedContext, None, Some(message));
             progress.dropped.insert(member.name.clone());
             Err(None)

@@ -137,6 +137,7 @@ fn member(name: &str, free: bool, provider: Arc<dyn ChatProvider>) -> Member {
         context_window: None,
         max_retries: 0,
         limits: Vec::new(),
+        pools: Default::default(),
         timeout: secs(10),
         provider,
     }
@@ -953,7 +954,7 @@ async fn a_provider_that_cannot_carry_the_job_is_skipped_before_admission() {
 
     // The slot is still there: the next admission gets it, the one after finds it spent.
     let limits = chain.members[0].limits.clone();
-    let ask = Ask { provider: "picky", limits: &limits, tokens: 10, flight: secs(60) };
+    let ask = Ask { provider: "picky", limits: &limits, pools: &[], tokens: 10, flight: secs(60) };
     assert!(matches!(store.admit(ask, clock.now()).await, Admission::Granted(_)));
     assert!(matches!(store.admit(ask, clock.now()).await, Admission::OverQuota { .. }));
 }

@@ -4,8 +4,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::quota::{self, Blocked, Usage};
+use super::quota::{self, Blocked, Scope, Usage};
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, ResultLedger, StoreError};
+use crate::config::LimitConfig;
+use crate::routing::QuotaObservation;
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
 use crate::routing::CooldownReason;
@@ -13,6 +15,9 @@ use crate::routing::CooldownReason;
 #[derive(Default)]
 pub struct MemoryStore {
     providers: Mutex<HashMap<String, ProviderRow>>,
+    /// The use of every shared pool (`[[quotas]]`) by name: one scope however many providers
+    /// draw from it. Locked after `providers`, never before.
+    pools: Mutex<HashMap<String, Scope>>,
     next_usage_id: std::sync::atomic::AtomicI64,
     ledger: Mutex<HashMap<String, LedgerRow>>,
     failures: Mutex<HashMap<String, u32>>,
@@ -34,7 +39,8 @@ struct ProviderRow {
     consecutive_server_errors: u32,
     /// A half-open probe of the circuit is in flight: its 5xx counts, stale ones do not.
     probing: bool,
-    usage: Vec<Usage>,
+    /// The use of the provider's own limits.
+    quota: Scope,
 }
 
 impl MemoryStore {
@@ -43,15 +49,21 @@ impl MemoryStore {
     }
 
     /// Records a call another store admitted, without checking any limit (the Postgres store's
-    /// own account of its calls); returns the record's id. Calls older than `keep` (the
-    /// provider's longest window) are forgotten.
-    pub fn record_call(&self, provider: &str, tokens: u64, flight: Duration, keep: Duration, now: SystemTime) -> i64 {
+    /// own account of its calls), in the provider's scope and its pools'; returns the record's
+    /// id. Calls no window of theirs can see any more are forgotten.
+    pub fn record_call(&self, ask: Ask<'_>, now: SystemTime) -> i64 {
         let id = self.next_usage_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let expires = now.checked_add(flight).unwrap_or(now);
+        let usage = Usage { id, done: None, expires: now.checked_add(ask.flight).unwrap_or(now), tokens: ask.tokens };
         let mut providers = self.providers.lock().unwrap();
-        let row = providers.entry(provider.to_string()).or_default();
-        quota::prune(&mut row.usage, keep, now);
-        row.usage.push(Usage { id, done: None, expires, tokens });
+        let row = providers.entry(ask.provider.to_string()).or_default();
+        quota::prune(&mut row.quota, quota::keep_for(ask.limits), now);
+        row.quota.usage.push(usage.clone());
+        let mut pools = self.pools.lock().unwrap();
+        for pool in ask.pools {
+            let scope = pools.entry(pool.name.clone()).or_default();
+            quota::prune(scope, quota::keep_for(&pool.limits), now);
+            scope.usage.push(usage.clone());
+        }
         id
     }
 
@@ -60,8 +72,20 @@ impl MemoryStore {
         let providers = self.providers.lock().unwrap();
         providers
             .iter()
-            .flat_map(|(name, row)| row.usage.iter().filter(|u| ids.contains(&u.id)).map(|u| (name.clone(), u.clone())))
+            .flat_map(|(name, row)| {
+                row.quota.usage.iter().filter(|u| ids.contains(&u.id)).map(|u| (name.clone(), u.clone()))
+            })
             .collect()
+    }
+
+    /// What `limit` of `pool` holds now (real calls and learnt use), for inspection.
+    pub fn pool_used(&self, pool: &str, limit: &LimitConfig, now: SystemTime) -> u64 {
+        self.pools.lock().unwrap().get(pool).map_or(0, |scope| quota::used(scope, limit, now))
+    }
+
+    /// What `limit` of `provider`'s own holds now, for inspection.
+    pub fn provider_used(&self, provider: &str, limit: &LimitConfig, now: SystemTime) -> u64 {
+        self.providers.lock().unwrap().get(provider).map_or(0, |row| quota::used(&row.quota, limit, now))
     }
 
     /// How many answers of `provider` were rejected for `reason`.
@@ -84,20 +108,32 @@ impl ProviderState for MemoryStore {
         if let Some(cooldown) = row.cooldown.clone().filter(|c| c.until > now) {
             return Admission::Cooling(cooldown);
         }
-        if ask.limits.is_empty() {
+        if ask.limits.is_empty() && ask.pools.is_empty() {
             return Admission::Granted(Permit::UNCOUNTED);
         }
-        if let Some(longest) = ask.limits.iter().map(|l| l.per).max() {
-            quota::prune(&mut row.usage, longest, now);
+        quota::prune(&mut row.quota, quota::keep_for(ask.limits), now);
+        let mut blocked = quota::check(&row.quota, ask.limits, ask.tokens, now).err();
+        let mut pools = self.pools.lock().unwrap();
+        for pool in ask.pools {
+            let scope = pools.entry(pool.name.clone()).or_default();
+            quota::prune(scope, quota::keep_for(&pool.limits), now);
+            if let Err(b) = quota::check(scope, &pool.limits, ask.tokens, now) {
+                blocked = Some(blocked.map_or(b, |a| a.and(b)));
+            }
         }
-        match quota::check(&row.usage, ask.limits, ask.tokens, now) {
-            Ok(()) => {
+        match blocked {
+            None => {
                 let id = self.next_usage_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                row.usage.push(Usage { id, done: None, expires: now + ask.flight, tokens: ask.tokens });
+                let expires = now.checked_add(ask.flight).unwrap_or(now);
+                let usage = Usage { id, done: None, expires, tokens: ask.tokens };
+                for pool in ask.pools {
+                    pools.entry(pool.name.clone()).or_default().usage.push(usage.clone());
+                }
+                row.quota.usage.push(usage);
                 Admission::Granted(Permit { usage_id: Some(id), local_id: None })
             }
-            Err(Blocked::Until(until, measure)) => Admission::OverQuota { until, measure },
-            Err(Blocked::TooLarge) => Admission::TooLarge,
+            Some(Blocked::Until(until, measure)) => Admission::OverQuota { until, measure },
+            Some(Blocked::TooLarge) => Admission::TooLarge,
         }
     }
 
@@ -105,7 +141,10 @@ impl ProviderState for MemoryStore {
         let Some(id) = permit.usage_id else { return };
         let now = SystemTime::now();
         let mut providers = self.providers.lock().unwrap();
-        if let Some(usage) = providers.values_mut().flat_map(|row| row.usage.iter_mut()).find(|u| u.id == id) {
+        let mut pools = self.pools.lock().unwrap();
+        let own = providers.values_mut().map(|row| &mut row.quota);
+        // The same call is recorded once in its provider's scope and once in each pool's.
+        for usage in own.chain(pools.values_mut()).flat_map(|scope| scope.usage.iter_mut()).filter(|u| u.id == id) {
             usage.done = Some(now);
             if let Some(tokens) = tokens {
                 usage.tokens = tokens;
@@ -160,6 +199,20 @@ impl ProviderState for MemoryStore {
         let count = counts.entry((provider.to_string(), reason.to_string())).or_default();
         *count = count.saturating_add(1);
     }
+
+    async fn observe_quota(&self, ask: Ask<'_>, seen: &[QuotaObservation], now: SystemTime) {
+        let mut providers = self.providers.lock().unwrap();
+        let mut pools = self.pools.lock().unwrap();
+        for observation in seen {
+            for (pool, limit) in quota::matching(&ask, observation) {
+                let scope = match pool {
+                    Some(name) => pools.entry(name.to_string()).or_default(),
+                    None => &mut providers.entry(ask.provider.to_string()).or_default().quota,
+                };
+                quota::observe(scope, limit, observation.remaining, observation.resets_at, now);
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -212,7 +265,7 @@ mod tests {
         store.cool_down("p", cooldown(now + Duration::from_secs(60))).await;
         store.cool_down("p", cooldown(now + Duration::from_secs(5))).await;
         assert_eq!(store.cooldown_of("p").unwrap().until, now + Duration::from_secs(60));
-        let ask = Ask { provider: "p", limits: &[], tokens: 10, flight: Duration::from_secs(5) };
+        let ask = Ask { provider: "p", limits: &[], pools: &[], tokens: 10, flight: Duration::from_secs(5) };
         assert!(matches!(store.admit(ask, now).await, Admission::Cooling(_)));
         assert_eq!(store.admit(ask, now + Duration::from_secs(61)).await, Admission::Granted(Permit::UNCOUNTED));
     }
@@ -226,7 +279,7 @@ mod tests {
             per: Duration::from_secs(60),
             resets: None,
         }];
-        let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+        let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(5) };
         let now = SystemTime::now();
         let Admission::Granted(first) = store.admit(ask, now).await else { panic!() };
         assert!(matches!(store.admit(ask, now).await, Admission::Granted(_)));

@@ -66,7 +66,7 @@ async fn a_cooldown_only_moves_forward() {
     store.cool_down("p", cooldown(10, CooldownReason::RateLimited)).await;
     // A second store (another worker) reads the truth from the table.
     let other = migrated_store(&env).await;
-    let ask = Ask { provider: "p", limits: &[], tokens: 1, flight: Duration::from_secs(5) };
+    let ask = Ask { provider: "p", limits: &[], pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     match other.admit(ask, SystemTime::now()).await {
         Admission::Cooling(c) => {
             assert_eq!(c.reason, CooldownReason::Auth);
@@ -127,12 +127,12 @@ async fn limits_hold_across_workers_under_concurrency() {
     let env = TestEnv::new().await;
     let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
     let limits = [LimitConfig { requests: Some(5), tokens: None, per: Duration::from_secs(2), resets: None }];
-    let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(5) };
     let attempts = (0..40).map(|i| {
         let store = if i % 2 == 0 { a.clone() } else { b.clone() };
         let limits = limits.clone();
         tokio::spawn(async move {
-            let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+            let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(5) };
             store.admit(ask, SystemTime::now()).await
         })
     });
@@ -164,7 +164,7 @@ async fn token_limits_use_estimates_corrected_by_usage() {
     let env = TestEnv::new().await;
     let store = migrated_store(&env).await;
     let limits = [LimitConfig { requests: None, tokens: Some(1000), per: Duration::from_secs(60), resets: None }];
-    let big = Ask { provider: "t", limits: &limits, tokens: 800, flight: Duration::from_secs(5) };
+    let big = Ask { provider: "t", limits: &limits, pools: &[], tokens: 800, flight: Duration::from_secs(5) };
     let Admission::Granted(permit) = store.admit(big, SystemTime::now()).await else { panic!() };
     let other = migrated_store(&env).await;
     assert!(matches!(
@@ -231,7 +231,7 @@ async fn status_shows_cooldowns_usage_and_last_errors() {
         LimitConfig { requests: Some(30), tokens: None, per: Duration::from_secs(60), resets: None },
         LimitConfig { requests: None, tokens: Some(6000), per: Duration::from_secs(60), resets: None },
     ];
-    let ask = Ask { provider: "groq", limits: &limits, tokens: 120, flight: Duration::from_secs(5) };
+    let ask = Ask { provider: "groq", limits: &limits, pools: &[], tokens: 120, flight: Duration::from_secs(5) };
     for _ in 0..3 {
         assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
     }
