@@ -368,4 +368,107 @@ mod tests {
         let first = store.open("msg:1", "job-a").await.unwrap();
         assert_eq!((first.result.as_deref(), first.deliveries), (Some("{\"a\":1}"), 2));
     }
+
+    use crate::state::QuotaMeasure;
+
+    fn pool(limits: Vec<crate::config::LimitConfig>) -> Vec<crate::config::QuotaPoolConfig> {
+        vec![crate::config::QuotaPoolConfig { name: "account".into(), limits }]
+    }
+
+    fn per_minute(n: u64) -> crate::config::LimitConfig {
+        crate::config::LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(60), resets: None }
+    }
+
+    #[tokio::test]
+    async fn two_providers_drawing_from_one_pool_never_exceed_it_together() {
+        let store = MemoryStore::new();
+        let pools = pool(vec![per_minute(5)]);
+        let own = [per_minute(4)];
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ask = |provider| Ask { provider, limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+        let mut granted = 0;
+        for i in 0..20 {
+            let provider = if i % 2 == 0 { "a" } else { "b" };
+            match store.admit(ask(provider), now).await {
+                Admission::Granted(_) => granted += 1,
+                Admission::OverQuota { until, .. } => assert_eq!(until, now + Duration::from_secs(60)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(granted, 5, "the pool's 5, not 4 + 4 of the providers' own limits");
+        assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 5);
+        // A provider outside the pool is not held by it.
+        assert!(matches!(
+            store.admit(Ask { provider: "c", limits: &own, pools: &[], tokens: 1, flight: Duration::from_secs(5) }, now).await,
+            Admission::Granted(_)
+        ));
+        // Never answered: each call occupies the window until its deadline (5 s), then one more minute.
+        assert!(matches!(store.admit(ask("a"), now + Duration::from_secs(64)).await, Admission::OverQuota { .. }));
+        assert!(matches!(store.admit(ask("a"), now + Duration::from_secs(65)).await, Admission::Granted(_)));
+    }
+
+    #[tokio::test]
+    async fn a_pool_token_limit_refuses_what_can_never_fit() {
+        let store = MemoryStore::new();
+        let limit = crate::config::LimitConfig { requests: None, tokens: Some(100), per: Duration::from_secs(60), resets: None };
+        let pools = pool(vec![limit]);
+        let ask = Ask { provider: "a", limits: &[], pools: &pools, tokens: 101, flight: Duration::from_secs(5) };
+        assert_eq!(store.admit(ask, SystemTime::now()).await, Admission::TooLarge);
+    }
+
+    #[tokio::test]
+    async fn a_pools_calendar_day_spent_at_2330_has_room_at_midnight() {
+        let store = MemoryStore::new();
+        let daily = crate::config::LimitConfig {
+            requests: Some(2),
+            tokens: None,
+            per: Duration::from_secs(86_400),
+            resets: Some(crate::calendar::DailyReset::parse("00:00 UTC").unwrap()),
+        };
+        let pools = pool(vec![daily]);
+        let at = |t: &str| humantime::parse_rfc3339(t).unwrap();
+        let ask = |provider| Ask { provider, limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+        for provider in ["a", "b"] {
+            let Admission::Granted(permit) = store.admit(ask(provider), at("2026-11-30T23:30:00Z")).await else { panic!() };
+            store.finish(permit, None).await;
+        }
+        assert_eq!(
+            store.admit(ask("a"), at("2026-11-30T23:31:00Z")).await,
+            Admission::OverQuota { until: at("2026-12-01T00:00:00Z"), measure: QuotaMeasure::Requests }
+        );
+        assert!(matches!(store.admit(ask("b"), at("2026-12-01T00:00:00Z")).await, Admission::Granted(_)));
+    }
+
+    #[tokio::test]
+    async fn observations_correct_the_matching_limits_of_the_provider_and_its_pools() {
+        use crate::routing::QuotaObservation;
+        let store = MemoryStore::new();
+        let own = [per_minute(30)];
+        let daily = crate::config::LimitConfig { requests: Some(50), tokens: None, per: Duration::from_secs(86_400), resets: None };
+        let pools = pool(vec![per_minute(20), daily.clone()]);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ask = Ask { provider: "a", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+        let seen = |remaining, limit, window| QuotaObservation {
+            measure: QuotaMeasure::Requests,
+            remaining,
+            limit,
+            resets_at: None,
+            window,
+        };
+        // Named window: every declared 1d requests limit (only the pool's).
+        store.observe_quota(ask, &[seen(3, None, Some(Duration::from_secs(86_400)))], now).await;
+        assert_eq!(store.pool_used("account", &daily, now), 47);
+        assert_eq!(store.provider_used("a", &own[0], now), 0);
+        // Stated limit equal to a declared one: the provider's own 30.
+        store.observe_quota(ask, &[seen(10, Some(30), None)], now).await;
+        assert_eq!(store.provider_used("a", &own[0], now), 20);
+        assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 0);
+        // Ambiguous (two per-minute, one daily request limits, no window, no size): ignored.
+        store.observe_quota(ask, &[seen(0, None, None)], now).await;
+        assert_eq!(store.provider_used("a", &own[0], now), 20);
+        // More left than we count: learnt use goes back, never below our own calls.
+        store.admit(ask, now).await;
+        store.observe_quota(ask, &[seen(50, None, Some(Duration::from_secs(86_400)))], now).await;
+        assert_eq!(store.pool_used("account", &daily, now), 1, "the one real call stays");
+    }
 }
