@@ -2,7 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::config::LimitConfig;
+use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
+use fallback_worker::routing::QuotaObservation;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
 use fallback_worker::routing::CooldownReason;
 use fallback_worker::state::postgres::PgStore;
@@ -404,4 +405,157 @@ async fn a_success_in_one_worker_ends_every_workers_run_of_server_errors() {
     for listener in listeners {
         listener.await.unwrap();
     }
+}
+
+fn pool(name: &str, limits: Vec<LimitConfig>) -> Vec<QuotaPoolConfig> {
+    vec![QuotaPoolConfig { name: name.into(), limits }]
+}
+
+fn requests(n: u64, per: Duration) -> LimitConfig {
+    LimitConfig { requests: Some(n), tokens: None, per, resets: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_and_two_providers_sharing_a_pool_never_exceed_it() {
+    let env = TestEnv::new().await;
+    let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
+    let pools = pool("account", vec![requests(5, Duration::from_secs(60))]);
+    let own = [requests(4, Duration::from_secs(60))];
+    let attempts = (0..40).map(|i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (pools, own) = (pools.clone(), own.clone());
+        tokio::spawn(async move {
+            let provider = if i % 4 < 2 { "free-a" } else { "free-b" };
+            let ask = Ask { provider, limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+            (provider, store.admit(ask, SystemTime::now()).await)
+        })
+    });
+    let mut granted = Vec::new();
+    for attempt in attempts {
+        let (provider, admission) = attempt.await.unwrap();
+        match admission {
+            Admission::Granted(permit) => granted.push((provider, permit)),
+            Admission::OverQuota { measure, .. } => assert_eq!(measure, QuotaMeasure::Requests),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(granted.len(), 5, "the pool's 5 across both providers and both workers, not 4 + 4");
+    assert!(granted.iter().all(|(_, p)| p.usage_id.is_some()));
+    // A provider named like the pool has its own windows: the pool's use is not its use.
+    let namesake = [requests(1, Duration::from_secs(60))];
+    let ask = Ask { provider: "account", limits: &namesake, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    assert!(matches!(a.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT kind, scope, used FROM quota_window ORDER BY kind, scope").fetch_all(&mut env.db().await).await.unwrap();
+    let pool_row = rows.iter().find(|(kind, scope, _)| kind == "pool" && scope == "account");
+    assert_eq!(pool_row.map(|r| r.2), Some(5), "{rows:?}");
+    let own_row = rows.iter().find(|(kind, scope, _)| kind == "provider" && scope == "account");
+    assert_eq!(own_row.map(|r| r.2), Some(1), "{rows:?}");
+    // Answers let nobody in before the window has moved on, whichever provider asks.
+    for (_, permit) in granted {
+        b.finish(permit, None).await;
+    }
+    let ask = Ask { provider: "free-b", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+    assert!(matches!(migrated_store(&env).await.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
+}
+
+#[tokio::test]
+async fn a_calendar_window_holds_until_the_reset_and_is_not_the_sliding_day() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let reset = fallback_worker::calendar::DailyReset::parse("00:00 UTC").unwrap();
+    let daily = LimitConfig { requests: Some(2), tokens: None, per: Duration::from_secs(86_400), resets: Some(reset.clone()) };
+    let limits = [daily, requests(10, Duration::from_secs(86_400))];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    for _ in 0..2 {
+        let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+        store.finish(permit, None).await;
+    }
+    let now = SystemTime::now();
+    match migrated_store(&env).await.admit(ask, now).await {
+        Admission::OverQuota { until, measure } => {
+            assert_eq!(measure, QuotaMeasure::Requests);
+            assert_eq!(until, reset.next_after(now), "room at the next reset exactly, not 24 h after the calls");
+        }
+        other => panic!("{other:?}"),
+    }
+    let windows: Vec<(String, i64)> = sqlx::query_as("SELECT calendar, used FROM quota_window ORDER BY calendar")
+        .fetch_all(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(windows, vec![("".to_string(), 2), ("00:00 UTC".to_string(), 2)], "two running totals");
+}
+
+/// Calls `fallback_admit` for one calendar window whose resets the test chooses (the database's
+/// clock cannot be moved): `first_reset` after now, the call leaving at `leaves`.
+async fn admit_calendar(env: &TestEnv, first_reset: SystemTime, leaves: SystemTime) -> (Option<i64>, Option<i64>) {
+    let ms = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as f64;
+    sqlx::query_as(
+        "SELECT usage_id, blocked_until_ms FROM fallback_admit('p', ARRAY['pool'], ARRAY['acct'], ARRAY['requests'], \
+           ARRAY[86400000::bigint], ARRAY['12:00 UTC'], ARRAY[2::bigint], \
+           ARRAY[to_timestamp($1::float8 / 1000)], ARRAY[to_timestamp($2::float8 / 1000)], 1, 5000)",
+    )
+    .bind(ms(first_reset))
+    .bind(ms(leaves))
+    .fetch_one(&mut env.db().await)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_spent_calendar_window_has_room_again_at_its_reset_exactly() {
+    let env = TestEnv::new().await;
+    migrated_store(&env).await;
+    let reset = SystemTime::now() + Duration::from_millis(1500);
+    assert!(admit_calendar(&env, reset, reset).await.0.is_some());
+    assert!(admit_calendar(&env, reset, reset).await.0.is_some());
+    let (granted, until_ms) = admit_calendar(&env, reset, reset).await;
+    assert_eq!(granted, None);
+    let reset_ms = reset.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert!(until_ms.unwrap() >= reset_ms && until_ms.unwrap() <= reset_ms + 1, "{until_ms:?} vs {reset_ms}");
+    tokio::time::sleep(reset.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(20)).await;
+    // A worker whose calendar is stale (it still sees the passed reset) is told to look again.
+    let (granted, until_ms) = admit_calendar(&env, reset, reset).await;
+    assert_eq!(granted, None);
+    assert!(until_ms.unwrap() >= reset_ms, "ask again now");
+    let next = SystemTime::now() + Duration::from_secs(86_400);
+    assert!(admit_calendar(&env, next, next).await.0.is_some(), "the new day has room");
+}
+
+#[tokio::test]
+async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls() {
+    let env = TestEnv::new().await;
+    let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
+    let pools = pool("account", vec![requests(20, Duration::from_secs(60))]);
+    let own = [requests(30, Duration::from_secs(60))];
+    let ask = Ask { provider: "p", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+    let Admission::Granted(_) = a.admit(ask, SystemTime::now()).await else { panic!() };
+    let seen = |remaining, limit| QuotaObservation {
+        measure: QuotaMeasure::Requests,
+        remaining,
+        limit: Some(limit),
+        resets_at: Some(SystemTime::now() + Duration::from_secs(30)),
+        window: None,
+    };
+    // The provider says 1 of its 20 is left: 19 counted, so the second worker gets one more call.
+    a.observe_quota(ask, &[seen(1, 20)], SystemTime::now()).await;
+    let used = |env: &TestEnv| {
+        let env = env.database_url.clone();
+        async move {
+            let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&env).await.unwrap();
+            sqlx::query_scalar::<_, i64>("SELECT used FROM quota_window WHERE kind = 'pool' AND scope = 'account'")
+                .fetch_one(&mut db)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(used(&env).await, 19);
+    assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
+    // It says 15 are left: learnt use is taken back, the two real calls stay.
+    b.observe_quota(ask, &[seen(15, 20)], SystemTime::now()).await;
+    assert_eq!(used(&env).await, 5);
+    b.observe_quota(ask, &[seen(20, 20)], SystemTime::now()).await;
+    assert_eq!(used(&env).await, 2, "real calls are never forgotten");
+    assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
 }
