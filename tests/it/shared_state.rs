@@ -559,3 +559,94 @@ async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls
     assert_eq!(used(&env).await, 2, "real calls are never forgotten");
     assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
 }
+
+#[tokio::test]
+async fn two_workers_with_two_free_models_on_one_account_pool_get_no_429_and_pay_nothing() {
+    let env = TestEnv::new().await;
+    // One account behind two models: the mock counts both models' requests together.
+    let mut account = MockOptions::new(Profile::Groq);
+    account.limits = vec![fallback_worker::mock::RequestLimit { requests: 4, per: Duration::from_secs(1) }];
+    account.latency = Duration::from_millis(20);
+    let free = MockProvider::start(account).await.unwrap();
+    let paid = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
+    let providers = format!(
+        "{}{}{}{}{}",
+        provider("model-a", &free.base_url(), true, "quotas = [\"account\"]"),
+        provider("model-b", &free.base_url(), true, "quotas = [\"account\"]"),
+        provider("paid", &paid.base_url(), false, ""),
+        "[[quotas]]\nname = \"account\"\nlimits = [{ requests = 4, per = \"1s\" }]\n\n",
+        chain("default", &["model-a", "model-b", "paid"], "free_wait = \"1h\"")
+    );
+    let a = env.spawn_worker(env.config(&providers), "worker-a").await;
+    let b = env.spawn_worker(env.config(&providers), "worker-b").await;
+    let jobs = 24;
+    for i in 0..jobs {
+        env.publish(&job(&format!("pooled-{i}")), BasicProperties::default()).await;
+    }
+    let results = env.results(&env.results, jobs).await;
+    assert!(results.iter().all(|r| r.is_success() && r.routing.free == Some(true)), "all on the free account: {results:?}");
+    let stats = free.stats();
+    assert_eq!(stats.rate_limited, 0, "the pool kept both models under the account's limit");
+    assert_eq!(stats.requests, jobs);
+    assert_eq!(paid.requests(), 0, "no paid call while free_wait runs");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn status_lists_pools_with_their_use_next_reset_and_who_draws_from_them() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let providers = format!(
+        "{}{}{}{}",
+        provider(
+            "gemini",
+            "http://127.0.0.1:9/v1",
+            true,
+            "quotas = [\"google\"]\nlimits = [{ requests = 20, per = \"1d\", resets = \"00:00 America/Los_Angeles\" }]"
+        ),
+        provider("gemini-native", "http://127.0.0.1:9/v1", true, "quotas = [\"google\"]"),
+        "[[quotas]]\nname = \"google\"\nlimits = [{ requests = 20, per = \"1d\", resets = \"00:00 America/Los_Angeles\" }, { requests = 5, per = \"1m\" }]\n\n",
+        chain("default", &["gemini", "gemini-native"], "")
+    );
+    let config_file = env.config_file(&providers, "");
+    let config = fallback_worker::config::Config::load(&config_file, &Default::default()).unwrap();
+    let gemini = config.provider("gemini").unwrap();
+    let pools = config.pools_of(gemini);
+    let ask = Ask { provider: "gemini", limits: &gemini.limits, pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
+    for _ in 0..2 {
+        assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    }
+    let run = |json: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-worker"));
+        command.args(["--config", config_file.to_str().unwrap(), "status"]);
+        if json {
+            command.arg("--json");
+        }
+        command.output().unwrap()
+    };
+    let output = run(true);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let reset = fallback_worker::calendar::DailyReset::parse("00:00 America/Los_Angeles").unwrap();
+    let next = humantime::format_rfc3339_seconds(reset.next_after(SystemTime::now())).to_string();
+    assert_eq!(lines[0]["provider"], "gemini");
+    assert_eq!(lines[0]["pools"], serde_json::json!(["google"]));
+    assert_eq!(lines[0]["windows"][0]["used"], 2);
+    assert_eq!(lines[0]["windows"][0]["resets"], "00:00 America/Los_Angeles");
+    assert_eq!(lines[0]["windows"][0]["next_reset"], next.as_str());
+    let pool = &lines[2];
+    assert_eq!(pool["pool"], "google");
+    assert_eq!(pool["providers"], serde_json::json!(["gemini", "gemini-native"]));
+    assert_eq!(pool["windows"][0]["used"], 2);
+    assert_eq!(pool["windows"][0]["next_reset"], next.as_str());
+    assert_eq!(pool["windows"][1], serde_json::json!({"measure": "requests", "limit": 5, "per": "1m", "used": 2}));
+
+    let table = String::from_utf8(run(false).stdout).unwrap();
+    let pool_line = table.lines().find(|l| l.starts_with("google")).expect(&table);
+    assert!(
+        pool_line.contains(&format!("2/20 requests per 1day (resets 00:00 America/Los_Angeles, next {next})"))
+            && pool_line.contains("gemini, gemini-native"),
+        "{table}"
+    );
+}
