@@ -11,6 +11,7 @@ use fallback_worker::state::{Admission, Ask, Cooldown, Permit, ProviderState, Qu
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::relay::Relay;
 use crate::support::*;
 
 #[tokio::test]
@@ -649,4 +650,40 @@ async fn status_lists_pools_with_their_use_next_reset_and_who_draws_from_them() 
             && pool_line.contains("gemini, gemini-native"),
         "{table}"
     );
+}
+
+#[tokio::test]
+async fn calls_admitted_while_the_database_was_away_count_in_the_pool_once_it_is_back() {
+    let env = TestEnv::new().await;
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let pools = pool("account", vec![requests(3, Duration::from_secs(60))]);
+    let ask = Ask { provider: "p", limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+    assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(Permit { usage_id: Some(_), .. })));
+
+    relay.set_down(true);
+    let mut local = 0;
+    for _ in 0..5 {
+        match store.admit(ask, SystemTime::now()).await {
+            Admission::Granted(permit) => {
+                assert_eq!(permit.usage_id, None, "admitted from this worker's own view");
+                local += 1;
+            }
+            Admission::OverQuota { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(store.is_degraded());
+    assert_eq!(local, 2, "the pool's share (3 for one worker), the call before the outage included");
+
+    relay.set_down(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    let used: i64 = sqlx::query_scalar("SELECT used FROM quota_window WHERE kind = 'pool' AND scope = 'account'")
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(used, 3, "the outage's calls count in the shared pool");
+    assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
 }
