@@ -5,7 +5,7 @@
 //! listener copies each change into its local cache (and reloads the table after any reconnect,
 //! since notifications sent meanwhile are lost), so admission reads the cache, not the row: a
 //! provider without limits costs no query per call. While the listener is not live, admission
-//! reads the row per call as before. A provider with limits is admitted by `fallback_acquire`,
+//! reads the row per call as before. A provider with limits (or pools) is admitted by `fallback_admit`,
 //! which checks the row's cooldown under its lock anyway.
 //!
 //! Postgres is not in the way of a call (contract §4): the first state call that finds the
