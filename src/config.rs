@@ -963,8 +963,15 @@ providers = ["a", "b"]
     #[test]
     fn bad_pools_name_the_file_and_key() {
         let cases = [
-            (POOLED.replace(r#"quotas = ["account"]
-"#, "quotas = [\"acount\"]\n"), "providers[0].quotas[0]", "acount"),
+            (
+                POOLED.replace(
+                    r#"quotas = ["account"]
+"#,
+                    "quotas = [\"acount\"]\n",
+                ),
+                "providers[0].quotas[0]",
+                "acount",
+            ),
             (POOLED.replace(r#"name = "account""#, r#"name = """#), "quotas[0].name", "1 to 100"),
             (POOLED.replace("quotas = [\"account\"]\n", ""), "quotas[0].name", "nothing draws"),
             (
@@ -972,7 +979,11 @@ providers = ["a", "b"]
                 "quotas[1].name",
                 "twice",
             ),
-            (POOLED.replace("{ requests = 20, per", "{ requests = 20, tokens = 5, per"), "quotas[0].limits[0]", "exactly one"),
+            (
+                POOLED.replace("{ requests = 20, per", "{ requests = 20, tokens = 5, per"),
+                "quotas[0].limits[0]",
+                "exactly one",
+            ),
             (POOLED.replace(r#"per = "1d", resets"#, r#"per = "2d", resets"#), "quotas[0].limits[1].resets", "1d"),
             (POOLED.replace(r#"per = "1m" }, {"#, r#"per = "10ms" }, {"#), "quotas[0].limits[0].per", "100ms"),
             (

@@ -477,7 +477,8 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
             Err(Some(NextTry::firm(until)))
         }
         Admission::TooLarge => {
-            let message = format!("about {} tokens exceed one of the provider's (or its pools') token limits", call.tokens);
+            let message =
+                format!("about {} tokens exceed one of the provider's (or its pools') token limits", call.tokens);
             progress.skip(member, AttemptOutcome::SkippedContext, None, Some(message));
             progress.dropped.insert(member.name.clone());
             Err(None)

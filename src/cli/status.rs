@@ -140,7 +140,12 @@ pub async fn collect_pools(config: &Config, store: &PgStore) -> Result<Vec<PoolS
             pool: pool.name.clone(),
             state: if full.is_some() { "over_quota" } else { "usable" },
             reason: full.map(|w| w.measure.to_string()),
-            providers: config.providers.iter().filter(|p| p.quotas.contains(&pool.name)).map(|p| p.name.clone()).collect(),
+            providers: config
+                .providers
+                .iter()
+                .filter(|p| p.quotas.contains(&pool.name))
+                .map(|p| p.name.clone())
+                .collect(),
             windows,
         });
     }

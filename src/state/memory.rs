@@ -6,11 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use super::quota::{self, Blocked, Scope, Usage};
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, ResultLedger, StoreError};
-use crate::config::LimitConfig;
-use crate::routing::QuotaObservation;
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
+use crate::config::LimitConfig;
 use crate::routing::CooldownReason;
+use crate::routing::QuotaObservation;
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -399,7 +399,9 @@ mod tests {
         assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 5);
         // A provider outside the pool is not held by it.
         assert!(matches!(
-            store.admit(Ask { provider: "c", limits: &own, pools: &[], tokens: 1, flight: Duration::from_secs(5) }, now).await,
+            store
+                .admit(Ask { provider: "c", limits: &own, pools: &[], tokens: 1, flight: Duration::from_secs(5) }, now)
+                .await,
             Admission::Granted(_)
         ));
         // Never answered: each call occupies the window until its deadline (5 s), then one more minute.
@@ -410,7 +412,12 @@ mod tests {
     #[tokio::test]
     async fn a_pool_token_limit_refuses_what_can_never_fit() {
         let store = MemoryStore::new();
-        let limit = crate::config::LimitConfig { requests: None, tokens: Some(100), per: Duration::from_secs(60), resets: None };
+        let limit = crate::config::LimitConfig {
+            requests: None,
+            tokens: Some(100),
+            per: Duration::from_secs(60),
+            resets: None,
+        };
         let pools = pool(vec![limit]);
         let ask = Ask { provider: "a", limits: &[], pools: &pools, tokens: 101, flight: Duration::from_secs(5) };
         assert_eq!(store.admit(ask, SystemTime::now()).await, Admission::TooLarge);
@@ -429,7 +436,9 @@ mod tests {
         let at = |t: &str| humantime::parse_rfc3339(t).unwrap();
         let ask = |provider| Ask { provider, limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
         for provider in ["a", "b"] {
-            let Admission::Granted(permit) = store.admit(ask(provider), at("2026-11-30T23:30:00Z")).await else { panic!() };
+            let Admission::Granted(permit) = store.admit(ask(provider), at("2026-11-30T23:30:00Z")).await else {
+                panic!()
+            };
             store.finish(permit, None).await;
         }
         assert_eq!(
@@ -444,7 +453,12 @@ mod tests {
         use crate::routing::QuotaObservation;
         let store = MemoryStore::new();
         let own = [per_minute(30)];
-        let daily = crate::config::LimitConfig { requests: Some(50), tokens: None, per: Duration::from_secs(86_400), resets: None };
+        let daily = crate::config::LimitConfig {
+            requests: Some(50),
+            tokens: None,
+            per: Duration::from_secs(86_400),
+            resets: None,
+        };
         let pools = pool(vec![per_minute(20), daily.clone()]);
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let ask = Ask { provider: "a", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };

@@ -584,9 +584,15 @@ impl PgStore {
     async fn acquire(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, sqlx::Error> {
         let specs = windows_of(ask.provider, ask.limits, ask.pools);
         let n = specs.len();
-        let (mut kinds, mut scopes, mut measures, mut windows, mut calendars) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut limits, mut first_resets, mut leaves) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut kinds, mut scopes, mut measures, mut windows, mut calendars) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut limits, mut first_resets, mut leaves) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         // A calendar call's deadline is taken a little late (the database's clock runs on from
         // ours): a call that may end after a reset counts in the next day until it answers.
         let deadline = later(now, ask.flight.saturating_add(STATE_CALL_TIMEOUT));
@@ -756,7 +762,8 @@ pub fn windows_of(provider: &str, limits: &[LimitConfig], pools: &[QuotaPoolConf
         let (measure, value) = super::quota::measure_of(limit);
         let calendar = limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default();
         let key = WindowKey { kind, scope: scope.to_string(), measure, window: limit.per, calendar };
-        let spec = strictest.entry(key.clone()).or_insert(WindowSpec { key, limit: value, reset: limit.resets.clone() });
+        let spec =
+            strictest.entry(key.clone()).or_insert(WindowSpec { key, limit: value, reset: limit.resets.clone() });
         spec.limit = spec.limit.min(value);
     }
     strictest.into_values().collect()
@@ -1209,7 +1216,8 @@ mod tests {
         daily.resets = Some(crate::calendar::DailyReset::parse("00:00 UTC").unwrap());
         let pools = [QuotaPoolConfig { name: "p".into(), limits: vec![daily.clone(), limit(Some(20), None, 60)] }];
         let windows = windows_of("p", &[limit(Some(10), None, 86_400), daily], &pools);
-        let keys: Vec<_> = windows.iter().map(|w| (w.key.kind, w.key.scope.as_str(), w.key.calendar.as_str(), w.limit)).collect();
+        let keys: Vec<_> =
+            windows.iter().map(|w| (w.key.kind, w.key.scope.as_str(), w.key.calendar.as_str(), w.limit)).collect();
         assert_eq!(
             keys,
             vec![

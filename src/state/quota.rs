@@ -162,7 +162,8 @@ fn later(at: SystemTime, per: Duration) -> SystemTime {
 /// How long a call must be kept to answer for `limits`: the longest window, and a calendar
 /// day can last 25 hours (the day a zone leaves daylight saving time).
 pub fn keep_for<'a>(limits: impl IntoIterator<Item = &'a LimitConfig>) -> Duration {
-    let keep = |l: &LimitConfig| if l.resets.is_some() { l.per.saturating_add(Duration::from_secs(7200)) } else { l.per };
+    let keep =
+        |l: &LimitConfig| if l.resets.is_some() { l.per.saturating_add(Duration::from_secs(7200)) } else { l.per };
     limits.into_iter().map(keep).max().unwrap_or_default()
 }
 
@@ -264,7 +265,11 @@ mod tests {
             Err(Blocked::Until(t0 + Duration::from_secs(2), QuotaMeasure::Requests))
         );
         assert_eq!(check(&sc(&usage), &[requests(4, 2)], 1, now), Ok(()));
-        assert_eq!(check(&sc(&usage), &[requests(3, 2)], 1, t0 + Duration::from_secs(2)), Ok(()), "the oldest has left");
+        assert_eq!(
+            check(&sc(&usage), &[requests(3, 2)], 1, t0 + Duration::from_secs(2)),
+            Ok(()),
+            "the oldest has left"
+        );
     }
 
     #[test]
@@ -323,11 +328,11 @@ mod tests {
         let usage = [done(1, at("2026-11-30T23:00:00Z"), 1), done(2, at("2026-11-30T23:30:00Z"), 1)];
         let now = at("2026-11-30T23:31:00Z");
         assert_eq!(
-            check(&sc(&usage), &[limit.clone()], 1, now),
+            check(&sc(&usage), std::slice::from_ref(&limit), 1, now),
             Err(Blocked::Until(at("2026-12-01T00:00:00Z"), QuotaMeasure::Requests)),
             "room at the reset, not 24 h after the calls"
         );
-        assert_eq!(check(&sc(&usage), &[limit.clone()], 1, at("2026-12-01T00:00:00Z")), Ok(()));
+        assert_eq!(check(&sc(&usage), std::slice::from_ref(&limit), 1, at("2026-12-01T00:00:00Z")), Ok(()));
         // A sliding day would have waited until 23:00 the next day.
         let sliding = requests(2, 86_400);
         assert_eq!(
@@ -339,15 +344,11 @@ mod tests {
     #[test]
     fn a_call_whose_occupancy_touches_two_calendar_days_counts_in_both() {
         let limit = daily(1, "00:00 UTC");
-        let sent_before_midnight = Usage {
-            id: 1,
-            done: Some(at("2026-12-01T00:00:02Z")),
-            expires: at("2026-12-01T00:01:00Z"),
-            tokens: 1,
-        };
+        let sent_before_midnight =
+            Usage { id: 1, done: Some(at("2026-12-01T00:00:02Z")), expires: at("2026-12-01T00:01:00Z"), tokens: 1 };
         let now = at("2026-12-01T00:00:05Z");
         assert_eq!(
-            check(&sc(&[sent_before_midnight]), &[limit.clone()], 1, now),
+            check(&sc(&[sent_before_midnight]), std::slice::from_ref(&limit), 1, now),
             Err(Blocked::Until(at("2026-12-02T00:00:00Z"), QuotaMeasure::Requests))
         );
         // In flight across midnight: it counts in the new day, and may leave at the next reset.
@@ -362,11 +363,11 @@ mod tests {
         let usage = [done(1, at("2026-11-01T07:30:00Z"), 1)];
         let late_that_day = at("2026-11-02T07:30:00Z");
         assert_eq!(
-            check(&sc(&usage), &[limit.clone()], 1, late_that_day),
+            check(&sc(&usage), std::slice::from_ref(&limit), 1, late_that_day),
             Err(Blocked::Until(at("2026-11-02T08:00:00Z"), QuotaMeasure::Requests)),
             "still the same (25-hour) Pacific day"
         );
-        assert_eq!(check(&sc(&usage), &[limit.clone()], 1, at("2026-11-02T08:00:00Z")), Ok(()));
+        assert_eq!(check(&sc(&usage), std::slice::from_ref(&limit), 1, at("2026-11-02T08:00:00Z")), Ok(()));
         let mut scope = sc(&usage);
         prune(&mut scope, keep_for([&limit]), late_that_day);
         assert_eq!(scope.usage.len(), 1, "kept for the whole long day");
@@ -385,7 +386,7 @@ mod tests {
         observe(&mut scope, &limit, 0, Some(now + Duration::from_secs(3600)), now);
         assert_eq!(used(&scope, &limit, now + Duration::from_secs(59)), 10);
         assert_eq!(used(&scope, &limit, now + Duration::from_secs(60)), 0, "bounded by the window");
-        assert!(check(&scope, &[limit.clone()], 1, now).is_err());
+        assert!(check(&scope, std::slice::from_ref(&limit), 1, now).is_err());
         assert!(check(&scope, &[requests(10, 3600)], 1, now).is_ok(), "learnt use counts in its own limit only");
     }
 }

@@ -3,9 +3,9 @@
 use std::time::{Duration, SystemTime};
 
 use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
-use fallback_worker::routing::QuotaObservation;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
 use fallback_worker::routing::CooldownReason;
+use fallback_worker::routing::QuotaObservation;
 use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
 use lapin::BasicProperties;
@@ -447,7 +447,10 @@ async fn two_workers_and_two_providers_sharing_a_pool_never_exceed_it() {
     let ask = Ask { provider: "account", limits: &namesake, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     assert!(matches!(a.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
     let rows: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT kind, scope, used FROM quota_window ORDER BY kind, scope").fetch_all(&mut env.db().await).await.unwrap();
+        sqlx::query_as("SELECT kind, scope, used FROM quota_window ORDER BY kind, scope")
+            .fetch_all(&mut env.db().await)
+            .await
+            .unwrap();
     let pool_row = rows.iter().find(|(kind, scope, _)| kind == "pool" && scope == "account");
     assert_eq!(pool_row.map(|r| r.2), Some(5), "{rows:?}");
     let own_row = rows.iter().find(|(kind, scope, _)| kind == "provider" && scope == "account");
@@ -465,7 +468,8 @@ async fn a_calendar_window_holds_until_the_reset_and_is_not_the_sliding_day() {
     let env = TestEnv::new().await;
     let store = migrated_store(&env).await;
     let reset = fallback_worker::calendar::DailyReset::parse("00:00 UTC").unwrap();
-    let daily = LimitConfig { requests: Some(2), tokens: None, per: Duration::from_secs(86_400), resets: Some(reset.clone()) };
+    let daily =
+        LimitConfig { requests: Some(2), tokens: None, per: Duration::from_secs(86_400), resets: Some(reset.clone()) };
     let limits = [daily, requests(10, Duration::from_secs(86_400))];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     for _ in 0..2 {
@@ -585,7 +589,10 @@ async fn two_workers_with_two_free_models_on_one_account_pool_get_no_429_and_pay
         env.publish(&job(&format!("pooled-{i}")), BasicProperties::default()).await;
     }
     let results = env.results(&env.results, jobs).await;
-    assert!(results.iter().all(|r| r.is_success() && r.routing.free == Some(true)), "all on the free account: {results:?}");
+    assert!(
+        results.iter().all(|r| r.is_success() && r.routing.free == Some(true)),
+        "all on the free account: {results:?}"
+    );
     let stats = free.stats();
     assert_eq!(stats.rate_limited, 0, "the pool kept both models under the account's limit");
     assert_eq!(stats.requests, jobs);
@@ -614,7 +621,8 @@ async fn status_lists_pools_with_their_use_next_reset_and_who_draws_from_them() 
     let config = fallback_worker::config::Config::load(&config_file, &Default::default()).unwrap();
     let gemini = config.provider("gemini").unwrap();
     let pools = config.pools_of(gemini);
-    let ask = Ask { provider: "gemini", limits: &gemini.limits, pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
+    let ask =
+        Ask { provider: "gemini", limits: &gemini.limits, pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
     for _ in 0..2 {
         assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
     }
