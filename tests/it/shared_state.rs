@@ -695,3 +695,22 @@ async fn calls_admitted_while_the_database_was_away_count_in_the_pool_once_it_is
     assert_eq!(used, 3, "the outage's calls count in the shared pool");
     assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
 }
+
+#[tokio::test]
+async fn housekeeping_retires_what_has_left_every_window_of_providers_and_pools() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let window = Duration::from_millis(300);
+    let pools = pool("account", vec![requests(5, window)]);
+    let own = [requests(5, window)];
+    let ask = Ask { provider: "p", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+    let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!() };
+    assert_eq!(store.prune_usage().await.unwrap(), 2, "one call in the provider's window and one in the pool's");
+    store.finish(permit, None).await;
+    eventually("both windows are empty one window after the answer", || async {
+        store.prune_usage().await.unwrap() == 0
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_use").fetch_one(&mut env.db().await).await.unwrap();
+    assert_eq!(rows, 0);
+}
