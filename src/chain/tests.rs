@@ -958,3 +958,31 @@ async fn a_provider_that_cannot_carry_the_job_is_skipped_before_admission() {
     assert!(matches!(store.admit(ask, clock.now()).await, Admission::Granted(_)));
     assert!(matches!(store.admit(ask, clock.now()).await, Admission::OverQuota { .. }));
 }
+
+#[tokio::test]
+async fn members_drawing_from_one_pool_share_it() {
+    let clock = ManualClock::starting_at(t0());
+    // Long enough that the memory store's wall-clock answer time stays inside it.
+    let limit = LimitConfig { requests: Some(1), tokens: None, per: secs(400 * 86_400), resets: None };
+    let pools: Arc<[QuotaPoolConfig]> = vec![QuotaPoolConfig { name: "account".into(), limits: vec![limit] }].into();
+    let (a, b) = (Scripted::new(vec![]), Scripted::new(vec![]));
+    let (mut in_pool_a, mut in_pool_b) = (member("a", true, a.clone()), member("b", true, b.clone()));
+    in_pool_a.pools = pools.clone();
+    in_pool_b.pools = pools;
+    let chain = chain(vec![in_pool_a, in_pool_b], Duration::ZERO);
+    let store = MemoryStore::new();
+    let first = pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+    assert_eq!(answered_by(&first), Some("a"));
+    let mut next = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut next, &store, &clock).await;
+    assert!(
+        matches!(verdict, Verdict::Wait { .. } | Verdict::Failed { code: ErrorCode::DeadlineExceeded, .. }),
+        "{verdict:?}"
+    );
+    assert_eq!(
+        outcomes(&next),
+        vec![("a".into(), AttemptOutcome::SkippedQuota), ("b".into(), AttemptOutcome::SkippedQuota)],
+        "the pool is spent for both"
+    );
+    assert_eq!(b.calls(), 0);
+}

@@ -389,4 +389,52 @@ mod tests {
         assert!(check(&scope, std::slice::from_ref(&limit), 1, now).is_err());
         assert!(check(&scope, &[requests(10, 3600)], 1, now).is_ok(), "learnt use counts in its own limit only");
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::calendar::DailyReset;
+
+        proptest! {
+            /// Whatever the zone, the reset time and the calls' timing (across DST changes),
+            /// no calendar day ever holds more admitted calls than the limit, counting every
+            /// call in each day its occupancy touches.
+            #[test]
+            fn no_calendar_day_ever_holds_more_than_its_limit(
+                zone in prop::sample::select(vec!["UTC", "America/Los_Angeles", "Europe/Berlin", "Australia/Lord_Howe", "America/New_York"]),
+                hour in 0u8..24,
+                minute in 0u8..60,
+                start in prop::sample::select(vec!["2026-03-07T00:00:00Z", "2026-10-31T00:00:00Z", "2026-04-04T12:00:00Z"]),
+                steps in prop::collection::vec((0u64..4 * 3600, 0u64..900), 1..120),
+                max in 1u64..6,
+            ) {
+                let reset = DailyReset::parse(&format!("{hour:02}:{minute:02} {zone}")).unwrap();
+                let limit = LimitConfig { requests: Some(max), tokens: None, per: Duration::from_secs(86_400), resets: Some(reset.clone()) };
+                let mut now = humantime::parse_rfc3339(start).unwrap();
+                let mut scope = Scope::default();
+                let mut admitted = Vec::new();
+                for (i, (gap, latency)) in steps.into_iter().enumerate() {
+                    now += Duration::from_secs(gap);
+                    prune(&mut scope, keep_for([&limit]), now);
+                    if check(&scope, std::slice::from_ref(&limit), 1, now).is_ok() {
+                        let end = now + Duration::from_secs(latency);
+                        scope.usage.push(Usage { id: i as i64, done: None, expires: end, tokens: 1 });
+                        admitted.push((now, end));
+                    }
+                }
+                for (sent, _) in &admitted {
+                    let day_start = reset.last_at_or_before(*sent);
+                    let day_end = reset.next_after(*sent);
+                    let in_day = admitted.iter().filter(|(s, e)| *s < day_end && *e >= day_start).count() as u64;
+                    prop_assert!(in_day <= max, "{in_day} calls in the day from {day_start:?}");
+                }
+            }
+
+            #[test]
+            fn a_reset_text_never_panics(text in any::<String>()) {
+                let _ = DailyReset::parse(&text);
+            }
+        }
+    }
 }
