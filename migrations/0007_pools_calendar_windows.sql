@@ -219,10 +219,17 @@ $$;
 -- each calendar window at the first reset after now (`first_reset` when it came before that
 -- reset, else the reset after its deadline, as recorded); its token estimate becomes the
 -- provider's count (`p_tokens`, when known). Its windows are locked first, in canonical order.
+--
+-- A finish that only frees room (the call leaves earlier, fewer tokens than estimated) commits
+-- without waiting for its WAL flush (`synchronous_commit = off` for this transaction): were it
+-- lost in a database crash, the call would merely count longer than it needed to, never less,
+-- and the flush it saves is most of what a finish costs. A finish that raises a token count
+-- commits as durably as an admission.
 CREATE FUNCTION fallback_finish(p_call bigint, p_tokens bigint)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    v_now timestamptz := clock_timestamp();
+    v_now    timestamptz := clock_timestamp();
+    v_raised bigint;
 BEGIN
     PERFORM 1 FROM quota_window w
      WHERE (w.kind, w.scope, w.measure, w.window_ms, w.calendar) IN
@@ -239,10 +246,16 @@ BEGIN
           FROM (SELECT id, amount AS old_amount FROM quota_use WHERE call_id = p_call AND NOT learnt) o
          WHERE u.id = o.id
         RETURNING u.kind, u.scope, u.measure, u.window_ms, u.calendar, u.leaves_at, u.amount - o.old_amount AS delta)
-    UPDATE quota_window w SET used = greatest(w.used + c.delta, 0), next_leave = least(w.next_leave, c.leaves_at)
-      FROM changed c
-     WHERE w.kind = c.kind AND w.scope = c.scope AND w.measure = c.measure AND w.window_ms = c.window_ms
-       AND w.calendar = c.calendar;
+    , applied AS (
+        UPDATE quota_window w SET used = greatest(w.used + c.delta, 0), next_leave = least(w.next_leave, c.leaves_at)
+          FROM changed c
+         WHERE w.kind = c.kind AND w.scope = c.scope AND w.measure = c.measure AND w.window_ms = c.window_ms
+           AND w.calendar = c.calendar
+        RETURNING c.delta)
+    SELECT coalesce(max(delta), 0) INTO v_raised FROM applied;
+    IF v_raised <= 0 THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
 END
 $$;
 
