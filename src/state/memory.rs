@@ -56,7 +56,7 @@ impl MemoryStore {
         let usage = Usage { id, done: None, expires: now.checked_add(ask.flight).unwrap_or(now), tokens: ask.tokens };
         let mut providers = self.providers.lock().unwrap();
         let row = providers.entry(ask.provider.to_string()).or_default();
-        quota::prune(&mut row.quota, quota::keep_for(ask.limits), now);
+        quota::prune(&mut row.quota, keep_own(ask), now);
         row.quota.usage.push(usage.clone());
         let mut pools = self.pools.lock().unwrap();
         for pool in ask.pools {
@@ -100,6 +100,13 @@ impl MemoryStore {
     }
 }
 
+/// How long a provider's own record of a call is kept: for its longest window, its pools'
+/// included, because the Postgres store writes an outage's calls back from that record (a
+/// provider with pools only would otherwise forget them at once).
+fn keep_own(ask: Ask<'_>) -> Duration {
+    quota::keep_for(ask.limits.iter().chain(ask.pools.iter().flat_map(|p| p.limits.iter())))
+}
+
 #[async_trait::async_trait]
 impl ProviderState for MemoryStore {
     async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
@@ -111,7 +118,7 @@ impl ProviderState for MemoryStore {
         if ask.limits.is_empty() && ask.pools.is_empty() {
             return Admission::Granted(Permit::UNCOUNTED);
         }
-        quota::prune(&mut row.quota, quota::keep_for(ask.limits), now);
+        quota::prune(&mut row.quota, keep_own(ask), now);
         let mut blocked = quota::check(&row.quota, ask.limits, ask.tokens, now).err();
         let mut pools = self.pools.lock().unwrap();
         for pool in ask.pools {

@@ -678,6 +678,8 @@ async fn calls_admitted_while_the_database_was_away_count_in_the_pool_once_it_is
             Admission::Granted(permit) => {
                 assert_eq!(permit.usage_id, None, "admitted from this worker's own view");
                 local += 1;
+                // Answered at once: the record must outlive the answer until it is written back.
+                store.finish(permit, None).await;
             }
             Admission::OverQuota { .. } => {}
             other => panic!("{other:?}"),
