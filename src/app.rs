@@ -50,6 +50,7 @@ pub fn build_chains(
                 context_window: provider.context_window,
                 max_retries: provider.max_retries,
                 limits: provider.limits.clone(),
+                pools: config.pools_of(provider).into(),
                 timeout: provider.timeout,
                 pool_mates: pool_mates(config, provider),
                 provider: observability::trace::traced(&provider.name, Arc::new(http)),

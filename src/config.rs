@@ -475,6 +475,11 @@ impl Config {
         Ok(config)
     }
 
+    /// The pools `provider` draws from, resolved (name and limits), in its `quotas` order.
+    pub fn pools_of(&self, provider: &ProviderConfig) -> Vec<QuotaPoolConfig> {
+        provider.quotas.iter().filter_map(|name| self.quotas.iter().find(|q| &q.name == name).cloned()).collect()
+    }
+
     /// The provider declared under `name`.
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
         self.providers.iter().find(|p| p.name == name)
@@ -503,6 +508,7 @@ impl Config {
                 return Err(problem(format!("providers[{i}].name"), format!("`{}` is declared twice", provider.name)));
             }
         }
+        validate_pools(&self.quotas, &self.providers)?;
         if !self.chains.contains_key("default") {
             return Err(problem("chains.default", "missing: every job without a `chain` uses it"));
         }
@@ -618,8 +624,20 @@ fn validate_provider(provider: &ProviderConfig, i: usize) -> Result<(), (String,
     {
         return Err(problem(key("api_key_env"), "must name an environment variable"));
     }
-    for (j, limit) in provider.limits.iter().enumerate() {
-        let key = key(&format!("limits[{j}]"));
+    validate_limits(&provider.limits, &key("limits"))?;
+    for name in provider.headers.keys() {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(problem(key("headers"), format!("`{name}` is not a valid header name")));
+        }
+    }
+    Ok(())
+}
+
+/// The limits of a provider or a pool, under `prefix` (`providers[2].limits`, `quotas[0].limits`):
+/// one rule for both, since a pool's limits are held exactly like a provider's own.
+fn validate_limits(limits: &[LimitConfig], prefix: &str) -> Result<(), (String, String)> {
+    for (j, limit) in limits.iter().enumerate() {
+        let key = format!("{prefix}[{j}]");
         match (limit.requests, limit.tokens) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err(problem(key, "needs exactly one of `requests` or `tokens`"));
@@ -639,10 +657,44 @@ fn validate_provider(provider: &ProviderConfig, i: usize) -> Result<(), (String,
             return Err(problem(format!("{key}.resets"), "a calendar reset needs `per = \"1d\"`"));
         }
     }
-    for name in provider.headers.keys() {
-        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(problem(key("headers"), format!("`{name}` is not a valid header name")));
+    Ok(())
+}
+
+/// `[[quotas]]` and the providers' `quotas`: pool names unique and non-empty, every pool's limits
+/// valid, every name a provider draws from declared, and every pool drawn from by someone (an
+/// unused pool is almost always a typo in a provider's `quotas`).
+fn validate_pools(pools: &[QuotaPoolConfig], providers: &[ProviderConfig]) -> Result<(), (String, String)> {
+    let mut names = BTreeSet::new();
+    for (i, pool) in pools.iter().enumerate() {
+        if pool.name.is_empty() || pool.name.len() > 100 {
+            return Err(problem(format!("quotas[{i}].name"), "must be 1 to 100 characters"));
         }
+        if !names.insert(pool.name.as_str()) {
+            return Err(problem(format!("quotas[{i}].name"), format!("`{}` is declared twice", pool.name)));
+        }
+        if pool.limits.is_empty() {
+            return Err(problem(format!("quotas[{i}].limits"), "a pool needs at least one limit"));
+        }
+        validate_limits(&pool.limits, &format!("quotas[{i}].limits"))?;
+    }
+    let mut used = BTreeSet::new();
+    for (i, provider) in providers.iter().enumerate() {
+        for (j, name) in provider.quotas.iter().enumerate() {
+            let key = format!("providers[{i}].quotas[{j}]");
+            if !names.contains(name.as_str()) {
+                return Err(problem(key, format!("`{name}` is not a declared `[[quotas]]` pool")));
+            }
+            if provider.quotas[..j].contains(name) {
+                return Err(problem(key, format!("`{name}` is listed twice")));
+            }
+            used.insert(name.as_str());
+        }
+    }
+    if let Some((i, pool)) = pools.iter().enumerate().find(|(_, p)| !used.contains(p.name.as_str())) {
+        return Err(problem(
+            format!("quotas[{i}].name"),
+            format!("`{}` is not in any provider's `quotas`: nothing draws from it", pool.name),
+        ));
     }
     Ok(())
 }
@@ -873,6 +925,79 @@ providers = ["groq"]
         assert_eq!(not_a_url.key, "amqp.url");
         let debug = format!("{:?}", BrokerUrls::parse_list("amqp://u:s3cret@n1/,amqp://u:s3cret@n2/").unwrap());
         assert!(!debug.contains("s3cret") && debug.contains("n2"), "{debug}");
+    }
+
+    const POOLED: &str = r#"
+[[providers]]
+name = "a"
+base_url = "https://openrouter.ai/api/v1"
+model = "m1:free"
+free = true
+quotas = ["account"]
+
+[[providers]]
+name = "b"
+base_url = "https://openrouter.ai/api/v1"
+model = "m2:free"
+free = true
+quotas = ["account"]
+
+[[quotas]]
+name = "account"
+limits = [{ requests = 20, per = "1m" }, { requests = 50, per = "1d", resets = "00:00 UTC" }]
+
+[chains.default]
+providers = ["a", "b"]
+"#;
+
+    #[test]
+    fn pools_are_parsed_and_resolved_for_each_provider() {
+        let config = parse(POOLED).unwrap();
+        let a = config.provider("a").unwrap();
+        let pools = config.pools_of(a);
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[0].name, "account");
+        assert_eq!(pools[0].limits[1].resets.as_ref().map(|r| r.to_string()).as_deref(), Some("00:00 UTC"));
+    }
+
+    #[test]
+    fn bad_pools_name_the_file_and_key() {
+        let cases = [
+            (
+                POOLED.replace(
+                    r#"quotas = ["account"]
+"#,
+                    "quotas = [\"acount\"]\n",
+                ),
+                "providers[0].quotas[0]",
+                "acount",
+            ),
+            (POOLED.replace(r#"name = "account""#, r#"name = """#), "quotas[0].name", "1 to 100"),
+            (POOLED.replace("quotas = [\"account\"]\n", ""), "quotas[0].name", "nothing draws"),
+            (
+                format!("{POOLED}\n[[quotas]]\nname = \"account\"\nlimits = [{{ requests = 1, per = \"1m\" }}]\n"),
+                "quotas[1].name",
+                "twice",
+            ),
+            (
+                POOLED.replace("{ requests = 20, per", "{ requests = 20, tokens = 5, per"),
+                "quotas[0].limits[0]",
+                "exactly one",
+            ),
+            (POOLED.replace(r#"per = "1d", resets"#, r#"per = "2d", resets"#), "quotas[0].limits[1].resets", "1d"),
+            (POOLED.replace(r#"per = "1m" }, {"#, r#"per = "10ms" }, {"#), "quotas[0].limits[0].per", "100ms"),
+            (
+                POOLED.replacen(r#"quotas = ["account"]"#, r#"quotas = ["account", "account"]"#, 1),
+                "providers[0].quotas[1]",
+                "twice",
+            ),
+        ];
+        for (text, key, words) in cases {
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.file, "test.toml");
+            assert_eq!(err.key, key, "{err}");
+            assert!(err.problem.contains(words), "{err}");
+        }
     }
 
     #[test]

@@ -197,10 +197,24 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let statuses = fallback_worker::cli::status::collect(config, &store)
         .await
         .context("reading provider state (is the database reachable and migrated?)")?;
+    let pools = fallback_worker::cli::status::collect_pools(config, &store)
+        .await
+        .context("reading pool state (is the database reachable and migrated?)")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&statuses)?);
+        // One array: the providers' lines (`provider`), then the pools' (`pool`).
+        let mut lines = Vec::new();
+        for status in &statuses {
+            lines.push(serde_json::to_value(status)?);
+        }
+        for pool in &pools {
+            lines.push(serde_json::to_value(pool)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&lines)?);
     } else {
         print!("{}", fallback_worker::cli::status::render_table(&statuses));
+        if !pools.is_empty() {
+            print!("\n{}", fallback_worker::cli::status::render_pools(&pools));
+        }
     }
     Ok(())
 }

@@ -13,7 +13,8 @@
 //!   by reason: `empty`, `cut_off`, `content_filter`, `not_json`, `schema`, `too_short`;
 //! - `queue_wait_seconds`: time from publish (or first receipt) to processing;
 //! - `provider_cooling{provider}` and `quota_used{provider,measure,per}` /
-//!   `quota_limit{…}`: the shared state, read from Postgres at scrape time.
+//!   `quota_limit{…}`: the shared state, read from Postgres at scrape time; likewise
+//!   `pool_quota_used{pool,measure,per[,resets]}` / `pool_quota_limit{…}` for shared pools.
 //!
 //! Traces across the queue (W3C trace context in AMQP headers, a span per provider call) are
 //! in [`trace`]; their export is set up in [`crate::telemetry`].
@@ -177,6 +178,26 @@ async fn metrics_page(State(probe): State<Probe>) -> String {
                 ];
                 metrics::gauge!("fallback_quota_used", &labels).set(window.used as f64);
                 metrics::gauge!("fallback_quota_limit", &labels).set(window.limit as f64);
+            }
+        }
+    }
+    let pools =
+        tokio::time::timeout(Duration::from_secs(2), crate::cli::status::collect_pools(&probe.config, &probe.store))
+            .await;
+    if let Ok(Ok(pools)) = pools {
+        for pool in pools {
+            for window in pool.windows {
+                let mut labels = vec![
+                    ("pool", pool.pool.clone()),
+                    ("measure", window.measure.to_string()),
+                    ("per", window.per.clone()),
+                ];
+                // A calendar day and a sliding day of one pool are two series.
+                if let Some(resets) = &window.resets {
+                    labels.push(("resets", resets.clone()));
+                }
+                metrics::gauge!("fallback_pool_quota_used", &labels).set(window.used as f64);
+                metrics::gauge!("fallback_pool_quota_limit", &labels).set(window.limit as f64);
             }
         }
     }

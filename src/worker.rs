@@ -691,6 +691,7 @@ mod tests {
             context_window: Some(1000),
             max_retries: 0,
             limits: vec![],
+            pools: Default::default(),
             timeout: Duration::from_secs(1),
             pool_mates: vec![],
             provider: Arc::new(Instant200),

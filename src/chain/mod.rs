@@ -20,7 +20,7 @@ pub use checks::{Accept, Expectation, OnAllRejected};
 pub use clock::{Clock, SystemClock, far_future, later};
 pub use outcome::{CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
 
-use crate::config::LimitConfig;
+use crate::config::{LimitConfig, QuotaPoolConfig};
 use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
 use crate::routing::{Attempt, AttemptOutcome, CooldownReason, LimitScope};
@@ -36,6 +36,9 @@ pub struct Member {
     pub max_retries: u32,
     /// Held across all workers by the state store.
     pub limits: Vec<LimitConfig>,
+    /// The pools (`[[quotas]]`, resolved from config at build time) the provider draws from as
+    /// well: shared, so building an [`Ask`] per call allocates nothing.
+    pub pools: Arc<[QuotaPoolConfig]>,
     /// The per-request timeout: bounds how long a call can occupy the provider's windows.
     pub timeout: Duration,
     /// Every other configured provider that draws from one of this provider's `[[quotas]]`
@@ -364,7 +367,7 @@ impl Call<'_> {
     fn ask(&self) -> Ask<'_> {
         let member = self.member;
         let flight = member.timeout.saturating_add(FLIGHT_MARGIN);
-        Ask { provider: &member.name, limits: &member.limits, tokens: self.tokens, flight }
+        Ask { provider: &member.name, limits: &member.limits, pools: &member.pools, tokens: self.tokens, flight }
     }
 }
 
@@ -488,7 +491,8 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
             Err(Some(NextTry::firm(until)))
         }
         Admission::TooLarge => {
-            let message = format!("about {} tokens exceed one of the provider's token limits", call.tokens);
+            let message =
+                format!("about {} tokens exceed one of the provider's (or its pools') token limits", call.tokens);
             progress.skip(member, AttemptOutcome::SkippedContext, None, Some(message));
             progress.dropped.insert(member.name.clone());
             Err(None)

@@ -137,6 +137,7 @@ fn member(name: &str, free: bool, provider: Arc<dyn ChatProvider>) -> Member {
         context_window: None,
         max_retries: 0,
         limits: Vec::new(),
+        pools: Default::default(),
         timeout: secs(10),
         pool_mates: Vec::new(),
         provider,
@@ -954,7 +955,7 @@ async fn a_provider_that_cannot_carry_the_job_is_skipped_before_admission() {
 
     // The slot is still there: the next admission gets it, the one after finds it spent.
     let limits = chain.members[0].limits.clone();
-    let ask = Ask { provider: "picky", limits: &limits, tokens: 10, flight: secs(60) };
+    let ask = Ask { provider: "picky", limits: &limits, pools: &[], tokens: 10, flight: secs(60) };
     assert!(matches!(store.admit(ask, clock.now()).await, Admission::Granted(_)));
     assert!(matches!(store.admit(ask, clock.now()).await, Admission::OverQuota { .. }));
 }
@@ -1105,4 +1106,32 @@ async fn a_model_scoped_429_cools_only_the_provider_even_in_a_pool() {
     assert_eq!(b.calls(), 1);
     assert!(store.cooldown_of("b").is_none());
     assert_eq!(store.cooldown_of("a").unwrap().detail, "HTTP 429");
+}
+
+#[tokio::test]
+async fn members_drawing_from_one_pool_share_it() {
+    let clock = ManualClock::starting_at(t0());
+    // Long enough that the memory store's wall-clock answer time stays inside it.
+    let limit = LimitConfig { requests: Some(1), tokens: None, per: secs(400 * 86_400), resets: None };
+    let pools: Arc<[QuotaPoolConfig]> = vec![QuotaPoolConfig { name: "account".into(), limits: vec![limit] }].into();
+    let (a, b) = (Scripted::new(vec![]), Scripted::new(vec![]));
+    let (mut in_pool_a, mut in_pool_b) = (member("a", true, a.clone()), member("b", true, b.clone()));
+    in_pool_a.pools = pools.clone();
+    in_pool_b.pools = pools;
+    let chain = chain(vec![in_pool_a, in_pool_b], Duration::ZERO);
+    let store = MemoryStore::new();
+    let first = pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+    assert_eq!(answered_by(&first), Some("a"));
+    let mut next = JobProgress::new(clock.now());
+    let verdict = pass(&chain, &mut next, &store, &clock).await;
+    assert!(
+        matches!(verdict, Verdict::Wait { .. } | Verdict::Failed { code: ErrorCode::DeadlineExceeded, .. }),
+        "{verdict:?}"
+    );
+    assert_eq!(
+        outcomes(&next),
+        vec![("a".into(), AttemptOutcome::SkippedQuota), ("b".into(), AttemptOutcome::SkippedQuota)],
+        "the pool is spent for both"
+    );
+    assert_eq!(b.calls(), 0);
 }

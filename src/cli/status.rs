@@ -1,4 +1,6 @@
-//! `fallback-worker status`: every configured provider's shared state, as all workers see it.
+//! `fallback-worker status`: every configured provider's shared state, as all workers see it,
+//! and every shared pool's (`[[quotas]]`): use per window, the next reset of calendar windows,
+//! and who draws from it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -7,7 +9,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use crate::config::{Config, LimitConfig};
-use crate::state::postgres::PgStore;
+use crate::state::postgres::{PgStore, ScopeKind};
 
 /// One provider's line.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -30,6 +32,22 @@ pub struct ProviderStatus {
     /// the database was created. A rejection never cools a provider down: many here mean the
     /// provider is poor at what these jobs ask, not that it is unavailable.
     pub rejected_outputs: BTreeMap<String, u64>,
+    /// The shared pools it also draws from (their use is on the pools' own lines).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<String>,
+}
+
+/// One shared pool's line.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PoolStatus {
+    pub pool: String,
+    /// `usable` or `over_quota`.
+    pub state: &'static str,
+    /// Which limit is spent (`requests`, `tokens`), when over quota.
+    pub reason: Option<String>,
+    pub windows: Vec<WindowUsage>,
+    /// The configured providers drawing from it.
+    pub providers: Vec<String>,
 }
 
 /// Use of one configured limit right now.
@@ -41,6 +59,12 @@ pub struct WindowUsage {
     pub per: String,
     /// Requests (or tokens) occupying the current window, in flight included.
     pub used: u64,
+    /// A calendar window's reset as configured (`00:00 America/Los_Angeles`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets: Option<String>,
+    /// When that window is next whole again (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_reset: Option<String>,
 }
 
 /// Reads every configured provider's state from the database.
@@ -67,6 +91,7 @@ pub async fn collect(config: &Config, store: &PgStore) -> Result<Vec<ProviderSta
             last_error_at: None,
             windows: Vec::new(),
             rejected_outputs: rejected_outputs(store, &provider.name).await?,
+            pools: provider.quotas.clone(),
         };
         if let Some(row) = row {
             let until = epoch(row.get("until_ms"));
@@ -81,7 +106,7 @@ pub async fn collect(config: &Config, store: &PgStore) -> Result<Vec<ProviderSta
             status.last_error_at = row.get::<Option<i64>, _>("error_ms").map(|ms| rfc3339(epoch(ms)));
         }
         for limit in &provider.limits {
-            status.windows.push(window_usage(store, &provider.name, limit).await?);
+            status.windows.push(window_usage(store, ScopeKind::Provider, &provider.name, limit).await?);
         }
         if status.state == "usable"
             && let Some(full) = status.windows.iter().find(|w| w.used >= w.limit)
@@ -102,19 +127,52 @@ async fn rejected_outputs(store: &PgStore, provider: &str) -> Result<BTreeMap<St
     Ok(rows.into_iter().map(|(reason, count)| (reason, count.max(0) as u64)).collect())
 }
 
-async fn window_usage(store: &PgStore, provider: &str, limit: &LimitConfig) -> Result<WindowUsage, sqlx::Error> {
+/// Reads every configured pool's use from the database.
+pub async fn collect_pools(config: &Config, store: &PgStore) -> Result<Vec<PoolStatus>, sqlx::Error> {
+    let mut out = Vec::new();
+    for pool in &config.quotas {
+        let mut windows = Vec::new();
+        for limit in &pool.limits {
+            windows.push(window_usage(store, ScopeKind::Pool, &pool.name, limit).await?);
+        }
+        let full = windows.iter().find(|w| w.used >= w.limit);
+        out.push(PoolStatus {
+            pool: pool.name.clone(),
+            state: if full.is_some() { "over_quota" } else { "usable" },
+            reason: full.map(|w| w.measure.to_string()),
+            providers: config
+                .providers
+                .iter()
+                .filter(|p| p.quotas.contains(&pool.name))
+                .map(|p| p.name.clone())
+                .collect(),
+            windows,
+        });
+    }
+    Ok(out)
+}
+
+async fn window_usage(
+    store: &PgStore,
+    kind: ScopeKind,
+    scope: &str,
+    limit: &LimitConfig,
+) -> Result<WindowUsage, sqlx::Error> {
     let (measure, max) = match (limit.requests, limit.tokens) {
         (Some(n), _) => ("requests", n),
         (_, n) => ("tokens", n.unwrap_or(0)),
     };
     // Read-only: what is in the window now (admission retires what has left it, lazily).
+    let calendar = limit.resets.as_ref().map(|r| r.to_string());
     let used: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(amount), 0)::bigint FROM quota_use \
-         WHERE scope = $1 AND measure = $2 AND window_ms = $3 AND leaves_at > now()",
+         WHERE kind = $1 AND scope = $2 AND measure = $3 AND window_ms = $4 AND calendar = $5 AND leaves_at > now()",
     )
-    .bind(provider)
+    .bind(kind.as_str())
+    .bind(scope)
     .bind(measure)
     .bind(i64::try_from(limit.per.as_millis()).unwrap_or(i64::MAX))
+    .bind(calendar.as_deref().unwrap_or(""))
     .fetch_one(store.pool())
     .await?;
     Ok(WindowUsage {
@@ -122,6 +180,8 @@ async fn window_usage(store: &PgStore, provider: &str, limit: &LimitConfig) -> R
         limit: max,
         per: humantime::format_duration(limit.per).to_string(),
         used: used.max(0) as u64,
+        next_reset: limit.resets.as_ref().map(|r| rfc3339(r.next_after(SystemTime::now()))),
+        resets: calendar,
     })
 }
 
@@ -131,8 +191,8 @@ pub fn render_table(statuses: &[ProviderStatus]) -> String {
         ["PROVIDER", "FREE", "STATE", "UNTIL", "REASON", "USAGE", "REJECTED", "LAST ERROR"].map(String::from).to_vec(),
     ];
     for s in statuses {
-        let usage =
-            s.windows.iter().map(|w| format!("{}/{} {} per {}", w.used, w.limit, w.measure, w.per)).collect::<Vec<_>>();
+        let mut usage = s.windows.iter().map(window_cell).collect::<Vec<_>>();
+        usage.extend(s.pools.iter().map(|pool| format!("pool {pool}")));
         let last_error =
             s.last_error.as_deref().map(|e| crate::providers::short_message(e).chars().take(60).collect::<String>());
         rows.push(vec![
@@ -146,8 +206,15 @@ pub fn render_table(statuses: &[ProviderStatus]) -> String {
             last_error.unwrap_or_else(|| "-".into()),
         ]);
     }
-    let widths: Vec<usize> =
-        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    aligned(rows)
+}
+
+/// The rows as columns padded to their widest cell.
+fn aligned(rows: Vec<Vec<String>>) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |cell| cell.chars().count())).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for row in rows {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
@@ -155,6 +222,30 @@ pub fn render_table(statuses: &[ProviderStatus]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The pools' table: use per window and who draws from each.
+pub fn render_pools(pools: &[PoolStatus]) -> String {
+    let mut rows = vec![["POOL", "STATE", "REASON", "USAGE", "PROVIDERS"].map(String::from).to_vec()];
+    for p in pools {
+        rows.push(vec![
+            p.pool.clone(),
+            p.state.to_string(),
+            p.reason.clone().unwrap_or_else(|| "-".into()),
+            p.windows.iter().map(window_cell).collect::<Vec<_>>().join(", "),
+            if p.providers.is_empty() { "-".into() } else { p.providers.join(", ") },
+        ]);
+    }
+    aligned(rows)
+}
+
+/// `"3/50 requests per 1day (resets 00:00 UTC, next 2026-12-01T00:00:00Z)"`.
+fn window_cell(w: &WindowUsage) -> String {
+    let cell = format!("{}/{} {} per {}", w.used, w.limit, w.measure, w.per);
+    match (&w.resets, &w.next_reset) {
+        (Some(resets), Some(next)) => format!("{cell} (resets {resets}, next {next})"),
+        _ => cell,
+    }
 }
 
 /// `"3 (empty 2, not_json 1)"`, or `-` when no answer was rejected.

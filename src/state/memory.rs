@@ -4,15 +4,20 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::quota::{self, Blocked, Usage};
+use super::quota::{self, Blocked, Scope, Usage};
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, ResultLedger, StoreError};
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
+use crate::config::LimitConfig;
 use crate::routing::CooldownReason;
+use crate::routing::QuotaObservation;
 
 #[derive(Default)]
 pub struct MemoryStore {
     providers: Mutex<HashMap<String, ProviderRow>>,
+    /// The use of every shared pool (`[[quotas]]`) by name: one scope however many providers
+    /// draw from it. Locked after `providers`, never before.
+    pools: Mutex<HashMap<String, Scope>>,
     next_usage_id: std::sync::atomic::AtomicI64,
     ledger: Mutex<HashMap<String, LedgerRow>>,
     failures: Mutex<HashMap<String, u32>>,
@@ -34,7 +39,8 @@ struct ProviderRow {
     consecutive_server_errors: u32,
     /// A half-open probe of the circuit is in flight: its 5xx counts, stale ones do not.
     probing: bool,
-    usage: Vec<Usage>,
+    /// The use of the provider's own limits.
+    quota: Scope,
 }
 
 impl MemoryStore {
@@ -43,15 +49,21 @@ impl MemoryStore {
     }
 
     /// Records a call another store admitted, without checking any limit (the Postgres store's
-    /// own account of its calls); returns the record's id. Calls older than `keep` (the
-    /// provider's longest window) are forgotten.
-    pub fn record_call(&self, provider: &str, tokens: u64, flight: Duration, keep: Duration, now: SystemTime) -> i64 {
+    /// own account of its calls), in the provider's scope and its pools'; returns the record's
+    /// id. Calls no window of theirs can see any more are forgotten.
+    pub fn record_call(&self, ask: Ask<'_>, now: SystemTime) -> i64 {
         let id = self.next_usage_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let expires = now.checked_add(flight).unwrap_or(now);
+        let usage = Usage { id, done: None, expires: now.checked_add(ask.flight).unwrap_or(now), tokens: ask.tokens };
         let mut providers = self.providers.lock().unwrap();
-        let row = providers.entry(provider.to_string()).or_default();
-        quota::prune(&mut row.usage, keep, now);
-        row.usage.push(Usage { id, done: None, expires, tokens });
+        let row = providers.entry(ask.provider.to_string()).or_default();
+        quota::prune(&mut row.quota, keep_own(ask), now);
+        row.quota.usage.push(usage.clone());
+        let mut pools = self.pools.lock().unwrap();
+        for pool in ask.pools {
+            let scope = pools.entry(pool.name.clone()).or_default();
+            quota::prune(scope, quota::keep_for(&pool.limits), now);
+            scope.usage.push(usage.clone());
+        }
         id
     }
 
@@ -60,8 +72,20 @@ impl MemoryStore {
         let providers = self.providers.lock().unwrap();
         providers
             .iter()
-            .flat_map(|(name, row)| row.usage.iter().filter(|u| ids.contains(&u.id)).map(|u| (name.clone(), u.clone())))
+            .flat_map(|(name, row)| {
+                row.quota.usage.iter().filter(|u| ids.contains(&u.id)).map(|u| (name.clone(), u.clone()))
+            })
             .collect()
+    }
+
+    /// What `limit` of `pool` holds now (real calls and learnt use), for inspection.
+    pub fn pool_used(&self, pool: &str, limit: &LimitConfig, now: SystemTime) -> u64 {
+        self.pools.lock().unwrap().get(pool).map_or(0, |scope| quota::used(scope, limit, now))
+    }
+
+    /// What `limit` of `provider`'s own holds now, for inspection.
+    pub fn provider_used(&self, provider: &str, limit: &LimitConfig, now: SystemTime) -> u64 {
+        self.providers.lock().unwrap().get(provider).map_or(0, |row| quota::used(&row.quota, limit, now))
     }
 
     /// How many answers of `provider` were rejected for `reason`.
@@ -76,6 +100,13 @@ impl MemoryStore {
     }
 }
 
+/// How long a provider's own record of a call is kept: for its longest window, its pools'
+/// included, because the Postgres store writes an outage's calls back from that record (a
+/// provider with pools only would otherwise forget them at once).
+fn keep_own(ask: Ask<'_>) -> Duration {
+    quota::keep_for(ask.limits.iter().chain(ask.pools.iter().flat_map(|p| p.limits.iter())))
+}
+
 #[async_trait::async_trait]
 impl ProviderState for MemoryStore {
     async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
@@ -84,20 +115,32 @@ impl ProviderState for MemoryStore {
         if let Some(cooldown) = row.cooldown.clone().filter(|c| c.until > now) {
             return Admission::Cooling(cooldown);
         }
-        if ask.limits.is_empty() {
+        if ask.limits.is_empty() && ask.pools.is_empty() {
             return Admission::Granted(Permit::UNCOUNTED);
         }
-        if let Some(longest) = ask.limits.iter().map(|l| l.per).max() {
-            quota::prune(&mut row.usage, longest, now);
+        quota::prune(&mut row.quota, keep_own(ask), now);
+        let mut blocked = quota::check(&row.quota, ask.limits, ask.tokens, now).err();
+        let mut pools = self.pools.lock().unwrap();
+        for pool in ask.pools {
+            let scope = pools.entry(pool.name.clone()).or_default();
+            quota::prune(scope, quota::keep_for(&pool.limits), now);
+            if let Err(b) = quota::check(scope, &pool.limits, ask.tokens, now) {
+                blocked = Some(blocked.map_or(b, |a| a.and(b)));
+            }
         }
-        match quota::check(&row.usage, ask.limits, ask.tokens, now) {
-            Ok(()) => {
+        match blocked {
+            None => {
                 let id = self.next_usage_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                row.usage.push(Usage { id, done: None, expires: now + ask.flight, tokens: ask.tokens });
+                let expires = now.checked_add(ask.flight).unwrap_or(now);
+                let usage = Usage { id, done: None, expires, tokens: ask.tokens };
+                for pool in ask.pools {
+                    pools.entry(pool.name.clone()).or_default().usage.push(usage.clone());
+                }
+                row.quota.usage.push(usage);
                 Admission::Granted(Permit { usage_id: Some(id), local_id: None })
             }
-            Err(Blocked::Until(until, measure)) => Admission::OverQuota { until, measure },
-            Err(Blocked::TooLarge) => Admission::TooLarge,
+            Some(Blocked::Until(until, measure)) => Admission::OverQuota { until, measure },
+            Some(Blocked::TooLarge) => Admission::TooLarge,
         }
     }
 
@@ -105,7 +148,10 @@ impl ProviderState for MemoryStore {
         let Some(id) = permit.usage_id else { return };
         let now = SystemTime::now();
         let mut providers = self.providers.lock().unwrap();
-        if let Some(usage) = providers.values_mut().flat_map(|row| row.usage.iter_mut()).find(|u| u.id == id) {
+        let mut pools = self.pools.lock().unwrap();
+        let own = providers.values_mut().map(|row| &mut row.quota);
+        // The same call is recorded once in its provider's scope and once in each pool's.
+        for usage in own.chain(pools.values_mut()).flat_map(|scope| scope.usage.iter_mut()).filter(|u| u.id == id) {
             usage.done = Some(now);
             if let Some(tokens) = tokens {
                 usage.tokens = tokens;
@@ -160,6 +206,20 @@ impl ProviderState for MemoryStore {
         let count = counts.entry((provider.to_string(), reason.to_string())).or_default();
         *count = count.saturating_add(1);
     }
+
+    async fn observe_quota(&self, ask: Ask<'_>, seen: &[QuotaObservation], now: SystemTime) {
+        let mut providers = self.providers.lock().unwrap();
+        let mut pools = self.pools.lock().unwrap();
+        for observation in seen {
+            for (pool, limit) in quota::matching(&ask, observation) {
+                let scope = match pool {
+                    Some(name) => pools.entry(name.to_string()).or_default(),
+                    None => &mut providers.entry(ask.provider.to_string()).or_default().quota,
+                };
+                quota::observe(scope, limit, observation.remaining, observation.resets_at, now);
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -212,7 +272,7 @@ mod tests {
         store.cool_down("p", cooldown(now + Duration::from_secs(60))).await;
         store.cool_down("p", cooldown(now + Duration::from_secs(5))).await;
         assert_eq!(store.cooldown_of("p").unwrap().until, now + Duration::from_secs(60));
-        let ask = Ask { provider: "p", limits: &[], tokens: 10, flight: Duration::from_secs(5) };
+        let ask = Ask { provider: "p", limits: &[], pools: &[], tokens: 10, flight: Duration::from_secs(5) };
         assert!(matches!(store.admit(ask, now).await, Admission::Cooling(_)));
         assert_eq!(store.admit(ask, now + Duration::from_secs(61)).await, Admission::Granted(Permit::UNCOUNTED));
     }
@@ -226,7 +286,7 @@ mod tests {
             per: Duration::from_secs(60),
             resets: None,
         }];
-        let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+        let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(5) };
         let now = SystemTime::now();
         let Admission::Granted(first) = store.admit(ask, now).await else { panic!() };
         assert!(matches!(store.admit(ask, now).await, Admission::Granted(_)));
@@ -314,5 +374,122 @@ mod tests {
         store.store("msg:1", "job-b", "{\"b\":1}").await.unwrap();
         let first = store.open("msg:1", "job-a").await.unwrap();
         assert_eq!((first.result.as_deref(), first.deliveries), (Some("{\"a\":1}"), 2));
+    }
+
+    use crate::state::QuotaMeasure;
+
+    fn pool(limits: Vec<crate::config::LimitConfig>) -> Vec<crate::config::QuotaPoolConfig> {
+        vec![crate::config::QuotaPoolConfig { name: "account".into(), limits }]
+    }
+
+    fn per_minute(n: u64) -> crate::config::LimitConfig {
+        crate::config::LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(60), resets: None }
+    }
+
+    #[tokio::test]
+    async fn two_providers_drawing_from_one_pool_never_exceed_it_together() {
+        let store = MemoryStore::new();
+        let pools = pool(vec![per_minute(5)]);
+        let own = [per_minute(4)];
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ask = |provider| Ask { provider, limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+        let mut granted = 0;
+        for i in 0..20 {
+            let provider = if i % 2 == 0 { "a" } else { "b" };
+            match store.admit(ask(provider), now).await {
+                Admission::Granted(_) => granted += 1,
+                Admission::OverQuota { until, .. } => assert_eq!(until, now + Duration::from_secs(60)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(granted, 5, "the pool's 5, not 4 + 4 of the providers' own limits");
+        assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 5);
+        // A provider outside the pool is not held by it.
+        assert!(matches!(
+            store
+                .admit(Ask { provider: "c", limits: &own, pools: &[], tokens: 1, flight: Duration::from_secs(5) }, now)
+                .await,
+            Admission::Granted(_)
+        ));
+        // Never answered: each call occupies the window until its deadline (5 s), then one more minute.
+        assert!(matches!(store.admit(ask("a"), now + Duration::from_secs(64)).await, Admission::OverQuota { .. }));
+        assert!(matches!(store.admit(ask("a"), now + Duration::from_secs(65)).await, Admission::Granted(_)));
+    }
+
+    #[tokio::test]
+    async fn a_pool_token_limit_refuses_what_can_never_fit() {
+        let store = MemoryStore::new();
+        let limit = crate::config::LimitConfig {
+            requests: None,
+            tokens: Some(100),
+            per: Duration::from_secs(60),
+            resets: None,
+        };
+        let pools = pool(vec![limit]);
+        let ask = Ask { provider: "a", limits: &[], pools: &pools, tokens: 101, flight: Duration::from_secs(5) };
+        assert_eq!(store.admit(ask, SystemTime::now()).await, Admission::TooLarge);
+    }
+
+    #[tokio::test]
+    async fn a_pools_calendar_day_spent_at_2330_has_room_at_midnight() {
+        let store = MemoryStore::new();
+        let daily = crate::config::LimitConfig {
+            requests: Some(2),
+            tokens: None,
+            per: Duration::from_secs(86_400),
+            resets: Some(crate::calendar::DailyReset::parse("00:00 UTC").unwrap()),
+        };
+        let pools = pool(vec![daily]);
+        let at = |t: &str| humantime::parse_rfc3339(t).unwrap();
+        let ask = |provider| Ask { provider, limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+        for provider in ["a", "b"] {
+            let Admission::Granted(permit) = store.admit(ask(provider), at("2026-11-30T23:30:00Z")).await else {
+                panic!()
+            };
+            store.finish(permit, None).await;
+        }
+        assert_eq!(
+            store.admit(ask("a"), at("2026-11-30T23:31:00Z")).await,
+            Admission::OverQuota { until: at("2026-12-01T00:00:00Z"), measure: QuotaMeasure::Requests }
+        );
+        assert!(matches!(store.admit(ask("b"), at("2026-12-01T00:00:00Z")).await, Admission::Granted(_)));
+    }
+
+    #[tokio::test]
+    async fn observations_correct_the_matching_limits_of_the_provider_and_its_pools() {
+        use crate::routing::QuotaObservation;
+        let store = MemoryStore::new();
+        let own = [per_minute(30)];
+        let daily = crate::config::LimitConfig {
+            requests: Some(50),
+            tokens: None,
+            per: Duration::from_secs(86_400),
+            resets: None,
+        };
+        let pools = pool(vec![per_minute(20), daily.clone()]);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ask = Ask { provider: "a", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+        let seen = |remaining, limit, window| QuotaObservation {
+            measure: QuotaMeasure::Requests,
+            remaining,
+            limit,
+            resets_at: None,
+            window,
+        };
+        // Named window: every declared 1d requests limit (only the pool's).
+        store.observe_quota(ask, &[seen(3, None, Some(Duration::from_secs(86_400)))], now).await;
+        assert_eq!(store.pool_used("account", &daily, now), 47);
+        assert_eq!(store.provider_used("a", &own[0], now), 0);
+        // Stated limit equal to a declared one: the provider's own 30.
+        store.observe_quota(ask, &[seen(10, Some(30), None)], now).await;
+        assert_eq!(store.provider_used("a", &own[0], now), 20);
+        assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 0);
+        // Ambiguous (two per-minute, one daily request limits, no window, no size): ignored.
+        store.observe_quota(ask, &[seen(0, None, None)], now).await;
+        assert_eq!(store.provider_used("a", &own[0], now), 20);
+        // More left than we count: learnt use goes back, never below our own calls.
+        store.admit(ask, now).await;
+        store.observe_quota(ask, &[seen(50, None, Some(Duration::from_secs(86_400)))], now).await;
+        assert_eq!(store.pool_used("account", &daily, now), 1, "the one real call stays");
     }
 }

@@ -10,7 +10,7 @@ pub mod quota;
 
 use std::time::{Duration, SystemTime};
 
-use crate::config::LimitConfig;
+use crate::config::{LimitConfig, QuotaPoolConfig};
 use crate::routing::{CooldownReason, QuotaObservation};
 
 /// A provider that must not be called before `until`.
@@ -39,6 +39,9 @@ pub struct Ask<'a> {
     pub provider: &'a str,
     /// The provider's configured limits, held across all workers together.
     pub limits: &'a [LimitConfig],
+    /// The shared pools (`[[quotas]]`) the provider also draws from: each held across every
+    /// provider that names it, exactly like the provider's own limits.
+    pub pools: &'a [QuotaPoolConfig],
     /// Estimated tokens of this request (prompt + completion budget).
     pub tokens: u64,
     /// The longest the request can be in flight (its timeout): a worker that dies mid-call
@@ -55,7 +58,7 @@ pub enum Admission {
     Cooling(Cooldown),
     /// A limit is spent until `until`.
     OverQuota { until: SystemTime, measure: QuotaMeasure },
-    /// The request alone is larger than one of the provider's token limits.
+    /// The request alone is larger than one of the provider's (or its pools') token limits.
     TooLarge,
 }
 

@@ -5,7 +5,7 @@
 //! listener copies each change into its local cache (and reloads the table after any reconnect,
 //! since notifications sent meanwhile are lost), so admission reads the cache, not the row: a
 //! provider without limits costs no query per call. While the listener is not live, admission
-//! reads the row per call as before. A provider with limits is admitted by `fallback_acquire`,
+//! reads the row per call as before. A provider with limits (or pools) is admitted by `fallback_admit`,
 //! which checks the row's cooldown under its lock anyway.
 //!
 //! Postgres is not in the way of a call (contract §4): the first state call that finds the
@@ -33,8 +33,8 @@ use super::memory::MemoryStore;
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
-use crate::config::LimitConfig;
-use crate::routing::CooldownReason;
+use crate::config::{LimitConfig, QuotaPoolConfig};
+use crate::routing::{CooldownReason, QuotaObservation};
 
 /// The embedded migrations (`migrations/`), applied under sqlx's advisory lock so that N workers
 /// can start together.
@@ -103,11 +103,18 @@ struct Outage {
     workers_alive: AtomicU32,
     /// Every call this worker made recently, shared or not.
     own_calls: MemoryStore,
-    /// Calls admitted locally during an outage, with the limits they count against, to write
-    /// back to the shared windows.
-    unsynced_calls: Mutex<Vec<(i64, Vec<LimitConfig>)>>,
+    /// Calls admitted locally during an outage, with the limits and pools they count against,
+    /// to write back to the shared windows.
+    unsynced_calls: Mutex<Vec<UnsyncedCall>>,
     /// Cooldowns learnt during an outage, to share once the database is back.
     unshared_cooldowns: Mutex<Vec<(String, Cooldown)>>,
+}
+
+/// A call admitted during an outage: its local record and what it counts against.
+struct UnsyncedCall {
+    local_id: i64,
+    limits: Vec<LimitConfig>,
+    pools: Vec<QuotaPoolConfig>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -268,43 +275,49 @@ impl PgStore {
         Ok((unsynced.len(), cooldowns.len()))
     }
 
-    /// Counts calls made during an outage in the shared windows of the limits they were
-    /// admitted under, as if the database had admitted them: one set-based statement per
-    /// window, each its own short transaction, so no admission waits long behind it.
-    async fn insert_calls(&self, unsynced: &[(i64, Vec<LimitConfig>)]) -> Result<(), sqlx::Error> {
-        let ids: Vec<i64> = unsynced.iter().map(|(id, _)| *id).collect();
+    /// Counts calls made during an outage in the shared windows (their provider's and their
+    /// pools') of the limits they were admitted under, as if the database had admitted them: one
+    /// set-based statement per window, each its own short transaction, so no admission waits
+    /// long behind it.
+    async fn insert_calls(&self, unsynced: &[UnsyncedCall]) -> Result<(), sqlx::Error> {
+        let ids: Vec<i64> = unsynced.iter().map(|c| c.local_id).collect();
         let calls: HashMap<i64, (String, super::quota::Usage)> =
             self.outage.own_calls.calls(&ids).into_iter().map(|(p, u)| (u.id, (p, u))).collect();
-        // (provider, measure, window) → the calls' amounts and leaving times (epoch ms).
-        type Window = (String, QuotaMeasure, Duration);
-        let mut windows: HashMap<Window, (Vec<i64>, Vec<f64>)> = HashMap::new();
-        for (id, limits) in unsynced {
-            let Some((provider, usage)) = calls.get(id) else { continue };
+        // window → the calls' amounts and leaving times (epoch ms).
+        let mut windows: HashMap<WindowKey, (Vec<i64>, Vec<f64>)> = HashMap::new();
+        for call in unsynced {
+            let Some((provider, usage)) = calls.get(&call.local_id) else { continue };
             let end = usage.done.unwrap_or(usage.expires);
-            for (measure, window) in strictest_per_window(limits).into_keys() {
-                let amount = match measure {
+            for spec in windows_of(provider, &call.limits, &call.pools) {
+                let amount = match spec.key.measure {
                     QuotaMeasure::Requests => 1,
                     QuotaMeasure::Tokens => usage.tokens,
                 };
-                let leaves = epoch_ms(end.checked_add(window).unwrap_or(end)) as f64;
-                let entry = windows.entry((provider.clone(), measure, window)).or_default();
+                let leaves = match &spec.reset {
+                    Some(reset) => reset.next_after(end),
+                    None => end.checked_add(spec.key.window).unwrap_or(end),
+                };
+                let entry = windows.entry(spec.key).or_default();
                 entry.0.push(saturating_i64(amount));
-                entry.1.push(leaves);
+                entry.1.push(epoch_ms(leaves) as f64);
             }
         }
-        for ((provider, measure, window), (amounts, leaves)) in windows {
+        for (key, (amounts, leaves)) in windows {
             sqlx::query(
                 "WITH added AS ( \
-                   INSERT INTO quota_use (call_id, scope, measure, window_ms, amount, leaves_at) \
-                   SELECT nextval('quota_call_id'), $1, $2, $3, a, to_timestamp(l / 1000) \
-                   FROM unnest($4::bigint[], $5::float8[]) AS t(a, l) RETURNING amount) \
-                 INSERT INTO quota_window AS w (scope, measure, window_ms, used) \
-                 SELECT $1, $2, $3, coalesce(sum(amount), 0) FROM added \
-                 ON CONFLICT (scope, measure, window_ms) DO UPDATE SET used = w.used + EXCLUDED.used",
+                   INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at) \
+                   SELECT nextval('quota_call_id'), $1, $2, $3, $4, $5, a, to_timestamp(l / 1000) \
+                   FROM unnest($6::bigint[], $7::float8[]) AS t(a, l) RETURNING amount, leaves_at) \
+                 INSERT INTO quota_window AS w (kind, scope, measure, window_ms, calendar, used, next_leave) \
+                 SELECT $1, $2, $3, $4, $5, coalesce(sum(amount), 0), coalesce(min(leaves_at), 'infinity') FROM added \
+                 ON CONFLICT (kind, scope, measure, window_ms, calendar) DO UPDATE \
+                   SET used = w.used + EXCLUDED.used, next_leave = least(w.next_leave, EXCLUDED.next_leave)",
             )
-            .bind(&provider)
-            .bind(measure_name(measure))
-            .bind(saturating_i64(window.as_millis()))
+            .bind(key.kind.as_str())
+            .bind(&key.scope)
+            .bind(measure_name(key.measure))
+            .bind(saturating_i64(key.window.as_millis()))
+            .bind(&key.calendar)
             .bind(&amounts)
             .bind(&leaves)
             .execute(&self.pool)
@@ -364,24 +377,29 @@ impl PgStore {
         sqlx::query_scalar("SELECT secret FROM service_secret WHERE id = 1").fetch_one(&self.pool).await
     }
 
-    /// A call admitted by this worker alone while the database is away: every limit at
-    /// `limit / workers last seen alive`, counted over this worker's own recent calls.
+    /// A call admitted by this worker alone while the database is away: every limit (its own
+    /// and its pools') at `limit / workers last seen alive`, counted over this worker's own
+    /// recent calls.
     async fn admit_locally(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
         let workers = u64::from(self.outage.workers_alive.load(Ordering::Relaxed).max(1));
-        let share: Vec<LimitConfig> = ask
-            .limits
-            .iter()
-            .map(|l| LimitConfig {
-                requests: l.requests.map(|n| n / workers),
-                tokens: l.tokens.map(|n| n / workers),
-                per: l.per,
-                resets: l.resets.clone(),
-            })
-            .collect();
-        let local_ask = Ask { limits: &share, ..ask };
+        let share_of = |limits: &[LimitConfig]| -> Vec<LimitConfig> {
+            limits
+                .iter()
+                .map(|l| LimitConfig {
+                    requests: l.requests.map(|n| n / workers),
+                    tokens: l.tokens.map(|n| n / workers),
+                    per: l.per,
+                    resets: l.resets.clone(),
+                })
+                .collect()
+        };
+        let share = share_of(ask.limits);
+        let pool_shares: Vec<QuotaPoolConfig> =
+            ask.pools.iter().map(|p| QuotaPoolConfig { name: p.name.clone(), limits: share_of(&p.limits) }).collect();
+        let local_ask = Ask { limits: &share, pools: &pool_shares, ..ask };
         match self.outage.own_calls.admit(local_ask, now).await {
             // Larger than the local share, not than the limit: wait for the database instead.
-            Admission::TooLarge if !too_large_for(ask.limits, ask.tokens) => {
+            Admission::TooLarge if !too_large_for(ask, ask.tokens) => {
                 let until = now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now);
                 Admission::OverQuota { until, measure: QuotaMeasure::Tokens }
             }
@@ -394,7 +412,8 @@ impl PgStore {
             Admission::Granted(local) => {
                 let local_id = local.usage_id;
                 if let Some(id) = local_id {
-                    self.outage.unsynced_calls.lock().unwrap().push((id, ask.limits.to_vec()));
+                    let call = UnsyncedCall { local_id: id, limits: ask.limits.to_vec(), pools: ask.pools.to_vec() };
+                    self.outage.unsynced_calls.lock().unwrap().push(call);
                 }
                 Admission::Granted(Permit { usage_id: None, local_id })
             }
@@ -561,27 +580,47 @@ impl PgStore {
         Ok(cooldown.filter(|c| c.until > now))
     }
 
-    /// Takes a slot in the provider's windows, or learns when there will be one.
+    /// Takes a slot in the provider's windows and its pools', or learns when there will be one.
     async fn acquire(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, sqlx::Error> {
-        let windows = strictest_per_window(ask.limits);
-        let (mut request_limits, mut request_windows, mut token_limits, mut token_windows) =
-            (vec![], vec![], vec![], vec![]);
-        for ((measure, window), limit) in windows {
-            let (limits, windows) = match measure {
-                QuotaMeasure::Requests => (&mut request_limits, &mut request_windows),
-                QuotaMeasure::Tokens => (&mut token_limits, &mut token_windows),
-            };
-            limits.push(saturating_i64(limit));
-            windows.push(saturating_i64(window.as_millis()));
+        let specs = windows_of(ask.provider, ask.limits, ask.pools);
+        let n = specs.len();
+        let (mut kinds, mut scopes, mut measures, mut windows, mut calendars) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut limits, mut first_resets, mut leaves) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        // A calendar call's deadline is taken a little late (the database's clock runs on from
+        // ours): a call that may end after a reset counts in the next day until it answers.
+        let deadline = later(now, ask.flight.saturating_add(STATE_CALL_TIMEOUT));
+        for spec in &specs {
+            kinds.push(spec.key.kind.as_str());
+            scopes.push(spec.key.scope.as_str());
+            measures.push(measure_name(spec.key.measure));
+            windows.push(saturating_i64(spec.key.window.as_millis()));
+            calendars.push(spec.key.calendar.as_str());
+            limits.push(saturating_i64(spec.limit));
+            first_resets.push(spec.reset.as_ref().map(|r| epoch_ms(r.next_after(now)) as f64));
+            leaves.push(spec.reset.as_ref().map(|r| epoch_ms(r.next_after(deadline)) as f64));
         }
         let row = sqlx::query(
-            "SELECT usage_id, blocked_until_ms, blocked_by FROM fallback_acquire($1, $2, $3, $4, $5, $6, $7)",
+            "SELECT usage_id, blocked_until_ms, blocked_by FROM fallback_admit($1, $2, $3, $4, $5, $6, $7, \
+               (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($8::float8[]) WITH ORDINALITY AS t(f, o)), \
+               (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(l, o)), \
+               $10, $11)",
         )
         .bind(ask.provider)
-        .bind(&request_limits)
-        .bind(&request_windows)
-        .bind(&token_limits)
-        .bind(&token_windows)
+        .bind(&kinds)
+        .bind(&scopes)
+        .bind(&measures)
+        .bind(&windows)
+        .bind(&calendars)
+        .bind(&limits)
+        .bind(&first_resets)
+        .bind(&leaves)
         .bind(saturating_i64(ask.tokens))
         .bind(saturating_i64(ask.flight.as_millis()))
         .fetch_one(&self.pool)
@@ -589,7 +628,7 @@ impl PgStore {
         let usage_id: Option<i64> = row.get("usage_id");
         let until = row
             .get::<Option<i64>, _>("blocked_until_ms")
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
         let blocked_by: Option<String> = row.get("blocked_by");
         let admission = match (usage_id, until, blocked_by.as_deref()) {
             (Some(id), _, _) => Admission::Granted(Permit { usage_id: Some(id), local_id: None }),
@@ -615,18 +654,26 @@ impl PgStore {
     /// providers it admits; this covers providers no longer called). Returns the windows' total
     /// use left.
     pub async fn prune_usage(&self) -> Result<i64, sqlx::Error> {
-        let windows: Vec<(String, String, i64)> =
-            sqlx::query_as("SELECT scope, measure, window_ms FROM quota_window").fetch_all(&self.pool).await?;
-        let mut left = 0i64;
-        // One window per statement: an admission locks its provider's windows in its own order,
-        // and must never wait on a prune that holds another of them.
-        for (scope, measure, window_ms) in windows {
-            let used: i64 = sqlx::query_scalar("SELECT fallback_window_used($1, $2, $3, clock_timestamp())")
-                .bind(scope)
-                .bind(measure)
-                .bind(window_ms)
-                .fetch_one(&self.pool)
+        let windows: Vec<(String, String, String, i64, String)> =
+            sqlx::query_as("SELECT kind, scope, measure, window_ms, calendar FROM quota_window")
+                .fetch_all(&self.pool)
                 .await?;
+        let mut left = 0i64;
+        // One window per statement: an admission locks its windows in the canonical order, and
+        // must never wait on a prune that holds another of them.
+        for (kind, scope, measure, window_ms, calendar) in windows {
+            let used: i64 = sqlx::query_scalar(
+                "WITH retired AS (SELECT fallback_retire($1, $2, $3, $4, $5, clock_timestamp()) AS used) \
+                 SELECT coalesce((SELECT used FROM retired), (SELECT used FROM quota_window \
+                   WHERE kind = $1 AND scope = $2 AND measure = $3 AND window_ms = $4 AND calendar = $5), 0)",
+            )
+            .bind(kind)
+            .bind(scope)
+            .bind(measure)
+            .bind(window_ms)
+            .bind(calendar)
+            .fetch_one(&self.pool)
+            .await?;
             left = left.saturating_add(used);
         }
         Ok(left)
@@ -663,21 +710,63 @@ fn saturating_i64(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }
 
-/// The limits as the database counts them: one running total per (measure, window), so two
-/// limits on the same measure and window are one (the stricter); ordered, so every admission
-/// locks the windows in the same order.
-fn strictest_per_window(limits: &[LimitConfig]) -> std::collections::BTreeMap<(QuotaMeasure, Duration), u64> {
-    let mut strictest = std::collections::BTreeMap::new();
-    for limit in limits {
-        let measured = [(QuotaMeasure::Requests, limit.requests), (QuotaMeasure::Tokens, limit.tokens)];
-        for (measure, value) in measured {
-            if let Some(value) = value {
-                let entry = strictest.entry((measure, limit.per)).or_insert(value);
-                *entry = (*entry).min(value);
-            }
+/// Whose window it is: a provider's own, or a shared pool's (a separate kind, so no provider
+/// name can collide with a pool's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ScopeKind {
+    // Declared in the byte order of their names ('pool' < 'provider'), so that Rust's order and
+    // SQL's `COLLATE "C"` order agree.
+    Pool,
+    Provider,
+}
+
+impl ScopeKind {
+    /// The `kind` column of the quota tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeKind::Provider => "provider",
+            ScopeKind::Pool => "pool",
         }
     }
-    strictest
+}
+
+/// One window in the quota tables. Its field order is the canonical lock order (kind, scope,
+/// measure, window, calendar; strings in byte order, as SQL's `COLLATE "C"`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WindowKey {
+    pub kind: ScopeKind,
+    pub scope: String,
+    pub measure: QuotaMeasure,
+    pub window: Duration,
+    /// The reset as configured for a calendar window, `""` for a sliding one: a calendar day
+    /// never shares a running total with the sliding 1d window of the same scope.
+    pub calendar: String,
+}
+
+/// A window and the limit it holds.
+#[derive(Debug, Clone)]
+pub struct WindowSpec {
+    pub key: WindowKey,
+    pub limit: u64,
+    pub reset: Option<crate::calendar::DailyReset>,
+}
+
+/// The windows one call counts in, as the database counts them: the provider's own limits and
+/// each pool's, one running total per window (two limits on the same measure and window are one,
+/// the stricter), in the canonical order every admission locks them in.
+pub fn windows_of(provider: &str, limits: &[LimitConfig], pools: &[QuotaPoolConfig]) -> Vec<WindowSpec> {
+    let mut strictest: std::collections::BTreeMap<WindowKey, WindowSpec> = std::collections::BTreeMap::new();
+    let own = limits.iter().map(|l| (ScopeKind::Provider, provider, l));
+    let pooled = pools.iter().flat_map(|p| p.limits.iter().map(move |l| (ScopeKind::Pool, p.name.as_str(), l)));
+    for (kind, scope, limit) in own.chain(pooled) {
+        let (measure, value) = super::quota::measure_of(limit);
+        let calendar = limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default();
+        let key = WindowKey { kind, scope: scope.to_string(), measure, window: limit.per, calendar };
+        let spec =
+            strictest.entry(key.clone()).or_insert(WindowSpec { key, limit: value, reset: limit.resets.clone() });
+        spec.limit = spec.limit.min(value);
+    }
+    strictest.into_values().collect()
 }
 
 /// The name a measure has in the quota tables.
@@ -708,9 +797,10 @@ impl Drop for Pinger {
     }
 }
 
-/// Whether `tokens` exceed one of the token limits outright.
-fn too_large_for(limits: &[LimitConfig], tokens: u64) -> bool {
-    limits.iter().any(|l| l.tokens.is_some_and(|max| tokens > max))
+/// Whether `tokens` exceed one of the token limits (the provider's or a pool's) outright.
+fn too_large_for(ask: Ask<'_>, tokens: u64) -> bool {
+    let pooled = ask.pools.iter().flat_map(|p| p.limits.iter());
+    ask.limits.iter().chain(pooled).any(|l| l.tokens.is_some_and(|max| tokens > max))
 }
 
 /// Errors that go away by themselves (the server is stopped or restarting, the network blipped).
@@ -731,11 +821,12 @@ impl PgStore {
     /// Admission through the database: the provider's row, then its limits under its gate.
     async fn admit_shared(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, StoreError> {
         let provider = ask.provider;
-        if ask.limits.is_empty() && self.outage.listening.load(Ordering::SeqCst) {
+        let unlimited = ask.limits.is_empty() && ask.pools.is_empty();
+        if unlimited && self.outage.listening.load(Ordering::SeqCst) {
             // The listener keeps the local copy current; `admit` has checked it already.
             return Ok(Admission::Granted(Permit::UNCOUNTED));
         }
-        if ask.limits.is_empty() {
+        if unlimited {
             let cooldown = self.guarded(self.read_cooldown(provider, now)).await?;
             return Ok(cooldown.map_or(Admission::Granted(Permit::UNCOUNTED), Admission::Cooling));
         }
@@ -755,8 +846,7 @@ impl PgStore {
         let admission = self.guarded(self.acquire(ask, now)).await?;
         Ok(match admission {
             Admission::Granted(permit) => {
-                let keep = ask.limits.iter().map(|l| l.per).max().unwrap_or_default();
-                let local_id = Some(self.outage.own_calls.record_call(provider, ask.tokens, ask.flight, keep, now));
+                let local_id = Some(self.outage.own_calls.record_call(ask, now));
                 Admission::Granted(Permit { local_id, ..permit })
             }
             other => other,
@@ -772,7 +862,7 @@ impl ProviderState for PgStore {
         }
         match self.admit_shared(ask, now).await {
             Ok(admission) => admission,
-            Err(_) if ask.limits.is_empty() => Admission::Granted(Permit::UNCOUNTED),
+            Err(_) if ask.limits.is_empty() && ask.pools.is_empty() => Admission::Granted(Permit::UNCOUNTED),
             // Only an unreachable database hands limits to this worker's own share.
             Err(StoreError::Unreachable(_)) => self.admit_locally(ask, now).await,
             // A slow or failed admission on a reachable database: the shared window may be full,
@@ -954,6 +1044,54 @@ impl ProviderState for PgStore {
             tracing::debug!(provider, reason, error = %e, "cannot count a rejected answer for `status`");
         }
     }
+
+    async fn observe_quota(&self, ask: Ask<'_>, seen: &[QuotaObservation], now: SystemTime) {
+        for observation in seen {
+            for (pool, limit) in super::quota::matching(&ask, observation) {
+                let (kind, scope) = match pool {
+                    Some(name) => (ScopeKind::Pool, name),
+                    None => (ScopeKind::Provider, ask.provider),
+                };
+                if let Err(e) = self.guarded(self.observe_window(kind, scope, limit, observation, now)).await {
+                    // Best effort: the next answer's headers say it again.
+                    tracing::debug!(provider = ask.provider, error = %e, "cannot correct a window from the provider's headers");
+                    return;
+                }
+            }
+        }
+        // What blocked this provider before may have changed either way: ask the database next time.
+        if let Some(cached) = self.cache.lock().unwrap().get_mut(ask.provider) {
+            cached.quota_blocked = None;
+        }
+    }
+}
+
+impl PgStore {
+    /// Corrects one window from what the provider says is left of `limit` (`fallback_observe`).
+    async fn observe_window(
+        &self,
+        kind: ScopeKind,
+        scope: &str,
+        limit: &LimitConfig,
+        seen: &QuotaObservation,
+        now: SystemTime,
+    ) -> Result<(), sqlx::Error> {
+        let (measure, declared) = super::quota::measure_of(limit);
+        let calendar = limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default();
+        let leaves = super::quota::learnt_leaves(limit, seen.resets_at, now);
+        sqlx::query("SELECT fallback_observe($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::float8 / 1000))")
+            .bind(kind.as_str())
+            .bind(scope)
+            .bind(measure_name(measure))
+            .bind(saturating_i64(limit.per.as_millis()))
+            .bind(calendar)
+            .bind(saturating_i64(declared))
+            .bind(saturating_i64(seen.remaining))
+            .bind(epoch_ms(leaves) as f64)
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
 }
 
 impl PgStore {
@@ -1060,7 +1198,8 @@ mod tests {
             limit(None, Some(500), 60),
             limit(Some(9), None, 3600),
         ];
-        let windows: Vec<_> = strictest_per_window(&limits).into_iter().collect();
+        let windows: Vec<_> =
+            windows_of("p", &limits, &[]).into_iter().map(|w| ((w.key.measure, w.key.window), w.limit)).collect();
         assert_eq!(
             windows,
             vec![
@@ -1069,5 +1208,26 @@ mod tests {
                 ((QuotaMeasure::Tokens, Duration::from_secs(60)), 500),
             ]
         );
+    }
+
+    #[test]
+    fn pool_windows_are_their_own_kind_and_a_calendar_day_is_not_the_sliding_day() {
+        let mut daily = limit(Some(50), None, 86_400);
+        daily.resets = Some(crate::calendar::DailyReset::parse("00:00 UTC").unwrap());
+        let pools = [QuotaPoolConfig { name: "p".into(), limits: vec![daily.clone(), limit(Some(20), None, 60)] }];
+        let windows = windows_of("p", &[limit(Some(10), None, 86_400), daily], &pools);
+        let keys: Vec<_> =
+            windows.iter().map(|w| (w.key.kind, w.key.scope.as_str(), w.key.calendar.as_str(), w.limit)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (ScopeKind::Pool, "p", "", 20),
+                (ScopeKind::Pool, "p", "00:00 UTC", 50),
+                (ScopeKind::Provider, "p", "", 10),
+                (ScopeKind::Provider, "p", "00:00 UTC", 50),
+            ],
+            "a provider and a pool of the same name never share a window; the order is the lock order"
+        );
+        assert!(ScopeKind::Pool.as_str() < ScopeKind::Provider.as_str(), "Rust's order is SQL's byte order");
     }
 }

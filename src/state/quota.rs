@@ -1,13 +1,21 @@
-//! Strict sliding-window accounting, for the embedded store (Postgres runs the same rules in
-//! `fallback_acquire`, migrations/0002).
+//! Strict window accounting, for the embedded store (Postgres runs the same rules in
+//! `fallback_admit`, migrations/0007).
 //!
-//! A request occupies every window from when it is sent until its answer arrives; never more
-//! than `requests` calls (or `tokens` tokens) may occupy any window of length `per`.
+//! A request occupies every window from when it is sent until its answer arrives. A sliding
+//! window (`per`) holds never more than `requests` calls (or `tokens` tokens) in any interval of
+//! length `per`: a call leaves it `per` after its occupancy ends. A calendar window (`resets`)
+//! counts a call in every calendar day its occupancy touches, and a call leaves it at the first
+//! reset after its occupancy ends: a quota spent at 23:30 has room again at the reset, not 24 h
+//! after the call.
+//!
+//! Besides real calls, a scope (a provider, a pool) holds what providers' rate-limit headers
+//! taught us ([`Learnt`]): occupancies of one limit that make our count what the provider counts.
 
 use std::time::{Duration, SystemTime};
 
-use super::QuotaMeasure;
+use super::{Ask, QuotaMeasure};
 use crate::config::LimitConfig;
+use crate::routing::QuotaObservation;
 
 /// One request counted against a provider's limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,9 +30,26 @@ pub struct Usage {
 
 impl Usage {
     /// The end of the request's occupancy.
-    fn end(&self) -> SystemTime {
+    pub fn end(&self) -> SystemTime {
         self.done.unwrap_or(self.expires)
     }
+}
+
+/// Use of one declared limit that a provider reported and our calls do not explain (calls
+/// made elsewhere on the same key, before a restart...): it counts in that limit's window
+/// only, until `leaves`, and is the only use an observation may take back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Learnt {
+    pub limit: LimitConfig,
+    pub amount: u64,
+    pub leaves: SystemTime,
+}
+
+/// What one scope (a provider's own limits, or a pool) has used.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub usage: Vec<Usage>,
+    pub learnt: Vec<Learnt>,
 }
 
 /// Why a request cannot be admitted now.
@@ -35,50 +60,98 @@ pub enum Blocked {
     TooLarge,
 }
 
-/// Checks a new request of `tokens` against `limits`, given the provider's recorded usage.
-pub fn check(usage: &[Usage], limits: &[LimitConfig], tokens: u64, now: SystemTime) -> Result<(), Blocked> {
-    let mut wait: Option<(SystemTime, QuotaMeasure)> = None;
-    for limit in limits {
-        let since = now.checked_sub(limit.per).unwrap_or(SystemTime::UNIX_EPOCH);
-        // Occupying requests, by when they leave the window (in-flight ones: not before now).
-        let mut occupying: Vec<(SystemTime, u64)> =
-            usage.iter().filter(|u| u.end() > since).map(|u| (u.end().min(now), u.tokens)).collect();
-        occupying.sort();
-        let free_at = match (limit.requests, limit.tokens) {
-            (Some(max), _) if occupying.len() as u64 >= max => {
-                // The request that must leave the window before one more fits; with a limit of
-                // 0 (a local share rounded down) nothing ever fits: retry after a window.
-                let leaving = usize::try_from(max).ok().and_then(|max| occupying.len().checked_sub(max));
-                let left_at = leaving.and_then(|i| occupying.get(i)).map_or(now, |(end, _)| *end);
-                Some((later(left_at, limit.per), QuotaMeasure::Requests))
-            }
-            (_, Some(max)) => {
-                if tokens > max {
-                    return Err(Blocked::TooLarge);
+impl Blocked {
+    /// The verdict of two scopes together: a request too large for either can never be sent;
+    /// otherwise it waits for the later of the two.
+    pub fn and(self, other: Blocked) -> Blocked {
+        match (self, other) {
+            (Blocked::TooLarge, _) | (_, Blocked::TooLarge) => Blocked::TooLarge,
+            (Blocked::Until(a, ma), Blocked::Until(b, mb)) => {
+                if b > a {
+                    Blocked::Until(b, mb)
+                } else {
+                    Blocked::Until(a, ma)
                 }
-                let used = occupying.iter().fold(0u64, |sum, (_, t)| sum.saturating_add(*t));
-                let excess = used.saturating_add(tokens).saturating_sub(max);
-                (excess > 0).then(|| {
-                    let mut freed = 0u64;
-                    let leaving = occupying.iter().find(|(_, t)| {
-                        freed = freed.saturating_add(*t);
-                        freed >= excess
-                    });
-                    (later(leaving.map_or(now, |(end, _)| *end), limit.per), QuotaMeasure::Tokens)
-                })
             }
-            _ => None,
-        };
-        if let Some(candidate) = free_at
-            && wait.is_none_or(|(w, _)| candidate.0 > w)
-        {
-            wait = Some(candidate);
         }
     }
-    match wait {
-        Some((until, measure)) => Err(Blocked::Until(until, measure)),
-        None => Ok(()),
+}
+
+/// The measure a limit counts and its size.
+pub fn measure_of(limit: &LimitConfig) -> (QuotaMeasure, u64) {
+    match (limit.requests, limit.tokens) {
+        (Some(n), _) => (QuotaMeasure::Requests, n),
+        (None, n) => (QuotaMeasure::Tokens, n.unwrap_or(0)),
     }
+}
+
+/// What one call amounts to in a window of `measure`.
+fn amount(measure: QuotaMeasure, tokens: u64) -> u64 {
+    match measure {
+        QuotaMeasure::Requests => 1,
+        QuotaMeasure::Tokens => tokens,
+    }
+}
+
+/// The start of `limit`'s window that contains `now` (calls ending before it are out of it),
+/// and when a call that ends now leaves it at the earliest.
+fn window(limit: &LimitConfig, now: SystemTime) -> (SystemTime, SystemTime) {
+    match &limit.resets {
+        Some(reset) => (reset.last_at_or_before(now), reset.next_after(now)),
+        None => (now.checked_sub(limit.per).unwrap_or(SystemTime::UNIX_EPOCH), later(now, limit.per)),
+    }
+}
+
+/// What occupies `limit`'s window now: (when it leaves at the earliest, amount). A call in
+/// flight may answer any moment, so it leaves no earlier than a call that ends now.
+fn occupying(scope: &Scope, limit: &LimitConfig, now: SystemTime) -> Vec<(SystemTime, u64)> {
+    let (measure, _) = measure_of(limit);
+    let (start, leaves_now) = window(limit, now);
+    let calls = scope.usage.iter().filter(|u| match limit.resets {
+        // A call counts in every calendar day its occupancy touches.
+        Some(_) => u.end() >= start,
+        None => u.end() > start,
+    });
+    let calls = calls.map(|u| {
+        let leaves = if limit.resets.is_some() { leaves_now } else { later(u.end().min(now), limit.per) };
+        (leaves, amount(measure, u.tokens))
+    });
+    let learnt = scope.learnt.iter().filter(|l| l.limit == *limit && l.leaves > now).map(|l| (l.leaves, l.amount));
+    calls.chain(learnt).collect()
+}
+
+/// What `limit`'s window holds now, real calls and learnt use together.
+pub fn used(scope: &Scope, limit: &LimitConfig, now: SystemTime) -> u64 {
+    occupying(scope, limit, now).iter().fold(0u64, |sum, (_, a)| sum.saturating_add(*a))
+}
+
+/// Checks a new request of `tokens` against `limits`, given the scope's recorded use.
+pub fn check(scope: &Scope, limits: &[LimitConfig], tokens: u64, now: SystemTime) -> Result<(), Blocked> {
+    let mut wait: Option<Blocked> = None;
+    for limit in limits {
+        let (measure, max) = measure_of(limit);
+        if measure == QuotaMeasure::Tokens && tokens > max {
+            return Err(Blocked::TooLarge);
+        }
+        let mut occupying = occupying(scope, limit, now);
+        let used = occupying.iter().fold(0u64, |sum, (_, a)| sum.saturating_add(*a));
+        let excess = used.saturating_add(amount(measure, tokens)).saturating_sub(max);
+        if excess == 0 {
+            continue;
+        }
+        // Room comes when enough has left, in leaving order; with a limit of 0 (a local share
+        // rounded down) nothing ever fits: retry after one window.
+        occupying.sort();
+        let mut freed = 0u64;
+        let leaving = occupying.iter().find(|(_, a)| {
+            freed = freed.saturating_add(*a);
+            freed >= excess
+        });
+        let until = leaving.map_or_else(|| window(limit, now).1, |(at, _)| *at);
+        let blocked = Blocked::Until(until, measure);
+        wait = Some(wait.map_or(blocked, |w| w.and(blocked)));
+    }
+    wait.map_or(Ok(()), Err)
 }
 
 /// `at + per`, saturating far in the future instead of overflowing.
@@ -86,10 +159,67 @@ fn later(at: SystemTime, per: Duration) -> SystemTime {
     at.checked_add(per).unwrap_or(at)
 }
 
-/// Drops usage that no window of `longest` can see any more.
-pub fn prune(usage: &mut Vec<Usage>, longest: Duration, now: SystemTime) {
+/// How long a call must be kept to answer for `limits`: the longest window, and a calendar
+/// day can last 25 hours (the day a zone leaves daylight saving time).
+pub fn keep_for<'a>(limits: impl IntoIterator<Item = &'a LimitConfig>) -> Duration {
+    let keep =
+        |l: &LimitConfig| if l.resets.is_some() { l.per.saturating_add(Duration::from_secs(7200)) } else { l.per };
+    limits.into_iter().map(keep).max().unwrap_or_default()
+}
+
+/// Drops usage that no window of `longest` can see any more, and learnt use that has left.
+pub fn prune(scope: &mut Scope, longest: Duration, now: SystemTime) {
     let since = now.checked_sub(longest).unwrap_or(SystemTime::UNIX_EPOCH);
-    usage.retain(|u| u.end() > since);
+    scope.usage.retain(|u| u.end() > since);
+    scope.learnt.retain(|l| l.leaves > now);
+}
+
+/// Which declared limits an observation speaks of, as (pool name or `None` for the provider's
+/// own, limit): of its measure, those of the window it named; else those whose size is the
+/// limit it stated; else the only one of that measure. Anything else is ambiguous and ignored.
+pub fn matching<'a>(ask: &Ask<'a>, seen: &QuotaObservation) -> Vec<(Option<&'a str>, &'a LimitConfig)> {
+    let own = ask.limits.iter().map(|l| (None, l));
+    let pooled = ask.pools.iter().flat_map(|p| p.limits.iter().map(move |l| (Some(p.name.as_str()), l)));
+    let of_measure: Vec<_> = own.chain(pooled).filter(|(_, l)| measure_of(l).0 == seen.measure).collect();
+    if let Some(window) = seen.window {
+        return of_measure.into_iter().filter(|(_, l)| l.per == window).collect();
+    }
+    if let Some(size) = seen.limit {
+        let sized: Vec<_> = of_measure.iter().copied().filter(|(_, l)| measure_of(l).1 == size).collect();
+        if !sized.is_empty() {
+            return sized;
+        }
+    }
+    if of_measure.len() == 1 { of_measure } else { Vec::new() }
+}
+
+/// When use learnt now leaves `limit`'s window: when the provider says its budget is whole
+/// again, but never later than a call made now would leave it.
+pub fn learnt_leaves(limit: &LimitConfig, resets_at: Option<SystemTime>, now: SystemTime) -> SystemTime {
+    let bound = window(limit, now).1;
+    resets_at.filter(|at| *at > now).map_or(bound, |at| at.min(bound))
+}
+
+/// Makes the scope's count of `limit` what the provider says (`declared - remaining`): raised
+/// with learnt use when it says less is left than we count; lowered, when it says more is left,
+/// by taking back learnt use only (real calls are never forgotten, so we never exceed what we
+/// declared).
+pub fn observe(scope: &mut Scope, limit: &LimitConfig, remaining: u64, resets_at: Option<SystemTime>, now: SystemTime) {
+    let (_, declared) = measure_of(limit);
+    let target = declared.saturating_sub(remaining);
+    let counted = used(scope, limit, now);
+    if target > counted {
+        let leaves = learnt_leaves(limit, resets_at, now);
+        scope.learnt.push(Learnt { limit: limit.clone(), amount: target - counted, leaves });
+        return;
+    }
+    let mut surplus = counted - target;
+    for learnt in scope.learnt.iter_mut().filter(|l| l.limit == *limit && l.leaves > now) {
+        let taken = learnt.amount.min(surplus);
+        learnt.amount -= taken;
+        surplus -= taken;
+    }
+    scope.learnt.retain(|l| l.amount > 0);
 }
 
 #[cfg(test)]
@@ -104,6 +234,23 @@ mod tests {
         LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
     }
 
+    fn sc(usage: &[Usage]) -> Scope {
+        Scope { usage: usage.to_vec(), learnt: Vec::new() }
+    }
+
+    fn at(rfc3339: &str) -> SystemTime {
+        humantime::parse_rfc3339(rfc3339).unwrap()
+    }
+
+    fn daily(n: u64, reset: &str) -> LimitConfig {
+        LimitConfig {
+            requests: Some(n),
+            tokens: None,
+            per: Duration::from_secs(86_400),
+            resets: Some(crate::calendar::DailyReset::parse(reset).unwrap()),
+        }
+    }
+
     fn done(id: i64, at: SystemTime, tokens: u64) -> Usage {
         Usage { id, done: Some(at), expires: at + Duration::from_secs(60), tokens }
     }
@@ -114,11 +261,15 @@ mod tests {
         let usage: Vec<Usage> = (0..3).map(|i| done(i, t0 + Duration::from_millis(100 * i as u64), 1)).collect();
         let now = t0 + Duration::from_millis(500);
         assert_eq!(
-            check(&usage, &[requests(3, 2)], 1, now),
+            check(&sc(&usage), &[requests(3, 2)], 1, now),
             Err(Blocked::Until(t0 + Duration::from_secs(2), QuotaMeasure::Requests))
         );
-        assert_eq!(check(&usage, &[requests(4, 2)], 1, now), Ok(()));
-        assert_eq!(check(&usage, &[requests(3, 2)], 1, t0 + Duration::from_secs(2)), Ok(()), "the oldest has left");
+        assert_eq!(check(&sc(&usage), &[requests(4, 2)], 1, now), Ok(()));
+        assert_eq!(
+            check(&sc(&usage), &[requests(3, 2)], 1, t0 + Duration::from_secs(2)),
+            Ok(()),
+            "the oldest has left"
+        );
     }
 
     #[test]
@@ -127,7 +278,7 @@ mod tests {
         let in_flight = Usage { id: 1, done: None, expires: now + Duration::from_secs(30), tokens: 0 };
         let another = Usage { id: 2, done: None, expires: now + Duration::from_secs(30), tokens: 0 };
         assert_eq!(
-            check(&[in_flight, another], &[requests(2, 2)], 1, now),
+            check(&sc(&[in_flight, another]), &[requests(2, 2)], 1, now),
             Err(Blocked::Until(now + Duration::from_secs(2), QuotaMeasure::Requests))
         );
     }
@@ -137,36 +288,153 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let usage = vec![done(1, t0, 4000), done(2, t0 + Duration::from_secs(10), 1500)];
         let now = t0 + Duration::from_secs(20);
-        assert_eq!(check(&usage, &[tokens(6000, 60)], 500, now), Ok(()));
+        assert_eq!(check(&sc(&usage), &[tokens(6000, 60)], 500, now), Ok(()));
         assert_eq!(
-            check(&usage, &[tokens(6000, 60)], 2000, now),
+            check(&sc(&usage), &[tokens(6000, 60)], 2000, now),
             Err(Blocked::Until(t0 + Duration::from_secs(60), QuotaMeasure::Tokens))
         );
-        assert_eq!(check(&usage, &[tokens(6000, 60)], 7000, now), Err(Blocked::TooLarge));
+        assert_eq!(check(&sc(&usage), &[tokens(6000, 60)], 7000, now), Err(Blocked::TooLarge));
     }
 
     #[test]
     fn the_latest_of_several_limits_wins_and_old_usage_is_pruned() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let mut usage: Vec<Usage> = (0..5).map(|i| done(i, t0 + Duration::from_secs(i as u64), 1)).collect();
+        let usage: Vec<Usage> = (0..5).map(|i| done(i, t0 + Duration::from_secs(i as u64), 1)).collect();
         let now = t0 + Duration::from_secs(5);
         let limits = [requests(5, 10), requests(100, 3600)];
         assert_eq!(
-            check(&usage, &limits, 1, now),
+            check(&sc(&usage), &limits, 1, now),
             Err(Blocked::Until(t0 + Duration::from_secs(10), QuotaMeasure::Requests))
         );
-        prune(&mut usage, Duration::from_secs(3), now);
-        assert_eq!(usage.len(), 2);
+        let mut scope = sc(&usage);
+        prune(&mut scope, Duration::from_secs(3), now);
+        assert_eq!(scope.usage.len(), 2);
     }
 
     #[test]
     fn a_limit_of_zero_admits_nothing_and_does_not_panic() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         assert_eq!(
-            check(&[], &[requests(0, 60)], 1, now),
+            check(&Scope::default(), &[requests(0, 60)], 1, now),
             Err(Blocked::Until(now + Duration::from_secs(60), QuotaMeasure::Requests))
         );
         let usage = vec![done(1, now, 1)];
-        assert!(matches!(check(&usage, &[requests(0, 60)], 1, now), Err(Blocked::Until(..))));
+        assert!(matches!(check(&sc(&usage), &[requests(0, 60)], 1, now), Err(Blocked::Until(..))));
+    }
+
+    #[test]
+    fn a_calendar_quota_spent_at_2330_has_room_at_midnight_utc() {
+        let limit = daily(2, "00:00 UTC");
+        let usage = [done(1, at("2026-11-30T23:00:00Z"), 1), done(2, at("2026-11-30T23:30:00Z"), 1)];
+        let now = at("2026-11-30T23:31:00Z");
+        assert_eq!(
+            check(&sc(&usage), std::slice::from_ref(&limit), 1, now),
+            Err(Blocked::Until(at("2026-12-01T00:00:00Z"), QuotaMeasure::Requests)),
+            "room at the reset, not 24 h after the calls"
+        );
+        assert_eq!(check(&sc(&usage), std::slice::from_ref(&limit), 1, at("2026-12-01T00:00:00Z")), Ok(()));
+        // A sliding day would have waited until 23:00 the next day.
+        let sliding = requests(2, 86_400);
+        assert_eq!(
+            check(&sc(&usage), &[sliding], 1, now),
+            Err(Blocked::Until(at("2026-12-01T23:00:00Z"), QuotaMeasure::Requests))
+        );
+    }
+
+    #[test]
+    fn a_call_whose_occupancy_touches_two_calendar_days_counts_in_both() {
+        let limit = daily(1, "00:00 UTC");
+        let sent_before_midnight =
+            Usage { id: 1, done: Some(at("2026-12-01T00:00:02Z")), expires: at("2026-12-01T00:01:00Z"), tokens: 1 };
+        let now = at("2026-12-01T00:00:05Z");
+        assert_eq!(
+            check(&sc(&[sent_before_midnight]), std::slice::from_ref(&limit), 1, now),
+            Err(Blocked::Until(at("2026-12-02T00:00:00Z"), QuotaMeasure::Requests))
+        );
+        // In flight across midnight: it counts in the new day, and may leave at the next reset.
+        let in_flight = Usage { id: 2, done: None, expires: at("2026-12-01T00:01:00Z"), tokens: 1 };
+        assert!(check(&sc(&[in_flight]), &[limit], 1, now).is_err());
+    }
+
+    #[test]
+    fn a_pacific_calendar_day_follows_daylight_saving_time() {
+        // 2026-11-01 is 25 hours long in Los Angeles: midnight PDT = 07:00Z, next midnight PST = 08:00Z.
+        let limit = daily(1, "00:00 America/Los_Angeles");
+        let usage = [done(1, at("2026-11-01T07:30:00Z"), 1)];
+        let late_that_day = at("2026-11-02T07:30:00Z");
+        assert_eq!(
+            check(&sc(&usage), std::slice::from_ref(&limit), 1, late_that_day),
+            Err(Blocked::Until(at("2026-11-02T08:00:00Z"), QuotaMeasure::Requests)),
+            "still the same (25-hour) Pacific day"
+        );
+        assert_eq!(check(&sc(&usage), std::slice::from_ref(&limit), 1, at("2026-11-02T08:00:00Z")), Ok(()));
+        let mut scope = sc(&usage);
+        prune(&mut scope, keep_for([&limit]), late_that_day);
+        assert_eq!(scope.usage.len(), 1, "kept for the whole long day");
+    }
+
+    #[test]
+    fn an_observation_raises_our_count_and_lowers_only_what_it_added() {
+        let limit = requests(10, 60);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut scope = sc(&[done(1, now, 1)]);
+        observe(&mut scope, &limit, 3, Some(now + Duration::from_secs(20)), now);
+        assert_eq!(used(&scope, &limit, now), 7, "believed: 3 left of 10");
+        assert_eq!(used(&scope, &limit, now + Duration::from_secs(20)), 1, "the learnt use leaves at the reset");
+        observe(&mut scope, &limit, 10, None, now);
+        assert_eq!(used(&scope, &limit, now), 1, "our own call is never forgotten");
+        observe(&mut scope, &limit, 0, Some(now + Duration::from_secs(3600)), now);
+        assert_eq!(used(&scope, &limit, now + Duration::from_secs(59)), 10);
+        assert_eq!(used(&scope, &limit, now + Duration::from_secs(60)), 0, "bounded by the window");
+        assert!(check(&scope, std::slice::from_ref(&limit), 1, now).is_err());
+        assert!(check(&scope, &[requests(10, 3600)], 1, now).is_ok(), "learnt use counts in its own limit only");
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::calendar::DailyReset;
+
+        proptest! {
+            /// Whatever the zone, the reset time and the calls' timing (across DST changes),
+            /// no calendar day ever holds more admitted calls than the limit, counting every
+            /// call in each day its occupancy touches.
+            #[test]
+            fn no_calendar_day_ever_holds_more_than_its_limit(
+                zone in prop::sample::select(vec!["UTC", "America/Los_Angeles", "Europe/Berlin", "Australia/Lord_Howe", "America/New_York"]),
+                hour in 0u8..24,
+                minute in 0u8..60,
+                start in prop::sample::select(vec!["2026-03-07T00:00:00Z", "2026-10-31T00:00:00Z", "2026-04-04T12:00:00Z"]),
+                steps in prop::collection::vec((0u64..4 * 3600, 0u64..900), 1..120),
+                max in 1u64..6,
+            ) {
+                let reset = DailyReset::parse(&format!("{hour:02}:{minute:02} {zone}")).unwrap();
+                let limit = LimitConfig { requests: Some(max), tokens: None, per: Duration::from_secs(86_400), resets: Some(reset.clone()) };
+                let mut now = humantime::parse_rfc3339(start).unwrap();
+                let mut scope = Scope::default();
+                let mut admitted = Vec::new();
+                for (i, (gap, latency)) in steps.into_iter().enumerate() {
+                    now += Duration::from_secs(gap);
+                    prune(&mut scope, keep_for([&limit]), now);
+                    if check(&scope, std::slice::from_ref(&limit), 1, now).is_ok() {
+                        let end = now + Duration::from_secs(latency);
+                        scope.usage.push(Usage { id: i as i64, done: None, expires: end, tokens: 1 });
+                        admitted.push((now, end));
+                    }
+                }
+                for (sent, _) in &admitted {
+                    let day_start = reset.last_at_or_before(*sent);
+                    let day_end = reset.next_after(*sent);
+                    let in_day = admitted.iter().filter(|(s, e)| *s < day_end && *e >= day_start).count() as u64;
+                    prop_assert!(in_day <= max, "{in_day} calls in the day from {day_start:?}");
+                }
+            }
+
+            #[test]
+            fn a_reset_text_never_panics(text in any::<String>()) {
+                let _ = DailyReset::parse(&text);
+            }
+        }
     }
 }

@@ -287,6 +287,7 @@ async fn a_job_that_panics_is_retried_then_dead_lettered_and_others_go_on() {
         context_window: None,
         max_retries: 0,
         limits: vec![],
+        pools: Default::default(),
         timeout: Duration::from_secs(2),
         pool_mates: vec![],
         provider,

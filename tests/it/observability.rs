@@ -24,9 +24,10 @@ async fn metrics_count_jobs_attempts_latency_and_quota_after_a_run() {
     let paid = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
     groq.script([Scenario::RateLimited(RetryHint::RetryAfterSeconds(60.0))]);
     let mut config = env.config(&format!(
-        "{}{}{}",
-        provider("groq", &groq.base_url(), true, "limits = [{ requests = 30, per = \"1m\" }]"),
+        "{}{}{}{}",
+        provider("groq", &groq.base_url(), true, "limits = [{ requests = 30, per = \"1m\" }]\nquotas = [\"org\"]"),
         provider("paid", &paid.base_url(), false, ""),
+        "[[quotas]]\nname = \"org\"\nlimits = [{ requests = 100, per = \"1d\", resets = \"00:00 UTC\" }]\n\n",
         chain("default", &["groq", "paid"], "")
     ));
     config.http.addr = "127.0.0.1:0".into();
@@ -50,6 +51,9 @@ async fn metrics_count_jobs_attempts_latency_and_quota_after_a_run() {
     assert_eq!(sample(&page, r#"fallback_provider_cooling{provider="groq"}"#), Some(1.0));
     assert_eq!(sample(&page, r#"fallback_quota_used{provider="groq",measure="requests",per="1m"}"#), Some(1.0));
     assert_eq!(sample(&page, r#"fallback_quota_limit{provider="groq",measure="requests",per="1m"}"#), Some(30.0));
+    let pool = r#"{pool="org",measure="requests",per="1day",resets="00:00 UTC"}"#;
+    assert_eq!(sample(&page, &format!("fallback_pool_quota_used{pool}")), Some(1.0), "{page}");
+    assert_eq!(sample(&page, &format!("fallback_pool_quota_limit{pool}")), Some(100.0));
     assert_eq!(get(&worker, "/healthz").await.0, 200);
     worker.stop().await;
 }

@@ -32,7 +32,7 @@ fn circuit(until: SystemTime) -> Cooldown {
     Cooldown { until, reason: CooldownReason::Circuit, detail: "3 server errors in a row".into() }
 }
 
-const ASK: Ask<'static> = Ask { provider: "p", limits: &[], tokens: 1, flight: Duration::from_secs(7) };
+const ASK: Ask<'static> = Ask { provider: "p", limits: &[], pools: &[], tokens: 1, flight: Duration::from_secs(7) };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_worker_of_many_takes_the_probe_of_an_expired_circuit() {

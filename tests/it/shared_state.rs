@@ -2,14 +2,16 @@
 
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::config::LimitConfig;
+use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
 use fallback_worker::routing::CooldownReason;
+use fallback_worker::routing::QuotaObservation;
 use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::relay::Relay;
 use crate::support::*;
 
 #[tokio::test]
@@ -66,7 +68,7 @@ async fn a_cooldown_only_moves_forward() {
     store.cool_down("p", cooldown(10, CooldownReason::RateLimited)).await;
     // A second store (another worker) reads the truth from the table.
     let other = migrated_store(&env).await;
-    let ask = Ask { provider: "p", limits: &[], tokens: 1, flight: Duration::from_secs(5) };
+    let ask = Ask { provider: "p", limits: &[], pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     match other.admit(ask, SystemTime::now()).await {
         Admission::Cooling(c) => {
             assert_eq!(c.reason, CooldownReason::Auth);
@@ -127,12 +129,12 @@ async fn limits_hold_across_workers_under_concurrency() {
     let env = TestEnv::new().await;
     let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
     let limits = [LimitConfig { requests: Some(5), tokens: None, per: Duration::from_secs(2), resets: None }];
-    let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(5) };
     let attempts = (0..40).map(|i| {
         let store = if i % 2 == 0 { a.clone() } else { b.clone() };
         let limits = limits.clone();
         tokio::spawn(async move {
-            let ask = Ask { provider: "p", limits: &limits, tokens: 10, flight: Duration::from_secs(5) };
+            let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(5) };
             store.admit(ask, SystemTime::now()).await
         })
     });
@@ -164,7 +166,7 @@ async fn token_limits_use_estimates_corrected_by_usage() {
     let env = TestEnv::new().await;
     let store = migrated_store(&env).await;
     let limits = [LimitConfig { requests: None, tokens: Some(1000), per: Duration::from_secs(60), resets: None }];
-    let big = Ask { provider: "t", limits: &limits, tokens: 800, flight: Duration::from_secs(5) };
+    let big = Ask { provider: "t", limits: &limits, pools: &[], tokens: 800, flight: Duration::from_secs(5) };
     let Admission::Granted(permit) = store.admit(big, SystemTime::now()).await else { panic!() };
     let other = migrated_store(&env).await;
     assert!(matches!(
@@ -231,7 +233,7 @@ async fn status_shows_cooldowns_usage_and_last_errors() {
         LimitConfig { requests: Some(30), tokens: None, per: Duration::from_secs(60), resets: None },
         LimitConfig { requests: None, tokens: Some(6000), per: Duration::from_secs(60), resets: None },
     ];
-    let ask = Ask { provider: "groq", limits: &limits, tokens: 120, flight: Duration::from_secs(5) };
+    let ask = Ask { provider: "groq", limits: &limits, pools: &[], tokens: 120, flight: Duration::from_secs(5) };
     for _ in 0..3 {
         assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
     }
@@ -404,4 +406,313 @@ async fn a_success_in_one_worker_ends_every_workers_run_of_server_errors() {
     for listener in listeners {
         listener.await.unwrap();
     }
+}
+
+fn pool(name: &str, limits: Vec<LimitConfig>) -> Vec<QuotaPoolConfig> {
+    vec![QuotaPoolConfig { name: name.into(), limits }]
+}
+
+fn requests(n: u64, per: Duration) -> LimitConfig {
+    LimitConfig { requests: Some(n), tokens: None, per, resets: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_and_two_providers_sharing_a_pool_never_exceed_it() {
+    let env = TestEnv::new().await;
+    let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
+    let pools = pool("account", vec![requests(5, Duration::from_secs(60))]);
+    let own = [requests(4, Duration::from_secs(60))];
+    let attempts = (0..40).map(|i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (pools, own) = (pools.clone(), own.clone());
+        tokio::spawn(async move {
+            let provider = if i % 4 < 2 { "free-a" } else { "free-b" };
+            let ask = Ask { provider, limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+            (provider, store.admit(ask, SystemTime::now()).await)
+        })
+    });
+    let mut granted = Vec::new();
+    for attempt in attempts {
+        let (provider, admission) = attempt.await.unwrap();
+        match admission {
+            Admission::Granted(permit) => granted.push((provider, permit)),
+            Admission::OverQuota { measure, .. } => assert_eq!(measure, QuotaMeasure::Requests),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(granted.len(), 5, "the pool's 5 across both providers and both workers, not 4 + 4");
+    assert!(granted.iter().all(|(_, p)| p.usage_id.is_some()));
+    // A provider named like the pool has its own windows: the pool's use is not its use.
+    let namesake = [requests(1, Duration::from_secs(60))];
+    let ask = Ask { provider: "account", limits: &namesake, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    assert!(matches!(a.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT kind, scope, used FROM quota_window ORDER BY kind, scope")
+            .fetch_all(&mut env.db().await)
+            .await
+            .unwrap();
+    let pool_row = rows.iter().find(|(kind, scope, _)| kind == "pool" && scope == "account");
+    assert_eq!(pool_row.map(|r| r.2), Some(5), "{rows:?}");
+    let own_row = rows.iter().find(|(kind, scope, _)| kind == "provider" && scope == "account");
+    assert_eq!(own_row.map(|r| r.2), Some(1), "{rows:?}");
+    // Answers let nobody in before the window has moved on, whichever provider asks.
+    for (_, permit) in granted {
+        b.finish(permit, None).await;
+    }
+    let ask = Ask { provider: "free-b", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+    assert!(matches!(migrated_store(&env).await.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
+}
+
+#[tokio::test]
+async fn a_calendar_window_holds_until_the_reset_and_is_not_the_sliding_day() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let reset = fallback_worker::calendar::DailyReset::parse("00:00 UTC").unwrap();
+    let daily =
+        LimitConfig { requests: Some(2), tokens: None, per: Duration::from_secs(86_400), resets: Some(reset.clone()) };
+    let limits = [daily, requests(10, Duration::from_secs(86_400))];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    for _ in 0..2 {
+        let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+        store.finish(permit, None).await;
+    }
+    let now = SystemTime::now();
+    match migrated_store(&env).await.admit(ask, now).await {
+        Admission::OverQuota { until, measure } => {
+            assert_eq!(measure, QuotaMeasure::Requests);
+            assert_eq!(until, reset.next_after(now), "room at the next reset exactly, not 24 h after the calls");
+        }
+        other => panic!("{other:?}"),
+    }
+    let windows: Vec<(String, i64)> = sqlx::query_as("SELECT calendar, used FROM quota_window ORDER BY calendar")
+        .fetch_all(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(windows, vec![("".to_string(), 2), ("00:00 UTC".to_string(), 2)], "two running totals");
+}
+
+/// Calls `fallback_admit` for one calendar window whose resets the test chooses (the database's
+/// clock cannot be moved): `first_reset` after now, the call leaving at `leaves`.
+async fn admit_calendar(env: &TestEnv, first_reset: SystemTime, leaves: SystemTime) -> (Option<i64>, Option<i64>) {
+    let ms = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as f64;
+    sqlx::query_as(
+        "SELECT usage_id, blocked_until_ms FROM fallback_admit('p', ARRAY['pool'], ARRAY['acct'], ARRAY['requests'], \
+           ARRAY[86400000::bigint], ARRAY['12:00 UTC'], ARRAY[2::bigint], \
+           ARRAY[to_timestamp($1::float8 / 1000)], ARRAY[to_timestamp($2::float8 / 1000)], 1, 5000)",
+    )
+    .bind(ms(first_reset))
+    .bind(ms(leaves))
+    .fetch_one(&mut env.db().await)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_spent_calendar_window_has_room_again_at_its_reset_exactly() {
+    let env = TestEnv::new().await;
+    migrated_store(&env).await;
+    let reset = SystemTime::now() + Duration::from_millis(1500);
+    assert!(admit_calendar(&env, reset, reset).await.0.is_some());
+    assert!(admit_calendar(&env, reset, reset).await.0.is_some());
+    let (granted, until_ms) = admit_calendar(&env, reset, reset).await;
+    assert_eq!(granted, None);
+    let reset_ms = reset.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert!(until_ms.unwrap() >= reset_ms && until_ms.unwrap() <= reset_ms + 1, "{until_ms:?} vs {reset_ms}");
+    tokio::time::sleep(reset.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(20)).await;
+    // A worker whose calendar is stale (it still sees the passed reset) is told to look again.
+    let (granted, until_ms) = admit_calendar(&env, reset, reset).await;
+    assert_eq!(granted, None);
+    assert!(until_ms.unwrap() >= reset_ms, "ask again now");
+    let next = SystemTime::now() + Duration::from_secs(86_400);
+    assert!(admit_calendar(&env, next, next).await.0.is_some(), "the new day has room");
+}
+
+#[tokio::test]
+async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls() {
+    let env = TestEnv::new().await;
+    let (a, b) = (migrated_store(&env).await, migrated_store(&env).await);
+    let pools = pool("account", vec![requests(20, Duration::from_secs(60))]);
+    let own = [requests(30, Duration::from_secs(60))];
+    let ask = Ask { provider: "p", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+    let Admission::Granted(_) = a.admit(ask, SystemTime::now()).await else { panic!() };
+    let seen = |remaining, limit| QuotaObservation {
+        measure: QuotaMeasure::Requests,
+        remaining,
+        limit: Some(limit),
+        resets_at: Some(SystemTime::now() + Duration::from_secs(30)),
+        window: None,
+    };
+    // The provider says 1 of its 20 is left: 19 counted, so the second worker gets one more call.
+    a.observe_quota(ask, &[seen(1, 20)], SystemTime::now()).await;
+    let used = |env: &TestEnv| {
+        let env = env.database_url.clone();
+        async move {
+            let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(&env).await.unwrap();
+            sqlx::query_scalar::<_, i64>("SELECT used FROM quota_window WHERE kind = 'pool' AND scope = 'account'")
+                .fetch_one(&mut db)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(used(&env).await, 19);
+    assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
+    // It says 15 are left: learnt use is taken back, the two real calls stay.
+    b.observe_quota(ask, &[seen(15, 20)], SystemTime::now()).await;
+    assert_eq!(used(&env).await, 5);
+    b.observe_quota(ask, &[seen(20, 20)], SystemTime::now()).await;
+    assert_eq!(used(&env).await, 2, "real calls are never forgotten");
+    assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+}
+
+#[tokio::test]
+async fn two_workers_with_two_free_models_on_one_account_pool_get_no_429_and_pay_nothing() {
+    let env = TestEnv::new().await;
+    // One account behind two models: the mock counts both models' requests together.
+    let mut account = MockOptions::new(Profile::Groq);
+    account.limits = vec![fallback_worker::mock::RequestLimit { requests: 4, per: Duration::from_secs(1) }];
+    account.latency = Duration::from_millis(20);
+    let free = MockProvider::start(account).await.unwrap();
+    let paid = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
+    let providers = format!(
+        "{}{}{}{}{}",
+        provider("model-a", &free.base_url(), true, "quotas = [\"account\"]"),
+        provider("model-b", &free.base_url(), true, "quotas = [\"account\"]"),
+        provider("paid", &paid.base_url(), false, ""),
+        "[[quotas]]\nname = \"account\"\nlimits = [{ requests = 4, per = \"1s\" }]\n\n",
+        chain("default", &["model-a", "model-b", "paid"], "free_wait = \"1h\"")
+    );
+    let a = env.spawn_worker(env.config(&providers), "worker-a").await;
+    let b = env.spawn_worker(env.config(&providers), "worker-b").await;
+    let jobs = 24;
+    for i in 0..jobs {
+        env.publish(&job(&format!("pooled-{i}")), BasicProperties::default()).await;
+    }
+    let results = env.results(&env.results, jobs).await;
+    assert!(
+        results.iter().all(|r| r.is_success() && r.routing.free == Some(true)),
+        "all on the free account: {results:?}"
+    );
+    let stats = free.stats();
+    assert_eq!(stats.rate_limited, 0, "the pool kept both models under the account's limit");
+    assert_eq!(stats.requests, jobs);
+    assert_eq!(paid.requests(), 0, "no paid call while free_wait runs");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn status_lists_pools_with_their_use_next_reset_and_who_draws_from_them() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let providers = format!(
+        "{}{}{}{}",
+        provider(
+            "gemini",
+            "http://127.0.0.1:9/v1",
+            true,
+            "quotas = [\"google\"]\nlimits = [{ requests = 20, per = \"1d\", resets = \"00:00 America/Los_Angeles\" }]"
+        ),
+        provider("gemini-native", "http://127.0.0.1:9/v1", true, "quotas = [\"google\"]"),
+        "[[quotas]]\nname = \"google\"\nlimits = [{ requests = 20, per = \"1d\", resets = \"00:00 America/Los_Angeles\" }, { requests = 5, per = \"1m\" }]\n\n",
+        chain("default", &["gemini", "gemini-native"], "")
+    );
+    let config_file = env.config_file(&providers, "");
+    let config = fallback_worker::config::Config::load(&config_file, &Default::default()).unwrap();
+    let gemini = config.provider("gemini").unwrap();
+    let pools = config.pools_of(gemini);
+    let ask =
+        Ask { provider: "gemini", limits: &gemini.limits, pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
+    for _ in 0..2 {
+        assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    }
+    let run = |json: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-worker"));
+        command.args(["--config", config_file.to_str().unwrap(), "status"]);
+        if json {
+            command.arg("--json");
+        }
+        command.output().unwrap()
+    };
+    let output = run(true);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let reset = fallback_worker::calendar::DailyReset::parse("00:00 America/Los_Angeles").unwrap();
+    let next = humantime::format_rfc3339_seconds(reset.next_after(SystemTime::now())).to_string();
+    assert_eq!(lines[0]["provider"], "gemini");
+    assert_eq!(lines[0]["pools"], serde_json::json!(["google"]));
+    assert_eq!(lines[0]["windows"][0]["used"], 2);
+    assert_eq!(lines[0]["windows"][0]["resets"], "00:00 America/Los_Angeles");
+    assert_eq!(lines[0]["windows"][0]["next_reset"], next.as_str());
+    let pool = &lines[2];
+    assert_eq!(pool["pool"], "google");
+    assert_eq!(pool["providers"], serde_json::json!(["gemini", "gemini-native"]));
+    assert_eq!(pool["windows"][0]["used"], 2);
+    assert_eq!(pool["windows"][0]["next_reset"], next.as_str());
+    assert_eq!(pool["windows"][1], serde_json::json!({"measure": "requests", "limit": 5, "per": "1m", "used": 2}));
+
+    let table = String::from_utf8(run(false).stdout).unwrap();
+    let pool_line = table.lines().find(|l| l.starts_with("google")).expect(&table);
+    assert!(
+        pool_line.contains(&format!("2/20 requests per 1day (resets 00:00 America/Los_Angeles, next {next})"))
+            && pool_line.contains("gemini, gemini-native"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn calls_admitted_while_the_database_was_away_count_in_the_pool_once_it_is_back() {
+    let env = TestEnv::new().await;
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let pools = pool("account", vec![requests(3, Duration::from_secs(60))]);
+    let ask = Ask { provider: "p", limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+    assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(Permit { usage_id: Some(_), .. })));
+
+    relay.set_down(true);
+    let mut local = 0;
+    for _ in 0..5 {
+        match store.admit(ask, SystemTime::now()).await {
+            Admission::Granted(permit) => {
+                assert_eq!(permit.usage_id, None, "admitted from this worker's own view");
+                local += 1;
+                // Answered at once: the record must outlive the answer until it is written back.
+                store.finish(permit, None).await;
+            }
+            Admission::OverQuota { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(store.is_degraded());
+    assert_eq!(local, 2, "the pool's share (3 for one worker), the call before the outage included");
+
+    relay.set_down(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    let used: i64 = sqlx::query_scalar("SELECT used FROM quota_window WHERE kind = 'pool' AND scope = 'account'")
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(used, 3, "the outage's calls count in the shared pool");
+    assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
+}
+
+#[tokio::test]
+async fn housekeeping_retires_what_has_left_every_window_of_providers_and_pools() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let window = Duration::from_millis(300);
+    let pools = pool("account", vec![requests(5, window)]);
+    let own = [requests(5, window)];
+    let ask = Ask { provider: "p", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+    let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!() };
+    assert_eq!(store.prune_usage().await.unwrap(), 2, "one call in the provider's window and one in the pool's");
+    store.finish(permit, None).await;
+    eventually("both windows are empty one window after the answer", || async {
+        store.prune_usage().await.unwrap() == 0
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_use").fetch_one(&mut env.db().await).await.unwrap();
+    assert_eq!(rows, 0);
 }
