@@ -9,7 +9,11 @@
 //! brackets: `part` [all: throughput,latency,admission,scaling], `jobs` per throughput run [3000],
 //! `prefetch` [32,64], `rounds` of service/minimal [2], `rate` jobs/s [200] for `secs` [10],
 //! `admission_jobs` [12000] with `block` [3000], `shared_jobs` [8000] for `shared_workers` [4],
-//! `scaling_jobs` [6000] for `scaling_workers` [1,2,4], `minimal_runtime` [current | multi].
+//! `scaling_jobs` [6000] for `scaling_workers` [1,2,4], `minimal_runtime` [current | multi],
+//! `wrap` [none]: a command the worker processes (service and minimal) run under, split on
+//! spaces, e.g. `THROUGHPUT_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"`:
+//! instruction counts do not depend on how busy the shared machine is (run two sizes and take
+//! the difference per job, so start-up cancels out).
 //!
 //! **The reference line is the minimal worker**: consume with the same prefetch → one POST of the
 //! job's `body` to the mock provider's `/chat/completions` → publish the answer to the results
@@ -272,7 +276,7 @@ impl Stage {
         match subject {
             Subject::Service { processes, limited } => {
                 let config = self.service_config(prefetch, limited);
-                (0..processes).map(|_| WorkerProcess::spawn(&config)).collect()
+                (0..processes).map(|_| spawn_service(&config)).collect()
             }
             Subject::Minimal => vec![self.spawn_minimal(prefetch)],
         }
@@ -289,7 +293,7 @@ impl Stage {
     }
 
     fn spawn_minimal(&self, prefetch: u16) -> WorkerProcess {
-        let child = Command::new(std::env::current_exe().unwrap())
+        let child = wrapped(std::env::current_exe().unwrap().to_str().unwrap())
             .env(MINIMAL_ENV, "1")
             .env("MINIMAL_AMQP_URL", support::amqp_url())
             .env("MINIMAL_JOBS", &self.env.jobs)
@@ -303,6 +307,38 @@ impl Stage {
             .expect("the bench binary re-executes itself");
         WorkerProcess { child }
     }
+}
+
+/// The command that runs `program`: itself, or under the `wrap` setting's command.
+fn wrapped(program: &str) -> Command {
+    let wrap: String = setting("wrap", String::new());
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        None => Command::new(program),
+        Some(first) => {
+            let mut command = Command::new(first);
+            command.args(words).arg(program);
+            command
+        }
+    }
+}
+
+/// The service's worker process, like `WorkerProcess::spawn`, under the `wrap` setting's command.
+fn spawn_service(config: &std::path::Path) -> WorkerProcess {
+    if setting("wrap", String::new()).is_empty() {
+        return WorkerProcess::spawn(config);
+    }
+    let child = wrapped(env!("CARGO_BIN_EXE_fallback-worker"))
+        .args(["--config", config.to_str().unwrap(), "worker"])
+        .env("RUST_LOG", "warn")
+        .env("LOG_FORMAT", "text")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the wrapped worker starts");
+    WorkerProcess { child }
 }
 
 /// `jobs` queued first, then the subject started: every result's arrival, and the CPU the

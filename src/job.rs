@@ -97,26 +97,73 @@ impl Job {
     /// The idempotency key (contract §4): the AMQP `message_id` if set, else the job's
     /// [`fingerprint`](Job::fingerprint).
     pub fn idempotency_key(&self, message_id: Option<&str>) -> String {
-        match message_id.filter(|id| !id.is_empty()) {
+        self.identity(message_id).key
+    }
+
+    /// The job's key and fingerprint together, the fingerprint computed once (it is the key
+    /// when the message has no `message_id`).
+    pub fn identity(&self, message_id: Option<&str>) -> JobIdentity {
+        let fingerprint = self.fingerprint();
+        let key = match message_id.filter(|id| !id.is_empty()) {
             Some(id) => format!("msg:{id}"),
-            None => self.fingerprint(),
-        }
+            None => fingerprint.clone(),
+        };
+        JobIdentity { key, fingerprint }
     }
 
     /// What makes two messages the same job: a hash of (`custom_id`, chain, body). A key may
     /// only ever be given the result of the job whose fingerprint first used it. serde_json
-    /// maps are ordered, so equal bodies hash equal; the parts are length-prefixed so no two
-    /// different jobs can produce the same input to the hash.
+    /// maps are ordered, so equal bodies hash equal whatever the order or spacing of the
+    /// message's keys; the parts are length-prefixed so no two different jobs can produce the
+    /// same input to the hash.
+    ///
+    /// The body is hashed as its compact serialization (the bytes
+    /// `Value::Object(body).to_string()` gives), written straight from the parsed map: the
+    /// ledger's rows carry fingerprints computed that way, so the bytes must never change (a
+    /// test pins a known value). Hashing the message's raw bytes instead would be cheaper but
+    /// not canonical: the same job republished with its keys in another order would get
+    /// another fingerprint, and a redelivery across an upgrade would be refused as "another
+    /// job" by its own `message_id`.
     pub fn fingerprint(&self) -> String {
-        let body = Value::Object(self.body.clone()).to_string();
+        // Serializing a map of JSON values cannot fail (string keys, no non-finite numbers).
+        let body = serde_json::to_vec(&self.body).unwrap_or_default();
         let mut hash = Sha256::new();
-        for part in [self.custom_id.as_str(), self.chain.as_str(), body.as_str()] {
+        for part in [self.custom_id.as_bytes(), self.chain.as_bytes(), body.as_slice()] {
             hash.update((part.len() as u64).to_be_bytes());
-            hash.update(part.as_bytes());
+            hash.update(part);
         }
-        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256:{hex}")
+        let digest = hash.finalize();
+        let mut fingerprint = String::with_capacity(7 + 2 * digest.len());
+        fingerprint.push_str("sha256:");
+        push_hex(&mut fingerprint, &digest);
+        fingerprint
     }
+}
+
+/// A job's idempotency key and fingerprint (contract §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobIdentity {
+    /// `msg:<message_id>`, or the fingerprint when the message has none.
+    pub key: String,
+    /// The hash of (`custom_id`, chain, body) the key is bound to.
+    pub fingerprint: String,
+}
+
+/// Appends `bytes` in lowercase hex (without a `format!` per byte: this runs for every job).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    out.reserve(2 * bytes.len());
+    for byte in bytes {
+        for nibble in [byte >> 4, byte & 0x0f] {
+            out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+        }
+    }
+}
+
+/// `bytes` in lowercase hex.
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    push_hex(&mut out, bytes);
+    out
 }
 
 fn invalid(custom_id: Option<&str>, message: &str) -> InvalidJob {
@@ -336,6 +383,56 @@ mod tests {
         assert_ne!(a.idempotency_key(None), other.idempotency_key(None));
         assert_eq!(a.idempotency_key(Some("m-1")), "msg:m-1");
         assert_eq!(a.idempotency_key(Some("")), a.idempotency_key(None));
+    }
+
+    /// The ledger's rows carry fingerprints computed by earlier versions: the bytes hashed
+    /// must never change.
+    #[test]
+    fn the_fingerprint_of_a_known_job_never_changes() {
+        let job = parse(r#"{"custom_id":"doc-42","chain":"default","body":{"temperature":0.2,"messages":[{"role":"user","content":"Summarise: é \"x\"\n"}],"max_tokens":512,"n":1.0}}"#).unwrap();
+        assert_eq!(job.fingerprint(), legacy_fingerprint(&job));
+        assert_eq!(job.fingerprint(), "sha256:c5f2851dbbbb0042f678569c1c5d00590d37f01a07b781d211a1ffc166d123cb");
+    }
+
+    /// The fingerprint as the first versions computed it (a clone of the body, `to_string`, a
+    /// `format!` per byte).
+    fn legacy_fingerprint(job: &Job) -> String {
+        let body = Value::Object(job.body.clone()).to_string();
+        let mut hash = Sha256::new();
+        for part in [job.custom_id.as_str(), job.chain.as_str(), body.as_str()] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+
+    proptest::proptest! {
+        /// Any body: the fingerprint is the legacy one, byte for byte.
+        #[test]
+        fn the_fingerprint_is_the_legacy_one_for_any_body(
+            custom_id in ".{1,12}",
+            chain in ".{1,8}",
+            text in ".{0,40}",
+            number in proptest::num::f64::NORMAL,
+            integer in proptest::prelude::any::<i64>(),
+            key in "x_[a-z]{1,6}",
+        ) {
+            let body = serde_json::json!({"messages": [{"role": "user", "content": text}],
+                key: {"n": number, "i": integer, "list": [text, null, true]}});
+            let line = serde_json::json!({"custom_id": custom_id, "chain": chain, "body": body}).to_string();
+            let job = parse(&line).unwrap();
+            proptest::prop_assert_eq!(job.fingerprint(), legacy_fingerprint(&job));
+            let identity = job.identity(None);
+            proptest::prop_assert_eq!(&identity.key, &identity.fingerprint);
+            proptest::prop_assert_eq!(job.identity(Some("m")).key, "msg:m");
+        }
+    }
+
+    #[test]
+    fn hex_is_lowercase_two_digits_a_byte() {
+        assert_eq!(to_hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(to_hex(&[]), "");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::broker::{
     ConnectionLost, DeliveryHandler, Incoming, Outgoing, PublishError, Publisher, Routed, Settlement, Topology,
 };
 use crate::chain::{self, Chain, HoldPolicy, JobProgress, SystemClock, Verdict};
-use crate::job::{ErrorCode, ErrorEnvelope, InvalidJob, Job, JobResult, ResponseEnvelope, Routing};
+use crate::job::{ErrorCode, ErrorEnvelope, InvalidJob, Job, JobIdentity, JobResult, ResponseEnvelope, Routing};
 use crate::observability;
 use crate::routing::Attempt;
 use crate::state::{LedgerEntry, ProviderState, ResultLedger};
@@ -168,8 +168,9 @@ fn delivery_key(incoming: &Incoming) -> String {
     hash.update((message_id.len() as u64).to_be_bytes());
     hash.update(message_id.as_bytes());
     hash.update(&incoming.body);
-    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    format!("delivery:{hex}")
+    let mut key = String::from("delivery:");
+    crate::job::push_hex(&mut key, &hash.finalize());
+    key
 }
 
 impl JobHandler {
@@ -201,8 +202,7 @@ impl JobHandler {
         let span = tracing::Span::current();
         span.record("custom_id", job.custom_id.as_str());
         span.record("chain", job.chain.as_str());
-        let key = job.idempotency_key(incoming.message_id.as_deref());
-        let fingerprint = job.fingerprint();
+        let JobIdentity { key, fingerprint } = job.identity(incoming.message_id.as_deref());
         let identity = format!("{key}\n{fingerprint}");
         let parked = match headers::decode_parked(&self.header_key, &identity, &incoming.headers) {
             Parked::Authentic(state) => Some(state),
@@ -345,8 +345,7 @@ impl JobHandler {
 
     async fn store_result(&self, record: Option<LedgerRecord<'_>>, reply: &Reply) {
         let Some(record) = record else { return };
-        let json = String::from_utf8_lossy(&reply.body);
-        if let Err(e) = self.ledger.store(&record.key, &record.fingerprint, &json).await {
+        if let Err(e) = self.ledger.store(&record.key, &record.fingerprint, &reply.body).await {
             tracing::debug!(error = %e, "cannot store the result; a redelivery would call a provider again");
         }
     }
@@ -472,7 +471,7 @@ impl JobHandler {
             .with_content_type("application/json".into())
             .with_correlation_id(correlation_id.as_str().into())
             .with_message_id(reply.id.as_str().into());
-        let refusal = match publish_retrying(publisher, target, &reply.body, properties.clone()).await? {
+        let refusal = match publish_retrying(publisher, target, reply.body.as_bytes(), properties.clone()).await? {
             Ok(Routed::Queued) => return Ok(Delivery::Delivered),
             Ok(Routed::Unroutable) => None,
             Err(refusal) => Some(refusal),
@@ -487,7 +486,7 @@ impl JobHandler {
             return Ok(Delivery::Failed);
         }
         let note = [(headers::UNDELIVERABLE_REPLY_TO, AMQPValue::LongString(target.into()))];
-        match publish_retrying(publisher, results, &reply.body, with_headers(properties, note)).await? {
+        match publish_retrying(publisher, results, reply.body.as_bytes(), with_headers(properties, note)).await? {
             Ok(Routed::Queued) => Ok(refusal.map_or(Delivery::Delivered, |refusal| Delivery::Diverted { refusal })),
             Ok(Routed::Unroutable) | Err(_) => Ok(Delivery::Failed),
         }
@@ -520,7 +519,8 @@ struct ChainRun<'a> {
 
 /// A result ready to publish: serialized once, for the ledger and the broker alike.
 struct Reply {
-    body: Vec<u8>,
+    /// The result's JSON text (the ledger stores text, the broker takes its bytes).
+    body: String,
     /// For the default `correlation_id`.
     custom_id: Option<String>,
     /// The result's `id`, sent as the AMQP `message_id`.
@@ -530,14 +530,15 @@ struct Reply {
 impl Reply {
     fn of(result: &JobResult) -> Reply {
         // A JobResult is strings, numbers and JSON values: serializing it cannot fail.
-        let body = serde_json::to_vec(result).unwrap_or_default();
+        let body = serde_json::to_string(result).unwrap_or_default();
         Reply { body, custom_id: result.custom_id.clone(), id: result.id.clone() }
     }
 
     /// A result the ledger stored, published as it was stored.
     fn stored(text: String) -> Option<Reply> {
+        // Checked whole: a row another worker wrote is only republished if it is a result.
         let result: JobResult = serde_json::from_str(&text).ok()?;
-        Some(Reply { custom_id: result.custom_id, id: result.id, body: text.into_bytes() })
+        Some(Reply { custom_id: result.custom_id, id: result.id, body: text })
     }
 }
 
@@ -808,7 +809,7 @@ mod tests {
             let disposition = runtime.block_on(handler.decide(&incoming));
             match disposition {
                 Disposition::Answer { reply, .. } | Disposition::DeadLetter { reply, .. } => {
-                    let result: JobResult = serde_json::from_slice(&reply.body).unwrap();
+                    let result: JobResult = serde_json::from_str(&reply.body).unwrap();
                     prop_assert!(result.is_success() || result.error.is_some());
                 }
                 Disposition::Park { state, .. } => prop_assert!(state.parks >= 1),

@@ -90,7 +90,7 @@ impl HeaderKey {
 /// The headers that carry `state` for the job `identity` (its idempotency key and fingerprint).
 pub fn encode_parked(key: &HeaderKey, identity: &str, state: &ParkedState) -> [(&'static str, AMQPValue); 2] {
     let json = serde_json::to_string(state).unwrap_or_default();
-    let tag: String = key.mac(identity, &json).finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let tag = crate::job::to_hex(&key.mac(identity, &json).finalize().into_bytes());
     [(PARKED_STATE, AMQPValue::LongString(json.into())), (PARKED_MAC, AMQPValue::LongString(tag.into()))]
 }
 

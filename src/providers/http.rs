@@ -3,7 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::Url;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use super::capabilities::{self, Capabilities};
 use super::{ChatProvider, Completion, Failure, FailureKind, anthropic, gemini, openai};
@@ -15,6 +16,9 @@ use crate::secrets::{ApiKey, scrub};
 /// 8 MiB keeps a result (the answer plus its envelope) below RabbitMQ 4.x's default
 /// `max_message_size` of 16 MiB, which would otherwise refuse it on every try.
 const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+/// The most an answer's buffer is sized to before its bytes arrive.
+const PREALLOCATED_BYTES: usize = 64 * 1024;
 
 /// Builds the one HTTP client every provider shares.
 ///
@@ -36,7 +40,8 @@ pub fn shared_client() -> reqwest::Client {
 pub struct HttpProvider {
     client: reqwest::Client,
     kind: ProviderKind,
-    url: String,
+    /// Parsed once: parsing a URL for every call cost about as much as building the request.
+    url: Url,
     model: String,
     timeout: Duration,
     /// Auth and extra headers, computed once.
@@ -57,7 +62,9 @@ impl HttpProvider {
             ProviderKind::Gemini => format!("{base}/models/{}:generateContent", config.model),
             ProviderKind::Anthropic => format!("{base}/messages"),
         };
-        let mut headers = HeaderMap::new();
+        let url = Url::parse(&url).map_err(|e| format!("provider `{name}`: `{url}` is not a URL: {e}"))?;
+        // Every request body is JSON; a configured `Content-Type` (below) still wins.
+        let mut headers = HeaderMap::from_iter([(CONTENT_TYPE, HeaderValue::from_static("application/json"))]);
         if config.kind == ProviderKind::Anthropic {
             headers.insert("anthropic-version", HeaderValue::from_static(anthropic::API_VERSION));
         }
@@ -100,6 +107,18 @@ impl HttpProvider {
         }
     }
 
+    /// The request body's bytes. The OpenAI dialect sends the job's body as it is (with the
+    /// provider's model), serialized straight from it; the others are translated first.
+    fn payload_bytes(&self, body: &ChatBody) -> Result<Vec<u8>, String> {
+        // Serializing JSON values cannot fail (string keys, no non-finite numbers).
+        match self.kind {
+            ProviderKind::Openai => {
+                Ok(serde_json::to_vec(&openai::RequestBody { body, model: &self.model }).unwrap_or_default())
+            }
+            _ => self.payload(body).map(|payload| serde_json::to_vec(&payload).unwrap_or_default()),
+        }
+    }
+
     /// Reads the answer to `body` (Anthropic's depends on it: JSON may come as a tool's input).
     fn interpret(
         &self,
@@ -135,19 +154,24 @@ impl ChatProvider for HttpProvider {
         if let Some(missing) = capabilities::refusal(self.kind, self.carries, body) {
             return Err(missing);
         }
-        self.payload(body).map(drop).map_err(|what| format!("the {} kind cannot carry {what}", self.kind))
+        match self.kind {
+            // Sent as it is: no translation that could refuse it (and no copy to find that out).
+            ProviderKind::Openai => Ok(()),
+            _ => self.payload(body).map(drop).map_err(|what| format!("the {} kind cannot carry {what}", self.kind)),
+        }
     }
 
     async fn complete(&self, body: &ChatBody) -> Result<Completion, Failure> {
         // The chain asked `can_carry` first; this only guards callers that did not.
-        let payload = self.payload(body).map_err(|what| {
+        let payload = self.payload_bytes(body).map_err(|what| {
             Failure::new(FailureKind::Client, None, format!("not sent: the {} kind cannot carry {what}", self.kind))
         })?;
-        let request = self.client.post(&self.url).headers(self.headers.clone()).timeout(self.timeout).json(&payload);
+        let request =
+            self.client.post(self.url.clone()).headers(self.headers.clone()).timeout(self.timeout).body(payload);
         let result = async {
-            let response = request.send().await?;
+            let mut response = request.send().await?;
             let status = response.status().as_u16();
-            let headers = response.headers().clone();
+            let headers = std::mem::take(response.headers_mut());
             let bytes = read_limited(response).await?;
             Ok::<_, reqwest::Error>((status, headers, bytes))
         }
@@ -163,7 +187,9 @@ impl ChatProvider for HttpProvider {
 }
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
-    let mut body = Vec::new();
+    // Sized from the announced length, within reason: the provider's word only picks the start.
+    let announced = response.content_length().and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    let mut body = Vec::with_capacity(announced.min(PREALLOCATED_BYTES));
     while let Some(chunk) = response.chunk().await? {
         if body.len().saturating_add(chunk.len()) > MAX_RESPONSE_BYTES {
             return Ok(None);

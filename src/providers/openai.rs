@@ -8,6 +8,7 @@
 use std::time::SystemTime;
 
 use reqwest::header::HeaderMap;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::Value;
 
 use super::errors::{ErrorInfo, classify};
@@ -20,6 +21,38 @@ pub fn request_body(body: &ChatBody, model: &str) -> Value {
     let mut body = body.clone();
     body.insert("model".into(), Value::String(model.to_string()));
     Value::Object(body)
+}
+
+/// The request body for `model`, serialized straight from the job's body: the JSON of
+/// [`request_body`] (same keys, same order), without copying the body first. Every job's
+/// call goes through this.
+pub struct RequestBody<'a> {
+    pub body: &'a ChatBody,
+    pub model: &'a str,
+}
+
+impl Serialize for RequestBody<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        const MODEL: &str = "model";
+        let len = self.body.len() + usize::from(!self.body.contains_key(MODEL));
+        let mut map = serializer.serialize_map(Some(len))?;
+        // The body's keys come sorted (serde_json's map): `model` goes where it sorts.
+        let mut model_written = false;
+        for (key, value) in self.body {
+            if key == MODEL {
+                continue;
+            }
+            if !model_written && key.as_str() > MODEL {
+                map.serialize_entry(MODEL, self.model)?;
+                model_written = true;
+            }
+            map.serialize_entry(key, value)?;
+        }
+        if !model_written {
+            map.serialize_entry(MODEL, self.model)?;
+        }
+        map.end()
+    }
 }
 
 /// Reads one HTTP answer: a chat completion, or a classified failure.
@@ -62,7 +95,7 @@ fn success(status: u16, headers: &HeaderMap, json: Value, now: SystemTime) -> Re
         .map(str::to_string)
         .or_else(|| json.get("id").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_default();
-    let total_tokens = json.pointer("/usage/total_tokens").and_then(Value::as_u64);
+    let total_tokens = json.get("usage").and_then(|usage| usage.get("total_tokens")).and_then(Value::as_u64);
     let exhausted_until = retry_info::exhausted_reset(headers, now);
     let quota = quota_headers::observe(headers, now);
     Ok(Completion { status, request_id, body: json, total_tokens, exhausted_until, quota })
@@ -130,6 +163,22 @@ mod tests {
         let sent = request_body(&body, "ours");
         assert_eq!(sent["model"], "ours");
         assert_eq!(sent["temperature"], 0.2);
+    }
+
+    #[test]
+    fn the_streamed_request_body_is_the_request_body_byte_for_byte() {
+        let bodies = [
+            r#"{"messages":[{"role":"user","content":"x"}]}"#,
+            r#"{"model":"theirs","temperature":0.2,"messages":[]}"#,
+            r#"{"a":1,"max_tokens":3,"model":null,"n":2,"zz":[{"q":"é\n"}]}"#,
+            r#"{"z":1}"#,
+            r#"{}"#,
+        ];
+        for text in bodies {
+            let body: ChatBody = serde_json::from_str(text).unwrap();
+            let streamed = serde_json::to_vec(&RequestBody { body: &body, model: "ours" }).unwrap();
+            assert_eq!(streamed, serde_json::to_vec(&request_body(&body, "ours")).unwrap(), "{text}");
+        }
     }
 
     #[test]

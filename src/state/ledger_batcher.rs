@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 
@@ -49,9 +50,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
             }
         }
         // One statement cannot touch a row twice: a key seen twice waits for the next batch.
-        let mut keys = HashSet::new();
-        let (now, later): (Vec<Request>, Vec<Request>) =
-            batch.into_iter().partition(|r| keys.insert(r.key().to_string()));
+        let (now, later) = first_of_each_key(batch);
         deferred = later;
         let (opens, stores): (Vec<Request>, Vec<Request>) =
             now.into_iter().partition(|r| matches!(r, Request::Open { .. }));
@@ -63,6 +62,18 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
             (false, false) => open_all(&pool, opens, stores).await,
         }
     }
+}
+
+/// Splits `batch` into the first request of each key and the rest (kept in order).
+fn first_of_each_key(batch: Vec<Request>) -> (Vec<Request>, Vec<Request>) {
+    let mut seen = HashSet::with_capacity(batch.len());
+    let firsts: Vec<bool> = batch.iter().map(|r| seen.insert(r.key())).collect();
+    drop(seen);
+    let (mut now, mut later) = (Vec::with_capacity(batch.len()), Vec::new());
+    for (request, first) in batch.into_iter().zip(firsts) {
+        if first { now.push(request) } else { later.push(request) }
+    }
+    (now, later)
 }
 
 /// The statement that stores results: keys, fingerprints and results as three text arrays (the
@@ -105,11 +116,12 @@ macro_rules! open_sql {
 /// fail, on their own).
 async fn open_all(pool: &PgPool, opens: Vec<Request>, stores: Vec<Request>) {
     let requests = opens;
+    // Borrowed from the requests, which live until they are answered: no copy of any key.
     let (mut keys, mut fingerprints) = (Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()));
     for request in &requests {
         if let Request::Open { key, fingerprint, .. } = request {
-            keys.push(key.clone());
-            fingerprints.push(fingerprint.clone());
+            keys.push(key.as_str());
+            fingerprints.push(fingerprint.as_str());
         }
     }
     let rows = if stores.is_empty() {
@@ -134,37 +146,52 @@ async fn open_all(pool: &PgPool, opens: Vec<Request>, stores: Vec<Request>) {
             sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints).fetch_all(pool).await
         }
     };
-    let mut rows_by_key: HashMap<String, (u32, Option<String>, Option<String>)> = HashMap::new();
-    let error = match rows {
-        Ok(rows) => {
-            for row in rows {
-                let deliveries = u32::try_from(row.get::<i32, _>("deliveries")).unwrap_or(0);
-                rows_by_key.insert(row.get("job_key"), (deliveries, row.get("result"), row.get("fingerprint")));
-            }
-            None
+    let answers: Vec<Result<LedgerEntry, StoreError>> = match rows {
+        Ok(rows) => entries_of(&keys, &fingerprints, &rows).into_iter().map(|e| e.ok_or_else(no_row)).collect(),
+        Err(e) => {
+            let failed = describe(&e);
+            keys.iter().map(|_| Err(failed.to_store_error())).collect()
         }
-        Err(e) => Some(describe(&e)),
     };
-    let mut entries: HashMap<String, LedgerEntry> = HashMap::new();
-    for (key, fingerprint) in keys.into_iter().zip(fingerprints) {
-        if let Some((deliveries, result, owner)) = rows_by_key.remove(&key) {
-            let other_job = owner.as_ref().is_some_and(|owner| *owner != fingerprint);
-            // A result stored before keys were bound to jobs (no fingerprint) may be another
-            // job's: it is never served; the job runs again and its result takes the row.
-            let result = if owner.as_deref() == Some(fingerprint.as_str()) { result } else { None };
-            entries.insert(key, LedgerEntry { deliveries, result, other_job });
-        }
-    }
+    let mut answers = answers.into_iter();
     for request in requests {
-        if let Request::Open { key, reply, .. } = request {
-            let answer = match (&error, entries.remove(&key)) {
-                (None, Some(entry)) => Ok(entry),
-                (Some(e), _) => Err(e.to_store_error()),
-                (None, None) => Err(StoreError::Unavailable("the ledger returned no row".into())),
-            };
+        if let Request::Open { reply, .. } = request {
+            let answer = answers.next().unwrap_or_else(|| Err(no_row()));
             let _ = reply.send(answer);
         }
     }
+}
+
+fn no_row() -> StoreError {
+    StoreError::Unavailable("the ledger returned no row".into())
+}
+
+/// What the ledger knows of each key (in the order of `keys`), from the rows the open statement
+/// returned: `None` for a key without a row (or with a row that does not decode).
+fn entries_of(keys: &[&str], fingerprints: &[&str], rows: &[PgRow]) -> Vec<Option<LedgerEntry>> {
+    let position: HashMap<&str, usize> = keys.iter().enumerate().map(|(i, key)| (*key, i)).collect();
+    let mut entries: Vec<Option<LedgerEntry>> = vec![None; keys.len()];
+    for row in rows {
+        let Ok(key) = row.try_get::<&str, _>("job_key") else { continue };
+        let Some(&i) = position.get(key) else { continue };
+        let (Ok(deliveries), Ok(result), Ok(owner)) = (
+            row.try_get::<i32, _>("deliveries"),
+            row.try_get::<Option<String>, _>("result"),
+            row.try_get::<Option<&str>, _>("fingerprint"),
+        ) else {
+            continue;
+        };
+        let Some(&fingerprint) = fingerprints.get(i) else { continue };
+        let other_job = owner.is_some_and(|owner| owner != fingerprint);
+        // A result stored before keys were bound to jobs (no fingerprint) may be another job's:
+        // it is never served; the job runs again and its result takes the row.
+        let result = if owner == Some(fingerprint) { result } else { None };
+        let deliveries = u32::try_from(deliveries).unwrap_or(0);
+        if let Some(entry) = entries.get_mut(i) {
+            *entry = Some(LedgerEntry { deliveries, result, other_job });
+        }
+    }
+    entries
 }
 
 /// Stores the results of a batch in one statement; when that fails, each one alone, so that one
@@ -257,4 +284,31 @@ fn describe(error: &sqlx::Error) -> Failed {
         _ => FailedKind::Refused,
     };
     Failed { message: error.to_string(), kind }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(key: &str) -> Request {
+        let (reply, _) = oneshot::channel();
+        Request::Open { key: key.into(), fingerprint: "f".into(), reply }
+    }
+
+    #[test]
+    fn a_key_seen_twice_in_a_batch_waits_for_the_next_one_in_order() {
+        let (now, later) = first_of_each_key(["a", "b", "a", "c", "b", "a"].map(open).into());
+        let keys = |requests: &[Request]| requests.iter().map(|r| r.key().to_string()).collect::<Vec<_>>();
+        assert_eq!(keys(&now), ["a", "b", "c"]);
+        assert_eq!(keys(&later), ["a", "b", "a"]);
+        let (now, later) = first_of_each_key(keys(&later).iter().map(|k| open(k)).collect());
+        assert_eq!((keys(&now), keys(&later)), (vec!["a".to_string(), "b".into()], vec!["a".to_string()]));
+    }
+
+    #[test]
+    fn rows_answer_their_own_keys_and_a_missing_row_answers_none() {
+        // No rows (the statement returned none for these keys): every key is told so.
+        let entries = entries_of(&["k1", "k2"], &["f1", "f2"], &[]);
+        assert_eq!(entries, vec![None, None]);
+    }
 }
