@@ -672,9 +672,8 @@ fn validate_pools(pools: &[QuotaPoolConfig], providers: &[ProviderConfig]) -> Re
         if !names.insert(pool.name.as_str()) {
             return Err(problem(format!("quotas[{i}].name"), format!("`{}` is declared twice", pool.name)));
         }
-        if pool.limits.is_empty() {
-            return Err(problem(format!("quotas[{i}].limits"), "a pool needs at least one limit"));
-        }
+        // A pool without limits is allowed: it only says which providers share an account, so
+        // that a 429 the provider scopes to the account cools them all.
         validate_limits(&pool.limits, &format!("quotas[{i}].limits"))?;
     }
     let mut used = BTreeSet::new();

@@ -23,7 +23,7 @@ pub use outcome::{CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for
 use crate::config::{LimitConfig, QuotaPoolConfig};
 use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
-use crate::routing::{Attempt, AttemptOutcome, CooldownReason, LimitScope};
+use crate::routing::{Attempt, AttemptOutcome, CooldownReason, LimitScope, QuotaObservation};
 use crate::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
 
 /// One provider as a chain uses it.
@@ -511,7 +511,7 @@ async fn settle_success(call: &Call<'_>, completion: &Completion) {
         call.state.observe_quota(call.ask(), &completion.quota, now).await;
     }
     let Some(reset) = completion.exhausted_until else { return };
-    if reset <= now {
+    if reset <= now || spent_budgets_are_held(&call.ask(), &completion.quota) {
         return;
     }
     let until = clamp_asked(&member.name, reset, now);
@@ -522,6 +522,31 @@ async fn settle_success(call: &Call<'_>, completion: &Completion) {
     };
     let detail = "the provider's rate-limit headers report a spent budget".to_string();
     call.state.cool_down(&member.name, Cooldown { until, reason, detail }).await;
+}
+
+/// Whether every budget the headers report spent is one the config declares exactly (the same
+/// window, or the same size when the provider names no window): those limits are held
+/// strictly across all workers, and the observation has just been counted into them, so the
+/// provider has room again as soon as the window does. Cooling the provider until the
+/// provider's reset instead (when its window is *whole* again) would waste the slots that free
+/// up before it. A spent budget the config does not hold still cools the provider.
+fn spent_budgets_are_held(ask: &Ask<'_>, quota: &[QuotaObservation]) -> bool {
+    let mut spent = quota.iter().filter(|q| q.remaining == 0).peekable();
+    spent.peek().is_some() && spent.all(|q| declares_exactly(ask, q))
+}
+
+fn declares_exactly(ask: &Ask<'_>, seen: &QuotaObservation) -> bool {
+    let pooled = ask.pools.iter().flat_map(|p| p.limits.iter());
+    ask.limits.iter().chain(pooled).any(|limit| {
+        let size = match seen.measure {
+            QuotaMeasure::Requests => limit.requests,
+            QuotaMeasure::Tokens => limit.tokens,
+        };
+        match seen.window {
+            Some(window) => size.is_some() && limit.per == window,
+            None => size.is_some() && size == seen.limit,
+        }
+    })
 }
 
 /// What a failure did to the provider's availability.

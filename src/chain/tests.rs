@@ -1135,3 +1135,42 @@ async fn members_drawing_from_one_pool_share_it() {
     );
     assert_eq!(b.calls(), 0);
 }
+
+/// A provider whose one answer says its request budget of 10 is now spent until `reset`.
+struct Spending {
+    reset: SystemTime,
+}
+
+#[async_trait::async_trait]
+impl ChatProvider for Spending {
+    async fn complete(&self, _body: &ChatBody) -> Result<Completion, Failure> {
+        let spent = crate::routing::QuotaObservation {
+            measure: QuotaMeasure::Requests,
+            remaining: 0,
+            limit: Some(10),
+            resets_at: Some(self.reset),
+            window: None,
+        };
+        Ok(Completion { exhausted_until: Some(self.reset), quota: vec![spent], ..completion() })
+    }
+}
+
+#[tokio::test]
+async fn a_spent_budget_the_config_holds_leaves_the_provider_to_its_window_not_a_cooldown() {
+    let clock = ManualClock::starting_at(t0());
+    let reset = t0() + secs(5);
+    // The config declares the same budget: the shared window holds it, room comes when it frees.
+    let mut held = member("held", true, Arc::new(Spending { reset }));
+    held.limits = vec![LimitConfig { requests: Some(10), tokens: None, per: secs(2), resets: None }];
+    let store = MemoryStore::new();
+    let verdict = pass(&chain(vec![held], Duration::ZERO), &mut JobProgress::new(t0()), &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("held"));
+    assert_eq!(store.cooldown_of("held"), None, "no cooldown for a budget the config holds");
+
+    // A budget the config does not declare still cools the provider until the reset.
+    let unheld = member("unheld", true, Arc::new(Spending { reset }));
+    let store = MemoryStore::new();
+    let verdict = pass(&chain(vec![unheld], Duration::ZERO), &mut JobProgress::new(t0()), &store, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("unheld"));
+    assert_eq!(store.cooldown_of("unheld").map(|c| c.until), Some(reset));
+}
