@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 use super::{LedgerEntry, StoreError};
 
@@ -33,14 +34,34 @@ pub fn spawn(pool: PgPool) -> mpsc::Sender<Request> {
     sender
 }
 
+/// Batches in flight at once. One batch at a time leaves a worker waiting a round trip per
+/// batch (the `open` before a call, then the `store` after it, one after the other); a second
+/// one goes out while the first runs, but only on a connection nobody else is waiting for, so the
+/// ledger never starves admissions and cooldowns of the pool's connections.
+const MAX_IN_FLIGHT: usize = 2;
+
 async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     let mut deferred: Vec<Request> = Vec::new();
+    // Keys of the batches in flight: concurrent batches never share a key, so they never wait
+    // on each other's row locks (nor deadlock).
+    let mut busy = Busy::default();
+    let mut in_flight: JoinSet<()> = JoinSet::new();
     loop {
+        while in_flight.len() >= MAX_IN_FLIGHT || (!in_flight.is_empty() && pool.num_idle() == 0) {
+            busy.release(in_flight.join_next_with_id().await);
+        }
         let mut batch = std::mem::take(&mut deferred);
         if batch.is_empty() {
-            match receiver.recv().await {
-                Some(request) => batch.push(request),
-                None => return,
+            tokio::select! {
+                request = receiver.recv() => match request {
+                    Some(request) => batch.push(request),
+                    None => break,
+                },
+                // A batch ended: look again whether another may go out.
+                ended = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                    busy.release(ended);
+                    continue;
+                }
             }
         }
         while batch.len() < MAX_BATCH {
@@ -49,25 +70,66 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        // One statement cannot touch a row twice: a key seen twice waits for the next batch.
-        let (now, later) = first_of_each_key(batch);
+        // One statement cannot touch a row twice: a key seen twice, or in flight, waits.
+        let (mut now, later) = first_of_each_key(batch, &busy.keys);
         deferred = later;
-        let (opens, stores): (Vec<Request>, Vec<Request>) =
-            now.into_iter().partition(|r| matches!(r, Request::Open { .. }));
-        match (opens.is_empty(), stores.is_empty()) {
-            (true, true) => {}
-            (false, true) => open_all(&pool, opens, Vec::new()).await,
-            (true, false) => store_all(&pool, stores).await,
-            // Under load both kinds wait: one round trip serves them together.
-            (false, false) => open_all(&pool, opens, stores).await,
+        if now.is_empty() {
+            // Everything waits for a key in flight: wait for a batch to end, not in a spin.
+            busy.release(in_flight.join_next_with_id().await);
+            continue;
+        }
+        // Rows are locked in key order in every batch.
+        now.sort_by(|a, b| a.key().cmp(b.key()));
+        let keys: Vec<String> = now.iter().map(|r| r.key().to_string()).collect();
+        let task = in_flight.spawn(execute(pool.clone(), now));
+        busy.hold(task.id(), keys);
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// The keys of the batches in flight, by batch task.
+#[derive(Default)]
+struct Busy {
+    keys: HashSet<String>,
+    by_task: HashMap<tokio::task::Id, Vec<String>>,
+}
+
+impl Busy {
+    fn hold(&mut self, task: tokio::task::Id, keys: Vec<String>) {
+        self.keys.extend(keys.iter().cloned());
+        self.by_task.insert(task, keys);
+    }
+
+    /// Frees the keys of a batch that ended, whether it finished or failed.
+    fn release(&mut self, ended: Option<Result<(tokio::task::Id, ()), tokio::task::JoinError>>) {
+        let task = match ended {
+            Some(Ok((task, ()))) => task,
+            Some(Err(error)) => error.id(),
+            None => return,
+        };
+        for key in self.by_task.remove(&task).unwrap_or_default() {
+            self.keys.remove(&key);
         }
     }
 }
 
-/// Splits `batch` into the first request of each key and the rest (kept in order).
-fn first_of_each_key(batch: Vec<Request>) -> (Vec<Request>, Vec<Request>) {
+/// Sends one batch: opens and stores that wait together go out in one round trip.
+async fn execute(pool: PgPool, batch: Vec<Request>) {
+    let (opens, stores): (Vec<Request>, Vec<Request>) =
+        batch.into_iter().partition(|r| matches!(r, Request::Open { .. }));
+    match (opens.is_empty(), stores.is_empty()) {
+        (true, true) => {}
+        (false, true) => open_all(&pool, opens, Vec::new()).await,
+        (true, false) => store_all(&pool, stores).await,
+        // Under load both kinds wait: one round trip serves them together.
+        (false, false) => open_all(&pool, opens, stores).await,
+    }
+}
+
+/// Splits `batch` into the first request of each key not `busy` and the rest (kept in order).
+fn first_of_each_key(batch: Vec<Request>, busy: &HashSet<String>) -> (Vec<Request>, Vec<Request>) {
     let mut seen = HashSet::with_capacity(batch.len());
-    let firsts: Vec<bool> = batch.iter().map(|r| seen.insert(r.key())).collect();
+    let firsts: Vec<bool> = batch.iter().map(|r| !busy.contains(r.key()) && seen.insert(r.key())).collect();
     drop(seen);
     let (mut now, mut later) = (Vec::with_capacity(batch.len()), Vec::new());
     for (request, first) in batch.into_iter().zip(firsts) {
@@ -297,12 +359,31 @@ mod tests {
 
     #[test]
     fn a_key_seen_twice_in_a_batch_waits_for_the_next_one_in_order() {
-        let (now, later) = first_of_each_key(["a", "b", "a", "c", "b", "a"].map(open).into());
+        let none = HashSet::new();
+        let (now, later) = first_of_each_key(["a", "b", "a", "c", "b", "a"].map(open).into(), &none);
         let keys = |requests: &[Request]| requests.iter().map(|r| r.key().to_string()).collect::<Vec<_>>();
         assert_eq!(keys(&now), ["a", "b", "c"]);
         assert_eq!(keys(&later), ["a", "b", "a"]);
-        let (now, later) = first_of_each_key(keys(&later).iter().map(|k| open(k)).collect());
+        let (now, later) = first_of_each_key(keys(&later).iter().map(|k| open(k)).collect(), &none);
         assert_eq!((keys(&now), keys(&later)), (vec!["a".to_string(), "b".into()], vec!["a".to_string()]));
+    }
+
+    #[test]
+    fn a_key_in_a_batch_in_flight_waits_until_that_batch_ends() {
+        let keys = |requests: &[Request]| requests.iter().map(|r| r.key().to_string()).collect::<Vec<_>>();
+        let mut busy = Busy::default();
+        let task = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+            let mut set = JoinSet::new();
+            let id = set.spawn(async {}).id();
+            busy.hold(id, vec!["a".into()]);
+            let (now, later) = first_of_each_key(["a", "b"].map(open).into(), &busy.keys);
+            assert_eq!((keys(&now), keys(&later)), (vec!["b".to_string()], vec!["a".to_string()]));
+            set.join_next_with_id().await
+        });
+        busy.release(task);
+        assert!(busy.keys.is_empty() && busy.by_task.is_empty(), "the ended batch's keys are free again");
+        let (now, later) = first_of_each_key(["a"].map(open).into(), &busy.keys);
+        assert_eq!((keys(&now).len(), later.len()), (1, 0));
     }
 
     #[test]
