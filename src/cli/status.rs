@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::config::{Config, LimitConfig};
+use crate::config::{Config, LimitConfig, ProviderConfig};
 use crate::state::postgres::{PgStore, ScopeKind};
 
 /// One provider's line.
@@ -114,9 +114,29 @@ pub async fn collect(config: &Config, store: &PgStore) -> Result<Vec<ProviderSta
             status.state = "over_quota";
             status.reason = Some(full.measure.to_string());
         }
+        if status.state == "usable"
+            && let Some(pool) = full_pool(config, store, provider).await?
+        {
+            // A spent pool stops the provider as surely as its own limit.
+            status.state = "over_quota";
+            status.reason = Some(pool);
+        }
         out.push(status);
     }
     Ok(out)
+}
+
+/// The first of `provider`'s pools with a spent window, as `pool <name>: <measure>`.
+async fn full_pool(config: &Config, store: &PgStore, provider: &ProviderConfig) -> Result<Option<String>, sqlx::Error> {
+    for pool in config.pools_of(provider) {
+        for limit in &pool.limits {
+            let usage = window_usage(store, ScopeKind::Pool, &pool.name, limit).await?;
+            if usage.used >= usage.limit {
+                return Ok(Some(format!("pool {}: {}", pool.name, usage.measure)));
+            }
+        }
+    }
+    Ok(None)
 }
 
 async fn rejected_outputs(store: &PgStore, provider: &str) -> Result<BTreeMap<String, u64>, sqlx::Error> {

@@ -658,6 +658,16 @@ async fn status_lists_pools_with_their_use_next_reset_and_who_draws_from_them() 
             && pool_line.contains("gemini, gemini-native"),
         "{table}"
     );
+    assert_eq!(lines[1]["state"], "usable", "room in the pool: {}", lines[1]);
+
+    // The pool's minute is spent: a provider with room of its own is over quota through it.
+    for _ in 0..3 {
+        assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    }
+    let lines: serde_json::Value = serde_json::from_slice(&run(true).stdout).unwrap();
+    assert_eq!(lines[1]["provider"], "gemini-native");
+    assert_eq!(lines[1]["state"], "over_quota", "{}", lines[1]);
+    assert_eq!(lines[1]["reason"], "pool google: requests");
 }
 
 #[tokio::test]
