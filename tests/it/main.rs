@@ -18,6 +18,7 @@ mod pool_workers;
 mod pools;
 mod provider_faults;
 mod quorum;
+mod review11;
 mod shared_state;
 mod tools;
 mod trace_context;
