@@ -224,3 +224,48 @@ async fn review11_a_spent_budget_of_another_size_does_not_spend_the_only_declare
     let admission = store.admit(ask, later).await;
     assert!(matches!(admission, Admission::Granted(_)), "1 of 1000 used, yet: {admission:?}");
 }
+
+/// An answer's headers are written when the provider takes the call; the answer arrives
+/// seconds later. One sent just before the daily reset says "0 left, whole again at the reset"
+/// and arrives after it. `learnt_leaves` drops a reset that has passed and keeps the learnt use
+/// until the end of the window instead: a whole new day (the next reset, or 24 h for a sliding
+/// day) of a quota the provider has just renewed, with no call left to correct it.
+#[tokio::test]
+async fn review11_memory_a_spent_budget_whose_reset_passed_in_flight_does_not_block_the_new_day() {
+    let store = MemoryStore::new();
+    let reset = fallback_worker::calendar::DailyReset::parse("00:00 UTC").unwrap();
+    let daily = LimitConfig { requests: Some(50), tokens: None, per: Duration::from_secs(86_400), resets: Some(reset) };
+    let pools = [QuotaPoolConfig { name: "openrouter-free".into(), limits: vec![daily] }];
+    let ask = Ask { provider: "or-a", limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+    let midnight = humantime::parse_rfc3339("2026-12-01T00:00:00Z").unwrap();
+    // Sent at 23:59:58 (the 50th of the day), answered at 00:00:04 with the headers of 23:59:58.
+    let seen = QuotaObservation {
+        measure: QuotaMeasure::Requests,
+        remaining: 0,
+        limit: Some(50),
+        resets_at: Some(midnight),
+        window: None,
+    };
+    store.observe_quota(ask, &[seen], midnight + Duration::from_secs(4)).await;
+    let admission = store.admit(ask, midnight + Duration::from_secs(60)).await;
+    assert!(matches!(admission, Admission::Granted(_)), "a new day of 50, yet: {admission:?}");
+}
+
+#[tokio::test]
+async fn review11_postgres_a_spent_budget_whose_reset_passed_in_flight_does_not_block_the_new_window() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let pools = [QuotaPoolConfig { name: "account".into(), limits: vec![requests(50, Duration::from_secs(86_400))] }];
+    let ask = Ask { provider: "p", limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+    let now = SystemTime::now();
+    let seen = QuotaObservation {
+        measure: QuotaMeasure::Requests,
+        remaining: 0,
+        limit: Some(50),
+        resets_at: Some(now - Duration::from_secs(2)),
+        window: None,
+    };
+    store.observe_quota(ask, &[seen], now).await;
+    let admission = store.admit(ask, SystemTime::now()).await;
+    assert!(matches!(admission, Admission::Granted(_)), "the provider's budget reset 2 s ago, yet: {admission:?}");
+}
