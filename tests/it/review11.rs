@@ -177,7 +177,7 @@ async fn review11_migration_0007_keeps_the_use_counted_under_0005() {
     let old = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
     let mut db = env.db().await;
     old.run(&mut db).await.unwrap();
-    // An old worker admits 2 calls under a limit of 2 a minute (and 3 tokens... no: requests only).
+    // An old worker admits 2 calls under a limit of 2 requests a minute.
     for _ in 0..2 {
         let id: Option<i64> = sqlx::query_scalar(
             "SELECT usage_id FROM fallback_acquire('p', ARRAY[2::bigint], ARRAY[60000::bigint], '{}', '{}', 1, 5000)",
