@@ -207,16 +207,17 @@ impl ProviderState for MemoryStore {
         *count = count.saturating_add(1);
     }
 
-    async fn observe_quota(&self, ask: Ask<'_>, seen: &[QuotaObservation], now: SystemTime) {
+    async fn observe_quota(&self, ask: Ask<'_>, observed: &Permit, seen: &[QuotaObservation], now: SystemTime) {
         let mut providers = self.providers.lock().unwrap();
         let mut pools = self.pools.lock().unwrap();
-        for observation in seen {
+        for observation in seen.iter().filter(|o| quota::current(o, now)) {
+            let seen = quota::Seen { remaining: observation.remaining, resets_at: observation.resets_at, call: observed.usage_id };
             for (pool, limit) in quota::matching(&ask, observation) {
                 let scope = match pool {
                     Some(name) => pools.entry(name.to_string()).or_default(),
                     None => &mut providers.entry(ask.provider.to_string()).or_default().quota,
                 };
-                quota::observe(scope, limit, observation.remaining, observation.resets_at, now);
+                quota::observe(scope, limit, seen, now);
             }
         }
     }
@@ -477,19 +478,20 @@ mod tests {
             window,
         };
         // Named window: every declared 1d requests limit (only the pool's).
-        store.observe_quota(ask, &[seen(3, None, Some(Duration::from_secs(86_400)))], now).await;
+        let none = Permit::UNCOUNTED;
+        store.observe_quota(ask, &none, &[seen(3, None, Some(Duration::from_secs(86_400)))], now).await;
         assert_eq!(store.pool_used("account", &daily, now), 47);
         assert_eq!(store.provider_used("a", &own[0], now), 0);
         // Stated limit equal to a declared one: the provider's own 30.
-        store.observe_quota(ask, &[seen(10, Some(30), None)], now).await;
+        store.observe_quota(ask, &none, &[seen(10, Some(30), None)], now).await;
         assert_eq!(store.provider_used("a", &own[0], now), 20);
         assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 0);
         // Ambiguous (two per-minute, one daily request limits, no window, no size): ignored.
-        store.observe_quota(ask, &[seen(0, None, None)], now).await;
+        store.observe_quota(ask, &none, &[seen(0, None, None)], now).await;
         assert_eq!(store.provider_used("a", &own[0], now), 20);
         // More left than we count: learnt use goes back, never below our own calls.
-        store.admit(ask, now).await;
-        store.observe_quota(ask, &[seen(50, None, Some(Duration::from_secs(86_400)))], now).await;
+        let Admission::Granted(call) = store.admit(ask, now).await else { panic!("room") };
+        store.observe_quota(ask, &call, &[seen(50, None, Some(Duration::from_secs(86_400)))], now).await;
         assert_eq!(store.pool_used("account", &daily, now), 1, "the one real call stays");
     }
 }

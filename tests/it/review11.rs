@@ -7,7 +7,7 @@ use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
 use fallback_worker::routing::QuotaObservation;
 use fallback_worker::state::memory::MemoryStore;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, ProviderState, QuotaMeasure};
+use fallback_worker::state::{Admission, Ask, Permit, ProviderState, QuotaMeasure};
 
 use crate::support::*;
 
@@ -41,8 +41,8 @@ async fn learnt_external_use_vs_calls_in_flight(store: &dyn ProviderState) -> us
     };
     // Another client of the key has used 5 of the account's 10: an earlier answer said 5 left.
     let Admission::Granted(first) = store.admit(ask, now).await else { panic!("room") };
-    store.finish(first, None).await;
-    store.observe_quota(ask, &[seen(4)], now).await; // 5 external + our 1 counted by the provider
+    store.finish(first.clone(), None).await;
+    store.observe_quota(ask, &first, &[seen(4)], now).await; // 5 external + our 1 counted by the provider
     // We fill the rest: 4 calls, sent one after the other, all in flight.
     let mut permits = Vec::new();
     while let Admission::Granted(p) = store.admit(ask, SystemTime::now()).await {
@@ -51,8 +51,9 @@ async fn learnt_external_use_vs_calls_in_flight(store: &dyn ProviderState) -> us
     assert_eq!(permits.len(), 4, "5 external + 1 + 4 = the account's 10");
     // The first of them answers. When the provider received it, it had counted 5 external + 2
     // of ours: its header says 3 left. Our 3 other calls reached it after that snapshot.
-    store.finish(permits.remove(0), None).await;
-    store.observe_quota(ask, &[seen(3)], SystemTime::now()).await;
+    let observed = permits.remove(0);
+    store.finish(observed.clone(), None).await;
+    store.observe_quota(ask, &observed, &[seen(3)], SystemTime::now()).await;
     // The provider's truth: 5 + 5 = 10 of 10 (the 3 in flight are counted on arrival): no room.
     let mut extra = 0;
     while let Admission::Granted(_) = store.admit(ask, SystemTime::now()).await {
@@ -209,7 +210,7 @@ async fn review11_a_spent_budget_of_another_size_does_not_spend_the_only_declare
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
     let now = SystemTime::now();
     let Admission::Granted(permit) = store.admit(ask, now).await else { panic!("room") };
-    store.finish(permit, None).await;
+    store.finish(permit.clone(), None).await;
     // The provider's budget of 60 (its minute) is spent; it gave no reset time.
     let seen = QuotaObservation {
         measure: QuotaMeasure::Requests,
@@ -218,7 +219,7 @@ async fn review11_a_spent_budget_of_another_size_does_not_spend_the_only_declare
         resets_at: None,
         window: None,
     };
-    store.observe_quota(ask, &[seen], now).await;
+    store.observe_quota(ask, &permit, &[seen], now).await;
     // Ten minutes later the minute budget is long whole again; 1 of our 1000 a day is used.
     let later = now + Duration::from_secs(600);
     let admission = store.admit(ask, later).await;
@@ -246,7 +247,7 @@ async fn review11_memory_a_spent_budget_whose_reset_passed_in_flight_does_not_bl
         resets_at: Some(midnight),
         window: None,
     };
-    store.observe_quota(ask, &[seen], midnight + Duration::from_secs(4)).await;
+    store.observe_quota(ask, &Permit::UNCOUNTED, &[seen], midnight + Duration::from_secs(4)).await;
     let admission = store.admit(ask, midnight + Duration::from_secs(60)).await;
     assert!(matches!(admission, Admission::Granted(_)), "a new day of 50, yet: {admission:?}");
 }
@@ -265,7 +266,7 @@ async fn review11_postgres_a_spent_budget_whose_reset_passed_in_flight_does_not_
         resets_at: Some(now - Duration::from_secs(2)),
         window: None,
     };
-    store.observe_quota(ask, &[seen], now).await;
+    store.observe_quota(ask, &Permit::UNCOUNTED, &[seen], now).await;
     let admission = store.admit(ask, SystemTime::now()).await;
     assert!(matches!(admission, Admission::Granted(_)), "the provider's budget reset 2 s ago, yet: {admission:?}");
 }

@@ -534,7 +534,7 @@ async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls
     let pools = pool("account", vec![requests(20, Duration::from_secs(60))]);
     let own = [requests(30, Duration::from_secs(60))];
     let ask = Ask { provider: "p", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
-    let Admission::Granted(_) = a.admit(ask, SystemTime::now()).await else { panic!() };
+    let Admission::Granted(first) = a.admit(ask, SystemTime::now()).await else { panic!() };
     let seen = |remaining, limit| QuotaObservation {
         measure: QuotaMeasure::Requests,
         remaining,
@@ -543,7 +543,7 @@ async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls
         window: None,
     };
     // The provider says 1 of its 20 is left: 19 counted, so the second worker gets one more call.
-    a.observe_quota(ask, &[seen(1, 20)], SystemTime::now()).await;
+    a.observe_quota(ask, &first, &[seen(1, 20)], SystemTime::now()).await;
     let used = |env: &TestEnv| {
         let env = env.database_url.clone();
         async move {
@@ -555,12 +555,13 @@ async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls
         }
     };
     assert_eq!(used(&env).await, 19);
-    assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    let Admission::Granted(second) = b.admit(ask, SystemTime::now()).await else { panic!() };
     assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
-    // It says 15 are left: learnt use is taken back, the two real calls stay.
-    b.observe_quota(ask, &[seen(15, 20)], SystemTime::now()).await;
+    // It says 15 are left (in the answer to the second call): learnt use is taken back, the
+    // two real calls stay.
+    b.observe_quota(ask, &second, &[seen(15, 20)], SystemTime::now()).await;
     assert_eq!(used(&env).await, 5);
-    b.observe_quota(ask, &[seen(20, 20)], SystemTime::now()).await;
+    b.observe_quota(ask, &second, &[seen(20, 20)], SystemTime::now()).await;
     assert_eq!(used(&env).await, 2, "real calls are never forgotten");
     assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
 }
