@@ -842,10 +842,7 @@ providers = ["groq"]
         let err = parse(&nul).unwrap_err();
         assert_eq!((err.file.as_str(), err.key.as_str()), ("test.toml", "providers[0].name"), "{err}");
         assert!(err.problem.contains("control character"), "{err}");
-        let pooled = MINIMAL.replace(
-            "[chains.default]",
-            "[[quotas]]\nname = \"acc\\tount\"\n[chains.default]",
-        );
+        let pooled = MINIMAL.replace("[chains.default]", "[[quotas]]\nname = \"acc\\tount\"\n[chains.default]");
         assert_eq!(parse(&pooled).unwrap_err().key, "quotas[0].name");
     }
 

@@ -247,10 +247,8 @@ pub fn observe(scope: &mut Scope, limit: &LimitConfig, seen: Seen, now: SystemTi
         return;
     }
     let Some(call) = seen.call else { return };
-    let up_to_call = Scope {
-        usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(),
-        learnt: scope.learnt.clone(),
-    };
+    let up_to_call =
+        Scope { usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(), learnt: scope.learnt.clone() };
     let mut surplus = used(&up_to_call, limit, now).saturating_sub(target);
     for learnt in scope.learnt.iter_mut().filter(|l| l.limit == *limit && l.leaves > now) {
         let taken = learnt.amount.min(surplus);
@@ -427,6 +425,62 @@ mod tests {
         assert_eq!(used(&scope, &limit, now + Duration::from_secs(60)), 0, "bounded by the window");
         assert!(check(&scope, std::slice::from_ref(&limit), 1, now).is_err());
         assert!(check(&scope, &[requests(10, 3600)], 1, now).is_ok(), "learnt use counts in its own limit only");
+    }
+
+    fn observation(remaining: u64, limit: Option<u64>) -> QuotaObservation {
+        QuotaObservation { measure: QuotaMeasure::Requests, remaining, limit, resets_at: None, window: None }
+    }
+
+    #[test]
+    fn a_stated_size_that_matches_no_declared_limit_is_another_budget() {
+        // OpenAI-style headers name no window: a budget of 60 (the provider's minute) is not
+        // our only declared requests limit, 1000 a day.
+        let limits = [requests(1000, 86_400)];
+        let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
+        assert!(matching(&ask, &observation(0, Some(60))).is_empty());
+        assert_eq!(matching(&ask, &observation(0, Some(1000))).len(), 1);
+        assert_eq!(matching(&ask, &observation(0, None)).len(), 1, "no size stated: the only one");
+    }
+
+    #[test]
+    fn learnt_use_without_a_reset_time_leaves_after_a_minute_not_a_day() {
+        let limit = requests(1000, 86_400);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut scope = sc(&[done(1, now, 1)]);
+        observe(&mut scope, &limit, Seen { remaining: 0, resets_at: None, call: Some(1) }, now);
+        assert_eq!(used(&scope, &limit, now), 1000);
+        assert_eq!(used(&scope, &limit, now + LEARNT_WITHOUT_RESET), 1, "only our own call after a minute");
+        let reset = now + Duration::from_secs(30);
+        assert_eq!(learnt_leaves(&limit, Some(reset), now), reset, "a stated reset is kept");
+    }
+
+    #[test]
+    fn an_observation_whose_reset_has_passed_is_not_current() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let with_reset = |at| QuotaObservation { resets_at: Some(at), ..observation(0, Some(50)) };
+        assert!(!current(&with_reset(now), now));
+        assert!(!current(&with_reset(now - Duration::from_secs(2)), now));
+        assert!(current(&with_reset(now + Duration::from_millis(1)), now));
+        assert!(current(&observation(0, Some(50)), now));
+    }
+
+    #[test]
+    fn lowering_discounts_calls_admitted_after_the_observed_one() {
+        let limit = requests(10, 60);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let in_flight = |id| Usage { id, done: None, expires: now + Duration::from_secs(30), tokens: 1 };
+        let mut scope = sc(&[done(1, now, 1), done(2, now, 1), in_flight(3), in_flight(4), in_flight(5)]);
+        scope.learnt.push(Learnt { limit: limit.clone(), amount: 5, leaves: now + Duration::from_secs(60) });
+        // The answer to call 2: the provider had 5 external + calls 1 and 2: 3 left.
+        observe(&mut scope, &limit, Seen { remaining: 3, resets_at: None, call: Some(2) }, now);
+        assert_eq!(used(&scope, &limit, now), 10, "calls 3 to 5 are not in its figure");
+        // Call unknown: nothing to compare with, nothing taken back.
+        observe(&mut scope, &limit, Seen { remaining: 10, resets_at: None, call: None }, now);
+        assert_eq!(used(&scope, &limit, now), 10);
+        // The answer to call 5 (its figure holds all five of ours) says 5 left: the external
+        // use has left the provider's window, and is taken back.
+        observe(&mut scope, &limit, Seen { remaining: 5, resets_at: None, call: Some(5) }, now);
+        assert_eq!(used(&scope, &limit, now), 5, "our five calls only");
     }
 
     mod properties {

@@ -18,7 +18,6 @@ mod pool_workers;
 mod pools;
 mod provider_faults;
 mod quorum;
-mod review11;
 mod shared_state;
 mod tools;
 mod trace_context;
