@@ -606,8 +606,8 @@ fn validate_worker(worker: &WorkerConfig) -> Result<(), (String, String)> {
 
 fn validate_provider(provider: &ProviderConfig, i: usize) -> Result<(), (String, String)> {
     let key = |field: &str| format!("providers[{i}].{field}");
-    if provider.name.is_empty() || provider.name.len() > 100 {
-        return Err(problem(key("name"), "must be 1 to 100 characters"));
+    if !is_storable_name(&provider.name) {
+        return Err(problem(key("name"), "must be 1 to 100 characters, none of them a control character"));
     }
     validate_url(&provider.base_url, &["http", "https"], &key("base_url"))?;
     if provider.model.is_empty() {
@@ -631,6 +631,13 @@ fn validate_provider(provider: &ProviderConfig, i: usize) -> Result<(), (String,
         }
     }
     Ok(())
+}
+
+/// Whether a provider's or a pool's name can key the shared state: 1 to 100 bytes, and no
+/// control character, since Postgres `text` cannot store `\u{0}` (every admission of that
+/// provider would fail at the database) and the others garble logs and `status`.
+fn is_storable_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 100 && !name.chars().any(char::is_control)
 }
 
 /// The limits of a provider or a pool, under `prefix` (`providers[2].limits`, `quotas[0].limits`):
@@ -666,8 +673,11 @@ fn validate_limits(limits: &[LimitConfig], prefix: &str) -> Result<(), (String, 
 fn validate_pools(pools: &[QuotaPoolConfig], providers: &[ProviderConfig]) -> Result<(), (String, String)> {
     let mut names = BTreeSet::new();
     for (i, pool) in pools.iter().enumerate() {
-        if pool.name.is_empty() || pool.name.len() > 100 {
-            return Err(problem(format!("quotas[{i}].name"), "must be 1 to 100 characters"));
+        if !is_storable_name(&pool.name) {
+            return Err(problem(
+                format!("quotas[{i}].name"),
+                "must be 1 to 100 characters, none of them a control character",
+            ));
         }
         if !names.insert(pool.name.as_str()) {
             return Err(problem(format!("quotas[{i}].name"), format!("`{}` is declared twice", pool.name)));
@@ -824,6 +834,16 @@ providers = ["groq"]
             "[[providers]]\nname = \"groq\"\nbase_url = \"http://x\"\nmodel = \"m\"\n[chains.default]",
         );
         assert_eq!(parse(&dup).unwrap_err().key, "providers[1].name");
+    }
+
+    #[test]
+    fn provider_and_pool_names_with_control_characters_are_refused() {
+        let nul = MINIMAL.replacen("name = \"groq\"", "name = \"gr\\u0000oq\"", 1);
+        let err = parse(&nul).unwrap_err();
+        assert_eq!((err.file.as_str(), err.key.as_str()), ("test.toml", "providers[0].name"), "{err}");
+        assert!(err.problem.contains("control character"), "{err}");
+        let pooled = MINIMAL.replace("[chains.default]", "[[quotas]]\nname = \"acc\\tount\"\n[chains.default]");
+        assert_eq!(parse(&pooled).unwrap_err().key, "quotas[0].name");
     }
 
     #[test]

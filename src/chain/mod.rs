@@ -386,10 +386,10 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
         let started = call.clock.now();
         let result = member.provider.complete(call.body).await;
         let latency_ms = elapsed_ms(call.clock, started);
-        call.state.finish(permit, result.as_ref().ok().and_then(|c| c.total_tokens)).await;
+        call.state.finish(permit.clone(), result.as_ref().ok().and_then(|c| c.total_tokens)).await;
         let failure = match result {
             Ok(completion) => {
-                settle_success(call, &completion).await;
+                settle_success(call, &permit, &completion).await;
                 let rejection = call.expect.check(&completion.body).err();
                 progress.attempts.push(Attempt {
                     provider: member.name.clone(),
@@ -503,12 +503,13 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
 /// A success closes the provider's circuit and teaches the shared view what the provider's
 /// rate-limit headers say is left (contract §6); one whose headers say a budget is spent cools
 /// the provider down until its reset rather than let the next call collect a 429.
-async fn settle_success(call: &Call<'_>, completion: &Completion) {
+/// `permit` is the answered call's: its headers speak of the provider's count when it took it.
+async fn settle_success(call: &Call<'_>, permit: &Permit, completion: &Completion) {
     let member = call.member;
     call.state.record_success(&member.name).await;
     let now = call.clock.now();
     if !completion.quota.is_empty() {
-        call.state.observe_quota(call.ask(), &completion.quota, now).await;
+        call.state.observe_quota(call.ask(), permit, &completion.quota, now).await;
     }
     let Some(reset) = completion.exhausted_until else { return };
     if reset <= now || spent_budgets_are_held(&call.ask(), &completion.quota) {

@@ -1012,7 +1012,13 @@ impl ProviderState for Recording {
     async fn record_rejected_output(&self, provider: &str, reason: &str) {
         self.store.record_rejected_output(provider, reason).await;
     }
-    async fn observe_quota(&self, ask: Ask<'_>, seen: &[crate::routing::QuotaObservation], now: SystemTime) {
+    async fn observe_quota(
+        &self,
+        ask: Ask<'_>,
+        _observed: &Permit,
+        seen: &[crate::routing::QuotaObservation],
+        now: SystemTime,
+    ) {
         let (provider, limits, tokens) = (ask.provider.to_string(), ask.limits.to_vec(), ask.tokens);
         self.observed.lock().unwrap().push(Observed { provider, limits, tokens, seen: seen.to_vec(), now });
     }

@@ -207,16 +207,21 @@ impl ProviderState for MemoryStore {
         *count = count.saturating_add(1);
     }
 
-    async fn observe_quota(&self, ask: Ask<'_>, seen: &[QuotaObservation], now: SystemTime) {
+    async fn observe_quota(&self, ask: Ask<'_>, observed: &Permit, seen: &[QuotaObservation], now: SystemTime) {
         let mut providers = self.providers.lock().unwrap();
         let mut pools = self.pools.lock().unwrap();
-        for observation in seen {
+        for observation in seen.iter().filter(|o| quota::current(o, now)) {
+            let seen = quota::Seen {
+                remaining: observation.remaining,
+                resets_at: observation.resets_at,
+                call: observed.usage_id,
+            };
             for (pool, limit) in quota::matching(&ask, observation) {
                 let scope = match pool {
                     Some(name) => pools.entry(name.to_string()).or_default(),
                     None => &mut providers.entry(ask.provider.to_string()).or_default().quota,
                 };
-                quota::observe(scope, limit, observation.remaining, observation.resets_at, now);
+                quota::observe(scope, limit, seen, now);
             }
         }
     }
@@ -477,19 +482,91 @@ mod tests {
             window,
         };
         // Named window: every declared 1d requests limit (only the pool's).
-        store.observe_quota(ask, &[seen(3, None, Some(Duration::from_secs(86_400)))], now).await;
+        let none = Permit::UNCOUNTED;
+        store.observe_quota(ask, &none, &[seen(3, None, Some(Duration::from_secs(86_400)))], now).await;
         assert_eq!(store.pool_used("account", &daily, now), 47);
         assert_eq!(store.provider_used("a", &own[0], now), 0);
         // Stated limit equal to a declared one: the provider's own 30.
-        store.observe_quota(ask, &[seen(10, Some(30), None)], now).await;
+        store.observe_quota(ask, &none, &[seen(10, Some(30), None)], now).await;
         assert_eq!(store.provider_used("a", &own[0], now), 20);
         assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 0);
         // Ambiguous (two per-minute, one daily request limits, no window, no size): ignored.
-        store.observe_quota(ask, &[seen(0, None, None)], now).await;
+        store.observe_quota(ask, &none, &[seen(0, None, None)], now).await;
         assert_eq!(store.provider_used("a", &own[0], now), 20);
         // More left than we count: learnt use goes back, never below our own calls.
-        store.admit(ask, now).await;
-        store.observe_quota(ask, &[seen(50, None, Some(Duration::from_secs(86_400)))], now).await;
+        let Admission::Granted(call) = store.admit(ask, now).await else { panic!("room") };
+        store.observe_quota(ask, &call, &[seen(50, None, Some(Duration::from_secs(86_400)))], now).await;
         assert_eq!(store.pool_used("account", &daily, now), 1, "the one real call stays");
+    }
+
+    /// A header is the provider's count when it took the observed call; calls we admitted
+    /// after it are in our count, not in its figure. Comparing the two as if taken together
+    /// would take back another client's use of the key while they fly: 429s.
+    #[tokio::test]
+    async fn an_answer_observed_while_later_calls_fly_does_not_take_back_anothers_use() {
+        use crate::routing::QuotaObservation;
+        let store = MemoryStore::new();
+        let pools = pool(vec![crate::config::LimitConfig {
+            requests: Some(10),
+            tokens: None,
+            per: Duration::from_secs(60),
+            resets: None,
+        }]);
+        let ask = Ask { provider: "p", limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+        let now = SystemTime::now();
+        let seen = |remaining| QuotaObservation {
+            measure: QuotaMeasure::Requests,
+            remaining,
+            limit: Some(10),
+            resets_at: Some(now + Duration::from_secs(60)),
+            window: None,
+        };
+        // Another client of the key has used 5 of the 10: the answer to our first says 4 left.
+        let Admission::Granted(first) = store.admit(ask, now).await else { panic!("room") };
+        store.finish(first.clone(), None).await;
+        store.observe_quota(ask, &first, &[seen(4)], now).await;
+        let mut flying = Vec::new();
+        while let Admission::Granted(p) = store.admit(ask, now).await {
+            flying.push(p);
+        }
+        assert_eq!(flying.len(), 4, "5 external + 1 + 4 = the account's 10");
+        // The first of the four answers: the provider had counted 5 + 2 of ours, 3 left.
+        let observed = flying.remove(0);
+        store.finish(observed.clone(), None).await;
+        store.observe_quota(ask, &observed, &[seen(3)], now).await;
+        assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 10, "the other client's 5 still count");
+        assert!(matches!(store.admit(ask, now).await, Admission::OverQuota { .. }));
+        // The answer to the last call: its figure holds all of ours, and may take use back.
+        let last = flying.pop().unwrap();
+        store.observe_quota(ask, &last, &[seen(1)], now).await;
+        assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 9);
+    }
+
+    /// Headers written just before a daily reset arrive after it: the budget they call spent
+    /// has been renewed since. Counting it again would block the whole new day.
+    #[tokio::test]
+    async fn a_spent_budget_whose_reset_passed_while_in_flight_does_not_block_the_new_day() {
+        use crate::routing::QuotaObservation;
+        let store = MemoryStore::new();
+        let daily = crate::config::LimitConfig {
+            requests: Some(50),
+            tokens: None,
+            per: Duration::from_secs(86_400),
+            resets: Some(crate::calendar::DailyReset::parse("00:00 UTC").unwrap()),
+        };
+        let pools = pool(vec![daily]);
+        let ask = Ask { provider: "or-a", limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+        let midnight = humantime::parse_rfc3339("2026-12-01T00:00:00Z").unwrap();
+        // Sent at 23:59:58 (the 50th of the day), answered at 00:00:04 with the headers of 23:59:58.
+        let seen = QuotaObservation {
+            measure: QuotaMeasure::Requests,
+            remaining: 0,
+            limit: Some(50),
+            resets_at: Some(midnight),
+            window: None,
+        };
+        store.observe_quota(ask, &Permit::UNCOUNTED, &[seen], midnight + Duration::from_secs(4)).await;
+        let admission = store.admit(ask, midnight + Duration::from_secs(60)).await;
+        assert!(matches!(admission, Admission::Granted(_)), "a new day of 50, yet: {admission:?}");
     }
 }

@@ -130,8 +130,13 @@ pub trait ProviderState: Send + Sync {
     /// A successful answer of `ask.provider` carried what the provider counts of its budgets:
     /// the shared view of the matching limits (its own and its pools') is corrected from it
     /// (contract §6), within what the config declares. The default ignores it.
-    async fn observe_quota(&self, ask: Ask<'_>, seen: &[QuotaObservation], now: SystemTime) {
-        let _ = (ask, seen, now);
+    ///
+    /// `observed` is the permit of the call that answered: the provider's figures are as of
+    /// when it received that call, so calls admitted after it are not in them
+    /// ([`quota::observe`]). An observation whose reset has passed is ignored
+    /// ([`quota::current`]).
+    async fn observe_quota(&self, ask: Ask<'_>, observed: &Permit, seen: &[QuotaObservation], now: SystemTime) {
+        let _ = (ask, observed, seen, now);
     }
 }
 

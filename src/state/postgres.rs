@@ -591,8 +591,8 @@ impl PgStore {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut limits, mut first_resets, mut leaves) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut limits, mut first_resets, mut next_resets, mut leaves) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         // A calendar call's deadline is taken a little late (the database's clock runs on from
         // ours): a call that may end after a reset counts in the next day until it answers.
         let deadline = later(now, ask.flight.saturating_add(STATE_CALL_TIMEOUT));
@@ -603,14 +603,19 @@ impl PgStore {
             windows.push(saturating_i64(spec.key.window.as_millis()));
             calendars.push(spec.key.calendar.as_str());
             limits.push(saturating_i64(spec.limit));
+            // The reset after the first too: by the database's clock the first may have passed
+            // (ours lags, or the admission waited for a connection), and the window is then
+            // the new day's, not a reason to refuse.
             first_resets.push(spec.reset.as_ref().map(|r| epoch_ms(r.next_after(now)) as f64));
+            next_resets.push(spec.reset.as_ref().map(|r| epoch_ms(r.next_after(r.next_after(now))) as f64));
             leaves.push(spec.reset.as_ref().map(|r| epoch_ms(r.next_after(deadline)) as f64));
         }
         let row = sqlx::query(
             "SELECT usage_id, blocked_until_ms, blocked_by FROM fallback_admit($1, $2, $3, $4, $5, $6, $7, \
                (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($8::float8[]) WITH ORDINALITY AS t(f, o)), \
-               (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(l, o)), \
-               $10, $11)",
+               (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(f, o)), \
+               (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($10::float8[]) WITH ORDINALITY AS t(l, o)), \
+               $11, $12)",
         )
         .bind(ask.provider)
         .bind(&kinds)
@@ -620,6 +625,7 @@ impl PgStore {
         .bind(&calendars)
         .bind(&limits)
         .bind(&first_resets)
+        .bind(&next_resets)
         .bind(&leaves)
         .bind(saturating_i64(ask.tokens))
         .bind(saturating_i64(ask.flight.as_millis()))
@@ -1045,14 +1051,15 @@ impl ProviderState for PgStore {
         }
     }
 
-    async fn observe_quota(&self, ask: Ask<'_>, seen: &[QuotaObservation], now: SystemTime) {
-        for observation in seen {
+    async fn observe_quota(&self, ask: Ask<'_>, observed: &Permit, seen: &[QuotaObservation], now: SystemTime) {
+        for observation in seen.iter().filter(|o| super::quota::current(o, now)) {
             for (pool, limit) in super::quota::matching(&ask, observation) {
                 let (kind, scope) = match pool {
                     Some(name) => (ScopeKind::Pool, name),
                     None => (ScopeKind::Provider, ask.provider),
                 };
-                if let Err(e) = self.guarded(self.observe_window(kind, scope, limit, observation, now)).await {
+                let window = self.observe_window(kind, scope, limit, observation, observed.usage_id, now);
+                if let Err(e) = self.guarded(window).await {
                     // Best effort: the next answer's headers say it again.
                     tracing::debug!(provider = ask.provider, error = %e, "cannot correct a window from the provider's headers");
                     return;
@@ -1067,19 +1074,22 @@ impl ProviderState for PgStore {
 }
 
 impl PgStore {
-    /// Corrects one window from what the provider says is left of `limit` (`fallback_observe`).
+    /// Corrects one window from what the provider says is left of `limit` (`fallback_observe`
+    /// of migration 0008), in the answer to the call `call` (the database's call id; `None`
+    /// when it was admitted locally: nothing is then lowered, see [`super::quota::observe`]).
     async fn observe_window(
         &self,
         kind: ScopeKind,
         scope: &str,
         limit: &LimitConfig,
         seen: &QuotaObservation,
+        call: Option<i64>,
         now: SystemTime,
     ) -> Result<(), sqlx::Error> {
         let (measure, declared) = super::quota::measure_of(limit);
         let calendar = limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default();
         let leaves = super::quota::learnt_leaves(limit, seen.resets_at, now);
-        sqlx::query("SELECT fallback_observe($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::float8 / 1000))")
+        sqlx::query("SELECT fallback_observe($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::float8 / 1000), $9)")
             .bind(kind.as_str())
             .bind(scope)
             .bind(measure_name(measure))
@@ -1088,6 +1098,7 @@ impl PgStore {
             .bind(saturating_i64(declared))
             .bind(saturating_i64(seen.remaining))
             .bind(epoch_ms(leaves) as f64)
+            .bind(call)
             .execute(&self.pool)
             .await
             .map(|_| ())

@@ -176,7 +176,8 @@ pub fn prune(scope: &mut Scope, longest: Duration, now: SystemTime) {
 
 /// Which declared limits an observation speaks of, as (pool name or `None` for the provider's
 /// own, limit): of its measure, those of the window it named; else those whose size is the
-/// limit it stated; else the only one of that measure. Anything else is ambiguous and ignored.
+/// limit it stated (none when no declared limit has that size); else, when it states no size,
+/// the only one of that measure. Anything else is ambiguous and ignored.
 pub fn matching<'a>(ask: &Ask<'a>, seen: &QuotaObservation) -> Vec<(Option<&'a str>, &'a LimitConfig)> {
     let own = ask.limits.iter().map(|l| (None, l));
     let pooled = ask.pools.iter().flat_map(|p| p.limits.iter().map(move |l| (Some(p.name.as_str()), l)));
@@ -185,35 +186,70 @@ pub fn matching<'a>(ask: &Ask<'a>, seen: &QuotaObservation) -> Vec<(Option<&'a s
         return of_measure.into_iter().filter(|(_, l)| l.per == window).collect();
     }
     if let Some(size) = seen.limit {
-        let sized: Vec<_> = of_measure.iter().copied().filter(|(_, l)| measure_of(l).1 == size).collect();
-        if !sized.is_empty() {
-            return sized;
-        }
+        // A stated size that matches no declared limit is another budget (the provider's
+        // minute when we declare its day): never read it as ours.
+        return of_measure.into_iter().filter(|(_, l)| measure_of(l).1 == size).collect();
     }
     if of_measure.len() == 1 { of_measure } else { Vec::new() }
 }
 
+/// Whether an observation still speaks of the provider's current budget. Headers are written
+/// when the provider takes the call and arrive with its answer: one whose reset has passed by
+/// now (`resets_at <= now`) describes a budget the provider has renewed since, and counting its
+/// use again would block a whole new window with no call left to correct it. It is ignored.
+pub fn current(seen: &QuotaObservation, now: SystemTime) -> bool {
+    seen.resets_at.is_none_or(|at| at > now)
+}
+
+/// The longest that use learnt from an answer without a reset time stays: the contract's
+/// default wait for a 429 without a time. Without a reset we cannot tell which of the
+/// provider's budgets it was, so it must not hold a long (daily) window for a whole day.
+pub const LEARNT_WITHOUT_RESET: Duration = Duration::from_secs(60);
+
 /// When use learnt now leaves `limit`'s window: when the provider says its budget is whole
-/// again, but never later than a call made now would leave it.
+/// again, but never later than a call made now would leave it; without a (future) reset time,
+/// after [`LEARNT_WITHOUT_RESET`]. (Callers drop an observation whose reset has passed:
+/// [`current`].)
 pub fn learnt_leaves(limit: &LimitConfig, resets_at: Option<SystemTime>, now: SystemTime) -> SystemTime {
     let bound = window(limit, now).1;
-    resets_at.filter(|at| *at > now).map_or(bound, |at| at.min(bound))
+    let leaves = resets_at.filter(|at| *at > now).unwrap_or_else(|| later(now, LEARNT_WITHOUT_RESET));
+    leaves.min(bound)
+}
+
+/// What the provider said of one limit, in the answer to one of our calls.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    pub remaining: u64,
+    pub resets_at: Option<SystemTime>,
+    /// The usage id of the call whose answer carried it; `None` when unknown (a call counted
+    /// in no window here).
+    pub call: Option<i64>,
 }
 
 /// Makes the scope's count of `limit` what the provider says (`declared - remaining`): raised
 /// with learnt use when it says less is left than we count; lowered, when it says more is left,
 /// by taking back learnt use only (real calls are never forgotten, so we never exceed what we
 /// declared).
-pub fn observe(scope: &mut Scope, limit: &LimitConfig, remaining: u64, resets_at: Option<SystemTime>, now: SystemTime) {
+///
+/// The provider counted when it received `seen.call`: calls we admitted after it (ids are
+/// handed out in admission order) are in our count but not in its figure. Lowering compares
+/// with our count without them, else each answer that arrives while later calls fly would take
+/// back someone else's real use and let us send into 429s; with the call unknown, nothing is
+/// lowered. Raising compares with our whole count: it may learn less than the provider counts
+/// (a later answer, whose figure includes those calls, raises the rest), never more.
+pub fn observe(scope: &mut Scope, limit: &LimitConfig, seen: Seen, now: SystemTime) {
     let (_, declared) = measure_of(limit);
-    let target = declared.saturating_sub(remaining);
+    let target = declared.saturating_sub(seen.remaining);
     let counted = used(scope, limit, now);
     if target > counted {
-        let leaves = learnt_leaves(limit, resets_at, now);
+        let leaves = learnt_leaves(limit, seen.resets_at, now);
         scope.learnt.push(Learnt { limit: limit.clone(), amount: target - counted, leaves });
         return;
     }
-    let mut surplus = counted - target;
+    let Some(call) = seen.call else { return };
+    let up_to_call =
+        Scope { usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(), learnt: scope.learnt.clone() };
+    let mut surplus = used(&up_to_call, limit, now).saturating_sub(target);
     for learnt in scope.learnt.iter_mut().filter(|l| l.limit == *limit && l.leaves > now) {
         let taken = learnt.amount.min(surplus);
         learnt.amount -= taken;
@@ -378,16 +414,73 @@ mod tests {
         let limit = requests(10, 60);
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let mut scope = sc(&[done(1, now, 1)]);
-        observe(&mut scope, &limit, 3, Some(now + Duration::from_secs(20)), now);
+        let seen = |remaining, resets_at| Seen { remaining, resets_at, call: Some(1) };
+        observe(&mut scope, &limit, seen(3, Some(now + Duration::from_secs(20))), now);
         assert_eq!(used(&scope, &limit, now), 7, "believed: 3 left of 10");
         assert_eq!(used(&scope, &limit, now + Duration::from_secs(20)), 1, "the learnt use leaves at the reset");
-        observe(&mut scope, &limit, 10, None, now);
+        observe(&mut scope, &limit, seen(10, None), now);
         assert_eq!(used(&scope, &limit, now), 1, "our own call is never forgotten");
-        observe(&mut scope, &limit, 0, Some(now + Duration::from_secs(3600)), now);
+        observe(&mut scope, &limit, seen(0, Some(now + Duration::from_secs(3600))), now);
         assert_eq!(used(&scope, &limit, now + Duration::from_secs(59)), 10);
         assert_eq!(used(&scope, &limit, now + Duration::from_secs(60)), 0, "bounded by the window");
         assert!(check(&scope, std::slice::from_ref(&limit), 1, now).is_err());
         assert!(check(&scope, &[requests(10, 3600)], 1, now).is_ok(), "learnt use counts in its own limit only");
+    }
+
+    fn observation(remaining: u64, limit: Option<u64>) -> QuotaObservation {
+        QuotaObservation { measure: QuotaMeasure::Requests, remaining, limit, resets_at: None, window: None }
+    }
+
+    #[test]
+    fn a_stated_size_that_matches_no_declared_limit_is_another_budget() {
+        // OpenAI-style headers name no window: a budget of 60 (the provider's minute) is not
+        // our only declared requests limit, 1000 a day.
+        let limits = [requests(1000, 86_400)];
+        let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
+        assert!(matching(&ask, &observation(0, Some(60))).is_empty());
+        assert_eq!(matching(&ask, &observation(0, Some(1000))).len(), 1);
+        assert_eq!(matching(&ask, &observation(0, None)).len(), 1, "no size stated: the only one");
+    }
+
+    #[test]
+    fn learnt_use_without_a_reset_time_leaves_after_a_minute_not_a_day() {
+        let limit = requests(1000, 86_400);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut scope = sc(&[done(1, now, 1)]);
+        observe(&mut scope, &limit, Seen { remaining: 0, resets_at: None, call: Some(1) }, now);
+        assert_eq!(used(&scope, &limit, now), 1000);
+        assert_eq!(used(&scope, &limit, now + LEARNT_WITHOUT_RESET), 1, "only our own call after a minute");
+        let reset = now + Duration::from_secs(30);
+        assert_eq!(learnt_leaves(&limit, Some(reset), now), reset, "a stated reset is kept");
+    }
+
+    #[test]
+    fn an_observation_whose_reset_has_passed_is_not_current() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let with_reset = |at| QuotaObservation { resets_at: Some(at), ..observation(0, Some(50)) };
+        assert!(!current(&with_reset(now), now));
+        assert!(!current(&with_reset(now - Duration::from_secs(2)), now));
+        assert!(current(&with_reset(now + Duration::from_millis(1)), now));
+        assert!(current(&observation(0, Some(50)), now));
+    }
+
+    #[test]
+    fn lowering_discounts_calls_admitted_after_the_observed_one() {
+        let limit = requests(10, 60);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let in_flight = |id| Usage { id, done: None, expires: now + Duration::from_secs(30), tokens: 1 };
+        let mut scope = sc(&[done(1, now, 1), done(2, now, 1), in_flight(3), in_flight(4), in_flight(5)]);
+        scope.learnt.push(Learnt { limit: limit.clone(), amount: 5, leaves: now + Duration::from_secs(60) });
+        // The answer to call 2: the provider had 5 external + calls 1 and 2: 3 left.
+        observe(&mut scope, &limit, Seen { remaining: 3, resets_at: None, call: Some(2) }, now);
+        assert_eq!(used(&scope, &limit, now), 10, "calls 3 to 5 are not in its figure");
+        // Call unknown: nothing to compare with, nothing taken back.
+        observe(&mut scope, &limit, Seen { remaining: 10, resets_at: None, call: None }, now);
+        assert_eq!(used(&scope, &limit, now), 10);
+        // The answer to call 5 (its figure holds all five of ours) says 5 left: the external
+        // use has left the provider's window, and is taken back.
+        observe(&mut scope, &limit, Seen { remaining: 5, resets_at: None, call: Some(5) }, now);
+        assert_eq!(used(&scope, &limit, now), 5, "our five calls only");
     }
 
     mod properties {

@@ -491,16 +491,24 @@ async fn a_calendar_window_holds_until_the_reset_and_is_not_the_sliding_day() {
     assert_eq!(windows, vec![("".to_string(), 2), ("00:00 UTC".to_string(), 2)], "two running totals");
 }
 
-/// Calls `fallback_admit` for one calendar window whose resets the test chooses (the database's
-/// clock cannot be moved): `first_reset` after now, the call leaving at `leaves`.
-async fn admit_calendar(env: &TestEnv, first_reset: SystemTime, leaves: SystemTime) -> (Option<i64>, Option<i64>) {
+/// Calls `fallback_admit` (0008) for one calendar window whose resets the test chooses (the
+/// database's clock cannot be moved): `first_reset` as the worker saw it, `next_reset` the one
+/// after, the call leaving at `leaves`.
+async fn admit_calendar(
+    env: &TestEnv,
+    first_reset: SystemTime,
+    next_reset: SystemTime,
+    leaves: SystemTime,
+) -> (Option<i64>, Option<i64>) {
     let ms = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as f64;
     sqlx::query_as(
         "SELECT usage_id, blocked_until_ms FROM fallback_admit('p', ARRAY['pool'], ARRAY['acct'], ARRAY['requests'], \
            ARRAY[86400000::bigint], ARRAY['12:00 UTC'], ARRAY[2::bigint], \
-           ARRAY[to_timestamp($1::float8 / 1000)], ARRAY[to_timestamp($2::float8 / 1000)], 1, 5000)",
+           ARRAY[to_timestamp($1::float8 / 1000)], ARRAY[to_timestamp($2::float8 / 1000)], \
+           ARRAY[to_timestamp($3::float8 / 1000)], 1, 5000)",
     )
     .bind(ms(first_reset))
+    .bind(ms(next_reset))
     .bind(ms(leaves))
     .fetch_one(&mut env.db().await)
     .await
@@ -512,19 +520,109 @@ async fn a_spent_calendar_window_has_room_again_at_its_reset_exactly() {
     let env = TestEnv::new().await;
     migrated_store(&env).await;
     let reset = SystemTime::now() + Duration::from_millis(1500);
-    assert!(admit_calendar(&env, reset, reset).await.0.is_some());
-    assert!(admit_calendar(&env, reset, reset).await.0.is_some());
-    let (granted, until_ms) = admit_calendar(&env, reset, reset).await;
+    let day = Duration::from_secs(86_400);
+    assert!(admit_calendar(&env, reset, reset + day, reset).await.0.is_some());
+    assert!(admit_calendar(&env, reset, reset + day, reset).await.0.is_some());
+    let (granted, until_ms) = admit_calendar(&env, reset, reset + day, reset).await;
     assert_eq!(granted, None);
     let reset_ms = reset.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     assert!(until_ms.unwrap() >= reset_ms && until_ms.unwrap() <= reset_ms + 1, "{until_ms:?} vs {reset_ms}");
     tokio::time::sleep(reset.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(20)).await;
-    // A worker whose calendar is stale (it still sees the passed reset) is told to look again.
-    let (granted, until_ms) = admit_calendar(&env, reset, reset).await;
-    assert_eq!(granted, None);
-    assert!(until_ms.unwrap() >= reset_ms, "ask again now");
-    let next = SystemTime::now() + Duration::from_secs(86_400);
-    assert!(admit_calendar(&env, next, next).await.0.is_some(), "the new day has room");
+    let next = SystemTime::now() + day;
+    assert!(admit_calendar(&env, next, next + day, next).await.0.is_some(), "the new day has room");
+}
+
+/// A worker whose clock lags the database's still sees a reset that has passed by the
+/// database's clock as the next one: its admission counts in the new day (it leaves at the
+/// reset after), never refused as "stale" (an over-quota verdict the chain would skip past,
+/// to a paid provider). Only a calendar a whole day stale is sent back to look again.
+#[tokio::test]
+async fn a_worker_whose_clock_lags_the_database_is_admitted_at_a_reset() {
+    let env = TestEnv::new().await;
+    migrated_store(&env).await;
+    let day = Duration::from_secs(86_400);
+    let passed = SystemTime::now() - Duration::from_secs(2);
+    assert!(admit_calendar(&env, passed, passed + day, passed).await.0.is_some(), "the new day has room");
+    let leaves_ms: i64 =
+        sqlx::query_scalar("SELECT (extract(epoch FROM leaves_at) * 1000)::bigint FROM quota_use WHERE scope = 'acct'")
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap();
+    let next_ms = (passed + day).duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert!((leaves_ms - next_ms).abs() <= 1, "it counts until the next reset: {leaves_ms} vs {next_ms}");
+    let (granted, until_ms) = admit_calendar(&env, passed - day, passed, passed).await;
+    assert_eq!(granted, None, "a whole day stale: look again");
+    assert!(until_ms.is_some());
+}
+
+/// The same at a real reset, with admissions straddling it from 32 tasks on two stores of 4
+/// connections each (some wait for a connection between reading the clock and reaching the
+/// database): an empty window refuses none. Waits for the next UTC minute (up to a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_calendar_window_never_refuses_an_admission_at_its_reset() {
+    let env = TestEnv::new().await;
+    let stores = [migrated_store(&env).await, migrated_store(&env).await];
+    let secs = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut boundary = (secs / 60 + 1) * 60;
+    if boundary - secs < 3 {
+        boundary += 60; // leave time to warm up
+    }
+    let reset_at = std::time::UNIX_EPOCH + Duration::from_secs(boundary);
+    let hhmm = humantime::format_rfc3339_seconds(reset_at).to_string()[11..16].to_string();
+    let reset = fallback_worker::calendar::DailyReset::parse(&format!("{hhmm} UTC")).unwrap();
+    let daily =
+        LimitConfig { requests: Some(1_000_000), tokens: None, per: Duration::from_secs(86_400), resets: Some(reset) };
+    let pools = pool("account", vec![daily]);
+    // Warm up (windows created, connections open).
+    for (i, store) in stores.iter().enumerate() {
+        for p in 0..16 {
+            let provider = format!("free-{}", p * 2 + i);
+            let ask =
+                Ask { provider: &provider, limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
+            assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+        }
+    }
+    let start = reset_at - Duration::from_millis(150);
+    tokio::time::sleep(start.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    let stop = reset_at + Duration::from_millis(150);
+    let tasks: Vec<_> = (0..32)
+        .map(|t| {
+            let store = stores[t % 2].clone();
+            let pools = pools.clone();
+            tokio::spawn(async move {
+                let provider = format!("free-{t}");
+                let (mut admitted, mut refused) = (0, Vec::new());
+                while SystemTime::now() < stop {
+                    let ask = Ask {
+                        provider: &provider,
+                        limits: &[],
+                        pools: &pools,
+                        tokens: 1,
+                        flight: Duration::from_secs(5),
+                    };
+                    match store.admit(ask, SystemTime::now()).await {
+                        Admission::Granted(_) => admitted += 1,
+                        other => refused.push(format!("{other:?}")),
+                    }
+                }
+                (admitted, refused)
+            })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (0, Vec::new());
+    for task in tasks {
+        let (a, r) = task.await.unwrap();
+        admitted += a;
+        refused.extend(r);
+    }
+    assert!(admitted > 0);
+    assert!(
+        refused.is_empty(),
+        "an empty window refused {} of {} admissions at its reset: {:?}",
+        refused.len(),
+        admitted + refused.len(),
+        &refused[..refused.len().min(3)]
+    );
 }
 
 #[tokio::test]
@@ -534,7 +632,7 @@ async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls
     let pools = pool("account", vec![requests(20, Duration::from_secs(60))]);
     let own = [requests(30, Duration::from_secs(60))];
     let ask = Ask { provider: "p", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
-    let Admission::Granted(_) = a.admit(ask, SystemTime::now()).await else { panic!() };
+    let Admission::Granted(first) = a.admit(ask, SystemTime::now()).await else { panic!() };
     let seen = |remaining, limit| QuotaObservation {
         measure: QuotaMeasure::Requests,
         remaining,
@@ -543,7 +641,7 @@ async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls
         window: None,
     };
     // The provider says 1 of its 20 is left: 19 counted, so the second worker gets one more call.
-    a.observe_quota(ask, &[seen(1, 20)], SystemTime::now()).await;
+    a.observe_quota(ask, &first, &[seen(1, 20)], SystemTime::now()).await;
     let used = |env: &TestEnv| {
         let env = env.database_url.clone();
         async move {
@@ -555,14 +653,108 @@ async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls
         }
     };
     assert_eq!(used(&env).await, 19);
-    assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    let Admission::Granted(second) = b.admit(ask, SystemTime::now()).await else { panic!() };
     assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
-    // It says 15 are left: learnt use is taken back, the two real calls stay.
-    b.observe_quota(ask, &[seen(15, 20)], SystemTime::now()).await;
+    // It says 15 are left (in the answer to the second call): learnt use is taken back, the
+    // two real calls stay.
+    b.observe_quota(ask, &second, &[seen(15, 20)], SystemTime::now()).await;
     assert_eq!(used(&env).await, 5);
-    b.observe_quota(ask, &[seen(20, 20)], SystemTime::now()).await;
+    b.observe_quota(ask, &second, &[seen(20, 20)], SystemTime::now()).await;
     assert_eq!(used(&env).await, 2, "real calls are never forgotten");
     assert!(matches!(b.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+}
+
+/// A header is the provider's count when it took the observed call: calls admitted after it
+/// are in our window, not in its figure, and must not make it look as if another client's use
+/// of the key had gone (`fallback_observe` of 0008 discounts them).
+#[tokio::test]
+async fn an_answer_observed_while_later_calls_fly_does_not_take_back_anothers_use() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let pools = pool("account", vec![requests(10, Duration::from_secs(60))]);
+    let ask = Ask { provider: "p", limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+    let resets_at = SystemTime::now() + Duration::from_secs(60);
+    let seen = |remaining| QuotaObservation {
+        measure: QuotaMeasure::Requests,
+        remaining,
+        limit: Some(10),
+        resets_at: Some(resets_at),
+        window: None,
+    };
+    // Another client of the key has used 5 of the 10: the answer to our first says 4 left.
+    let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+    store.finish(first.clone(), None).await;
+    store.observe_quota(ask, &first, &[seen(4)], SystemTime::now()).await;
+    let mut flying = Vec::new();
+    while let Admission::Granted(p) = store.admit(ask, SystemTime::now()).await {
+        flying.push(p);
+    }
+    assert_eq!(flying.len(), 4, "5 external + 1 + 4 = the account's 10");
+    // The first of the four answers: the provider had counted 5 + 2 of ours, 3 left.
+    let observed = flying.remove(0);
+    store.finish(observed.clone(), None).await;
+    store.observe_quota(ask, &observed, &[seen(3)], SystemTime::now()).await;
+    let admission = store.admit(ask, SystemTime::now()).await;
+    assert!(matches!(admission, Admission::OverQuota { .. }), "the account's 10 are used: {admission:?}");
+}
+
+/// Headers written just before a reset arrive after it: the budget they call spent has been
+/// renewed since, and is not counted again for a whole window.
+#[tokio::test]
+async fn a_spent_budget_whose_reset_passed_in_flight_does_not_block_the_new_window() {
+    let env = TestEnv::new().await;
+    let store = migrated_store(&env).await;
+    let pools = pool("account", vec![requests(50, Duration::from_secs(86_400))]);
+    let ask = Ask { provider: "p", limits: &[], pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+    let now = SystemTime::now();
+    let seen = QuotaObservation {
+        measure: QuotaMeasure::Requests,
+        remaining: 0,
+        limit: Some(50),
+        resets_at: Some(now - Duration::from_secs(2)),
+        window: None,
+    };
+    store.observe_quota(ask, &Permit::UNCOUNTED, &[seen], now).await;
+    let admission = store.admit(ask, SystemTime::now()).await;
+    assert!(matches!(admission, Admission::Granted(_)), "the provider's budget reset 2 s ago, yet: {admission:?}");
+}
+
+/// Migration 0007 applied over a database that 0005/0006 workers have been using: the calls
+/// those workers counted still count (a rolling upgrade does not reopen full windows).
+#[tokio::test]
+async fn migration_0007_keeps_the_use_counted_under_0005() {
+    let env = TestEnv::new().await;
+    // The first six migrations only, from a copy of the directory.
+    let dir = std::env::temp_dir().join(format!("shared-state-mig-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name.as_str() < "0007" {
+            std::fs::copy(&path, dir.join(&name)).unwrap();
+        }
+    }
+    let old = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    let mut db = env.db().await;
+    old.run(&mut db).await.unwrap();
+    // An old worker admits 2 calls under a limit of 2 requests a minute.
+    for _ in 0..2 {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT usage_id FROM fallback_acquire('p', ARRAY[2::bigint], ARRAY[60000::bigint], '{}', '{}', 1, 5000)",
+        )
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        assert!(id.is_some());
+    }
+    drop(db);
+    let store = migrated_store(&env).await;
+    let limits = [requests(2, Duration::from_secs(60))];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    let admission = store.admit(ask, SystemTime::now()).await;
+    assert!(matches!(admission, Admission::OverQuota { .. }), "the window was full before the upgrade: {admission:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
