@@ -16,6 +16,7 @@ mod outages;
 mod poison;
 mod pool_workers;
 mod pools;
+mod review9;
 mod provider_faults;
 mod quorum;
 mod shared_state;

@@ -1,0 +1,214 @@
+//! Review of issue #9's ledger batcher (two batches in flight): reproductions.
+//!
+//! Each test holds a ledger row's lock from a plain connection (an uncommitted insert of the
+//! key), so that a ledger batch touching that key is deterministically in flight and slow,
+//! as it would be behind another worker's transaction, a slow disk, or a dead TCP peer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fallback_worker::state::ResultLedger;
+use fallback_worker::state::postgres::PgStore;
+use sqlx::PgConnection;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::*;
+
+/// The default pool: `postgres.max_connections = 3`, one of them the listener's.
+const DEFAULT_POOL: u32 = 2;
+
+async fn store_at(url: &str, pool: u32) -> PgStore {
+    let store = PgStore::connect_lazy(url, pool).unwrap();
+    store.migrate().await.unwrap();
+    // Open every connection of the pool once, so that idle connections exist (a warm worker).
+    let mut held = Vec::new();
+    for _ in 0..pool {
+        held.push(store.pool().acquire().await.unwrap());
+    }
+    drop(held);
+    store
+}
+
+/// A plain connection holding the row lock of each key (an uncommitted insert): a ledger
+/// statement on those keys waits until `release`.
+async fn lock_keys(env: &TestEnv, keys: &[&str]) -> PgConnection {
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    for key in keys {
+        sqlx::query("INSERT INTO job_results (job_key) VALUES ($1)").bind(*key).execute(&mut locker).await.unwrap();
+    }
+    locker
+}
+
+async fn release(mut locker: PgConnection) {
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+}
+
+fn open_in_background(
+    store: &PgStore,
+    key: &str,
+) -> tokio::task::JoinHandle<Result<fallback_worker::state::LedgerEntry, fallback_worker::state::StoreError>> {
+    let (store, key) = (store.clone(), key.to_string());
+    tokio::spawn(async move { store.open(&key, "job").await })
+}
+
+/// The commit says the second batch goes out "only on a connection nobody else is waiting
+/// for, so the ledger never starves admissions and cooldowns of the pool's connections". With
+/// the default pool (2 connections) two slow batches hold both, and every other state call
+/// (admission, cooldowns, record_failure, heartbeats) times out. One batch at a time (before
+/// 58b4409) always left one connection free.
+#[tokio::test]
+async fn two_slow_ledger_batches_leave_other_state_calls_a_connection() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let locker = lock_keys(&env, &["slow-a", "slow-b"]).await;
+    let a = open_in_background(&store, "slow-a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = open_in_background(&store, "slow-b");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let answer = store.record_failure("delivery:review9", "a state call that needs a connection").await;
+    let waited = started.elapsed();
+    release(locker).await;
+    let _ = (a.await, b.await);
+    assert!(
+        answer.is_ok(),
+        "a state call found no pool connection while two ledger batches waited ({waited:?}): {answer:?}"
+    );
+}
+
+/// One slow batch in flight; the second slot works (control), until one request for the slow
+/// batch's key is deferred: then the batching loop blocks in `join_next` on the slow batch and
+/// reads no new request, so every open/store of the process waits behind that one batch. In
+/// the worker this is the normal sequence after a slow `open(K)`: the caller gives up after
+/// 2 s, runs the job, and sends `store(K)` while `open(K)` is still in flight.
+#[tokio::test]
+async fn a_request_deferred_behind_a_slow_batch_does_not_stall_every_other_key() {
+    let env = TestEnv::new().await;
+    // A pool with room for both batches and one more connection (max_connections = 4).
+    let store = store_at(&env.database_url, 3).await;
+    let locker = lock_keys(&env, &["slow"]).await;
+    let slow = open_in_background(&store, "slow");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Control: with one slow batch in flight, another key goes out on the idle connection.
+    let control = store.open("fast-0", "job").await;
+    assert!(control.is_ok(), "control: the second slot answers another key: {control:?}");
+
+    // The same job's store, after its open timed out: deferred behind the slow batch.
+    let deferred = {
+        let store = store.clone();
+        tokio::spawn(async move { store.store("slow", "job", "{\"n\":1}").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let other = store.open("fast-1", "job").await;
+    let waited = started.elapsed();
+    release(locker).await;
+    let _ = (slow.await, deferred.await);
+    assert!(other.is_ok(), "another key waited {waited:?} behind the slow batch and got {other:?}");
+    assert!(!store.is_degraded(), "one slow key switched the whole worker to degraded mode (database up)");
+}
+
+/// A TCP relay whose existing connections can be frozen: they stay open but carry no byte
+/// (a network partition, a failed-over address, a VM paused), while new connections work.
+struct FreezingRelay {
+    addr: SocketAddr,
+    /// Connections with an id below this are frozen.
+    frozen_below: tokio::sync::watch::Sender<u64>,
+    next_id: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingRelay {
+    async fn start(upstream: SocketAddr) -> FreezingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen_below, _) = tokio::sync::watch::channel(0u64);
+        let next_id = Arc::new(AtomicU64::new(0));
+        let (watch, ids) = (frozen_below.clone(), next_id.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let id = ids.fetch_add(1, Ordering::SeqCst);
+                let mut frozen = watch.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else { return };
+                    let freeze = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                        _ = frozen.wait_for(|below| id < *below) => true,
+                    };
+                    if freeze {
+                        // Keep both sockets open, carrying nothing, for the rest of the test.
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        FreezingRelay { addr, frozen_below, next_id, accept }
+    }
+
+    /// Freezes every connection opened so far; later ones work.
+    fn freeze_existing(&self) {
+        let below = self.next_id.load(Ordering::SeqCst);
+        self.frozen_below.send_replace(below);
+    }
+}
+
+impl Drop for FreezingRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Contract §4: "No state call waits on a dead connection pool" and the worker "reconnects by
+/// itself and goes on". A ledger batch whose connection dies without a close (no RST: a
+/// partition, a failover, a NAT) never ends: no timeout wraps it. The job's own `store` for
+/// that key is then deferred, and the batching loop waits for the dead batch forever: the
+/// ledger never answers again although the database answers every new connection (every job
+/// then pays 2 s per ledger call and loses its idempotency, for as long as the process lives).
+#[tokio::test]
+async fn the_ledger_answers_again_after_a_batch_connection_died_silently() {
+    let env = TestEnv::new().await;
+    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = store_at(&url, DEFAULT_POOL).await;
+    let locker = lock_keys(&env, &["in-flight"]).await;
+    let hung = open_in_background(&store, "in-flight");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.freeze_existing();
+    release(locker).await;
+    // The job goes on without the ledger (its open timed out) and stores its result.
+    let stored = {
+        let store = store.clone();
+        tokio::spawn(async move { store.store("in-flight", "job", "{\"n\":1}").await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    let mut i = 0;
+    while Instant::now() < deadline {
+        i += 1;
+        match store.open(&format!("after-{i}"), "job").await {
+            Ok(_) => {
+                last = None;
+                break;
+            }
+            Err(e) => last = Some(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let degraded = store.is_degraded();
+    let (size, idle) = (store.pool().size(), store.pool().num_idle());
+    hung.abort();
+    stored.abort();
+    // A fresh connection works all along: the database is not what is missing.
+    let mut direct = env.db().await;
+    sqlx::query("SELECT 1").execute(&mut direct).await.unwrap();
+    assert!(
+        last.is_none(),
+        "30 s after the dead connection, the ledger still fails every call: {last:?} \
+         (degraded: {degraded}, pool size {size}, idle {idle})"
+    );
+}
