@@ -40,18 +40,30 @@ pub fn spawn(pool: PgPool) -> mpsc::Sender<Request> {
 /// ledger never starves admissions and cooldowns of the pool's connections.
 const MAX_IN_FLIGHT: usize = 2;
 
+/// The longest one batch may take: a batch whose connection died without a close (no RST)
+/// would otherwise never end, and every later request for its keys (and, behind them, every
+/// other) would wait for it. Its callers gave up long before (after `STATE_CALL_TIMEOUT`).
+const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
+    // Always leave one of the pool's connections to the other state calls.
+    let max_in_flight =
+        usize::try_from(pool.options().get_max_connections()).unwrap_or(1).saturating_sub(1).clamp(1, MAX_IN_FLIGHT);
+    let mut closed = false;
     let mut deferred: Vec<Request> = Vec::new();
     // Keys of the batches in flight: concurrent batches never share a key, so they never wait
     // on each other's row locks (nor deadlock).
     let mut busy = Busy::default();
     let mut in_flight: JoinSet<()> = JoinSet::new();
     loop {
-        while in_flight.len() >= MAX_IN_FLIGHT || (!in_flight.is_empty() && pool.num_idle() == 0) {
+        while in_flight.len() >= max_in_flight || (!in_flight.is_empty() && pool.num_idle() == 0) {
             busy.release(in_flight.join_next_with_id().await);
         }
         let mut batch = std::mem::take(&mut deferred);
         if batch.is_empty() {
+            if closed {
+                break;
+            }
             tokio::select! {
                 request = receiver.recv() => match request {
                     Some(request) => batch.push(request),
@@ -74,14 +86,27 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         let (mut now, later) = first_of_each_key(batch, &busy.keys);
         deferred = later;
         if now.is_empty() {
-            // Everything waits for a key in flight: wait for a batch to end, not in a spin.
-            busy.release(in_flight.join_next_with_id().await);
+            // Everything waits for a key in flight: wait for a batch to end, or for a request
+            // of another key (which must not wait behind the slow batch), not in a spin.
+            tokio::select! {
+                ended = in_flight.join_next_with_id() => busy.release(ended),
+                request = receiver.recv(), if !closed && deferred.len() < MAX_BATCH => match request {
+                    Some(request) => deferred.push(request),
+                    None => closed = true,
+                },
+            }
             continue;
         }
         // Rows are locked in key order in every batch.
         now.sort_by(|a, b| a.key().cmp(b.key()));
         let keys: Vec<String> = now.iter().map(|r| r.key().to_string()).collect();
-        let task = in_flight.spawn(execute(pool.clone(), now));
+        let task = in_flight.spawn({
+            let pool = pool.clone();
+            async move {
+                // Dropping the batch drops its replies: their callers are told the ledger stopped.
+                let _ = tokio::time::timeout(BATCH_TIMEOUT, execute(pool, now)).await;
+            }
+        });
         busy.hold(task.id(), keys);
     }
     while in_flight.join_next().await.is_some() {}
