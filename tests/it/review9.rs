@@ -212,3 +212,29 @@ async fn the_ledger_answers_again_after_a_batch_connection_died_silently() {
          (degraded: {degraded}, pool size {size}, idle {idle})"
     );
 }
+
+/// f6b463b matches rows to requests by position; no test had a batch of several keys with
+/// different fingerprints and results (the existing one gives every key the fingerprint "job"
+/// and reads results back one key at a time), so answering each key with another key's row
+/// passed every test. Here each of 40 concurrent opens must get its own key's row.
+#[tokio::test]
+async fn each_open_of_a_batch_gets_its_own_keys_row() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, 4).await;
+    let stores = (0..40).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move { store.store(&format!("k{i}"), &format!("job-{i}"), &format!("{{\"n\":{i}}}")).await })
+    });
+    for stored in stores.collect::<Vec<_>>() {
+        stored.await.unwrap().unwrap();
+    }
+    let opens = (0..40).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move { (i, store.open(&format!("k{i}"), &format!("job-{i}")).await.unwrap()) })
+    });
+    for open in opens.collect::<Vec<_>>() {
+        let (i, entry) = open.await.unwrap();
+        assert!(!entry.other_job, "k{i} told it belongs to another job");
+        assert_eq!(entry.result.as_deref(), Some(format!("{{\"n\":{i}}}").as_str()), "k{i}");
+    }
+}
