@@ -238,3 +238,53 @@ async fn each_open_of_a_batch_gets_its_own_keys_row() {
         assert_eq!(entry.result.as_deref(), Some(format!("{{\"n\":{i}}}").as_str()), "k{i}");
     }
 }
+
+/// 58b4409 sorts each batch's rows "so that rows are locked in key order in every batch", but a
+/// batch that opens and stores at once is one statement whose main INSERT (the opens) locks its
+/// keys before the WITH's INSERT (the stores) locks its own: the order is opens-sorted then
+/// stores-sorted, not key order. Two workers whose batches cross (one opens k1 and stores k2,
+/// the other opens k2 and stores k1: two duplicated jobs) deadlock; Postgres kills one after
+/// `deadlock_timeout` and that batch redoes its work alone. The "x" lock below only holds the
+/// first statement between its two halves so that the crossing is deterministic.
+#[tokio::test(flavor = "current_thread")]
+async fn crossing_combined_batches_of_two_workers_do_not_deadlock() {
+    let env = TestEnv::new().await;
+    let first = store_at(&env.database_url, 3).await;
+    let second = store_at(&env.database_url, 3).await;
+    let deadlocks = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap()
+    };
+    let before = deadlocks().await;
+    let locker = lock_keys(&env, &["x"]).await;
+    // Worker 1, one batch: open k1 and x (x waits on the locker, k1 is already locked), store k2.
+    let w1 = {
+        let (a, b, c) = (first.clone(), first.clone(), first.clone());
+        vec![
+            tokio::spawn(async move { a.open("k1", "job-1").await.map(drop) }),
+            tokio::spawn(async move { b.open("x", "job-x").await.map(drop) }),
+            tokio::spawn(async move { c.store("k2", "job-2", "{\"n\":2}").await }),
+        ]
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Worker 2, one batch: open k2 (locks it), store k1 (waits on worker 1's k1).
+    let w2 = {
+        let (a, b) = (second.clone(), second.clone());
+        vec![
+            tokio::spawn(async move { a.open("k2", "job-2").await.map(drop) }),
+            tokio::spawn(async move { b.store("k1", "job-1", "{\"n\":1}").await }),
+        ]
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(locker).await;
+    for task in w1.into_iter().chain(w2) {
+        let _ = task.await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = deadlocks().await;
+    assert_eq!(after - before, 0, "Postgres detected a deadlock between the two workers' ledger batches");
+}
