@@ -288,3 +288,43 @@ async fn crossing_combined_batches_of_two_workers_do_not_deadlock() {
     let after = deadlocks().await;
     assert_eq!(after - before, 0, "Postgres detected a deadlock between the two workers' ledger batches");
 }
+
+/// `ledger_call` bounds the wait for the answer (2 s) but not the `send` into the batcher's
+/// channel (1024 requests). Once the batching loop is stuck (the dead batch above), every
+/// timed-out request stays in the channel; when it is full, a ledger call never returns: the
+/// job holding it hangs for good (each up-phase between two degraded phases adds its jobs'
+/// opens and stores, so under load this comes within a minute of the dead connection).
+#[tokio::test]
+async fn a_ledger_call_returns_even_when_the_batcher_queue_is_full() {
+    let env = TestEnv::new().await;
+    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = store_at(&url, DEFAULT_POOL).await;
+    let locker = lock_keys(&env, &["in-flight"]).await;
+    let hung = open_in_background(&store, "in-flight");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.freeze_existing();
+    release(locker).await;
+    let stored = {
+        let store = store.clone();
+        tokio::spawn(async move { store.store("in-flight", "job", "{\"n\":1}").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Requests pile up while the ledger is believed up (here at once; in a worker, over cycles).
+    let burst: Vec<_> = (0..1100).map(|i| open_in_background(&store, &format!("burst-{i}"))).collect();
+    // Wait for the store to have gone degraded and come back (the probe answers: fresh connections work).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !store.is_degraded() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while Instant::now() < deadline && store.is_degraded() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let late = tokio::time::timeout(Duration::from_secs(10), store.open("late", "job")).await;
+    hung.abort();
+    stored.abort();
+    for task in burst {
+        task.abort();
+    }
+    assert!(late.is_ok(), "a ledger call did not return within 10 s (its STATE_CALL_TIMEOUT is 2 s)");
+}
