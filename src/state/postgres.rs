@@ -1142,8 +1142,14 @@ impl PgStore {
             return Err(StoreError::Unreachable("the database is down".into()));
         }
         let (reply, answer) = oneshot::channel();
-        self.ledger().send(request(reply)).await.map_err(|_| closed())?;
-        match tokio::time::timeout(STATE_CALL_TIMEOUT, answer).await {
+        // The queue's room is waited for within the same bound as the answer.
+        let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
+        match tokio::time::timeout_at(deadline, self.ledger().send(request(reply))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(closed()),
+            Err(_) => return Err(self.timed_out("the ledger's queue is full")),
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Err(StoreError::Busy(why)))) => Err(self.timed_out(&why)),
             Ok(Ok(Err(StoreError::Unreachable(why)))) => {
                 self.went_down(&why);
