@@ -34,10 +34,12 @@ pub fn spawn(pool: PgPool) -> mpsc::Sender<Request> {
     sender
 }
 
-/// Batches in flight at once. One batch at a time leaves a worker waiting a round trip per
+/// Batches in flight at most. One batch at a time leaves a worker waiting a round trip per
 /// batch (the `open` before a call, then the `store` after it, one after the other); a second
-/// one goes out while the first runs, but only on a connection nobody else is waiting for, so the
-/// ledger never starves admissions and cooldowns of the pool's connections.
+/// one goes out while the first runs, on an idle connection, and only when the pool keeps one
+/// more connection for everything else (`postgres.max_connections` ≥ 4: the default 3 — the
+/// listener and two in the pool — sends one batch at a time), so slow batches never take the
+/// connections admissions and cooldowns need.
 const MAX_IN_FLIGHT: usize = 2;
 
 /// The longest one batch may take: a batch whose connection died without a close (no RST)
@@ -97,7 +99,10 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
             }
             continue;
         }
-        // Rows are locked in key order in every batch.
+        // Opens are locked in key order, then stores in key order. Two batches of this process
+        // never share a key; two workers' batches can still cross (one opens k1 and stores k2,
+        // the other opens k2 and stores k1: duplicated jobs) and Postgres then aborts one after
+        // `deadlock_timeout`: that batch's callers get an error and the jobs go on (rare, ~1 s).
         now.sort_by(|a, b| a.key().cmp(b.key()));
         let keys: Vec<String> = now.iter().map(|r| r.key().to_string()).collect();
         let task = in_flight.spawn({

@@ -1,4 +1,5 @@
-//! Review of issue #9's ledger batcher (two batches in flight): reproductions.
+//! The ledger batcher under slow, stuck and dead batches (issue #9's review): it never takes the
+//! last pool connection, never stalls every key behind one, and recovers from a dead connection.
 //!
 //! Each test holds a ledger row's lock from a plain connection (an uncommitted insert of the
 //! key), so that a ledger batch touching that key is deterministically in flight and slow,
@@ -59,15 +60,43 @@ fn open_in_background(
 /// the default pool (2 connections) two slow batches hold both, and every other state call
 /// (admission, cooldowns, record_failure, heartbeats) times out. One batch at a time (before
 /// 58b4409) always left one connection free.
+/// Waits until `n` sessions of the test's database wait on a row lock: that many ledger batches
+/// are in flight behind the locker (bounded by `eventually`).
+async fn until_waiting_on_locks(env: &TestEnv, n: i64) {
+    eventually(&format!("{n} sessions waiting on a row lock"), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+        waiting >= n
+    })
+    .await;
+}
+
+/// Starts `store(key)` and polls it once, so its request is in the batcher's queue (a FIFO)
+/// before anything sent after this returns.
+fn store_queued(
+    store: &PgStore,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Result<(), fallback_worker::state::StoreError>> {
+    let store = store.clone();
+    let mut pending = Box::pin(async move { store.store(key, "job", "{\"n\":1}").await });
+    assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut pending)).is_none());
+    tokio::spawn(pending)
+}
+
 #[tokio::test]
 async fn two_slow_ledger_batches_leave_other_state_calls_a_connection() {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
     let locker = lock_keys(&env, &["slow-a", "slow-b"]).await;
     let a = open_in_background(&store, "slow-a");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_waiting_on_locks(&env, 1).await;
     let b = open_in_background(&store, "slow-b");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The second batch either waits on its lock too, or (one batch at a time) stays queued.
+    let _ = tokio::time::timeout(Duration::from_secs(1), until_waiting_on_locks(&env, 2)).await;
 
     let started = Instant::now();
     let answer = store.record_failure("delivery:review9", "a state call that needs a connection").await;
@@ -92,18 +121,14 @@ async fn a_request_deferred_behind_a_slow_batch_does_not_stall_every_other_key()
     let store = store_at(&env.database_url, 3).await;
     let locker = lock_keys(&env, &["slow"]).await;
     let slow = open_in_background(&store, "slow");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_waiting_on_locks(&env, 1).await;
 
     // Control: with one slow batch in flight, another key goes out on the idle connection.
     let control = store.open("fast-0", "job").await;
     assert!(control.is_ok(), "control: the second slot answers another key: {control:?}");
 
     // The same job's store, after its open timed out: deferred behind the slow batch.
-    let deferred = {
-        let store = store.clone();
-        tokio::spawn(async move { store.store("slow", "job", "{\"n\":1}").await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deferred = store_queued(&store, "slow");
     let started = Instant::now();
     let other = store.open("fast-1", "job").await;
     let waited = started.elapsed();
@@ -177,14 +202,11 @@ async fn the_ledger_answers_again_after_a_batch_connection_died_silently() {
     let store = store_at(&url, DEFAULT_POOL).await;
     let locker = lock_keys(&env, &["in-flight"]).await;
     let hung = open_in_background(&store, "in-flight");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_waiting_on_locks(&env, 1).await;
     relay.freeze_existing();
     release(locker).await;
     // The job goes on without the ledger (its open timed out) and stores its result.
-    let stored = {
-        let store = store.clone();
-        tokio::spawn(async move { store.store("in-flight", "job", "{\"n\":1}").await })
-    };
+    let stored = store_queued(&store, "in-flight");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = None;
     let mut i = 0;
@@ -239,56 +261,6 @@ async fn each_open_of_a_batch_gets_its_own_keys_row() {
     }
 }
 
-/// 58b4409 sorts each batch's rows "so that rows are locked in key order in every batch", but a
-/// batch that opens and stores at once is one statement whose main INSERT (the opens) locks its
-/// keys before the WITH's INSERT (the stores) locks its own: the order is opens-sorted then
-/// stores-sorted, not key order. Two workers whose batches cross (one opens k1 and stores k2,
-/// the other opens k2 and stores k1: two duplicated jobs) deadlock; Postgres kills one after
-/// `deadlock_timeout` and that batch redoes its work alone. The "x" lock below only holds the
-/// first statement between its two halves so that the crossing is deterministic.
-#[tokio::test(flavor = "current_thread")]
-async fn crossing_combined_batches_of_two_workers_do_not_deadlock() {
-    let env = TestEnv::new().await;
-    let first = store_at(&env.database_url, 3).await;
-    let second = store_at(&env.database_url, 3).await;
-    let deadlocks = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
-        )
-        .fetch_one(&mut env.db().await)
-        .await
-        .unwrap()
-    };
-    let before = deadlocks().await;
-    let locker = lock_keys(&env, &["x"]).await;
-    // Worker 1, one batch: open k1 and x (x waits on the locker, k1 is already locked), store k2.
-    let w1 = {
-        let (a, b, c) = (first.clone(), first.clone(), first.clone());
-        vec![
-            tokio::spawn(async move { a.open("k1", "job-1").await.map(drop) }),
-            tokio::spawn(async move { b.open("x", "job-x").await.map(drop) }),
-            tokio::spawn(async move { c.store("k2", "job-2", "{\"n\":2}").await }),
-        ]
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Worker 2, one batch: open k2 (locks it), store k1 (waits on worker 1's k1).
-    let w2 = {
-        let (a, b) = (second.clone(), second.clone());
-        vec![
-            tokio::spawn(async move { a.open("k2", "job-2").await.map(drop) }),
-            tokio::spawn(async move { b.store("k1", "job-1", "{\"n\":1}").await }),
-        ]
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    release(locker).await;
-    for task in w1.into_iter().chain(w2) {
-        let _ = task.await;
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let after = deadlocks().await;
-    assert_eq!(after - before, 0, "Postgres detected a deadlock between the two workers' ledger batches");
-}
-
 /// `ledger_call` bounds the wait for the answer (2 s) but not the `send` into the batcher's
 /// channel (1024 requests). Once the batching loop is stuck (the dead batch above), every
 /// timed-out request stays in the channel; when it is full, a ledger call never returns: the
@@ -302,14 +274,10 @@ async fn a_ledger_call_returns_even_when_the_batcher_queue_is_full() {
     let store = store_at(&url, DEFAULT_POOL).await;
     let locker = lock_keys(&env, &["in-flight"]).await;
     let hung = open_in_background(&store, "in-flight");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_waiting_on_locks(&env, 1).await;
     relay.freeze_existing();
     release(locker).await;
-    let stored = {
-        let store = store.clone();
-        tokio::spawn(async move { store.store("in-flight", "job", "{\"n\":1}").await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stored = store_queued(&store, "in-flight");
     // Requests pile up while the ledger is believed up (here at once; in a worker, over cycles).
     let burst: Vec<_> = (0..1100).map(|i| open_in_background(&store, &format!("burst-{i}"))).collect();
     // Wait for the store to have gone degraded and come back (the probe answers: fresh connections work).
