@@ -10,6 +10,7 @@
 //! `prefetch` [32,64], `rounds` of service/minimal [2], `rate` jobs/s [200] for `secs` [10],
 //! `admission_jobs` [12000] with `block` [3000], `shared_jobs` [8000] for `shared_workers` [4],
 //! `scaling_jobs` [6000] for `scaling_workers` [1,2,4], `minimal_runtime` [current | multi],
+//! `pg_connections` [3]: the service's `postgres.max_connections` (4: two ledger batches in flight),
 //! `wrap` [none]: a command the worker processes (service and minimal) run under, split on
 //! spaces, e.g. `THROUGHPUT_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"`:
 //! instruction counts do not depend on how busy the shared machine is (run two sizes and take
@@ -287,7 +288,13 @@ impl Stage {
         let providers =
             format!("{}{}", provider("fast", &self.mock.base_url(), true, limits), chain("default", &["fast"], ""));
         let path = self.env.dir.join(format!("service-p{prefetch}-{limited}.toml"));
-        let text = self.env.config_text(&providers, "").replace("prefetch = 8", &format!("prefetch = {prefetch}"));
+        // `pg_connections=4` gives the ledger a second batch in flight (the default 3: one).
+        let connections: u32 = setting("pg_connections", 3);
+        let text = self
+            .env
+            .config_text(&providers, "")
+            .replace("prefetch = 8", &format!("prefetch = {prefetch}"))
+            .replace("\n\n[http]", &format!("\nmax_connections = {connections}\n\n[http]"));
         std::fs::write(&path, text).unwrap();
         path
     }
