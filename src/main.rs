@@ -194,12 +194,12 @@ async fn migrate(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
 
 async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let store = PgStore::connect_lazy(&config.postgres.url, 2)?;
-    let statuses = fallback_worker::cli::status::collect(config, &store)
-        .await
-        .context("reading provider state (is the database reachable and migrated?)")?;
     let pools = fallback_worker::cli::status::collect_pools(config, &store)
         .await
         .context("reading pool state (is the database reachable and migrated?)")?;
+    let statuses = fallback_worker::cli::status::collect(config, &store, &pools)
+        .await
+        .context("reading provider state (is the database reachable and migrated?)")?;
     if json {
         // One array: the providers' lines (`provider`), then the pools' (`pool`).
         let mut lines = Vec::new();

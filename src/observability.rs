@@ -164,42 +164,45 @@ async fn readyz(State(probe): State<Probe>) -> (StatusCode, String) {
 }
 
 async fn metrics_page(State(probe): State<Probe>) -> String {
-    let state =
-        tokio::time::timeout(Duration::from_secs(2), crate::cli::status::collect(&probe.config, &probe.store)).await;
-    if let Ok(Ok(statuses)) = state {
-        for status in statuses {
-            let cooling = if status.state == "cooling" { 1.0 } else { 0.0 };
-            metrics::gauge!("fallback_provider_cooling", "provider" => status.provider.clone()).set(cooling);
-            for window in status.windows {
-                let labels = [
-                    ("provider", status.provider.clone()),
-                    ("measure", window.measure.to_string()),
-                    ("per", window.per.clone()),
-                ];
-                metrics::gauge!("fallback_quota_used", &labels).set(window.used as f64);
-                metrics::gauge!("fallback_quota_limit", &labels).set(window.limit as f64);
-            }
-        }
-    }
-    let pools =
-        tokio::time::timeout(Duration::from_secs(2), crate::cli::status::collect_pools(&probe.config, &probe.store))
-            .await;
-    if let Ok(Ok(pools)) = pools {
-        for pool in pools {
-            for window in pool.windows {
-                let mut labels = vec![
-                    ("pool", pool.pool.clone()),
-                    ("measure", window.measure.to_string()),
-                    ("per", window.per.clone()),
-                ];
-                // A calendar day and a sliding day of one pool are two series.
-                if let Some(resets) = &window.resets {
-                    labels.push(("resets", resets.clone()));
-                }
-                metrics::gauge!("fallback_pool_quota_used", &labels).set(window.used as f64);
-                metrics::gauge!("fallback_pool_quota_limit", &labels).set(window.limit as f64);
-            }
-        }
+    let read = async {
+        let pools = crate::cli::status::collect_pools(&probe.config, &probe.store).await?;
+        let providers = crate::cli::status::collect(&probe.config, &probe.store, &pools).await?;
+        Ok::<_, sqlx::Error>((providers, pools))
+    };
+    if let Ok(Ok((providers, pools))) = tokio::time::timeout(Duration::from_secs(2), read).await {
+        set_provider_gauges(providers);
+        set_pool_gauges(pools);
     }
     probe.metrics.render()
+}
+
+fn set_provider_gauges(statuses: Vec<crate::cli::status::ProviderStatus>) {
+    for status in statuses {
+        let cooling = if status.state == "cooling" { 1.0 } else { 0.0 };
+        metrics::gauge!("fallback_provider_cooling", "provider" => status.provider.clone()).set(cooling);
+        for window in status.windows {
+            let labels = [
+                ("provider", status.provider.clone()),
+                ("measure", window.measure.to_string()),
+                ("per", window.per.clone()),
+            ];
+            metrics::gauge!("fallback_quota_used", &labels).set(window.used as f64);
+            metrics::gauge!("fallback_quota_limit", &labels).set(window.limit as f64);
+        }
+    }
+}
+
+fn set_pool_gauges(pools: Vec<crate::cli::status::PoolStatus>) {
+    for pool in pools {
+        for window in pool.windows {
+            let mut labels =
+                vec![("pool", pool.pool.clone()), ("measure", window.measure.to_string()), ("per", window.per.clone())];
+            // A calendar day and a sliding day of one pool are two series.
+            if let Some(resets) = &window.resets {
+                labels.push(("resets", resets.clone()));
+            }
+            metrics::gauge!("fallback_pool_quota_used", &labels).set(window.used as f64);
+            metrics::gauge!("fallback_pool_quota_limit", &labels).set(window.limit as f64);
+        }
+    }
 }

@@ -24,7 +24,7 @@ use crate::config::{LimitConfig, QuotaPoolConfig};
 use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
 use crate::routing::{Attempt, AttemptOutcome, CooldownReason, LimitScope, QuotaObservation};
-use crate::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
+use crate::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure, quota};
 
 /// One provider as a chain uses it.
 #[derive(Clone)]
@@ -533,21 +533,10 @@ async fn settle_success(call: &Call<'_>, permit: &Permit, completion: &Completio
 /// up before it. A spent budget the config does not hold still cools the provider.
 fn spent_budgets_are_held(ask: &Ask<'_>, quota: &[QuotaObservation]) -> bool {
     let mut spent = quota.iter().filter(|q| q.remaining == 0).peekable();
-    spent.peek().is_some() && spent.all(|q| declares_exactly(ask, q))
-}
-
-fn declares_exactly(ask: &Ask<'_>, seen: &QuotaObservation) -> bool {
-    let pooled = ask.pools.iter().flat_map(|p| p.limits.iter());
-    ask.limits.iter().chain(pooled).any(|limit| {
-        let size = match seen.measure {
-            QuotaMeasure::Requests => limit.requests,
-            QuotaMeasure::Tokens => limit.tokens,
-        };
-        match seen.window {
-            Some(window) => size.is_some() && limit.per == window,
-            None => size.is_some() && size == seen.limit,
-        }
-    })
+    // Held exactly: the window or size the provider named matches a declared limit (not the
+    // guess `matching` makes for an observation that names neither).
+    let held = |q: &&QuotaObservation| (q.window.is_some() || q.limit.is_some()) && !quota::matching(ask, q).is_empty();
+    spent.peek().is_some() && spent.all(|q| held(&q))
 }
 
 /// What a failure did to the provider's availability.

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use sqlx::Row;
 
-use crate::config::{Config, LimitConfig, ProviderConfig};
+use crate::config::{Config, LimitConfig};
 use crate::state::postgres::{PgStore, ScopeKind};
 
 /// One provider's line.
@@ -67,8 +67,13 @@ pub struct WindowUsage {
     pub next_reset: Option<String>,
 }
 
-/// Reads every configured provider's state from the database.
-pub async fn collect(config: &Config, store: &PgStore) -> Result<Vec<ProviderStatus>, sqlx::Error> {
+/// Reads every configured provider's state from the database; `pools` (from [`collect_pools`])
+/// mark a provider whose pool is spent as over quota, without reading the pools again.
+pub async fn collect(
+    config: &Config,
+    store: &PgStore,
+    pools: &[PoolStatus],
+) -> Result<Vec<ProviderStatus>, sqlx::Error> {
     let mut out = Vec::new();
     for provider in &config.providers {
         let row = sqlx::query(
@@ -115,28 +120,15 @@ pub async fn collect(config: &Config, store: &PgStore) -> Result<Vec<ProviderSta
             status.reason = Some(full.measure.to_string());
         }
         if status.state == "usable"
-            && let Some(pool) = full_pool(config, store, provider).await?
+            && let Some(pool) = pools.iter().find(|p| p.state == "over_quota" && provider.quotas.contains(&p.pool))
         {
             // A spent pool stops the provider as surely as its own limit.
             status.state = "over_quota";
-            status.reason = Some(pool);
+            status.reason = Some(format!("pool {}: {}", pool.pool, pool.reason.as_deref().unwrap_or("requests")));
         }
         out.push(status);
     }
     Ok(out)
-}
-
-/// The first of `provider`'s pools with a spent window, as `pool <name>: <measure>`.
-async fn full_pool(config: &Config, store: &PgStore, provider: &ProviderConfig) -> Result<Option<String>, sqlx::Error> {
-    for pool in config.pools_of(provider) {
-        for limit in &pool.limits {
-            let usage = window_usage(store, ScopeKind::Pool, &pool.name, limit).await?;
-            if usage.used >= usage.limit {
-                return Ok(Some(format!("pool {}: {}", pool.name, usage.measure)));
-            }
-        }
-    }
-    Ok(None)
 }
 
 async fn rejected_outputs(store: &PgStore, provider: &str) -> Result<BTreeMap<String, u64>, sqlx::Error> {

@@ -21,7 +21,8 @@ fn outcomes(result: &JobResult) -> Vec<(&str, AttemptOutcome)> {
 /// What `fallback-worker status` would print for `provider`.
 async fn status_of(env: &TestEnv, config: &Config, provider: &str) -> ProviderStatus {
     let store = PgStore::connect_lazy(&env.database_url, 2).unwrap();
-    let all = status::collect(config, &store).await.unwrap();
+    let pools = status::collect_pools(config, &store).await.unwrap();
+    let all = status::collect(config, &store, &pools).await.unwrap();
     all.into_iter().find(|s| s.provider == provider).unwrap()
 }
 
