@@ -1281,31 +1281,26 @@ mod tests {
     ];
 
     /// What the worker's dialect for `profile` makes of a mock answer.
-    async fn read(profile: Profile, response: Response) -> Failure {
+    async fn interpret(profile: Profile, response: Response) -> Result<crate::providers::Completion, Failure> {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
         let now = SystemTime::now();
-        let result = match profile {
+        match profile {
             Profile::GeminiNative => gemini::interpret(status, &headers, &body, "m", now),
             Profile::Anthropic => anthropic::interpret(status, &headers, &body, anthropic::Reading::text("m"), now),
             _ => openai::interpret(status, &headers, &body, now),
-        };
-        result.unwrap_err()
+        }
+    }
+
+    /// The failure the worker's dialect for `profile` reads from a mock error.
+    async fn read(profile: Profile, response: Response) -> Failure {
+        interpret(profile, response).await.unwrap_err()
     }
 
     /// The completion the worker's dialect for `profile` reads from a mock success.
     async fn completion(profile: Profile, response: Response) -> crate::providers::Completion {
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-        let now = SystemTime::now();
-        let result = match profile {
-            Profile::GeminiNative => gemini::interpret(status, &headers, &body, "m", now),
-            Profile::Anthropic => anthropic::interpret(status, &headers, &body, anthropic::Reading::text("m"), now),
-            _ => openai::interpret(status, &headers, &body, now),
-        };
-        result.unwrap()
+        interpret(profile, response).await.unwrap()
     }
 
     #[tokio::test]

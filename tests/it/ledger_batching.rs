@@ -188,6 +188,29 @@ impl Drop for FreezingRelay {
     }
 }
 
+/// A store whose ledger batch for `in-flight` sits on a connection that died without a close,
+/// and the job's own `store` of that key queued behind it.
+struct DeadBatch {
+    _relay: FreezingRelay,
+    store: PgStore,
+    hung: tokio::task::JoinHandle<Result<fallback_worker::state::LedgerEntry, fallback_worker::state::StoreError>>,
+    stored: tokio::task::JoinHandle<Result<(), fallback_worker::state::StoreError>>,
+}
+
+async fn a_batch_on_a_dead_connection(env: &TestEnv) -> DeadBatch {
+    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = store_at(&url, DEFAULT_POOL).await;
+    let locker = lock_keys(env, &["in-flight"]).await;
+    let hung = open_in_background(&store, "in-flight");
+    until_waiting_on_locks(env, 1).await;
+    relay.freeze_existing();
+    release(locker).await;
+    // The job goes on without the ledger (its open timed out) and stores its result.
+    let stored = store_queued(&store, "in-flight");
+    DeadBatch { _relay: relay, store, hung, stored }
+}
+
 /// Contract §4: "No state call waits on a dead connection pool" and the worker "reconnects by
 /// itself and goes on". A ledger batch whose connection dies without a close (no RST: a
 /// partition, a failover, a NAT) never ends: no timeout wraps it. The job's own `store` for
@@ -197,16 +220,7 @@ impl Drop for FreezingRelay {
 #[tokio::test]
 async fn the_ledger_answers_again_after_a_batch_connection_died_silently() {
     let env = TestEnv::new().await;
-    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = store_at(&url, DEFAULT_POOL).await;
-    let locker = lock_keys(&env, &["in-flight"]).await;
-    let hung = open_in_background(&store, "in-flight");
-    until_waiting_on_locks(&env, 1).await;
-    relay.freeze_existing();
-    release(locker).await;
-    // The job goes on without the ledger (its open timed out) and stores its result.
-    let stored = store_queued(&store, "in-flight");
+    let DeadBatch { _relay, store, hung, stored } = a_batch_on_a_dead_connection(&env).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = None;
     let mut i = 0;
@@ -269,15 +283,7 @@ async fn each_open_of_a_batch_gets_its_own_keys_row() {
 #[tokio::test]
 async fn a_ledger_call_returns_even_when_the_batcher_queue_is_full() {
     let env = TestEnv::new().await;
-    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = store_at(&url, DEFAULT_POOL).await;
-    let locker = lock_keys(&env, &["in-flight"]).await;
-    let hung = open_in_background(&store, "in-flight");
-    until_waiting_on_locks(&env, 1).await;
-    relay.freeze_existing();
-    release(locker).await;
-    let stored = store_queued(&store, "in-flight");
+    let DeadBatch { _relay, store, hung, stored } = a_batch_on_a_dead_connection(&env).await;
     // Requests pile up while the ledger is believed up (here at once; in a worker, over cycles).
     let burst: Vec<_> = (0..1100).map(|i| open_in_background(&store, &format!("burst-{i}"))).collect();
     // Wait for the store to have gone degraded and come back (the probe answers: fresh connections work).

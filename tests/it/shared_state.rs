@@ -758,42 +758,6 @@ async fn migration_0007_keeps_the_use_counted_under_0005() {
 }
 
 #[tokio::test]
-async fn two_workers_with_two_free_models_on_one_account_pool_get_no_429_and_pay_nothing() {
-    let env = TestEnv::new().await;
-    // One account behind two models: the mock counts both models' requests together.
-    let mut account = MockOptions::new(Profile::Groq);
-    account.limits = vec![fallback_worker::mock::RequestLimit { requests: 4, per: Duration::from_secs(1) }];
-    account.latency = Duration::from_millis(20);
-    let free = MockProvider::start(account).await.unwrap();
-    let paid = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
-    let providers = format!(
-        "{}{}{}{}{}",
-        provider("model-a", &free.base_url(), true, "quotas = [\"account\"]"),
-        provider("model-b", &free.base_url(), true, "quotas = [\"account\"]"),
-        provider("paid", &paid.base_url(), false, ""),
-        "[[quotas]]\nname = \"account\"\nlimits = [{ requests = 4, per = \"1s\" }]\n\n",
-        chain("default", &["model-a", "model-b", "paid"], "free_wait = \"1h\"")
-    );
-    let a = env.spawn_worker(env.config(&providers), "worker-a").await;
-    let b = env.spawn_worker(env.config(&providers), "worker-b").await;
-    let jobs = 24;
-    for i in 0..jobs {
-        env.publish(&job(&format!("pooled-{i}")), BasicProperties::default()).await;
-    }
-    let results = env.results(&env.results, jobs).await;
-    assert!(
-        results.iter().all(|r| r.is_success() && r.routing.free == Some(true)),
-        "all on the free account: {results:?}"
-    );
-    let stats = free.stats();
-    assert_eq!(stats.rate_limited, 0, "the pool kept both models under the account's limit");
-    assert_eq!(stats.requests, jobs);
-    assert_eq!(paid.requests(), 0, "no paid call while free_wait runs");
-    a.stop().await;
-    b.stop().await;
-}
-
-#[tokio::test]
 async fn status_lists_pools_with_their_use_next_reset_and_who_draws_from_them() {
     let env = TestEnv::new().await;
     let store = migrated_store(&env).await;
