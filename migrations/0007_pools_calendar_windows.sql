@@ -104,11 +104,12 @@ $$;
 -- Otherwise returns when there will be room (`blocked_until_ms`, epoch ms, rounded up so a job
 -- that waits never comes back a moment too early) and what blocks it: 'cooldown', 'requests',
 -- 'tokens', or 'tokens_exceed_limit'. For calendar windows the worker passes the next reset
--- after now (`p_first_resets`) and after the call's deadline (`p_leaves`); NULL for sliding ones.
+-- after the worker's clock (`p_first_resets`), the reset after that (`p_next_resets`), and after the
+-- call's deadline (`p_leaves`); NULL for sliding ones.
 CREATE FUNCTION fallback_admit(
     p_provider text,
     p_kinds text[], p_scopes text[], p_measures text[], p_windows_ms bigint[], p_calendars text[],
-    p_limits bigint[], p_first_resets timestamptz[], p_leaves timestamptz[],
+    p_limits bigint[], p_first_resets timestamptz[], p_next_resets timestamptz[], p_leaves timestamptz[],
     p_tokens bigint, p_flight_ms bigint)
 RETURNS TABLE (usage_id bigint, blocked_until_ms bigint, blocked_by text)
 LANGUAGE plpgsql AS $$
@@ -121,6 +122,7 @@ DECLARE
     v_next     timestamptz[];
     v_amounts  bigint[];
     v_leaves   timestamptz[];
+    v_first    timestamptz[];
     v_found    int;
     v_retired  bigint;
     v_free_at  timestamptz;
@@ -146,13 +148,17 @@ BEGIN
             RETURN QUERY SELECT NULL::bigint, NULL::bigint, 'tokens_exceed_limit'::text;
             RETURN;
         END IF;
-        -- The worker's calendar is stale (a reset passed since it looked): ask again at once.
-        IF p_first_resets[i] IS NOT NULL AND p_first_resets[i] <= v_now THEN
+        -- The first reset after this clock: the worker's first, or, when that has passed here
+        -- (the worker's clock lags, or the admission waited), the one after it.
+        v_first[i] := CASE WHEN p_first_resets[i] > v_now THEN p_first_resets[i] ELSE p_next_resets[i] END;
+        -- A calendar a whole day stale (cannot happen with sane clocks): ask again at once.
+        IF v_first[i] <= v_now THEN
             RETURN QUERY SELECT NULL::bigint, ceil(extract(epoch FROM v_now) * 1000)::bigint, p_measures[i];
             RETURN;
         END IF;
         v_amounts[i] := CASE WHEN p_measures[i] = 'requests' THEN 1 ELSE p_tokens END;
-        v_leaves[i] := coalesce(p_leaves[i], v_expires + p_windows_ms[i] * interval '1 millisecond');
+        -- A calendar call leaves no earlier than the first reset (greatest ignores NULLs).
+        v_leaves[i] := coalesce(greatest(p_leaves[i], v_first[i]), v_expires + p_windows_ms[i] * interval '1 millisecond');
     END LOOP;
 
     -- Lock the windows in the given (canonical) order; create the missing ones first (in the same
@@ -188,7 +194,7 @@ BEGIN
             v_used[i] := coalesce(v_retired, v_used[i]);
         END IF;
         IF v_used[i] + v_amounts[i] > p_limits[i] THEN
-            v_cap := coalesce(p_first_resets[i], v_now + p_windows_ms[i] * interval '1 millisecond');
+            v_cap := coalesce(v_first[i], v_now + p_windows_ms[i] * interval '1 millisecond');
             v_free_at := fallback_room_at(p_kinds[i], p_scopes[i], p_measures[i], p_windows_ms[i], p_calendars[i],
                                           v_used[i] + v_amounts[i] - p_limits[i], v_cap);
             IF v_wait IS NULL OR v_free_at > v_wait THEN
@@ -209,7 +215,7 @@ BEGIN
      WHERE w.kind = t.k AND w.scope = t.s AND w.measure = t.m AND w.window_ms = t.wm AND w.calendar = t.c;
     INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, first_reset)
     SELECT v_id, k, s, m, wm, c, a, l, f
-      FROM unnest(p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars, v_amounts, v_leaves, p_first_resets)
+      FROM unnest(p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars, v_amounts, v_leaves, v_first)
            AS t(k, s, m, wm, c, a, l, f);
     RETURN QUERY SELECT v_id, NULL::bigint, NULL::text;
 END
@@ -263,8 +269,12 @@ $$;
 -- that window becomes `p_declared - p_remaining` where that is more than we count (learnt use,
 -- leaving at `p_leaves`), and where it is less, learnt use (only) is taken back. One window per
 -- call, so it never holds two window locks.
+-- The headers are the provider's count when it received call `p_call`; our window also holds the
+-- calls admitted after it, so lowering compares with our count without those (never taking back
+-- use that is still real).
 CREATE FUNCTION fallback_observe(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
-                                 p_calendar text, p_declared bigint, p_remaining bigint, p_leaves timestamptz)
+                                 p_calendar text, p_declared bigint, p_remaining bigint, p_leaves timestamptz,
+                                 p_call bigint)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     v_now    timestamptz := clock_timestamp();
@@ -291,7 +301,16 @@ BEGIN
            AND calendar = p_calendar;
         RETURN v_target;
     END IF;
-    v_excess := v_used - v_target;
+    -- The provider counted when it received call `p_call`: calls admitted after it (larger
+    -- ids) are not in its figure. Take back only what our count without them exceeds; with
+    -- the call unknown (NULL), nothing.
+    SELECT v_used - coalesce(sum(amount), 0) - v_target INTO v_excess FROM quota_use
+     WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
+       AND calendar = p_calendar AND NOT learnt AND call_id > p_call AND leaves_at > v_now;
+    v_excess := coalesce(v_excess, 0);
+    IF p_call IS NULL THEN
+        v_excess := 0;
+    END IF;
     FOR r IN SELECT id, amount FROM quota_use
               WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
                 AND calendar = p_calendar AND learnt AND leaves_at > v_now

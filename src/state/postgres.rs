@@ -1075,7 +1075,7 @@ impl ProviderState for PgStore {
 
 impl PgStore {
     /// Corrects one window from what the provider says is left of `limit` (`fallback_observe`
-    /// of migration 0008), in the answer to the call `call` (the database's call id; `None`
+    /// of migration 0007), in the answer to the call `call` (the database's call id; `None`
     /// when it was admitted locally: nothing is then lowered, see [`super::quota::observe`]).
     async fn observe_window(
         &self,

@@ -491,7 +491,7 @@ async fn a_calendar_window_holds_until_the_reset_and_is_not_the_sliding_day() {
     assert_eq!(windows, vec![("".to_string(), 2), ("00:00 UTC".to_string(), 2)], "two running totals");
 }
 
-/// Calls `fallback_admit` (0008) for one calendar window whose resets the test chooses (the
+/// Calls `fallback_admit` (0007) for one calendar window whose resets the test chooses (the
 /// database's clock cannot be moved): `first_reset` as the worker saw it, `next_reset` the one
 /// after, the call leaving at `leaves`.
 async fn admit_calendar(
@@ -666,7 +666,7 @@ async fn observations_move_the_shared_count_both_ways_but_never_below_real_calls
 
 /// A header is the provider's count when it took the observed call: calls admitted after it
 /// are in our window, not in its figure, and must not make it look as if another client's use
-/// of the key had gone (`fallback_observe` of 0008 discounts them).
+/// of the key had gone (`fallback_observe` of 0007 discounts them).
 #[tokio::test]
 async fn an_answer_observed_while_later_calls_fly_does_not_take_back_anothers_use() {
     let env = TestEnv::new().await;
