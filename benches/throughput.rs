@@ -10,6 +10,7 @@
 //! `prefetch` [32,64], `rounds` of service/minimal [2], `rate` jobs/s [200] for `secs` [10],
 //! `admission_jobs` [12000] with `block` [3000], `shared_jobs` [8000] for `shared_workers` [4],
 //! `scaling_jobs` [6000] for `scaling_workers` [1,2,4], `minimal_runtime` [current | multi],
+//! `minimal_connections` [1 | 2: publish on a second connection, as the service does],
 //! `pg_connections` [3]: the service's `postgres.max_connections` (4: two ledger batches in flight),
 //! `wrap` [none]: a command the worker processes (service and minimal) run under, split on
 //! spaces, e.g. `THROUGHPUT_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"`:
@@ -308,6 +309,7 @@ impl Stage {
             .env("MINIMAL_PROVIDER_URL", format!("{}/chat/completions", self.mock.base_url()))
             .env("MINIMAL_PREFETCH", prefetch.to_string())
             .env("MINIMAL_RUNTIME", setting::<String>("minimal_runtime", "current".into()))
+            .env("MINIMAL_CONNECTIONS", setting::<String>("minimal_connections", "1".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -647,6 +649,7 @@ mod minimal {
         results: String,
         provider_url: String,
         prefetch: u16,
+        connections: u8,
     }
 
     /// The child process's entry point (`THROUGHPUT_MINIMAL_WORKER` set); runs until killed.
@@ -658,6 +661,7 @@ mod minimal {
             results: var("MINIMAL_RESULTS"),
             provider_url: var("MINIMAL_PROVIDER_URL"),
             prefetch: var("MINIMAL_PREFETCH").parse().unwrap(),
+            connections: var("MINIMAL_CONNECTIONS").parse().unwrap(),
         };
         let runtime = var("MINIMAL_RUNTIME");
         // The service's `main` runs a current-thread runtime; `minimal_runtime=multi` compares
@@ -673,7 +677,13 @@ mod minimal {
         let conn = Connection::connect(&params.amqp_url, ConnectionProperties::default()).await.unwrap();
         let consuming = conn.create_channel().await.unwrap();
         consuming.basic_qos(params.prefetch, BasicQosOptions::default()).await.unwrap();
-        let publisher = conn.create_channel().await.unwrap();
+        // `minimal_connections=2` publishes on a connection of its own, as the service does (a
+        // broker that blocks publishers must not block the consumer's acks).
+        let publishing = match params.connections {
+            2 => Connection::connect(&params.amqp_url, ConnectionProperties::default()).await.unwrap(),
+            _ => conn,
+        };
+        let publisher = publishing.create_channel().await.unwrap();
         publisher.confirm_select(Default::default()).await.unwrap();
         let http = reqwest::Client::new();
         let params = std::sync::Arc::new(params);
