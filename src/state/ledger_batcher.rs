@@ -343,7 +343,7 @@ async fn store_rows(pool: &PgPool, rows: &[(&str, &str, &str)]) -> Result<(), Fa
 
 /// A batch's failure, shared by every request in it (sqlx errors cannot be cloned).
 #[derive(Debug, Clone)]
-struct Failed {
+pub(super) struct Failed {
     message: String,
     kind: FailedKind,
 }
@@ -359,7 +359,7 @@ enum FailedKind {
 }
 
 impl Failed {
-    fn to_store_error(&self) -> StoreError {
+    pub(super) fn to_store_error(&self) -> StoreError {
         let message = self.message.clone();
         match self.kind {
             FailedKind::Refused => StoreError::Unavailable(message),
@@ -369,7 +369,7 @@ impl Failed {
     }
 }
 
-fn describe(error: &sqlx::Error) -> Failed {
+pub(super) fn describe(error: &sqlx::Error) -> Failed {
     let kind = match error {
         sqlx::Error::PoolTimedOut => FailedKind::Busy,
         e if super::postgres::is_transient(e) => FailedKind::Unreachable,
