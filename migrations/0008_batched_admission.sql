@@ -10,31 +10,6 @@
 -- `fallback_admit` and `fallback_finish` (0007) stay for workers not yet upgraded: both kinds of
 -- admission take the same locks in the same order, so they exclude each other exactly.
 
--- `fallback_room_at` as it was before the calls with ids from `p_before` on were admitted: a
--- batch inserts all its grants at once, and a refused ask's wait must not count the room of
--- calls granted after it (a short call granted later may leave earlier). Learnt use (call 0)
--- and every other worker's calls (committed before this batch took the window's lock, so with
--- smaller ids) always count.
-CREATE FUNCTION fallback_room_before(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
-                                     p_calendar text, p_excess bigint, p_cap timestamptz, p_before bigint)
-RETURNS timestamptz LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_freed bigint := 0;
-    r       record;
-BEGIN
-    FOR r IN SELECT leaves_at, amount FROM quota_use
-              WHERE kind = p_kind AND scope = p_scope AND measure = p_measure
-                AND window_ms = p_window_ms AND calendar = p_calendar AND call_id < p_before
-              ORDER BY leaves_at LOOP
-        v_freed := v_freed + r.amount;
-        IF v_freed >= p_excess THEN
-            RETURN least(r.leaves_at, p_cap);
-        END IF;
-    END LOOP;
-    RETURN p_cap;
-END
-$$;
-
 -- Admits a batch of asks to `p_provider`, in order, as `fallback_admit` would have admitted them
 -- one after another. The windows (`p_kinds` .. `p_next_resets`, one entry per window, in the
 -- canonical order) are the provider's, the same for every ask. Per ask: `p_tokens[a]` and
@@ -45,7 +20,9 @@ $$;
 -- `blocked_by` as `fallback_admit` answers them. Each grant raises the running use of every
 -- window it counts in before the next ask is decided; a refused ask takes nothing. The windows
 -- are updated once and the grants inserted once; the refused asks' waits are computed after that,
--- each distinct (window, excess, grants before it) once.
+-- each distinct (window, excess) once. Counting the batch's own grants there, also those granted
+-- after a refused ask, changes no wait: `fallback_room_at` answers no later than its cap (now +
+-- the window, or the first reset), and every grant of the batch leaves at or after that cap.
 CREATE FUNCTION fallback_admit_batch(
     p_provider text,
     p_kinds text[], p_scopes text[], p_measures text[], p_windows_ms bigint[], p_calendars text[],
@@ -80,8 +57,6 @@ DECLARE
     r_asks     int[] := '{}';
     r_windows  int[] := '{}';
     r_excess   bigint[] := '{}';
-    r_before   bigint[] := '{}';
-    v_waiting  int := 1;      -- the first entry of r_before no grant has followed yet
     r          record;
     a          int;
     i          int;
@@ -182,17 +157,10 @@ BEGIN
                 r_asks := r_asks || a;
                 r_windows := r_windows || i;
                 r_excess := r_excess || (v_used[i] + v_amount - p_limits[i]);
-                -- Filled in below: the first call id granted after this ask.
-                r_before := r_before || NULL::bigint;
             END IF;
         END LOOP;
         CONTINUE WHEN NOT v_fits;
         v_ids[a] := nextval('quota_call_id');
-        -- The grants before a refused ask are the ones with smaller ids.
-        FOR i IN v_waiting .. coalesce(array_length(r_before, 1), 0) LOOP
-            r_before[i] := v_ids[a];
-        END LOOP;
-        v_waiting := coalesce(array_length(r_before, 1), 0) + 1;
         v_expires := v_now + p_flight_ms[a] * interval '1 millisecond';
         FOR i IN 1 .. v_n LOOP
             v_amount := CASE WHEN p_measures[i] = 'requests' THEN 1 ELSE p_tokens[a] END;
@@ -223,20 +191,18 @@ BEGIN
     END IF;
 
     -- Each refused ask waits for its latest window (the first in order on a tie, as in
-    -- fallback_admit); each distinct (window, excess, grants before) is looked up once.
+    -- fallback_admit); each distinct (window, excess) is looked up once.
     RETURN QUERY
     WITH need AS (
-        SELECT t.a, t.w, t.e, coalesce(t.b, 9223372036854775807) AS b, t.o
-          FROM unnest(r_asks, r_windows, r_excess, r_before) WITH ORDINALITY AS t(a, w, e, b, o)),
+        SELECT t.a, t.w, t.e, t.o FROM unnest(r_asks, r_windows, r_excess) WITH ORDINALITY AS t(a, w, e, o)),
     room AS (
-        SELECT d.w, d.e, d.b,
-               fallback_room_before(p_kinds[d.w], p_scopes[d.w], p_measures[d.w], p_windows_ms[d.w], p_calendars[d.w],
-                                    d.e, coalesce(v_first[d.w], v_now + p_windows_ms[d.w] * interval '1 millisecond'),
-                                    d.b) AS free_at
-          FROM (SELECT DISTINCT w, e, b FROM need) d),
+        SELECT d.w, d.e,
+               fallback_room_at(p_kinds[d.w], p_scopes[d.w], p_measures[d.w], p_windows_ms[d.w], p_calendars[d.w],
+                                d.e, coalesce(v_first[d.w], v_now + p_windows_ms[d.w] * interval '1 millisecond')) AS free_at
+          FROM (SELECT DISTINCT w, e FROM need) d),
     waits AS (
         SELECT DISTINCT ON (n.a) n.a, rm.free_at, p_measures[n.w] AS measure
-          FROM need n JOIN room rm ON rm.w = n.w AND rm.e = n.e AND rm.b = n.b
+          FROM need n JOIN room rm ON rm.w = n.w AND rm.e = n.e
          ORDER BY n.a, rm.free_at DESC, n.o)
     SELECT waits.a::int, NULL::bigint, ceil(extract(epoch FROM waits.free_at) * 1000)::bigint, waits.measure FROM waits;
 END
@@ -249,17 +215,26 @@ $$;
 --
 -- As in fallback_finish: when no token count is raised, the transaction commits without waiting
 -- for its WAL flush (a lost finish only makes calls count longer, never less).
+--
+-- Planned for each call's arrays (`plan_cache_mode`): a cached generic plan does not know how few
+-- calls the array holds, and reads the whole of quota_use (every call in every window) per batch.
 CREATE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[])
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
     v_now    timestamptz := clock_timestamp();
     v_raised bigint;
+    v_locked bigint;
 BEGIN
-    PERFORM 1 FROM quota_window w
-     WHERE (w.kind, w.scope, w.measure, w.window_ms, w.calendar) IN
-           (SELECT kind, scope, measure, window_ms, calendar FROM quota_use WHERE call_id = ANY (p_calls))
-     ORDER BY w.kind COLLATE "C", w.scope COLLATE "C", w.measure COLLATE "C", w.window_ms, w.calendar COLLATE "C"
-       FOR UPDATE OF w;
+    -- The calls' windows first, through the call index (as a semi-join the planner may instead
+    -- walk each window's every row to find the calls).
+    WITH involved AS MATERIALIZED (
+        SELECT DISTINCT kind, scope, measure, window_ms, calendar FROM quota_use WHERE call_id = ANY (p_calls))
+    SELECT count(*) INTO v_locked FROM (
+        SELECT 1 FROM quota_window w
+          JOIN involved i ON w.kind = i.kind AND w.scope = i.scope AND w.measure = i.measure
+                         AND w.window_ms = i.window_ms AND w.calendar = i.calendar
+         ORDER BY w.kind COLLATE "C", w.scope COLLATE "C", w.measure COLLATE "C", w.window_ms, w.calendar COLLATE "C"
+           FOR UPDATE OF w) locked;
     WITH calls AS (
         SELECT DISTINCT ON (c) c, tok FROM unnest(p_calls, p_tokens) WITH ORDINALITY AS t(c, tok, o)
          WHERE c IS NOT NULL ORDER BY c, o)
@@ -271,8 +246,10 @@ BEGIN
                    ELSE u.leaves_at END,
                amount = CASE WHEN u.measure = 'tokens' AND o.tok IS NOT NULL THEN o.tok ELSE u.amount END
           FROM (SELECT q.id, q.amount AS old_amount, calls.tok FROM quota_use q JOIN calls ON q.call_id = calls.c
-                 WHERE NOT q.learnt) o
-         WHERE u.id = o.id
+                 WHERE q.call_id = ANY (p_calls) AND NOT q.learnt) o
+         -- `call_id = ANY` on both sides: the planner reads the batch's rows through the call
+         -- index, never the whole table (its size is the calls in every window).
+         WHERE u.id = o.id AND u.call_id = ANY (p_calls)
         RETURNING u.kind, u.scope, u.measure, u.window_ms, u.calendar, u.leaves_at, u.amount - o.old_amount AS delta)
     , per_window AS (
         SELECT kind, scope, measure, window_ms, calendar, sum(delta) AS delta, min(leaves_at) AS leaves_at,

@@ -5,6 +5,7 @@ mod support;
 
 mod answer_checks;
 mod backlog;
+mod batched_admission;
 mod chain_flow;
 mod delivery;
 mod deploy;
