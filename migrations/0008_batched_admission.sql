@@ -216,8 +216,9 @@ $$;
 -- As in fallback_finish: when no token count is raised, the transaction commits without waiting
 -- for its WAL flush (a lost finish only makes calls count longer, never less).
 --
--- Planned for each call's arrays (`plan_cache_mode`): a cached generic plan does not know how few
--- calls the array holds, and reads the whole of quota_use (every call in every window) per batch.
+-- Planned for each call's arrays (`plan_cache_mode`): a generic plan cached while the table was
+-- small hash-joins the whole of quota_use (every call in every window) per batch, and its cost
+-- then grows with the window (measured: 1.5 ms per 32 finishes at first, 44 ms after 96,000).
 CREATE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[])
 RETURNS void LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
