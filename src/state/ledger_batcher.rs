@@ -359,6 +359,11 @@ enum FailedKind {
 }
 
 impl Failed {
+    /// No answer in time (slowness, or a connection that died): as a full pool.
+    pub(super) fn busy(message: &str) -> Failed {
+        Failed { message: message.to_string(), kind: FailedKind::Busy }
+    }
+
     pub(super) fn to_store_error(&self) -> StoreError {
         let message = self.message.clone();
         match self.kind {

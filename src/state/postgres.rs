@@ -48,6 +48,10 @@ const CHANNEL: &str = "fallback_provider_state";
 /// must not hold jobs for seconds on a dead connection pool.
 const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The largest token count of one call a provider's answer may set (a trillion; far above any
+/// limit): the windows' running totals add millions of these before a bigint overflows.
+const MAX_REPORTED_TOKENS: u64 = 1 << 40;
+
 /// How often an unreachable database is probed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -884,7 +888,10 @@ impl ProviderState for PgStore {
             self.outage.own_calls.finish(Permit { usage_id: Some(local_id), local_id: None }, tokens).await;
         }
         let Some(call) = permit.usage_id else { return };
-        let tokens = tokens.map(saturating_i64);
+        // A provider's count is taken as it says, but never so large that the windows' totals
+        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
+        // finishes (bigint out of range), and the other calls' raised counts in it with it.
+        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
         // With the other answers that arrive meanwhile, in one transaction.
         let request = |reply| quota_batcher::Request::Finish { call, tokens, reply };
         let result = self.batched_call(self.quota(), request).await;

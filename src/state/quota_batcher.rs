@@ -12,7 +12,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sqlx::{PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -198,10 +199,8 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         while in_flight.len() < max_in_flight && (in_flight.is_empty() || pool.num_idle() > 0) {
             let Some((key, batch)) = queues.next_batch() else { break };
             let pool = pool.clone();
-            let task = in_flight.spawn(async move {
-                // Dropping the batch drops its replies: their callers are told the task stopped.
-                let _ = tokio::time::timeout(BATCH_TIMEOUT, execute(pool, batch)).await;
-            });
+            // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
+            let task = in_flight.spawn(execute(pool, batch));
             queues.hold(task.id(), key);
         }
         if closed && in_flight.is_empty() && queues.ready.is_empty() {
@@ -238,16 +237,49 @@ async fn execute(pool: PgPool, batch: Vec<Request>) {
             Request::Finish { call, tokens, reply } => finishes.push((call, tokens, reply)),
         }
     }
+    let deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
+    let mut conn = match tokio::time::timeout_at(deadline, pool.acquire()).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return fail_all(asks, finishes, &describe(&e)),
+        Err(_) => return fail_all(asks, finishes, &Failed::busy("no connection for the batch in time")),
+    };
     if !asks.is_empty() {
-        admit_all(&pool, asks).await;
+        admit_all(&mut conn, deadline, asks).await;
     }
     if !finishes.is_empty() {
-        finish_all(&pool, finishes).await;
+        finish_all(&mut conn, deadline, finishes).await;
+    }
+}
+
+/// Runs one statement of a batch on `conn`, until `deadline` at most. A statement still running
+/// then (its connection died without a close, or a lock wait) leaves its connection closed, not
+/// returned to the pool: sqlx would test it on its return with a ping that has no timeout, and
+/// on a dead connection that ping holds one of the pool's slots for the process's life.
+async fn bounded<T>(
+    conn: &mut PoolConnection<Postgres>,
+    deadline: tokio::time::Instant,
+    statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+) -> Result<T, Failed> {
+    match tokio::time::timeout_at(deadline, statement(&mut **conn)).await {
+        Ok(answer) => answer.map_err(|e| describe(&e)),
+        Err(_) => {
+            conn.close_on_drop();
+            Err(Failed::busy(&format!("the batch took longer than {BATCH_TIMEOUT:?}")))
+        }
+    }
+}
+
+fn fail_all(asks: Vec<AdmitAsk>, finishes: Vec<Finish>, failed: &Failed) {
+    for ask in asks {
+        let _ = ask.reply.send(Err(failed.to_store_error()));
+    }
+    for (_, _, reply) in finishes {
+        let _ = reply.send(Err(failed.to_store_error()));
     }
 }
 
 /// Admits one provider's asks in one statement, in order, and answers each.
-async fn admit_all(pool: &PgPool, asks: Vec<AdmitAsk>) {
+async fn admit_all(conn: &mut PoolConnection<Postgres>, deadline: tokio::time::Instant, asks: Vec<AdmitAsk>) {
     let Some((windows, provider)) = asks.first().map(|a| (a.windows.clone(), a.provider.clone())) else { return };
     let n = windows.specs.len();
     // The resets as of now (the asks waited a moment): the statement takes the reset after the
@@ -265,7 +297,7 @@ async fn admit_all(pool: &PgPool, asks: Vec<AdmitAsk>) {
     // asks × windows, row-major; exactly `n` per ask whatever an ask carries.
     let leaves: Vec<Option<f64>> =
         asks.iter().flat_map(|a| a.leaves.iter().copied().chain(std::iter::repeat(None)).take(n)).collect();
-    let rows = sqlx::query(
+    let query = sqlx::query(
         "SELECT ask, usage_id, blocked_until_ms, blocked_by FROM fallback_admit_batch($1, $2, $3, $4, $5, $6, $7, \
            (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($8::float8[]) WITH ORDINALITY AS t(f, o)), \
            (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(f, o)), \
@@ -283,9 +315,8 @@ async fn admit_all(pool: &PgPool, asks: Vec<AdmitAsk>) {
     .bind(&next_resets)
     .bind(&tokens)
     .bind(&flights)
-    .bind(&leaves)
-    .fetch_all(pool)
-    .await;
+    .bind(&leaves);
+    let rows = bounded(conn, deadline, async |c| query.fetch_all(c).await).await;
     let mut answers: Vec<Option<Result<Decision, Failed>>> = (0..asks.len()).map(|_| None).collect();
     match rows {
         Ok(rows) => {
@@ -304,8 +335,7 @@ async fn admit_all(pool: &PgPool, asks: Vec<AdmitAsk>) {
                 }
             }
         }
-        Err(e) => {
-            let failed = describe(&e);
+        Err(failed) => {
             answers.iter_mut().for_each(|a| *a = Some(Err(failed.clone())));
         }
     }
@@ -322,11 +352,11 @@ async fn admit_all(pool: &PgPool, asks: Vec<AdmitAsk>) {
 type Finish = (i64, Option<i64>, oneshot::Sender<Result<(), StoreError>>);
 
 /// Records the answers of many calls in one statement.
-async fn finish_all(pool: &PgPool, finishes: Vec<Finish>) {
+async fn finish_all(conn: &mut PoolConnection<Postgres>, deadline: tokio::time::Instant, finishes: Vec<Finish>) {
     let calls: Vec<i64> = finishes.iter().map(|f| f.0).collect();
     let tokens: Vec<Option<i64>> = finishes.iter().map(|f| f.1).collect();
-    let done = sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens).execute(pool).await;
-    let outcome = done.map(|_| ()).map_err(|e| describe(&e));
+    let query = sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens);
+    let outcome = bounded(conn, deadline, async |c| query.execute(c).await.map(|_| ())).await;
     for (_, _, reply) in finishes {
         let _ = reply.send(outcome.clone().map_err(|e| e.to_store_error()));
     }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod admission_review;
 mod answer_checks;
 mod backlog;
 mod batched_admission;

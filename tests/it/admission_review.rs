@@ -1,0 +1,151 @@
+//! Adversarial review of batched admission and finishes (issue #9): each test here failed on the
+//! branch as reviewed.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use fallback_worker::config::LimitConfig;
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{Admission, Ask, ProviderState};
+
+use crate::ledger_batching::{DEFAULT_POOL, FreezingRelay, store_at, until_waiting_on_locks};
+use crate::support::*;
+
+fn requests(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(secs), resets: None }
+}
+
+fn tokens(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
+}
+
+/// One admission batch of `store` for `provider` waits on the provider's row (held by another
+/// session), and its connection then dies without a close.
+async fn a_batch_dies_silently(env: &TestEnv, relay: &FreezingRelay, store: &PgStore, provider: &'static str) {
+    let mut locker = env.db().await;
+    sqlx::query("INSERT INTO provider_state (provider) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(provider)
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM provider_state WHERE provider = $1 FOR UPDATE")
+        .bind(provider)
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let hung = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let limits = [requests(100, 60)];
+            let ask = Ask { provider, limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+            store.admit(ask, SystemTime::now()).await
+        })
+    };
+    until_waiting_on_locks(env, 1).await;
+    relay.freeze_existing();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let _ = hung.await.unwrap();
+}
+
+/// A batch that times out is dropped mid-query; sqlx then "returns" its connection to the pool
+/// with a ping that has no timeout, and on a connection that died without a close that ping
+/// never ends: the pool's slot is held for the process's life. Two such batches (the default
+/// pool has two connections) and no state call ever gets a connection again, although the
+/// database answers every new connection.
+#[tokio::test]
+async fn two_batches_on_dead_connections_do_not_leave_the_pool_without_connections() {
+    let env = TestEnv::new().await;
+    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = store_at(&url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+
+    for provider in ["dead-1", "dead-2"] {
+        a_batch_dies_silently(&env, &relay, &store, provider).await;
+        // Until the database takes this worker's calls again (a new connection each time).
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < Duration::from_secs(40) {
+            match store.admit(ask, SystemTime::now()).await {
+                Admission::Granted(permit) if permit.usage_id.is_some() => {
+                    last = None;
+                    break;
+                }
+                other => last = Some(other),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(
+            last.is_none(),
+            "40 s after the batch of {provider} died the database still admits nothing: {last:?} (pool: {} open, {} idle)",
+            store.pool().size(),
+            store.pool().num_idle()
+        );
+    }
+}
+
+/// A provider's reported token count is taken as is (`usage.total_tokens`, any u64). One absurd
+/// count in a batch of finishes makes the whole statement fail (bigint out of range), and the
+/// other calls' raised counts in that batch are lost: those windows then count fewer tokens
+/// than were used, and admit past their limit. One call at a time, only the absurd call's own
+/// finish failed.
+#[tokio::test]
+async fn one_absurd_token_count_does_not_lose_the_other_finishes_of_its_batch() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [tokens(1_000, 60)];
+    let honest = Ask { provider: "honest", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(30) };
+    let hostile =
+        Ask { provider: "hostile", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(30) };
+    let Admission::Granted(a) = store.admit(honest, SystemTime::now()).await else { panic!("room") };
+    let Admission::Granted(b) = store.admit(hostile, SystemTime::now()).await else { panic!("room") };
+    // Both usages already count something else, so the absurd count overflows its window.
+    let Admission::Granted(_) = store.admit(hostile, SystemTime::now()).await else { panic!("room") };
+
+    // Hold the batcher's one batch in flight (an ask waiting on a row lock), so the two
+    // finishes queue and go out together.
+    let mut locker = env.db().await;
+    sqlx::query("INSERT INTO provider_state (provider) VALUES ('blocker') ON CONFLICT DO NOTHING")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM provider_state WHERE provider = 'blocker' FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let blocked = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let limits = [requests(100, 60)];
+            let ask =
+                Ask { provider: "blocker", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+            store.admit(ask, SystemTime::now()).await
+        })
+    };
+    until_waiting_on_locks(&env, 1).await;
+    let finishes = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let honest_finish = store.finish(a, Some(900));
+            let hostile_finish = store.finish(b, Some(u64::MAX));
+            tokio::join!(honest_finish, hostile_finish);
+        })
+    };
+    // Both finishes are queued behind the batch in flight before it ends.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let _ = blocked.await;
+    finishes.await.unwrap();
+
+    let mut db = env.db().await;
+    let used: i64 = sqlx::query_scalar(
+        "SELECT used FROM quota_window WHERE kind = 'provider' AND scope = 'honest' AND measure = 'tokens'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(used, 900, "the honest provider's call used 900 tokens; its window counts {used}");
+}
