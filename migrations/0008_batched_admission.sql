@@ -186,9 +186,11 @@ BEGIN
         SELECT g.id, p_kinds[g.w], p_scopes[g.w], p_measures[g.w], p_windows_ms[g.w], p_calendars[g.w],
                g.amount, g.leaves, v_first[g.w]
           FROM unnest(g_ids, g_windows, g_amounts, g_leaves) AS g(id, w, amount, leaves);
-        RETURN QUERY SELECT o::int, v_ids[o], NULL::bigint, NULL::text
-                       FROM generate_subscripts(v_ids, 1) o WHERE v_ids[o] IS NOT NULL;
     END IF;
+    -- Every grant answered, also with no window at all (a provider whose only pool has no
+    -- limits: nothing to count, the cooldown alone decides).
+    RETURN QUERY SELECT o::int, v_ids[o], NULL::bigint, NULL::text
+                   FROM generate_subscripts(v_ids, 1) o WHERE v_ids[o] IS NOT NULL;
 
     -- Each refused ask waits for its latest window (the first in order on a tie, as in
     -- fallback_admit); each distinct (window, excess) is looked up once.

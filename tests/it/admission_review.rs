@@ -149,3 +149,19 @@ async fn one_absurd_token_count_does_not_lose_the_other_finishes_of_its_batch() 
     .unwrap();
     assert_eq!(used, 900, "the honest provider's call used 900 tokens; its window counts {used}");
 }
+
+/// A pool without limits is allowed (it only says which providers share an account). A provider
+/// with no limits of its own drawing from such a pool asks with no window at all: the batch then
+/// granted the asks but answered none of them (its grants were returned only when a window row
+/// was inserted), and every call failed with "no row for an ask".
+#[tokio::test]
+async fn a_provider_whose_only_pool_has_no_limits_is_admitted() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let pools = [fallback_worker::config::QuotaPoolConfig { name: "account".into(), limits: Vec::new() }];
+    let ask = Ask { provider: "p", limits: &[], pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
+    for _ in 0..3 {
+        let answer = store.admit(ask, SystemTime::now()).await;
+        assert!(matches!(answer, Admission::Granted(_)), "{answer:?}");
+    }
+}
