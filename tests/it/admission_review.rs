@@ -165,3 +165,72 @@ async fn a_provider_whose_only_pool_has_no_limits_is_admitted() {
         assert!(matches!(answer, Admission::Granted(_)), "{answer:?}");
     }
 }
+
+/// A finish of a call counted in a pool and in its provider's own window, and an admission of
+/// that provider, both waiting on the pool's window (held by a third session): when it is
+/// released, neither may deadlock the other, whichever of them queued first. Each order catches
+/// one side locking out of the canonical order (a reversed `ORDER BY` in `fallback_admit_batch`
+/// or in `fallback_finish_batch`); no other test did.
+async fn finish_and_admission_cross_on_the_pool_window(finish_first: bool) {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let pools = [fallback_worker::config::QuotaPoolConfig { name: "account".into(), limits: vec![requests(100, 60)] }];
+    let own = [requests(100, 60)];
+    let ask = Ask { provider: "a", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+    let Admission::Granted(call) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+    let call = call.usage_id.unwrap();
+
+    let mut holder = env.db().await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'pool' AND scope = 'account' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let finish = || {
+        let env_url = env.database_url.clone();
+        tokio::spawn(async move {
+            use sqlx::Connection;
+            let mut db = sqlx::PgConnection::connect(&env_url).await.unwrap();
+            sqlx::query("SELECT fallback_finish_batch($1, $2)")
+                .bind(vec![call])
+                .bind(vec![None::<i64>])
+                .execute(&mut db)
+                .await
+                .map(|_| ())
+        })
+    };
+    let admit = || {
+        let (store, own, pools) = (store.clone(), own.to_vec(), pools.to_vec());
+        tokio::spawn(async move {
+            let ask = Ask { provider: "a", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+            store.admit(ask, SystemTime::now()).await
+        })
+    };
+    let (finished, admitted) = if finish_first {
+        let finished = finish();
+        until_waiting_on_locks(&env, 1).await;
+        let admitted = admit();
+        until_waiting_on_locks(&env, 2).await;
+        (finished, admitted)
+    } else {
+        let admitted = admit();
+        until_waiting_on_locks(&env, 1).await;
+        let finished = finish();
+        until_waiting_on_locks(&env, 2).await;
+        (finished, admitted)
+    };
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let (finished, admitted) = (finished.await.unwrap(), admitted.await.unwrap());
+    assert!(finished.is_ok(), "the finish failed: {finished:?}");
+    assert!(matches!(admitted, Admission::Granted(ref p) if p.usage_id.is_some()), "the admission: {admitted:?}");
+}
+
+#[tokio::test]
+async fn a_finish_queued_first_on_a_pool_window_does_not_deadlock_an_admission() {
+    finish_and_admission_cross_on_the_pool_window(true).await;
+}
+
+#[tokio::test]
+async fn an_admission_queued_first_on_a_pool_window_does_not_deadlock_a_finish() {
+    finish_and_admission_cross_on_the_pool_window(false).await;
+}
