@@ -12,13 +12,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres, Row};
+use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::StoreError;
-use super::ledger_batcher::{Failed, describe};
+use super::ledger_batcher::{BatchConnection, Failed};
 use super::postgres::{WindowSpec, epoch_ms, measure_name, saturating_i64};
 
 /// Largest batch sent in one query (asks of one provider, or finishes).
@@ -237,35 +236,15 @@ async fn execute(pool: PgPool, batch: Vec<Request>) {
             Request::Finish { call, tokens, reply } => finishes.push((call, tokens, reply)),
         }
     }
-    let deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
-    let mut conn = match tokio::time::timeout_at(deadline, pool.acquire()).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return fail_all(asks, finishes, &describe(&e)),
-        Err(_) => return fail_all(asks, finishes, &Failed::busy("no connection for the batch in time")),
+    let mut conn = match BatchConnection::acquire(&pool, BATCH_TIMEOUT).await {
+        Ok(conn) => conn,
+        Err(failed) => return fail_all(asks, finishes, &failed),
     };
     if !asks.is_empty() {
-        admit_all(&mut conn, deadline, asks).await;
+        admit_all(&mut conn, asks).await;
     }
     if !finishes.is_empty() {
-        finish_all(&mut conn, deadline, finishes).await;
-    }
-}
-
-/// Runs one statement of a batch on `conn`, until `deadline` at most. A statement still running
-/// then (its connection died without a close, or a lock wait) leaves its connection closed, not
-/// returned to the pool: sqlx would test it on its return with a ping that has no timeout, and
-/// on a dead connection that ping holds one of the pool's slots for the process's life.
-async fn bounded<T>(
-    conn: &mut PoolConnection<Postgres>,
-    deadline: tokio::time::Instant,
-    statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
-) -> Result<T, Failed> {
-    match tokio::time::timeout_at(deadline, statement(&mut **conn)).await {
-        Ok(answer) => answer.map_err(|e| describe(&e)),
-        Err(_) => {
-            conn.close_on_drop();
-            Err(Failed::busy(&format!("the batch took longer than {BATCH_TIMEOUT:?}")))
-        }
+        finish_all(&mut conn, finishes).await;
     }
 }
 
@@ -279,7 +258,7 @@ fn fail_all(asks: Vec<AdmitAsk>, finishes: Vec<Finish>, failed: &Failed) {
 }
 
 /// Admits one provider's asks in one statement, in order, and answers each.
-async fn admit_all(conn: &mut PoolConnection<Postgres>, deadline: tokio::time::Instant, asks: Vec<AdmitAsk>) {
+async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>) {
     let Some((windows, provider)) = asks.first().map(|a| (a.windows.clone(), a.provider.clone())) else { return };
     let n = windows.specs.len();
     // The resets as of now (the asks waited a moment): the statement takes the reset after the
@@ -316,7 +295,7 @@ async fn admit_all(conn: &mut PoolConnection<Postgres>, deadline: tokio::time::I
     .bind(&tokens)
     .bind(&flights)
     .bind(&leaves);
-    let rows = bounded(conn, deadline, async |c| query.fetch_all(c).await).await;
+    let rows = conn.run(async |c| query.fetch_all(c).await).await;
     let mut answers: Vec<Option<Result<Decision, Failed>>> = (0..asks.len()).map(|_| None).collect();
     match rows {
         Ok(rows) => {
@@ -352,11 +331,11 @@ async fn admit_all(conn: &mut PoolConnection<Postgres>, deadline: tokio::time::I
 type Finish = (i64, Option<i64>, oneshot::Sender<Result<(), StoreError>>);
 
 /// Records the answers of many calls in one statement.
-async fn finish_all(conn: &mut PoolConnection<Postgres>, deadline: tokio::time::Instant, finishes: Vec<Finish>) {
+async fn finish_all(conn: &mut BatchConnection, finishes: Vec<Finish>) {
     let calls: Vec<i64> = finishes.iter().map(|f| f.0).collect();
     let tokens: Vec<Option<i64>> = finishes.iter().map(|f| f.1).collect();
     let query = sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens);
-    let outcome = bounded(conn, deadline, async |c| query.execute(c).await.map(|_| ())).await;
+    let outcome = conn.run(async |c| query.execute(c).await.map(|_| ())).await;
     for (_, _, reply) in finishes {
         let _ = reply.send(outcome.clone().map_err(|e| e.to_store_error()));
     }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fallback_worker::config::LimitConfig;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, ProviderState};
+use fallback_worker::state::{Admission, Ask, ProviderState, ResultLedger};
 
 use crate::ledger_batching::{DEFAULT_POOL, FreezingRelay, store_at, until_waiting_on_locks};
 use crate::support::*;
@@ -233,4 +233,54 @@ async fn a_finish_queued_first_on_a_pool_window_does_not_deadlock_an_admission()
 #[tokio::test]
 async fn an_admission_queued_first_on_a_pool_window_does_not_deadlock_a_finish() {
     finish_and_admission_cross_on_the_pool_window(false).await;
+}
+
+/// One ledger batch of `store` for `key` waits on that key's row lock, and its connection then
+/// dies without a close.
+async fn a_ledger_batch_dies_silently(env: &TestEnv, relay: &FreezingRelay, store: &PgStore, key: &'static str) {
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("INSERT INTO job_results (job_key) VALUES ($1)").bind(key).execute(&mut locker).await.unwrap();
+    let hung = {
+        let store = store.clone();
+        tokio::spawn(async move { store.open(key, "job").await })
+    };
+    until_waiting_on_locks(env, 1).await;
+    relay.freeze_existing();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let _ = hung.await.unwrap();
+}
+
+/// The ledger's batcher drops a timed-out batch the same way: each dead ledger batch held one of
+/// the pool's slots for good, and two of them left admissions (and every state call) without a
+/// connection for the process's life.
+#[tokio::test]
+async fn two_ledger_batches_on_dead_connections_do_not_leave_admissions_without_connections() {
+    let env = TestEnv::new().await;
+    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = store_at(&url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    for key in ["dead-1", "dead-2"] {
+        a_ledger_batch_dies_silently(&env, &relay, &store, key).await;
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < Duration::from_secs(40) {
+            match store.admit(ask, SystemTime::now()).await {
+                Admission::Granted(permit) if permit.usage_id.is_some() => {
+                    last = None;
+                    break;
+                }
+                other => last = Some(other),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(
+            last.is_none(),
+            "40 s after the ledger batch for {key} died the database still admits nothing: {last:?} (pool: {} open, {} idle)",
+            store.pool().size(),
+            store.pool().num_idle()
+        );
+    }
 }
