@@ -39,7 +39,16 @@ use crate::routing::{CooldownReason, QuotaObservation};
 
 /// The embedded migrations (`migrations/`), applied under sqlx's advisory lock so that N workers
 /// can start together.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+///
+/// A migration this version does not know (a newer version's, applied during its rollout) is
+/// not a reason to refuse to start: from 0008 on, a migration keeps what older workers use (0008
+/// keeps 0007's functions; one that cannot says so in docs/operations.md), and a worker that
+/// restarts mid-rollout, or is rolled back, must still run.
+pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!();
+    migrator.set_ignore_missing(true);
+    migrator
+});
 
 /// The NOTIFY channel for provider-state changes.
 const CHANNEL: &str = "fallback_provider_state";

@@ -284,3 +284,29 @@ async fn two_ledger_batches_on_dead_connections_do_not_leave_admissions_without_
         );
     }
 }
+
+/// Upgrade: a worker applies its migrations at start, and sqlx refuses a database that has a
+/// migration the worker does not know. So once a newer version's migration is applied, a worker
+/// of this version that restarts during the rollout (a crash, a rescheduled pod, a rollback)
+/// cannot start at all, although a newer migration keeps what older workers use (as 0008 keeps
+/// 0007's functions). The same holds today for main's workers after 0008 (their binary cannot
+/// change); this version at least tolerates the next one.
+#[tokio::test]
+async fn a_worker_still_starts_after_a_newer_versions_migration() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    // The next version's migrations: this version's and one more.
+    let dir = std::env::temp_dir().join(format!("fallback-next-migrations-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.join("9999_next_version.sql"), "CREATE TABLE next_version_marker (id int);").unwrap();
+    let next = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    next.run(store.pool()).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    // This version's worker restarts.
+    let restarted = store.migrate().await;
+    assert!(restarted.is_ok(), "this version's worker cannot start after the next version's migration: {restarted:?}");
+}
