@@ -10,6 +10,13 @@
 -- `fallback_admit` and `fallback_finish` (0007) stay for workers not yet upgraded: both kinds of
 -- admission take the same locks in the same order, so they exclude each other exactly.
 
+-- Lock waits. A worker sends one batch at a time with the default pool, so a batch waiting on
+-- a lock (another session holding the provider's row or a window for long) would hold every
+-- other provider's admissions and every finish of that worker back, past their callers' 2 s.
+-- Both functions give up a lock wait after 1 s (`lock_timeout`, SQLSTATE 55P03): the asks are
+-- told to come back shortly, the finishes leave their slots to expire. The locks they wait on
+-- are otherwise held for milliseconds (one batch of another worker).
+
 -- Admits a batch of asks to `p_provider`, in order, as `fallback_admit` would have admitted them
 -- one after another. The windows (`p_kinds` .. `p_next_resets`, one entry per window, in the
 -- canonical order) are the provider's, the same for every ask. Per ask: `p_tokens[a]` and
@@ -29,7 +36,7 @@ CREATE FUNCTION fallback_admit_batch(
     p_limits bigint[], p_first_resets timestamptz[], p_next_resets timestamptz[],
     p_tokens bigint[], p_flight_ms bigint[], p_leaves timestamptz[])
 RETURNS TABLE (ask int, usage_id bigint, blocked_until_ms bigint, blocked_by text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET lock_timeout = '1s' AS $$
 DECLARE
     v_now      timestamptz := clock_timestamp();
     v_n        int := coalesce(array_length(p_limits, 1), 0);
@@ -222,7 +229,7 @@ $$;
 -- small hash-joins the whole of quota_use (every call in every window) per batch, and its cost
 -- then grows with the window (measured: 1.5 ms per 32 finishes at first, 44 ms after 96,000).
 CREATE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[])
-RETURNS void LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS $$
+RETURNS void LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan SET lock_timeout = '1s' AS $$
 DECLARE
     v_now    timestamptz := clock_timestamp();
     v_raised bigint;

@@ -310,3 +310,45 @@ async fn a_worker_still_starts_after_a_newer_versions_migration() {
     let restarted = store.migrate().await;
     assert!(restarted.is_ok(), "this version's worker cannot start after the next version's migration: {restarted:?}");
 }
+
+/// One batch at a time with the default pool: a batch waiting on a lock holds every other
+/// provider's admissions back. Another session holding one provider's row (a slow admission of
+/// another worker, an operator's transaction) then stalls a second provider that shares nothing
+/// with it: its ask waits until the first batch gives up after 5 s, past the caller's 2 s, so it
+/// is refused (and three such timeouts in a row switch the worker to degraded mode). With one
+/// admission per call, the other provider was answered at once.
+#[tokio::test]
+async fn a_lock_on_one_providers_row_does_not_stall_another_providers_admissions() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60)];
+    for provider in ["locked", "free"] {
+        let ask = Ask { provider, limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+        assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    }
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM provider_state WHERE provider = 'locked' FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let stuck = {
+        let (store, limits) = (store.clone(), limits.to_vec());
+        tokio::spawn(async move {
+            let ask =
+                Ask { provider: "locked", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+            store.admit(ask, SystemTime::now()).await
+        })
+    };
+    until_waiting_on_locks(&env, 1).await;
+    let ask = Ask { provider: "free", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    let started = Instant::now();
+    let answer = store.admit(ask, SystemTime::now()).await;
+    let waited = started.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let _ = stuck.await;
+    assert!(
+        matches!(answer, Admission::Granted(ref p) if p.usage_id.is_some()),
+        "the free provider's ask, after {waited:?}: {answer:?}"
+    );
+}
