@@ -179,6 +179,10 @@ async fn finish_and_admission_cross_on_the_pool_window(finish_first: bool) {
     let ask = Ask { provider: "a", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
     let Admission::Granted(call) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
     let call = call.usage_id.unwrap();
+    // The waits here are the test's own, however slow the machine: only a deadlock may end them.
+    let mut db = env.db().await;
+    sqlx::query("ALTER FUNCTION fallback_admit_batch SET lock_timeout = '60s'").execute(&mut db).await.unwrap();
+    sqlx::query("ALTER FUNCTION fallback_finish_batch SET lock_timeout = '60s'").execute(&mut db).await.unwrap();
 
     let mut holder = env.db().await;
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
