@@ -356,3 +356,65 @@ async fn a_lock_on_one_providers_row_does_not_stall_another_providers_admissions
         "the free provider's ask, after {waited:?}: {answer:?}"
     );
 }
+
+/// A batch straddling a calendar reset (the worker's first reset has passed by the database's
+/// clock) is decided as one admission after another would be: same grants, same waits, and the
+/// same leaving times and first resets recorded. The equivalence test covers sliding windows
+/// only.
+#[tokio::test]
+async fn a_batch_straddling_a_calendar_reset_is_decided_as_single_admissions_are() {
+    let env = TestEnv::new().await;
+    let _store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let mut db = env.db().await;
+    let args = "ARRAY['provider', 'provider'], ARRAY[$1, $1], ARRAY['requests', 'tokens'], ARRAY[86400000, 86400000]::bigint[], \
+                ARRAY['00:00 UTC', '00:00 UTC'], ARRAY[3, 100]::bigint[], \
+                ARRAY[now() - interval '1 second', now() - interval '1 second'], \
+                ARRAY[now() + interval '86399 seconds', now() + interval '86399 seconds']";
+    let tokens = [30i64, 50, 10, 20, 5, 40];
+    // Each ask's deadline ends before the passed reset (as the worker computed it): its leaving
+    // time must still be the next reset.
+    let batch_sql = format!(
+        "SELECT ask, usage_id IS NOT NULL, blocked_until_ms, blocked_by FROM fallback_admit_batch('batch', {args}, $2, \
+         array_fill(10000::bigint, ARRAY[6]), array_fill(now() - interval '1 second', ARRAY[12])) ORDER BY ask"
+    );
+    let batch: Vec<(i32, bool, Option<i64>, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(batch_sql))
+        .bind("batch")
+        .bind(tokens.to_vec())
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    let mut single = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let one_sql = format!(
+            "SELECT usage_id IS NOT NULL, blocked_until_ms, blocked_by FROM fallback_admit('one', {args}, \
+             ARRAY[now() - interval '1 second', now() - interval '1 second'], $2, 10000)"
+        );
+        let (granted, until, by): (bool, Option<i64>, Option<String>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(one_sql)).bind("one").bind(*t).fetch_one(&mut db).await.unwrap();
+        single.push((i as i32 + 1, granted, until, by));
+    }
+    // now() is the transaction's start: each statement its own, so waits may differ by the
+    // statements' time apart; compare them to the second.
+    let coarse = |v: &[(i32, bool, Option<i64>, Option<String>)]| {
+        v.iter().map(|(a, g, u, b)| (*a, *g, u.map(|ms| ms / 10_000), b.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(coarse(&batch), coarse(&single));
+    let rows = |scope: &'static str| {
+        sqlx::query_as::<_, (String, i64, f64, f64)>(
+            "SELECT measure, amount, extract(epoch FROM leaves_at - now())::float8, extract(epoch FROM first_reset - now())::float8 \
+             FROM quota_use WHERE scope = $1 ORDER BY call_id, measure",
+        )
+        .bind(scope)
+    };
+    let b: Vec<(String, i64, f64, f64)> = rows("batch").fetch_all(&mut db).await.unwrap();
+    let o: Vec<(String, i64, f64, f64)> = rows("one").fetch_all(&mut db).await.unwrap();
+    let round = |v: Vec<(String, i64, f64, f64)>| {
+        v.into_iter()
+            .map(|(m, a, l, f)| (m, a, (l / 10.0).round() as i64, (f / 10.0).round() as i64))
+            .collect::<Vec<_>>()
+    };
+    let (b, o) = (round(b), round(o));
+    assert!(!b.is_empty(), "some asks were granted");
+    assert_eq!(b, o);
+    assert!(b.iter().all(|r| r.2 > 8_000), "every grant leaves at the next reset, a day on: {b:?}");
+}
