@@ -418,3 +418,66 @@ async fn a_batch_straddling_a_calendar_reset_is_decided_as_single_admissions_are
     assert_eq!(b, o);
     assert!(b.iter().all(|r| r.2 > 8_000), "every grant leaves at the next reset, a day on: {b:?}");
 }
+
+/// Not part of the batching change, the same mechanism: every other state call (`guarded`: a
+/// cooldown's write, a circuit's probe, an observation) is bounded by dropping its future after
+/// 2 s, mid-query; sqlx then returns the connection with a ping that has no timeout, which on a
+/// dead connection holds one of the pool's slots for good. Two cooldown writes on dead
+/// connections, and the default pool has no connection left for anything.
+#[tokio::test]
+#[ignore = "known, not fixed: guarded state calls still leak their pool slot on a dead connection"]
+async fn two_cooldown_writes_on_dead_connections_do_not_leave_admissions_without_connections() {
+    let env = TestEnv::new().await;
+    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = store_at(&url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    for provider in ["dead-1", "dead-2"] {
+        let mut locker = env.db().await;
+        sqlx::query("INSERT INTO provider_state (provider) VALUES ($1)")
+            .bind(provider)
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+        sqlx::query("SELECT 1 FROM provider_state WHERE provider = $1 FOR UPDATE")
+            .bind(provider)
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let hung = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let cooldown = fallback_worker::state::Cooldown {
+                    until: SystemTime::now() + Duration::from_secs(30),
+                    reason: fallback_worker::routing::CooldownReason::Circuit,
+                    detail: "test".into(),
+                };
+                store.cool_down(provider, cooldown).await
+            })
+        };
+        until_waiting_on_locks(&env, 1).await;
+        relay.freeze_existing();
+        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        hung.await.unwrap();
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < Duration::from_secs(40) {
+            match store.admit(ask, SystemTime::now()).await {
+                Admission::Granted(permit) if permit.usage_id.is_some() => {
+                    last = None;
+                    break;
+                }
+                other => last = Some(other),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(
+            last.is_none(),
+            "40 s after the cooldown write for {provider} died the database still admits nothing: {last:?} (pool: {} open, {} idle)",
+            store.pool().size(),
+            store.pool().num_idle()
+        );
+    }
+}
