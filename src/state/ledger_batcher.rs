@@ -4,8 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -108,8 +109,8 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         let task = in_flight.spawn({
             let pool = pool.clone();
             async move {
-                // Dropping the batch drops its replies: their callers are told the ledger stopped.
-                let _ = tokio::time::timeout(BATCH_TIMEOUT, execute(pool, now)).await;
+                // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
+                execute(pool, now).await;
             }
         });
         busy.hold(task.id(), keys);
@@ -145,14 +146,70 @@ impl Busy {
 
 /// Sends one batch: opens and stores that wait together go out in one round trip.
 async fn execute(pool: PgPool, batch: Vec<Request>) {
+    let mut conn = match BatchConnection::acquire(&pool, BATCH_TIMEOUT).await {
+        Ok(conn) => conn,
+        Err(failed) => {
+            for request in batch {
+                match request {
+                    Request::Open { reply, .. } => drop(reply.send(Err(failed.to_store_error()))),
+                    Request::Store { reply, .. } => drop(reply.send(Err(failed.to_store_error()))),
+                }
+            }
+            return;
+        }
+    };
     let (opens, stores): (Vec<Request>, Vec<Request>) =
         batch.into_iter().partition(|r| matches!(r, Request::Open { .. }));
     match (opens.is_empty(), stores.is_empty()) {
         (true, true) => {}
-        (false, true) => open_all(&pool, opens, Vec::new()).await,
-        (true, false) => store_all(&pool, stores).await,
+        (false, true) => open_all(&mut conn, opens, Vec::new()).await,
+        (true, false) => store_all(&mut conn, stores).await,
         // Under load both kinds wait: one round trip serves them together.
-        (false, false) => open_all(&pool, opens, stores).await,
+        (false, false) => open_all(&mut conn, opens, stores).await,
+    }
+}
+
+/// A batch's own connection, and how long the batch may still use it.
+///
+/// A statement still running at the deadline (its connection died without a close, or a long
+/// lock wait) leaves the connection closed, never returned to the pool: sqlx tests a returned
+/// connection with a ping that has no timeout, and on a dead connection that ping holds one of
+/// the pool's slots for the process's life (two such batches and the default pool has none).
+/// Dropping a batch future mid-query, as a timeout around the whole batch did, returns it so.
+pub(super) struct BatchConnection {
+    conn: PoolConnection<Postgres>,
+    deadline: tokio::time::Instant,
+    timed_out: bool,
+}
+
+impl BatchConnection {
+    /// A connection of `pool` for a batch that may take `limit` in all (the wait included).
+    pub(super) async fn acquire(pool: &PgPool, limit: std::time::Duration) -> Result<BatchConnection, Failed> {
+        let deadline = tokio::time::Instant::now() + limit;
+        match tokio::time::timeout_at(deadline, pool.acquire()).await {
+            Ok(Ok(conn)) => Ok(BatchConnection { conn, deadline, timed_out: false }),
+            Ok(Err(e)) => Err(describe(&e)),
+            Err(_) => Err(Failed::busy("no connection for the batch in time")),
+        }
+    }
+
+    /// Runs one statement, until the batch's deadline at most; after a statement that did not
+    /// end in time, the connection is not used again.
+    pub(super) async fn run<T>(
+        &mut self,
+        statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, Failed> {
+        if self.timed_out {
+            return Err(Failed::busy("the batch ran out of time"));
+        }
+        match tokio::time::timeout_at(self.deadline, statement(&mut *self.conn)).await {
+            Ok(answer) => answer.map_err(|e| describe(&e)),
+            Err(_) => {
+                self.timed_out = true;
+                self.conn.close_on_drop();
+                Err(Failed::busy("the batch ran out of time"))
+            }
+        }
     }
 }
 
@@ -206,7 +263,7 @@ macro_rules! open_sql {
 /// Counts one receipt of each key of `opens` and answers what the ledger knows of it; the
 /// results of `stores`, when there are any, are written in the same statement (and, should that
 /// fail, on their own).
-async fn open_all(pool: &PgPool, opens: Vec<Request>, stores: Vec<Request>) {
+async fn open_all(conn: &mut BatchConnection, opens: Vec<Request>, stores: Vec<Request>) {
     let requests = opens;
     // Borrowed from the requests, which live until they are answered: no copy of any key.
     let (mut keys, mut fingerprints) = (Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()));
@@ -217,7 +274,8 @@ async fn open_all(pool: &PgPool, opens: Vec<Request>, stores: Vec<Request>) {
         }
     }
     let rows = if stores.is_empty() {
-        sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints).fetch_all(pool).await
+        let query = sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints);
+        conn.run(async |c| query.fetch_all(c).await).await
     } else {
         let rows = store_rows_of(&stores);
         let stored = rows.len();
@@ -227,23 +285,20 @@ async fn open_all(pool: &PgPool, opens: Vec<Request>, stores: Vec<Request>) {
             .bind(&fingerprints)
             .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
-            .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
-            .fetch_all(pool)
-            .await;
+            .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>());
+        let answer = conn.run(async |c| answer.fetch_all(c).await).await;
         if answer.is_ok() {
             reply_to_stores(stores, vec![Ok(()); stored]);
             answer
         } else {
-            store_all(pool, stores).await;
-            sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints).fetch_all(pool).await
+            store_all(conn, stores).await;
+            let query = sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints);
+            conn.run(async |c| query.fetch_all(c).await).await
         }
     };
     let answers: Vec<Result<LedgerEntry, StoreError>> = match rows {
         Ok(rows) => entries_of(&keys, &fingerprints, &rows).into_iter().map(|e| e.ok_or_else(no_row)).collect(),
-        Err(e) => {
-            let failed = describe(&e);
-            keys.iter().map(|_| Err(failed.to_store_error())).collect()
-        }
+        Err(failed) => keys.iter().map(|_| Err(failed.to_store_error())).collect(),
     };
     let mut answers = answers.into_iter();
     for request in requests {
@@ -288,15 +343,15 @@ fn entries_of(keys: &[&str], fingerprints: &[&str], rows: &[PgRow]) -> Vec<Optio
 
 /// Stores the results of a batch in one statement; when that fails, each one alone, so that one
 /// result the database refuses never costs the others their record.
-async fn store_all(pool: &PgPool, requests: Vec<Request>) {
+async fn store_all(conn: &mut BatchConnection, requests: Vec<Request>) {
     let rows = store_rows_of(&requests);
-    let together = store_rows(pool, &rows).await;
+    let together = store_rows(conn, &rows).await;
     let outcomes: Vec<Result<(), Failed>> = match together {
         Ok(()) => vec![Ok(()); rows.len()],
         Err(_) if rows.len() > 1 => {
             let mut each = Vec::with_capacity(rows.len());
             for row in &rows {
-                each.push(store_rows(pool, std::slice::from_ref(row)).await);
+                each.push(store_rows(conn, std::slice::from_ref(row)).await);
             }
             each
         }
@@ -327,23 +382,17 @@ fn reply_to_stores(requests: Vec<Request>, outcomes: Vec<Result<(), Failed>>) {
 }
 
 /// One statement for `(key, fingerprint, result)` rows.
-async fn store_rows(pool: &PgPool, rows: &[(&str, &str, &str)]) -> Result<(), Failed> {
+async fn store_rows(conn: &mut BatchConnection, rows: &[(&str, &str, &str)]) -> Result<(), Failed> {
     let keys: Vec<&str> = rows.iter().map(|r| r.0).collect();
     let fingerprints: Vec<&str> = rows.iter().map(|r| r.1).collect();
     let results: Vec<&str> = rows.iter().map(|r| r.2).collect();
-    sqlx::query(store_sql!("$1", "$2", "$3"))
-        .bind(&keys)
-        .bind(&fingerprints)
-        .bind(&results)
-        .execute(pool)
-        .await
-        .map(|_| ())
-        .map_err(|e| describe(&e))
+    let query = sqlx::query(store_sql!("$1", "$2", "$3")).bind(&keys).bind(&fingerprints).bind(&results);
+    conn.run(async |c| query.execute(c).await.map(|_| ())).await
 }
 
 /// A batch's failure, shared by every request in it (sqlx errors cannot be cloned).
 #[derive(Debug, Clone)]
-struct Failed {
+pub(super) struct Failed {
     message: String,
     kind: FailedKind,
 }
@@ -359,7 +408,12 @@ enum FailedKind {
 }
 
 impl Failed {
-    fn to_store_error(&self) -> StoreError {
+    /// No answer in time (slowness, or a connection that died): as a full pool.
+    pub(super) fn busy(message: &str) -> Failed {
+        Failed { message: message.to_string(), kind: FailedKind::Busy }
+    }
+
+    pub(super) fn to_store_error(&self) -> StoreError {
         let message = self.message.clone();
         match self.kind {
             FailedKind::Refused => StoreError::Unavailable(message),
@@ -369,7 +423,7 @@ impl Failed {
     }
 }
 
-fn describe(error: &sqlx::Error) -> Failed {
+pub(super) fn describe(error: &sqlx::Error) -> Failed {
     let kind = match error {
         sqlx::Error::PoolTimedOut => FailedKind::Busy,
         e if super::postgres::is_transient(e) => FailedKind::Unreachable,

@@ -7,6 +7,7 @@ mod ledger_batcher;
 pub mod memory;
 pub mod postgres;
 pub mod quota;
+mod quota_batcher;
 
 use std::time::{Duration, SystemTime};
 

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
+use super::quota_batcher;
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
@@ -38,7 +39,16 @@ use crate::routing::{CooldownReason, QuotaObservation};
 
 /// The embedded migrations (`migrations/`), applied under sqlx's advisory lock so that N workers
 /// can start together.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+///
+/// A migration this version does not know (a newer version's, applied during its rollout) is
+/// not a reason to refuse to start: from 0008 on, a migration keeps what older workers use (0008
+/// keeps 0007's functions; one that cannot says so in docs/operations.md), and a worker that
+/// restarts mid-rollout, or is rolled back, must still run.
+pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!();
+    migrator.set_ignore_missing(true);
+    migrator
+});
 
 /// The NOTIFY channel for provider-state changes.
 const CHANNEL: &str = "fallback_provider_state";
@@ -46,6 +56,10 @@ const CHANNEL: &str = "fallback_provider_state";
 /// The longest one state call may take before the database counts as unreachable: a worker
 /// must not hold jobs for seconds on a dead connection pool.
 const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The largest token count of one call a provider's answer may set (a trillion; far above any
+/// limit): the windows' running totals add millions of these before a bigint overflows.
+const MAX_REPORTED_TOKENS: u64 = 1 << 40;
 
 /// How often an unreachable database is probed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
@@ -76,10 +90,12 @@ pub struct PgStore {
     pool: PgPool,
     /// This process's copy of the shared state (kept by the listener and by our own writes).
     cache: Arc<Mutex<HashMap<String, CachedProvider>>>,
-    /// One gate per provider: this process's jobs ask the database for a slot one at a time,
-    /// and the ones behind a refusal read it from the cache instead of asking again (no herd
-    /// of queries each time a slot frees).
-    gates: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// The batching task of admissions and finishes (one batch per provider in flight, asks
+    /// that wait meanwhile go out together), started on first use.
+    quota: Arc<OnceLock<mpsc::Sender<quota_batcher::Request>>>,
+    /// Each provider's windows, prepared once (a batch shares them), with the limits and pools
+    /// they were made from.
+    windows: Arc<Mutex<HashMap<String, ProviderWindows>>>,
     /// The ledger's batching task, started on first use.
     ledger: Arc<OnceLock<mpsc::Sender<Request>>>,
     /// Whether the database is reachable, and this worker's own view for when it is not.
@@ -108,6 +124,13 @@ struct Outage {
     unsynced_calls: Mutex<Vec<UnsyncedCall>>,
     /// Cooldowns learnt during an outage, to share once the database is back.
     unshared_cooldowns: Mutex<Vec<(String, Cooldown)>>,
+}
+
+/// A provider's prepared windows and the limits and pools they were made from.
+struct ProviderWindows {
+    limits: Vec<LimitConfig>,
+    pools: Vec<QuotaPoolConfig>,
+    windows: Arc<quota_batcher::Windows>,
 }
 
 /// A call admitted during an outage: its local record and what it counts against.
@@ -160,7 +183,8 @@ impl PgStore {
         PgStore {
             pool,
             cache: Arc::default(),
-            gates: Arc::default(),
+            quota: Arc::default(),
+            windows: Arc::default(),
             ledger: Arc::default(),
             outage: Arc::new(outage),
             listen_options,
@@ -559,8 +583,27 @@ impl PgStore {
         self.cache.lock().unwrap().get(provider)?.quota_blocked.filter(|(until, _)| *until > now)
     }
 
-    fn gate(&self, provider: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.gates.lock().unwrap().entry(provider.to_string()).or_default().clone()
+    /// The provider's windows for `ask`'s limits and pools: the same `Arc` for every ask of one
+    /// provider (which is what lets the batcher put them in one batch), made again only if its
+    /// limits changed.
+    fn windows_for(&self, ask: Ask<'_>) -> Arc<quota_batcher::Windows> {
+        let mut windows = self.windows.lock().unwrap();
+        if let Some(known) = windows.get(ask.provider)
+            && known.limits == ask.limits
+            && known.pools.len() == ask.pools.len()
+            && known.pools.iter().zip(ask.pools).all(|(a, b)| a.name == b.name && a.limits == b.limits)
+        {
+            return known.windows.clone();
+        }
+        let prepared = Arc::new(quota_batcher::Windows::new(windows_of(ask.provider, ask.limits, ask.pools)));
+        let entry =
+            ProviderWindows { limits: ask.limits.to_vec(), pools: ask.pools.to_vec(), windows: prepared.clone() };
+        windows.insert(ask.provider.to_string(), entry);
+        prepared
+    }
+
+    fn quota(&self) -> &mpsc::Sender<quota_batcher::Request> {
+        self.quota.get_or_init(|| quota_batcher::spawn(self.pool.clone()))
     }
 
     /// The provider's row as the database has it (cooldown and error run).
@@ -581,65 +624,34 @@ impl PgStore {
     }
 
     /// Takes a slot in the provider's windows and its pools', or learns when there will be one.
-    async fn acquire(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, sqlx::Error> {
-        let specs = windows_of(ask.provider, ask.limits, ask.pools);
-        let n = specs.len();
-        let (mut kinds, mut scopes, mut measures, mut windows, mut calendars) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut limits, mut first_resets, mut next_resets, mut leaves) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    /// The ask goes out with the other asks for this provider that wait with it, decided in
+    /// arrival order in one transaction (`fallback_admit_batch`, migration 0008).
+    async fn acquire(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, StoreError> {
+        let windows = self.windows_for(ask);
         // A calendar call's deadline is taken a little late (the database's clock runs on from
         // ours): a call that may end after a reset counts in the next day until it answers.
         let deadline = later(now, ask.flight.saturating_add(STATE_CALL_TIMEOUT));
-        for spec in &specs {
-            kinds.push(spec.key.kind.as_str());
-            scopes.push(spec.key.scope.as_str());
-            measures.push(measure_name(spec.key.measure));
-            windows.push(saturating_i64(spec.key.window.as_millis()));
-            calendars.push(spec.key.calendar.as_str());
-            limits.push(saturating_i64(spec.limit));
-            // The reset after the first too: by the database's clock the first may have passed
-            // (ours lags, or the admission waited for a connection), and the window is then
-            // the new day's, not a reason to refuse.
-            first_resets.push(spec.reset.as_ref().map(|r| epoch_ms(r.next_after(now)) as f64));
-            next_resets.push(spec.reset.as_ref().map(|r| epoch_ms(r.next_after(r.next_after(now))) as f64));
-            leaves.push(spec.reset.as_ref().map(|r| epoch_ms(r.next_after(deadline)) as f64));
-        }
-        let row = sqlx::query(
-            "SELECT usage_id, blocked_until_ms, blocked_by FROM fallback_admit($1, $2, $3, $4, $5, $6, $7, \
-               (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($8::float8[]) WITH ORDINALITY AS t(f, o)), \
-               (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(f, o)), \
-               (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($10::float8[]) WITH ORDINALITY AS t(l, o)), \
-               $11, $12)",
-        )
-        .bind(ask.provider)
-        .bind(&kinds)
-        .bind(&scopes)
-        .bind(&measures)
-        .bind(&windows)
-        .bind(&calendars)
-        .bind(&limits)
-        .bind(&first_resets)
-        .bind(&next_resets)
-        .bind(&leaves)
-        .bind(saturating_i64(ask.tokens))
-        .bind(saturating_i64(ask.flight.as_millis()))
-        .fetch_one(&self.pool)
-        .await?;
-        let usage_id: Option<i64> = row.get("usage_id");
-        let until = row
-            .get::<Option<i64>, _>("blocked_until_ms")
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
-        let blocked_by: Option<String> = row.get("blocked_by");
-        let admission = match (usage_id, until, blocked_by.as_deref()) {
+        let leaves =
+            windows.specs.iter().map(|s| s.reset.as_ref().map(|r| epoch_ms(r.next_after(deadline)) as f64)).collect();
+        let request = |reply| {
+            quota_batcher::Request::Admit(quota_batcher::AdmitAsk {
+                provider: ask.provider.to_string(),
+                windows,
+                tokens: saturating_i64(ask.tokens),
+                flight_ms: saturating_i64(ask.flight.as_millis()),
+                leaves,
+                reply,
+            })
+        };
+        let decision = self.batched_call(self.quota(), request).await?;
+        let until = decision.blocked_until_ms.map(|ms| {
+            let after_epoch = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+            UNIX_EPOCH.checked_add(after_epoch).unwrap_or_else(|| later(now, STATE_CALL_TIMEOUT))
+        });
+        let admission = match (decision.usage_id, until, decision.blocked_by.as_deref()) {
             (Some(id), _, _) => Admission::Granted(Permit { usage_id: Some(id), local_id: None }),
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
-            (None, Some(until), Some("cooldown")) => match self.read_cooldown(ask.provider, now).await? {
+            (None, Some(until), Some("cooldown")) => match self.cooldown_of(ask.provider, now).await? {
                 Some(cooldown) => Admission::Cooling(cooldown),
                 None => Admission::OverQuota { until, measure: QuotaMeasure::Requests },
             },
@@ -653,6 +665,15 @@ impl PgStore {
         };
         self.cache.lock().unwrap().entry(ask.provider.to_string()).or_default().quota_blocked = blocked;
         Ok(admission)
+    }
+
+    /// The cooldown that refused an admission: the one this process knows when current (the
+    /// listener, or another ask of the same refused batch, brought it), else the row's.
+    async fn cooldown_of(&self, provider: &str, now: SystemTime) -> Result<Option<Cooldown>, StoreError> {
+        if let Some(cooldown) = self.known_cooldown(provider).filter(|c| c.until > now) {
+            return Ok(Some(cooldown));
+        }
+        self.guarded(self.read_cooldown(provider, now)).await
     }
 
     /// Deletes usage records older than any window can see (called by housekeeping).
@@ -708,11 +729,11 @@ fn cooldown_from(until_ms: i64, reason: Option<String>, detail: Option<String>) 
     })
 }
 
-fn epoch_ms(t: SystemTime) -> i64 {
+pub(super) fn epoch_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| saturating_i64(d.as_millis()))
 }
 
-fn saturating_i64(n: impl TryInto<i64>) -> i64 {
+pub(super) fn saturating_i64(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }
 
@@ -776,7 +797,7 @@ pub fn windows_of(provider: &str, limits: &[LimitConfig], pools: &[QuotaPoolConf
 }
 
 /// The name a measure has in the quota tables.
-fn measure_name(measure: QuotaMeasure) -> &'static str {
+pub(super) fn measure_name(measure: QuotaMeasure) -> &'static str {
     match measure {
         QuotaMeasure::Requests => "requests",
         QuotaMeasure::Tokens => "tokens",
@@ -824,7 +845,7 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 }
 
 impl PgStore {
-    /// Admission through the database: the provider's row, then its limits under its gate.
+    /// Admission through the database: the provider's row, then its limits, in batches.
     async fn admit_shared(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, StoreError> {
         let provider = ask.provider;
         let unlimited = ask.limits.is_empty() && ask.pools.is_empty();
@@ -839,17 +860,7 @@ impl PgStore {
         if let Some((until, measure)) = self.quota_blocked(provider, now) {
             return Ok(Admission::OverQuota { until, measure });
         }
-        let gate = self.gate(provider);
-        let _turn = gate.lock().await;
-        // Whoever held the gate before us may have learnt the answer already.
-        let now = now.max(SystemTime::now());
-        if let Some(cooldown) = self.known_cooldown(provider).filter(|c| c.until > now) {
-            return Ok(Admission::Cooling(cooldown));
-        }
-        if let Some((until, measure)) = self.quota_blocked(provider, now) {
-            return Ok(Admission::OverQuota { until, measure });
-        }
-        let admission = self.guarded(self.acquire(ask, now)).await?;
+        let admission = self.acquire(ask, now).await?;
         Ok(match admission {
             Admission::Granted(permit) => {
                 let local_id = Some(self.outage.own_calls.record_call(ask, now));
@@ -885,10 +896,14 @@ impl ProviderState for PgStore {
         if let Some(local_id) = permit.local_id {
             self.outage.own_calls.finish(Permit { usage_id: Some(local_id), local_id: None }, tokens).await;
         }
-        let Some(id) = permit.usage_id else { return };
-        let tokens = tokens.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
-        let result =
-            self.guarded(sqlx::query("SELECT fallback_finish($1, $2)").bind(id).bind(tokens).execute(&self.pool)).await;
+        let Some(call) = permit.usage_id else { return };
+        // A provider's count is taken as it says, but never so large that the windows' totals
+        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
+        // finishes (bigint out of range), and the other calls' raised counts in it with it.
+        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
+        // With the other answers that arrive meanwhile, in one transaction.
+        let request = |reply| quota_batcher::Request::Finish { call, tokens, reply };
+        let result = self.batched_call(self.quota(), request).await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
         }
@@ -1138,16 +1153,27 @@ impl PgStore {
         &self,
         request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
     ) -> Result<T, StoreError> {
+        self.batched_call(self.ledger(), request).await
+    }
+
+    /// Sends a request to a batching task (the ledger's, or admissions' and finishes'), unless
+    /// the database is known to be down, and waits for its answer, all within
+    /// [`STATE_CALL_TIMEOUT`].
+    async fn batched_call<R, T>(
+        &self,
+        queue: &mpsc::Sender<R>,
+        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> R,
+    ) -> Result<T, StoreError> {
         if self.is_degraded() {
             return Err(StoreError::Unreachable("the database is down".into()));
         }
         let (reply, answer) = oneshot::channel();
         // The queue's room is waited for within the same bound as the answer.
         let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
-        match tokio::time::timeout_at(deadline, self.ledger().send(request(reply))).await {
+        match tokio::time::timeout_at(deadline, queue.send(request(reply))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(closed()),
-            Err(_) => return Err(self.timed_out("the ledger's queue is full")),
+            Err(_) => return Err(self.timed_out("the batching queue is full")),
         }
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Err(StoreError::Busy(why)))) => Err(self.timed_out(&why)),
@@ -1160,7 +1186,7 @@ impl PgStore {
                 answer
             }
             Ok(Err(_)) => Err(closed()),
-            Err(_) => Err(self.timed_out(&format!("the ledger did not answer within {STATE_CALL_TIMEOUT:?}"))),
+            Err(_) => Err(self.timed_out(&format!("no answer from the batch within {STATE_CALL_TIMEOUT:?}"))),
         }
     }
 }
@@ -1196,7 +1222,7 @@ impl ResultLedger for PgStore {
 }
 
 fn closed() -> StoreError {
-    StoreError::Unavailable("the ledger task stopped".into())
+    StoreError::Unavailable("the batching task stopped".into())
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::support::*;
 
 /// The default pool: `postgres.max_connections = 3`, one of them the listener's.
-const DEFAULT_POOL: u32 = 2;
+pub(crate) const DEFAULT_POOL: u32 = 2;
 
-async fn store_at(url: &str, pool: u32) -> PgStore {
+pub(crate) async fn store_at(url: &str, pool: u32) -> PgStore {
     let store = PgStore::connect_lazy(url, pool).unwrap();
     store.migrate().await.unwrap();
     // Open every connection of the pool once, so that idle connections exist (a warm worker).
@@ -62,7 +62,7 @@ fn open_in_background(
 /// 58b4409) always left one connection free.
 /// Waits until `n` sessions of the test's database wait on a row lock: that many ledger batches
 /// are in flight behind the locker (bounded by `eventually`).
-async fn until_waiting_on_locks(env: &TestEnv, n: i64) {
+pub(crate) async fn until_waiting_on_locks(env: &TestEnv, n: i64) {
     eventually(&format!("{n} sessions waiting on a row lock"), || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
@@ -140,8 +140,8 @@ async fn a_request_deferred_behind_a_slow_batch_does_not_stall_every_other_key()
 
 /// A TCP relay whose existing connections can be frozen: they stay open but carry no byte
 /// (a network partition, a failed-over address, a VM paused), while new connections work.
-struct FreezingRelay {
-    addr: SocketAddr,
+pub(crate) struct FreezingRelay {
+    pub(crate) addr: SocketAddr,
     /// Connections with an id below this are frozen.
     frozen_below: tokio::sync::watch::Sender<u64>,
     next_id: Arc<AtomicU64>,
@@ -149,7 +149,7 @@ struct FreezingRelay {
 }
 
 impl FreezingRelay {
-    async fn start(upstream: SocketAddr) -> FreezingRelay {
+    pub(crate) async fn start(upstream: SocketAddr) -> FreezingRelay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (frozen_below, _) = tokio::sync::watch::channel(0u64);
@@ -176,7 +176,7 @@ impl FreezingRelay {
     }
 
     /// Freezes every connection opened so far; later ones work.
-    fn freeze_existing(&self) {
+    pub(crate) fn freeze_existing(&self) {
         let below = self.next_id.load(Ordering::SeqCst);
         self.frozen_below.send_replace(below);
     }

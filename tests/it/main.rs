@@ -3,8 +3,10 @@
 
 mod support;
 
+mod admission_review;
 mod answer_checks;
 mod backlog;
+mod batched_admission;
 mod chain_flow;
 mod delivery;
 mod deploy;

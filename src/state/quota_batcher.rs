@@ -1,0 +1,407 @@
+//! Admissions and finishes of calls to providers with limits, batched (issue #9).
+//!
+//! With limits declared, every call asks the database for a slot (`fallback_admit_batch`,
+//! migration 0008) and hands it back when answered (`fallback_finish_batch`). One transaction per
+//! call made a provider's calls queue behind each other's round trip and WAL flush: dozens wait
+//! under load. Here the asks for one provider that arrive while that provider's batch runs go out
+//! together in the next one (no added delay when idle, as in the ledger's batcher), decided in
+//! order in one transaction that holds its locks exactly as a single admission did; finishes of
+//! every provider go out together the same way.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::StoreError;
+use super::ledger_batcher::{BatchConnection, Failed};
+use super::postgres::{WindowSpec, epoch_ms, measure_name, saturating_i64};
+
+/// Largest batch sent in one query (asks of one provider, or finishes).
+const MAX_BATCH: usize = 128;
+
+/// Batches in flight at most, across providers and finishes together, and never more than the
+/// pool's connections but one: the default pool (`postgres.max_connections = 3`: the listener and
+/// two) sends one at a time, so that the ledger's batch and a cooldown or a circuit's probe find a
+/// connection. A second batch goes out only while a connection is idle.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// The longest one batch may take: a batch whose connection died without a close (no RST) would
+/// otherwise never end, and its provider's later asks would wait behind it for the process's
+/// life. Its callers gave up long before (after `STATE_CALL_TIMEOUT`).
+const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A provider's windows as the batch statement takes them (its own limits' and its pools', in
+/// the canonical lock order), prepared once per provider: every ask of a batch shares them.
+#[derive(Debug)]
+pub struct Windows {
+    pub specs: Vec<WindowSpec>,
+    kinds: Vec<&'static str>,
+    scopes: Vec<String>,
+    measures: Vec<&'static str>,
+    windows_ms: Vec<i64>,
+    calendars: Vec<String>,
+    limits: Vec<i64>,
+}
+
+impl Windows {
+    pub fn new(specs: Vec<WindowSpec>) -> Windows {
+        Windows {
+            kinds: specs.iter().map(|s| s.key.kind.as_str()).collect(),
+            scopes: specs.iter().map(|s| s.key.scope.clone()).collect(),
+            measures: specs.iter().map(|s| measure_name(s.key.measure)).collect(),
+            windows_ms: specs.iter().map(|s| saturating_i64(s.key.window.as_millis())).collect(),
+            calendars: specs.iter().map(|s| s.key.calendar.clone()).collect(),
+            limits: specs.iter().map(|s| saturating_i64(s.limit)).collect(),
+            specs,
+        }
+    }
+}
+
+/// One ask for a slot.
+pub struct AdmitAsk {
+    pub provider: String,
+    pub windows: Arc<Windows>,
+    pub tokens: i64,
+    pub flight_ms: i64,
+    /// Per window: for a calendar window, the first reset after the call's deadline (epoch ms);
+    /// `None` for a sliding one.
+    pub leaves: Vec<Option<f64>>,
+    pub reply: oneshot::Sender<Result<Decision, StoreError>>,
+}
+
+/// The database's answer to one ask, as `fallback_admit` gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub usage_id: Option<i64>,
+    pub blocked_until_ms: Option<i64>,
+    pub blocked_by: Option<String>,
+}
+
+pub enum Request {
+    Admit(AdmitAsk),
+    Finish { call: i64, tokens: Option<i64>, reply: oneshot::Sender<Result<(), StoreError>> },
+}
+
+/// What a batch is made of: one provider's asks, or finishes (of any provider).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Finishes,
+    Provider(String),
+}
+
+impl Request {
+    fn key(&self) -> Key {
+        match self {
+            Request::Admit(ask) => Key::Provider(ask.provider.clone()),
+            Request::Finish { .. } => Key::Finishes,
+        }
+    }
+}
+
+/// Starts the batching task; it ends when every sender is gone.
+pub fn spawn(pool: PgPool) -> mpsc::Sender<Request> {
+    let (sender, receiver) = mpsc::channel(1024);
+    tokio::spawn(run(pool, receiver));
+    sender
+}
+
+/// The requests waiting, by batch key, and which keys may go out next (in the order they became
+/// ready, so no provider starves another).
+#[derive(Default)]
+struct Queues {
+    waiting: HashMap<Key, VecDeque<Request>>,
+    ready: VecDeque<Key>,
+    in_flight: HashSet<Key>,
+    by_task: HashMap<tokio::task::Id, Key>,
+}
+
+impl Queues {
+    fn push(&mut self, request: Request) {
+        let key = request.key();
+        let queue = self.waiting.entry(key.clone()).or_default();
+        if queue.is_empty() && !self.in_flight.contains(&key) {
+            self.ready.push_back(key);
+        }
+        queue.push_back(request);
+    }
+
+    /// The next batch that may go out: at most one per key in flight.
+    fn next_batch(&mut self) -> Option<(Key, Vec<Request>)> {
+        while let Some(key) = self.ready.pop_front() {
+            let Some(queue) = self.waiting.get_mut(&key) else { continue };
+            let batch = take_batch(queue);
+            if queue.is_empty() {
+                self.waiting.remove(&key);
+            }
+            if !batch.is_empty() {
+                return Some((key, batch));
+            }
+        }
+        None
+    }
+
+    fn hold(&mut self, task: tokio::task::Id, key: Key) {
+        self.in_flight.insert(key.clone());
+        self.by_task.insert(task, key);
+    }
+
+    /// A batch ended (finished, failed or timed out): its key may go out again.
+    fn release(&mut self, task: tokio::task::Id) {
+        let Some(key) = self.by_task.remove(&task) else { return };
+        self.in_flight.remove(&key);
+        if self.waiting.get(&key).is_some_and(|q| !q.is_empty()) {
+            self.ready.push_back(key);
+        }
+    }
+}
+
+/// Up to [`MAX_BATCH`] requests from the front of `queue`; asks only with the same windows as
+/// the first (a provider's limits do not change within a process, but a batch must never mix
+/// two sets of windows: the statement takes one).
+fn take_batch(queue: &mut VecDeque<Request>) -> Vec<Request> {
+    let mut batch = Vec::new();
+    let mut shape: Option<Arc<Windows>> = None;
+    let mut rest = VecDeque::new();
+    while let Some(request) = queue.pop_front() {
+        if batch.len() >= MAX_BATCH {
+            rest.push_back(request);
+            continue;
+        }
+        if let Request::Admit(ask) = &request {
+            match &shape {
+                None => shape = Some(ask.windows.clone()),
+                Some(windows) if !Arc::ptr_eq(windows, &ask.windows) => {
+                    rest.push_back(request);
+                    continue;
+                }
+                Some(_) => {}
+            }
+        }
+        batch.push(request);
+    }
+    *queue = rest;
+    batch
+}
+
+async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
+    // Always leave one of the pool's connections to the other state calls.
+    let max_in_flight =
+        usize::try_from(pool.options().get_max_connections()).unwrap_or(1).saturating_sub(1).clamp(1, MAX_IN_FLIGHT);
+    let mut queues = Queues::default();
+    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut closed = false;
+    loop {
+        while in_flight.len() < max_in_flight && (in_flight.is_empty() || pool.num_idle() > 0) {
+            let Some((key, batch)) = queues.next_batch() else { break };
+            let pool = pool.clone();
+            // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
+            let task = in_flight.spawn(execute(pool, batch));
+            queues.hold(task.id(), key);
+        }
+        if closed && in_flight.is_empty() && queues.ready.is_empty() {
+            break;
+        }
+        tokio::select! {
+            request = receiver.recv(), if !closed => match request {
+                Some(request) => {
+                    queues.push(request);
+                    // Whatever else has arrived goes into the same batches.
+                    for _ in 0..MAX_BATCH * 4 {
+                        match receiver.try_recv() {
+                            Ok(request) => queues.push(request),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => closed = true,
+            },
+            ended = in_flight.join_next_with_id(), if !in_flight.is_empty() => match ended {
+                Some(Ok((task, ()))) => queues.release(task),
+                Some(Err(error)) => queues.release(error.id()),
+                None => {}
+            },
+        }
+    }
+}
+
+async fn execute(pool: PgPool, batch: Vec<Request>) {
+    let (mut asks, mut finishes) = (Vec::new(), Vec::new());
+    for request in batch {
+        match request {
+            Request::Admit(ask) => asks.push(ask),
+            Request::Finish { call, tokens, reply } => finishes.push((call, tokens, reply)),
+        }
+    }
+    let mut conn = match BatchConnection::acquire(&pool, BATCH_TIMEOUT).await {
+        Ok(conn) => conn,
+        Err(failed) => return fail_all(asks, finishes, &failed),
+    };
+    if !asks.is_empty() {
+        admit_all(&mut conn, asks).await;
+    }
+    if !finishes.is_empty() {
+        finish_all(&mut conn, finishes).await;
+    }
+}
+
+fn fail_all(asks: Vec<AdmitAsk>, finishes: Vec<Finish>, failed: &Failed) {
+    for ask in asks {
+        let _ = ask.reply.send(Err(failed.to_store_error()));
+    }
+    for (_, _, reply) in finishes {
+        let _ = reply.send(Err(failed.to_store_error()));
+    }
+}
+
+/// Admits one provider's asks in one statement, in order, and answers each.
+async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>) {
+    let Some((windows, provider)) = asks.first().map(|a| (a.windows.clone(), a.provider.clone())) else { return };
+    let n = windows.specs.len();
+    // The resets as of now (the asks waited a moment): the statement takes the reset after the
+    // first when, by its clock, the first has passed.
+    let now = SystemTime::now();
+    let first_resets: Vec<Option<f64>> =
+        windows.specs.iter().map(|s| s.reset.as_ref().map(|r| epoch_ms(r.next_after(now)) as f64)).collect();
+    let next_resets: Vec<Option<f64>> = windows
+        .specs
+        .iter()
+        .map(|s| s.reset.as_ref().map(|r| epoch_ms(r.next_after(r.next_after(now))) as f64))
+        .collect();
+    let tokens: Vec<i64> = asks.iter().map(|a| a.tokens).collect();
+    let flights: Vec<i64> = asks.iter().map(|a| a.flight_ms).collect();
+    // asks × windows, row-major; exactly `n` per ask whatever an ask carries.
+    let leaves: Vec<Option<f64>> =
+        asks.iter().flat_map(|a| a.leaves.iter().copied().chain(std::iter::repeat(None)).take(n)).collect();
+    let query = sqlx::query(
+        "SELECT ask, usage_id, blocked_until_ms, blocked_by FROM fallback_admit_batch($1, $2, $3, $4, $5, $6, $7, \
+           (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($8::float8[]) WITH ORDINALITY AS t(f, o)), \
+           (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(f, o)), \
+           $10, $11, \
+           (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($12::float8[]) WITH ORDINALITY AS t(l, o)))",
+    )
+    .bind(&provider)
+    .bind(&windows.kinds)
+    .bind(&windows.scopes)
+    .bind(&windows.measures)
+    .bind(&windows.windows_ms)
+    .bind(&windows.calendars)
+    .bind(&windows.limits)
+    .bind(&first_resets)
+    .bind(&next_resets)
+    .bind(&tokens)
+    .bind(&flights)
+    .bind(&leaves);
+    let rows = conn.run(async |c| query.fetch_all(c).await).await;
+    let mut answers: Vec<Option<Result<Decision, Failed>>> = (0..asks.len()).map(|_| None).collect();
+    match rows {
+        Ok(rows) => {
+            for row in rows {
+                let (Ok(ask), Ok(usage_id), Ok(blocked_until_ms), Ok(blocked_by)) = (
+                    row.try_get::<i32, _>("ask"),
+                    row.try_get::<Option<i64>, _>("usage_id"),
+                    row.try_get::<Option<i64>, _>("blocked_until_ms"),
+                    row.try_get::<Option<String>, _>("blocked_by"),
+                ) else {
+                    continue;
+                };
+                let slot = usize::try_from(ask).ok().and_then(|a| a.checked_sub(1)).and_then(|i| answers.get_mut(i));
+                if let Some(slot) = slot {
+                    *slot = Some(Ok(Decision { usage_id, blocked_until_ms, blocked_by }));
+                }
+            }
+        }
+        Err(failed) => {
+            answers.iter_mut().for_each(|a| *a = Some(Err(failed.clone())));
+        }
+    }
+    for (ask, answer) in asks.into_iter().zip(answers) {
+        let answer = match answer {
+            Some(Ok(decision)) => Ok(decision),
+            Some(Err(failed)) => Err(failed.to_store_error()),
+            None => Err(StoreError::Unavailable("the admission returned no row for an ask".into())),
+        };
+        let _ = ask.reply.send(answer);
+    }
+}
+
+type Finish = (i64, Option<i64>, oneshot::Sender<Result<(), StoreError>>);
+
+/// Records the answers of many calls in one statement.
+async fn finish_all(conn: &mut BatchConnection, finishes: Vec<Finish>) {
+    let calls: Vec<i64> = finishes.iter().map(|f| f.0).collect();
+    let tokens: Vec<Option<i64>> = finishes.iter().map(|f| f.1).collect();
+    let query = sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens);
+    let outcome = conn.run(async |c| query.execute(c).await.map(|_| ())).await;
+    for (_, _, reply) in finishes {
+        let _ = reply.send(outcome.clone().map_err(|e| e.to_store_error()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(provider: &str, windows: &Arc<Windows>) -> Request {
+        let (reply, _) = oneshot::channel();
+        Request::Admit(AdmitAsk {
+            provider: provider.into(),
+            windows: windows.clone(),
+            tokens: 1,
+            flight_ms: 1000,
+            leaves: Vec::new(),
+            reply,
+        })
+    }
+
+    fn finish(call: i64) -> Request {
+        let (reply, _) = oneshot::channel();
+        Request::Finish { call, tokens: None, reply }
+    }
+
+    fn keys(batch: &[Request]) -> Vec<Key> {
+        batch.iter().map(Request::key).collect()
+    }
+
+    #[test]
+    fn one_batch_per_key_in_flight_and_keys_take_turns_in_arrival_order() {
+        let w = Arc::new(Windows::new(Vec::new()));
+        let mut queues = Queues::default();
+        for request in [ask("a", &w), finish(1), ask("b", &w), ask("a", &w), finish(2)] {
+            queues.push(request);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut set = JoinSet::new();
+            let (key, batch) = queues.next_batch().unwrap();
+            assert_eq!((key.clone(), batch.len()), (Key::Provider("a".into()), 2), "a's asks go out together");
+            let a_task = set.spawn(async {}).id();
+            queues.hold(a_task, key);
+            queues.push(ask("a", &w));
+            let (key, batch) = queues.next_batch().unwrap();
+            assert_eq!((key.clone(), keys(&batch)), (Key::Finishes, vec![Key::Finishes, Key::Finishes]));
+            let f_task = set.spawn(async {}).id();
+            queues.hold(f_task, key);
+            let (key, _) = queues.next_batch().unwrap();
+            assert_eq!(key, Key::Provider("b".into()));
+            assert!(queues.next_batch().is_none(), "a's next ask waits for a's batch in flight");
+            queues.release(a_task);
+            let (key, batch) = queues.next_batch().unwrap();
+            assert_eq!((key, batch.len()), (Key::Provider("a".into()), 1));
+        });
+    }
+
+    #[test]
+    fn a_batch_never_mixes_two_sets_of_windows_nor_exceeds_its_size() {
+        let (w1, w2) = (Arc::new(Windows::new(Vec::new())), Arc::new(Windows::new(Vec::new())));
+        let mut queue: VecDeque<Request> = [ask("a", &w1), ask("a", &w2), ask("a", &w1)].into();
+        let batch = take_batch(&mut queue);
+        assert_eq!((batch.len(), queue.len()), (2, 1));
+        let mut queue: VecDeque<Request> = (0..MAX_BATCH + 3).map(|_| ask("a", &w1)).collect();
+        assert_eq!(take_batch(&mut queue).len(), MAX_BATCH);
+        assert_eq!(queue.len(), 3);
+    }
+}

@@ -1,0 +1,364 @@
+//! Batched admission and finishes (issue #9, migration 0008): the asks for one provider that
+//! wait together are decided in one transaction, in order, as if one after another; answers are
+//! recorded in batches. Strictness must be exactly that of one admission at a time.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{Admission, Ask, ProviderState, QuotaMeasure};
+use sqlx::PgConnection;
+
+use crate::ledger_batching::{DEFAULT_POOL, FreezingRelay, store_at, until_waiting_on_locks};
+use crate::support::*;
+
+fn requests(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(secs), resets: None }
+}
+
+fn tokens(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
+}
+
+/// Sends `n` asks at once from each store (each a worker), and returns every answer.
+async fn ask_all(
+    stores: &[PgStore],
+    n: usize,
+    provider_of: impl Fn(usize) -> &'static str,
+    limits: &[LimitConfig],
+    pools: &[QuotaPoolConfig],
+    tokens_of: impl Fn(usize) -> u64,
+) -> Vec<(&'static str, Admission)> {
+    let mut tasks = Vec::new();
+    for (s, store) in stores.iter().enumerate() {
+        for i in 0..n {
+            let (store, limits, pools) = (store.clone(), limits.to_vec(), pools.to_vec());
+            let (provider, tokens) = (provider_of(i), tokens_of(s * n + i));
+            tasks.push(tokio::spawn(async move {
+                let ask = Ask { provider, limits: &limits, pools: &pools, tokens, flight: Duration::from_secs(5) };
+                (provider, store.admit(ask, SystemTime::now()).await)
+            }));
+        }
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+async fn used(db: &mut PgConnection, kind: &str, scope: &str, measure: &str) -> i64 {
+    sqlx::query_scalar("SELECT used FROM quota_window WHERE kind = $1 AND scope = $2 AND measure = $3")
+        .bind(kind)
+        .bind(scope)
+        .bind(measure)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_concurrent_asks_from_two_workers_get_exactly_the_limit_and_refusals_say_when() {
+    let env = TestEnv::new().await;
+    let stores = [store_at(&env.database_url, DEFAULT_POOL).await, store_at(&env.database_url, DEFAULT_POOL).await];
+    let limits = [requests(7, 60), tokens(1_000_000, 60)];
+    let started = SystemTime::now();
+    let answers = ask_all(&stores, 60, |_| "p", &limits, &[], |_| 10).await;
+    let ended = SystemTime::now();
+    let granted = answers.iter().filter(|(_, a)| matches!(a, Admission::Granted(p) if p.usage_id.is_some())).count();
+    assert_eq!(granted, 7, "exactly the limit across both workers: {answers:?}");
+    for (_, answer) in &answers {
+        match answer {
+            Admission::Granted(_) => {}
+            // Every slot is held by a call in flight: room comes when the window has moved on
+            // (a call answered now leaves one window from now), not sooner, not later.
+            Admission::OverQuota { until, measure: QuotaMeasure::Requests } => assert!(
+                *until > started + Duration::from_secs(59) && *until <= ended + Duration::from_secs(61),
+                "refused until {:?} after the start",
+                until.duration_since(started)
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut db = env.db().await;
+    assert_eq!(used(&mut db, "provider", "p", "requests").await, 7);
+    assert_eq!(used(&mut db, "provider", "p", "tokens").await, 70);
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT call_id) FROM quota_use").fetch_one(&mut db).await.unwrap();
+    assert_eq!(rows, 7, "one call id per grant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pools_shared_by_two_providers_batched_concurrently_never_exceed_them() {
+    let env = TestEnv::new().await;
+    let stores = [store_at(&env.database_url, DEFAULT_POOL).await, store_at(&env.database_url, DEFAULT_POOL).await];
+    let pools = [QuotaPoolConfig { name: "account".into(), limits: vec![requests(9, 60), tokens(500, 60)] }];
+    let own = [requests(6, 60)];
+    let provider_of = |i: usize| if i.is_multiple_of(2) { "model-a" } else { "model-b" };
+    // Tokens vary: the pool's token limit refuses some asks that its request limit would take.
+    let answers = ask_all(&stores, 50, provider_of, &own, &pools, |i| [30, 80, 55][i % 3]).await;
+    let mut db = env.db().await;
+    let (pool_requests, pool_tokens) =
+        (used(&mut db, "pool", "account", "requests").await, used(&mut db, "pool", "account", "tokens").await);
+    let granted: Vec<_> = answers.iter().filter(|(_, a)| matches!(a, Admission::Granted(_))).collect();
+    assert!(pool_requests <= 9 && pool_tokens <= 500, "{pool_requests} requests, {pool_tokens} tokens");
+    assert_eq!(i64::try_from(granted.len()).unwrap(), pool_requests, "every grant counted in the pool once");
+    let own_a = used(&mut db, "provider", "model-a", "requests").await;
+    let own_b = used(&mut db, "provider", "model-b", "requests").await;
+    assert!(own_a <= 6 && own_b <= 6 && own_a + own_b == pool_requests, "{own_a} + {own_b} vs {pool_requests}");
+    // Under 9 grants only when the tokens ran out first: then no room is left for the smallest ask.
+    assert!(pool_requests == 9 || pool_tokens + 30 > 500, "{pool_requests} requests, {pool_tokens} tokens");
+    for (_, answer) in &answers {
+        assert!(matches!(answer, Admission::Granted(_) | Admission::OverQuota { .. }), "{answer:?}");
+    }
+}
+
+/// A tiny deterministic generator (xorshift): the cases are the same on every run.
+struct Cases(u64);
+
+impl Cases {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+
+    fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.below(high - low + 1)
+    }
+}
+
+const WINDOWS: [(&str, &str, i64); 3] =
+    [("pool", "requests", 30_000), ("provider", "requests", 60_000), ("provider", "tokens", 60_000)];
+
+/// Seeds the three windows of `scope` with the same rows (amount, leaving in ms from `base_ms`).
+async fn seed(db: &mut PgConnection, scope: &str, rows: &[(usize, i64, i64)], base_ms: i64) {
+    for (w, (kind, measure, window_ms)) in WINDOWS.iter().enumerate() {
+        let mine: Vec<_> = rows.iter().filter(|r| r.0 == w).collect();
+        let amounts: Vec<i64> = mine.iter().map(|r| r.1).collect();
+        let leaves: Vec<f64> = mine.iter().map(|r| (base_ms + r.2) as f64).collect();
+        sqlx::query(
+            "WITH added AS ( \
+               INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at) \
+               SELECT 0, $1, $2, $3, $4, '', a, to_timestamp(l / 1000) FROM unnest($5::bigint[], $6::float8[]) AS t(a, l) \
+               RETURNING amount, leaves_at) \
+             INSERT INTO quota_window (kind, scope, measure, window_ms, calendar, used, next_leave) \
+             SELECT $1, $2, $3, $4, '', coalesce(sum(amount), 0), coalesce(min(leaves_at), 'infinity') FROM added",
+        )
+        .bind(kind)
+        .bind(scope)
+        .bind(measure)
+        .bind(window_ms)
+        .bind(&amounts)
+        .bind(&leaves)
+        .execute(&mut *db)
+        .await
+        .unwrap();
+    }
+}
+
+/// (usage granted, blocked_until_ms, blocked_by) per ask.
+type Answer = (bool, Option<i64>, Option<String>);
+/// A row of `fallback_admit_batch`: ask, usage_id, blocked_until_ms, blocked_by.
+type BatchRow = (i32, Option<i64>, Option<i64>, Option<String>);
+
+#[tokio::test]
+async fn a_batch_answers_each_ask_as_one_admission_after_another_would() {
+    let env = TestEnv::new().await;
+    let _store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let mut db = env.db().await;
+    let mut cases = Cases(0x9e37_79b9_7f4a_7c15);
+    let (kinds, measures, windows_ms): (Vec<&str>, Vec<&str>, Vec<i64>) = (
+        WINDOWS.iter().map(|w| w.0).collect(),
+        WINDOWS.iter().map(|w| w.1).collect(),
+        WINDOWS.iter().map(|w| w.2).collect(),
+    );
+    let calendars = vec![""; 3];
+    let (mut refused, mut grants, mut too_large) = (0, 0, 0);
+    for case in 0..40 {
+        let limits = [cases.between(2, 8) as i64, cases.between(2, 8) as i64, cases.between(50, 200) as i64];
+        // Use already in the windows, leaving 1..25 s from now: the refusals' waits come from it.
+        let rows: Vec<(usize, i64, i64)> = (0..cases.between(0, 8))
+            .map(|_| {
+                let w = cases.below(3) as usize;
+                let amount = if w == 2 { cases.between(1, 60) as i64 } else { 1 };
+                (w, amount, cases.between(1_000, 25_000) as i64)
+            })
+            .collect();
+        let asks = cases.between(1, 16) as usize;
+        let ask_tokens: Vec<i64> = (0..asks).map(|_| cases.between(1, limits[2] as u64 * 5 / 4) as i64).collect();
+        let flights: Vec<i64> = (0..asks).map(|_| cases.between(1_000, 20_000) as i64).collect();
+        let base_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+        let (batch_scope, one_scope) = (format!("batch-{case}"), format!("one-{case}"));
+        seed(&mut db, &batch_scope, &rows, base_ms).await;
+        seed(&mut db, &one_scope, &rows, base_ms).await;
+
+        let scopes = vec![batch_scope.as_str(); 3];
+        let batch: Vec<BatchRow> = sqlx::query_as(
+            "SELECT ask, usage_id, blocked_until_ms, blocked_by FROM fallback_admit_batch($1, $2, $3, $4, $5, $6, $7, \
+               array_fill(NULL::timestamptz, ARRAY[3]), array_fill(NULL::timestamptz, ARRAY[3]), $8, $9, \
+               array_fill(NULL::timestamptz, ARRAY[3 * $10::int])) ORDER BY ask",
+        )
+        .bind(&batch_scope)
+        .bind(&kinds)
+        .bind(&scopes)
+        .bind(&measures)
+        .bind(&windows_ms)
+        .bind(&calendars)
+        .bind(limits.to_vec())
+        .bind(&ask_tokens)
+        .bind(&flights)
+        .bind(i32::try_from(asks).unwrap())
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        assert_eq!(
+            batch.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (1..=asks as i32).collect::<Vec<_>>(),
+            "one row per ask"
+        );
+        let batch: Vec<Answer> = batch.into_iter().map(|(_, id, until, by)| (id.is_some(), until, by)).collect();
+
+        let scopes = vec![one_scope.as_str(); 3];
+        let mut one_by_one: Vec<Answer> = Vec::new();
+        for (tokens, flight) in ask_tokens.iter().zip(&flights) {
+            let (id, until, by): (Option<i64>, Option<i64>, Option<String>) = sqlx::query_as(
+                "SELECT usage_id, blocked_until_ms, blocked_by FROM fallback_admit($1, $2, $3, $4, $5, $6, $7, \
+                   array_fill(NULL::timestamptz, ARRAY[3]), array_fill(NULL::timestamptz, ARRAY[3]), \
+                   array_fill(NULL::timestamptz, ARRAY[3]), $8, $9)",
+            )
+            .bind(&one_scope)
+            .bind(&kinds)
+            .bind(&scopes)
+            .bind(&measures)
+            .bind(&windows_ms)
+            .bind(&calendars)
+            .bind(limits.to_vec())
+            .bind(tokens)
+            .bind(flight)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+            one_by_one.push((id.is_some(), until, by));
+        }
+
+        for (i, (b, o)) in batch.iter().zip(&one_by_one).enumerate() {
+            let context = format!("case {case}, ask {i}: limits {limits:?}, use {rows:?}, tokens {ask_tokens:?}");
+            assert_eq!((b.0, &b.2), (o.0, &o.2), "granted and blocked_by; {context}");
+            // Waits set by the use already there are exact; a wait set by the window's end
+            // (now + window) moves with the clock between the two runs.
+            let (b_until, o_until) = (b.1.unwrap_or(0), o.1.unwrap_or(0));
+            assert!((b_until - o_until).abs() <= 500, "until {b_until} vs {o_until}; {context}");
+            match (b.0, b.2.as_deref()) {
+                (true, _) => grants += 1,
+                (false, Some("tokens_exceed_limit")) => too_large += 1,
+                _ => refused += 1,
+            }
+        }
+        for (kind, measure, _) in WINDOWS {
+            let (b, o) =
+                (used(&mut db, kind, &batch_scope, measure).await, used(&mut db, kind, &one_scope, measure).await);
+            assert_eq!(b, o, "case {case}: {kind} {measure} used");
+        }
+    }
+    // The cases cover every kind of answer.
+    assert!(grants > 20 && refused > 20 && too_large > 3, "{grants} granted, {refused} refused, {too_large} too large");
+}
+
+#[tokio::test]
+async fn finishes_in_a_batch_free_their_own_rows_and_correct_their_own_token_counts() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60), tokens(10_000, 60)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(30) };
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!("room for 7") };
+        ids.push(permit);
+    }
+    let mut db = env.db().await;
+    // Five answers in one batch (one id twice: it counts once, its first entry).
+    let calls: Vec<i64> = ids.iter().take(5).map(|p| p.usage_id.unwrap()).chain([ids[0].usage_id.unwrap()]).collect();
+    let counts = [Some(10i64), None, Some(300), Some(100), Some(0), Some(999)];
+    let finished_at = SystemTime::now();
+    sqlx::query("SELECT fallback_finish_batch($1, $2)")
+        .bind(&calls)
+        .bind(counts.to_vec())
+        .execute(&mut db)
+        .await
+        .unwrap();
+    // The sixth through the store (its batcher), the seventh not answered yet.
+    store.finish(ids[5].clone(), Some(40)).await;
+
+    let expected_tokens = [10, 100, 300, 100, 0, 40, 100];
+    for (i, (permit, tokens)) in ids.iter().zip(expected_tokens).enumerate() {
+        let (amount, leaves_in_ms): (i64, f64) = sqlx::query_as(
+            "SELECT amount, (extract(epoch FROM leaves_at - to_timestamp($2::float8 / 1000)) * 1000)::float8 FROM quota_use \
+             WHERE call_id = $1 AND measure = 'tokens'",
+        )
+        .bind(permit.usage_id.unwrap())
+        .bind(finished_at.duration_since(UNIX_EPOCH).unwrap().as_millis() as f64)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        assert_eq!(amount, tokens, "call {i}'s token count");
+        if i < 6 {
+            assert!(
+                (59_000.0..62_000.0).contains(&leaves_in_ms),
+                "answered call {i} leaves one window after its answer: {leaves_in_ms}"
+            );
+        } else {
+            assert!(leaves_in_ms > 85_000.0, "the call in flight still leaves after its deadline: {leaves_in_ms}");
+        }
+    }
+    assert_eq!(used(&mut db, "provider", "p", "tokens").await, expected_tokens.iter().sum::<i64>());
+    assert_eq!(used(&mut db, "provider", "p", "requests").await, 7, "answers free no request before the window ends");
+}
+
+/// A batch whose connection died without a close (no RST) must not hold its provider's later
+/// asks back for the life of the process: after the batch timeout they go out again, and the
+/// database (which answers new connections all along) grants them.
+#[tokio::test]
+async fn a_batch_on_a_dead_connection_does_not_stall_its_provider() {
+    let env = TestEnv::new().await;
+    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = store_at(&url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
+    // Another worker holds the provider's row: this worker's batch waits on it ...
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM provider_state WHERE provider = 'p' FOR UPDATE").execute(&mut locker).await.unwrap();
+    let hung = {
+        let (store, limits) = (store.clone(), limits.to_vec());
+        tokio::spawn(async move {
+            let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+            store.admit(ask, SystemTime::now()).await
+        })
+    };
+    until_waiting_on_locks(&env, 1).await;
+    // ... and its connection dies silently while it waits.
+    relay.freeze_existing();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let stuck = hung.await.unwrap();
+    assert!(matches!(stuck, Admission::OverQuota { .. }), "the stuck ask is told to come back shortly: {stuck:?}");
+
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        match store.admit(ask, SystemTime::now()).await {
+            Admission::Granted(permit) if permit.usage_id.is_some() => {
+                last = None;
+                break;
+            }
+            // Granted locally (the store thought the database down) does not count: the shared
+            // windows must take this provider's calls again.
+            other => last = Some(other),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(last.is_none(), "30 s after the dead connection the provider is still not admitted: {last:?}");
+}
