@@ -173,6 +173,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(STATE_CALL_TIMEOUT)
+            .after_release(|conn, _| Box::pin(answers_in_time(conn)))
             .connect_lazy_with(options);
         Ok(Self::from_pool(pool))
     }
@@ -719,6 +720,27 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 }
+
+/// Whether a connection handed back to the pool still answers, within [`RELEASE_PING_TIMEOUT`].
+///
+/// A state call that outlived its bound (`guarded`) is dropped mid-query and its connection
+/// handed back; sqlx then pings it before reuse, with no time limit, and a connection that died
+/// without a close (no RST: a partition, a frozen relay) keeps that ping, and its pool slot,
+/// until the kernel gives up on it (about 15 minutes): two such and the default pool has no
+/// connection left for anything. Pinging first with a bound closes such a connection at once
+/// (an error makes sqlx drop it without a goodbye); a live one pays one more round trip per
+/// release (sqlx's own ping follows).
+async fn answers_in_time(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    match tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping()).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(sqlx::Error::PoolTimedOut),
+    }
+}
+
+/// How long a connection handed back to the pool may take to answer a ping.
+const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn cooldown_from(until_ms: i64, reason: Option<String>, detail: Option<String>) -> Option<Cooldown> {
     let reason = CooldownReason::parse(reason.as_deref()?)?;
