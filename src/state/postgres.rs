@@ -173,6 +173,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(STATE_CALL_TIMEOUT)
+            .after_connect(|conn, _| Box::pin(checks_its_client(conn)))
             .after_release(|conn, _| Box::pin(answers_in_time(conn)))
             .connect_lazy_with(options);
         Ok(Self::from_pool(pool))
@@ -735,8 +736,28 @@ async fn answers_in_time(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Er
     match tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping()).await {
         Ok(Ok(())) => Ok(true),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(sqlx::Error::PoolTimedOut),
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("a connection handed back mid-query did not answer a ping within {RELEASE_PING_TIMEOUT:?}"),
+        ))),
     }
+}
+
+/// Asks the server to check, while a query of this session runs, that the client is still
+/// there (`client_connection_check_interval`, Postgres 14+; older servers refuse it, and the
+/// session goes on without it).
+///
+/// [`answers_in_time`] closes a connection whose dropped query is still running (a write queued
+/// on a row lock, a slow database): without this check, Postgres notices the client left only
+/// when the query ends, so the backend stays, holding its place in the lock queue, while the
+/// pool's freed slot opens a new connection; every round of timeouts would add as many backends
+/// as the pool has slots.
+async fn checks_its_client(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    if let Err(e) = conn.execute("SET client_connection_check_interval = '1s'").await {
+        tracing::debug!(error = %e, "the database does not check for a departed client; slow queries outlive their connection");
+    }
+    Ok(())
 }
 
 /// How long a connection handed back to the pool may take to answer a ping.

@@ -481,3 +481,67 @@ async fn two_cooldown_writes_on_dead_connections_do_not_leave_admissions_without
         );
     }
 }
+
+/// Review of the release ping (`after_release`, 1 s): a live but slow database (a cooldown
+/// write waiting on a row lock another session holds) must not make the worker open more
+/// backends than its pool has slots. The hook closes a connection whose dropped query has not
+/// ended 1 s after `guarded` gave up, but Postgres does not notice a closed client while the
+/// query waits on a lock: the backend stays, still queued on the lock, and the pool's slot is
+/// free for a new connection, whose next write queues behind it. Each round of timeouts added
+/// `pool` orphaned backends (4 on a 2-connection pool here; without the hook the slot stays taken
+/// until the query ends). Each session now sets `client_connection_check_interval`, so the
+/// server ends such a backend within about a second.
+#[tokio::test]
+async fn cooldown_writes_waiting_on_a_lock_do_not_open_more_backends_than_the_pool_has() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+    let mut locker = env.db().await;
+    sqlx::query("INSERT INTO provider_state (provider) VALUES ('slow')").execute(&mut locker).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM provider_state WHERE provider = 'slow' FOR UPDATE").execute(&mut locker).await.unwrap();
+    for _round in 0..2 {
+        let writes: Vec<_> = (0..DEFAULT_POOL)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let cooldown = fallback_worker::state::Cooldown {
+                        until: SystemTime::now() + Duration::from_secs(30),
+                        reason: fallback_worker::routing::CooldownReason::Circuit,
+                        detail: "test".into(),
+                    };
+                    store.cool_down("slow", cooldown).await
+                })
+            })
+            .collect();
+        for write in writes {
+            tokio::time::timeout(Duration::from_secs(10), write).await.expect("guarded ends a write").unwrap();
+        }
+        // Past the release ping's bound; then one call that may succeed (it resets the run of
+        // timeouts, as any other worker traffic between the writes would).
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), store.admit(ask, SystemTime::now())).await;
+    }
+    // A backend whose client left may take a moment to notice; 5 s is plenty.
+    let settled = Instant::now();
+    let waiting = loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'fallback-worker' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+        if waiting <= i64::from(DEFAULT_POOL) || settled.elapsed() > Duration::from_secs(5) {
+            break waiting;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    assert!(
+        waiting <= i64::from(DEFAULT_POOL),
+        "{waiting} backends of a {DEFAULT_POOL}-connection pool wait on the lock (pool: {} open)",
+        store.pool().size()
+    );
+}
