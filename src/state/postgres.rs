@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -104,6 +104,8 @@ pub struct PgStore {
     /// never starves it), and possibly another address (a session-mode PgBouncer, or Postgres
     /// itself, when the pool goes through a transaction-mode PgBouncer).
     listen_options: Arc<PgConnectOptions>,
+    /// When a state call last gave up on a query still running (see [`Abandoned`]).
+    abandoned: Arc<Abandoned>,
 }
 
 /// This worker's own view, kept at all times and used alone while the database is unreachable.
@@ -170,13 +172,18 @@ impl PgStore {
     /// A lazily connecting pool: the worker starts (and keeps running) while Postgres is down.
     pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgStore, sqlx::Error> {
         let options = PgConnectOptions::from_str(url)?.application_name("fallback-worker");
+        let abandoned = Arc::new(Abandoned::default());
+        let released = abandoned.clone();
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(STATE_CALL_TIMEOUT)
             .after_connect(|conn, _| Box::pin(checks_its_client(conn)))
-            .after_release(|conn, _| Box::pin(answers_in_time(conn)))
+            .after_release(move |conn, _| {
+                let check = released.lately();
+                Box::pin(async move { if check { answers_in_time(conn).await } else { Ok(true) } })
+            })
             .connect_lazy_with(options);
-        Ok(Self::from_pool(pool))
+        Ok(PgStore { abandoned, ..Self::from_pool(pool) })
     }
 
     pub fn from_pool(pool: PgPool) -> PgStore {
@@ -190,6 +197,7 @@ impl PgStore {
             ledger: Arc::default(),
             outage: Arc::new(outage),
             listen_options,
+            abandoned: Arc::default(),
         }
     }
 
@@ -212,7 +220,9 @@ impl PgStore {
         if self.is_degraded() {
             return Err(StoreError::Unreachable("the database is down".into()));
         }
+        let watch = self.abandoned.watch();
         let answer = tokio::time::timeout(STATE_CALL_TIMEOUT, call).await;
+        watch.finished(answer.is_ok());
         if answer.is_ok() {
             self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
         }
@@ -729,8 +739,9 @@ impl PgStore {
 /// without a close (no RST: a partition, a frozen relay) keeps that ping, and its pool slot,
 /// until the kernel gives up on it (about 15 minutes): two such and the default pool has no
 /// connection left for anything. Pinging first with a bound closes such a connection at once
-/// (an error makes sqlx drop it without a goodbye); a live one pays one more round trip per
-/// release (sqlx's own ping follows).
+/// (an error makes sqlx drop it without a goodbye); a live one pays one more round trip (sqlx's
+/// own ping follows), which is why only releases soon after a query was given up are pinged here
+/// ([`Abandoned`]).
 async fn answers_in_time(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
     use sqlx::Connection;
     match tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping()).await {
@@ -758,6 +769,52 @@ async fn checks_its_client(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Er
         tracing::debug!(error = %e, "the database does not check for a departed client; slow queries outlive their connection");
     }
     Ok(())
+}
+
+/// When a state call last gave up on its query (epoch ms; 0: never).
+///
+/// sqlx's own ping on a connection handed back has no bound (see [`answers_in_time`]), but
+/// bounding it costs every release a round trip. Only a query given up mid-way leaves a
+/// connection that may not answer, and its connection is handed back the moment it is given up:
+/// releases within [`ABANDONED_LATELY`] of one are pinged with a bound, the others are not.
+#[derive(Default)]
+struct Abandoned(AtomicU64);
+
+/// How long after a query was given up releases are pinged with a bound.
+const ABANDONED_LATELY: Duration = Duration::from_secs(10);
+
+impl Abandoned {
+    /// Watches one state call: dropped (a timeout, or its caller gone) before it finished, it
+    /// counts as given up.
+    fn watch(&self) -> AbandonWatch<'_> {
+        AbandonWatch { abandoned: self, finished: false }
+    }
+
+    fn lately(&self) -> bool {
+        let last = self.0.load(Ordering::Relaxed);
+        let now = u64::try_from(epoch_ms(SystemTime::now())).unwrap_or(0);
+        last != 0 && now.saturating_sub(last) <= u64::try_from(ABANDONED_LATELY.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+struct AbandonWatch<'a> {
+    abandoned: &'a Abandoned,
+    finished: bool,
+}
+
+impl AbandonWatch<'_> {
+    fn finished(mut self, finished: bool) {
+        self.finished = finished;
+    }
+}
+
+impl Drop for AbandonWatch<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let now = u64::try_from(epoch_ms(SystemTime::now())).unwrap_or(0);
+            self.abandoned.0.store(now.max(1), Ordering::Relaxed);
+        }
+    }
 }
 
 /// How long a connection handed back to the pool may take to answer a ping.
