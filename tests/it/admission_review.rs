@@ -7,7 +7,7 @@ use fallback_worker::config::LimitConfig;
 use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, ProviderState, ResultLedger};
 
-use crate::ledger_batching::{DEFAULT_POOL, FreezingRelay, store_at, until_waiting_on_locks};
+use crate::ledger_batching::{DEFAULT_POOL, FreezingRelay, admits_again, store_at, until_waiting_on_locks};
 use crate::support::*;
 
 fn requests(n: u64, secs: u64) -> LimitConfig {
@@ -65,24 +65,7 @@ async fn two_batches_on_dead_connections_do_not_leave_the_pool_without_connectio
     for provider in ["dead-1", "dead-2"] {
         a_batch_dies_silently(&env, &relay, &store, provider).await;
         // Until the database takes this worker's calls again (a new connection each time).
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < Duration::from_secs(40) {
-            match store.admit(ask, SystemTime::now()).await {
-                Admission::Granted(permit) if permit.usage_id.is_some() => {
-                    last = None;
-                    break;
-                }
-                other => last = Some(other),
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        assert!(
-            last.is_none(),
-            "40 s after the batch of {provider} died the database still admits nothing: {last:?} (pool: {} open, {} idle)",
-            store.pool().size(),
-            store.pool().num_idle()
-        );
+        admits_again(&store, ask, &format!("the batch of {provider}")).await;
     }
 }
 
@@ -268,24 +251,7 @@ async fn two_ledger_batches_on_dead_connections_do_not_leave_admissions_without_
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     for key in ["dead-1", "dead-2"] {
         a_ledger_batch_dies_silently(&env, &relay, &store, key).await;
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < Duration::from_secs(40) {
-            match store.admit(ask, SystemTime::now()).await {
-                Admission::Granted(permit) if permit.usage_id.is_some() => {
-                    last = None;
-                    break;
-                }
-                other => last = Some(other),
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        assert!(
-            last.is_none(),
-            "40 s after the ledger batch for {key} died the database still admits nothing: {last:?} (pool: {} open, {} idle)",
-            store.pool().size(),
-            store.pool().num_idle()
-        );
+        admits_again(&store, ask, &format!("the ledger batch for {key}")).await;
     }
 }
 
@@ -461,24 +427,7 @@ async fn two_cooldown_writes_on_dead_connections_do_not_leave_admissions_without
         relay.freeze_existing();
         sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
         hung.await.unwrap();
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < Duration::from_secs(40) {
-            match store.admit(ask, SystemTime::now()).await {
-                Admission::Granted(permit) if permit.usage_id.is_some() => {
-                    last = None;
-                    break;
-                }
-                other => last = Some(other),
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        assert!(
-            last.is_none(),
-            "40 s after the cooldown write for {provider} died the database still admits nothing: {last:?} (pool: {} open, {} idle)",
-            store.pool().size(),
-            store.pool().num_idle()
-        );
+        admits_again(&store, ask, &format!("the cooldown write for {provider}")).await;
     }
 }
 

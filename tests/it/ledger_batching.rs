@@ -8,10 +8,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use fallback_worker::state::ResultLedger;
 use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{Admission, Ask, ProviderState, ResultLedger};
 use sqlx::PgConnection;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -19,6 +19,25 @@ use crate::support::*;
 
 /// The default pool: `postgres.max_connections = 3`, one of them the listener's.
 pub(crate) const DEFAULT_POOL: u32 = 2;
+
+/// Waits (40 s at most, a new connection each time) until `store` grants `ask` a counted slot
+/// again after `what` died; fails naming the last answer and the pool's state.
+pub(crate) async fn admits_again(store: &PgStore, ask: Ask<'_>, what: &str) {
+    let started = Instant::now();
+    let mut last = None;
+    while started.elapsed() < Duration::from_secs(40) {
+        match store.admit(ask, SystemTime::now()).await {
+            Admission::Granted(permit) if permit.usage_id.is_some() => return,
+            other => last = Some(other),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!(
+        "40 s after {what} died the database still admits nothing: {last:?} (pool: {} open, {} idle)",
+        store.pool().size(),
+        store.pool().num_idle()
+    );
+}
 
 pub(crate) async fn store_at(url: &str, pool: u32) -> PgStore {
     let store = PgStore::connect_lazy(url, pool).unwrap();
