@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use super::{LedgerEntry, StoreError};
 
 /// Largest batch sent in one query.
-const MAX_BATCH: usize = 128;
+pub(super) const MAX_BATCH: usize = 128;
 
 pub enum Request {
     Open { key: String, fingerprint: String, reply: oneshot::Sender<Result<LedgerEntry, StoreError>> },
@@ -43,15 +43,19 @@ pub fn spawn(pool: PgPool) -> mpsc::Sender<Request> {
 /// connections admissions and cooldowns need.
 const MAX_IN_FLIGHT: usize = 2;
 
+/// How many batches a batcher may have in flight on `pool`: never more than its connections but
+/// one, which always stays for the other state calls, and at most [`MAX_IN_FLIGHT`].
+pub(super) fn batches_in_flight(pool: &PgPool) -> usize {
+    usize::try_from(pool.options().get_max_connections()).unwrap_or(1).saturating_sub(1).clamp(1, MAX_IN_FLIGHT)
+}
+
 /// The longest one batch may take: a batch whose connection died without a close (no RST)
 /// would otherwise never end, and every later request for its keys (and, behind them, every
 /// other) would wait for it. Its callers gave up long before (after `STATE_CALL_TIMEOUT`).
-const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(super) const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
-    // Always leave one of the pool's connections to the other state calls.
-    let max_in_flight =
-        usize::try_from(pool.options().get_max_connections()).unwrap_or(1).saturating_sub(1).clamp(1, MAX_IN_FLIGHT);
+    let max_in_flight = batches_in_flight(&pool);
     let mut closed = false;
     let mut deferred: Vec<Request> = Vec::new();
     // Keys of the batches in flight: concurrent batches never share a key, so they never wait

@@ -10,29 +10,15 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::StoreError;
-use super::ledger_batcher::{BatchConnection, Failed};
+use super::ledger_batcher::{BATCH_TIMEOUT, BatchConnection, Failed, MAX_BATCH, batches_in_flight};
 use super::postgres::{WindowSpec, epoch_ms, measure_name, saturating_i64};
-
-/// Largest batch sent in one query (asks of one provider, or finishes).
-const MAX_BATCH: usize = 128;
-
-/// Batches in flight at most, across providers and finishes together, and never more than the
-/// pool's connections but one: the default pool (`postgres.max_connections = 3`: the listener and
-/// two) sends one at a time, so that the ledger's batch and a cooldown or a circuit's probe find a
-/// connection. A second batch goes out only while a connection is idle.
-const MAX_IN_FLIGHT: usize = 2;
-
-/// The longest one batch may take: a batch whose connection died without a close (no RST) would
-/// otherwise never end, and its provider's later asks would wait behind it for the process's
-/// life. Its callers gave up long before (after `STATE_CALL_TIMEOUT`).
-const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A provider's windows as the batch statement takes them (its own limits' and its pools', in
 /// the canonical lock order), prepared once per provider: every ask of a batch shares them.
@@ -188,9 +174,11 @@ fn take_batch(queue: &mut VecDeque<Request>) -> Vec<Request> {
 }
 
 async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
-    // Always leave one of the pool's connections to the other state calls.
-    let max_in_flight =
-        usize::try_from(pool.options().get_max_connections()).unwrap_or(1).saturating_sub(1).clamp(1, MAX_IN_FLIGHT);
+    // Across providers and finishes together, as for the ledger (one at a time on the default
+    // pool, so that the ledger's batch and a cooldown or a circuit's probe find a connection; a
+    // second batch goes out only while a connection is idle). The size of a batch and its time
+    // limit are the ledger's too.
+    let max_in_flight = batches_in_flight(&pool);
     let mut queues = Queues::default();
     let mut in_flight: JoinSet<()> = JoinSet::new();
     let mut closed = false;
