@@ -61,15 +61,19 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     // Keys of the batches in flight: concurrent batches never share a key, so they never wait
     // on each other's row locks (nor deadlock).
     let mut busy = Busy::default();
-    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut in_flight: JoinSet<Option<PoolConnection<Postgres>>> = JoinSet::new();
+    let mut leases = Leases::new(pool.clone());
     loop {
-        while in_flight.len() >= max_in_flight || (!in_flight.is_empty() && pool.num_idle() == 0) {
-            busy.release(in_flight.join_next_with_id().await);
+        while in_flight.len() >= max_in_flight || (!in_flight.is_empty() && leases.available() == 0) {
+            leases.keep(busy.release(in_flight.join_next_with_id().await));
         }
         let mut batch = std::mem::take(&mut deferred);
         if batch.is_empty() {
             if closed {
                 break;
+            }
+            if receiver.is_empty() {
+                leases.release();
             }
             tokio::select! {
                 request = receiver.recv() => match request {
@@ -78,7 +82,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
                 },
                 // A batch ended: look again whether another may go out.
                 ended = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
-                    busy.release(ended);
+                    leases.keep(busy.release(ended));
                     continue;
                 }
             }
@@ -96,7 +100,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
             // Everything waits for a key in flight: wait for a batch to end, or for a request
             // of another key (which must not wait behind the slow batch), not in a spin.
             tokio::select! {
-                ended = in_flight.join_next_with_id() => busy.release(ended),
+                ended = in_flight.join_next_with_id() => leases.keep(busy.release(ended)),
                 request = receiver.recv(), if !closed && deferred.len() < MAX_BATCH => match request {
                     Some(request) => deferred.push(request),
                     None => closed = true,
@@ -110,16 +114,12 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         // `deadlock_timeout`: that batch's callers get an error and the jobs go on (rare, ~1 s).
         now.sort_by(|a, b| a.key().cmp(b.key()));
         let keys: Vec<String> = now.iter().map(|r| r.key().to_string()).collect();
-        let task = in_flight.spawn({
-            let pool = pool.clone();
-            async move {
-                // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
-                execute(pool, now).await;
-            }
-        });
+        // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
+        let task = in_flight.spawn(execute(pool.clone(), leases.take(), now));
         busy.hold(task.id(), keys);
     }
     while in_flight.join_next().await.is_some() {}
+    leases.release();
 }
 
 /// The keys of the batches in flight, by batch task.
@@ -135,22 +135,30 @@ impl Busy {
         self.by_task.insert(task, keys);
     }
 
-    /// Frees the keys of a batch that ended, whether it finished or failed.
-    fn release(&mut self, ended: Option<Result<(tokio::task::Id, ()), tokio::task::JoinError>>) {
-        let task = match ended {
-            Some(Ok((task, ()))) => task,
-            Some(Err(error)) => error.id(),
-            None => return,
+    /// Frees the keys of a batch that ended, whether it finished or failed, and gives back
+    /// what it handed back (its connection, when still usable).
+    fn release<T>(&mut self, ended: Option<Result<(tokio::task::Id, Option<T>), tokio::task::JoinError>>) -> Option<T> {
+        let (task, handed_back) = match ended {
+            Some(Ok((task, handed_back))) => (task, handed_back),
+            Some(Err(error)) => (error.id(), None),
+            None => return None,
         };
         for key in self.by_task.remove(&task).unwrap_or_default() {
             self.keys.remove(&key);
         }
+        handed_back
     }
 }
 
-/// Sends one batch: opens and stores that wait together go out in one round trip.
-async fn execute(pool: PgPool, batch: Vec<Request>) {
-    let mut conn = match BatchConnection::acquire(&pool, BATCH_TIMEOUT).await {
+/// Sends one batch (on `leased`, the previous batch's connection, when there is one): opens
+/// and stores that wait together go out in one round trip. Hands back its connection when it
+/// is still usable.
+async fn execute(
+    pool: PgPool,
+    leased: Option<PoolConnection<Postgres>>,
+    batch: Vec<Request>,
+) -> Option<PoolConnection<Postgres>> {
+    let mut conn = match BatchConnection::acquire(&pool, leased, BATCH_TIMEOUT).await {
         Ok(conn) => conn,
         Err(failed) => {
             for request in batch {
@@ -159,7 +167,7 @@ async fn execute(pool: PgPool, batch: Vec<Request>) {
                     Request::Store { reply, .. } => drop(reply.send(Err(failed.to_store_error()))),
                 }
             }
-            return;
+            return None;
         }
     };
     let (opens, stores): (Vec<Request>, Vec<Request>) =
@@ -171,6 +179,7 @@ async fn execute(pool: PgPool, batch: Vec<Request>) {
         // Under load both kinds wait: one round trip serves them together.
         (false, false) => open_all(&mut conn, opens, stores).await,
     }
+    conn.into_reusable()
 }
 
 /// A batch's own connection, and how long the batch may still use it.
@@ -184,17 +193,34 @@ pub(super) struct BatchConnection {
     conn: PoolConnection<Postgres>,
     deadline: tokio::time::Instant,
     timed_out: bool,
+    /// A statement failed as on a lost connection: it is not kept for the next batch.
+    suspect: bool,
 }
 
 impl BatchConnection {
-    /// A connection of `pool` for a batch that may take `limit` in all (the wait included).
-    pub(super) async fn acquire(pool: &PgPool, limit: std::time::Duration) -> Result<BatchConnection, Failed> {
+    /// A connection for a batch that may take `limit` in all (the wait included): `leased`, the
+    /// previous batch's, when there is one, else one of `pool`.
+    pub(super) async fn acquire(
+        pool: &PgPool,
+        leased: Option<PoolConnection<Postgres>>,
+        limit: std::time::Duration,
+    ) -> Result<BatchConnection, Failed> {
         let deadline = tokio::time::Instant::now() + limit;
+        let fresh = |conn| BatchConnection { conn, deadline, timed_out: false, suspect: false };
+        if let Some(conn) = leased {
+            return Ok(fresh(conn));
+        }
         match tokio::time::timeout_at(deadline, pool.acquire()).await {
-            Ok(Ok(conn)) => Ok(BatchConnection { conn, deadline, timed_out: false }),
+            Ok(Ok(conn)) => Ok(fresh(conn)),
             Ok(Err(e)) => Err(describe(&e)),
             Err(_) => Err(Failed::busy("no connection for the batch in time")),
         }
+    }
+
+    /// The connection, for the next batch, when every statement of this one answered (an
+    /// error the database gave is an answer; a lost connection or a timeout is not).
+    pub(super) fn into_reusable(self) -> Option<PoolConnection<Postgres>> {
+        (!self.timed_out && !self.suspect).then_some(self.conn)
     }
 
     /// Runs one statement, until the batch's deadline at most; after a statement that did not
@@ -207,13 +233,61 @@ impl BatchConnection {
             return Err(Failed::busy("the batch ran out of time"));
         }
         match tokio::time::timeout_at(self.deadline, statement(&mut *self.conn)).await {
-            Ok(answer) => answer.map_err(|e| describe(&e)),
+            Ok(answer) => answer.map_err(|e| {
+                let failed = describe(&e);
+                self.suspect |= !matches!(failed.kind, FailedKind::Refused);
+                failed
+            }),
             Err(_) => {
                 self.timed_out = true;
                 self.conn.close_on_drop();
                 Err(Failed::busy("the batch ran out of time"))
             }
         }
+    }
+}
+
+/// The connections a batcher keeps from one batch to the next while requests keep waiting.
+///
+/// sqlx pings a connection when it goes back to the pool and again when it is taken from it,
+/// each a round trip: three round trips per batch where its statement needs one. Under load a
+/// batch ends with the next one's requests already waiting, so its connection goes straight to
+/// that batch. It goes back to the pool as soon as nothing waits, and is kept only while the
+/// pool still has a connection for the other state calls, or room to open one (a cooldown
+/// write must never wait behind a batcher's idle connection).
+pub(super) struct Leases {
+    pool: PgPool,
+    idle: Vec<PoolConnection<Postgres>>,
+}
+
+impl Leases {
+    pub(super) fn new(pool: PgPool) -> Leases {
+        Leases { pool, idle: Vec::new() }
+    }
+
+    /// A kept connection, if there is one.
+    pub(super) fn take(&mut self) -> Option<PoolConnection<Postgres>> {
+        self.idle.pop()
+    }
+
+    /// Keeps the connection a batch handed back (none when it was lost), or returns it to the
+    /// pool when the other state calls would have none left.
+    pub(super) fn keep(&mut self, conn: Option<PoolConnection<Postgres>>) {
+        let Some(conn) = conn else { return };
+        let max = self.pool.options().get_max_connections();
+        if self.pool.num_idle() > 0 || self.pool.size() < max {
+            self.idle.push(conn);
+        }
+    }
+
+    /// Nothing waits: every kept connection goes back to the pool.
+    pub(super) fn release(&mut self) {
+        self.idle.clear();
+    }
+
+    /// Connections a new batch could use at once.
+    pub(super) fn available(&self) -> usize {
+        self.idle.len().saturating_add(self.pool.num_idle())
     }
 }
 
@@ -462,7 +536,7 @@ mod tests {
         let mut busy = Busy::default();
         let task = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
             let mut set = JoinSet::new();
-            let id = set.spawn(async {}).id();
+            let id = set.spawn(async { None::<()> }).id();
             busy.hold(id, vec!["a".into()]);
             let (now, later) = first_of_each_key(["a", "b"].map(open).into(), &busy.keys);
             assert_eq!((keys(&now), keys(&later)), (vec!["b".to_string()], vec!["a".to_string()]));

@@ -178,6 +178,15 @@ impl PgStore {
             .max_connections(max_connections)
             .acquire_timeout(STATE_CALL_TIMEOUT)
             .after_connect(|conn, _| Box::pin(checks_its_client(conn)))
+            // sqlx's own test pings every connection it hands out (a round trip per state call
+            // or batch, with no bound); one that answered less than a second ago is handed out
+            // as it is, an older one is pinged with a bound.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for < IDLE_BEFORE_PING { Ok(true) } else { answers_in_time(conn).await }
+                })
+            })
             .after_release(move |conn, _| {
                 let check = released.lately();
                 Box::pin(async move { if check { answers_in_time(conn).await } else { Ok(true) } })
@@ -742,6 +751,10 @@ impl PgStore {
 /// (an error makes sqlx drop it without a goodbye); a live one pays one more round trip (sqlx's
 /// own ping follows), which is why only releases soon after a query was given up are pinged here
 /// ([`Abandoned`]).
+/// How long a connection may sit idle in the pool and still be handed out without a ping: it
+/// answered its release ping less than this ago.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 async fn answers_in_time(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
     use sqlx::Connection;
     match tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping()).await {
@@ -749,7 +762,7 @@ async fn answers_in_time(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Er
         Ok(Err(e)) => Err(e),
         Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("a connection handed back mid-query did not answer a ping within {RELEASE_PING_TIMEOUT:?}"),
+            format!("a pooled connection did not answer a ping within {RELEASE_PING_TIMEOUT:?}"),
         ))),
     }
 }

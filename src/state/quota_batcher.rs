@@ -12,12 +12,13 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use sqlx::{PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::StoreError;
-use super::ledger_batcher::{BATCH_TIMEOUT, BatchConnection, Failed, MAX_BATCH, batches_in_flight};
+use super::ledger_batcher::{BATCH_TIMEOUT, BatchConnection, Failed, Leases, MAX_BATCH, batches_in_flight};
 use super::postgres::{WindowSpec, epoch_ms, measure_name, saturating_i64};
 
 /// A provider's windows as the batch statement takes them (its own limits' and its pools', in
@@ -180,18 +181,22 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     // limit are the ledger's too.
     let max_in_flight = batches_in_flight(&pool);
     let mut queues = Queues::default();
-    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut in_flight: JoinSet<Option<PoolConnection<Postgres>>> = JoinSet::new();
+    let mut leases = Leases::new(pool.clone());
     let mut closed = false;
     loop {
-        while in_flight.len() < max_in_flight && (in_flight.is_empty() || pool.num_idle() > 0) {
+        while in_flight.len() < max_in_flight && (in_flight.is_empty() || leases.available() > 0) {
             let Some((key, batch)) = queues.next_batch() else { break };
-            let pool = pool.clone();
             // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
-            let task = in_flight.spawn(execute(pool, batch));
+            let task = in_flight.spawn(execute(pool.clone(), leases.take(), batch));
             queues.hold(task.id(), key);
         }
         if closed && in_flight.is_empty() && queues.ready.is_empty() {
             break;
+        }
+        // Nothing waits, not even for a batch in flight: the kept connection goes back.
+        if queues.waiting.is_empty() && receiver.is_empty() {
+            leases.release();
         }
         tokio::select! {
             request = receiver.recv(), if !closed => match request {
@@ -208,15 +213,25 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
                 None => closed = true,
             },
             ended = in_flight.join_next_with_id(), if !in_flight.is_empty() => match ended {
-                Some(Ok((task, ()))) => queues.release(task),
+                Some(Ok((task, handed_back))) => {
+                    queues.release(task);
+                    leases.keep(handed_back);
+                }
                 Some(Err(error)) => queues.release(error.id()),
                 None => {}
             },
         }
     }
+    leases.release();
 }
 
-async fn execute(pool: PgPool, batch: Vec<Request>) {
+/// Sends one batch (on `leased`, the previous batch's connection, when there is one); hands
+/// back its connection when it is still usable.
+async fn execute(
+    pool: PgPool,
+    leased: Option<PoolConnection<Postgres>>,
+    batch: Vec<Request>,
+) -> Option<PoolConnection<Postgres>> {
     let (mut asks, mut finishes) = (Vec::new(), Vec::new());
     for request in batch {
         match request {
@@ -224,9 +239,12 @@ async fn execute(pool: PgPool, batch: Vec<Request>) {
             Request::Finish { call, tokens, reply } => finishes.push((call, tokens, reply)),
         }
     }
-    let mut conn = match BatchConnection::acquire(&pool, BATCH_TIMEOUT).await {
+    let mut conn = match BatchConnection::acquire(&pool, leased, BATCH_TIMEOUT).await {
         Ok(conn) => conn,
-        Err(failed) => return fail_all(asks, finishes, &failed),
+        Err(failed) => {
+            fail_all(asks, finishes, &failed);
+            return None;
+        }
     };
     if !asks.is_empty() {
         admit_all(&mut conn, asks).await;
@@ -234,6 +252,7 @@ async fn execute(pool: PgPool, batch: Vec<Request>) {
     if !finishes.is_empty() {
         finish_all(&mut conn, finishes).await;
     }
+    conn.into_reusable()
 }
 
 fn fail_all(asks: Vec<AdmitAsk>, finishes: Vec<Finish>, failed: &Failed) {

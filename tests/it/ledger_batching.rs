@@ -321,3 +321,85 @@ async fn a_ledger_call_returns_even_when_the_batcher_queue_is_full() {
     }
     assert!(late.is_ok(), "a ledger call did not return within 10 s (its STATE_CALL_TIMEOUT is 2 s)");
 }
+
+/// Each batcher keeps its connection from one batch to the next while requests wait (sqlx would
+/// ping it on the way back to the pool and again on the way out), but the two batchers never
+/// keep both of the default pool's connections: under a continuous load of ledger opens and
+/// stores and of admissions and finishes, a state call outside the batchers (`record_failure`,
+/// which takes a pool connection as a cooldown write does) waits for a batch to end at most,
+/// not for the batchers to run out of work. Measured against the ledger's own answer time in
+/// the same run (a batch or two): kept connections made the outside call wait 100 ms to 2 s
+/// while an open took a few ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_batchers_keep_their_connections_but_leave_one_for_other_state_calls() {
+    use std::sync::atomic::AtomicBool;
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let open_times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    // More requesters than one batch takes (`MAX_BATCH`): requests are waiting when a batch ends.
+    for task in 0..160 {
+        let (ledger, stop_ledger, open_times) = (store.clone(), stop.clone(), open_times.clone());
+        load.push(tokio::spawn(async move {
+            for n in 0.. {
+                if stop_ledger.load(Ordering::Relaxed) {
+                    break;
+                }
+                let key = format!("lease-{task}-{n}");
+                let started = Instant::now();
+                if ledger.open(&key, "job").await.is_ok() {
+                    open_times.lock().unwrap().push(started.elapsed());
+                    let _ = ledger.store(&key, "job", "{}").await;
+                }
+            }
+        }));
+        let (quota, stop_quota, admitted) = (store.clone(), stop.clone(), admitted.clone());
+        load.push(tokio::spawn(async move {
+            let limits = [fallback_worker::config::LimitConfig {
+                requests: Some(1_000_000),
+                tokens: None,
+                per: Duration::from_secs(3600),
+                resets: None,
+            }];
+            while !stop_quota.load(Ordering::Relaxed) {
+                let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+                if let Admission::Granted(permit) = quota.admit(ask, SystemTime::now()).await {
+                    quota.finish(permit, Some(1)).await;
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    eventually("both batchers are busy", || async {
+        open_times.lock().unwrap().len() >= 200 && admitted.load(Ordering::Relaxed) >= 200
+    })
+    .await;
+
+    let mut outside = Vec::new();
+    let mut failures = Vec::new();
+    for i in 0..21 {
+        let started = Instant::now();
+        let answer = store.record_failure(&format!("delivery:lease-{i}"), "a call outside the batchers").await;
+        outside.push(started.elapsed());
+        if let Err(e) = answer {
+            failures.push(format!("call {i} after {:?}: {e}", started.elapsed()));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(failures.is_empty(), "state calls found no connection while the batchers were busy: {failures:?}");
+    assert!(!store.is_degraded(), "a busy pool switched the worker to degraded mode (database up)");
+    let median = |times: &mut Vec<Duration>| {
+        times.sort();
+        times[times.len() / 2]
+    };
+    let (outside, open) = (median(&mut outside), median(&mut open_times.lock().unwrap()));
+    assert!(
+        outside <= open * 4,
+        "a call outside the batchers waited {outside:?} (median) for a connection, a ledger open {open:?}"
+    );
+}
