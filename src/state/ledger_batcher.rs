@@ -98,7 +98,9 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         deferred = later;
         if now.is_empty() {
             // Everything waits for a key in flight: wait for a batch to end, or for a request
-            // of another key (which must not wait behind the slow batch), not in a spin.
+            // of another key (which must not wait behind the slow batch), not in a spin. A kept
+            // connection goes back to the pool meanwhile rather than idle beside a slow batch.
+            leases.release();
             tokio::select! {
                 ended = in_flight.join_next_with_id() => leases.keep(busy.release(ended)),
                 request = receiver.recv(), if !closed && deferred.len() < MAX_BATCH => match request {
@@ -195,23 +197,30 @@ pub(super) struct BatchConnection {
     timed_out: bool,
     /// A statement failed as on a lost connection: it is not kept for the next batch.
     suspect: bool,
+    /// Kept from the previous batch, so not pinged before its first statement.
+    unchecked: bool,
 }
 
 impl BatchConnection {
-    /// A connection for a batch that may take `limit` in all (the wait included): `leased`, the
+    /// A connection for a batch that may take `limit` in all (the wait included): `kept`, the
     /// previous batch's, when there is one, else one of `pool`.
     pub(super) async fn acquire(
         pool: &PgPool,
-        leased: Option<PoolConnection<Postgres>>,
+        kept: Option<PoolConnection<Postgres>>,
         limit: std::time::Duration,
     ) -> Result<BatchConnection, Failed> {
         let deadline = tokio::time::Instant::now() + limit;
-        let fresh = |conn| BatchConnection { conn, deadline, timed_out: false, suspect: false };
-        if let Some(conn) = leased {
-            return Ok(fresh(conn));
-        }
+        let unchecked = kept.is_some();
+        let conn = match kept {
+            Some(conn) => conn,
+            None => Self::pooled(pool, deadline).await?,
+        };
+        Ok(BatchConnection { conn, deadline, timed_out: false, suspect: false, unchecked })
+    }
+
+    async fn pooled(pool: &PgPool, deadline: tokio::time::Instant) -> Result<PoolConnection<Postgres>, Failed> {
         match tokio::time::timeout_at(deadline, pool.acquire()).await {
-            Ok(Ok(conn)) => Ok(fresh(conn)),
+            Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(describe(&e)),
             Err(_) => Err(Failed::busy("no connection for the batch in time")),
         }
@@ -232,12 +241,21 @@ impl BatchConnection {
         if self.timed_out {
             return Err(Failed::busy("the batch ran out of time"));
         }
+        let unchecked = std::mem::take(&mut self.unchecked);
         match tokio::time::timeout_at(self.deadline, statement(&mut *self.conn)).await {
-            Ok(answer) => answer.map_err(|e| {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => {
                 let failed = describe(&e);
-                self.suspect |= !matches!(failed.kind, FailedKind::Refused);
-                failed
-            }),
+                self.suspect |= failed.is_lost_connection();
+                // The session of a connection kept from the last batch may have ended since
+                // (terminated by an operator, say) while the database is up: that batch fails,
+                // the worker does not switch to its own view for it (the next batch takes a
+                // pooled connection, which the pool pings first).
+                if unchecked && failed.is_lost_connection() {
+                    return Err(Failed::busy(&format!("the kept connection was lost: {e}")));
+                }
+                Err(failed)
+            }
             Err(_) => {
                 self.timed_out = true;
                 self.conn.close_on_drop();
@@ -489,6 +507,11 @@ impl Failed {
     /// No answer in time (slowness, or a connection that died): as a full pool.
     pub(super) fn busy(message: &str) -> Failed {
         Failed { message: message.to_string(), kind: FailedKind::Busy }
+    }
+
+    /// The connection failed, not the statement.
+    fn is_lost_connection(&self) -> bool {
+        matches!(self.kind, FailedKind::Unreachable)
     }
 
     pub(super) fn to_store_error(&self) -> StoreError {

@@ -178,15 +178,12 @@ impl PgStore {
             .max_connections(max_connections)
             .acquire_timeout(STATE_CALL_TIMEOUT)
             .after_connect(|conn, _| Box::pin(checks_its_client(conn)))
-            // sqlx's own test pings every connection it hands out (a round trip per state call
-            // or batch, with no bound); one that answered less than a second ago is handed out
-            // as it is, an older one is pinged with a bound.
+            // Every connection handed out is pinged first, as sqlx's own test does, but with a
+            // bound (sqlx's has none but the pool's acquire timeout): a terminated session is
+            // replaced unseen. The batchers skip both pings between back-to-back batches
+            // (`ledger_batcher::Leases`).
             .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for < IDLE_BEFORE_PING { Ok(true) } else { answers_in_time(conn).await }
-                })
-            })
+            .before_acquire(|conn, _| Box::pin(answers_in_time(conn)))
             .after_release(move |conn, _| {
                 let check = released.lately();
                 Box::pin(async move { if check { answers_in_time(conn).await } else { Ok(true) } })
@@ -741,7 +738,8 @@ impl PgStore {
     }
 }
 
-/// Whether a connection handed back to the pool still answers, within [`RELEASE_PING_TIMEOUT`].
+/// Whether a connection still answers, within [`RELEASE_PING_TIMEOUT`]: asked before the pool
+/// hands a connection out, and when one comes back soon after a query on it was given up.
 ///
 /// A state call that outlived its bound (`guarded`) is dropped mid-query and its connection
 /// handed back; sqlx then pings it before reuse, with no time limit, and a connection that died
@@ -751,10 +749,6 @@ impl PgStore {
 /// (an error makes sqlx drop it without a goodbye); a live one pays one more round trip (sqlx's
 /// own ping follows), which is why only releases soon after a query was given up are pinged here
 /// ([`Abandoned`]).
-/// How long a connection may sit idle in the pool and still be handed out without a ping: it
-/// answered its release ping less than this ago.
-const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
-
 async fn answers_in_time(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
     use sqlx::Connection;
     match tokio::time::timeout(RELEASE_PING_TIMEOUT, conn.ping()).await {

@@ -194,8 +194,9 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         if closed && in_flight.is_empty() && queues.ready.is_empty() {
             break;
         }
-        // Nothing waits, not even for a batch in flight: the kept connection goes back.
-        if queues.waiting.is_empty() && receiver.is_empty() {
+        // No batch may go out now (nothing waits, or only for a batch in flight): a kept
+        // connection goes back to the pool rather than idle beside it.
+        if queues.ready.is_empty() && receiver.is_empty() {
             leases.release();
         }
         tokio::select! {
