@@ -386,7 +386,7 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
         let started = call.clock.now();
         let result = member.provider.complete(call.body).await;
         let latency_ms = elapsed_ms(call.clock, started);
-        call.state.finish_soon(permit.clone(), result.as_ref().ok().and_then(|c| c.total_tokens)).await;
+        call.state.finish(permit.clone(), result.as_ref().ok().and_then(|c| c.total_tokens)).await;
         let failure = match result {
             Ok(completion) => {
                 settle_success(call, &permit, &completion).await;

@@ -73,14 +73,11 @@ pub struct Permit {
     /// This process's own record of the call: the Postgres store keeps one for every call so
     /// that, while the database is away, it can hold its local share of each limit.
     pub local_id: Option<i64>,
-    /// The tokens the call was counted for when admitted (its ask's estimate): a finish that
-    /// reports more raises the windows' counts, and is not held back to be batched.
-    pub reserved_tokens: u64,
 }
 
 impl Permit {
     /// A call that counts against no limit.
-    pub const UNCOUNTED: Permit = Permit { usage_id: None, local_id: None, reserved_tokens: 0 };
+    pub const UNCOUNTED: Permit = Permit { usage_id: None, local_id: None };
 }
 
 /// Provider state every worker sees the same way.
@@ -98,14 +95,6 @@ pub trait ProviderState: Send + Sync {
     /// The answer to a granted call arrived: its window occupancy ends now, and its token count
     /// is corrected from the provider's `usage` when known.
     async fn finish(&self, permit: Permit, tokens: Option<u64>);
-
-    /// [`finish`](Self::finish) for a caller that need not wait until it is recorded (a job's
-    /// answer does not wait on the database): a store may queue it and return at once, and
-    /// record it a moment later together with others. The call's slot is only held a little
-    /// longer meanwhile (a raised token count is never held back).
-    async fn finish_soon(&self, permit: Permit, tokens: Option<u64>) {
-        self.finish(permit, tokens).await
-    }
 
     /// Cools `provider` down until `cooldown.until` for every worker. A cooldown only moves
     /// forward: an earlier `until` than the one stored changes nothing.

@@ -457,38 +457,10 @@ impl PgStore {
                     let call = UnsyncedCall { local_id: id, limits: ask.limits.to_vec(), pools: ask.pools.to_vec() };
                     self.outage.unsynced_calls.lock().unwrap().push(call);
                 }
-                Admission::Granted(Permit { usage_id: None, local_id, reserved_tokens: ask.tokens })
+                Admission::Granted(Permit { usage_id: None, local_id })
             }
             other => other,
         }
-    }
-
-    /// Finishes this process's own record of the call, and returns the shared record's finish
-    /// (none for a call that counts against no limit).
-    async fn finish_locally(
-        &self,
-        permit: &Permit,
-        tokens: Option<u64>,
-    ) -> Option<impl Future<Output = ()> + Send + 'static> {
-        if let Some(local_id) = permit.local_id {
-            let local = Permit { usage_id: Some(local_id), local_id: None, ..permit.clone() };
-            self.outage.own_calls.finish(local, tokens).await;
-        }
-        let call = permit.usage_id?;
-        // A count above the reservation raises the windows' use: it goes out without waiting
-        // for other answers to batch with.
-        let raises = tokens.is_some_and(|t| t > permit.reserved_tokens);
-        // A provider's count is taken as it says, but never so large that the windows' totals
-        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
-        // finishes (bigint out of range), and the other calls' raised counts in it with it.
-        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
-        let store = self.clone();
-        Some(async move {
-            let request = |reply| quota_batcher::Request::Finish { call, tokens, raises, reply };
-            if let Err(e) = store.batched_call(store.quota(), request).await {
-                tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
-            }
-        })
     }
 
     fn ledger(&self) -> &mpsc::Sender<Request> {
@@ -695,9 +667,7 @@ impl PgStore {
             UNIX_EPOCH.checked_add(after_epoch).unwrap_or_else(|| later(now, STATE_CALL_TIMEOUT))
         });
         let admission = match (decision.usage_id, until, decision.blocked_by.as_deref()) {
-            (Some(id), _, _) => {
-                Admission::Granted(Permit { usage_id: Some(id), local_id: None, reserved_tokens: ask.tokens })
-            }
+            (Some(id), _, _) => Admission::Granted(Permit { usage_id: Some(id), local_id: None }),
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
             (None, Some(until), Some("cooldown")) => match self.cooldown_of(ask.provider, now).await? {
                 Some(cooldown) => Admission::Cooling(cooldown),
@@ -1030,16 +1000,19 @@ impl ProviderState for PgStore {
     }
 
     async fn finish(&self, permit: Permit, tokens: Option<u64>) {
-        if let Some(shared) = self.finish_locally(&permit, tokens).await {
-            shared.await;
+        if let Some(local_id) = permit.local_id {
+            self.outage.own_calls.finish(Permit { usage_id: Some(local_id), local_id: None }, tokens).await;
         }
-    }
-
-    /// The local record is finished at once; the shared one is queued (batched with the other
-    /// answers of the next few milliseconds) while the job goes on.
-    async fn finish_soon(&self, permit: Permit, tokens: Option<u64>) {
-        if let Some(shared) = self.finish_locally(&permit, tokens).await {
-            tokio::spawn(shared);
+        let Some(call) = permit.usage_id else { return };
+        // A provider's count is taken as it says, but never so large that the windows' totals
+        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
+        // finishes (bigint out of range), and the other calls' raised counts in it with it.
+        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
+        // With the other answers that arrive meanwhile, in one transaction.
+        let request = |reply| quota_batcher::Request::Finish { call, tokens, reply };
+        let result = self.batched_call(self.quota(), request).await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
         }
     }
 

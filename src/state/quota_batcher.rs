@@ -70,13 +70,7 @@ pub struct Decision {
 
 pub enum Request {
     Admit(AdmitAsk),
-    /// `raises`: the count reported is above the call's reservation.
-    Finish {
-        call: i64,
-        tokens: Option<i64>,
-        raises: bool,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
+    Finish { call: i64, tokens: Option<i64>, reply: oneshot::Sender<Result<(), StoreError>> },
 }
 
 /// What a batch is made of: one provider's asks, or finishes (of any provider).
@@ -110,61 +104,16 @@ struct Queues {
     ready: VecDeque<Key>,
     in_flight: HashSet<Key>,
     by_task: HashMap<tokio::task::Id, Key>,
-    /// Since when finishes wait without being ready (see [`Queues::promote_finishes`]).
-    finishes_since: Option<tokio::time::Instant>,
-    /// A finish that raises a count waits: the finishes go out as soon as they may.
-    finishes_urgent: bool,
 }
-
-/// How long answers may wait to be recorded together while admissions keep the connection
-/// busy. One finish batch costs the database about as much as 30 finishes in it: under load,
-/// one per answer doubled the database's work per call. A waiting answer only holds its slot
-/// (and its reserved tokens) these few milliseconds longer; a raised count never waits.
-pub const FINISH_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
-
-/// Finishes that go out at once, however young.
-const FINISH_BATCH: usize = MAX_BATCH / 4;
 
 impl Queues {
     fn push(&mut self, request: Request) {
         let key = request.key();
-        if let Request::Finish { raises, .. } = &request {
-            // Held back until `promote_finishes` lets them go.
-            self.finishes_urgent |= *raises;
-            self.finishes_since.get_or_insert_with(tokio::time::Instant::now);
-        }
         let queue = self.waiting.entry(key.clone()).or_default();
-        if queue.is_empty() && key != Key::Finishes && !self.in_flight.contains(&key) {
-            self.ready.push_back(key.clone());
+        if queue.is_empty() && !self.in_flight.contains(&key) {
+            self.ready.push_back(key);
         }
         queue.push_back(request);
-    }
-
-    /// Lets the held-back finishes go out when one of them raises a count, enough of them wait,
-    /// the oldest has waited [`FINISH_LINGER`], or the batcher is closing.
-    fn promote_finishes(&mut self, now: tokio::time::Instant, closed: bool) {
-        if self.in_flight.contains(&Key::Finishes) || self.ready.contains(&Key::Finishes) {
-            return;
-        }
-        let held = self.waiting.get(&Key::Finishes).map_or(0, VecDeque::len);
-        if held == 0 {
-            (self.finishes_since, self.finishes_urgent) = (None, false);
-            return;
-        }
-        let since = *self.finishes_since.get_or_insert(now);
-        if self.finishes_urgent || closed || held >= FINISH_BATCH || now >= since + FINISH_LINGER {
-            (self.finishes_since, self.finishes_urgent) = (None, false);
-            self.ready.push_back(Key::Finishes);
-        }
-    }
-
-    /// When held-back finishes are due at the latest (none while a finish batch is ready or in
-    /// flight: it ends first).
-    fn finishes_due(&self) -> Option<tokio::time::Instant> {
-        if self.in_flight.contains(&Key::Finishes) || self.ready.contains(&Key::Finishes) {
-            return None;
-        }
-        self.finishes_since.map(|since| since + FINISH_LINGER)
     }
 
     /// The next batch that may go out: at most one per key in flight.
@@ -191,8 +140,7 @@ impl Queues {
     fn release(&mut self, task: tokio::task::Id) {
         let Some(key) = self.by_task.remove(&task) else { return };
         self.in_flight.remove(&key);
-        // Finishes wait for `promote_finishes`.
-        if key != Key::Finishes && self.waiting.get(&key).is_some_and(|q| !q.is_empty()) {
+        if self.waiting.get(&key).is_some_and(|q| !q.is_empty()) {
             self.ready.push_back(key);
         }
     }
@@ -237,7 +185,6 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     let mut leases = Leases::new(pool.clone());
     let mut closed = false;
     loop {
-        queues.promote_finishes(tokio::time::Instant::now(), closed);
         while in_flight.len() < max_in_flight && (in_flight.is_empty() || leases.available() > 0) {
             let Some((key, batch)) = queues.next_batch() else { break };
             // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
@@ -252,9 +199,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         if queues.ready.is_empty() && receiver.is_empty() {
             leases.release();
         }
-        let finishes_due = queues.finishes_due();
         tokio::select! {
-            () = tokio::time::sleep_until(finishes_due.unwrap_or_else(tokio::time::Instant::now)), if finishes_due.is_some() => {}
             request = receiver.recv(), if !closed => match request {
                 Some(request) => {
                     queues.push(request);
@@ -292,7 +237,7 @@ async fn execute(
     for request in batch {
         match request {
             Request::Admit(ask) => asks.push(ask),
-            Request::Finish { call, tokens, reply, .. } => finishes.push((call, tokens, reply)),
+            Request::Finish { call, tokens, reply } => finishes.push((call, tokens, reply)),
         }
     }
     let mut conn = match BatchConnection::acquire(&pool, leased, BATCH_TIMEOUT).await {
@@ -422,16 +367,7 @@ mod tests {
 
     fn finish(call: i64) -> Request {
         let (reply, _) = oneshot::channel();
-        Request::Finish { call, tokens: None, raises: false, reply }
-    }
-
-    fn raising_finish(call: i64) -> Request {
-        let (reply, _) = oneshot::channel();
-        Request::Finish { call, tokens: Some(10), raises: true, reply }
-    }
-
-    fn next_key(queues: &mut Queues) -> Option<Key> {
-        queues.next_batch().map(|(key, _)| key)
+        Request::Finish { call, tokens: None, reply }
     }
 
     fn keys(batch: &[Request]) -> Vec<Key> {
@@ -453,69 +389,16 @@ mod tests {
             let a_task = set.spawn(async {}).id();
             queues.hold(a_task, key);
             queues.push(ask("a", &w));
-            // The finishes' time has come (see the next test): they queue behind b's asks.
-            queues.promote_finishes(tokio::time::Instant::now() + FINISH_LINGER, false);
-            let (key, _) = queues.next_batch().unwrap();
-            assert_eq!(key, Key::Provider("b".into()));
             let (key, batch) = queues.next_batch().unwrap();
             assert_eq!((key.clone(), keys(&batch)), (Key::Finishes, vec![Key::Finishes, Key::Finishes]));
             let f_task = set.spawn(async {}).id();
             queues.hold(f_task, key);
+            let (key, _) = queues.next_batch().unwrap();
+            assert_eq!(key, Key::Provider("b".into()));
             assert!(queues.next_batch().is_none(), "a's next ask waits for a's batch in flight");
             queues.release(a_task);
             let (key, batch) = queues.next_batch().unwrap();
             assert_eq!((key, batch.len()), (Key::Provider("a".into()), 1));
-        });
-    }
-
-    #[test]
-    fn answers_wait_to_go_out_together_unless_one_raises_a_count_or_enough_wait() {
-        let mut queues = Queues::default();
-        queues.push(finish(1));
-        let start = tokio::time::Instant::now();
-        queues.promote_finishes(start, false);
-        assert_eq!(next_key(&mut queues), None, "a lone answer waits for others");
-        assert_eq!(queues.finishes_due().map(|due| due <= start + FINISH_LINGER), Some(true));
-        queues.promote_finishes(start + FINISH_LINGER, false);
-        let (key, batch) = queues.next_batch().unwrap();
-        assert_eq!((key, batch.len()), (Key::Finishes, 1), "it goes out after FINISH_LINGER");
-
-        let mut queues = Queues::default();
-        queues.push(finish(1));
-        queues.push(raising_finish(2));
-        queues.promote_finishes(start, false);
-        let (key, batch) = queues.next_batch().unwrap();
-        assert_eq!((key, batch.len()), (Key::Finishes, 2), "a raised count goes out at once, with the rest");
-
-        let mut queues = Queues::default();
-        (0..FINISH_BATCH as i64).for_each(|call| queues.push(finish(call)));
-        queues.promote_finishes(start, false);
-        assert_eq!(next_key(&mut queues), Some(Key::Finishes), "a full batch goes out at once");
-
-        let mut queues = Queues::default();
-        queues.push(finish(1));
-        queues.promote_finishes(start, true);
-        assert_eq!(next_key(&mut queues), Some(Key::Finishes), "a closing batcher sends every answer");
-    }
-
-    #[test]
-    fn a_finish_batch_in_flight_holds_the_next_answers_without_a_due_time() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(async {
-            let start = tokio::time::Instant::now();
-            let mut queues = Queues::default();
-            queues.push(raising_finish(1));
-            queues.promote_finishes(start, false);
-            let (key, _) = queues.next_batch().unwrap();
-            let task = JoinSet::new().spawn(async {}).id();
-            queues.hold(task, key);
-            queues.push(raising_finish(2));
-            queues.promote_finishes(start + FINISH_LINGER, false);
-            assert_eq!(next_key(&mut queues), None, "one finish batch at a time");
-            assert_eq!(queues.finishes_due(), None, "no timer fires while the batch is in flight (no spin)");
-            queues.release(task);
-            queues.promote_finishes(start, false);
-            assert_eq!(next_key(&mut queues), Some(Key::Finishes), "the raised count goes once the batch ended");
         });
     }
 

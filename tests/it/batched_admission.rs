@@ -350,33 +350,3 @@ async fn a_batch_on_a_dead_connection_does_not_stall_its_provider() {
     // must take this provider's calls again.
     admits_again(&store, ask, "the batch's connection").await;
 }
-
-/// A job's answer does not wait for its call to be recorded (`finish_soon` returns at once and
-/// the record goes out with the next few milliseconds' answers), but the record does land:
-/// the token count corrected, the call's window occupancy ended.
-#[tokio::test]
-async fn an_answer_recorded_soon_lands_with_its_token_count() {
-    let env = TestEnv::new().await;
-    let store = store_at(&env.database_url, DEFAULT_POOL).await;
-    let limits = [requests(100, 60), tokens(10_000, 60)];
-    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(30) };
-    let Admission::Granted(lower) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    let Admission::Granted(higher) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    store.finish_soon(lower.clone(), Some(7)).await;
-    store.finish_soon(higher.clone(), Some(250)).await;
-    let mut db = env.db().await;
-    for (permit, expected) in [(lower, 7i64), (higher, 250)] {
-        let call = permit.usage_id.unwrap();
-        eventually(&format!("the answer of call {call} is recorded ({expected} tokens)"), || async {
-            let amount: i64 =
-                sqlx::query_scalar("SELECT amount FROM quota_use WHERE call_id = $1 AND measure = 'tokens'")
-                    .bind(call)
-                    .fetch_one(&mut env.db().await)
-                    .await
-                    .unwrap();
-            amount == expected
-        })
-        .await;
-    }
-    assert_eq!(used(&mut db, "provider", "p", "tokens").await, 257, "the window counts what the provider said");
-}
