@@ -403,3 +403,90 @@ async fn busy_batchers_keep_their_connections_but_leave_one_for_other_state_call
         "a call outside the batchers waited {outside:?} (median) for a connection, a ledger open {open:?}"
     );
 }
+
+/// A TCP relay to Postgres that counts what the client sends: lone Sync messages (sqlx's ping,
+/// `S` with length 4, is sent alone and waits for its answer, so it arrives as a chunk of its
+/// own) and every other chunk (a statement: Bind/Execute/Sync written together).
+struct PingCountingRelay {
+    addr: SocketAddr,
+    pings: Arc<AtomicU64>,
+    statements: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl PingCountingRelay {
+    async fn start(upstream: SocketAddr) -> PingCountingRelay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (pings, statements) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (ping_count, statement_count) = (pings.clone(), statements.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (pings, statements) = (ping_count.clone(), statement_count.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(upstream).await else { return };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    let upstream = async move {
+                        let mut buffer = vec![0u8; 64 * 1024];
+                        while let Ok(n) = from_client.read(&mut buffer).await {
+                            let Some(chunk) = buffer.get(..n).filter(|c| !c.is_empty()) else { break };
+                            let counter = if chunk == b"S\0\0\0\x04" { &pings } else { &statements };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            if to_server.write_all(chunk).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let downstream = tokio::io::copy(&mut from_server, &mut to_client);
+                    let _ = tokio::join!(upstream, downstream);
+                });
+            }
+        });
+        PingCountingRelay { addr, pings, statements, accept }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (self.pings.load(Ordering::Relaxed), self.statements.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for PingCountingRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Under load a ledger batch hands its connection straight to the next one: no ping on the way
+/// back to the pool nor on the way out (each a round trip; sqlx pings both ways). Handing every
+/// connection back costs two pings per batch; counted at the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_ledger_batches_pay_no_pings() {
+    let env = TestEnv::new().await;
+    let relay = PingCountingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let store = store_at(&env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string()), DEFAULT_POOL).await;
+    let (pings_before, statements_before) = relay.counts();
+    // More requesters than one batch takes (`MAX_BATCH`): requests are waiting when a batch ends.
+    let mut load = Vec::new();
+    for task in 0..160 {
+        let store = store.clone();
+        load.push(tokio::spawn(async move {
+            for n in 0..10 {
+                let key = format!("wire-{task}-{n}");
+                store.open(&key, "job").await.unwrap();
+                store.store(&key, "job", "{}").await.unwrap();
+            }
+        }));
+    }
+    for task in load {
+        task.await.unwrap();
+    }
+    let (pings, statements) = relay.counts();
+    let (pings, statements) = (pings - pings_before, statements - statements_before);
+    assert!(statements >= 10, "the load sent {statements} statements");
+    assert!(
+        pings * 4 <= statements,
+        "{pings} pings for {statements} statements: back-to-back batches handed their connection back to the pool"
+    );
+}
