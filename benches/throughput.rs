@@ -11,6 +11,8 @@
 //! `admission_jobs` [12000] with `block` [3000], `shared_jobs` [8000] for `shared_workers` [4],
 //! `scaling_jobs` [6000] for `scaling_workers` [1,2,4], `minimal_runtime` [current | multi],
 //! `minimal_connections` [1 | 2: publish on a second connection, as the service does],
+//! `minimal_pad` [0]: bytes of padding the minimal worker adds to each answer it publishes (to
+//! see what the size of the service's result envelope costs the broker),
 //! `pg_connections` [3]: the service's `postgres.max_connections` (4: two ledger batches in flight),
 //! `wrap` [none]: a command the worker processes (service and minimal) run under, split on
 //! spaces, e.g. `THROUGHPUT_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"`:
@@ -310,6 +312,7 @@ impl Stage {
             .env("MINIMAL_PREFETCH", prefetch.to_string())
             .env("MINIMAL_RUNTIME", setting::<String>("minimal_runtime", "current".into()))
             .env("MINIMAL_CONNECTIONS", setting::<String>("minimal_connections", "1".into()))
+            .env("MINIMAL_PAD", setting::<String>("minimal_pad", "0".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -362,10 +365,11 @@ async fn backlog_run(broker: &Broker, subject: Subject, prefetch: u16, jobs: usi
     let collected = collect(&mut results, jobs, &pids).await;
     stop(&mut workers).await;
     check_answers(subject, &collected);
+    let result_bytes = collected.bodies.iter().map(Vec::len).sum::<usize>() / collected.bodies.len().max(1);
     let run = Run { arrivals: collected.arrivals, cpu: collected.cpu };
     println!(
         "  {:<22} p{prefetch:<3} {tag:<14} {jobs:>6} jobs  {:>8.0} jobs/s  {:>6.3} ms CPU/job  \
-         (broker {:.3}, postgres {:.3}; machine {:.0}% busy; run {:.1} s)",
+         (broker {:.3}, postgres {:.3}; machine {:.0}% busy; run {:.1} s; results {result_bytes} B)",
         subject.label(),
         run.rate(),
         run.cpu_ms_per_job(),
@@ -650,6 +654,7 @@ mod minimal {
         provider_url: String,
         prefetch: u16,
         connections: u8,
+        pad: usize,
     }
 
     /// The child process's entry point (`THROUGHPUT_MINIMAL_WORKER` set); runs until killed.
@@ -662,6 +667,7 @@ mod minimal {
             provider_url: var("MINIMAL_PROVIDER_URL"),
             prefetch: var("MINIMAL_PREFETCH").parse().unwrap(),
             connections: var("MINIMAL_CONNECTIONS").parse().unwrap(),
+            pad: var("MINIMAL_PAD").parse().unwrap(),
         };
         let runtime = var("MINIMAL_RUNTIME");
         // The service's `main` runs a current-thread runtime; `minimal_runtime=multi` compares
@@ -706,6 +712,11 @@ mod minimal {
     async fn handle(delivery: lapin::message::Delivery, http: &reqwest::Client, publisher: &Channel, params: &Params) {
         let job: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
         let answer = http.post(&params.provider_url).json(&job["body"]).send().await.unwrap().bytes().await.unwrap();
+        // Trailing whitespace keeps the answer valid JSON.
+        let answer = match params.pad {
+            0 => answer.to_vec(),
+            pad => [&answer[..], &vec![b' '; pad]].concat(),
+        };
         let mut properties =
             BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
         if let Some(correlation_id) = delivery.properties.correlation_id() {
