@@ -52,7 +52,7 @@ pub(super) fn batches_in_flight(pool: &PgPool) -> usize {
 /// The longest one batch may take: a batch whose connection died without a close (no RST)
 /// would otherwise never end, and every later request for its keys (and, behind them, every
 /// other) would wait for it. Its callers gave up long before (after `STATE_CALL_TIMEOUT`).
-pub(super) const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     let max_in_flight = batches_in_flight(&pool);
@@ -160,7 +160,7 @@ async fn execute(
     leased: Option<PoolConnection<Postgres>>,
     batch: Vec<Request>,
 ) -> Option<PoolConnection<Postgres>> {
-    let mut conn = match BatchConnection::acquire(&pool, leased, BATCH_TIMEOUT).await {
+    let mut conn = match BatchConnection::acquire(&pool, leased).await {
         Ok(conn) => conn,
         Err(failed) => {
             for request in batch {
@@ -202,14 +202,13 @@ pub(super) struct BatchConnection {
 }
 
 impl BatchConnection {
-    /// A connection for a batch that may take `limit` in all (the wait included): `kept`, the
-    /// previous batch's, when there is one, else one of `pool`.
+    /// A connection for a batch that may take [`BATCH_TIMEOUT`] in all (the wait included):
+    /// `kept`, the previous batch's, when there is one, else one of `pool`.
     pub(super) async fn acquire(
         pool: &PgPool,
         kept: Option<PoolConnection<Postgres>>,
-        limit: std::time::Duration,
     ) -> Result<BatchConnection, Failed> {
-        let deadline = tokio::time::Instant::now() + limit;
+        let deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
         let unchecked = kept.is_some();
         let conn = match kept {
             Some(conn) => conn,

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::StoreError;
-use super::ledger_batcher::{BATCH_TIMEOUT, BatchConnection, Failed, Leases, MAX_BATCH, batches_in_flight};
+use super::ledger_batcher::{BatchConnection, Failed, Leases, MAX_BATCH, batches_in_flight};
 use super::postgres::{WindowSpec, epoch_ms, measure_name, saturating_i64};
 
 /// A provider's windows as the batch statement takes them (its own limits' and its pools', in
@@ -240,7 +240,7 @@ async fn execute(
             Request::Finish { call, tokens, reply } => finishes.push((call, tokens, reply)),
         }
     }
-    let mut conn = match BatchConnection::acquire(&pool, leased, BATCH_TIMEOUT).await {
+    let mut conn = match BatchConnection::acquire(&pool, leased).await {
         Ok(conn) => conn,
         Err(failed) => {
             fail_all(asks, finishes, &failed);

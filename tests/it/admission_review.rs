@@ -5,9 +5,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fallback_worker::config::LimitConfig;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, ProviderState, ResultLedger};
+use fallback_worker::state::{Admission, Ask, ProviderState};
+use sqlx::PgConnection;
 
-use crate::ledger_batching::{DEFAULT_POOL, FreezingRelay, admits_again, store_at, until_waiting_on_locks};
+use crate::ledger_batching::{
+    DEFAULT_POOL, FreezingRelay, admits_again, lock_keys, open_queued, release, spawn_queued, store_at,
+    store_behind_freezing_relay, until_waiting_on_locks,
+};
 use crate::support::*;
 
 fn requests(n: u64, secs: u64) -> LimitConfig {
@@ -18,9 +22,9 @@ fn tokens(n: u64, secs: u64) -> LimitConfig {
     LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
 }
 
-/// One admission batch of `store` for `provider` waits on the provider's row (held by another
-/// session), and its connection then dies without a close.
-async fn a_batch_dies_silently(env: &TestEnv, relay: &FreezingRelay, store: &PgStore, provider: &'static str) {
+/// A session holding `provider`'s row lock (the row created if need be) until `release`: an
+/// admission for that provider waits on it.
+async fn lock_provider_row(env: &TestEnv, provider: &str) -> PgConnection {
     let mut locker = env.db().await;
     sqlx::query("INSERT INTO provider_state (provider) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(provider)
@@ -33,17 +37,36 @@ async fn a_batch_dies_silently(env: &TestEnv, relay: &FreezingRelay, store: &PgS
         .execute(&mut locker)
         .await
         .unwrap();
-    let hung = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let limits = [requests(100, 60)];
-            let ask = Ask { provider, limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
-            store.admit(ask, SystemTime::now()).await
-        })
-    };
+    locker
+}
+
+/// One ask of 1 request for `provider` (100 per minute), answered in the background.
+fn admit_in_background(store: &PgStore, provider: &'static str) -> tokio::task::JoinHandle<Admission> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let limits = [requests(100, 60)];
+        let ask = Ask { provider, limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
+        store.admit(ask, SystemTime::now()).await
+    })
+}
+
+/// A circuit's cooldown of 30 s, as a worker writes after a run of 5xx.
+fn circuit_cooldown() -> fallback_worker::state::Cooldown {
+    fallback_worker::state::Cooldown {
+        until: SystemTime::now() + Duration::from_secs(30),
+        reason: fallback_worker::routing::CooldownReason::Circuit,
+        detail: "test".into(),
+    }
+}
+
+/// One admission batch of `store` for `provider` waits on the provider's row (held by another
+/// session), and its connection then dies without a close.
+async fn a_batch_dies_silently(env: &TestEnv, relay: &FreezingRelay, store: &PgStore, provider: &'static str) {
+    let locker = lock_provider_row(env, provider).await;
+    let hung = admit_in_background(store, provider);
     until_waiting_on_locks(env, 1).await;
     relay.freeze_existing();
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    release(locker).await;
     let _ = hung.await.unwrap();
 }
 
@@ -55,9 +78,7 @@ async fn a_batch_dies_silently(env: &TestEnv, relay: &FreezingRelay, store: &PgS
 #[tokio::test]
 async fn two_batches_on_dead_connections_do_not_leave_the_pool_without_connections() {
     let env = TestEnv::new().await;
-    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = store_at(&url, DEFAULT_POOL).await;
+    let (relay, store) = store_behind_freezing_relay(&env).await;
     let limits = [requests(100, 60)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
@@ -89,37 +110,19 @@ async fn one_absurd_token_count_does_not_lose_the_other_finishes_of_its_batch() 
 
     // Hold the batcher's one batch in flight (an ask waiting on a row lock), so the two
     // finishes queue and go out together.
-    let mut locker = env.db().await;
-    sqlx::query("INSERT INTO provider_state (provider) VALUES ('blocker') ON CONFLICT DO NOTHING")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("SELECT 1 FROM provider_state WHERE provider = 'blocker' FOR UPDATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    let blocked = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let limits = [requests(100, 60)];
-            let ask =
-                Ask { provider: "blocker", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
-            store.admit(ask, SystemTime::now()).await
-        })
-    };
+    let locker = lock_provider_row(&env, "blocker").await;
+    let blocked = admit_in_background(&store, "blocker");
     until_waiting_on_locks(&env, 1).await;
+    // Both finishes are queued behind the batch in flight before it ends.
     let finishes = {
         let store = store.clone();
-        tokio::spawn(async move {
+        spawn_queued(async move {
             let honest_finish = store.finish(a, Some(900));
             let hostile_finish = store.finish(b, Some(u64::MAX));
             tokio::join!(honest_finish, hostile_finish);
         })
     };
-    // Both finishes are queued behind the batch in flight before it ends.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    release(locker).await;
     let _ = blocked.await;
     finishes.await.unwrap();
 
@@ -225,16 +228,11 @@ async fn an_admission_queued_first_on_a_pool_window_does_not_deadlock_a_finish()
 /// One ledger batch of `store` for `key` waits on that key's row lock, and its connection then
 /// dies without a close.
 async fn a_ledger_batch_dies_silently(env: &TestEnv, relay: &FreezingRelay, store: &PgStore, key: &'static str) {
-    let mut locker = env.db().await;
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("INSERT INTO job_results (job_key) VALUES ($1)").bind(key).execute(&mut locker).await.unwrap();
-    let hung = {
-        let store = store.clone();
-        tokio::spawn(async move { store.open(key, "job").await })
-    };
+    let locker = lock_keys(env, &[key]).await;
+    let hung = open_queued(store, key);
     until_waiting_on_locks(env, 1).await;
     relay.freeze_existing();
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    release(locker).await;
     let _ = hung.await.unwrap();
 }
 
@@ -244,9 +242,7 @@ async fn a_ledger_batch_dies_silently(env: &TestEnv, relay: &FreezingRelay, stor
 #[tokio::test]
 async fn two_ledger_batches_on_dead_connections_do_not_leave_admissions_without_connections() {
     let env = TestEnv::new().await;
-    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = store_at(&url, DEFAULT_POOL).await;
+    let (relay, store) = store_behind_freezing_relay(&env).await;
     let limits = [requests(100, 60)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     for key in ["dead-1", "dead-2"] {
@@ -296,26 +292,14 @@ async fn a_lock_on_one_providers_row_does_not_stall_another_providers_admissions
         let ask = Ask { provider, limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
         assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));
     }
-    let mut locker = env.db().await;
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("SELECT 1 FROM provider_state WHERE provider = 'locked' FOR UPDATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    let stuck = {
-        let (store, limits) = (store.clone(), limits.to_vec());
-        tokio::spawn(async move {
-            let ask =
-                Ask { provider: "locked", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
-            store.admit(ask, SystemTime::now()).await
-        })
-    };
+    let locker = lock_provider_row(&env, "locked").await;
+    let stuck = admit_in_background(&store, "locked");
     until_waiting_on_locks(&env, 1).await;
     let ask = Ask { provider: "free", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     let started = Instant::now();
     let answer = store.admit(ask, SystemTime::now()).await;
     let waited = started.elapsed();
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    release(locker).await;
     let _ = stuck.await;
     assert!(
         matches!(answer, Admission::Granted(ref p) if p.usage_id.is_some()),
@@ -394,38 +378,18 @@ async fn a_batch_straddling_a_calendar_reset_is_decided_as_single_admissions_are
 #[tokio::test]
 async fn two_cooldown_writes_on_dead_connections_do_not_leave_admissions_without_connections() {
     let env = TestEnv::new().await;
-    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = store_at(&url, DEFAULT_POOL).await;
+    let (relay, store) = store_behind_freezing_relay(&env).await;
     let limits = [requests(100, 60)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     for provider in ["dead-1", "dead-2"] {
-        let mut locker = env.db().await;
-        sqlx::query("INSERT INTO provider_state (provider) VALUES ($1)")
-            .bind(provider)
-            .execute(&mut locker)
-            .await
-            .unwrap();
-        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-        sqlx::query("SELECT 1 FROM provider_state WHERE provider = $1 FOR UPDATE")
-            .bind(provider)
-            .execute(&mut locker)
-            .await
-            .unwrap();
+        let locker = lock_provider_row(&env, provider).await;
         let hung = {
             let store = store.clone();
-            tokio::spawn(async move {
-                let cooldown = fallback_worker::state::Cooldown {
-                    until: SystemTime::now() + Duration::from_secs(30),
-                    reason: fallback_worker::routing::CooldownReason::Circuit,
-                    detail: "test".into(),
-                };
-                store.cool_down(provider, cooldown).await
-            })
+            tokio::spawn(async move { store.cool_down(provider, circuit_cooldown()).await })
         };
         until_waiting_on_locks(&env, 1).await;
         relay.freeze_existing();
-        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        release(locker).await;
         hung.await.unwrap();
         admits_again(&store, ask, &format!("the cooldown write for {provider}")).await;
     }
@@ -446,22 +410,12 @@ async fn cooldown_writes_waiting_on_a_lock_do_not_open_more_backends_than_the_po
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
     let limits = [requests(100, 60)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
-    let mut locker = env.db().await;
-    sqlx::query("INSERT INTO provider_state (provider) VALUES ('slow')").execute(&mut locker).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("SELECT 1 FROM provider_state WHERE provider = 'slow' FOR UPDATE").execute(&mut locker).await.unwrap();
+    let locker = lock_provider_row(&env, "slow").await;
     for _round in 0..2 {
         let writes: Vec<_> = (0..DEFAULT_POOL)
             .map(|_| {
                 let store = store.clone();
-                tokio::spawn(async move {
-                    let cooldown = fallback_worker::state::Cooldown {
-                        until: SystemTime::now() + Duration::from_secs(30),
-                        reason: fallback_worker::routing::CooldownReason::Circuit,
-                        detail: "test".into(),
-                    };
-                    store.cool_down("slow", cooldown).await
-                })
+                tokio::spawn(async move { store.cool_down("slow", circuit_cooldown()).await })
             })
             .collect();
         for write in writes {
@@ -487,7 +441,7 @@ async fn cooldown_writes_waiting_on_a_lock_do_not_open_more_backends_than_the_po
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    release(locker).await;
     assert!(
         waiting <= i64::from(DEFAULT_POOL),
         "{waiting} backends of a {DEFAULT_POOL}-connection pool wait on the lock (pool: {} open)",

@@ -9,7 +9,9 @@ use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, ProviderState, QuotaMeasure};
 use sqlx::PgConnection;
 
-use crate::ledger_batching::{DEFAULT_POOL, FreezingRelay, admits_again, store_at, until_waiting_on_locks};
+use crate::ledger_batching::{
+    DEFAULT_POOL, admits_again, store_at, store_behind_freezing_relay, until_waiting_on_locks,
+};
 use crate::support::*;
 
 fn requests(n: u64, secs: u64) -> LimitConfig {
@@ -322,9 +324,7 @@ async fn finishes_in_a_batch_free_their_own_rows_and_correct_their_own_token_cou
 #[tokio::test]
 async fn a_batch_on_a_dead_connection_does_not_stall_its_provider() {
     let env = TestEnv::new().await;
-    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = store_at(&url, DEFAULT_POOL).await;
+    let (relay, store) = store_behind_freezing_relay(&env).await;
     let limits = [requests(100, 60)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     assert!(matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)));

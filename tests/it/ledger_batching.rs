@@ -5,6 +5,7 @@
 //! key), so that a ledger batch touching that key is deterministically in flight and slow,
 //! as it would be behind another worker's transaction, a slow disk, or a dead TCP peer.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,7 +54,7 @@ pub(crate) async fn store_at(url: &str, pool: u32) -> PgStore {
 
 /// A plain connection holding the row lock of each key (an uncommitted insert): a ledger
 /// statement on those keys waits until `release`.
-async fn lock_keys(env: &TestEnv, keys: &[&str]) -> PgConnection {
+pub(crate) async fn lock_keys(env: &TestEnv, keys: &[&str]) -> PgConnection {
     let mut locker = env.db().await;
     sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
     for key in keys {
@@ -62,7 +63,7 @@ async fn lock_keys(env: &TestEnv, keys: &[&str]) -> PgConnection {
     locker
 }
 
-async fn release(mut locker: PgConnection) {
+pub(crate) async fn release(mut locker: PgConnection) {
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
 }
 
@@ -94,16 +95,32 @@ pub(crate) async fn until_waiting_on_locks(env: &TestEnv, n: i64) {
     .await;
 }
 
-/// Starts `store(key)` and polls it once, so its request is in the batcher's queue (a FIFO)
-/// before anything sent after this returns.
+/// Polls `call` once, so that its request is in its batcher's queue (a FIFO) before anything
+/// sent after this returns, then lets it finish in the background.
+pub(crate) fn spawn_queued<T: Send + 'static>(
+    call: impl Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let mut pending = Box::pin(call);
+    assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut pending)).is_none());
+    tokio::spawn(pending)
+}
+
+/// `store(key)`, queued (see [`spawn_queued`]).
 fn store_queued(
     store: &PgStore,
     key: &'static str,
 ) -> tokio::task::JoinHandle<Result<(), fallback_worker::state::StoreError>> {
     let store = store.clone();
-    let mut pending = Box::pin(async move { store.store(key, "job", "{\"n\":1}").await });
-    assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut pending)).is_none());
-    tokio::spawn(pending)
+    spawn_queued(async move { store.store(key, "job", "{\"n\":1}").await })
+}
+
+/// `open(key)`, queued (see [`spawn_queued`]).
+pub(crate) fn open_queued(
+    store: &PgStore,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Result<fallback_worker::state::LedgerEntry, fallback_worker::state::StoreError>> {
+    let store = store.clone();
+    spawn_queued(async move { store.open(key, "job").await })
 }
 
 #[tokio::test]
@@ -201,6 +218,13 @@ impl FreezingRelay {
     }
 }
 
+/// A warm store of the default pool whose connections go through a [`FreezingRelay`].
+pub(crate) async fn store_behind_freezing_relay(env: &TestEnv) -> (FreezingRelay, PgStore) {
+    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let store = store_at(&env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string()), DEFAULT_POOL).await;
+    (relay, store)
+}
+
 impl Drop for FreezingRelay {
     fn drop(&mut self) {
         self.accept.abort();
@@ -217,9 +241,7 @@ struct DeadBatch {
 }
 
 async fn a_batch_on_a_dead_connection(env: &TestEnv) -> DeadBatch {
-    let relay = FreezingRelay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = store_at(&url, DEFAULT_POOL).await;
+    let (relay, store) = store_behind_freezing_relay(env).await;
     let locker = lock_keys(env, &["in-flight"]).await;
     let hung = open_in_background(&store, "in-flight");
     until_waiting_on_locks(env, 1).await;

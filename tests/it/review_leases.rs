@@ -4,30 +4,44 @@
 
 use std::time::{Duration, Instant};
 
-use fallback_worker::state::ResultLedger;
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{LedgerEntry, ResultLedger, StoreError};
+use sqlx::PgConnection;
+use tokio::task::JoinHandle;
 
-use crate::ledger_batching::{DEFAULT_POOL, store_at};
+use crate::ledger_batching::{DEFAULT_POOL, lock_keys, open_queued, release, store_at, until_waiting_on_locks};
 use crate::support::*;
 
 /// Ends every pool session of `env`'s database (not the LISTEN one) as `pg_terminate_backend`
-/// (an operator, a failover tool, `pg_cancel`-happy monitoring) does; returns how many.
-async fn terminate_pool_sessions(env: &TestEnv) -> i64 {
-    let mut admin = env.db().await;
-    sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = 'fallback-worker' \
-           AND pid <> pg_backend_pid() AND query NOT LIKE 'LISTEN%'",
+/// (an operator, a failover tool, `pg_cancel`-happy monitoring) does, and waits until those
+/// backends are gone; returns how many.
+async fn terminate_pool_sessions(env: &TestEnv) -> usize {
+    let killed: Vec<i32> = sqlx::query_scalar(
+        // Materialized first: a WHERE clause may call pg_terminate_backend before its filters.
+        "WITH pool AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+           AND application_name = 'fallback-worker' AND pid <> pg_backend_pid() AND query NOT LIKE 'LISTEN%') \
+         SELECT pid FROM pool WHERE pg_terminate_backend(pid)",
     )
-    .fetch_one(&mut admin)
+    .fetch_all(&mut env.db().await)
     .await
-    .unwrap()
+    .unwrap();
+    eventually("the terminated backends are gone", || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+            .bind(&killed)
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap();
+        left == 0
+    })
+    .await;
+    killed.len()
 }
 
 /// Before 0682c5c sqlx pinged every connection it handed out (`test_before_acquire`): a pooled
 /// connection whose backend was terminated was dropped and replaced, unseen by the state call.
-/// Now a connection idle < 1 s goes out unpinged; its statement fails with 57P01/Io, which
-/// `is_transient` counts as "database unreachable": the worker goes degraded (no ledger, local
-/// quota shares) although the database is up.
+/// 0682c5c handed out connections idle < 1 s unpinged; their statement failed with 57P01/Io,
+/// which `is_transient` counts as "database unreachable": the worker went degraded (no ledger,
+/// local quota shares) although the database was up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_call_after_its_idle_sessions_were_terminated_succeeds() {
     let env = TestEnv::new().await;
@@ -35,8 +49,6 @@ async fn a_state_call_after_its_idle_sessions_were_terminated_succeeds() {
     store.record_failure("delivery:warm", "warm").await.unwrap();
     let killed = terminate_pool_sessions(&env).await;
     assert!(killed >= 1, "no pool session to terminate");
-    // The backends are gone well within IDLE_BEFORE_PING (1 s).
-    tokio::time::sleep(Duration::from_millis(150)).await;
     let answer = store.record_failure("delivery:after-kill", "after the kill").await;
     let failed_at = Instant::now();
     let degraded = store.is_degraded();
@@ -60,58 +72,45 @@ async fn a_ledger_open_after_its_idle_sessions_were_terminated_succeeds() {
     store.open("warm", "job").await.unwrap();
     let killed = terminate_pool_sessions(&env).await;
     assert!(killed >= 1, "no pool session to terminate");
-    tokio::time::sleep(Duration::from_millis(150)).await;
     let answer = store.open("after-kill", "job").await;
     assert!(answer.is_ok(), "a ledger open failed after its pool's idle sessions were terminated: {answer:?}");
     assert!(!store.is_degraded(), "terminated idle sessions switched the worker to degraded mode (database up)");
 }
 
-/// A kept connection is held while the only requests waiting are for a key in flight (the
-/// deferred branch of the ledger loop never calls `Leases::release`): nothing can use it until
-/// the slow batch ends (up to BATCH_TIMEOUT, 5 s), and the rest of the process has one pool
-/// connection fewer. Pool of 3 (`postgres.max_connections = 4`, two ledger batches in flight):
-/// batch 1 waits on a row lock, batch 2 ends and its connection is kept (the third was idle
-/// then); the third is then taken by another state call (a slow write-back, the quota batcher),
-/// and a cooldown-like write finds no connection for 2 s. Before, batch 2's connection went back
-/// to the pool.
+type OpenTask = JoinHandle<Result<LedgerEntry, StoreError>>;
+
+/// With a pool of 3 (`postgres.max_connections = 4`: two ledger batches in flight): a batch
+/// for `slow` waiting on its row lock (held by the returned connection), a second open of
+/// `slow` deferred behind it, and a batch of another key that ended meanwhile. Waits until that
+/// batch's connection is back in the pool: nothing can use a connection the batcher kept while
+/// only a key in flight waits (the slow batch may take up to BATCH_TIMEOUT, 5 s).
+async fn a_slow_batch_and_a_deferred_open(env: &TestEnv, store: &PgStore) -> (PgConnection, OpenTask, OpenTask) {
+    let locker = lock_keys(env, &["slow"]).await;
+    let first = open_queued(store, "slow");
+    until_waiting_on_locks(env, 1).await;
+    // Another delivery of the same key: deferred behind the slow batch.
+    let second = open_queued(store, "slow");
+    // A batch of another key goes out on a second connection and ends.
+    store.open("quick", "job").await.unwrap();
+    eventually("the ended batch's connection is back in the pool", || async { store.pool().num_idle() >= 2 }).await;
+    (locker, first, second)
+}
+
+/// 0682c5c kept the ended batch's connection while only the slow batch's key waited: the
+/// third connection then taken by another state call (a slow write-back, the quota batcher), a
+/// cooldown-like write found no connection for 2 s. Before, the connection went back to the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_is_not_held_while_only_a_busy_key_waits() {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, 3).await;
-    let mut locker = env.db().await;
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("INSERT INTO job_results (job_key) VALUES ('slow')").execute(&mut locker).await.unwrap();
-    let first = {
-        let store = store.clone();
-        tokio::spawn(async move { store.open("slow", "job").await })
-    };
-    eventually("the first batch waits on the row lock", || async {
-        let mut probe = env.db().await;
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut probe)
-        .await
-        .unwrap();
-        waiting >= 1
-    })
-    .await;
-    // Another delivery of the same key: deferred behind the slow batch.
-    let second = {
-        let store = store.clone();
-        tokio::spawn(async move { store.open("slow", "job").await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // A batch of another key goes out on a second connection and ends.
-    store.open("quick", "job").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (locker, first, second) = a_slow_batch_and_a_deferred_open(&env, &store).await;
     // Something else holds the third connection (the quota batcher under load, a write-back).
     let other = store.pool().acquire().await.unwrap();
     let started = Instant::now();
     let answer = store.record_failure("delivery:starved", "needs a connection").await;
     let waited = started.elapsed();
     drop(other);
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    release(locker).await;
     let _ = (first.await, second.await);
     assert!(
         answer.is_ok() && waited < Duration::from_secs(1),
@@ -121,44 +120,17 @@ async fn a_kept_connection_is_not_held_while_only_a_busy_key_waits() {
     );
 }
 
-/// A connection kept by the ledger batcher goes to the next batch without any ping: when its
-/// backend was terminated meanwhile, that batch fails as "unreachable" and the worker goes
-/// degraded. Before, the next batch took a pooled connection, pinged on the way out (a dead one
-/// replaced). The kept connection is made to wait deterministically: a batch of another key
-/// ends while the only request waiting is for the key of a slow batch (pool of 3).
+/// A connection the ledger batcher kept goes to the next batch without any ping: when its
+/// backend was terminated meanwhile, that batch failed as "unreachable" and the worker went
+/// degraded. Every pool session is terminated here: the slow batch's (that batch fails, before
+/// and after the change), the ended batch's and the idle one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_on_a_kept_connection_whose_session_was_terminated_succeeds() {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, 3).await;
-    let mut locker = env.db().await;
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("INSERT INTO job_results (job_key) VALUES ('slow')").execute(&mut locker).await.unwrap();
-    let first = {
-        let store = store.clone();
-        tokio::spawn(async move { store.open("slow", "job").await })
-    };
-    crate::ledger_batching::until_waiting_on_locks(&env, 1).await;
-    let second = {
-        let store = store.clone();
-        tokio::spawn(async move { store.open("slow", "job").await })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    store.open("quick", "job").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Every pool session: the slow batch's (that batch fails, before and after the change), the
-    // kept one and the idle one.
-    let mut admin = env.db().await;
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = 'fallback-worker' \
-           AND pid <> pg_backend_pid() AND query NOT LIKE 'LISTEN%'",
-    )
-    .fetch_one(&mut admin)
-    .await
-    .unwrap();
-    assert!(killed >= 1);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let (locker, first, second) = a_slow_batch_and_a_deferred_open(&env, &store).await;
+    assert!(terminate_pool_sessions(&env).await >= 1);
+    release(locker).await;
     let _first = first.await.unwrap();
     let second = second.await.unwrap();
     assert!(second.is_ok(), "the batch after the killed one failed on the batcher's kept connection: {second:?}");
