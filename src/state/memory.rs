@@ -137,7 +137,7 @@ impl ProviderState for MemoryStore {
                     pools.entry(pool.name.clone()).or_default().usage.push(usage.clone());
                 }
                 row.quota.usage.push(usage);
-                Admission::Granted(Permit { usage_id: Some(id), local_id: None })
+                Admission::Granted(Permit { usage_id: Some(id), ..Permit::UNCOUNTED })
             }
             Some(Blocked::Until(until, measure)) => Admission::OverQuota { until, measure },
             Some(Blocked::TooLarge) => Admission::TooLarge,

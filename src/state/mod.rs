@@ -9,6 +9,7 @@ pub mod postgres;
 pub mod quota;
 mod quota_batcher;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{LimitConfig, QuotaPoolConfig};
@@ -73,11 +74,14 @@ pub struct Permit {
     /// This process's own record of the call: the Postgres store keeps one for every call so
     /// that, while the database is away, it can hold its local share of each limit.
     pub local_id: Option<i64>,
+    /// The provider whose windows count the call, when the shared store counts it: its answer
+    /// is recorded in the same transaction as that provider's next asks.
+    pub provider: Option<Arc<str>>,
 }
 
 impl Permit {
     /// A call that counts against no limit.
-    pub const UNCOUNTED: Permit = Permit { usage_id: None, local_id: None };
+    pub const UNCOUNTED: Permit = Permit { usage_id: None, local_id: None, provider: None };
 }
 
 /// Provider state every worker sees the same way.

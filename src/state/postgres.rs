@@ -457,7 +457,7 @@ impl PgStore {
                     let call = UnsyncedCall { local_id: id, limits: ask.limits.to_vec(), pools: ask.pools.to_vec() };
                     self.outage.unsynced_calls.lock().unwrap().push(call);
                 }
-                Admission::Granted(Permit { usage_id: None, local_id })
+                Admission::Granted(Permit { local_id, ..Permit::UNCOUNTED })
             }
             other => other,
         }
@@ -653,7 +653,7 @@ impl PgStore {
             windows.specs.iter().map(|s| s.reset.as_ref().map(|r| epoch_ms(r.next_after(deadline)) as f64)).collect();
         let request = |reply| {
             quota_batcher::Request::Admit(quota_batcher::AdmitAsk {
-                provider: ask.provider.to_string(),
+                provider: ask.provider.into(),
                 windows,
                 tokens: saturating_i64(ask.tokens),
                 flight_ms: saturating_i64(ask.flight.as_millis()),
@@ -667,7 +667,9 @@ impl PgStore {
             UNIX_EPOCH.checked_add(after_epoch).unwrap_or_else(|| later(now, STATE_CALL_TIMEOUT))
         });
         let admission = match (decision.usage_id, until, decision.blocked_by.as_deref()) {
-            (Some(id), _, _) => Admission::Granted(Permit { usage_id: Some(id), local_id: None }),
+            (Some(id), _, _) => {
+                Admission::Granted(Permit { usage_id: Some(id), local_id: None, provider: Some(ask.provider.into()) })
+            }
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
             (None, Some(until), Some("cooldown")) => match self.cooldown_of(ask.provider, now).await? {
                 Some(cooldown) => Admission::Cooling(cooldown),
@@ -1001,15 +1003,15 @@ impl ProviderState for PgStore {
 
     async fn finish(&self, permit: Permit, tokens: Option<u64>) {
         if let Some(local_id) = permit.local_id {
-            self.outage.own_calls.finish(Permit { usage_id: Some(local_id), local_id: None }, tokens).await;
+            self.outage.own_calls.finish(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens).await;
         }
-        let Some(call) = permit.usage_id else { return };
+        let (Some(call), Some(provider)) = (permit.usage_id, permit.provider) else { return };
         // A provider's count is taken as it says, but never so large that the windows' totals
         // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
         // finishes (bigint out of range), and the other calls' raised counts in it with it.
         let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
         // With the other answers that arrive meanwhile, in one transaction.
-        let request = |reply| quota_batcher::Request::Finish { call, tokens, reply };
+        let request = |reply| quota_batcher::Request::Finish { provider, call, tokens, reply };
         let result = self.batched_call(self.quota(), request).await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");

@@ -5,8 +5,10 @@
 //! call made a provider's calls queue behind each other's round trip and WAL flush: dozens wait
 //! under load. Here the asks for one provider that arrive while that provider's batch runs go out
 //! together in the next one (no added delay when idle, as in the ledger's batcher), decided in
-//! order in one transaction that holds its locks exactly as a single admission did; finishes of
-//! every provider go out together the same way.
+//! order in one transaction that holds its locks exactly as a single admission did. A provider's
+//! finishes go out in the same batches as its asks, before them (`fallback_finish_and_admit`,
+//! migration 0009): one transaction where there were two, and an answer is never overtaken by an
+//! ask that follows it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -50,7 +52,7 @@ impl Windows {
 
 /// One ask for a slot.
 pub struct AdmitAsk {
-    pub provider: String,
+    pub provider: Arc<str>,
     pub windows: Arc<Windows>,
     pub tokens: i64,
     pub flight_ms: i64,
@@ -70,21 +72,23 @@ pub struct Decision {
 
 pub enum Request {
     Admit(AdmitAsk),
-    Finish { call: i64, tokens: Option<i64>, reply: oneshot::Sender<Result<(), StoreError>> },
+    /// The answer to call `call` of `provider` arrived (`tokens`: the provider's count).
+    Finish {
+        provider: Arc<str>,
+        call: i64,
+        tokens: Option<i64>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
-/// What a batch is made of: one provider's asks, or finishes (of any provider).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Key {
-    Finishes,
-    Provider(String),
-}
+/// What a batch is made of: one provider's finishes and asks (the provider's name).
+type Key = Arc<str>;
 
 impl Request {
     fn key(&self) -> Key {
         match self {
-            Request::Admit(ask) => Key::Provider(ask.provider.clone()),
-            Request::Finish { .. } => Key::Finishes,
+            Request::Admit(ask) => ask.provider.clone(),
+            Request::Finish { provider, .. } => provider.clone(),
         }
     }
 }
@@ -237,7 +241,7 @@ async fn execute(
     for request in batch {
         match request {
             Request::Admit(ask) => asks.push(ask),
-            Request::Finish { call, tokens, reply } => finishes.push((call, tokens, reply)),
+            Request::Finish { call, tokens, reply, .. } => finishes.push((call, tokens, reply)),
         }
     }
     let mut conn = match BatchConnection::acquire(&pool, leased).await {
@@ -247,11 +251,10 @@ async fn execute(
             return None;
         }
     };
-    if !asks.is_empty() {
-        admit_all(&mut conn, asks).await;
-    }
-    if !finishes.is_empty() {
+    if asks.is_empty() {
         finish_all(&mut conn, finishes).await;
+    } else {
+        admit_all(&mut conn, asks, finishes).await;
     }
     conn.into_reusable()
 }
@@ -265,8 +268,28 @@ fn fail_all(asks: Vec<AdmitAsk>, finishes: Vec<Finish>, failed: &Failed) {
     }
 }
 
-/// Admits one provider's asks in one statement, in order, and answers each.
-async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>) {
+type Finish = (i64, Option<i64>, oneshot::Sender<Result<(), StoreError>>);
+
+/// The admission statement: `$1`..`$12` the provider, its windows and the asks (as
+/// `fallback_admit_batch` takes them), the function's name and what follows `$12`.
+macro_rules! admit_sql {
+    ($function:literal, $rest:literal) => {
+        concat!(
+            "SELECT ask, usage_id, blocked_until_ms, blocked_by FROM ",
+            $function,
+            "$1, $2, $3, $4, $5, $6, $7, \
+               (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($8::float8[]) WITH ORDINALITY AS t(f, o)), \
+               (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(f, o)), \
+               $10, $11, \
+               (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($12::float8[]) WITH ORDINALITY AS t(l, o))",
+            $rest
+        )
+    };
+}
+
+/// Records the provider's `finishes`, then admits its asks, in order, in one statement, and
+/// answers each.
+async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, finishes: Vec<Finish>) {
     let Some((windows, provider)) = asks.first().map(|a| (a.windows.clone(), a.provider.clone())) else { return };
     let n = windows.specs.len();
     // The resets as of now (the asks waited a moment): the statement takes the reset after the
@@ -284,26 +307,31 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>) {
     // asks × windows, row-major; exactly `n` per ask whatever an ask carries.
     let leaves: Vec<Option<f64>> =
         asks.iter().flat_map(|a| a.leaves.iter().copied().chain(std::iter::repeat(None)).take(n)).collect();
-    let query = sqlx::query(
-        "SELECT ask, usage_id, blocked_until_ms, blocked_by FROM fallback_admit_batch($1, $2, $3, $4, $5, $6, $7, \
-           (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($8::float8[]) WITH ORDINALITY AS t(f, o)), \
-           (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(f, o)), \
-           $10, $11, \
-           (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($12::float8[]) WITH ORDINALITY AS t(l, o)))",
-    )
-    .bind(&provider)
-    .bind(&windows.kinds)
-    .bind(&windows.scopes)
-    .bind(&windows.measures)
-    .bind(&windows.windows_ms)
-    .bind(&windows.calendars)
-    .bind(&windows.limits)
-    .bind(&first_resets)
-    .bind(&next_resets)
-    .bind(&tokens)
-    .bind(&flights)
-    .bind(&leaves);
+    let (calls, call_tokens): (Vec<i64>, Vec<Option<i64>>) = finishes.iter().map(|f| (f.0, f.1)).unzip();
+    let statement = if finishes.is_empty() {
+        admit_sql!("fallback_admit_batch(", ")")
+    } else {
+        admit_sql!("fallback_finish_and_admit(", ", $13, $14)")
+    };
+    let query = sqlx::query(statement)
+        .bind(&*provider)
+        .bind(&windows.kinds)
+        .bind(&windows.scopes)
+        .bind(&windows.measures)
+        .bind(&windows.windows_ms)
+        .bind(&windows.calendars)
+        .bind(&windows.limits)
+        .bind(&first_resets)
+        .bind(&next_resets)
+        .bind(&tokens)
+        .bind(&flights)
+        .bind(&leaves);
+    let query = if finishes.is_empty() { query } else { query.bind(&calls).bind(&call_tokens) };
     let rows = conn.run(async |c| query.fetch_all(c).await).await;
+    let recorded = rows.as_ref().map(|_| ()).map_err(Clone::clone);
+    for (_, _, reply) in finishes {
+        let _ = reply.send(recorded.clone().map_err(|e| e.to_store_error()));
+    }
     let mut answers: Vec<Option<Result<Decision, Failed>>> = (0..asks.len()).map(|_| None).collect();
     match rows {
         Ok(rows) => {
@@ -336,8 +364,6 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>) {
     }
 }
 
-type Finish = (i64, Option<i64>, oneshot::Sender<Result<(), StoreError>>);
-
 /// Records the answers of many calls in one statement.
 async fn finish_all(conn: &mut BatchConnection, finishes: Vec<Finish>) {
     let calls: Vec<i64> = finishes.iter().map(|f| f.0).collect();
@@ -365,40 +391,40 @@ mod tests {
         })
     }
 
-    fn finish(call: i64) -> Request {
+    fn finish(provider: &str, call: i64) -> Request {
         let (reply, _) = oneshot::channel();
-        Request::Finish { call, tokens: None, reply }
+        Request::Finish { provider: provider.into(), call, tokens: None, reply }
     }
 
-    fn keys(batch: &[Request]) -> Vec<Key> {
-        batch.iter().map(Request::key).collect()
+    fn is_finish(request: &Request) -> bool {
+        matches!(request, Request::Finish { .. })
     }
 
     #[test]
-    fn one_batch_per_key_in_flight_and_keys_take_turns_in_arrival_order() {
+    fn a_providers_finishes_go_with_its_asks_one_batch_per_provider_in_flight_in_arrival_order() {
         let w = Arc::new(Windows::new(Vec::new()));
         let mut queues = Queues::default();
-        for request in [ask("a", &w), finish(1), ask("b", &w), ask("a", &w), finish(2)] {
+        for request in [ask("a", &w), finish("a", 1), ask("b", &w), ask("a", &w), finish("b", 2)] {
             queues.push(request);
         }
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(async {
             let mut set = JoinSet::new();
             let (key, batch) = queues.next_batch().unwrap();
-            assert_eq!((key.clone(), batch.len()), (Key::Provider("a".into()), 2), "a's asks go out together");
+            let kinds: Vec<bool> = batch.iter().map(is_finish).collect();
+            assert_eq!((&*key, kinds), ("a", vec![false, true, false]), "a's asks and finishes, in order");
             let a_task = set.spawn(async {}).id();
             queues.hold(a_task, key);
             queues.push(ask("a", &w));
             let (key, batch) = queues.next_batch().unwrap();
-            assert_eq!((key.clone(), keys(&batch)), (Key::Finishes, vec![Key::Finishes, Key::Finishes]));
-            let f_task = set.spawn(async {}).id();
-            queues.hold(f_task, key);
-            let (key, _) = queues.next_batch().unwrap();
-            assert_eq!(key, Key::Provider("b".into()));
+            let kinds: Vec<bool> = batch.iter().map(is_finish).collect();
+            assert_eq!((&*key, kinds), ("b", vec![false, true]));
+            let b_task = set.spawn(async {}).id();
+            queues.hold(b_task, key);
             assert!(queues.next_batch().is_none(), "a's next ask waits for a's batch in flight");
             queues.release(a_task);
             let (key, batch) = queues.next_batch().unwrap();
-            assert_eq!((key, batch.len()), (Key::Provider("a".into()), 1));
+            assert_eq!((&*key, batch.len()), ("a", 1));
         });
     }
 

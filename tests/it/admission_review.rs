@@ -24,7 +24,7 @@ fn tokens(n: u64, secs: u64) -> LimitConfig {
 
 /// A session holding `provider`'s row lock (the row created if need be) until `release`: an
 /// admission for that provider waits on it.
-async fn lock_provider_row(env: &TestEnv, provider: &str) -> PgConnection {
+pub(crate) async fn lock_provider_row(env: &TestEnv, provider: &str) -> PgConnection {
     let mut locker = env.db().await;
     sqlx::query("INSERT INTO provider_state (provider) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(provider)

@@ -10,7 +10,7 @@ use fallback_worker::state::{Admission, Ask, ProviderState, QuotaMeasure};
 use sqlx::PgConnection;
 
 use crate::ledger_batching::{
-    DEFAULT_POOL, admits_again, store_at, store_behind_freezing_relay, until_waiting_on_locks,
+    DEFAULT_POOL, admits_again, release, spawn_queued, store_at, store_behind_freezing_relay, until_waiting_on_locks,
 };
 use crate::support::*;
 
@@ -349,4 +349,108 @@ async fn a_batch_on_a_dead_connection_does_not_stall_its_provider() {
     // Granted locally (the store thought the database down) does not count: the shared windows
     // must take this provider's calls again.
     admits_again(&store, ask, "the batch's connection").await;
+}
+
+/// What a batch of one answer and one ask decided: whether the ask was granted, the tokens
+/// window's total after both, and whether the answer and the grant were written by the same
+/// transaction (the rows' `xmin`).
+struct AnswerThenAsk {
+    granted: bool,
+    tokens_used: i64,
+    one_transaction: bool,
+}
+
+/// Call A (100 tokens asked) is admitted; while another ask of the provider waits on its row
+/// lock, A's answer (`answered` tokens) and then an ask of `next` tokens queue behind it, so both
+/// go out in the provider's next batch. Limit: 1000 tokens per minute.
+async fn answer_then_ask_in_one_batch(answered: u64, next: u64) -> AnswerThenAsk {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60), tokens(1000, 60)];
+    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
+    let Admission::Granted(a) = store.admit(ask(100), SystemTime::now()).await else { panic!("room for A") };
+    let locker = crate::admission_review::lock_provider_row(&env, "p").await;
+    let (blocked, owned_limits) = (store.clone(), limits.to_vec());
+    let blocked = tokio::spawn(async move {
+        let ask = Ask { provider: "p", limits: &owned_limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
+        blocked.admit(ask, SystemTime::now()).await
+    });
+    until_waiting_on_locks(&env, 1).await;
+    let (finisher, permit) = (store.clone(), a.clone());
+    let finished = spawn_queued(async move { finisher.finish(permit, Some(answered)).await });
+    let (asker, owned_limits) = (store.clone(), limits.to_vec());
+    let asked = spawn_queued(async move {
+        let ask =
+            Ask { provider: "p", limits: &owned_limits, pools: &[], tokens: next, flight: Duration::from_secs(30) };
+        asker.admit(ask, SystemTime::now()).await
+    });
+    release(locker).await;
+    assert!(matches!(blocked.await.unwrap(), Admission::Granted(_)), "the waiting ask of 1 token fits");
+    finished.await.unwrap();
+    let answer = asked.await.unwrap();
+    let mut db = env.db().await;
+    let xmin = |call: i64| {
+        sqlx::query_scalar::<_, String>("SELECT xmin::text FROM quota_use WHERE call_id = $1 AND measure = 'tokens'")
+            .bind(call)
+    };
+    let answered_in: String = xmin(a.usage_id.unwrap()).fetch_one(&mut db).await.unwrap();
+    let granted_in = match &answer {
+        Admission::Granted(b) => Some(xmin(b.usage_id.unwrap()).fetch_one(&mut db).await.unwrap()),
+        _ => None,
+    };
+    AnswerThenAsk {
+        granted: granted_in.is_some(),
+        tokens_used: used(&mut db, "provider", "p", "tokens").await,
+        one_transaction: granted_in.as_deref() == Some(answered_in.as_str()),
+    }
+}
+
+/// Migration 0009: a provider's answers go out with its next asks, in one transaction, applied
+/// first. A lowered count frees its room for the ask that follows it: 100 + 1 + 800 fits, where
+/// the ask decided before the answer (900 + 1 + 800) would be refused.
+#[tokio::test]
+async fn an_answer_queued_before_an_ask_frees_its_room_for_it_in_the_same_transaction() {
+    let decided = answer_then_ask_in_one_batch(100, 800).await;
+    assert!(decided.granted, "the lowered answer is applied before the ask");
+    assert!(decided.one_transaction, "the answer and the grant were written by one transaction");
+    assert_eq!(decided.tokens_used, 100 + 1 + 800);
+}
+
+/// The other way round: a raised count counts before the ask that follows it. Decided first,
+/// the ask (100 + 1 + 100) would fit, and the answer would then take the window to 1051 of 1000.
+#[tokio::test]
+async fn an_answer_queued_before_an_ask_counts_its_raise_before_the_ask_is_decided() {
+    let decided = answer_then_ask_in_one_batch(950, 100).await;
+    assert!(!decided.granted, "950 + 1 + 100 does not fit in 1000");
+    assert_eq!(decided.tokens_used, 950 + 1, "never more than the limit");
+}
+
+/// Answers alone lock their windows one by one in the canonical order (0009 rewrote that lock):
+/// with the later window (`tokens`) held elsewhere, an answer waits on it while holding the
+/// earlier one (`requests`), never the other way round (two workers would then deadlock).
+#[tokio::test]
+async fn answers_alone_lock_their_windows_in_the_canonical_order() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60), tokens(1000, 60)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(30) };
+    let Admission::Granted(call) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+    let lock_window = "SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'p' AND measure = $1 FOR UPDATE";
+    let try_lock_window =
+        "SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'p' AND measure = $1 FOR UPDATE NOWAIT";
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query(lock_window).bind("tokens").execute(&mut locker).await.unwrap();
+    let finisher = store.clone();
+    let finished = tokio::spawn(async move { finisher.finish(call, Some(20)).await });
+    until_waiting_on_locks(&env, 1).await;
+    let mut probe = env.db().await;
+    sqlx::query("BEGIN").execute(&mut probe).await.unwrap();
+    let earlier = sqlx::query(try_lock_window).bind("requests").execute(&mut probe).await;
+    let code = earlier.as_ref().err().and_then(|e| e.as_database_error()).and_then(|e| e.code()).map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("55P03"), "the answer holds the earlier window while it waits: {earlier:?}");
+    sqlx::query("ROLLBACK").execute(&mut probe).await.unwrap();
+    release(locker).await;
+    finished.await.unwrap();
+    assert_eq!(used(&mut env.db().await, "provider", "p", "tokens").await, 20, "the answer was recorded");
 }
