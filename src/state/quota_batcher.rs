@@ -85,6 +85,10 @@ pub enum Request {
 type Key = Arc<str>;
 
 impl Request {
+    fn is_finish(&self) -> bool {
+        matches!(self, Request::Finish { .. })
+    }
+
     fn key(&self) -> Key {
         match self {
             Request::Admit(ask) => ask.provider.clone(),
@@ -107,7 +111,7 @@ struct Queues {
     waiting: HashMap<Key, VecDeque<Request>>,
     ready: VecDeque<Key>,
     in_flight: HashSet<Key>,
-    by_task: HashMap<tokio::task::Id, Key>,
+    by_task: HashMap<tokio::task::Id, Vec<Key>>,
 }
 
 impl Queues {
@@ -120,32 +124,56 @@ impl Queues {
         queue.push_back(request);
     }
 
-    /// The next batch that may go out: at most one per key in flight.
-    fn next_batch(&mut self) -> Option<(Key, Vec<Request>)> {
+    /// The next batch that may go out, and the providers it holds: at most one batch per
+    /// provider in flight.
+    fn next_batch(&mut self) -> Option<(Vec<Key>, Vec<Request>)> {
         while let Some(key) = self.ready.pop_front() {
             let Some(queue) = self.waiting.get_mut(&key) else { continue };
-            let batch = take_batch(queue);
+            let mut batch = take_batch(queue);
             if queue.is_empty() {
                 self.waiting.remove(&key);
             }
-            if !batch.is_empty() {
-                return Some((key, batch));
+            if batch.is_empty() {
+                continue;
             }
+            let mut keys = vec![key];
+            if batch.iter().all(Request::is_finish) {
+                self.add_other_answers(&mut keys, &mut batch);
+            }
+            return Some((keys, batch));
         }
         None
     }
 
-    fn hold(&mut self, task: tokio::task::Id, key: Key) {
-        self.in_flight.insert(key.clone());
-        self.by_task.insert(task, key);
+    /// Answers alone, with no ask to ride with: the answers of every other provider that has
+    /// nothing but answers waiting join them, all recorded in one transaction.
+    fn add_other_answers(&mut self, keys: &mut Vec<Key>, batch: &mut Vec<Request>) {
+        let mut i = 0;
+        while let Some(key) = self.ready.get(i) {
+            let fits = |q: &VecDeque<Request>| batch.len().saturating_add(q.len()) <= MAX_BATCH;
+            let only_answers = self.waiting.get(key).is_some_and(|q| q.iter().all(Request::is_finish) && fits(q));
+            if !only_answers {
+                i += 1;
+                continue;
+            }
+            let Some(key) = self.ready.remove(i) else { break };
+            batch.extend(self.waiting.remove(&key).unwrap_or_default());
+            keys.push(key);
+        }
     }
 
-    /// A batch ended (finished, failed or timed out): its key may go out again.
+    fn hold(&mut self, task: tokio::task::Id, keys: Vec<Key>) {
+        self.in_flight.extend(keys.iter().cloned());
+        self.by_task.insert(task, keys);
+    }
+
+    /// A batch ended (finished, failed or timed out): its providers may go out again.
     fn release(&mut self, task: tokio::task::Id) {
-        let Some(key) = self.by_task.remove(&task) else { return };
-        self.in_flight.remove(&key);
-        if self.waiting.get(&key).is_some_and(|q| !q.is_empty()) {
-            self.ready.push_back(key);
+        for key in self.by_task.remove(&task).unwrap_or_default() {
+            self.in_flight.remove(&key);
+            if self.waiting.get(&key).is_some_and(|q| !q.is_empty()) {
+                self.ready.push_back(key);
+            }
         }
     }
 }
@@ -190,10 +218,10 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     let mut closed = false;
     loop {
         while in_flight.len() < max_in_flight && (in_flight.is_empty() || leases.available() > 0) {
-            let Some((key, batch)) = queues.next_batch() else { break };
+            let Some((keys, batch)) = queues.next_batch() else { break };
             // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
             let task = in_flight.spawn(execute(pool.clone(), leases.take(), batch));
-            queues.hold(task.id(), key);
+            queues.hold(task.id(), keys);
         }
         if closed && in_flight.is_empty() && queues.ready.is_empty() {
             break;
@@ -328,9 +356,13 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, finishes: Ve
         .bind(&leaves);
     let query = if finishes.is_empty() { query } else { query.bind(&calls).bind(&call_tokens) };
     let rows = conn.run(async |c| query.fetch_all(c).await).await;
-    let recorded = rows.as_ref().map(|_| ()).map_err(Clone::clone);
-    for (_, _, reply) in finishes {
-        let _ = reply.send(recorded.clone().map_err(|e| e.to_store_error()));
+    if rows.is_ok() {
+        finishes.into_iter().for_each(|(_, _, reply)| drop(reply.send(Ok(()))));
+    } else {
+        // The asks failed (a lock wait past its limit, say), and the answers with them: they
+        // are recorded on their own, as before they rode with asks. A raised count must not be
+        // lost with an ask (the window would count less than the provider did).
+        finish_all(conn, finishes).await;
     }
     let mut answers: Vec<Option<Result<Decision, Failed>>> = (0..asks.len()).map(|_| None).collect();
     match rows {
@@ -400,6 +432,28 @@ mod tests {
         matches!(request, Request::Finish { .. })
     }
 
+    fn names(keys: &[Key]) -> Vec<&str> {
+        keys.iter().map(|k| &**k).collect()
+    }
+
+    #[test]
+    fn answers_alone_of_several_providers_go_out_together_but_never_with_a_providers_asks() {
+        let w = Arc::new(Windows::new(Vec::new()));
+        let mut queues = Queues::default();
+        for request in [finish("a", 1), finish("b", 2), ask("c", &w), finish("c", 3), finish("d", 4), finish("a", 5)] {
+            queues.push(request);
+        }
+        let (keys, batch) = queues.next_batch().unwrap();
+        let calls: Vec<i64> = batch
+            .iter()
+            .filter_map(|r| if let Request::Finish { call, .. } = r { Some(*call) } else { None })
+            .collect();
+        assert_eq!((names(&keys), calls), (vec!["a", "b", "d"], vec![1, 5, 2, 4]));
+        let (keys, batch) = queues.next_batch().unwrap();
+        assert_eq!((names(&keys), batch.iter().map(is_finish).collect()), (vec!["c"], vec![false, true]));
+        assert!(queues.next_batch().is_none());
+    }
+
     #[test]
     fn a_providers_finishes_go_with_its_asks_one_batch_per_provider_in_flight_in_arrival_order() {
         let w = Arc::new(Windows::new(Vec::new()));
@@ -412,19 +466,19 @@ mod tests {
             let mut set = JoinSet::new();
             let (key, batch) = queues.next_batch().unwrap();
             let kinds: Vec<bool> = batch.iter().map(is_finish).collect();
-            assert_eq!((&*key, kinds), ("a", vec![false, true, false]), "a's asks and finishes, in order");
+            assert_eq!((names(&key), kinds), (vec!["a"], vec![false, true, false]), "a's asks and finishes, in order");
             let a_task = set.spawn(async {}).id();
             queues.hold(a_task, key);
             queues.push(ask("a", &w));
             let (key, batch) = queues.next_batch().unwrap();
             let kinds: Vec<bool> = batch.iter().map(is_finish).collect();
-            assert_eq!((&*key, kinds), ("b", vec![false, true]));
+            assert_eq!((names(&key), kinds), (vec!["b"], vec![false, true]));
             let b_task = set.spawn(async {}).id();
             queues.hold(b_task, key);
             assert!(queues.next_batch().is_none(), "a's next ask waits for a's batch in flight");
             queues.release(a_task);
             let (key, batch) = queues.next_batch().unwrap();
-            assert_eq!((&*key, batch.len()), ("a", 1));
+            assert_eq!((names(&key), batch.len()), (vec!["a"], 1));
         });
     }
 

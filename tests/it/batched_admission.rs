@@ -360,15 +360,15 @@ struct AnswerThenAsk {
     one_transaction: bool,
 }
 
-/// Call A (100 tokens asked) is admitted; while another ask of the provider waits on its row
-/// lock, A's answer (`answered` tokens) and then an ask of `next` tokens queue behind it, so both
-/// go out in the provider's next batch. Limit: 1000 tokens per minute.
-async fn answer_then_ask_in_one_batch(answered: u64, next: u64) -> AnswerThenAsk {
+/// Call A (`asked` tokens) is admitted; while another ask of the provider waits on its row lock,
+/// A's answer (`answered` tokens) and then an ask of `next` tokens queue behind it, so both go
+/// out in the provider's next batch. Limit: 1000 tokens per minute.
+async fn answer_then_ask_in_one_batch(asked: u64, answered: u64, next: u64) -> AnswerThenAsk {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
     let limits = [requests(100, 60), tokens(1000, 60)];
     let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
-    let Admission::Granted(a) = store.admit(ask(100), SystemTime::now()).await else { panic!("room for A") };
+    let Admission::Granted(a) = store.admit(ask(asked), SystemTime::now()).await else { panic!("room for A") };
     let locker = crate::admission_review::lock_provider_row(&env, "p").await;
     let (blocked, owned_limits) = (store.clone(), limits.to_vec());
     let blocked = tokio::spawn(async move {
@@ -410,7 +410,7 @@ async fn answer_then_ask_in_one_batch(answered: u64, next: u64) -> AnswerThenAsk
 /// the ask decided before the answer (900 + 1 + 800) would be refused.
 #[tokio::test]
 async fn an_answer_queued_before_an_ask_frees_its_room_for_it_in_the_same_transaction() {
-    let decided = answer_then_ask_in_one_batch(100, 800).await;
+    let decided = answer_then_ask_in_one_batch(900, 100, 800).await;
     assert!(decided.granted, "the lowered answer is applied before the ask");
     assert!(decided.one_transaction, "the answer and the grant were written by one transaction");
     assert_eq!(decided.tokens_used, 100 + 1 + 800);
@@ -420,37 +420,38 @@ async fn an_answer_queued_before_an_ask_frees_its_room_for_it_in_the_same_transa
 /// the ask (100 + 1 + 100) would fit, and the answer would then take the window to 1051 of 1000.
 #[tokio::test]
 async fn an_answer_queued_before_an_ask_counts_its_raise_before_the_ask_is_decided() {
-    let decided = answer_then_ask_in_one_batch(950, 100).await;
+    let decided = answer_then_ask_in_one_batch(100, 950, 100).await;
     assert!(!decided.granted, "950 + 1 + 100 does not fit in 1000");
     assert_eq!(decided.tokens_used, 950 + 1, "never more than the limit");
 }
 
 /// Answers alone lock their windows one by one in the canonical order (0009 rewrote that lock):
-/// with the later window (`tokens`) held elsewhere, an answer waits on it while holding the
-/// earlier one (`requests`), never the other way round (two workers would then deadlock).
+/// with the later window (the provider's own; a pool's sorts first) held elsewhere, an answer
+/// waits on it while holding the earlier one (the pool's), never the other way round (two
+/// workers would then deadlock).
 #[tokio::test]
 async fn answers_alone_lock_their_windows_in_the_canonical_order() {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
-    let limits = [requests(100, 60), tokens(1000, 60)];
-    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(30) };
+    let (limits, pools) =
+        ([requests(100, 60)], [QuotaPoolConfig { name: "acct".into(), limits: vec![tokens(1000, 60)] }]);
+    let ask = Ask { provider: "p", limits: &limits, pools: &pools, tokens: 10, flight: Duration::from_secs(30) };
     let Admission::Granted(call) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    let lock_window = "SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'p' AND measure = $1 FOR UPDATE";
-    let try_lock_window =
-        "SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'p' AND measure = $1 FOR UPDATE NOWAIT";
+    let lock_window = "SELECT 1 FROM quota_window WHERE kind = $1 AND scope = $2 FOR UPDATE";
+    let try_lock_window = "SELECT 1 FROM quota_window WHERE kind = $1 AND scope = $2 FOR UPDATE NOWAIT";
     let mut locker = env.db().await;
     sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query(lock_window).bind("tokens").execute(&mut locker).await.unwrap();
+    sqlx::query(lock_window).bind("provider").bind("p").execute(&mut locker).await.unwrap();
     let finisher = store.clone();
     let finished = tokio::spawn(async move { finisher.finish(call, Some(20)).await });
     until_waiting_on_locks(&env, 1).await;
     let mut probe = env.db().await;
     sqlx::query("BEGIN").execute(&mut probe).await.unwrap();
-    let earlier = sqlx::query(try_lock_window).bind("requests").execute(&mut probe).await;
+    let earlier = sqlx::query(try_lock_window).bind("pool").bind("acct").execute(&mut probe).await;
     let code = earlier.as_ref().err().and_then(|e| e.as_database_error()).and_then(|e| e.code()).map(|c| c.to_string());
     assert_eq!(code.as_deref(), Some("55P03"), "the answer holds the earlier window while it waits: {earlier:?}");
     sqlx::query("ROLLBACK").execute(&mut probe).await.unwrap();
     release(locker).await;
     finished.await.unwrap();
-    assert_eq!(used(&mut env.db().await, "provider", "p", "tokens").await, 20, "the answer was recorded");
+    assert_eq!(used(&mut env.db().await, "pool", "acct", "tokens").await, 20, "the answer was recorded");
 }

@@ -21,6 +21,7 @@ mod pool_workers;
 mod pools;
 mod provider_faults;
 mod quorum;
+mod review_0009;
 mod review_leases;
 mod shared_state;
 mod tools;
