@@ -117,7 +117,9 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         now.sort_by(|a, b| a.key().cmp(b.key()));
         let keys: Vec<String> = now.iter().map(|r| r.key().to_string()).collect();
         // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
-        let task = in_flight.spawn(execute(pool.clone(), leases.take(), now));
+        // Boxed: the batch's future (its sqlx statements) is kilobytes, copied several times on
+        // its way into a task otherwise (measured: 7 % of the worker's instructions per job).
+        let task = in_flight.spawn(Box::pin(execute(pool.clone(), leases.take(), now)));
         busy.hold(task.id(), keys);
     }
     while in_flight.join_next().await.is_some() {}

@@ -220,7 +220,8 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         while in_flight.len() < max_in_flight && (in_flight.is_empty() || leases.available() > 0) {
             let Some((keys, batch)) = queues.next_batch() else { break };
             // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
-            let task = in_flight.spawn(execute(pool.clone(), leases.take(), batch));
+            // Boxed, as the ledger's batches (see there).
+            let task = in_flight.spawn(Box::pin(execute(pool.clone(), leases.take(), batch)));
             queues.hold(task.id(), keys);
         }
         if closed && in_flight.is_empty() && queues.ready.is_empty() {
