@@ -72,27 +72,44 @@ pub struct Decision {
 
 pub enum Request {
     Admit(AdmitAsk),
-    /// The answer to call `call` of `provider` arrived (`tokens`: the provider's count).
-    Finish {
-        provider: Arc<str>,
-        call: i64,
-        tokens: Option<i64>,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
+    Finish(Answer),
 }
+
+/// The answer to call `call` of `provider` arrived (`tokens`: the provider's count).
+pub struct Answer {
+    pub provider: Arc<str>,
+    pub call: i64,
+    pub tokens: Option<i64>,
+    /// Batches that already failed to record it.
+    pub attempts: u8,
+    pub reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Batches that may try to record one answer. A batch the database refuses (a lock wait past
+/// its 1 s limit: another session holding the provider's row or a window) fails its asks, which
+/// are asked again anyway; its answers are tried again in batches of answers alone (no wait on
+/// the provider's row), behind whatever else waits, so a raised count is not lost with an ask
+/// and no batch holds the batcher longer than one lock wait.
+const MAX_ANSWER_ATTEMPTS: u8 = 3;
 
 /// What a batch is made of: one provider's finishes and asks (the provider's name).
 type Key = Arc<str>;
 
 impl Request {
-    fn is_finish(&self) -> bool {
-        matches!(self, Request::Finish { .. })
+    /// An answer on its first attempt.
+    fn is_first_answer(&self) -> bool {
+        matches!(self, Request::Finish(answer) if answer.attempts == 0)
+    }
+
+    /// An answer whose first batch failed.
+    fn is_retried_answer(&self) -> bool {
+        matches!(self, Request::Finish(answer) if answer.attempts > 0)
     }
 
     fn key(&self) -> Key {
         match self {
             Request::Admit(ask) => ask.provider.clone(),
-            Request::Finish { provider, .. } => provider.clone(),
+            Request::Finish(answer) => answer.provider.clone(),
         }
     }
 }
@@ -112,6 +129,9 @@ struct Queues {
     ready: VecDeque<Key>,
     in_flight: HashSet<Key>,
     by_task: HashMap<tokio::task::Id, Vec<Key>>,
+    /// Answers alone of several providers go out together (only with one batch in flight: with
+    /// two, a merged batch stuck on one provider's lock would hold the others' asks back).
+    merge_answers: bool,
 }
 
 impl Queues {
@@ -137,7 +157,7 @@ impl Queues {
                 continue;
             }
             let mut keys = vec![key];
-            if batch.iter().all(Request::is_finish) {
+            if self.merge_answers && batch.iter().all(Request::is_first_answer) {
                 self.add_other_answers(&mut keys, &mut batch);
             }
             return Some((keys, batch));
@@ -151,7 +171,7 @@ impl Queues {
         let mut i = 0;
         while let Some(key) = self.ready.get(i) {
             let fits = |q: &VecDeque<Request>| batch.len().saturating_add(q.len()) <= MAX_BATCH;
-            let only_answers = self.waiting.get(key).is_some_and(|q| q.iter().all(Request::is_finish) && fits(q));
+            let only_answers = self.waiting.get(key).is_some_and(|q| q.iter().all(Request::is_first_answer) && fits(q));
             if !only_answers {
                 i += 1;
                 continue;
@@ -159,6 +179,18 @@ impl Queues {
             let Some(key) = self.ready.remove(i) else { break };
             batch.extend(self.waiting.remove(&key).unwrap_or_default());
             keys.push(key);
+        }
+    }
+
+    /// Answers whose batch failed go back to the front of their providers' queues: before any
+    /// ask that came after them.
+    fn retry(&mut self, answers: Vec<Answer>) {
+        for answer in answers.into_iter().rev() {
+            let key = answer.provider.clone();
+            self.waiting.entry(key.clone()).or_default().push_front(Request::Finish(answer));
+            if !self.in_flight.contains(&key) && !self.ready.contains(&key) {
+                self.ready.push_back(key);
+            }
         }
     }
 
@@ -183,6 +215,13 @@ impl Queues {
 /// two sets of windows: the statement takes one).
 fn take_batch(queue: &mut VecDeque<Request>) -> Vec<Request> {
     let mut batch = Vec::new();
+    // Answers tried again go alone (their first batch failed waiting with asks).
+    if queue.front().is_some_and(Request::is_retried_answer) {
+        while batch.len() < MAX_BATCH && queue.front().is_some_and(Request::is_retried_answer) {
+            batch.extend(queue.pop_front());
+        }
+        return batch;
+    }
     let mut shape: Option<Arc<Windows>> = None;
     let mut rest = VecDeque::new();
     while let Some(request) = queue.pop_front() {
@@ -212,8 +251,8 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     // second batch goes out only while a connection is idle). The size of a batch and its time
     // limit are the ledger's too.
     let max_in_flight = batches_in_flight(&pool);
-    let mut queues = Queues::default();
-    let mut in_flight: JoinSet<Option<PoolConnection<Postgres>>> = JoinSet::new();
+    let mut queues = Queues { merge_answers: max_in_flight == 1, ..Queues::default() };
+    let mut in_flight: JoinSet<(Option<PoolConnection<Postgres>>, Vec<Answer>)> = JoinSet::new();
     let mut leases = Leases::new(pool.clone());
     let mut closed = false;
     loop {
@@ -247,8 +286,9 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
                 None => closed = true,
             },
             ended = in_flight.join_next_with_id(), if !in_flight.is_empty() => match ended {
-                Some(Ok((task, handed_back))) => {
+                Some(Ok((task, (handed_back, retries)))) => {
                     queues.release(task);
+                    queues.retry(retries);
                     leases.keep(handed_back);
                 }
                 Some(Err(error)) => queues.release(error.id()),
@@ -260,44 +300,54 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
 }
 
 /// Sends one batch (on `leased`, the previous batch's connection, when there is one); hands
-/// back its connection when it is still usable.
+/// back its connection when it is still usable, and the answers to try again.
 async fn execute(
     pool: PgPool,
     leased: Option<PoolConnection<Postgres>>,
     batch: Vec<Request>,
-) -> Option<PoolConnection<Postgres>> {
-    let (mut asks, mut finishes) = (Vec::new(), Vec::new());
+) -> (Option<PoolConnection<Postgres>>, Vec<Answer>) {
+    let (mut asks, mut answers) = (Vec::new(), Vec::new());
     for request in batch {
         match request {
             Request::Admit(ask) => asks.push(ask),
-            Request::Finish { call, tokens, reply, .. } => finishes.push((call, tokens, reply)),
+            Request::Finish(answer) => answers.push(answer),
         }
     }
     let mut conn = match BatchConnection::acquire(&pool, leased).await {
         Ok(conn) => conn,
         Err(failed) => {
-            fail_all(asks, finishes, &failed);
-            return None;
+            fail_all(asks, answers, &failed);
+            return (None, Vec::new());
         }
     };
-    if asks.is_empty() {
-        finish_all(&mut conn, finishes).await;
-    } else {
-        admit_all(&mut conn, asks, finishes).await;
-    }
-    conn.into_reusable()
+    let retries =
+        if asks.is_empty() { finish_all(&mut conn, answers).await } else { admit_all(&mut conn, asks, answers).await };
+    (conn.into_reusable(), retries)
 }
 
-fn fail_all(asks: Vec<AdmitAsk>, finishes: Vec<Finish>, failed: &Failed) {
+fn fail_all(asks: Vec<AdmitAsk>, answers: Vec<Answer>, failed: &Failed) {
     for ask in asks {
         let _ = ask.reply.send(Err(failed.to_store_error()));
     }
-    for (_, _, reply) in finishes {
-        let _ = reply.send(Err(failed.to_store_error()));
+    for answer in answers {
+        let _ = answer.reply.send(Err(failed.to_store_error()));
     }
 }
 
-type Finish = (i64, Option<i64>, oneshot::Sender<Result<(), StoreError>>);
+/// Tells the answers' callers that their batch failed, and returns those worth another batch:
+/// the database refused it (a lock wait, not a lost connection) and attempts remain. Their
+/// callers are not kept waiting for it (a wait past their 2 s would count against the database).
+fn answers_to_retry(answers: Vec<Answer>, failed: &Failed) -> Vec<Answer> {
+    let mut retries = Vec::new();
+    for answer in answers {
+        let _ = answer.reply.send(Err(failed.to_store_error()));
+        let attempts = answer.attempts.saturating_add(1);
+        if failed.is_refused() && attempts < MAX_ANSWER_ATTEMPTS {
+            retries.push(Answer { attempts, reply: oneshot::channel().0, ..answer });
+        }
+    }
+    retries
+}
 
 /// The admission statement: `$1`..`$12` the provider, its windows and the asks (as
 /// `fallback_admit_batch` takes them), the function's name and what follows `$12`.
@@ -316,10 +366,12 @@ macro_rules! admit_sql {
     };
 }
 
-/// Records the provider's `finishes`, then admits its asks, in order, in one statement, and
-/// answers each.
-async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, finishes: Vec<Finish>) {
-    let Some((windows, provider)) = asks.first().map(|a| (a.windows.clone(), a.provider.clone())) else { return };
+/// Records the provider's `answers`, then admits its asks, in order, in one statement, and
+/// replies to each; returns the answers to try again.
+async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec<Answer>) -> Vec<Answer> {
+    let Some((windows, provider)) = asks.first().map(|a| (a.windows.clone(), a.provider.clone())) else {
+        return finish_all(conn, answers).await;
+    };
     let n = windows.specs.len();
     // The resets as of now (the asks waited a moment): the statement takes the reset after the
     // first when, by its clock, the first has passed.
@@ -336,8 +388,8 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, finishes: Ve
     // asks × windows, row-major; exactly `n` per ask whatever an ask carries.
     let leaves: Vec<Option<f64>> =
         asks.iter().flat_map(|a| a.leaves.iter().copied().chain(std::iter::repeat(None)).take(n)).collect();
-    let (calls, call_tokens): (Vec<i64>, Vec<Option<i64>>) = finishes.iter().map(|f| (f.0, f.1)).unzip();
-    let statement = if finishes.is_empty() {
+    let (calls, call_tokens): (Vec<i64>, Vec<Option<i64>>) = answers.iter().map(|a| (a.call, a.tokens)).unzip();
+    let statement = if answers.is_empty() {
         admit_sql!("fallback_admit_batch(", ")")
     } else {
         admit_sql!("fallback_finish_and_admit(", ", $13, $14)")
@@ -355,16 +407,17 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, finishes: Ve
         .bind(&tokens)
         .bind(&flights)
         .bind(&leaves);
-    let query = if finishes.is_empty() { query } else { query.bind(&calls).bind(&call_tokens) };
+    let query = if answers.is_empty() { query } else { query.bind(&calls).bind(&call_tokens) };
     let rows = conn.run(async |c| query.fetch_all(c).await).await;
-    if rows.is_ok() {
-        finishes.into_iter().for_each(|(_, _, reply)| drop(reply.send(Ok(()))));
-    } else {
-        // The asks failed (a lock wait past its limit, say), and the answers with them: they
-        // are recorded on their own, as before they rode with asks. A raised count must not be
-        // lost with an ask (the window would count less than the provider did).
-        finish_all(conn, finishes).await;
-    }
+    let retries = match &rows {
+        Ok(_) => {
+            answers.into_iter().for_each(|answer| drop(answer.reply.send(Ok(()))));
+            Vec::new()
+        }
+        // The answers failed with the asks (a lock wait on the provider's row, say): they are
+        // tried again on their own. A raised count must not be lost with an ask.
+        Err(failed) => answers_to_retry(answers, failed),
+    };
     let mut answers: Vec<Option<Result<Decision, Failed>>> = (0..asks.len()).map(|_| None).collect();
     match rows {
         Ok(rows) => {
@@ -395,16 +448,19 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, finishes: Ve
         };
         let _ = ask.reply.send(answer);
     }
+    retries
 }
 
-/// Records the answers of many calls in one statement.
-async fn finish_all(conn: &mut BatchConnection, finishes: Vec<Finish>) {
-    let calls: Vec<i64> = finishes.iter().map(|f| f.0).collect();
-    let tokens: Vec<Option<i64>> = finishes.iter().map(|f| f.1).collect();
+/// Records the answers of many calls in one statement; returns those to try again.
+async fn finish_all(conn: &mut BatchConnection, answers: Vec<Answer>) -> Vec<Answer> {
+    let (calls, tokens): (Vec<i64>, Vec<Option<i64>>) = answers.iter().map(|a| (a.call, a.tokens)).unzip();
     let query = sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens);
-    let outcome = conn.run(async |c| query.execute(c).await.map(|_| ())).await;
-    for (_, _, reply) in finishes {
-        let _ = reply.send(outcome.clone().map_err(|e| e.to_store_error()));
+    match conn.run(async |c| query.execute(c).await.map(|_| ())).await {
+        Ok(()) => {
+            answers.into_iter().for_each(|answer| drop(answer.reply.send(Ok(()))));
+            Vec::new()
+        }
+        Err(failed) => answers_to_retry(answers, &failed),
     }
 }
 
@@ -426,11 +482,15 @@ mod tests {
 
     fn finish(provider: &str, call: i64) -> Request {
         let (reply, _) = oneshot::channel();
-        Request::Finish { provider: provider.into(), call, tokens: None, reply }
+        Request::Finish(Answer { provider: provider.into(), call, tokens: None, attempts: 0, reply })
     }
 
     fn is_finish(request: &Request) -> bool {
-        matches!(request, Request::Finish { .. })
+        matches!(request, Request::Finish(_))
+    }
+
+    fn merging() -> Queues {
+        Queues { merge_answers: true, ..Queues::default() }
     }
 
     fn names(keys: &[Key]) -> Vec<&str> {
@@ -440,15 +500,13 @@ mod tests {
     #[test]
     fn answers_alone_of_several_providers_go_out_together_but_never_with_a_providers_asks() {
         let w = Arc::new(Windows::new(Vec::new()));
-        let mut queues = Queues::default();
+        let mut queues = merging();
         for request in [finish("a", 1), finish("b", 2), ask("c", &w), finish("c", 3), finish("d", 4), finish("a", 5)] {
             queues.push(request);
         }
         let (keys, batch) = queues.next_batch().unwrap();
-        let calls: Vec<i64> = batch
-            .iter()
-            .filter_map(|r| if let Request::Finish { call, .. } = r { Some(*call) } else { None })
-            .collect();
+        let calls: Vec<i64> =
+            batch.iter().filter_map(|r| if let Request::Finish(a) = r { Some(a.call) } else { None }).collect();
         assert_eq!((names(&keys), calls), (vec!["a", "b", "d"], vec![1, 5, 2, 4]));
         let (keys, batch) = queues.next_batch().unwrap();
         assert_eq!((names(&keys), batch.iter().map(is_finish).collect()), (vec!["c"], vec![false, true]));
@@ -480,6 +538,50 @@ mod tests {
             queues.release(a_task);
             let (key, batch) = queues.next_batch().unwrap();
             assert_eq!((names(&key), batch.len()), (vec!["a"], 1));
+        });
+    }
+
+    #[test]
+    fn answers_are_not_merged_across_providers_when_two_batches_may_be_in_flight() {
+        let mut queues = Queues::default();
+        queues.push(finish("a", 1));
+        queues.push(finish("b", 2));
+        let (keys, _) = queues.next_batch().unwrap();
+        assert_eq!(names(&keys), vec!["a"]);
+    }
+
+    #[test]
+    fn answers_tried_again_go_alone_before_the_asks_that_came_after_them_and_are_not_merged() {
+        let w = Arc::new(Windows::new(Vec::new()));
+        let mut queues = merging();
+        queues.push(ask("a", &w));
+        queues.push(finish("a", 1));
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut set = JoinSet::new();
+            let (keys, _) = queues.next_batch().unwrap();
+            let task = set.spawn(async {}).id();
+            queues.hold(task, keys);
+            queues.push(ask("a", &w));
+            queues.push(finish("b", 2));
+            queues.release(task);
+            let (reply, _) = oneshot::channel();
+            queues.retry(vec![Answer { provider: "a".into(), call: 1, tokens: None, attempts: 1, reply }]);
+            let (keys, batch) = queues.next_batch().unwrap();
+            assert_eq!(
+                (names(&keys), batch.len()),
+                (vec!["b"], 1),
+                "b was ready first; a retried answer merges nothing"
+            );
+            let (keys, batch) = queues.next_batch().unwrap();
+            let retried: Vec<bool> = batch.iter().map(Request::is_retried_answer).collect();
+            assert_eq!((names(&keys), retried), (vec!["a"], vec![true]), "the retried answer alone");
+            let task = set.spawn(async {}).id();
+            queues.hold(task, keys);
+            assert!(queues.next_batch().is_none(), "a's ask waits for its retried answer");
+            queues.release(task);
+            let (keys, batch) = queues.next_batch().unwrap();
+            assert_eq!((names(&keys), batch.iter().map(is_finish).collect()), (vec!["a"], vec![false]));
         });
     }
 

@@ -22,6 +22,7 @@ mod pools;
 mod provider_faults;
 mod quorum;
 mod review_0009;
+mod review_0009b;
 mod review_leases;
 mod shared_state;
 mod tools;
