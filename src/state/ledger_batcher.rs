@@ -510,11 +510,6 @@ impl Failed {
         Failed { message: message.to_string(), kind: FailedKind::Busy }
     }
 
-    /// The database answered with an error (a lock wait past its limit, a deadlock...).
-    pub(super) fn is_refused(&self) -> bool {
-        matches!(self.kind, FailedKind::Refused)
-    }
-
     /// The connection failed, not the statement.
     fn is_lost_connection(&self) -> bool {
         matches!(self.kind, FailedKind::Unreachable)

@@ -1011,9 +1011,7 @@ impl ProviderState for PgStore {
         // finishes (bigint out of range), and the other calls' raised counts in it with it.
         let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
         // With the other answers that arrive meanwhile, in one transaction.
-        let request = |reply| {
-            quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, attempts: 0, reply })
-        };
+        let request = |reply| quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, reply });
         let result = self.batched_call(self.quota(), request).await;
         if let Err(e) = result {
             tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");

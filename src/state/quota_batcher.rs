@@ -80,30 +80,15 @@ pub struct Answer {
     pub provider: Arc<str>,
     pub call: i64,
     pub tokens: Option<i64>,
-    /// Batches that already failed to record it.
-    pub attempts: u8,
     pub reply: oneshot::Sender<Result<(), StoreError>>,
 }
-
-/// Batches that may try to record one answer. A batch the database refuses (a lock wait past
-/// its 1 s limit: another session holding the provider's row or a window) fails its asks, which
-/// are asked again anyway; its answers are tried again in batches of answers alone (no wait on
-/// the provider's row), behind whatever else waits, so a raised count is not lost with an ask
-/// and no batch holds the batcher longer than one lock wait.
-const MAX_ANSWER_ATTEMPTS: u8 = 3;
 
 /// What a batch is made of: one provider's finishes and asks (the provider's name).
 type Key = Arc<str>;
 
 impl Request {
-    /// An answer on its first attempt.
-    fn is_first_answer(&self) -> bool {
-        matches!(self, Request::Finish(answer) if answer.attempts == 0)
-    }
-
-    /// An answer whose first batch failed.
-    fn is_retried_answer(&self) -> bool {
-        matches!(self, Request::Finish(answer) if answer.attempts > 0)
+    fn is_answer(&self) -> bool {
+        matches!(self, Request::Finish(_))
     }
 
     fn key(&self) -> Key {
@@ -157,7 +142,7 @@ impl Queues {
                 continue;
             }
             let mut keys = vec![key];
-            if self.merge_answers && batch.iter().all(Request::is_first_answer) {
+            if self.merge_answers && batch.iter().all(Request::is_answer) {
                 self.add_other_answers(&mut keys, &mut batch);
             }
             return Some((keys, batch));
@@ -171,7 +156,7 @@ impl Queues {
         let mut i = 0;
         while let Some(key) = self.ready.get(i) {
             let fits = |q: &VecDeque<Request>| batch.len().saturating_add(q.len()) <= MAX_BATCH;
-            let only_answers = self.waiting.get(key).is_some_and(|q| q.iter().all(Request::is_first_answer) && fits(q));
+            let only_answers = self.waiting.get(key).is_some_and(|q| q.iter().all(Request::is_answer) && fits(q));
             if !only_answers {
                 i += 1;
                 continue;
@@ -179,18 +164,6 @@ impl Queues {
             let Some(key) = self.ready.remove(i) else { break };
             batch.extend(self.waiting.remove(&key).unwrap_or_default());
             keys.push(key);
-        }
-    }
-
-    /// Answers whose batch failed go back to the front of their providers' queues: before any
-    /// ask that came after them.
-    fn retry(&mut self, answers: Vec<Answer>) {
-        for answer in answers.into_iter().rev() {
-            let key = answer.provider.clone();
-            self.waiting.entry(key.clone()).or_default().push_front(Request::Finish(answer));
-            if !self.in_flight.contains(&key) && !self.ready.contains(&key) {
-                self.ready.push_back(key);
-            }
         }
     }
 
@@ -215,13 +188,6 @@ impl Queues {
 /// two sets of windows: the statement takes one).
 fn take_batch(queue: &mut VecDeque<Request>) -> Vec<Request> {
     let mut batch = Vec::new();
-    // Answers tried again go alone (their first batch failed waiting with asks).
-    if queue.front().is_some_and(Request::is_retried_answer) {
-        while batch.len() < MAX_BATCH && queue.front().is_some_and(Request::is_retried_answer) {
-            batch.extend(queue.pop_front());
-        }
-        return batch;
-    }
     let mut shape: Option<Arc<Windows>> = None;
     let mut rest = VecDeque::new();
     while let Some(request) = queue.pop_front() {
@@ -252,7 +218,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     // limit are the ledger's too.
     let max_in_flight = batches_in_flight(&pool);
     let mut queues = Queues { merge_answers: max_in_flight == 1, ..Queues::default() };
-    let mut in_flight: JoinSet<(Option<PoolConnection<Postgres>>, Vec<Answer>)> = JoinSet::new();
+    let mut in_flight: JoinSet<Option<PoolConnection<Postgres>>> = JoinSet::new();
     let mut leases = Leases::new(pool.clone());
     let mut closed = false;
     loop {
@@ -286,9 +252,8 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
                 None => closed = true,
             },
             ended = in_flight.join_next_with_id(), if !in_flight.is_empty() => match ended {
-                Some(Ok((task, (handed_back, retries)))) => {
+                Some(Ok((task, handed_back))) => {
                     queues.release(task);
-                    queues.retry(retries);
                     leases.keep(handed_back);
                 }
                 Some(Err(error)) => queues.release(error.id()),
@@ -300,12 +265,12 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
 }
 
 /// Sends one batch (on `leased`, the previous batch's connection, when there is one); hands
-/// back its connection when it is still usable, and the answers to try again.
+/// back its connection when it is still usable.
 async fn execute(
     pool: PgPool,
     leased: Option<PoolConnection<Postgres>>,
     batch: Vec<Request>,
-) -> (Option<PoolConnection<Postgres>>, Vec<Answer>) {
+) -> Option<PoolConnection<Postgres>> {
     let (mut asks, mut answers) = (Vec::new(), Vec::new());
     for request in batch {
         match request {
@@ -317,12 +282,15 @@ async fn execute(
         Ok(conn) => conn,
         Err(failed) => {
             fail_all(asks, answers, &failed);
-            return (None, Vec::new());
+            return None;
         }
     };
-    let retries =
-        if asks.is_empty() { finish_all(&mut conn, answers).await } else { admit_all(&mut conn, asks, answers).await };
-    (conn.into_reusable(), retries)
+    if asks.is_empty() {
+        finish_all(&mut conn, answers).await;
+    } else {
+        admit_all(&mut conn, asks, answers).await;
+    }
+    conn.into_reusable()
 }
 
 fn fail_all(asks: Vec<AdmitAsk>, answers: Vec<Answer>, failed: &Failed) {
@@ -334,19 +302,11 @@ fn fail_all(asks: Vec<AdmitAsk>, answers: Vec<Answer>, failed: &Failed) {
     }
 }
 
-/// Tells the answers' callers that their batch failed, and returns those worth another batch:
-/// the database refused it (a lock wait, not a lost connection) and attempts remain. Their
-/// callers are not kept waiting for it (a wait past their 2 s would count against the database).
-fn answers_to_retry(answers: Vec<Answer>, failed: &Failed) -> Vec<Answer> {
-    let mut retries = Vec::new();
+/// Tells each answer's caller how its batch ended.
+fn reply_to_answers(answers: Vec<Answer>, outcome: Result<(), &Failed>) {
     for answer in answers {
-        let _ = answer.reply.send(Err(failed.to_store_error()));
-        let attempts = answer.attempts.saturating_add(1);
-        if failed.is_refused() && attempts < MAX_ANSWER_ATTEMPTS {
-            retries.push(Answer { attempts, reply: oneshot::channel().0, ..answer });
-        }
+        let _ = answer.reply.send(outcome.map_err(Failed::to_store_error));
     }
-    retries
 }
 
 /// The admission statement: `$1`..`$12` the provider, its windows and the asks (as
@@ -367,8 +327,8 @@ macro_rules! admit_sql {
 }
 
 /// Records the provider's `answers`, then admits its asks, in order, in one statement, and
-/// replies to each; returns the answers to try again.
-async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec<Answer>) -> Vec<Answer> {
+/// replies to each.
+async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec<Answer>) {
     let Some((windows, provider)) = asks.first().map(|a| (a.windows.clone(), a.provider.clone())) else {
         return finish_all(conn, answers).await;
     };
@@ -409,15 +369,9 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
         .bind(&leaves);
     let query = if answers.is_empty() { query } else { query.bind(&calls).bind(&call_tokens) };
     let rows = conn.run(async |c| query.fetch_all(c).await).await;
-    let retries = match &rows {
-        Ok(_) => {
-            answers.into_iter().for_each(|answer| drop(answer.reply.send(Ok(()))));
-            Vec::new()
-        }
-        // The answers failed with the asks (a lock wait on the provider's row, say): they are
-        // tried again on their own. A raised count must not be lost with an ask.
-        Err(failed) => answers_to_retry(answers, failed),
-    };
+    // Recorded, or failed where answers alone fail too (a window held past 1 s): when the asks'
+    // locks are held elsewhere the statement records the answers alone (migration 0009).
+    reply_to_answers(answers, rows.as_ref().map(|_| ()));
     let mut answers: Vec<Option<Result<Decision, Failed>>> = (0..asks.len()).map(|_| None).collect();
     match rows {
         Ok(rows) => {
@@ -448,20 +402,14 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
         };
         let _ = ask.reply.send(answer);
     }
-    retries
 }
 
-/// Records the answers of many calls in one statement; returns those to try again.
-async fn finish_all(conn: &mut BatchConnection, answers: Vec<Answer>) -> Vec<Answer> {
+/// Records the answers of many calls in one statement.
+async fn finish_all(conn: &mut BatchConnection, answers: Vec<Answer>) {
     let (calls, tokens): (Vec<i64>, Vec<Option<i64>>) = answers.iter().map(|a| (a.call, a.tokens)).unzip();
     let query = sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens);
-    match conn.run(async |c| query.execute(c).await.map(|_| ())).await {
-        Ok(()) => {
-            answers.into_iter().for_each(|answer| drop(answer.reply.send(Ok(()))));
-            Vec::new()
-        }
-        Err(failed) => answers_to_retry(answers, &failed),
-    }
+    let outcome = conn.run(async |c| query.execute(c).await.map(|_| ())).await;
+    reply_to_answers(answers, outcome.as_ref().copied());
 }
 
 #[cfg(test)]
@@ -482,7 +430,7 @@ mod tests {
 
     fn finish(provider: &str, call: i64) -> Request {
         let (reply, _) = oneshot::channel();
-        Request::Finish(Answer { provider: provider.into(), call, tokens: None, attempts: 0, reply })
+        Request::Finish(Answer { provider: provider.into(), call, tokens: None, reply })
     }
 
     fn is_finish(request: &Request) -> bool {
@@ -548,41 +496,6 @@ mod tests {
         queues.push(finish("b", 2));
         let (keys, _) = queues.next_batch().unwrap();
         assert_eq!(names(&keys), vec!["a"]);
-    }
-
-    #[test]
-    fn answers_tried_again_go_alone_before_the_asks_that_came_after_them_and_are_not_merged() {
-        let w = Arc::new(Windows::new(Vec::new()));
-        let mut queues = merging();
-        queues.push(ask("a", &w));
-        queues.push(finish("a", 1));
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(async {
-            let mut set = JoinSet::new();
-            let (keys, _) = queues.next_batch().unwrap();
-            let task = set.spawn(async {}).id();
-            queues.hold(task, keys);
-            queues.push(ask("a", &w));
-            queues.push(finish("b", 2));
-            queues.release(task);
-            let (reply, _) = oneshot::channel();
-            queues.retry(vec![Answer { provider: "a".into(), call: 1, tokens: None, attempts: 1, reply }]);
-            let (keys, batch) = queues.next_batch().unwrap();
-            assert_eq!(
-                (names(&keys), batch.len()),
-                (vec!["b"], 1),
-                "b was ready first; a retried answer merges nothing"
-            );
-            let (keys, batch) = queues.next_batch().unwrap();
-            let retried: Vec<bool> = batch.iter().map(Request::is_retried_answer).collect();
-            assert_eq!((names(&keys), retried), (vec!["a"], vec![true]), "the retried answer alone");
-            let task = set.spawn(async {}).id();
-            queues.hold(task, keys);
-            assert!(queues.next_batch().is_none(), "a's ask waits for its retried answer");
-            queues.release(task);
-            let (keys, batch) = queues.next_batch().unwrap();
-            assert_eq!((names(&keys), batch.iter().map(is_finish).collect()), (vec!["a"], vec![false]));
-        });
     }
 
     #[test]
