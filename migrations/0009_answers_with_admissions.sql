@@ -82,12 +82,14 @@ $$;
 -- admits the asks (as `fallback_admit_batch`, the same arguments), in one transaction.
 --
 -- Answers alone never wait on the provider's row; here they would, and would fail with the asks
--- when that row (or one of the asks' windows) is held elsewhere past the lock timeout, losing a
--- raised count. So the asks' locks are waited for 0.5 s at most, in a block of their own: when
--- one is held past that, the answers are recorded as `fallback_finish_batch` records answers
--- alone (their windows, 1 s each) and every ask is told to come back at once, as when a window
--- is being created. A call's answer is then lost only where `fallback_finish_batch` loses it (a
--- window held past 1 s), and the batch ends within 1.5 s, inside its callers' 2 s.
+-- when that row is held elsewhere past the lock timeout, losing a raised count. So the row is
+-- waited for 0.5 s at most, in a block of its own: when it is held past that, the answers are
+-- recorded as `fallback_finish_batch` records answers alone and every ask is told 'busy' (come
+-- back shortly: the windows were not looked at). Only the row is locked inside the block (a
+-- subtransaction): the windows, which the transaction updates, are locked by the transaction
+-- itself (a window locked by the block and updated outside it would carry a MultiXact), with
+-- the 1 s answers alone wait, so an answer is lost only where answers alone lose it (a window
+-- held past 1 s).
 CREATE FUNCTION fallback_finish_and_admit(
     p_provider text,
     p_kinds text[], p_scopes text[], p_measures text[], p_windows_ms bigint[], p_calendars text[],
@@ -95,21 +97,23 @@ CREATE FUNCTION fallback_finish_and_admit(
     p_tokens bigint[], p_flight_ms bigint[], p_leaves timestamptz[],
     p_calls bigint[], p_call_tokens bigint[])
 RETURNS TABLE (ask int, usage_id bigint, blocked_until_ms bigint, blocked_by text)
-LANGUAGE plpgsql SET lock_timeout = '500ms' AS $$
+LANGUAGE plpgsql SET lock_timeout = '1s' AS $$
 BEGIN
     BEGIN
+        PERFORM set_config('lock_timeout', '500ms', true);
         PERFORM 1 FROM provider_state WHERE provider = p_provider FOR UPDATE;
-        PERFORM 1
-           FROM unnest(p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars) WITH ORDINALITY AS t(k, s, m, wm, c, ord)
-           JOIN quota_window w ON w.kind = t.k AND w.scope = t.s AND w.measure = t.m
-                              AND w.window_ms = t.wm AND w.calendar = t.c
-          ORDER BY t.ord FOR UPDATE OF w;
-    EXCEPTION WHEN lock_not_available THEN
+    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
         PERFORM fallback_finish_batch(p_calls, p_call_tokens);
-        RETURN QUERY SELECT g::int, NULL::bigint, ceil(extract(epoch FROM clock_timestamp()) * 1000)::bigint, 'requests'::text
+        RETURN QUERY SELECT g::int, NULL::bigint, NULL::bigint, 'busy'::text
                        FROM generate_series(1, coalesce(array_length(p_tokens, 1), 0)) g;
         RETURN;
     END;
+    PERFORM set_config('lock_timeout', '1s', true);
+    PERFORM 1
+       FROM unnest(p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars) WITH ORDINALITY AS t(k, s, m, wm, c, ord)
+       JOIN quota_window w ON w.kind = t.k AND w.scope = t.s AND w.measure = t.m
+                          AND w.window_ms = t.wm AND w.calendar = t.c
+      ORDER BY t.ord FOR UPDATE OF w;
     PERFORM fallback_apply_finishes(p_calls, p_call_tokens);
     RETURN QUERY SELECT * FROM fallback_admit_batch(
         p_provider, p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars, p_limits,

@@ -671,6 +671,11 @@ impl PgStore {
                 Admission::Granted(Permit { usage_id: Some(id), local_id: None, provider: Some(ask.provider.into()) })
             }
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
+            // The provider's row was held elsewhere past the wait an admission carrying answers
+            // allows (migration 0009): as a lock wait that failed, ask again shortly.
+            (None, _, Some("busy")) => {
+                return Err(StoreError::Unavailable("the provider's row is held elsewhere".into()));
+            }
             (None, Some(until), Some("cooldown")) => match self.cooldown_of(ask.provider, now).await? {
                 Some(cooldown) => Admission::Cooling(cooldown),
                 None => Admission::OverQuota { until, measure: QuotaMeasure::Requests },

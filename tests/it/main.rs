@@ -23,6 +23,7 @@ mod provider_faults;
 mod quorum;
 mod review_0009;
 mod review_0009b;
+mod review_0009d;
 mod review_leases;
 mod shared_state;
 mod tools;
