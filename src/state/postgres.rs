@@ -651,9 +651,11 @@ impl PgStore {
         let deadline = later(now, ask.flight.saturating_add(STATE_CALL_TIMEOUT));
         let leaves =
             windows.specs.iter().map(|s| s.reset.as_ref().map(|r| epoch_ms(r.next_after(deadline)) as f64)).collect();
+        // One copy of the name for the batch's key and for the permit's answer.
+        let provider: Arc<str> = ask.provider.into();
         let request = |reply| {
             quota_batcher::Request::Admit(quota_batcher::AdmitAsk {
-                provider: ask.provider.into(),
+                provider: provider.clone(),
                 windows,
                 tokens: saturating_i64(ask.tokens),
                 flight_ms: saturating_i64(ask.flight.as_millis()),
@@ -668,7 +670,7 @@ impl PgStore {
         });
         let admission = match (decision.usage_id, until, decision.blocked_by.as_deref()) {
             (Some(id), _, _) => {
-                Admission::Granted(Permit { usage_id: Some(id), local_id: None, provider: Some(ask.provider.into()) })
+                Admission::Granted(Permit { usage_id: Some(id), local_id: None, provider: Some(provider) })
             }
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
             // The provider's row was held elsewhere past the wait an admission carrying answers

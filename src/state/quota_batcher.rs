@@ -433,10 +433,6 @@ mod tests {
         Request::Finish(Answer { provider: provider.into(), call, tokens: None, reply })
     }
 
-    fn is_finish(request: &Request) -> bool {
-        matches!(request, Request::Finish(_))
-    }
-
     fn merging() -> Queues {
         Queues { merge_answers: true, ..Queues::default() }
     }
@@ -457,7 +453,7 @@ mod tests {
             batch.iter().filter_map(|r| if let Request::Finish(a) = r { Some(a.call) } else { None }).collect();
         assert_eq!((names(&keys), calls), (vec!["a", "b", "d"], vec![1, 5, 2, 4]));
         let (keys, batch) = queues.next_batch().unwrap();
-        assert_eq!((names(&keys), batch.iter().map(is_finish).collect()), (vec!["c"], vec![false, true]));
+        assert_eq!((names(&keys), batch.iter().map(Request::is_answer).collect()), (vec!["c"], vec![false, true]));
         assert!(queues.next_batch().is_none());
     }
 
@@ -472,13 +468,13 @@ mod tests {
         rt.block_on(async {
             let mut set = JoinSet::new();
             let (key, batch) = queues.next_batch().unwrap();
-            let kinds: Vec<bool> = batch.iter().map(is_finish).collect();
+            let kinds: Vec<bool> = batch.iter().map(Request::is_answer).collect();
             assert_eq!((names(&key), kinds), (vec!["a"], vec![false, true, false]), "a's asks and finishes, in order");
             let a_task = set.spawn(async {}).id();
             queues.hold(a_task, key);
             queues.push(ask("a", &w));
             let (key, batch) = queues.next_batch().unwrap();
-            let kinds: Vec<bool> = batch.iter().map(is_finish).collect();
+            let kinds: Vec<bool> = batch.iter().map(Request::is_answer).collect();
             assert_eq!((names(&key), kinds), (vec!["b"], vec![false, true]));
             let b_task = set.spawn(async {}).id();
             queues.hold(b_task, key);

@@ -10,7 +10,8 @@ use fallback_worker::state::{Admission, Ask, ProviderState, QuotaMeasure};
 use sqlx::PgConnection;
 
 use crate::ledger_batching::{
-    DEFAULT_POOL, admits_again, release, spawn_queued, store_at, store_behind_freezing_relay, until_waiting_on_locks,
+    DEFAULT_POOL, admit_queued, admits_again, finish_queued, release, store_at, store_behind_freezing_relay,
+    until_waiting_on_locks,
 };
 use crate::support::*;
 
@@ -372,24 +373,14 @@ async fn answer_then_ask_in_one_batch(asked: u64, answered: u64, next: u64) -> A
     let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
     let Admission::Granted(a) = store.admit(ask(asked), SystemTime::now()).await else { panic!("room for A") };
     let locker = crate::admission_review::lock_provider_row(&env, "p").await;
-    let (blocked, owned_limits) = (store.clone(), limits.to_vec());
-    let blocked = tokio::spawn(async move {
-        let ask = Ask { provider: "p", limits: &owned_limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
-        blocked.admit(ask, SystemTime::now()).await
-    });
+    let blocked = admit_queued(&store, "p", &limits, 1);
     until_waiting_on_locks(&env, 1).await;
-    let (finisher, permit) = (store.clone(), a.clone());
-    let finished = spawn_queued(async move { finisher.finish(permit, Some(answered)).await });
-    let (asker, owned_limits) = (store.clone(), limits.to_vec());
-    let asked = spawn_queued(async move {
-        let ask =
-            Ask { provider: "p", limits: &owned_limits, pools: &[], tokens: next, flight: Duration::from_secs(30) };
-        asker.admit(ask, SystemTime::now()).await
-    });
+    let finished = finish_queued(&store, &a, Some(answered));
+    let asked = admit_queued(&store, "p", &limits, next);
     release(locker).await;
-    assert!(matches!(blocked.await.unwrap(), Admission::Granted(_)), "the waiting ask of 1 token fits");
+    assert!(matches!(blocked.await.unwrap().0, Admission::Granted(_)), "the waiting ask of 1 token fits");
     finished.await.unwrap();
-    let answer = asked.await.unwrap();
+    let answer = asked.await.unwrap().0;
     let mut db = env.db().await;
     let xmin = |call: i64| {
         sqlx::query_scalar::<_, String>("SELECT xmin::text FROM quota_use WHERE call_id = $1 AND measure = 'tokens'")

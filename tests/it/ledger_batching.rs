@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use fallback_worker::config::LimitConfig;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, ProviderState, ResultLedger};
+use fallback_worker::state::{Admission, Ask, Permit, ProviderState, ResultLedger};
 use sqlx::PgConnection;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -103,6 +104,28 @@ pub(crate) fn spawn_queued<T: Send + 'static>(
     let mut pending = Box::pin(call);
     assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut pending)).is_none());
     tokio::spawn(pending)
+}
+
+/// `store.admit` of `tokens` to `provider` under `limits` (a 30 s flight), queued (see
+/// [`spawn_queued`]): the admission, and how long it took.
+pub(crate) fn admit_queued(
+    store: &PgStore,
+    provider: &'static str,
+    limits: &[LimitConfig],
+    tokens: u64,
+) -> tokio::task::JoinHandle<(Admission, Duration)> {
+    let (store, limits) = (store.clone(), limits.to_vec());
+    spawn_queued(async move {
+        let started = Instant::now();
+        let ask = Ask { provider, limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
+        (store.admit(ask, SystemTime::now()).await, started.elapsed())
+    })
+}
+
+/// `store.finish(permit, tokens)`, queued (see [`spawn_queued`]).
+pub(crate) fn finish_queued(store: &PgStore, permit: &Permit, tokens: Option<u64>) -> tokio::task::JoinHandle<()> {
+    let (store, permit) = (store.clone(), permit.clone());
+    spawn_queued(async move { store.finish(permit, tokens).await })
 }
 
 /// `store(key)`, queued (see [`spawn_queued`]).

@@ -7,7 +7,7 @@ use fallback_worker::config::LimitConfig;
 use fallback_worker::state::{Admission, Ask, ProviderState};
 use sqlx::PgConnection;
 
-use crate::ledger_batching::{DEFAULT_POOL, release, spawn_queued, store_at};
+use crate::ledger_batching::{DEFAULT_POOL, admit_queued, finish_queued, release, store_at};
 use crate::support::*;
 
 fn requests(n: u64, secs: u64) -> LimitConfig {
@@ -38,16 +38,8 @@ async fn answer_while_provider_row_held(answered: u64, with_ask: bool) -> i64 {
     let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
     let Admission::Granted(a) = store.admit(ask(100), SystemTime::now()).await else { panic!("room for A") };
     let locker = crate::admission_review::lock_provider_row(&env, "p").await;
-    let (finisher, permit) = (store.clone(), a.clone());
-    let finished = spawn_queued(async move { finisher.finish(permit, Some(answered)).await });
-    let asked = with_ask.then(|| {
-        let (asker, owned_limits) = (store.clone(), limits.to_vec());
-        spawn_queued(async move {
-            let ask =
-                Ask { provider: "p", limits: &owned_limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
-            asker.admit(ask, SystemTime::now()).await
-        })
-    });
+    let finished = finish_queued(&store, &a, Some(answered));
+    let asked = with_ask.then(|| admit_queued(&store, "p", &limits, 1));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     release(locker).await;
     finished.await.unwrap();
@@ -98,17 +90,9 @@ async fn answers_to_different_providers_queued_together_go_out_in_one_transactio
     }
     // The batcher busy with an ask of provider z, which waits on z's row.
     let locker = crate::admission_review::lock_provider_row(&env, "z").await;
-    let (blocked, owned_limits) = (store.clone(), limits.to_vec());
-    let blocked = tokio::spawn(async move {
-        let ask = Ask { provider: "z", limits: &owned_limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
-        blocked.admit(ask, SystemTime::now()).await
-    });
+    let blocked = admit_queued(&store, "z", &limits, 1);
     crate::ledger_batching::until_waiting_on_locks(&env, 1).await;
-    let mut finished = Vec::new();
-    for permit in permits.clone() {
-        let finisher = store.clone();
-        finished.push(spawn_queued(async move { finisher.finish(permit, None).await }));
-    }
+    let finished: Vec<_> = permits.iter().map(|permit| finish_queued(&store, permit, None)).collect();
     release(locker).await;
     let _ = blocked.await.unwrap();
     for f in finished {

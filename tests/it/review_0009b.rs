@@ -7,13 +7,13 @@
 //! every provider's answers when one provider's window is held past 1 s) is 0008's behaviour,
 //! kept: see docs/operations.md.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use fallback_worker::config::LimitConfig;
 use fallback_worker::state::{Admission, Ask, ProviderState};
 use sqlx::PgConnection;
 
-use crate::ledger_batching::{DEFAULT_POOL, release, spawn_queued, store_at};
+use crate::ledger_batching::{DEFAULT_POOL, admit_queued, finish_queued, release, store_at};
 use crate::support::*;
 
 fn requests(n: u64, secs: u64) -> LimitConfig {
@@ -49,30 +49,17 @@ async fn asks_while_windows_held(with_answer: bool) -> (Vec<(Admission, Duration
     let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
     let Admission::Granted(a) = store.admit(ask(100), SystemTime::now()).await else { panic!("room for A") };
     let locker = lock_provider_windows(&env, "p").await;
-    let finished = with_answer.then(|| {
-        let (finisher, permit) = (store.clone(), a.clone());
-        spawn_queued(async move { finisher.finish(permit, Some(50)).await })
-    });
-    let mut asked = Vec::new();
-    for _ in 0..2 {
-        let (asker, owned_limits) = (store.clone(), limits.to_vec());
-        asked.push(spawn_queued(async move {
-            let started = Instant::now();
-            let ask =
-                Ask { provider: "p", limits: &owned_limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
-            let admission = asker.admit(ask, SystemTime::now()).await;
-            (admission, started.elapsed())
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(3000)).await;
-    release(locker).await;
-    if let Some(finished) = finished {
-        finished.await.unwrap();
-    }
+    let finished = with_answer.then(|| finish_queued(&store, &a, Some(50)));
+    let asked: Vec<_> = (0..2).map(|_| admit_queued(&store, "p", &limits, 1)).collect();
+    // Everything is answered while the windows are still held; only then are they released.
     let mut outcomes = Vec::new();
     for asked in asked {
         outcomes.push(asked.await.unwrap());
     }
+    if let Some(finished) = finished {
+        finished.await.unwrap();
+    }
+    release(locker).await;
     (outcomes, store.is_degraded())
 }
 
@@ -119,24 +106,14 @@ async fn a_failed_combined_batch_stalls_another_providers_ask_past_its_callers_t
     let Admission::Granted(a) = store.admit(ask("p"), SystemTime::now()).await else { panic!("room for A") };
     let Admission::Granted(_) = store.admit(ask("z"), SystemTime::now()).await else { panic!("room in z") };
     let locker = lock_provider_windows(&env, "p").await;
-    let (finisher, permit) = (store.clone(), a.clone());
-    let finished = spawn_queued(async move { finisher.finish(permit, Some(1)).await });
-    let (asker, owned_limits) = (store.clone(), limits.to_vec());
-    let p_asked = spawn_queued(async move {
-        let ask = Ask { provider: "p", limits: &owned_limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
-        asker.admit(ask, SystemTime::now()).await
-    });
-    let (asker, owned_limits) = (store.clone(), limits.to_vec());
-    let z_asked = spawn_queued(async move {
-        let started = Instant::now();
-        let ask = Ask { provider: "z", limits: &owned_limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
-        (asker.admit(ask, SystemTime::now()).await, started.elapsed())
-    });
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let finished = finish_queued(&store, &a, Some(1));
+    let p_asked = admit_queued(&store, "p", &limits, 1);
+    let z_asked = admit_queued(&store, "z", &limits, 1);
+    // z is answered while p's windows are still held; only then are they released.
+    let (z, took) = z_asked.await.unwrap();
     release(locker).await;
     finished.await.unwrap();
     let _ = p_asked.await.unwrap();
-    let (z, took) = z_asked.await.unwrap();
     assert!(
         matches!(&z, Admission::Granted(p) if p.usage_id.is_some()) && took < Duration::from_secs(2),
         "z (nothing of z is locked) got {z:?} after {took:?}"
@@ -156,18 +133,10 @@ async fn a_merged_answer_batch_holds_an_unrelated_providers_asks_behind_another_
     let Admission::Granted(a) = store.admit(ask("p"), SystemTime::now()).await else { panic!("room in p") };
     let Admission::Granted(b) = store.admit(ask("q"), SystemTime::now()).await else { panic!("room in q") };
     let locker = lock_provider_windows(&env, "p").await;
-    let (finisher, permit) = (store.clone(), a.clone());
-    let fa = spawn_queued(async move { finisher.finish(permit, Some(100)).await });
-    let (finisher, permit) = (store.clone(), b.clone());
-    let fb = spawn_queued(async move { finisher.finish(permit, Some(100)).await });
+    let fa = finish_queued(&store, &a, Some(100));
+    let fb = finish_queued(&store, &b, Some(100));
     crate::ledger_batching::until_waiting_on_locks(&env, 1).await;
-    let (asker, owned_limits) = (store.clone(), limits.to_vec());
-    let q_asked = spawn_queued(async move {
-        let started = Instant::now();
-        let ask = Ask { provider: "q", limits: &owned_limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
-        (asker.admit(ask, SystemTime::now()).await, started.elapsed())
-    });
-    let (q, took) = q_asked.await.unwrap();
+    let (q, took) = admit_queued(&store, "q", &limits, 1).await.unwrap();
     release(locker).await;
     fa.await.unwrap();
     fb.await.unwrap();

@@ -152,24 +152,16 @@ async fn asks_sent_back_by_a_held_lock_are_not_told_to_come_back_at_once() {
     use fallback_worker::config::LimitConfig;
     use fallback_worker::state::{Admission, Ask, ProviderState};
 
-    use crate::ledger_batching::{DEFAULT_POOL, release, spawn_queued, store_at};
+    use crate::ledger_batching::{DEFAULT_POOL, admit_queued, finish_queued, release, store_at};
 
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
     let limits = [LimitConfig { requests: Some(100), tokens: None, per: Duration::from_secs(60), resets: None }];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
     let Admission::Granted(a) = store.admit(ask, SystemTime::now()).await else { panic!("room for A") };
-    let mut locker = env.db().await;
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("SELECT 1 FROM provider_state WHERE provider = 'p' FOR UPDATE").execute(&mut locker).await.unwrap();
-    let (finisher, permit) = (store.clone(), a.clone());
-    let finished = spawn_queued(async move { finisher.finish(permit, Some(5)).await });
-    let (asker, owned) = (store.clone(), limits.to_vec());
-    let asked = spawn_queued(async move {
-        let ask = Ask { provider: "p", limits: &owned, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
-        asker.admit(ask, SystemTime::now()).await
-    });
-    let admission = asked.await.unwrap();
+    let locker = crate::admission_review::lock_provider_row(&env, "p").await;
+    let finished = finish_queued(&store, &a, Some(5));
+    let (admission, _) = admit_queued(&store, "p", &limits, 1).await.unwrap();
     let answered_at = SystemTime::now();
     finished.await.unwrap();
     release(locker).await;
