@@ -449,3 +449,99 @@ async fn answers_alone_lock_their_windows_in_the_canonical_order() {
     finished.await.unwrap();
     assert_eq!(used(&mut env.db().await, "pool", "acct", "tokens").await, 20, "the answer was recorded");
 }
+
+/// Admissions, answers and retirement find every row through a key (migration 0010): none of
+/// their statements reads a whole table, so their cost grows neither with the dead versions a
+/// window row leaves behind (every batch updates it) nor with the calls in the window. The
+/// tables are small and analyzed here, which is exactly when a planner prefers to scan them
+/// (and the plan it keeps would go on scanning as they grow): 0009 scanned quota_window and
+/// quota_use 20 and 18 times in this transaction, and 0010 without its `enable_seqscan = off`
+/// all three tables.
+#[tokio::test]
+async fn admissions_answers_and_retirement_read_no_table_whole() {
+    let env = TestEnv::new().await;
+    let _store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let mut db = env.db().await;
+    let base_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    // Use that left a while ago (retired by the first admission) and use still in the windows.
+    seed(&mut db, "p", &[(0, 1, -5_000), (1, 1, -5_000), (2, 40, -5_000), (1, 1, 20_000), (2, 30, 20_000)], base_ms)
+        .await;
+    // Statistics that say how small the tables are: what makes a planner choose to scan them.
+    sqlx::raw_sql(
+        "INSERT INTO provider_state (provider) VALUES ('p'); ANALYZE quota_window, quota_use, provider_state",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let (kinds, measures, windows_ms): (Vec<&str>, Vec<&str>, Vec<i64>) = (
+        WINDOWS.iter().map(|w| w.0).collect(),
+        WINDOWS.iter().map(|w| w.1).collect(),
+        WINDOWS.iter().map(|w| w.2).collect(),
+    );
+    let (scopes, calendars, limits) = (vec!["p"; 3], vec![""; 3], vec![3i64, 4, 1_000]);
+    let admit_batch = "SELECT ask, usage_id, blocked_until_ms, blocked_by FROM fallback_admit_batch($1, $2, $3, $4, $5, \
+         $6, $7, array_fill(NULL::timestamptz, ARRAY[3]), array_fill(NULL::timestamptz, ARRAY[3]), $8, $9, \
+         array_fill(NULL::timestamptz, ARRAY[3 * $10::int])) ORDER BY ask";
+    let finish_and_admit = "SELECT ask, usage_id, blocked_until_ms, blocked_by FROM fallback_finish_and_admit($1, $2, \
+         $3, $4, $5, $6, $7, array_fill(NULL::timestamptz, ARRAY[3]), array_fill(NULL::timestamptz, ARRAY[3]), $8, $9, \
+         array_fill(NULL::timestamptz, ARRAY[3 * $10::int]), $11, $12) ORDER BY ask";
+    sqlx::query("BEGIN").execute(&mut db).await.unwrap();
+    let first: Vec<BatchRow> = sqlx::query_as(admit_batch)
+        .bind("p")
+        .bind(&kinds)
+        .bind(&scopes)
+        .bind(&measures)
+        .bind(&windows_ms)
+        .bind(&calendars)
+        .bind(&limits)
+        .bind(vec![100i64, 100])
+        .bind(vec![10_000i64, 10_000])
+        .bind(2i32)
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    let calls: Vec<i64> = first.iter().filter_map(|r| r.1).collect();
+    assert_eq!(calls.len(), 2, "both granted: {first:?}");
+    // Their answers ride with three more asks, of which the pool's limit (3) refuses one.
+    let second: Vec<BatchRow> = sqlx::query_as(finish_and_admit)
+        .bind("p")
+        .bind(&kinds)
+        .bind(&scopes)
+        .bind(&measures)
+        .bind(&windows_ms)
+        .bind(&calendars)
+        .bind(&limits)
+        .bind(vec![50i64, 50, 50])
+        .bind(vec![10_000i64, 10_000, 10_000])
+        .bind(3i32)
+        .bind(&calls)
+        .bind(vec![Some(120i64), None])
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    let granted: Vec<i64> = second.iter().filter_map(|r| r.1).collect();
+    assert_eq!(granted.len(), 1, "one more fits the pool's 3 requests: {second:?}");
+    assert!(second.iter().any(|r| r.3.as_deref() == Some("requests")), "the rest wait for room: {second:?}");
+    sqlx::query("SELECT fallback_finish_batch($1, $2)")
+        .bind(&granted)
+        .bind(vec![Some(10i64)])
+        .execute(&mut db)
+        .await
+        .unwrap();
+    // What this transaction read, table by table (counted while it runs).
+    let reads: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, coalesce(seq_scan, 0), coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables \
+         WHERE relname IN ('quota_window', 'quota_use', 'provider_state') ORDER BY relname",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    assert_eq!(reads.len(), 3, "every table was read: {reads:?}");
+    for (table, scans, through_keys) in &reads {
+        assert_eq!(*scans, 0, "{table} read whole: {reads:?}");
+        assert!(*through_keys > 0, "{table} read through its keys: {reads:?}");
+    }
+    assert_eq!(used(&mut db, "pool", "p", "requests").await, 3, "the old use retired, three calls in");
+    assert_eq!(used(&mut db, "provider", "p", "tokens").await, 30 + 120 + 100 + 10, "answers counted");
+}
