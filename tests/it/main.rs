@@ -24,6 +24,7 @@ mod quorum;
 mod review_0009;
 mod review_0009b;
 mod review_0009d;
+mod review_0010;
 mod review_leases;
 mod shared_state;
 mod tools;
