@@ -256,13 +256,14 @@ $$;
 -- As 0009: the answers to calls `p_calls` (`p_tokens` the provider's counts, NULL when unknown;
 -- a call id given twice counts once, its first entry). Each call's rows are updated through the
 -- call index by a statement planned once; each window's total once, in the canonical order.
--- Returns the largest raise of a token count (0 when none was raised).
+-- Returns the largest change of a token count, as 0009 did (0 when no row changed).
 CREATE OR REPLACE FUNCTION fallback_apply_finishes(p_calls bigint[], p_tokens bigint[])
 RETURNS bigint LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_now    timestamptz := clock_timestamp();
-    v_raised bigint := 0;
+    v_raised bigint;
     v_done   bigint[] := '{}';
+    v_call   record;
     -- One entry per row changed: its window, its change of amount and when it now leaves.
     c_kinds    text[] := '{}';
     c_scopes   text[] := '{}';
@@ -273,18 +274,19 @@ DECLARE
     c_leaves   timestamptz[] := '{}';
     r          record;
 BEGIN
-    FOR k IN 1 .. coalesce(array_length(p_calls, 1), 0) LOOP
-        CONTINUE WHEN p_calls[k] IS NULL OR p_calls[k] = ANY (v_done);
-        v_done := v_done || p_calls[k];
+    -- The arrays read as 0009 read them (unnest: any bounds, any dimensions, paired by position).
+    FOR v_call IN SELECT t.c, t.tok FROM unnest(p_calls, p_tokens) WITH ORDINALITY AS t(c, tok, o) ORDER BY t.o LOOP
+        CONTINUE WHEN v_call.c IS NULL OR v_call.c = ANY (v_done);
+        v_done := v_done || v_call.c;
         FOR r IN
             UPDATE quota_use u
                SET leaves_at = CASE
                        WHEN u.calendar = '' THEN least(u.leaves_at, v_now + u.window_ms * interval '1 millisecond')
                        WHEN u.first_reset IS NOT NULL AND v_now < u.first_reset THEN least(u.leaves_at, u.first_reset)
                        ELSE u.leaves_at END,
-                   amount = CASE WHEN u.measure = 'tokens' AND p_tokens[k] IS NOT NULL THEN p_tokens[k] ELSE u.amount END
+                   amount = CASE WHEN u.measure = 'tokens' AND v_call.tok IS NOT NULL THEN v_call.tok ELSE u.amount END
               FROM quota_use o
-             WHERE o.call_id = p_calls[k] AND NOT o.learnt AND u.id = o.id
+             WHERE o.call_id = v_call.c AND NOT o.learnt AND u.id = o.id
             RETURNING u.kind, u.scope, u.measure, u.window_ms, u.calendar, u.leaves_at, u.amount - o.amount AS delta
         LOOP
             c_kinds := c_kinds || r.kind;
@@ -306,10 +308,10 @@ BEGIN
         UPDATE quota_window w SET used = greatest(w.used + r.delta, 0), next_leave = least(w.next_leave, r.leaves_at)
          WHERE w.kind = r.k AND w.scope = r.s AND w.measure = r.m AND w.window_ms = r.wm AND w.calendar = r.c;
         IF FOUND THEN
-            v_raised := greatest(v_raised, r.raised);
+            v_raised := greatest(v_raised, r.raised);   -- greatest ignores the first NULL
         END IF;
     END LOOP;
-    RETURN v_raised;
+    RETURN coalesce(v_raised, 0);
 END
 $$;
 

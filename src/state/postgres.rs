@@ -904,12 +904,19 @@ pub fn windows_of(provider: &str, limits: &[LimitConfig], pools: &[QuotaPoolConf
     for (kind, scope, limit) in own.chain(pooled) {
         let (measure, value) = super::quota::measure_of(limit);
         let calendar = limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default();
-        let key = WindowKey { kind, scope: scope.to_string(), measure, window: limit.per, calendar };
+        let key = WindowKey { kind, scope: scope.to_string(), measure, window: whole_millis(limit.per), calendar };
         let spec =
             strictest.entry(key.clone()).or_insert(WindowSpec { key, limit: value, reset: limit.resets.clone() });
         spec.limit = spec.limit.min(value);
     }
     strictest.into_values().collect()
+}
+
+/// A window's length as the quota tables key it (whole milliseconds, at most `i64::MAX`): two
+/// limits whose `per` differ by less than a millisecond are one window there, so they must be
+/// one here too (the stricter), or a batch would name that window twice.
+fn whole_millis(per: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(saturating_i64(per.as_millis())).unwrap_or(0))
 }
 
 /// The name a measure has in the quota tables.
@@ -1347,6 +1354,18 @@ mod tests {
 
     fn limit(requests: Option<u64>, tokens: Option<u64>, secs: u64) -> LimitConfig {
         LimitConfig { requests, tokens, per: Duration::from_secs(secs), resets: None }
+    }
+
+    #[test]
+    fn windows_less_than_a_millisecond_apart_are_the_one_window_the_tables_key() {
+        let mut limits = [limit(Some(5), None, 1), limit(Some(2), None, 1), limit(Some(7), None, 1)];
+        limits[0].per += Duration::from_micros(1);
+        limits[2].per += Duration::from_micros(999);
+        let windows: Vec<_> = windows_of("p", &limits, &[]).into_iter().map(|w| (w.key.window, w.limit)).collect();
+        assert_eq!(windows, vec![(Duration::from_secs(1), 2)], "one window of 1000 ms, the stricter limit");
+        let huge = [LimitConfig { per: Duration::MAX, ..limit(Some(1), None, 1) }];
+        let window = windows_of("p", &huge, &[]).into_iter().map(|w| w.key.window).next();
+        assert_eq!(window, Some(Duration::from_millis(i64::MAX as u64)), "as long as the tables can say");
     }
 
     #[test]
