@@ -148,7 +148,25 @@ struct CachedProvider {
     /// Last seen run of 5xx; a success only needs a write when it is not zero.
     consecutive_server_errors: i32,
     /// The database's last "no room before" answer for this provider's limits.
-    quota_blocked: Option<(SystemTime, QuotaMeasure)>,
+    quota_blocked: Option<QuotaBlock>,
+}
+
+/// A refusal kept so that the jobs waiting for a provider do not all ask the database again
+/// before it said there would be room.
+#[derive(Debug, Clone, Copy)]
+struct QuotaBlock {
+    until: SystemTime,
+    measure: QuotaMeasure,
+    /// The tokens of the refused ask: a tokens window that had no room for it may have room for
+    /// a smaller one, which the database decides (every ask takes the same one request).
+    tokens: u64,
+}
+
+impl QuotaBlock {
+    /// Whether this refusal stands for `tokens` at `now` too.
+    fn refuses(&self, tokens: u64, now: SystemTime) -> bool {
+        self.until > now && (self.measure == QuotaMeasure::Requests || tokens >= self.tokens)
+    }
 }
 
 /// The notification payload, built by SQL's `json_build_object`.
@@ -597,8 +615,8 @@ impl PgStore {
         self.cache.lock().unwrap().get(provider)?.cooldown.clone()
     }
 
-    fn quota_blocked(&self, provider: &str, now: SystemTime) -> Option<(SystemTime, QuotaMeasure)> {
-        self.cache.lock().unwrap().get(provider)?.quota_blocked.filter(|(until, _)| *until > now)
+    fn quota_blocked(&self, ask: &Ask<'_>, now: SystemTime) -> Option<QuotaBlock> {
+        self.cache.lock().unwrap().get(ask.provider)?.quota_blocked.filter(|b| b.refuses(ask.tokens, now))
     }
 
     /// The provider's windows for `ask`'s limits and pools: the same `Arc` for every ask of one
@@ -687,7 +705,9 @@ impl PgStore {
             (None, None, _) => Admission::Granted(Permit::UNCOUNTED),
         };
         let blocked = match &admission {
-            Admission::OverQuota { until, measure } => Some((*until, *measure)),
+            Admission::OverQuota { until, measure } => {
+                Some(QuotaBlock { until: *until, measure: *measure, tokens: ask.tokens })
+            }
             _ => None,
         };
         self.cache.lock().unwrap().entry(ask.provider.to_string()).or_default().quota_blocked = blocked;
@@ -980,7 +1000,7 @@ impl PgStore {
             let cooldown = self.guarded(self.read_cooldown(provider, now)).await?;
             return Ok(cooldown.map_or(Admission::Granted(Permit::UNCOUNTED), Admission::Cooling));
         }
-        if let Some((until, measure)) = self.quota_blocked(provider, now) {
+        if let Some(QuotaBlock { until, measure, .. }) = self.quota_blocked(&ask, now) {
             return Ok(Admission::OverQuota { until, measure });
         }
         let admission = self.acquire(ask, now).await?;

@@ -545,3 +545,42 @@ async fn admissions_answers_and_retirement_read_no_table_whole() {
     assert_eq!(used(&mut db, "pool", "p", "requests").await, 3, "the old use retired, three calls in");
     assert_eq!(used(&mut db, "provider", "p", "tokens").await, 30 + 120 + 100 + 10, "answers counted");
 }
+
+/// A refusal for lack of tokens is kept so that waiting jobs do not herd the database, but it
+/// stands only for asks at least as large: a smaller ask may fit, and the database decides it.
+/// (The kept refusal used to answer every later ask of the provider until its time, so one large
+/// job refused for a day's token budget held every small one back, on free capacity.)
+#[tokio::test]
+async fn a_token_refusal_does_not_hold_back_a_smaller_ask_that_fits() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(10, 60), tokens(1_000, 60)];
+    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
+    assert!(matches!(store.admit(ask(900), SystemTime::now()).await, Admission::Granted(_)));
+    let refused = store.admit(ask(500), SystemTime::now()).await;
+    assert!(matches!(refused, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }), "{refused:?}");
+    let small = store.admit(ask(50), SystemTime::now()).await;
+    assert!(matches!(small, Admission::Granted(_)), "50 tokens fit beside 900 of 1000: {small:?}");
+    let large = store.admit(ask(500), SystemTime::now()).await;
+    assert!(matches!(large, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }), "{large:?}");
+    assert_eq!(used(&mut env.db().await, "provider", "p", "tokens").await, 950);
+}
+
+/// Every ask takes one request, so a refusal for lack of requests stands for asks of any size.
+#[tokio::test]
+async fn a_request_refusal_holds_back_asks_of_every_size() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(1, 60), tokens(1_000, 60)];
+    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
+    assert!(matches!(store.admit(ask(100), SystemTime::now()).await, Admission::Granted(_)));
+    let refused = store.admit(ask(500), SystemTime::now()).await;
+    let Admission::OverQuota { until, measure: QuotaMeasure::Requests } = refused else { panic!("{refused:?}") };
+    // The database can no longer admit: only the kept refusal can answer, and it answers the smaller ask too.
+    sqlx::query("DROP FUNCTION fallback_admit_batch").execute(&mut env.db().await).await.unwrap();
+    let small = store.admit(ask(10), SystemTime::now()).await;
+    assert!(
+        matches!(small, Admission::OverQuota { until: u, measure: QuotaMeasure::Requests } if u == until),
+        "the kept refusal answers: {small:?}"
+    );
+}
