@@ -1,0 +1,103 @@
+//! Adversarial review of 31fb5f8 ("A kept token refusal no longer holds back smaller asks that
+//! may fit"): the refusal cache (`CachedProvider::quota_blocked`) now answers a Tokens refusal
+//! only for asks at least as large as the refused one.
+
+use std::time::{Duration, SystemTime};
+
+use fallback_worker::config::LimitConfig;
+use fallback_worker::state::{Admission, Ask, ProviderState, QuotaMeasure};
+
+use crate::ledger_batching::{DEFAULT_POOL, store_at};
+use crate::support::relay::Relay;
+use crate::support::*;
+
+fn requests(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(secs), resets: None }
+}
+
+fn tokens(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
+}
+
+/// The half of the new rule the commit's tests do not pin: a kept Tokens refusal still answers
+/// every ask at least as large (the database is not asked). Holds.
+#[tokio::test]
+async fn a_kept_token_refusal_still_answers_asks_at_least_as_large() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(10, 60), tokens(1_000, 60)];
+    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
+    assert!(matches!(store.admit(ask(900), SystemTime::now()).await, Admission::Granted(_)));
+    let refused = store.admit(ask(500), SystemTime::now()).await;
+    let Admission::OverQuota { until, measure: QuotaMeasure::Tokens } = refused else { panic!("{refused:?}") };
+    sqlx::query("DROP FUNCTION fallback_admit_batch").execute(&mut env.db().await).await.unwrap();
+    for size in [500, 800] {
+        let answer = store.admit(ask(size), SystemTime::now()).await;
+        assert!(
+            matches!(answer, Admission::OverQuota { until: u, measure: QuotaMeasure::Tokens } if u == until),
+            "{size} tokens: the kept refusal answers: {answer:?}"
+        );
+    }
+}
+
+/// FINDING (low: load, not decisions). A smaller ask's grant overwrites the kept refusal with
+/// `None` (`acquire` stores `blocked = None` for any non-refusal), so the refusal of the larger
+/// ask is forgotten although the grant only made the window fuller: with a mix of sizes, every
+/// small grant sends the next large asks back to the database. Before 31fb5f8 a kept refusal
+/// answered every ask, so no new grant could clear it. A grant of `t` tokens says nothing about
+/// a refusal of more than `t`: such a block should survive it.
+#[tokio::test]
+async fn a_smaller_grant_does_not_forget_the_refusal_of_a_larger_ask() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(10, 60), tokens(1_000, 60)];
+    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
+    assert!(matches!(store.admit(ask(900), SystemTime::now()).await, Admission::Granted(_)));
+    let refused = store.admit(ask(500), SystemTime::now()).await;
+    let Admission::OverQuota { until, measure: QuotaMeasure::Tokens } = refused else { panic!("{refused:?}") };
+    assert!(matches!(store.admit(ask(50), SystemTime::now()).await, Admission::Granted(_)));
+    // Only the kept refusal can answer now (the window is fuller than when it refused 500).
+    sqlx::query("DROP FUNCTION fallback_admit_batch").execute(&mut env.db().await).await.unwrap();
+    let large = store.admit(ask(500), SystemTime::now()).await;
+    assert!(
+        matches!(large, Admission::OverQuota { until: u, measure: QuotaMeasure::Tokens } if u == until),
+        "a grant of 50 tokens cannot have made room for 500: the refusal should still answer: {large:?}"
+    );
+}
+
+/// FINDING (medium: a call over a known-full budget). While the database is unreachable, an
+/// ask the kept refusal no longer answers (smaller than the refused one) goes to the database,
+/// fails as unreachable, and is handed to this worker's local share (`admit_locally`), which
+/// counts only this worker's own calls. Before 31fb5f8 the kept refusal answered it until its
+/// time. Here the shared token window is full (1000 of 1000, used by another worker) and the
+/// database has just said so; the local share (1000 / 1 worker, 0 used by this one) grants 50
+/// tokens anyway: the provider's budget is exceeded (a 429, or paid overage).
+#[tokio::test]
+async fn a_kept_token_refusal_is_not_bypassed_by_the_local_share_when_the_database_goes_away() {
+    let env = TestEnv::new().await;
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let worker = store_at(&env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string()), DEFAULT_POOL).await;
+    let other = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60), tokens(1_000, 60)];
+    let ask = |provider, tokens| Ask { provider, limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
+    // Another worker spends the whole token window.
+    assert!(matches!(other.admit(ask("p", 1_000), SystemTime::now()).await, Admission::Granted(_)));
+    // This worker learns it: no room for 500 tokens (nor, in fact, for 1).
+    let refused = worker.admit(ask("p", 500), SystemTime::now()).await;
+    assert!(matches!(refused, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }), "{refused:?}");
+    // The database goes away; an ask for another provider finds out (degraded mode).
+    relay.set_down(true);
+    for _ in 0..10 {
+        if worker.is_degraded() {
+            break;
+        }
+        let _ = worker.admit(ask("q", 1), SystemTime::now()).await;
+    }
+    assert!(worker.is_degraded(), "the worker noticed the outage");
+    let small = worker.admit(ask("p", 50), SystemTime::now()).await;
+    assert!(
+        !matches!(small, Admission::Granted(_)),
+        "the shared window was full (1000 of 1000) and the kept refusal says so until its time; \
+         the local share granted 50 more tokens: {small:?}"
+    );
+}
