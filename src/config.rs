@@ -642,6 +642,9 @@ fn is_storable_name(name: &str) -> bool {
 
 /// The limits of a provider or a pool, under `prefix` (`providers[2].limits`, `quotas[0].limits`):
 /// one rule for both, since a pool's limits are held exactly like a provider's own.
+/// The longest window a limit may have.
+const LONGEST_PER: Duration = Duration::from_secs(3650 * 86_400);
+
 fn validate_limits(limits: &[LimitConfig], prefix: &str) -> Result<(), (String, String)> {
     for (j, limit) in limits.iter().enumerate() {
         let key = format!("{prefix}[{j}]");
@@ -659,6 +662,11 @@ fn validate_limits(limits: &[LimitConfig], prefix: &str) -> Result<(), (String, 
         }
         if limit.per < Duration::from_millis(100) {
             return Err(problem(format!("{key}.per"), "must be at least 100ms"));
+        }
+        // The database computes when a call leaves (now + per): beyond its range every
+        // admission would fail, and the provider would never be called.
+        if limit.per > LONGEST_PER {
+            return Err(problem(format!("{key}.per"), "must be at most 3650d (ten years)"));
         }
         if limit.resets.is_some() && limit.per != Duration::from_secs(86_400) {
             return Err(problem(format!("{key}.resets"), "a calendar reset needs `per = \"1d\"`"));
@@ -1005,6 +1013,8 @@ providers = ["a", "b"]
             ),
             (POOLED.replace(r#"per = "1d", resets"#, r#"per = "2d", resets"#), "quotas[0].limits[1].resets", "1d"),
             (POOLED.replace(r#"per = "1m" }, {"#, r#"per = "10ms" }, {"#), "quotas[0].limits[0].per", "100ms"),
+            (POOLED.replace(r#"per = "1m" }, {"#, r#"per = "1000000y" }, {"#), "quotas[0].limits[0].per", "3650d"),
+            (POOLED.replace(r#"per = "1m" }, {"#, r#"per = "3651d" }, {"#), "quotas[0].limits[0].per", "3650d"),
             (
                 POOLED.replacen(r#"quotas = ["account"]"#, r#"quotas = ["account", "account"]"#, 1),
                 "providers[0].quotas[1]",

@@ -167,6 +167,27 @@ impl QuotaBlock {
     fn refuses(&self, tokens: u64, now: SystemTime) -> bool {
         self.until > now && (self.measure == QuotaMeasure::Requests || tokens >= self.tokens)
     }
+
+    /// What is kept after the database decided an ask of `tokens` (the decisions of one batch
+    /// arrive in any order). A refusal for lack of requests stands for every ask and replaces a
+    /// token refusal; of two token refusals the smaller ask's stands for more asks; a grant ends
+    /// what it disproves (a request slot was free; `tokens` fit) and nothing else: a refusal of
+    /// a larger ask still stands, the grant made that window only fuller. Cooling, too large, or
+    /// no limits say nothing of room: nothing is kept, as before.
+    fn after(kept: Option<QuotaBlock>, decided: &Admission, tokens: u64, now: SystemTime) -> Option<QuotaBlock> {
+        let kept = kept.filter(|k| k.until > now);
+        match decided {
+            Admission::OverQuota { until, measure: QuotaMeasure::Requests } => {
+                Some(QuotaBlock { until: *until, measure: QuotaMeasure::Requests, tokens })
+            }
+            Admission::OverQuota { until, measure: QuotaMeasure::Tokens } => match kept {
+                Some(k) if k.measure == QuotaMeasure::Requests || k.tokens < tokens => Some(k),
+                _ => Some(QuotaBlock { until: *until, measure: QuotaMeasure::Tokens, tokens }),
+            },
+            Admission::Granted(_) => kept.filter(|k| k.measure == QuotaMeasure::Tokens && k.tokens > tokens),
+            _ => None,
+        }
+    }
 }
 
 /// The notification payload, built by SQL's `json_build_object`.
@@ -619,6 +640,11 @@ impl PgStore {
         self.cache.lock().unwrap().get(ask.provider)?.quota_blocked.filter(|b| b.refuses(ask.tokens, now))
     }
 
+    /// The refusal kept for `provider`, current at `now`, whatever the size it was for.
+    fn any_quota_block(&self, provider: &str, now: SystemTime) -> Option<QuotaBlock> {
+        self.cache.lock().unwrap().get(provider)?.quota_blocked.filter(|b| b.until > now)
+    }
+
     /// The provider's windows for `ask`'s limits and pools: the same `Arc` for every ask of one
     /// provider (which is what lets the batcher put them in one batch), made again only if its
     /// limits changed.
@@ -704,13 +730,10 @@ impl PgStore {
             (None, Some(until), _) => Admission::OverQuota { until, measure: QuotaMeasure::Requests },
             (None, None, _) => Admission::Granted(Permit::UNCOUNTED),
         };
-        let blocked = match &admission {
-            Admission::OverQuota { until, measure } => {
-                Some(QuotaBlock { until: *until, measure: *measure, tokens: ask.tokens })
-            }
-            _ => None,
-        };
-        self.cache.lock().unwrap().entry(ask.provider.to_string()).or_default().quota_blocked = blocked;
+        let mut cache = self.cache.lock().unwrap();
+        let cached = cache.entry(ask.provider.to_string()).or_default();
+        cached.quota_blocked = QuotaBlock::after(cached.quota_blocked, &admission, ask.tokens, now);
+        drop(cache);
         Ok(admission)
     }
 
@@ -1023,8 +1046,16 @@ impl ProviderState for PgStore {
         match self.admit_shared(ask, now).await {
             Ok(admission) => admission,
             Err(_) if ask.limits.is_empty() && ask.pools.is_empty() => Admission::Granted(Permit::UNCOUNTED),
-            // Only an unreachable database hands limits to this worker's own share.
-            Err(StoreError::Unreachable(_)) => self.admit_locally(ask, now).await,
+            // Only an unreachable database hands limits to this worker's own share, and not over
+            // the database's last word: a refusal it gave for a larger ask still says the shared
+            // window was fuller than this worker alone can see (asked again once it is back).
+            Err(StoreError::Unreachable(_)) => match self.any_quota_block(ask.provider, now) {
+                Some(QuotaBlock { until, measure, .. }) => {
+                    let soon = now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now);
+                    Admission::OverQuota { until: until.min(soon), measure }
+                }
+                None => self.admit_locally(ask, now).await,
+            },
             // A slow or failed admission on a reachable database: the shared window may be full,
             // so no call now; ask again shortly.
             Err(e) => {
@@ -1377,6 +1408,36 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_refusal_changes_only_with_what_a_decision_says_of_it() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let (soon, later) = (now + Duration::from_secs(5), now + Duration::from_secs(50));
+        let tokens_block = |until, tokens| Some(QuotaBlock { until, measure: QuotaMeasure::Tokens, tokens });
+        let over = |until, measure| Admission::OverQuota { until, measure };
+        let granted = Admission::Granted(Permit::UNCOUNTED);
+        let kept = |b: Option<QuotaBlock>| b.map(|b| (b.until, b.measure, b.tokens));
+        // Refusals: requests stand for every ask; of two token refusals, the smaller ask's.
+        let after = QuotaBlock::after(tokens_block(later, 500), &over(soon, QuotaMeasure::Requests), 900, now);
+        assert_eq!(kept(after), Some((soon, QuotaMeasure::Requests, 900)));
+        let after = QuotaBlock::after(tokens_block(later, 500), &over(soon, QuotaMeasure::Tokens), 20, now);
+        assert_eq!(kept(after), Some((soon, QuotaMeasure::Tokens, 20)));
+        let after = QuotaBlock::after(tokens_block(soon, 20), &over(later, QuotaMeasure::Tokens), 500, now);
+        assert_eq!(kept(after), Some((soon, QuotaMeasure::Tokens, 20)), "in any order");
+        let requests = Some(QuotaBlock { until: soon, measure: QuotaMeasure::Requests, tokens: 1 });
+        let after = QuotaBlock::after(requests, &over(later, QuotaMeasure::Tokens), 500, now);
+        assert_eq!(kept(after), Some((soon, QuotaMeasure::Requests, 1)));
+        // Grants end what they disprove, and nothing else.
+        assert_eq!(
+            kept(QuotaBlock::after(tokens_block(later, 500), &granted, 50, now)),
+            Some((later, QuotaMeasure::Tokens, 500))
+        );
+        assert_eq!(kept(QuotaBlock::after(tokens_block(later, 500), &granted, 500, now)), None);
+        assert_eq!(kept(QuotaBlock::after(requests, &granted, 1, now)), None);
+        // An expired refusal is not kept; decisions that say nothing of room keep nothing.
+        assert_eq!(kept(QuotaBlock::after(tokens_block(now, 500), &granted, 50, now)), None);
+        assert_eq!(kept(QuotaBlock::after(tokens_block(later, 500), &Admission::TooLarge, 50, now)), None);
+    }
+
+    #[test]
     fn windows_less_than_a_millisecond_apart_are_the_one_window_the_tables_key() {
         let mut limits = [limit(Some(5), None, 1), limit(Some(2), None, 1), limit(Some(7), None, 1)];
         limits[0].per += Duration::from_micros(1);
@@ -1385,7 +1446,8 @@ mod tests {
         assert_eq!(windows, vec![(Duration::from_secs(1), 2)], "one window of 1000 ms, the stricter limit");
         let huge = [LimitConfig { per: Duration::MAX, ..limit(Some(1), None, 1) }];
         let window = windows_of("p", &huge, &[]).into_iter().map(|w| w.key.window).next();
-        assert_eq!(window, Some(Duration::from_millis(i64::MAX as u64)), "as long as the tables can say");
+        // Far past what the config accepts (3650d), and still a window the tables can key.
+        assert_eq!(window, Some(Duration::from_millis(i64::MAX as u64)), "as long as a bigint says");
     }
 
     #[test]
