@@ -52,16 +52,17 @@ impl MemoryStore {
     /// own account of its calls), in the provider's scope and its pools'; returns the record's
     /// id. Calls no window of theirs can see any more are forgotten.
     pub fn record_call(&self, ask: Ask<'_>, now: SystemTime) -> i64 {
+        let mut providers = self.providers.lock().unwrap();
+        // Drawn under the lock: every scope holds its calls in the order of their ids.
         let id = self.next_usage_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let usage = Usage { id, done: None, expires: now.checked_add(ask.flight).unwrap_or(now), tokens: ask.tokens };
-        let mut providers = self.providers.lock().unwrap();
         let row = providers.entry(ask.provider.to_string()).or_default();
-        quota::prune(&mut row.quota, keep_own(ask), now);
+        quota::prune_lately(&mut row.quota, keep_own(ask), now);
         row.quota.usage.push(usage.clone());
         let mut pools = self.pools.lock().unwrap();
         for pool in ask.pools {
             let scope = pools.entry(pool.name.clone()).or_default();
-            quota::prune(scope, quota::keep_for(&pool.limits), now);
+            quota::prune_lately(scope, quota::keep_for(&pool.limits), now);
             scope.usage.push(usage.clone());
         }
         id
@@ -72,9 +73,7 @@ impl MemoryStore {
         let providers = self.providers.lock().unwrap();
         providers
             .iter()
-            .flat_map(|(name, row)| {
-                row.quota.usage.iter().filter(|u| ids.contains(&u.id)).map(|u| (name.clone(), u.clone()))
-            })
+            .flat_map(|(name, row)| ids.iter().filter_map(|id| row.quota.usage(*id)).map(|u| (name.clone(), u.clone())))
             .collect()
     }
 
@@ -151,7 +150,7 @@ impl ProviderState for MemoryStore {
         let mut pools = self.pools.lock().unwrap();
         let own = providers.values_mut().map(|row| &mut row.quota);
         // The same call is recorded once in its provider's scope and once in each pool's.
-        for usage in own.chain(pools.values_mut()).flat_map(|scope| scope.usage.iter_mut()).filter(|u| u.id == id) {
+        for usage in own.chain(pools.values_mut()).filter_map(|scope| scope.usage_mut(id)) {
             usage.done = Some(now);
             if let Some(tokens) = tokens {
                 usage.tokens = tokens;
@@ -268,6 +267,47 @@ mod tests {
 
     fn cooldown(until: SystemTime) -> Cooldown {
         Cooldown { until, reason: CooldownReason::RateLimited, detail: String::new() }
+    }
+
+    /// The Postgres store's own account of its calls: recorded from several tasks at once, each
+    /// answer finds its call (by bisection: a scope keeps its calls in the order of their ids),
+    /// and the write-back after an outage finds them by id.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn calls_recorded_concurrently_are_kept_in_id_order_and_found_by_their_answers() {
+        let store = std::sync::Arc::new(MemoryStore::new());
+        let limits = [crate::config::LimitConfig {
+            requests: Some(1_000_000),
+            tokens: None,
+            per: Duration::from_secs(60),
+            resets: None,
+        }];
+        let pools = [crate::config::QuotaPoolConfig { name: "acct".into(), limits: limits.to_vec() }];
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let (store, limits, pools) = (store.clone(), limits.clone(), pools.clone());
+            tasks.push(tokio::spawn(async move {
+                let provider = if t % 2 == 0 { "p" } else { "q" };
+                let ask = Ask { provider, limits: &limits, pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
+                (0..500).map(|_| store.record_call(ask, SystemTime::now())).collect::<Vec<i64>>()
+            }));
+        }
+        let mut ids = Vec::new();
+        for task in tasks {
+            ids.extend(task.await.unwrap());
+        }
+        let pools_in_order = store.pools.lock().unwrap().values().all(|s| s.usage.is_sorted_by_key(|u| u.id));
+        let own_in_order = store.providers.lock().unwrap().values().all(|r| r.quota.usage.is_sorted_by_key(|u| u.id));
+        assert!(pools_in_order && own_in_order, "every scope in id order");
+        for id in &ids {
+            store.finish(Permit { usage_id: Some(*id), ..Permit::UNCOUNTED }, Some(3)).await;
+        }
+        let pool = store.pools.lock().unwrap().get("acct").cloned().unwrap_or_default();
+        assert_eq!(pool.usage.len(), 2_000);
+        assert!(
+            pool.usage.iter().all(|u| u.done.is_some() && u.tokens == 3),
+            "every answer found its call in the pool"
+        );
+        assert_eq!(store.calls(&ids).len(), 2_000, "each call once, under its provider");
     }
 
     #[tokio::test]

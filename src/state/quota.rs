@@ -48,8 +48,27 @@ pub struct Learnt {
 /// What one scope (a provider's own limits, or a pool) has used.
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
+    /// In the order of their ids (each recorded under the store's lock as its id is drawn).
     pub usage: Vec<Usage>,
     pub learnt: Vec<Learnt>,
+    /// The length `usage` may reach before [`prune_lately`] looks through it again.
+    prune_at: usize,
+}
+
+/// Below this length a scope's usage is always looked through.
+const PRUNE_AT_LEAST: usize = 64;
+
+impl Scope {
+    /// The use recorded under `id`, found by bisection (ids are in order).
+    pub fn usage(&self, id: i64) -> Option<&Usage> {
+        self.usage.get(self.usage.binary_search_by_key(&id, |u| u.id).ok()?)
+    }
+
+    /// The same, to change it.
+    pub fn usage_mut(&mut self, id: i64) -> Option<&mut Usage> {
+        let at = self.usage.binary_search_by_key(&id, |u| u.id).ok()?;
+        self.usage.get_mut(at)
+    }
 }
 
 /// Why a request cannot be admitted now.
@@ -174,6 +193,19 @@ pub fn prune(scope: &mut Scope, longest: Duration, now: SystemTime) {
     scope.learnt.retain(|l| l.leaves > now);
 }
 
+/// [`prune`] when the usage has doubled since it was last looked through: what no window can
+/// see any more is only skipped by every reader, so it may wait, and a store that records every
+/// call (the Postgres store's own account of its calls, a day's window of them) then pays a
+/// constant share per call instead of a pass over the whole window.
+pub fn prune_lately(scope: &mut Scope, longest: Duration, now: SystemTime) {
+    if scope.usage.len() < scope.prune_at {
+        scope.learnt.retain(|l| l.leaves > now);
+        return;
+    }
+    prune(scope, longest, now);
+    scope.prune_at = scope.usage.len().saturating_mul(2).max(PRUNE_AT_LEAST);
+}
+
 /// Which declared limits an observation speaks of, as (pool name or `None` for the provider's
 /// own, limit): of its measure, those of the window it named; else those whose size is the
 /// limit it stated (none when no declared limit has that size); else, when it states no size,
@@ -247,8 +279,7 @@ pub fn observe(scope: &mut Scope, limit: &LimitConfig, seen: Seen, now: SystemTi
         return;
     }
     let Some(call) = seen.call else { return };
-    let up_to_call =
-        Scope { usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(), learnt: scope.learnt.clone() };
+    let up_to_call = Scope { usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(), ..scope.clone() };
     let mut surplus = used(&up_to_call, limit, now).saturating_sub(target);
     for learnt in scope.learnt.iter_mut().filter(|l| l.limit == *limit && l.leaves > now) {
         let taken = learnt.amount.min(surplus);
@@ -271,7 +302,7 @@ mod tests {
     }
 
     fn sc(usage: &[Usage]) -> Scope {
-        Scope { usage: usage.to_vec(), learnt: Vec::new() }
+        Scope { usage: usage.to_vec(), ..Scope::default() }
     }
 
     fn at(rfc3339: &str) -> SystemTime {
@@ -289,6 +320,28 @@ mod tests {
 
     fn done(id: i64, at: SystemTime, tokens: u64) -> Usage {
         Usage { id, done: Some(at), expires: at + Duration::from_secs(60), tokens }
+    }
+
+    #[test]
+    fn pruning_lately_costs_a_constant_share_per_call_and_never_drops_what_a_window_sees() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let limit = requests(1_000_000, 10);
+        let mut scope = Scope::default();
+        let mut looked_through = 0usize;
+        for i in 0..10_000i64 {
+            // One call every 10 ms, each answered at once: 1000 calls in any 10 s window.
+            let now = t0 + Duration::from_millis(10 * i as u64);
+            if scope.usage.len() >= scope.prune_at {
+                looked_through += scope.usage.len();
+            }
+            prune_lately(&mut scope, limit.per, now);
+            scope.usage.push(done(i, now, 1));
+            assert!(scope.usage.len() <= 2 * 1_001 + PRUNE_AT_LEAST, "call {i}: {} kept", scope.usage.len());
+            assert_eq!(used(&scope, &limit, now), (i + 1).min(1_000) as u64, "call {i}");
+        }
+        // A pass over the whole window at every call would be 10^7 entries read.
+        assert!(looked_through < 3 * 10_000, "{looked_through} entries read for 10000 calls");
+        assert!(scope.usage(9_999).is_some() && scope.usage(5).is_none(), "found by id, the old ones gone");
     }
 
     #[test]
