@@ -53,6 +53,9 @@ pub struct Scope {
     pub learnt: Vec<Learnt>,
     /// The length `usage` may reach before [`prune_lately`] looks through it again.
     prune_at: usize,
+    /// When it last did: past one window from then, it looks again however long `usage` is (a
+    /// burst's calls are forgotten once no window sees them, also when calls become rare).
+    pruned_at: Option<SystemTime>,
 }
 
 /// Below this length a scope's usage is always looked through.
@@ -193,17 +196,20 @@ pub fn prune(scope: &mut Scope, longest: Duration, now: SystemTime) {
     scope.learnt.retain(|l| l.leaves > now);
 }
 
-/// [`prune`] when the usage has doubled since it was last looked through: what no window can
+/// [`prune`] when the usage has doubled since it was last looked through, or a window has passed
+/// since: what no window can
 /// see any more is only skipped by every reader, so it may wait, and a store that records every
 /// call (the Postgres store's own account of its calls, a day's window of them) then pays a
 /// constant share per call instead of a pass over the whole window.
 pub fn prune_lately(scope: &mut Scope, longest: Duration, now: SystemTime) {
-    if scope.usage.len() < scope.prune_at {
+    let window_passed = scope.pruned_at.is_none_or(|at| later(at, longest) <= now);
+    if scope.usage.len() < scope.prune_at && !window_passed {
         scope.learnt.retain(|l| l.leaves > now);
         return;
     }
     prune(scope, longest, now);
     scope.prune_at = scope.usage.len().saturating_mul(2).max(PRUNE_AT_LEAST);
+    scope.pruned_at = Some(now);
 }
 
 /// Which declared limits an observation speaks of, as (pool name or `None` for the provider's
@@ -279,7 +285,11 @@ pub fn observe(scope: &mut Scope, limit: &LimitConfig, seen: Seen, now: SystemTi
         return;
     }
     let Some(call) = seen.call else { return };
-    let up_to_call = Scope { usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(), ..scope.clone() };
+    let up_to_call = Scope {
+        usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(),
+        learnt: scope.learnt.clone(),
+        ..Scope::default()
+    };
     let mut surplus = used(&up_to_call, limit, now).saturating_sub(target);
     for learnt in scope.learnt.iter_mut().filter(|l| l.limit == *limit && l.leaves > now) {
         let taken = learnt.amount.min(surplus);
@@ -331,7 +341,8 @@ mod tests {
         for i in 0..10_000i64 {
             // One call every 10 ms, each answered at once: 1000 calls in any 10 s window.
             let now = t0 + Duration::from_millis(10 * i as u64);
-            if scope.usage.len() >= scope.prune_at {
+            let window_passed = scope.pruned_at.is_none_or(|at| at + limit.per <= now);
+            if scope.usage.len() >= scope.prune_at || window_passed {
                 looked_through += scope.usage.len();
             }
             prune_lately(&mut scope, limit.per, now);
@@ -340,7 +351,7 @@ mod tests {
             assert_eq!(used(&scope, &limit, now), (i + 1).min(1_000) as u64, "call {i}");
         }
         // A pass over the whole window at every call would be 10^7 entries read.
-        assert!(looked_through < 3 * 10_000, "{looked_through} entries read for 10000 calls");
+        assert!(looked_through < 4 * 10_000, "{looked_through} entries read for 10000 calls");
         assert!(scope.usage(9_999).is_some() && scope.usage(5).is_none(), "found by id, the old ones gone");
     }
 
