@@ -584,3 +584,56 @@ async fn a_request_refusal_holds_back_asks_of_every_size() {
         "the kept refusal answers: {small:?}"
     );
 }
+
+/// An observation of a provider's headers (`fallback_observe`, for every answer whose headers
+/// speak of a declared limit) reads no table whole either (migration 0011): taking back learnt
+/// use, 0007 looked for the window's learnt rows through the index of all its calls, planned as
+/// a scan of all of quota_use.
+#[tokio::test]
+async fn observations_read_no_table_whole() {
+    let env = TestEnv::new().await;
+    let _store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let mut db = env.db().await;
+    let base_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    // A window holding many calls, learnt use in it, and statistics that say so.
+    let calls: Vec<(usize, i64, i64)> = (0..2_000).map(|i| (1, 1, 30_000 + i)).collect();
+    seed(&mut db, "p", &calls, base_ms).await;
+    sqlx::raw_sql(
+        "INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt) \
+         VALUES (0, 'provider', 'p', 'requests', 60000, '', 5, now() + interval '20 s', true); \
+         UPDATE quota_window SET used = used + 5 WHERE kind = 'provider' AND scope = 'p' AND measure = 'requests'; \
+         ANALYZE quota_window, quota_use",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::query("BEGIN").execute(&mut db).await.unwrap();
+    // The provider says 1998 of 2010 are used, 7 fewer than our 2005 (2000 calls, 5 learnt):
+    // the learnt 5 are taken back (real calls never are); then that it has 0 left: 10 learnt.
+    let lowered: i64 = sqlx::query_scalar(
+        "SELECT fallback_observe('provider', 'p', 'requests', 60000, '', 2010, 12, now() + interval '1 minute', 1000000)",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    let raised: i64 = sqlx::query_scalar(
+        "SELECT fallback_observe('provider', 'p', 'requests', 60000, '', 2010, 0, now() + interval '1 minute', 1000000)",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    let reads: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, coalesce(seq_scan, 0), coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables \
+         WHERE relname IN ('quota_window', 'quota_use') ORDER BY relname",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    assert_eq!((lowered, raised), (2_000, 2_010), "the learnt use taken back, then learnt again");
+    assert_eq!(reads.len(), 2, "both tables were read: {reads:?}");
+    for (table, scans, through_keys) in &reads {
+        assert_eq!(*scans, 0, "{table} read whole: {reads:?}");
+        assert!(*through_keys > 0, "{table} read through its keys: {reads:?}");
+    }
+}
