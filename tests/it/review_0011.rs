@@ -61,9 +61,10 @@ async fn observe_measured(env: &TestEnv, session: &'static str, sql: &'static st
 /// the lowering sums the window's calls admitted after it. With a generic plan (as any cached plan may become, and as
 /// `plan_cache_mode = force_generic_plan` makes it) that sum finds them through the window's
 /// leaving index and reads every call of the window, to keep 1 of them: no sequential scan, so
-/// the commit's test is satisfied, yet the whole window is read on every observation.
+/// the commit's test is satisfied, yet the whole window is read on every observation. Fixed:
+/// the calls after it are found through the call index first (0011's `fallback_observe`).
 #[tokio::test]
-async fn observe_with_a_generic_plan_reads_the_whole_window() {
+async fn observe_with_a_generic_plan_reads_only_the_calls_after_the_observed_one() {
     let env = TestEnv::new().await;
     let _store = store_at(&env.database_url, DEFAULT_POOL).await;
     seed_window(&mut env.db().await, 8_000).await;
@@ -103,7 +104,7 @@ async fn observe_with_custom_plans_reads_few_rows() {
 /// the leaving index, which holds every call of the window. The committed test cannot see the
 /// index go; only the rows read can.
 #[tokio::test]
-async fn without_the_learnt_index_the_commits_criteria_still_hold() {
+async fn the_learnt_index_is_what_keeps_an_observation_from_reading_its_window() {
     let env = TestEnv::new().await;
     let _store = store_at(&env.database_url, DEFAULT_POOL).await;
     let mut db = env.db().await;
