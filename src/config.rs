@@ -640,11 +640,11 @@ fn is_storable_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 100 && !name.chars().any(char::is_control)
 }
 
-/// The limits of a provider or a pool, under `prefix` (`providers[2].limits`, `quotas[0].limits`):
-/// one rule for both, since a pool's limits are held exactly like a provider's own.
 /// The longest window a limit may have.
 const LONGEST_PER: Duration = Duration::from_secs(3650 * 86_400);
 
+/// The limits of a provider or a pool, under `prefix` (`providers[2].limits`, `quotas[0].limits`):
+/// one rule for both, since a pool's limits are held exactly like a provider's own.
 fn validate_limits(limits: &[LimitConfig], prefix: &str) -> Result<(), (String, String)> {
     for (j, limit) in limits.iter().enumerate() {
         let key = format!("{prefix}[{j}]");

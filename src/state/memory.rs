@@ -269,54 +269,12 @@ mod tests {
         Cooldown { until, reason: CooldownReason::RateLimited, detail: String::new() }
     }
 
-    /// The Postgres store's own account of its calls: recorded from several tasks at once, each
-    /// answer finds its call (by bisection: a scope keeps its calls in the order of their ids),
-    /// and the write-back after an outage finds them by id.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn calls_recorded_concurrently_are_kept_in_id_order_and_found_by_their_answers() {
-        let store = std::sync::Arc::new(MemoryStore::new());
-        let limits = [crate::config::LimitConfig {
-            requests: Some(1_000_000),
-            tokens: None,
-            per: Duration::from_secs(60),
-            resets: None,
-        }];
-        let pools = [crate::config::QuotaPoolConfig { name: "acct".into(), limits: limits.to_vec() }];
-        let mut tasks = Vec::new();
-        for t in 0..4 {
-            let (store, limits, pools) = (store.clone(), limits.clone(), pools.clone());
-            tasks.push(tokio::spawn(async move {
-                let provider = if t % 2 == 0 { "p" } else { "q" };
-                let ask = Ask { provider, limits: &limits, pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
-                (0..500).map(|_| store.record_call(ask, SystemTime::now())).collect::<Vec<i64>>()
-            }));
-        }
-        let mut ids = Vec::new();
-        for task in tasks {
-            ids.extend(task.await.unwrap());
-        }
-        let pools_in_order = store.pools.lock().unwrap().values().all(|s| s.usage.is_sorted_by_key(|u| u.id));
-        let own_in_order = store.providers.lock().unwrap().values().all(|r| r.quota.usage.is_sorted_by_key(|u| u.id));
-        assert!(pools_in_order && own_in_order, "every scope in id order");
-        for id in &ids {
-            store.finish(Permit { usage_id: Some(*id), ..Permit::UNCOUNTED }, Some(3)).await;
-        }
-        let pool = store.pools.lock().unwrap().get("acct").cloned().unwrap_or_default();
-        assert_eq!(pool.usage.len(), 2_000);
-        assert!(
-            pool.usage.iter().all(|u| u.done.is_some() && u.tokens == 3),
-            "every answer found its call in the pool"
-        );
-        assert_eq!(store.calls(&ids).len(), 2_000, "each call once, under its provider");
-    }
-
-    /// Review of 0899754: the worker's own record forgets what no window sees within a bounded
-    /// factor of what its windows hold now. After a burst of 10,000 calls in a minute's window,
-    /// an hour of one call a minute: the old record held at most 2 calls; the deferred prune keeps
-    /// the burst (prune_at was set from the burst's peak) until the record doubles again, i.e.
-    /// for as long as calls stay rare (10,000 more calls: about a week at one a minute).
+    /// The worker's own record forgets what no window sees within a bounded factor of what its
+    /// windows hold now (review of 0899754). After a burst of 10,000 calls in a minute's window,
+    /// an hour of one call a minute: pruned only when the record doubles, the burst stayed for as
+    /// long as calls stayed rare (10,000 more calls: about a week at one a minute).
     #[test]
-    fn review3_a_burst_no_window_sees_any_more_is_forgotten_when_calls_become_rare() {
+    fn a_burst_no_window_sees_any_more_is_forgotten_when_calls_become_rare() {
         let store = MemoryStore::new();
         let limits = [crate::config::LimitConfig {
             requests: Some(1_000_000),
@@ -338,12 +296,13 @@ mod tests {
         assert!(kept <= 64 + 2 * 2, "{kept} calls kept, {seen} of them in a window");
     }
 
-    /// Review of 0899754: the commit's own concurrency test passes most runs with the id drawn
-    /// outside the lock (35 of 40 on a 2-CPU machine). Many threads released at once, each
-    /// recording into the same pool, make the race show nearly every run; and an answer whose
-    /// call bisection misses leaves the call in flight (counted) until it expires.
+    /// The Postgres store's own account of its calls, recorded from many threads released at
+    /// once into one pool: every scope keeps its calls in id order (the id is drawn under the
+    /// lock; drawn outside it, this fails nearly every run), every answer finds its call by
+    /// bisection (one it misses stays counted in flight until it expires), and the write-back
+    /// after an outage finds each call once, under its provider.
     #[test]
-    fn review3_calls_recorded_under_contention_are_in_id_order_and_every_answer_finds_its_call() {
+    fn calls_recorded_under_contention_are_in_id_order_and_every_answer_finds_its_call() {
         let store = std::sync::Arc::new(MemoryStore::new());
         let limits = vec![crate::config::LimitConfig {
             requests: Some(10_000_000),
@@ -375,6 +334,9 @@ mod tests {
         let unanswered = pool.usage.iter().filter(|u| u.done.is_none()).count();
         let out_of_order = pool.usage.windows(2).filter(|w| w[0].id > w[1].id).count();
         assert_eq!((out_of_order, unanswered), (0, 0), "pool: (out of order, answers that missed their call)");
+        let own_in_order = store.providers.lock().unwrap().values().all(|r| r.quota.usage.is_sorted_by_key(|u| u.id));
+        assert!(own_in_order, "every provider's scope in id order");
+        assert_eq!(store.calls(&ids).len(), ids.len(), "each call once, under its provider");
     }
 
     #[tokio::test]

@@ -163,9 +163,9 @@ struct QuotaBlock {
 }
 
 impl QuotaBlock {
-    /// Whether this refusal stands for `tokens` at `now` too.
-    fn refuses(&self, tokens: u64, now: SystemTime) -> bool {
-        self.until > now && (self.measure == QuotaMeasure::Requests || tokens >= self.tokens)
+    /// Whether this refusal stands for an ask of `tokens` too.
+    fn stands_for(&self, tokens: u64) -> bool {
+        self.measure == QuotaMeasure::Requests || tokens >= self.tokens
     }
 
     /// What is kept after the database decided an ask of `tokens` (the decisions of one batch
@@ -481,14 +481,12 @@ impl PgStore {
         match self.outage.own_calls.admit(local_ask, now).await {
             // Larger than the local share, not than the limit: wait for the database instead.
             Admission::TooLarge if !too_large_for(ask, ask.tokens) => {
-                let until = now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now);
-                Admission::OverQuota { until, measure: QuotaMeasure::Tokens }
+                Admission::OverQuota { until: ask_again_soon(now), measure: QuotaMeasure::Tokens }
             }
             // The local share is this worker's guess, not the provider's word: the job asks again
             // soon (the database may be back) rather than wait out a whole window or fail.
             Admission::OverQuota { until, measure } => {
-                let soon = now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now);
-                Admission::OverQuota { until: until.min(soon), measure }
+                Admission::OverQuota { until: until.min(ask_again_soon(now)), measure }
             }
             Admission::Granted(local) => {
                 let local_id = local.usage_id;
@@ -636,12 +634,8 @@ impl PgStore {
         self.cache.lock().unwrap().get(provider)?.cooldown.clone()
     }
 
-    fn quota_blocked(&self, ask: &Ask<'_>, now: SystemTime) -> Option<QuotaBlock> {
-        self.cache.lock().unwrap().get(ask.provider)?.quota_blocked.filter(|b| b.refuses(ask.tokens, now))
-    }
-
     /// The refusal kept for `provider`, current at `now`, whatever the size it was for.
-    fn any_quota_block(&self, provider: &str, now: SystemTime) -> Option<QuotaBlock> {
+    fn quota_blocked(&self, provider: &str, now: SystemTime) -> Option<QuotaBlock> {
         self.cache.lock().unwrap().get(provider)?.quota_blocked.filter(|b| b.until > now)
     }
 
@@ -955,6 +949,11 @@ pub fn windows_of(provider: &str, limits: &[LimitConfig], pools: &[QuotaPoolConf
     strictest.into_values().collect()
 }
 
+/// When a job refused while the database is away asks again: soon enough to find it back.
+fn ask_again_soon(now: SystemTime) -> SystemTime {
+    now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now)
+}
+
 /// A window's length as the quota tables key it (whole milliseconds, at most `i64::MAX`): two
 /// limits whose `per` differ by less than a millisecond are one window there, so they must be
 /// one here too (the stricter), or a batch would name that window twice.
@@ -1023,7 +1022,9 @@ impl PgStore {
             let cooldown = self.guarded(self.read_cooldown(provider, now)).await?;
             return Ok(cooldown.map_or(Admission::Granted(Permit::UNCOUNTED), Admission::Cooling));
         }
-        if let Some(QuotaBlock { until, measure, .. }) = self.quota_blocked(&ask, now) {
+        if let Some(QuotaBlock { until, measure, .. }) =
+            self.quota_blocked(provider, now).filter(|b| b.stands_for(ask.tokens))
+        {
             return Ok(Admission::OverQuota { until, measure });
         }
         let admission = self.acquire(ask, now).await?;
@@ -1049,10 +1050,9 @@ impl ProviderState for PgStore {
             // Only an unreachable database hands limits to this worker's own share, and not over
             // the database's last word: a refusal it gave for a larger ask still says the shared
             // window was fuller than this worker alone can see (asked again once it is back).
-            Err(StoreError::Unreachable(_)) => match self.any_quota_block(ask.provider, now) {
+            Err(StoreError::Unreachable(_)) => match self.quota_blocked(ask.provider, now) {
                 Some(QuotaBlock { until, measure, .. }) => {
-                    let soon = now.checked_add(PROBE_INTERVAL * 4).unwrap_or(now);
-                    Admission::OverQuota { until: until.min(soon), measure }
+                    Admission::OverQuota { until: until.min(ask_again_soon(now)), measure }
                 }
                 None => self.admit_locally(ask, now).await,
             },

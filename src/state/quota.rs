@@ -62,15 +62,19 @@ pub struct Scope {
 const PRUNE_AT_LEAST: usize = 64;
 
 impl Scope {
-    /// The use recorded under `id`, found by bisection (ids are in order).
+    /// The use recorded under `id` (ids are in order: found by bisection).
     pub fn usage(&self, id: i64) -> Option<&Usage> {
-        self.usage.get(self.usage.binary_search_by_key(&id, |u| u.id).ok()?)
+        self.usage.get(self.position(id)?)
     }
 
     /// The same, to change it.
     pub fn usage_mut(&mut self, id: i64) -> Option<&mut Usage> {
-        let at = self.usage.binary_search_by_key(&id, |u| u.id).ok()?;
+        let at = self.position(id)?;
         self.usage.get_mut(at)
+    }
+
+    fn position(&self, id: i64) -> Option<usize> {
+        self.usage.binary_search_by_key(&id, |u| u.id).ok()
     }
 }
 
@@ -196,20 +200,19 @@ pub fn prune(scope: &mut Scope, longest: Duration, now: SystemTime) {
     scope.learnt.retain(|l| l.leaves > now);
 }
 
-/// [`prune`] when the usage has doubled since it was last looked through, or a window has passed
-/// since: what no window can
-/// see any more is only skipped by every reader, so it may wait, and a store that records every
-/// call (the Postgres store's own account of its calls, a day's window of them) then pays a
-/// constant share per call instead of a pass over the whole window.
+/// [`prune`] when the usage has doubled, or a window has passed, since it was last looked
+/// through: what no window can see any more is only skipped by every reader, so it may wait, and
+/// a store that records every call (the Postgres store's own account of its calls, a day's
+/// window of them) then pays a constant share per call instead of a pass over the whole window.
 pub fn prune_lately(scope: &mut Scope, longest: Duration, now: SystemTime) {
     let window_passed = scope.pruned_at.is_none_or(|at| later(at, longest) <= now);
-    if scope.usage.len() < scope.prune_at && !window_passed {
+    if scope.usage.len() >= scope.prune_at || window_passed {
+        prune(scope, longest, now);
+        scope.prune_at = scope.usage.len().saturating_mul(2).max(PRUNE_AT_LEAST);
+        scope.pruned_at = Some(now);
+    } else {
         scope.learnt.retain(|l| l.leaves > now);
-        return;
     }
-    prune(scope, longest, now);
-    scope.prune_at = scope.usage.len().saturating_mul(2).max(PRUNE_AT_LEAST);
-    scope.pruned_at = Some(now);
 }
 
 /// Which declared limits an observation speaks of, as (pool name or `None` for the provider's
@@ -341,11 +344,12 @@ mod tests {
         for i in 0..10_000i64 {
             // One call every 10 ms, each answered at once: 1000 calls in any 10 s window.
             let now = t0 + Duration::from_millis(10 * i as u64);
-            let window_passed = scope.pruned_at.is_none_or(|at| at + limit.per <= now);
-            if scope.usage.len() >= scope.prune_at || window_passed {
-                looked_through += scope.usage.len();
-            }
+            let (before, last_pruned) = (scope.usage.len(), scope.pruned_at);
             prune_lately(&mut scope, limit.per, now);
+            // Each prune stamps its time: what it looked through is what was there before it.
+            if scope.pruned_at != last_pruned {
+                looked_through += before;
+            }
             scope.usage.push(done(i, now, 1));
             assert!(scope.usage.len() <= 2 * 1_001 + PRUNE_AT_LEAST, "call {i}: {} kept", scope.usage.len());
             assert_eq!(used(&scope, &limit, now), (i + 1).min(1_000) as u64, "call {i}");

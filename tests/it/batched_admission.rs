@@ -161,6 +161,20 @@ async fn seed(db: &mut PgConnection, scope: &str, rows: &[(usize, i64, i64)], ba
     }
 }
 
+/// What the current transaction of `db` read of each of `tables` (named in order): (table,
+/// whole-table reads, reads through an index, rows fetched through an index). Postgres 15 also
+/// counts a session's earlier, unflushed work there: measure on a connection that did nothing else.
+pub(crate) async fn reads_in_transaction(db: &mut PgConnection, tables: &[&str]) -> Vec<(String, i64, i64, i64)> {
+    sqlx::query_as(
+        "SELECT relname::text, coalesce(seq_scan, 0), coalesce(idx_scan, 0), coalesce(idx_tup_fetch, 0) \
+         FROM pg_stat_xact_user_tables WHERE relname = ANY($1) ORDER BY relname",
+    )
+    .bind(tables)
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
 /// (usage granted, blocked_until_ms, blocked_by) per ask.
 type Answer = (bool, Option<i64>, Option<String>);
 /// A row of `fallback_admit_batch`: ask, usage_id, blocked_until_ms, blocked_by.
@@ -461,18 +475,19 @@ async fn answers_alone_lock_their_windows_in_the_canonical_order() {
 async fn admissions_answers_and_retirement_read_no_table_whole() {
     let env = TestEnv::new().await;
     let _store = store_at(&env.database_url, DEFAULT_POOL).await;
-    let mut db = env.db().await;
+    let mut seeder = env.db().await;
     let base_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     // Use that left a while ago (retired by the first admission) and use still in the windows.
-    seed(&mut db, "p", &[(0, 1, -5_000), (1, 1, -5_000), (2, 40, -5_000), (1, 1, 20_000), (2, 30, 20_000)], base_ms)
-        .await;
+    let rows = [(0, 1, -5_000), (1, 1, -5_000), (2, 40, -5_000), (1, 1, 20_000), (2, 30, 20_000)];
+    seed(&mut seeder, "p", &rows, base_ms).await;
     // Statistics that say how small the tables are: what makes a planner choose to scan them.
     sqlx::raw_sql(
         "INSERT INTO provider_state (provider) VALUES ('p'); ANALYZE quota_window, quota_use, provider_state",
     )
-    .execute(&mut db)
+    .execute(&mut seeder)
     .await
     .unwrap();
+    let mut db = env.db().await;
     let (kinds, measures, windows_ms): (Vec<&str>, Vec<&str>, Vec<i64>) = (
         WINDOWS.iter().map(|w| w.0).collect(),
         WINDOWS.iter().map(|w| w.1).collect(),
@@ -529,21 +544,41 @@ async fn admissions_answers_and_retirement_read_no_table_whole() {
         .await
         .unwrap();
     // What this transaction read, table by table (counted while it runs).
-    let reads: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT relname::text, coalesce(seq_scan, 0), coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables \
-         WHERE relname IN ('quota_window', 'quota_use', 'provider_state') ORDER BY relname",
-    )
-    .fetch_all(&mut db)
-    .await
-    .unwrap();
+    let reads = reads_in_transaction(&mut db, &["provider_state", "quota_use", "quota_window"]).await;
     sqlx::query("COMMIT").execute(&mut db).await.unwrap();
     assert_eq!(reads.len(), 3, "every table was read: {reads:?}");
-    for (table, scans, through_keys) in &reads {
+    for (table, scans, through_keys, _) in &reads {
         assert_eq!(*scans, 0, "{table} read whole: {reads:?}");
         assert!(*through_keys > 0, "{table} read through its keys: {reads:?}");
     }
     assert_eq!(used(&mut db, "pool", "p", "requests").await, 3, "the old use retired, three calls in");
     assert_eq!(used(&mut db, "provider", "p", "tokens").await, 30 + 120 + 100 + 10, "answers counted");
+}
+
+/// p's limits in the refusal tests: 10 requests and 1000 tokens a minute.
+pub(crate) const REFUSAL_LIMITS: [LimitConfig; 2] = [
+    LimitConfig { requests: Some(10), tokens: None, per: Duration::from_secs(60), resets: None },
+    LimitConfig { requests: None, tokens: Some(1_000), per: Duration::from_secs(60), resets: None },
+];
+
+/// An ask of `tokens` to p under [`REFUSAL_LIMITS`].
+pub(crate) fn refusal_ask(tokens: u64) -> Ask<'static> {
+    Ask { provider: "p", limits: &REFUSAL_LIMITS, pools: &[], tokens, flight: Duration::from_secs(30) }
+}
+
+/// 900 of p's 1000 tokens taken, then an ask of 500 refused for lack of tokens: when the
+/// database said there would be room.
+pub(crate) async fn a_token_refusal(store: &PgStore) -> SystemTime {
+    assert!(matches!(store.admit(refusal_ask(900), SystemTime::now()).await, Admission::Granted(_)));
+    let refused = store.admit(refusal_ask(500), SystemTime::now()).await;
+    let Admission::OverQuota { until, measure: QuotaMeasure::Tokens } = refused else { panic!("{refused:?}") };
+    until
+}
+
+/// From here the database refuses to admit anything: an ask it is still asked fails, so only
+/// the refusal a worker kept can answer one with a time.
+pub(crate) async fn the_database_admits_no_more(env: &TestEnv) {
+    sqlx::query("DROP FUNCTION fallback_admit_batch").execute(&mut env.db().await).await.unwrap();
 }
 
 /// A refusal for lack of tokens is kept so that waiting jobs do not herd the database, but it
@@ -554,14 +589,10 @@ async fn admissions_answers_and_retirement_read_no_table_whole() {
 async fn a_token_refusal_does_not_hold_back_a_smaller_ask_that_fits() {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
-    let limits = [requests(10, 60), tokens(1_000, 60)];
-    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
-    assert!(matches!(store.admit(ask(900), SystemTime::now()).await, Admission::Granted(_)));
-    let refused = store.admit(ask(500), SystemTime::now()).await;
-    assert!(matches!(refused, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }), "{refused:?}");
-    let small = store.admit(ask(50), SystemTime::now()).await;
+    a_token_refusal(&store).await;
+    let small = store.admit(refusal_ask(50), SystemTime::now()).await;
     assert!(matches!(small, Admission::Granted(_)), "50 tokens fit beside 900 of 1000: {small:?}");
-    let large = store.admit(ask(500), SystemTime::now()).await;
+    let large = store.admit(refusal_ask(500), SystemTime::now()).await;
     assert!(matches!(large, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }), "{large:?}");
     assert_eq!(used(&mut env.db().await, "provider", "p", "tokens").await, 950);
 }
@@ -576,8 +607,8 @@ async fn a_request_refusal_holds_back_asks_of_every_size() {
     assert!(matches!(store.admit(ask(100), SystemTime::now()).await, Admission::Granted(_)));
     let refused = store.admit(ask(500), SystemTime::now()).await;
     let Admission::OverQuota { until, measure: QuotaMeasure::Requests } = refused else { panic!("{refused:?}") };
-    // The database can no longer admit: only the kept refusal can answer, and it answers the smaller ask too.
-    sqlx::query("DROP FUNCTION fallback_admit_batch").execute(&mut env.db().await).await.unwrap();
+    // Only the kept refusal can answer now, and it answers the smaller ask too.
+    the_database_admits_no_more(&env).await;
     let small = store.admit(ask(10), SystemTime::now()).await;
     assert!(
         matches!(small, Admission::OverQuota { until: u, measure: QuotaMeasure::Requests } if u == until),
@@ -628,13 +659,7 @@ async fn observations_read_no_table_whole() {
                 sqlx::query_scalar(observe).bind(remaining).bind(last_call - 1).fetch_one(&mut db).await.unwrap();
             answers.push(used);
         }
-        let reads: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT relname::text, coalesce(seq_scan, 0), coalesce(idx_scan, 0), coalesce(idx_tup_fetch, 0) \
-             FROM pg_stat_xact_user_tables WHERE relname IN ('quota_window', 'quota_use') ORDER BY relname",
-        )
-        .fetch_all(&mut db)
-        .await
-        .unwrap();
+        let reads = reads_in_transaction(&mut db, &["quota_use", "quota_window"]).await;
         sqlx::query("ROLLBACK").execute(&mut db).await.unwrap();
         let context = format!("generic plans: {generic}; {reads:?}");
         assert_eq!(answers[..2], [2_000, 2_010], "the learnt use taken back, then learnt again; {context}");

@@ -8,6 +8,7 @@
 
 use sqlx::PgConnection;
 
+use crate::batched_admission::reads_in_transaction;
 use crate::ledger_batching::{DEFAULT_POOL, store_at};
 use crate::support::*;
 
@@ -46,15 +47,10 @@ async fn observe_measured(env: &TestEnv, session: &'static str, sql: &'static st
     }
     sqlx::query("BEGIN").execute(&mut db).await.unwrap();
     let got: i64 = sqlx::query_scalar(sql).fetch_one(&mut db).await.unwrap();
-    let reads: (i64, i64, i64) = sqlx::query_as(
-        "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0), coalesce(idx_tup_fetch, 0) \
-           FROM pg_stat_xact_user_tables WHERE relname = 'quota_use'",
-    )
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
+    let reads = reads_in_transaction(&mut db, &["quota_use"]).await;
     sqlx::query("ROLLBACK").execute(&mut db).await.unwrap();
-    (got, reads)
+    let (_, scans, through_keys, fetched) = reads.into_iter().next().unwrap_or_default();
+    (got, (scans, through_keys, fetched))
 }
 
 /// The headers came with the answer to call 7996 (p1 has one call admitted after it, 7997):

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use fallback_worker::config::LimitConfig;
 use fallback_worker::state::{Admission, Ask, ProviderState, QuotaMeasure};
 
+use crate::batched_admission::{a_token_refusal, refusal_ask, the_database_admits_no_more};
 use crate::ledger_batching::{DEFAULT_POOL, store_at};
 use crate::support::relay::Relay;
 use crate::support::*;
@@ -25,14 +26,10 @@ fn tokens(n: u64, secs: u64) -> LimitConfig {
 async fn a_kept_token_refusal_still_answers_asks_at_least_as_large() {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
-    let limits = [requests(10, 60), tokens(1_000, 60)];
-    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
-    assert!(matches!(store.admit(ask(900), SystemTime::now()).await, Admission::Granted(_)));
-    let refused = store.admit(ask(500), SystemTime::now()).await;
-    let Admission::OverQuota { until, measure: QuotaMeasure::Tokens } = refused else { panic!("{refused:?}") };
-    sqlx::query("DROP FUNCTION fallback_admit_batch").execute(&mut env.db().await).await.unwrap();
+    let until = a_token_refusal(&store).await;
+    the_database_admits_no_more(&env).await;
     for size in [500, 800] {
-        let answer = store.admit(ask(size), SystemTime::now()).await;
+        let answer = store.admit(refusal_ask(size), SystemTime::now()).await;
         assert!(
             matches!(answer, Admission::OverQuota { until: u, measure: QuotaMeasure::Tokens } if u == until),
             "{size} tokens: the kept refusal answers: {answer:?}"
@@ -40,8 +37,8 @@ async fn a_kept_token_refusal_still_answers_asks_at_least_as_large() {
     }
 }
 
-/// FINDING (low: load, not decisions; fixed: `QuotaBlock::after`). A smaller ask's grant overwrites the kept refusal with
-/// `None` (`acquire` stores `blocked = None` for any non-refusal), so the refusal of the larger
+/// FINDING (low: load, not decisions; fixed: `QuotaBlock::after`). A smaller ask's grant
+/// overwrote the kept refusal with `None` (`acquire` stores `blocked = None` for any non-refusal), so the refusal of the larger
 /// ask is forgotten although the grant only made the window fuller: with a mix of sizes, every
 /// small grant sends the next large asks back to the database. Before 31fb5f8 a kept refusal
 /// answered every ask, so no new grant could clear it. A grant of `t` tokens says nothing about
@@ -50,15 +47,11 @@ async fn a_kept_token_refusal_still_answers_asks_at_least_as_large() {
 async fn a_smaller_grant_does_not_forget_the_refusal_of_a_larger_ask() {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
-    let limits = [requests(10, 60), tokens(1_000, 60)];
-    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
-    assert!(matches!(store.admit(ask(900), SystemTime::now()).await, Admission::Granted(_)));
-    let refused = store.admit(ask(500), SystemTime::now()).await;
-    let Admission::OverQuota { until, measure: QuotaMeasure::Tokens } = refused else { panic!("{refused:?}") };
-    assert!(matches!(store.admit(ask(50), SystemTime::now()).await, Admission::Granted(_)));
+    let until = a_token_refusal(&store).await;
+    assert!(matches!(store.admit(refusal_ask(50), SystemTime::now()).await, Admission::Granted(_)));
     // Only the kept refusal can answer now (the window is fuller than when it refused 500).
-    sqlx::query("DROP FUNCTION fallback_admit_batch").execute(&mut env.db().await).await.unwrap();
-    let large = store.admit(ask(500), SystemTime::now()).await;
+    the_database_admits_no_more(&env).await;
+    let large = store.admit(refusal_ask(500), SystemTime::now()).await;
     assert!(
         matches!(large, Admission::OverQuota { until: u, measure: QuotaMeasure::Tokens } if u == until),
         "a grant of 50 tokens cannot have made room for 500: the refusal should still answer: {large:?}"
