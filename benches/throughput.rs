@@ -12,7 +12,8 @@
 //! `scaling_jobs` [6000] for `scaling_workers` [1,2,4], `minimal_runtime` [current | multi],
 //! `minimal_connections` [1 | 2: publish on a second connection, as the service does],
 //! `minimal_pad` [0]: bytes of padding the minimal worker adds to each answer it publishes (to
-//! see what the size of the service's result envelope costs the broker),
+//! see what the size of the service's result envelope costs the broker), `minimal_mandatory`
+//! [false]: publish the answers `mandatory`, as the service does (measured: no cost of its own),
 //! `pg_connections` [3]: the service's `postgres.max_connections` (4: two ledger batches in flight),
 //! `wrap` [none]: a command the worker processes (service and minimal) run under, split on
 //! spaces, e.g. `THROUGHPUT_WRAP="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"`:
@@ -313,6 +314,7 @@ impl Stage {
             .env("MINIMAL_RUNTIME", setting::<String>("minimal_runtime", "current".into()))
             .env("MINIMAL_CONNECTIONS", setting::<String>("minimal_connections", "1".into()))
             .env("MINIMAL_PAD", setting::<String>("minimal_pad", "0".into()))
+            .env("MINIMAL_MANDATORY", setting::<String>("minimal_mandatory", "false".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -655,6 +657,7 @@ mod minimal {
         prefetch: u16,
         connections: u8,
         pad: usize,
+        mandatory: bool,
     }
 
     /// The child process's entry point (`THROUGHPUT_MINIMAL_WORKER` set); runs until killed.
@@ -668,6 +671,7 @@ mod minimal {
             prefetch: var("MINIMAL_PREFETCH").parse().unwrap(),
             connections: var("MINIMAL_CONNECTIONS").parse().unwrap(),
             pad: var("MINIMAL_PAD").parse().unwrap(),
+            mandatory: var("MINIMAL_MANDATORY").parse().unwrap(),
         };
         let runtime = var("MINIMAL_RUNTIME");
         // The service's `main` runs a current-thread runtime; `minimal_runtime=multi` compares
@@ -726,7 +730,7 @@ mod minimal {
             .basic_publish(
                 "".into(),
                 params.results.as_str().into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions { mandatory: params.mandatory, ..Default::default() },
                 &answer,
                 properties,
             )

@@ -3,6 +3,7 @@
 //! Everything lapin-specific stays in this module; the worker sees an [`Incoming`] job, a
 //! [`Publisher`] that only returns once the broker has confirmed, and an ack handle.
 
+mod acks;
 pub mod headers;
 mod nodes;
 mod publisher;

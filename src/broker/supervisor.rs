@@ -14,12 +14,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_lite::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{DeliveryTag, FieldTable};
 use lapin::{Acker, Connection};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::acks::Acks;
 use super::nodes::{NextTry, NodeRotation};
 use super::{Incoming, Publisher, Topology, connect};
 use crate::config::BrokerUrls;
@@ -103,17 +104,18 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     format!("panic: {}", crate::providers::short_message(&text))
 }
 
-/// Acks, or hands back after a pause.
-async fn apply(acker: Acker, settlement: Settlement) -> Result<(), String> {
+/// Acks (with the others settled meanwhile), or hands back after a pause.
+async fn apply(acks: &Acks, acker: Acker, tag: DeliveryTag, settlement: Settlement) -> Result<(), String> {
     match settlement {
-        Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
+        Settlement::Ack => acks.ack(tag).await,
         Settlement::Requeue { after } => {
             tokio::time::sleep(after).await;
-            acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            let handed_back = acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            // Only once its own frame went out may a range of acks pass over it.
+            acks.forget(tag);
+            handed_back.map(|_| ()).map_err(|e| format!("handing a delivery back failed: {e}"))
         }
     }
-    .map(|_| ())
-    .map_err(|e| format!("settling a delivery failed: {e}"))
 }
 
 enum SessionEnd {
@@ -237,6 +239,7 @@ async fn serve<H: DeliveryHandler>(
 ) -> SessionEnd {
     let tracker = TaskTracker::new();
     let broken = CancellationToken::new();
+    let acks = Acks::start(open.consume_channel.clone());
     let end = loop {
         tokio::select! {
             () = shutdown.cancelled() => break SessionEnd::Shutdown,
@@ -244,12 +247,15 @@ async fn serve<H: DeliveryHandler>(
             next = open.consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let received_at = SystemTime::now();
-                    let (handler, publisher, broken) = (handler.clone(), open.publisher.clone(), broken.clone());
+                    let tag = delivery.delivery_tag;
+                    acks.delivered(tag);
+                    let (handler, publisher, broken, acks) =
+                        (handler.clone(), open.publisher.clone(), broken.clone(), acks.clone());
                     tracker.spawn(async move {
                         let incoming = Incoming::from_delivery(delivery.data, &delivery.properties, received_at);
                         let settled = settle(handler.as_ref(), &incoming, &publisher).await;
                         let applied = match settled {
-                            Ok(settlement) => apply(delivery.acker, settlement).await,
+                            Ok(settlement) => apply(&acks, delivery.acker, tag, settlement).await,
                             Err(ConnectionLost(reason)) => Err(reason),
                         };
                         if let Err(reason) = applied {
@@ -277,6 +283,7 @@ async fn serve<H: DeliveryHandler>(
             tracing::warn!(left = tracker.len(), "drain timeout; unfinished jobs go back to the queue");
         }
     }
+    acks.close();
     close(&open.consume_conn).await;
     close(&open.publish_conn).await;
     end

@@ -218,3 +218,82 @@ async fn two_copies_of_a_job_in_flight_at_once_call_the_provider_once() {
     assert_eq!(mock.requests(), 1);
     worker.stop().await;
 }
+
+/// Acks are coalesced (`broker/acks.rs`): a job that takes long must not hold back the acks of
+/// the jobs after it, or their prefetch slots stay taken and the worker stops taking jobs.
+#[tokio::test]
+async fn a_slow_job_does_not_hold_back_the_acks_of_the_jobs_after_it() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    // The first job's call hangs for the rest of the test; every later call answers at once.
+    mock.script([Scenario::Hang]);
+    let mut config = env.config(&one_provider(&mock, "timeout = \"120s\""));
+    config.amqp.prefetch = 2;
+    let worker = env.spawn_worker(config, "w1").await;
+    env.publish(&job("slow"), BasicProperties::default()).await;
+    assert!(mock.wait_for_requests(1, PATIENCE).await, "the first job is in hand");
+    for n in 0..6 {
+        env.publish(&job(&format!("after-{n}")), BasicProperties::default()).await;
+    }
+    // With 2 slots and the first one held, each later job needs the ack of the one before it.
+    let results = env.results(&env.results, 6).await;
+    let mut answered: Vec<_> = results.iter().filter_map(|r| r.custom_id.clone()).collect();
+    answered.sort();
+    let expected: Vec<_> = (0..6).map(|n| format!("after-{n}")).collect();
+    assert_eq!(answered, expected, "every later job was answered while the first one hung");
+    assert_eq!(env.client.depth(&env.jobs).await, 0, "nothing waits in the queue");
+    // Not stopped: a graceful stop would wait out the drain timeout for the hung call.
+    drop(worker);
+}
+
+/// Every job that was answered is acked, whichever frames carried the acks: after a burst and
+/// a graceful stop, nothing comes back to the queue (an unacked job would, and be answered
+/// twice by the next worker).
+#[tokio::test]
+async fn after_a_burst_and_a_stop_every_answered_job_is_acked() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
+    for n in 0..200 {
+        env.publish(&job(&format!("burst-{n}")), BasicProperties::default()).await;
+    }
+    let results = env.results(&env.results, 200).await;
+    assert!(results.iter().all(|r| r.is_success()));
+    worker.stop().await;
+    assert_eq!(env.client.depth(&env.jobs).await, 0, "no answered job went back to the queue");
+    assert_eq!(mock.requests(), 200, "each job called once");
+}
+
+/// A range of acks (`multiple`) never covers a job still in hand: jobs after a hung one are
+/// answered and acked, the worker is killed, and the hung job comes back to the next worker.
+#[tokio::test]
+async fn acks_of_later_jobs_never_cover_a_job_still_in_hand() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    mock.script([Scenario::Hang]);
+    let config = env.config_file(&one_provider(&mock, "timeout = \"60s\""), "");
+    let mut first = WorkerProcess::spawn(&config);
+    env.wait_for_queues().await;
+    env.publish(&job("held"), BasicProperties::default()).await;
+    assert!(mock.wait_for_requests(1, PATIENCE).await, "the first worker holds the job");
+    for n in 0..20 {
+        env.publish(&job(&format!("later-{n}")), BasicProperties::default()).await;
+    }
+    let later = env.results(&env.results, 20).await;
+    assert!(later.iter().all(|r| r.custom_id.as_deref() != Some("held")));
+    first.signal("KILL");
+    first.wait().await;
+
+    // A later job whose ack had not gone out yet comes back too, and is answered again from
+    // the ledger: skip those. The held job must come back (each wait bounded by PATIENCE).
+    let second = WorkerProcess::spawn(&config);
+    let held = loop {
+        let (result, _) = env.next_result(&env.results).await;
+        if result.custom_id.as_deref() == Some("held") {
+            break result;
+        }
+    };
+    assert!(held.is_success(), "{held:?}");
+    assert_eq!(mock.requests(), 22, "the held job was called again; no later job was");
+    drop(second);
+}
