@@ -114,17 +114,15 @@ async fn flush_until_closed(shared: Arc<Shared>, channel: Channel) {
     }
 }
 
-/// Sends the plan's frames, in order, on `channel`.
+/// Sends the plan's frames on `channel`, every one queued before any is waited for: after a
+/// delivery that never settles (a range can no longer pass it) every ack is a single, and they
+/// must not go out one round trip to lapin's I/O thread after another.
 async fn send(channel: &Channel, plan: &AckPlan) -> Result<(), String> {
     let ranges = plan.multiple.map(|tag| (tag, true));
     let singles = plan.singles.iter().map(|tag| (*tag, false));
-    for (tag, multiple) in ranges.into_iter().chain(singles) {
-        channel
-            .basic_ack(tag, BasicAckOptions { multiple })
-            .await
-            .map_err(|e| format!("settling a delivery failed: {e}"))?;
-    }
-    Ok(())
+    let frames =
+        ranges.into_iter().chain(singles).map(|(tag, multiple)| channel.basic_ack(tag, BasicAckOptions { multiple }));
+    futures_util::future::try_join_all(frames).await.map(drop).map_err(|e| format!("settling a delivery failed: {e}"))
 }
 
 /// The frames that ack a set of settled deliveries.
@@ -224,5 +222,205 @@ mod tests {
                 prop_assert!(!plan.singles.contains(&last));
             }
         }
+    }
+}
+
+/// Review (branch review-acks): the flusher against a real RabbitMQ (127.0.0.1:5672), with the
+/// timing forced, so that what the integration tests only hit by chance is hit every run.
+#[cfg(test)]
+mod review_flusher {
+    use super::*;
+    use futures_lite::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    use std::time::Duration;
+
+    const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    struct Setup {
+        conn: Connection,
+        queue: String,
+        consume: Channel,
+        consumer: lapin::Consumer,
+    }
+
+    async fn setup(n: usize, name: &str) -> Setup {
+        let conn = Connection::connect(URL, ConnectionProperties::default()).await.unwrap();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let queue = format!("review-acks-{name}-{}-{nanos}", std::process::id());
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        for i in 0..n {
+            ch.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                i.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        let consume = conn.create_channel().await.unwrap();
+        consume.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+        let consumer = consume
+            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        Setup { conn, queue, consume, consumer }
+    }
+
+    /// Messages of `queue` that came back to it within `patience` (bodies).
+    async fn came_back(conn: &Connection, queue: &str, patience: Duration) -> Vec<String> {
+        let ch = conn.create_channel().await.unwrap();
+        let until = std::time::Instant::now() + patience;
+        let mut bodies = Vec::new();
+        while std::time::Instant::now() < until {
+            match ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+                Some(m) => bodies.push(String::from_utf8_lossy(&m.delivery.data).into_owned()),
+                None if !bodies.is_empty() => break,
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await.unwrap();
+        bodies
+    }
+
+    /// The oldest delivery is in hand while the four after it settle in one flush (joined
+    /// before the flusher can run: current-thread runtime). The flush must not cover the held
+    /// one: once the consuming channel closes, exactly that one comes back.
+    #[tokio::test]
+    async fn a_flush_of_later_acks_never_covers_the_oldest_delivery_in_hand() {
+        let mut s = setup(5, "held").await;
+        let acks = Acks::start(s.consume.clone());
+        let mut tags = Vec::new();
+        for _ in 0..5 {
+            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
+            acks.delivered(d.delivery_tag);
+            tags.push(d.delivery_tag);
+        }
+        let later = async { tokio::join!(acks.ack(tags[1]), acks.ack(tags[2]), acks.ack(tags[3]), acks.ack(tags[4])) };
+        let (a, b, c, d) = tokio::time::timeout(PATIENCE, later).await.expect("the acks went out");
+        for r in [a, b, c, d] {
+            r.unwrap();
+        }
+        acks.close();
+        s.consume.close(200, "bye".into()).await.unwrap();
+        let back = came_back(&s.conn, &s.queue, Duration::from_secs(5)).await;
+        assert_eq!(back, vec!["0".to_string()], "only the held delivery comes back");
+    }
+
+    /// A flush in order (nothing held) is one range; all acked, nothing comes back.
+    #[tokio::test]
+    async fn a_flush_in_delivery_order_acks_everything() {
+        let mut s = setup(5, "order").await;
+        let acks = Acks::start(s.consume.clone());
+        let mut tags = Vec::new();
+        for _ in 0..5 {
+            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
+            acks.delivered(d.delivery_tag);
+            tags.push(d.delivery_tag);
+        }
+        let all = async {
+            tokio::join!(acks.ack(tags[0]), acks.ack(tags[1]), acks.ack(tags[2]), acks.ack(tags[3]), acks.ack(tags[4]))
+        };
+        let (a, b, c, d, e) = tokio::time::timeout(PATIENCE, all).await.expect("the acks went out");
+        for r in [a, b, c, d, e] {
+            r.unwrap();
+        }
+        acks.close();
+        s.consume.close(200, "bye".into()).await.unwrap();
+        let back = came_back(&s.conn, &s.queue, Duration::from_secs(1)).await;
+        assert!(back.is_empty(), "nothing comes back: {back:?}");
+    }
+
+    /// An ack that arrives while the flusher is busy sending the previous flush must still go
+    /// out (Notify permit), without any later ack or a close to push it. Tried many times so
+    /// that the window (flusher inside `send`) is hit.
+    #[tokio::test]
+    async fn an_ack_made_while_a_flush_is_being_sent_is_not_left_waiting() {
+        const N: usize = 60;
+        let mut s = setup(N, "wake").await;
+        let acks = Acks::start(s.consume.clone());
+        let mut tags = Vec::new();
+        for _ in 0..N {
+            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
+            acks.delivered(d.delivery_tag);
+            tags.push(d.delivery_tag);
+        }
+        let mut hit = 0;
+        for pair in tags.chunks(2) {
+            let first = tokio::spawn({
+                let (acks, tag) = (acks.clone(), pair[0]);
+                async move { acks.ack(tag).await }
+            });
+            // Let the flusher take the first ack and start sending it.
+            while acks.state().outstanding.contains(&pair[0]) {
+                tokio::task::yield_now().await;
+            }
+            if !first.is_finished() {
+                hit += 1;
+            }
+            let second = tokio::time::timeout(Duration::from_secs(3), acks.ack(pair[1])).await;
+            assert!(matches!(second, Ok(Ok(()))), "the second ack was left waiting: {second:?}");
+            tokio::time::timeout(PATIENCE, first).await.unwrap().unwrap().unwrap();
+        }
+        assert!(hit > 0, "the window was never hit");
+        acks.close();
+        s.consume.close(200, "bye".into()).await.unwrap();
+        let back = came_back(&s.conn, &s.queue, Duration::from_secs(1)).await;
+        assert!(back.is_empty(), "nothing comes back: {back:?}");
+    }
+
+    /// The requeue path as `apply` runs it: the oldest delivery handed back with its own
+    /// `Acker::nack`, then `forget`, while the later ones settle and go out as one range right
+    /// after the forget. lapin resolves the nack only once its frame is written (io_loop.rs:483)
+    /// and queues both in the same FIFO (frames.rs:317), so the broker sees the nack first: the
+    /// held one comes back (not swallowed by the range), and the channel is not closed by an
+    /// "unknown delivery tag".
+    #[tokio::test]
+    async fn a_range_right_after_a_nack_and_forget_does_not_swallow_the_handed_back_delivery() {
+        use lapin::options::BasicNackOptions;
+        let mut s = setup(4, "nack").await;
+        let acks = Acks::start(s.consume.clone());
+        let mut deliveries = Vec::new();
+        for _ in 0..4 {
+            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
+            acks.delivered(d.delivery_tag);
+            deliveries.push(d);
+        }
+        let tags: Vec<DeliveryTag> = deliveries.iter().map(|d| d.delivery_tag).collect();
+        let held = deliveries.remove(0);
+        let hand_back = async {
+            let r = held.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            acks.forget(tags[0]);
+            r
+        };
+        let settle_later = async {
+            while acks.state().outstanding.contains(&tags[0]) {
+                tokio::task::yield_now().await;
+            }
+            tokio::join!(acks.ack(tags[1]), acks.ack(tags[2]), acks.ack(tags[3]))
+        };
+        let (nacked, (a, b, c)) =
+            tokio::time::timeout(PATIENCE, async { tokio::join!(hand_back, settle_later) }).await.unwrap();
+        assert!(nacked.unwrap(), "the nack was sent");
+        for r in [a, b, c] {
+            r.unwrap();
+        }
+        // A channel error (PRECONDITION_FAILED) would show on the next synchronous call.
+        s.consume.basic_qos(100, BasicQosOptions::default()).await.expect("the channel is still open");
+        acks.close();
+        s.consume.close(200, "bye".into()).await.unwrap();
+        let back = came_back(&s.conn, &s.queue, Duration::from_secs(5)).await;
+        assert_eq!(back, vec!["0".to_string()], "the handed-back delivery is in the queue again");
     }
 }
