@@ -239,7 +239,10 @@ mod review_flusher {
     use lapin::{BasicProperties, Connection, ConnectionProperties};
     use std::time::Duration;
 
-    const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    /// The broker the integration tests use (`TEST_AMQP_URL`, as in tests/it/support).
+    fn url() -> String {
+        std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    }
     const PATIENCE: Duration = Duration::from_secs(5);
 
     struct Setup {
@@ -250,11 +253,13 @@ mod review_flusher {
     }
 
     async fn setup(n: usize, name: &str) -> Setup {
-        let conn = Connection::connect(URL, ConnectionProperties::default()).await.unwrap();
+        let conn = Connection::connect(&url(), ConnectionProperties::default()).await.unwrap();
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let queue = format!("review-acks-{name}-{}-{nanos}", std::process::id());
         let ch = conn.create_channel().await.unwrap();
-        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+        // Exclusive: gone with this connection (the test process), even when the test fails.
+        let exclusive = QueueDeclareOptions { exclusive: true, ..Default::default() };
+        ch.queue_declare(queue.as_str().into(), exclusive, FieldTable::default()).await.unwrap();
         ch.confirm_select(Default::default()).await.unwrap();
         for i in 0..n {
             ch.basic_publish(
