@@ -45,8 +45,9 @@ impl Acks {
     /// everything ready was sent.
     pub(super) fn start(channel: Channel) -> Acks {
         let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Notify::new() });
-        tokio::spawn(flush_until_closed(shared.clone(), channel));
-        Acks { shared }
+        let acks = Acks { shared };
+        tokio::spawn(flush_until_closed(acks.clone(), channel));
+        acks
     }
 
     /// Registers a delivery as it arrives (tags arrive in increasing order).
@@ -81,21 +82,15 @@ impl Acks {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state()
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-impl Shared {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-async fn flush_until_closed(shared: Arc<Shared>, channel: Channel) {
+async fn flush_until_closed(acks: Acks, channel: Channel) {
     loop {
-        shared.wake.notified().await;
+        acks.shared.wake.notified().await;
         let (plan, replies, closed) = {
-            let mut state = shared.state();
+            let mut state = acks.state();
             let ready = std::mem::take(&mut state.ready);
             let tags: Vec<DeliveryTag> = ready.iter().map(|(tag, _)| *tag).collect();
             let plan = AckPlan::of(&state.outstanding, tags);
@@ -108,7 +103,7 @@ async fn flush_until_closed(shared: Arc<Shared>, channel: Channel) {
         for (_, reply) in replies {
             let _ = reply.send(outcome.clone());
         }
-        if closed && shared.state().ready.is_empty() {
+        if closed && acks.state().ready.is_empty() {
             return;
         }
     }
@@ -232,8 +227,7 @@ mod review_flusher {
     use super::*;
     use futures_lite::StreamExt;
     use lapin::options::{
-        BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
+        BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
     };
     use lapin::types::FieldTable;
     use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -283,19 +277,43 @@ mod review_flusher {
         Setup { conn, queue, consume, consumer }
     }
 
-    /// Messages of `queue` that came back to it within `patience` (bodies).
-    async fn came_back(conn: &Connection, queue: &str, patience: Duration) -> Vec<String> {
-        let ch = conn.create_channel().await.unwrap();
-        let until = std::time::Instant::now() + patience;
+    /// The next `n` deliveries, each registered as the supervisor registers them.
+    async fn receive(s: &mut Setup, acks: &Acks, n: usize) -> Vec<lapin::message::Delivery> {
+        let mut deliveries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
+            acks.delivered(d.delivery_tag);
+            deliveries.push(d);
+        }
+        deliveries
+    }
+
+    /// Acks `tags` at once: every ack is queued before the flusher runs (current-thread
+    /// runtime), so they share one flush.
+    async fn ack_together(acks: &Acks, tags: &[DeliveryTag]) {
+        let all = futures_util::future::try_join_all(tags.iter().map(|tag| acks.ack(*tag)));
+        tokio::time::timeout(PATIENCE, all).await.expect("the acks went out").unwrap();
+    }
+
+    /// Closes the consuming channel (its unacked deliveries go back to the queue) and returns
+    /// the bodies that came back: waits for `expected` of them, then `QUIET` for any more.
+    async fn came_back(s: Setup, acks: &Acks, expected: usize) -> Vec<String> {
+        const QUIET: Duration = Duration::from_secs(1);
+        acks.close();
+        s.consume.close(200, "bye".into()).await.unwrap();
+        let ch = s.conn.create_channel().await.unwrap();
+        let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let mut back =
+            ch.basic_consume(s.queue.as_str().into(), "".into(), no_ack, FieldTable::default()).await.unwrap();
         let mut bodies = Vec::new();
-        while std::time::Instant::now() < until {
-            match ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-                Some(m) => bodies.push(String::from_utf8_lossy(&m.delivery.data).into_owned()),
-                None if !bodies.is_empty() => break,
-                None => tokio::time::sleep(Duration::from_millis(50)).await,
+        loop {
+            let wait = if bodies.len() < expected { PATIENCE } else { QUIET };
+            match tokio::time::timeout(wait, back.next()).await {
+                Ok(Some(Ok(d))) => bodies.push(String::from_utf8_lossy(&d.data).into_owned()),
+                _ => break,
             }
         }
-        ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await.unwrap();
+        ch.queue_delete(s.queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
         bodies
     }
 
@@ -306,20 +324,9 @@ mod review_flusher {
     async fn a_flush_of_later_acks_never_covers_the_oldest_delivery_in_hand() {
         let mut s = setup(5, "held").await;
         let acks = Acks::start(s.consume.clone());
-        let mut tags = Vec::new();
-        for _ in 0..5 {
-            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
-            acks.delivered(d.delivery_tag);
-            tags.push(d.delivery_tag);
-        }
-        let later = async { tokio::join!(acks.ack(tags[1]), acks.ack(tags[2]), acks.ack(tags[3]), acks.ack(tags[4])) };
-        let (a, b, c, d) = tokio::time::timeout(PATIENCE, later).await.expect("the acks went out");
-        for r in [a, b, c, d] {
-            r.unwrap();
-        }
-        acks.close();
-        s.consume.close(200, "bye".into()).await.unwrap();
-        let back = came_back(&s.conn, &s.queue, Duration::from_secs(5)).await;
+        let tags: Vec<DeliveryTag> = receive(&mut s, &acks, 5).await.iter().map(|d| d.delivery_tag).collect();
+        ack_together(&acks, &tags[1..]).await;
+        let back = came_back(s, &acks, 1).await;
         assert_eq!(back, vec!["0".to_string()], "only the held delivery comes back");
     }
 
@@ -328,22 +335,9 @@ mod review_flusher {
     async fn a_flush_in_delivery_order_acks_everything() {
         let mut s = setup(5, "order").await;
         let acks = Acks::start(s.consume.clone());
-        let mut tags = Vec::new();
-        for _ in 0..5 {
-            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
-            acks.delivered(d.delivery_tag);
-            tags.push(d.delivery_tag);
-        }
-        let all = async {
-            tokio::join!(acks.ack(tags[0]), acks.ack(tags[1]), acks.ack(tags[2]), acks.ack(tags[3]), acks.ack(tags[4]))
-        };
-        let (a, b, c, d, e) = tokio::time::timeout(PATIENCE, all).await.expect("the acks went out");
-        for r in [a, b, c, d, e] {
-            r.unwrap();
-        }
-        acks.close();
-        s.consume.close(200, "bye".into()).await.unwrap();
-        let back = came_back(&s.conn, &s.queue, Duration::from_secs(1)).await;
+        let tags: Vec<DeliveryTag> = receive(&mut s, &acks, 5).await.iter().map(|d| d.delivery_tag).collect();
+        ack_together(&acks, &tags).await;
+        let back = came_back(s, &acks, 0).await;
         assert!(back.is_empty(), "nothing comes back: {back:?}");
     }
 
@@ -355,12 +349,7 @@ mod review_flusher {
         const N: usize = 60;
         let mut s = setup(N, "wake").await;
         let acks = Acks::start(s.consume.clone());
-        let mut tags = Vec::new();
-        for _ in 0..N {
-            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
-            acks.delivered(d.delivery_tag);
-            tags.push(d.delivery_tag);
-        }
+        let tags: Vec<DeliveryTag> = receive(&mut s, &acks, N).await.iter().map(|d| d.delivery_tag).collect();
         let mut hit = 0;
         for pair in tags.chunks(2) {
             let first = tokio::spawn({
@@ -379,9 +368,7 @@ mod review_flusher {
             tokio::time::timeout(PATIENCE, first).await.unwrap().unwrap().unwrap();
         }
         assert!(hit > 0, "the window was never hit");
-        acks.close();
-        s.consume.close(200, "bye".into()).await.unwrap();
-        let back = came_back(&s.conn, &s.queue, Duration::from_secs(1)).await;
+        let back = came_back(s, &acks, 0).await;
         assert!(back.is_empty(), "nothing comes back: {back:?}");
     }
 
@@ -396,12 +383,7 @@ mod review_flusher {
         use lapin::options::BasicNackOptions;
         let mut s = setup(4, "nack").await;
         let acks = Acks::start(s.consume.clone());
-        let mut deliveries = Vec::new();
-        for _ in 0..4 {
-            let d = tokio::time::timeout(PATIENCE, s.consumer.next()).await.unwrap().unwrap().unwrap();
-            acks.delivered(d.delivery_tag);
-            deliveries.push(d);
-        }
+        let mut deliveries = receive(&mut s, &acks, 4).await;
         let tags: Vec<DeliveryTag> = deliveries.iter().map(|d| d.delivery_tag).collect();
         let held = deliveries.remove(0);
         let hand_back = async {
@@ -413,19 +395,14 @@ mod review_flusher {
             while acks.state().outstanding.contains(&tags[0]) {
                 tokio::task::yield_now().await;
             }
-            tokio::join!(acks.ack(tags[1]), acks.ack(tags[2]), acks.ack(tags[3]))
+            ack_together(&acks, &tags[1..]).await
         };
-        let (nacked, (a, b, c)) =
+        let (nacked, ()) =
             tokio::time::timeout(PATIENCE, async { tokio::join!(hand_back, settle_later) }).await.unwrap();
         assert!(nacked.unwrap(), "the nack was sent");
-        for r in [a, b, c] {
-            r.unwrap();
-        }
         // A channel error (PRECONDITION_FAILED) would show on the next synchronous call.
         s.consume.basic_qos(100, BasicQosOptions::default()).await.expect("the channel is still open");
-        acks.close();
-        s.consume.close(200, "bye".into()).await.unwrap();
-        let back = came_back(&s.conn, &s.queue, Duration::from_secs(5)).await;
+        let back = came_back(s, &acks, 1).await;
         assert_eq!(back, vec!["0".to_string()], "the handed-back delivery is in the queue again");
     }
 }

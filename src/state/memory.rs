@@ -276,12 +276,7 @@ mod tests {
     #[test]
     fn a_burst_no_window_sees_any_more_is_forgotten_when_calls_become_rare() {
         let store = MemoryStore::new();
-        let limits = [crate::config::LimitConfig {
-            requests: Some(1_000_000),
-            tokens: None,
-            per: Duration::from_secs(60),
-            resets: None,
-        }];
+        let limits = [per_minute(1_000_000)];
         let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 10, flight: Duration::from_secs(5) };
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         for i in 0..10_000u64 {

@@ -1,5 +1,6 @@
 //! Delivery guarantees (contract §4): reply_to, idempotency, crashes and graceful shutdown.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, Scenario};
@@ -52,16 +53,23 @@ async fn a_redelivered_job_is_answered_from_the_ledger_without_a_provider_call()
     worker.stop().await;
 }
 
+/// A worker process whose call for `custom_id` hangs (the mock's first request), and its
+/// config file, for a second worker to take over once it is killed.
+async fn a_worker_holding(env: &TestEnv, mock: &MockProvider, custom_id: &str) -> (PathBuf, WorkerProcess) {
+    mock.script([Scenario::Hang]);
+    let config = env.config_file(&one_provider(mock, "timeout = \"60s\""), "");
+    let worker = WorkerProcess::spawn(&config);
+    env.wait_for_queues().await;
+    env.publish(&job(custom_id), BasicProperties::default()).await;
+    assert!(mock.wait_for_requests(1, PATIENCE).await, "the first worker took the job");
+    (config, worker)
+}
+
 #[tokio::test]
 async fn a_worker_killed_mid_job_loses_nothing() {
     let env = TestEnv::new().await;
     let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
-    mock.script([Scenario::Hang]);
-    let config = env.config_file(&one_provider(&mock, "timeout = \"60s\""), "");
-    let mut first = WorkerProcess::spawn(&config);
-    env.wait_for_queues().await;
-    env.publish(&job("k-1"), BasicProperties::default()).await;
-    assert!(mock.wait_for_requests(1, PATIENCE).await, "the first worker took the job");
+    let (config, mut first) = a_worker_holding(&env, &mock, "k-1").await;
     first.signal("KILL");
     first.wait().await;
 
@@ -269,12 +277,7 @@ async fn after_a_burst_and_a_stop_every_answered_job_is_acked() {
 async fn acks_of_later_jobs_never_cover_a_job_still_in_hand() {
     let env = TestEnv::new().await;
     let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
-    mock.script([Scenario::Hang]);
-    let config = env.config_file(&one_provider(&mock, "timeout = \"60s\""), "");
-    let mut first = WorkerProcess::spawn(&config);
-    env.wait_for_queues().await;
-    env.publish(&job("held"), BasicProperties::default()).await;
-    assert!(mock.wait_for_requests(1, PATIENCE).await, "the first worker holds the job");
+    let (config, mut first) = a_worker_holding(&env, &mock, "held").await;
     for n in 0..20 {
         env.publish(&job(&format!("later-{n}")), BasicProperties::default()).await;
     }

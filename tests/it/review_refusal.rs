@@ -30,10 +30,8 @@ async fn a_kept_token_refusal_still_answers_asks_at_least_as_large() {
     the_database_admits_no_more(&env).await;
     for size in [500, 800] {
         let answer = store.admit(refusal_ask(size), SystemTime::now()).await;
-        assert!(
-            matches!(answer, Admission::OverQuota { until: u, measure: QuotaMeasure::Tokens } if u == until),
-            "{size} tokens: the kept refusal answers: {answer:?}"
-        );
+        let kept = Admission::OverQuota { until, measure: QuotaMeasure::Tokens };
+        assert_eq!(answer, kept, "{size} tokens: the kept refusal answers");
     }
 }
 
@@ -52,9 +50,10 @@ async fn a_smaller_grant_does_not_forget_the_refusal_of_a_larger_ask() {
     // Only the kept refusal can answer now (the window is fuller than when it refused 500).
     the_database_admits_no_more(&env).await;
     let large = store.admit(refusal_ask(500), SystemTime::now()).await;
-    assert!(
-        matches!(large, Admission::OverQuota { until: u, measure: QuotaMeasure::Tokens } if u == until),
-        "a grant of 50 tokens cannot have made room for 500: the refusal should still answer: {large:?}"
+    assert_eq!(
+        large,
+        Admission::OverQuota { until, measure: QuotaMeasure::Tokens },
+        "a grant of 50 tokens cannot have made room for 500: the refusal should still answer"
     );
 }
 
