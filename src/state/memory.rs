@@ -48,6 +48,22 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Records the answer to a granted call at `now` (its window then counts it until `now`
+    /// plus the window): [`ProviderState::finish`] at the wall clock, or at a test's instant.
+    pub fn finish_at(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
+        let Some(id) = permit.usage_id else { return };
+        let mut providers = self.providers.lock().unwrap();
+        let mut pools = self.pools.lock().unwrap();
+        let own = providers.values_mut().map(|row| &mut row.quota);
+        // The same call is recorded once in its provider's scope and once in each pool's.
+        for usage in own.chain(pools.values_mut()).filter_map(|scope| scope.usage_mut(id)) {
+            usage.done = Some(now);
+            if let Some(tokens) = tokens {
+                usage.tokens = tokens;
+            }
+        }
+    }
+
     /// Records a call another store admitted, without checking any limit (the Postgres store's
     /// own account of its calls), in the provider's scope and its pools'; returns the record's
     /// id. Calls no window of theirs can see any more are forgotten.
@@ -144,18 +160,7 @@ impl ProviderState for MemoryStore {
     }
 
     async fn finish(&self, permit: Permit, tokens: Option<u64>) {
-        let Some(id) = permit.usage_id else { return };
-        let now = SystemTime::now();
-        let mut providers = self.providers.lock().unwrap();
-        let mut pools = self.pools.lock().unwrap();
-        let own = providers.values_mut().map(|row| &mut row.quota);
-        // The same call is recorded once in its provider's scope and once in each pool's.
-        for usage in own.chain(pools.values_mut()).filter_map(|scope| scope.usage_mut(id)) {
-            usage.done = Some(now);
-            if let Some(tokens) = tokens {
-                usage.tokens = tokens;
-            }
-        }
+        self.finish_at(permit, tokens, SystemTime::now());
     }
 
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
@@ -515,7 +520,9 @@ mod tests {
             let Admission::Granted(permit) = store.admit(ask(provider), at("2026-11-30T23:30:00Z")).await else {
                 panic!()
             };
-            store.finish(permit, None).await;
+            // Answered at 23:30 too (by the wall clock it could be any day: a calendar day's
+            // call counts until the reset after its answer).
+            store.finish_at(permit, None, at("2026-11-30T23:30:00Z"));
         }
         assert_eq!(
             store.admit(ask("a"), at("2026-11-30T23:31:00Z")).await,
