@@ -160,6 +160,7 @@ impl WorkerApp {
         tasks.spawn(housekeeping(upkeep, shutdown.clone()));
         let reply_to_allow =
             config.amqp.reply_to_allow.iter().map(|p| glob::Pattern::new(p)).collect::<Result<_, _>>()?;
+        let answers = store.clone();
         let store = Arc::new(store);
         let handler = Arc::new(JobHandler {
             chains,
@@ -188,6 +189,7 @@ impl WorkerApp {
         };
         tracing::info!(worker = %self.worker_id, broker = %config.amqp.url.redacted(), "worker starting");
         broker::run_consumer(session, handler, shutdown.clone(), self.broker_ready.clone()).await;
+        answers.answers_recorded().await;
         tasks.close();
         tasks.wait().await;
         tracing::info!("worker stopped");

@@ -97,7 +97,9 @@ pub trait ProviderState: Send + Sync {
     async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission;
 
     /// The answer to a granted call arrived: its window occupancy ends now, and its token count
-    /// is corrected from the provider's `usage` when known.
+    /// is corrected from the provider's `usage` when known. A shared store may return before
+    /// the answer is written, but never before every later admission of this process is bound
+    /// to see it (the job's result need not wait for the bookkeeping).
     async fn finish(&self, permit: Permit, tokens: Option<u64>);
 
     /// Cools `provider` down until `cooldown.until` for every worker. A cooldown only moves

@@ -27,6 +27,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
@@ -106,6 +107,9 @@ pub struct PgStore {
     listen_options: Arc<PgConnectOptions>,
     /// When a state call last gave up on a query still running (see [`Abandoned`]).
     abandoned: Arc<Abandoned>,
+    /// Answers of calls queued for recording, which their jobs do not wait for: a worker that
+    /// stops waits for them ([`PgStore::answers_recorded`]).
+    answers: TaskTracker,
 }
 
 /// This worker's own view, kept at all times and used alone while the database is unreachable.
@@ -243,7 +247,16 @@ impl PgStore {
             outage: Arc::new(outage),
             listen_options,
             abandoned: Arc::default(),
+            answers: TaskTracker::new(),
         }
+    }
+
+    /// Waits until the answers queued so far are recorded (or given up on, within the bound of
+    /// a state call): a stopping worker leaves no call counted with its estimate alone.
+    pub async fn answers_recorded(&self) {
+        self.answers.close();
+        self.answers.wait().await;
+        self.answers.reopen();
     }
 
     /// Sends the LISTEN session to `url` instead of the pool's address.
@@ -873,6 +886,10 @@ impl Drop for AbandonWatch<'_> {
 /// How long a connection handed back to the pool may take to answer a ping.
 const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
+fn answer_not_recorded(e: &StoreError) {
+    tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
+}
+
 fn cooldown_from(until_ms: i64, reason: Option<String>, detail: Option<String>) -> Option<Cooldown> {
     let reason = CooldownReason::parse(reason.as_deref()?)?;
     Some(Cooldown {
@@ -1075,12 +1092,22 @@ impl ProviderState for PgStore {
         // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
         // finishes (bigint out of range), and the other calls' raised counts in it with it.
         let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
-        // With the other answers that arrive meanwhile, in one transaction.
+        // With the other answers that arrive meanwhile, in one transaction. The job does not
+        // wait for it: once queued, the answer goes out before any later ask of this process
+        // for the provider (the batcher keeps each provider's order), which is all an ask needs
+        // of it; waiting here only held the job's result back by a batch round trip.
+        let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
         let request = |reply| quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, reply });
-        let result = self.batched_call(self.quota(), request).await;
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
-        }
+        let answer = match self.enqueue(self.quota(), request, deadline).await {
+            Ok(answer) => answer,
+            Err(e) => return answer_not_recorded(&e),
+        };
+        let store = self.clone();
+        self.answers.spawn(async move {
+            if let Err(e) = store.answer_of(answer, deadline).await {
+                answer_not_recorded(&e);
+            }
+        });
     }
 
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
@@ -1338,17 +1365,37 @@ impl PgStore {
         queue: &mpsc::Sender<R>,
         request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> R,
     ) -> Result<T, StoreError> {
+        let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
+        let answer = self.enqueue(queue, request, deadline).await?;
+        self.answer_of(answer, deadline).await
+    }
+
+    /// Puts one request in a batcher's queue, the queue's room waited for within `deadline`:
+    /// once this returns, every later request of this process is behind it.
+    async fn enqueue<R, T>(
+        &self,
+        queue: &mpsc::Sender<R>,
+        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> R,
+        deadline: tokio::time::Instant,
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError> {
         if self.is_degraded() {
             return Err(StoreError::Unreachable("the database is down".into()));
         }
         let (reply, answer) = oneshot::channel();
-        // The queue's room is waited for within the same bound as the answer.
-        let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
         match tokio::time::timeout_at(deadline, queue.send(request(reply))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(closed()),
-            Err(_) => return Err(self.timed_out("the batching queue is full")),
+            Ok(Ok(())) => Ok(answer),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(self.timed_out("the batching queue is full")),
         }
+    }
+
+    /// The batch's answer to one request, within `deadline`: a batch that cannot answer in
+    /// time counts towards marking the database down, as any state call does.
+    async fn answer_of<T>(
+        &self,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Err(StoreError::Busy(why)))) => Err(self.timed_out(&why)),
             Ok(Ok(Err(StoreError::Unreachable(why)))) => {
@@ -1402,6 +1449,51 @@ fn closed() -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose admissions and answers go to the returned queue instead of a batcher
+    /// (no database: the pool is lazy and never used).
+    fn store_with_quota_queue() -> (PgStore, mpsc::Receiver<quota_batcher::Request>) {
+        let store = PgStore::connect_lazy("postgres://postgres@127.0.0.1:1/none", 2).unwrap();
+        let (sender, receiver) = mpsc::channel(8);
+        assert!(store.quota.set(sender).is_ok());
+        (store, receiver)
+    }
+
+    fn answered_permit() -> Permit {
+        Permit { usage_id: Some(7), local_id: None, provider: Some(Arc::from("groq")) }
+    }
+
+    #[tokio::test]
+    async fn a_calls_answer_is_queued_before_finish_returns_and_recorded_without_the_job_waiting() {
+        let (store, mut queue) = store_with_quota_queue();
+        store.finish(answered_permit(), Some(42)).await;
+        // Queued before `finish` returned: every later ask of this process comes after it.
+        let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
+        assert_eq!((answer.call, answer.tokens), (7, Some(42)));
+        // Nobody has answered it yet, and the job went on: the wait for it is detached.
+        assert!(!answer.reply.is_closed(), "the answer's recording was given up on");
+        let mut recorded = std::pin::pin!(store.answers_recorded());
+        assert!(
+            futures_lite::future::poll_once(recorded.as_mut()).await.is_none(),
+            "a stopping worker must wait for it"
+        );
+        answer.reply.send(Ok(())).ok();
+        recorded.await;
+        assert!(!store.is_degraded());
+    }
+
+    #[tokio::test]
+    async fn a_detached_answer_that_finds_the_database_gone_marks_it_down() {
+        let (store, mut queue) = store_with_quota_queue();
+        store.finish(answered_permit(), None).await;
+        let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
+        answer.reply.send(Err(StoreError::Unreachable("connection refused".into()))).ok();
+        store.answers_recorded().await;
+        assert!(store.is_degraded(), "an answer that could not be recorded is a state call like any other");
+        // Down: the next answer is not even queued (its slot frees when the call expires).
+        store.finish(answered_permit(), None).await;
+        assert!(queue.try_recv().is_err());
+    }
 
     fn limit(requests: Option<u64>, tokens: Option<u64>, secs: u64) -> LimitConfig {
         LimitConfig { requests, tokens, per: Duration::from_secs(secs), resets: None }
