@@ -259,6 +259,33 @@ impl PgStore {
         self.answers.reopen();
     }
 
+    /// [`ProviderState::finish`], waiting until the answer is written (or given up on), for a
+    /// caller that reads the windows next, such as a test; the chain does not wait.
+    pub async fn finish_recorded(&self, permit: Permit, tokens: Option<u64>) -> Result<(), StoreError> {
+        match self.queue_answer(permit, tokens).await? {
+            Some((answer, deadline)) => self.answer_of(answer, deadline).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Counts the answer in this worker's own view and queues it for the shared windows, with
+    /// the other answers and the asks that arrive meanwhile (one transaction): `None` when the
+    /// shared windows do not count the call.
+    async fn queue_answer(&self, permit: Permit, tokens: Option<u64>) -> Result<Option<QueuedAnswer>, StoreError> {
+        if let Some(local_id) = permit.local_id {
+            self.outage.own_calls.finish(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens).await;
+        }
+        let (Some(call), Some(provider)) = (permit.usage_id, permit.provider) else { return Ok(None) };
+        // A provider's count is taken as it says, but never so large that the windows' totals
+        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
+        // finishes (bigint out of range), and the other calls' raised counts in it with it.
+        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
+        let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
+        let request = |reply| quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, reply });
+        let answer = self.enqueue(self.quota(), request, deadline).await?;
+        Ok(Some((answer, deadline)))
+    }
+
     /// Sends the LISTEN session to `url` instead of the pool's address.
     pub fn with_listen_url(mut self, url: &str) -> Result<PgStore, sqlx::Error> {
         let options = PgConnectOptions::from_str(url)?.application_name("fallback-worker listener");
@@ -886,6 +913,9 @@ impl Drop for AbandonWatch<'_> {
 /// How long a connection handed back to the pool may take to answer a ping.
 const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// An answer in its batcher's queue: the batch's reply, and by when it must come.
+type QueuedAnswer = (oneshot::Receiver<Result<(), StoreError>>, tokio::time::Instant);
+
 fn answer_not_recorded(e: &StoreError) {
     tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
 }
@@ -1084,27 +1114,18 @@ impl ProviderState for PgStore {
     }
 
     async fn finish(&self, permit: Permit, tokens: Option<u64>) {
-        if let Some(local_id) = permit.local_id {
-            self.outage.own_calls.finish(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens).await;
-        }
-        let (Some(call), Some(provider)) = (permit.usage_id, permit.provider) else { return };
-        // A provider's count is taken as it says, but never so large that the windows' totals
-        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
-        // finishes (bigint out of range), and the other calls' raised counts in it with it.
-        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
-        // With the other answers that arrive meanwhile, in one transaction. The job does not
-        // wait for it: once queued, the answer goes out before any later ask of this process
-        // for the provider (the batcher keeps each provider's order), which is all an ask needs
-        // of it; waiting here only held the job's result back by a batch round trip.
-        let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
-        let request = |reply| quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, reply });
-        let answer = match self.enqueue(self.quota(), request, deadline).await {
-            Ok(answer) => answer,
+        // The job does not wait for the answer to be written: once queued, it goes out before
+        // any later ask of this process for the provider (the batcher keeps each provider's
+        // order), which is all an ask needs of it; waiting only held the job's result back by a
+        // batch round trip.
+        let answer = match self.queue_answer(permit, tokens).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => return,
             Err(e) => return answer_not_recorded(&e),
         };
         let store = self.clone();
         self.answers.spawn(async move {
-            if let Err(e) = store.answer_of(answer, deadline).await {
+            if let Err(e) = store.answer_of(answer.0, answer.1).await {
                 answer_not_recorded(&e);
             }
         });

@@ -122,10 +122,13 @@ pub(crate) fn admit_queued(
     })
 }
 
-/// `store.finish(permit, tokens)`, queued (see [`spawn_queued`]).
+/// `store.finish_recorded(permit, tokens)`, queued (see [`spawn_queued`]): ends once the batch
+/// answered (whatever it answered, as `finish` would take it).
 pub(crate) fn finish_queued(store: &PgStore, permit: &Permit, tokens: Option<u64>) -> tokio::task::JoinHandle<()> {
     let (store, permit) = (store.clone(), permit.clone());
-    spawn_queued(async move { store.finish(permit, tokens).await })
+    spawn_queued(async move {
+        let _ = store.finish_recorded(permit, tokens).await;
+    })
 }
 
 /// `store(key)`, queued (see [`spawn_queued`]).

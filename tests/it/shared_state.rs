@@ -147,7 +147,7 @@ async fn limits_hold_across_workers_under_concurrency() {
     assert_eq!(granted.len(), 5, "exactly the limit is granted, whatever the concurrency");
     // Answered calls keep counting for one window after their answer.
     for permit in granted {
-        a.finish(permit, Some(12)).await;
+        a.finish_recorded(permit, Some(12)).await.unwrap();
     }
     let finished_at = SystemTime::now();
     let fresh = migrated_store(&env).await;
@@ -174,7 +174,7 @@ async fn token_limits_use_estimates_corrected_by_usage() {
         Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }
     ));
     // The answer says it used far fewer tokens than estimated: room opens up.
-    store.finish(permit, Some(100)).await;
+    store.finish_recorded(permit, Some(100)).await.unwrap();
     let third = migrated_store(&env).await;
     assert!(matches!(third.admit(big, SystemTime::now()).await, Admission::Granted(_)));
     let huge = Ask { tokens: 5000, ..big };
@@ -457,7 +457,7 @@ async fn two_workers_and_two_providers_sharing_a_pool_never_exceed_it() {
     assert_eq!(own_row.map(|r| r.2), Some(1), "{rows:?}");
     // Answers let nobody in before the window has moved on, whichever provider asks.
     for (_, permit) in granted {
-        b.finish(permit, None).await;
+        b.finish_recorded(permit, None).await.unwrap();
     }
     let ask = Ask { provider: "free-b", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
     assert!(matches!(migrated_store(&env).await.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
