@@ -386,7 +386,13 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
         let started = call.clock.now();
         let result = member.provider.complete(call.body).await;
         let latency_ms = elapsed_ms(call.clock, started);
-        call.state.finish(permit.clone(), result.as_ref().ok().and_then(|c| c.total_tokens)).await;
+        let tokens = result.as_ref().ok().and_then(|c| c.total_tokens);
+        // Rate-limit headers correct the windows against this answer: it is written first.
+        if result.as_ref().is_ok_and(|c| !c.quota.is_empty()) {
+            call.state.finish_written(permit.clone(), tokens).await;
+        } else {
+            call.state.finish(permit.clone(), tokens).await;
+        }
         let failure = match result {
             Ok(completion) => {
                 settle_success(call, &permit, &completion).await;

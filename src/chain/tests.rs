@@ -982,11 +982,13 @@ struct Observed {
     now: SystemTime,
 }
 
-/// The memory store, plus a record of what it was taught through `observe_quota`.
+/// The memory store, plus a record of what it was taught through `observe_quota` and of the
+/// order of the answers and observations it was given.
 #[derive(Default)]
 struct Recording {
     store: MemoryStore,
     observed: Mutex<Vec<Observed>>,
+    calls: Mutex<Vec<&'static str>>,
 }
 
 #[async_trait::async_trait]
@@ -995,6 +997,11 @@ impl ProviderState for Recording {
         self.store.admit(ask, now).await
     }
     async fn finish(&self, permit: Permit, tokens: Option<u64>) {
+        self.calls.lock().unwrap().push("finish");
+        self.store.finish(permit, tokens).await;
+    }
+    async fn finish_written(&self, permit: Permit, tokens: Option<u64>) {
+        self.calls.lock().unwrap().push("finish_written");
         self.store.finish(permit, tokens).await;
     }
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
@@ -1019,6 +1026,7 @@ impl ProviderState for Recording {
         seen: &[crate::routing::QuotaObservation],
         now: SystemTime,
     ) {
+        self.calls.lock().unwrap().push("observe_quota");
         let (provider, limits, tokens) = (ask.provider.to_string(), ask.limits.to_vec(), ask.tokens);
         self.observed.lock().unwrap().push(Observed { provider, limits, tokens, seen: seen.to_vec(), now });
     }
@@ -1045,12 +1053,16 @@ async fn a_success_hands_what_the_headers_said_to_the_store_with_the_admissions_
     let tokens = estimate_prompt_tokens(&body()).saturating_add(100);
     let expected = Observed { provider: "a".into(), limits: limited.limits.clone(), tokens, seen, now: t0() };
     assert_eq!(observed, vec![expected]);
+    // Counted against the call's answer: the answer is written before the headers are read.
+    assert_eq!(*store.calls.lock().unwrap(), ["finish_written", "observe_quota"]);
 
-    // An answer without rate-limit headers teaches nothing: the store is not called.
+    // An answer without rate-limit headers teaches nothing: the store is not called, and the
+    // job does not wait for its answer to be written.
     let silent = chain(vec![member("b", true, Scripted::new(vec![]))], Duration::ZERO);
     let store = Recording::default();
     run_pass(&silent, &request(&job()), silent.max_wait, &mut JobProgress::new(t0()), &store, &clock).await;
     assert!(store.observed.lock().unwrap().is_empty());
+    assert_eq!(*store.calls.lock().unwrap(), ["finish"]);
 }
 
 fn account_limited(retry_at: SystemTime) -> Failure {

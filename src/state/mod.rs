@@ -102,6 +102,13 @@ pub trait ProviderState: Send + Sync {
     /// to see it (the job's result need not wait for the bookkeeping).
     async fn finish(&self, permit: Permit, tokens: Option<u64>);
 
+    /// [`finish`](Self::finish), returning only once the answer is written where
+    /// [`observe_quota`](Self::observe_quota) reads it: an observation of the provider's
+    /// headers is counted against the call's answer (its token count, the end of its flight).
+    async fn finish_written(&self, permit: Permit, tokens: Option<u64>) {
+        self.finish(permit, tokens).await;
+    }
+
     /// Cools `provider` down until `cooldown.until` for every worker. A cooldown only moves
     /// forward: an earlier `until` than the one stored changes nothing.
     async fn cool_down(&self, provider: &str, cooldown: Cooldown);

@@ -1131,6 +1131,12 @@ impl ProviderState for PgStore {
         });
     }
 
+    async fn finish_written(&self, permit: Permit, tokens: Option<u64>) {
+        if let Err(e) = self.finish_recorded(permit, tokens).await {
+            answer_not_recorded(&e);
+        }
+    }
+
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         self.remember_cooldown(provider, Some(cooldown.clone()));
         match self.guarded(self.share_cooldown(provider, &cooldown)).await {
@@ -1501,6 +1507,16 @@ mod tests {
         answer.reply.send(Ok(())).ok();
         recorded.await;
         assert!(!store.is_degraded());
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_headers_follow_is_written_before_finish_written_returns() {
+        let (store, mut queue) = store_with_quota_queue();
+        let mut written = std::pin::pin!(store.finish_written(answered_permit(), Some(42)));
+        assert!(futures_lite::future::poll_once(written.as_mut()).await.is_none(), "it waits for the write");
+        let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
+        answer.reply.send(Ok(())).ok();
+        written.await;
     }
 
     #[tokio::test]

@@ -474,7 +474,7 @@ async fn a_calendar_window_holds_until_the_reset_and_is_not_the_sliding_day() {
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     for _ in 0..2 {
         let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-        store.finish(permit, None).await;
+        store.finish_recorded(permit, None).await.unwrap();
     }
     let now = SystemTime::now();
     match migrated_store(&env).await.admit(ask, now).await {
@@ -683,7 +683,7 @@ async fn an_answer_observed_while_later_calls_fly_does_not_take_back_anothers_us
     };
     // Another client of the key has used 5 of the 10: the answer to our first says 4 left.
     let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    store.finish(first.clone(), None).await;
+    store.finish_written(first.clone(), None).await;
     store.observe_quota(ask, &first, &[seen(4)], SystemTime::now()).await;
     let mut flying = Vec::new();
     while let Admission::Granted(p) = store.admit(ask, SystemTime::now()).await {
@@ -692,7 +692,7 @@ async fn an_answer_observed_while_later_calls_fly_does_not_take_back_anothers_us
     assert_eq!(flying.len(), 4, "5 external + 1 + 4 = the account's 10");
     // The first of the four answers: the provider had counted 5 + 2 of ours, 3 left.
     let observed = flying.remove(0);
-    store.finish(observed.clone(), None).await;
+    store.finish_written(observed.clone(), None).await;
     store.observe_quota(ask, &observed, &[seen(3)], SystemTime::now()).await;
     let admission = store.admit(ask, SystemTime::now()).await;
     assert!(matches!(admission, Admission::OverQuota { .. }), "the account's 10 are used: {admission:?}");
