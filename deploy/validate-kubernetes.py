@@ -41,8 +41,10 @@ LOCAL_SCHEMAS = {
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda-triggerauthentication.json",
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"): "kustomization.json",
 }
-# What the worker needs beyond its own time to drain: flushing queued spans (telemetry.rs).
-EXIT_FLUSH_SECONDS = 5
+# What the worker needs beyond its own time to drain: writing the answers of its last calls
+# (at most one state call, 2 s: PgStore::answers_recorded), then flushing queued spans (5 s,
+# telemetry.rs).
+EXIT_FLUSH_SECONDS = 2 + 5
 
 findings = []
 

@@ -389,9 +389,9 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
         let tokens = result.as_ref().ok().and_then(|c| c.total_tokens);
         // Rate-limit headers correct the windows against this answer: it is written first.
         if result.as_ref().is_ok_and(|c| !c.quota.is_empty()) {
-            call.state.finish_written(permit.clone(), tokens).await;
+            call.state.finish_written(permit.clone(), tokens, call.clock.now()).await;
         } else {
-            call.state.finish(permit.clone(), tokens).await;
+            call.state.finish(permit.clone(), tokens, call.clock.now()).await;
         }
         let failure = match result {
             Ok(completion) => {
@@ -478,7 +478,7 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
             return Ok(permit);
         }
         // Another job probes the provider: give the slot back and learn until when it holds it.
-        call.state.finish(permit, None).await;
+        call.state.finish(permit, None, call.clock.now()).await;
         admission = call.state.admit(ask, now).await;
     }
     match admission {

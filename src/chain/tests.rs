@@ -996,13 +996,13 @@ impl ProviderState for Recording {
     async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
         self.store.admit(ask, now).await
     }
-    async fn finish(&self, permit: Permit, tokens: Option<u64>) {
+    async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
         self.calls.lock().unwrap().push("finish");
-        self.store.finish(permit, tokens).await;
+        self.store.finish(permit, tokens, now).await;
     }
-    async fn finish_written(&self, permit: Permit, tokens: Option<u64>) {
+    async fn finish_written(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
         self.calls.lock().unwrap().push("finish_written");
-        self.store.finish(permit, tokens).await;
+        self.store.finish(permit, tokens, now).await;
     }
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         self.store.cool_down(provider, cooldown).await;

@@ -47,6 +47,9 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
     let chains = build_chains(config, &shared_client(), &|var| std::env::var(var).ok())?;
     let names = chains.keys().cloned().collect();
     let mut backlog = read_input(options.input, output.done(), &names, None)?;
+    // The answers of its calls that a shared store records after their jobs went on: waited
+    // for before the command returns (its runtime would drop them).
+    let mut answers: Option<PgStore> = None;
     let state: Arc<dyn ProviderState> = match &options.database_url {
         Some(url) => {
             let store = PgStore::connect_lazy(url, (options.concurrency as u32 + 2).max(4))?;
@@ -60,6 +63,7 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
                 ),
             }
             tokio::spawn(store.clone().listen(shutdown.clone()));
+            answers = Some(store.clone());
             Arc::new(store)
         }
         None => Arc::new(MemoryStore::new()),
@@ -107,6 +111,9 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
         tokio::select! {
             () = shutdown.cancelled() => {
                 progress.finish();
+                if let Some(store) = &answers {
+                    store.answers_recorded().await;
+                }
                 eprintln!("interrupted: {done} of {total} results written; run the same command again to resume");
                 return Ok(ExitCode::from(1));
             }
@@ -121,6 +128,9 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
     }
     feeder.abort();
     progress.finish();
+    if let Some(store) = &answers {
+        store.answers_recorded().await;
+    }
     // Every line started sends a result (see `settle`): a shortfall is a bug, but it is reported,
     // not passed off as a success.
     let unanswered = total - done;

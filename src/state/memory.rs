@@ -49,7 +49,7 @@ impl MemoryStore {
     }
 
     /// Records the answer to a granted call at `now` (its window then counts it until `now`
-    /// plus the window): [`ProviderState::finish`] at the wall clock, or at a test's instant.
+    /// plus the window): [`ProviderState::finish`].
     pub fn finish_at(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
         let Some(id) = permit.usage_id else { return };
         let mut providers = self.providers.lock().unwrap();
@@ -159,8 +159,8 @@ impl ProviderState for MemoryStore {
         }
     }
 
-    async fn finish(&self, permit: Permit, tokens: Option<u64>) {
-        self.finish_at(permit, tokens, SystemTime::now());
+    async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
+        self.finish_at(permit, tokens, now);
     }
 
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
@@ -328,7 +328,7 @@ mod tests {
         let ids: Vec<i64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         for id in &ids {
-            rt.block_on(store.finish(Permit { usage_id: Some(*id), ..Permit::UNCOUNTED }, Some(3)));
+            rt.block_on(store.finish(Permit { usage_id: Some(*id), ..Permit::UNCOUNTED }, Some(3), SystemTime::now()));
         }
         let pool = store.pools.lock().unwrap().get("acct").cloned().unwrap_or_default();
         let unanswered = pool.usage.iter().filter(|u| u.done.is_none()).count();
@@ -365,7 +365,7 @@ mod tests {
         let Admission::Granted(first) = store.admit(ask, now).await else { panic!() };
         assert!(matches!(store.admit(ask, now).await, Admission::Granted(_)));
         assert!(matches!(store.admit(ask, now).await, Admission::OverQuota { .. }));
-        store.finish(first, Some(3)).await;
+        store.finish(first, Some(3), SystemTime::now()).await;
         assert!(
             matches!(store.admit(ask, now).await, Admission::OverQuota { .. }),
             "answered calls still count for the window"
@@ -594,7 +594,7 @@ mod tests {
         };
         // Another client of the key has used 5 of the 10: the answer to our first says 4 left.
         let Admission::Granted(first) = store.admit(ask, now).await else { panic!("room") };
-        store.finish(first.clone(), None).await;
+        store.finish(first.clone(), None, SystemTime::now()).await;
         store.observe_quota(ask, &first, &[seen(4)], now).await;
         let mut flying = Vec::new();
         while let Admission::Granted(p) = store.admit(ask, now).await {
@@ -603,7 +603,7 @@ mod tests {
         assert_eq!(flying.len(), 4, "5 external + 1 + 4 = the account's 10");
         // The first of the four answers: the provider had counted 5 + 2 of ours, 3 left.
         let observed = flying.remove(0);
-        store.finish(observed.clone(), None).await;
+        store.finish(observed.clone(), None, SystemTime::now()).await;
         store.observe_quota(ask, &observed, &[seen(3)], now).await;
         assert_eq!(store.pool_used("account", &pools[0].limits[0], now), 10, "the other client's 5 still count");
         assert!(matches!(store.admit(ask, now).await, Admission::OverQuota { .. }));

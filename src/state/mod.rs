@@ -98,15 +98,18 @@ pub trait ProviderState: Send + Sync {
 
     /// The answer to a granted call arrived: its window occupancy ends now, and its token count
     /// is corrected from the provider's `usage` when known. A shared store may return before
-    /// the answer is written, but never before every later admission of this process is bound
-    /// to see it (the job's result need not wait for the bookkeeping).
-    async fn finish(&self, permit: Permit, tokens: Option<u64>);
+    /// the answer is written, but never before every later admission of this process that
+    /// counts in one of the call's windows is bound to see it (the job's result need not wait
+    /// for the bookkeeping).
+    /// `now` is the answer's instant (the engine's clock): a sliding window frees its slot one
+    /// window after it, a calendar window at the first reset after it.
+    async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime);
 
     /// [`finish`](Self::finish), returning only once the answer is written where
     /// [`observe_quota`](Self::observe_quota) reads it: an observation of the provider's
     /// headers is counted against the call's answer (its token count, the end of its flight).
-    async fn finish_written(&self, permit: Permit, tokens: Option<u64>) {
-        self.finish(permit, tokens).await;
+    async fn finish_written(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
+        self.finish(permit, tokens, now).await;
     }
 
     /// Cools `provider` down until `cooldown.until` for every worker. A cooldown only moves

@@ -252,17 +252,30 @@ impl PgStore {
     }
 
     /// Waits until the answers queued so far are recorded (or given up on, within the bound of
-    /// a state call): a stopping worker leaves no call counted with its estimate alone.
+    /// a state call): a stopping worker leaves no call counted with its estimate alone. The
+    /// tracker stays closed, which only makes its `wait` end whenever it is empty: callers that
+    /// wait at once never miss each other's wake-up.
     pub async fn answers_recorded(&self) {
         self.answers.close();
         self.answers.wait().await;
-        self.answers.reopen();
+    }
+
+    /// Whether `provider`'s calls count in a window other providers' calls count in too (a
+    /// pool's), as its admissions prepared them.
+    fn shares_windows(&self, provider: &str) -> bool {
+        let windows = self.windows.lock().unwrap();
+        windows.get(provider).is_some_and(|w| w.windows.specs.iter().any(|s| s.key.kind == ScopeKind::Pool))
     }
 
     /// [`ProviderState::finish`], waiting until the answer is written (or given up on), for a
     /// caller that reads the windows next, such as a test; the chain does not wait.
-    pub async fn finish_recorded(&self, permit: Permit, tokens: Option<u64>) -> Result<(), StoreError> {
-        match self.queue_answer(permit, tokens).await? {
+    pub async fn finish_recorded(
+        &self,
+        permit: Permit,
+        tokens: Option<u64>,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        match self.queue_answer(permit, tokens, now).await? {
             Some((answer, deadline)) => self.answer_of(answer, deadline).await,
             None => Ok(()),
         }
@@ -270,10 +283,16 @@ impl PgStore {
 
     /// Counts the answer in this worker's own view and queues it for the shared windows, with
     /// the other answers and the asks that arrive meanwhile (one transaction): `None` when the
-    /// shared windows do not count the call.
-    async fn queue_answer(&self, permit: Permit, tokens: Option<u64>) -> Result<Option<QueuedAnswer>, StoreError> {
+    /// shared windows do not count the call. The database stamps the answer with its own
+    /// clock, as it does the admissions; `now` is for this worker's own view.
+    async fn queue_answer(
+        &self,
+        permit: Permit,
+        tokens: Option<u64>,
+        now: SystemTime,
+    ) -> Result<Option<QueuedAnswer>, StoreError> {
         if let Some(local_id) = permit.local_id {
-            self.outage.own_calls.finish(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens).await;
+            self.outage.own_calls.finish_at(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens, now);
         }
         let (Some(call), Some(provider)) = (permit.usage_id, permit.provider) else { return Ok(None) };
         // A provider's count is taken as it says, but never so large that the windows' totals
@@ -1113,12 +1132,16 @@ impl ProviderState for PgStore {
         }
     }
 
-    async fn finish(&self, permit: Permit, tokens: Option<u64>) {
+    async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
         // The job does not wait for the answer to be written: once queued, it goes out before
         // any later ask of this process for the provider (the batcher keeps each provider's
-        // order), which is all an ask needs of it; waiting only held the job's result back by a
-        // batch round trip.
-        let answer = match self.queue_answer(permit, tokens).await {
+        // order), which is all such an ask needs of it; waiting only held the job's result back
+        // by a batch round trip. Other providers' asks are not ordered behind it: when they
+        // share a window with this one (a pool's), the answer is written first.
+        if permit.provider.as_deref().is_some_and(|provider| self.shares_windows(provider)) {
+            return self.finish_written(permit, tokens, now).await;
+        }
+        let answer = match self.queue_answer(permit, tokens, now).await {
             Ok(Some(answer)) => answer,
             Ok(None) => return,
             Err(e) => return answer_not_recorded(&e),
@@ -1131,8 +1154,8 @@ impl ProviderState for PgStore {
         });
     }
 
-    async fn finish_written(&self, permit: Permit, tokens: Option<u64>) {
-        if let Err(e) = self.finish_recorded(permit, tokens).await {
+    async fn finish_written(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
+        if let Err(e) = self.finish_recorded(permit, tokens, now).await {
             answer_not_recorded(&e);
         }
     }
@@ -1493,7 +1516,7 @@ mod tests {
     #[tokio::test]
     async fn a_calls_answer_is_queued_before_finish_returns_and_recorded_without_the_job_waiting() {
         let (store, mut queue) = store_with_quota_queue();
-        store.finish(answered_permit(), Some(42)).await;
+        store.finish(answered_permit(), Some(42), SystemTime::now()).await;
         // Queued before `finish` returned: every later ask of this process comes after it.
         let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
         assert_eq!((answer.call, answer.tokens), (7, Some(42)));
@@ -1512,7 +1535,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_whose_headers_follow_is_written_before_finish_written_returns() {
         let (store, mut queue) = store_with_quota_queue();
-        let mut written = std::pin::pin!(store.finish_written(answered_permit(), Some(42)));
+        let mut written = std::pin::pin!(store.finish_written(answered_permit(), Some(42), SystemTime::now()));
         assert!(futures_lite::future::poll_once(written.as_mut()).await.is_none(), "it waits for the write");
         let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
         answer.reply.send(Ok(())).ok();
@@ -1522,13 +1545,13 @@ mod tests {
     #[tokio::test]
     async fn a_detached_answer_that_finds_the_database_gone_marks_it_down() {
         let (store, mut queue) = store_with_quota_queue();
-        store.finish(answered_permit(), None).await;
+        store.finish(answered_permit(), None, SystemTime::now()).await;
         let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
         answer.reply.send(Err(StoreError::Unreachable("connection refused".into()))).ok();
         store.answers_recorded().await;
         assert!(store.is_degraded(), "an answer that could not be recorded is a state call like any other");
         // Down: the next answer is not even queued (its slot frees when the call expires).
-        store.finish(answered_permit(), None).await;
+        store.finish(answered_permit(), None, SystemTime::now()).await;
         assert!(queue.try_recv().is_err());
     }
 

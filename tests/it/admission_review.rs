@@ -117,8 +117,8 @@ async fn one_absurd_token_count_does_not_lose_the_other_finishes_of_its_batch() 
     let finishes = {
         let store = store.clone();
         spawn_queued(async move {
-            let honest_finish = store.finish_recorded(a, Some(900));
-            let hostile_finish = store.finish_recorded(b, Some(u64::MAX));
+            let honest_finish = store.finish_recorded(a, Some(900), SystemTime::now());
+            let hostile_finish = store.finish_recorded(b, Some(u64::MAX), SystemTime::now());
             let _ = tokio::join!(honest_finish, hostile_finish);
         })
     };

@@ -305,3 +305,33 @@ async fn batch_shares_state_through_postgres_when_database_url_is_set() {
     assert_eq!(reason, "rate_limited", "the cooldown is shared in Postgres");
     assert_eq!(narrow.requests(), 1, "the second line skipped the cooling provider");
 }
+
+/// Review of 1f4c677: `batch` with `DATABASE_URL` shares its windows with the workers, and its
+/// calls' answers are now recorded by detached tasks that nothing waits for: when the last
+/// result is written the command returns and the runtime drops them. The call's token count
+/// must be the provider's `usage` (20), not the estimate (max_tokens 2000 and more).
+#[tokio::test]
+async fn batch_records_its_last_calls_answers_before_it_exits() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let limited = format!(
+        "{}{}",
+        provider("free", &free.base_url(), true, "limits = [{ tokens = 1000000, per = \"1h\" }]"),
+        chain("default", &["free"], "")
+    );
+    let config = env.config_file(&limited, "");
+    let line = serde_json::json!({"custom_id": "t-1", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000}})
+        .to_string();
+    let input = write_input(&env, "in.jsonl", &[line]);
+    let out = env.dir.join("out.jsonl");
+    let mut batch = command(&config, &["batch", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    batch.env("DATABASE_URL", &env.database_url);
+    let output = run(batch).await;
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(free.requests(), 1);
+    let amount: i64 = sqlx::query_scalar("SELECT amount FROM quota_use WHERE scope = 'free' AND measure = 'tokens'")
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(amount, 20, "the answer's usage, not the estimate");
+}

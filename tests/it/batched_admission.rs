@@ -306,7 +306,7 @@ async fn finishes_in_a_batch_free_their_own_rows_and_correct_their_own_token_cou
         .await
         .unwrap();
     // The sixth through the store (its batcher), the seventh not answered yet.
-    store.finish_recorded(ids[5].clone(), Some(40)).await.unwrap();
+    store.finish_recorded(ids[5].clone(), Some(40), SystemTime::now()).await.unwrap();
 
     let expected_tokens = [10, 100, 300, 100, 0, 40, 100];
     for (i, (permit, tokens)) in ids.iter().zip(expected_tokens).enumerate() {
@@ -451,7 +451,7 @@ async fn answers_alone_lock_their_windows_in_the_canonical_order() {
     sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
     sqlx::query(lock_window).bind("provider").bind("p").execute(&mut locker).await.unwrap();
     let finisher = store.clone();
-    let finished = tokio::spawn(async move { finisher.finish_recorded(call, Some(20)).await });
+    let finished = tokio::spawn(async move { finisher.finish_recorded(call, Some(20), SystemTime::now()).await });
     until_waiting_on_locks(&env, 1).await;
     let mut probe = env.db().await;
     sqlx::query("BEGIN").execute(&mut probe).await.unwrap();

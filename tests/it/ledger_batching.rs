@@ -122,12 +122,12 @@ pub(crate) fn admit_queued(
     })
 }
 
-/// `store.finish_recorded(permit, tokens)`, queued (see [`spawn_queued`]): ends once the batch
+/// `store.finish_recorded(permit, tokens, now)`, queued (see [`spawn_queued`]): ends once the batch
 /// answered (whatever it answered, as `finish` would take it).
 pub(crate) fn finish_queued(store: &PgStore, permit: &Permit, tokens: Option<u64>) -> tokio::task::JoinHandle<()> {
     let (store, permit) = (store.clone(), permit.clone());
     spawn_queued(async move {
-        let _ = store.finish_recorded(permit, tokens).await;
+        let _ = store.finish_recorded(permit, tokens, SystemTime::now()).await;
     })
 }
 
@@ -414,7 +414,7 @@ async fn busy_batchers_keep_their_connections_but_leave_one_for_other_state_call
             while !stop_quota.load(Ordering::Relaxed) {
                 let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
                 if let Admission::Granted(permit) = quota.admit(ask, SystemTime::now()).await {
-                    quota.finish(permit, Some(1)).await;
+                    quota.finish(permit, Some(1), SystemTime::now()).await;
                     admitted.fetch_add(1, Ordering::Relaxed);
                 }
             }

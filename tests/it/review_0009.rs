@@ -144,7 +144,7 @@ async fn stress_every_answer_is_recorded_under_concurrent_asks_and_answers() {
                         Admission::Granted(permit) if permit.usage_id.is_some() => {
                             tokio::time::sleep(Duration::from_millis(x % 7)).await;
                             let used = 50 + (x >> 8) % 100;
-                            store.finish_recorded(permit, Some(used)).await.unwrap();
+                            store.finish_recorded(permit, Some(used), SystemTime::now()).await.unwrap();
                             answered[p].fetch_add(used as i64, Ordering::Relaxed);
                         }
                         _ => {

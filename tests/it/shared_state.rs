@@ -147,7 +147,7 @@ async fn limits_hold_across_workers_under_concurrency() {
     assert_eq!(granted.len(), 5, "exactly the limit is granted, whatever the concurrency");
     // Answered calls keep counting for one window after their answer.
     for permit in granted {
-        a.finish_recorded(permit, Some(12)).await.unwrap();
+        a.finish_recorded(permit, Some(12), SystemTime::now()).await.unwrap();
     }
     let finished_at = SystemTime::now();
     let fresh = migrated_store(&env).await;
@@ -174,7 +174,7 @@ async fn token_limits_use_estimates_corrected_by_usage() {
         Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }
     ));
     // The answer says it used far fewer tokens than estimated: room opens up.
-    store.finish_recorded(permit, Some(100)).await.unwrap();
+    store.finish_recorded(permit, Some(100), SystemTime::now()).await.unwrap();
     let third = migrated_store(&env).await;
     assert!(matches!(third.admit(big, SystemTime::now()).await, Admission::Granted(_)));
     let huge = Ask { tokens: 5000, ..big };
@@ -457,7 +457,7 @@ async fn two_workers_and_two_providers_sharing_a_pool_never_exceed_it() {
     assert_eq!(own_row.map(|r| r.2), Some(1), "{rows:?}");
     // Answers let nobody in before the window has moved on, whichever provider asks.
     for (_, permit) in granted {
-        b.finish_recorded(permit, None).await.unwrap();
+        b.finish_recorded(permit, None, SystemTime::now()).await.unwrap();
     }
     let ask = Ask { provider: "free-b", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
     assert!(matches!(migrated_store(&env).await.admit(ask, SystemTime::now()).await, Admission::OverQuota { .. }));
@@ -474,7 +474,7 @@ async fn a_calendar_window_holds_until_the_reset_and_is_not_the_sliding_day() {
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(5) };
     for _ in 0..2 {
         let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-        store.finish_recorded(permit, None).await.unwrap();
+        store.finish_recorded(permit, None, SystemTime::now()).await.unwrap();
     }
     let now = SystemTime::now();
     match migrated_store(&env).await.admit(ask, now).await {
@@ -683,7 +683,7 @@ async fn an_answer_observed_while_later_calls_fly_does_not_take_back_anothers_us
     };
     // Another client of the key has used 5 of the 10: the answer to our first says 4 left.
     let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    store.finish_written(first.clone(), None).await;
+    store.finish_written(first.clone(), None, SystemTime::now()).await;
     store.observe_quota(ask, &first, &[seen(4)], SystemTime::now()).await;
     let mut flying = Vec::new();
     while let Admission::Granted(p) = store.admit(ask, SystemTime::now()).await {
@@ -692,7 +692,7 @@ async fn an_answer_observed_while_later_calls_fly_does_not_take_back_anothers_us
     assert_eq!(flying.len(), 4, "5 external + 1 + 4 = the account's 10");
     // The first of the four answers: the provider had counted 5 + 2 of ours, 3 left.
     let observed = flying.remove(0);
-    store.finish_written(observed.clone(), None).await;
+    store.finish_written(observed.clone(), None, SystemTime::now()).await;
     store.observe_quota(ask, &observed, &[seen(3)], SystemTime::now()).await;
     let admission = store.admit(ask, SystemTime::now()).await;
     assert!(matches!(admission, Admission::OverQuota { .. }), "the account's 10 are used: {admission:?}");
@@ -845,7 +845,7 @@ async fn calls_admitted_while_the_database_was_away_count_in_the_pool_once_it_is
                 assert_eq!(permit.usage_id, None, "admitted from this worker's own view");
                 local += 1;
                 // Answered at once: the record must outlive the answer until it is written back.
-                store.finish(permit, None).await;
+                store.finish(permit, None, SystemTime::now()).await;
             }
             Admission::OverQuota { .. } => {}
             other => panic!("{other:?}"),
@@ -874,7 +874,7 @@ async fn housekeeping_retires_what_has_left_every_window_of_providers_and_pools(
     let ask = Ask { provider: "p", limits: &own, pools: &pools, tokens: 1, flight: Duration::from_secs(5) };
     let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!() };
     assert_eq!(store.prune_usage().await.unwrap(), 2, "one call in the provider's window and one in the pool's");
-    store.finish(permit, None).await;
+    store.finish(permit, None, SystemTime::now()).await;
     eventually("both windows are empty one window after the answer", || async {
         store.prune_usage().await.unwrap() == 0
     })

@@ -1,0 +1,128 @@
+//! Review of 1f4c677 (answers of calls recorded without the job waiting): `finish` returns once
+//! its answer is queued in the provider's batching queue. The queue orders one provider's
+//! requests; these tests hold what it does not order: a pool mate's ask, an observation of the
+//! provider's headers (`finish_written`, which the chain calls when headers follow).
+
+use std::time::{Duration, SystemTime};
+
+use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
+use fallback_worker::routing::QuotaObservation;
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{Admission, Ask, Permit, ProviderState, QuotaMeasure};
+
+use crate::admission_review::lock_provider_row;
+use crate::ledger_batching::{DEFAULT_POOL, release, store_at, until_waiting_on_locks};
+use crate::support::*;
+
+fn requests(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(secs), resets: None }
+}
+
+fn tokens(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
+}
+
+async fn used(env: &TestEnv, kind: &str, scope: &str, measure: &str) -> i64 {
+    sqlx::query_scalar("SELECT used FROM quota_window WHERE kind = $1 AND scope = $2 AND measure = $3")
+        .bind(kind)
+        .bind(scope)
+        .bind(measure)
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap()
+}
+
+/// Another job's ask for `provider` (1 token), in flight: it waits on the provider's row, held
+/// by another worker (`locker`), so the provider's later requests queue behind it.
+async fn an_ask_in_flight(
+    env: &TestEnv,
+    store: &PgStore,
+    provider: &'static str,
+    limits: &[LimitConfig],
+    pools: &[QuotaPoolConfig],
+) -> (sqlx::PgConnection, tokio::task::JoinHandle<Admission>) {
+    let locker = lock_provider_row(env, provider).await;
+    let (store, limits, pools) = (store.clone(), limits.to_vec(), pools.to_vec());
+    let blocked = tokio::spawn(async move {
+        let ask = Ask { provider, limits: &limits, pools: &pools, tokens: 1, flight: Duration::from_secs(30) };
+        store.admit(ask, SystemTime::now()).await
+    });
+    until_waiting_on_locks(env, 1).await;
+    (locker, blocked)
+}
+
+/// A job's call to `a` answers with 950 tokens (asked 100); the job then goes on to `b`, which
+/// shares `a`'s pool (the answer failed the job's checks, or the job is done and the worker's
+/// next job asks `b`). `finish` has returned, so by the trait's word (state/mod.rs) the ask for
+/// `b` is "bound to see" the answer: 100 + 1 + 950 + 100 does not fit the pool's 1000. But the
+/// answer waits in `a`'s queue behind `a`'s batch in flight, while `b`'s ask, another key, is
+/// ready first: it is decided before the answer and the pool ends at 1051 of 1000.
+#[tokio::test]
+async fn an_ask_for_another_provider_of_the_pool_after_finish_returned_sees_the_raised_count() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let own = [requests(100, 60)];
+    let pools = [QuotaPoolConfig { name: "acct".into(), limits: vec![tokens(1000, 60)] }];
+    let ask_a = Ask { provider: "a", limits: &own, pools: &pools, tokens: 100, flight: Duration::from_secs(30) };
+    let Admission::Granted(a) = store.admit(ask_a, SystemTime::now()).await else { panic!("room for a") };
+    let (locker, blocked) = an_ask_in_flight(&env, &store, "a", &own, &pools).await;
+    let job = {
+        let (store, own, pools) = (store.clone(), own.to_vec(), pools.to_vec());
+        tokio::spawn(async move {
+            store.finish(a, Some(950), SystemTime::now()).await;
+            let ask_b =
+                Ask { provider: "b", limits: &own, pools: &pools, tokens: 100, flight: Duration::from_secs(30) };
+            store.admit(ask_b, SystemTime::now()).await
+        })
+    };
+    // Let the job go as far as it goes while `a`'s batch waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(locker).await;
+    assert!(matches!(blocked.await.unwrap(), Admission::Granted(_)));
+    let b = job.await.unwrap();
+    store.answers_recorded().await;
+    let pool_used = used(&env, "pool", "acct", "tokens").await;
+    assert!(
+        matches!(b, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }),
+        "b's ask was decided before a's answer: {b:?}, pool at {pool_used} of 1000"
+    );
+    assert!(pool_used <= 1000, "the pool's window ended at {pool_used} of 1000");
+}
+
+/// A call asked 100 tokens and used 500; the provider's headers in its answer say 500 of 1000
+/// are left. `settle_success` (chain/mod.rs) observes them right after `finish` returned: the
+/// observation (`fallback_observe`, straight on the pool) now lands before the answer, which
+/// waits behind the provider's batch in flight. The observation learns 400 tokens of "someone
+/// else's" use (500 seen, 100 counted), then the answer adds its own +400: the window holds
+/// 900 + 1 where 500 + 1 were used. The chain answers with `finish_written` when headers
+/// follow (chain::tests::a_success_hands_what_the_headers_said_to_the_store_with_the_admissions_ask).
+#[tokio::test]
+async fn headers_observed_after_finish_returned_do_not_count_the_raise_twice() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100, 60), tokens(1000, 60)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(30) };
+    let Admission::Granted(call) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+    let (locker, blocked) = an_ask_in_flight(&env, &store, "p", &limits, &[]).await;
+    let job = {
+        let (store, limits, call): (PgStore, Vec<LimitConfig>, Permit) = (store.clone(), limits.to_vec(), call);
+        tokio::spawn(async move {
+            store.finish_written(call.clone(), Some(500), SystemTime::now()).await;
+            let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(30) };
+            let seen = QuotaObservation {
+                measure: QuotaMeasure::Tokens,
+                remaining: 500,
+                limit: Some(1000),
+                resets_at: Some(SystemTime::now() + Duration::from_secs(60)),
+                window: None,
+            };
+            store.observe_quota(ask, &call, &[seen], SystemTime::now()).await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(locker).await;
+    assert!(matches!(blocked.await.unwrap(), Admission::Granted(_)));
+    job.await.unwrap();
+    store.answers_recorded().await;
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 500 + 1, "the call's 500 and the other ask's 1");
+}
