@@ -335,3 +335,73 @@ async fn batch_records_its_last_calls_answers_before_it_exits() {
         .unwrap();
     assert_eq!(amount, 20, "the answer's usage, not the estimate");
 }
+
+/// Review 2 of the detached answers: `batch_records_its_last_calls_answers_before_it_exits`
+/// passes 9 times in 10 with `batch` not waiting for its answers at all (the answer usually
+/// reaches the database before the process is gone, and a statement the server has received
+/// commits even once its client exited). Here the answer is held in the database (its window's
+/// row locked, for less than the answer's 1 s lock timeout) after the job's result is written:
+/// the command must still be running then, i.e. waiting for the answer.
+#[tokio::test]
+async fn batch_does_not_exit_while_its_last_answer_is_still_being_written() {
+    let env = TestEnv::new().await;
+    let mut options = MockOptions::new(Profile::Groq);
+    options.latency = Duration::from_millis(800);
+    let free = MockProvider::start(options).await.unwrap();
+    let limited = format!(
+        "{}{}",
+        provider("free", &free.base_url(), true, "limits = [{ tokens = 1000000, per = \"1h\" }]"),
+        chain("default", &["free"], "")
+    );
+    let config = env.config_file(&limited, "");
+    let line = serde_json::json!({"custom_id": "t-1", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000}})
+        .to_string();
+    let input = write_input(&env, "in.jsonl", &[line]);
+    let out = env.dir.join("out.jsonl");
+    let mut batch = command(&config, &["batch", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    batch.env("DATABASE_URL", &env.database_url).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = batch.spawn().unwrap();
+    // Admitted (its window's row exists, the admission committed): the call is under way.
+    eventually("the call is admitted", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quota_use WHERE scope = 'free' AND measure = 'tokens'")
+            .fetch_one(&mut env.db().await)
+            .await
+            .is_ok_and(|n| n == 1)
+    })
+    .await;
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'free' FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    // The answer waits on the lock (or never reaches the database: the command is gone).
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("batch exited ({status}) before its last answer was written");
+        }
+        let n: i64 = sqlx::query_scalar(waiting).fetch_one(&mut env.db().await).await.unwrap();
+        if n >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The job went on: its result is written while its answer waits.
+    let started = tokio::time::Instant::now();
+    while results_in(&out).is_empty() && started.elapsed() < Duration::from_millis(400) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(results_in(&out).len(), 1, "the job does not wait for its answer");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let exited_early = child.try_wait().unwrap();
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(exited_early, None, "batch exited while its last answer was still being written");
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let amount: i64 = sqlx::query_scalar("SELECT amount FROM quota_use WHERE scope = 'free' AND measure = 'tokens'")
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(amount, 20, "the answer's usage, not the estimate");
+}
