@@ -126,3 +126,52 @@ async fn headers_observed_after_finish_returned_do_not_count_the_raise_twice() {
     store.answers_recorded().await;
     assert_eq!(used(&env, "provider", "p", "tokens").await, 500 + 1, "the call's 500 and the other ask's 1");
 }
+
+/// Review 2: a stopping worker waits for the answers of its last calls (app.rs,
+/// `answers_recorded`), which no test held: with that line removed every test passed. The
+/// answer is held in the database (its window's row locked, less than the answer's 1 s lock
+/// timeout) after the job's result is published; the worker is told to stop then, and `run`
+/// must not return while the answer waits (the process would exit and drop it).
+#[tokio::test]
+async fn a_stopping_worker_does_not_return_while_its_last_answer_is_being_written() {
+    use fallback_worker::mock::{MockOptions, MockProvider, Profile};
+    let env = TestEnv::new().await;
+    let mut options = MockOptions::new(Profile::Groq);
+    options.latency = Duration::from_millis(800);
+    let free = MockProvider::start(options).await.unwrap();
+    let providers = format!(
+        "{}{}",
+        provider("free", &free.base_url(), true, "limits = [{ tokens = 1000000, per = \"1h\" }]"),
+        chain("default", &["free"], "")
+    );
+    let worker = env.spawn_worker(env.config(&providers), "worker-a").await;
+    env.publish(&job("last"), lapin::BasicProperties::default()).await;
+    eventually("the call is admitted", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quota_use WHERE scope = 'free' AND measure = 'tokens'")
+            .fetch_one(&mut env.db().await)
+            .await
+            .is_ok_and(|n| n == 1)
+    })
+    .await;
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'free' FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    until_waiting_on_locks(&env, 1).await;
+    let locked_at = tokio::time::Instant::now();
+    let (result, _) = env.next_result(&env.results).await;
+    assert!(result.is_success(), "{result:?}");
+    worker.shutdown.cancel();
+    let mut task = worker.task;
+    // Until just before the answer's lock timeout: the worker must still be waiting for it.
+    let returned_early =
+        tokio::time::timeout_at(locked_at + Duration::from_millis(800), &mut task).await.is_ok();
+    release(locker).await;
+    if !returned_early {
+        tokio::time::timeout(PATIENCE, task).await.expect("worker stops in time").unwrap().unwrap();
+    }
+    assert!(!returned_early, "the worker stopped while its last answer was still being written");
+    assert_eq!(used(&env, "provider", "free", "tokens").await, 20, "the answer's usage, not the estimate");
+}
