@@ -175,3 +175,24 @@ async fn a_stopping_worker_does_not_return_while_its_last_answer_is_being_writte
     assert!(!returned_early, "the worker stopped while its last answer was still being written");
     assert_eq!(used(&env, "provider", "free", "tokens").await, 20, "the answer's usage, not the estimate");
 }
+
+/// Review 2 (not of this change: `finish` never touched the refusal cache): a call asked 900 of
+/// a 1000-token window; an ask of 200 is refused for tokens until the 900 leave (its flight
+/// plus the window) and the refusal is kept (`quota_blocked`). The call then answers with 10
+/// tokens, written: the database has room for 200 at once, but this process's next ask of 200
+/// is refused from the cache, without asking, until the refusal's time.
+#[tokio::test]
+async fn a_refusal_kept_before_an_answer_that_lowered_the_count_still_refuses_after_it() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [tokens(1000, 60)];
+    let ask = |tokens| Ask { provider: "p", limits: &limits, pools: &[], tokens, flight: Duration::from_secs(30) };
+    let Admission::Granted(call) = store.admit(ask(900), SystemTime::now()).await else { panic!("room") };
+    let refused = store.admit(ask(200), SystemTime::now()).await;
+    assert!(matches!(refused, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }), "{refused:?}");
+    store.finish_recorded(call, Some(10), SystemTime::now()).await.unwrap();
+    let fresh = store_at(&env.database_url, DEFAULT_POOL).await;
+    assert!(matches!(fresh.admit(ask(200), SystemTime::now()).await, Admission::Granted(_)), "the database has room");
+    let again = store.admit(ask(200), SystemTime::now()).await;
+    assert!(matches!(again, Admission::Granted(_)), "refused from the cache after the answer: {again:?}");
+}
