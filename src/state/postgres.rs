@@ -300,8 +300,17 @@ impl PgStore {
         // finishes (bigint out of range), and the other calls' raised counts in it with it.
         let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
         let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
+        let name = provider.clone();
         let request = |reply| quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, reply });
         let answer = self.enqueue(self.quota(), request, deadline).await?;
+        // A count corrected from the provider's `usage` may make room that a kept token
+        // refusal denies (an estimate larger than the use): the next ask goes to the database,
+        // behind this answer. An answer frees no request slot: a request refusal stands.
+        if tokens.is_some()
+            && let Some(cached) = self.cache.lock().unwrap().get_mut(&*name)
+        {
+            cached.quota_blocked = cached.quota_blocked.filter(|b| b.measure == QuotaMeasure::Requests);
+        }
         Ok(Some((answer, deadline)))
     }
 
