@@ -196,3 +196,48 @@ async fn a_refusal_kept_before_an_answer_that_lowered_the_count_still_refuses_af
     let again = store.admit(ask(200), SystemTime::now()).await;
     assert!(matches!(again, Admission::Granted(_)), "refused from the cache after the answer: {again:?}");
 }
+
+/// Review 2: the first review's pool-mate case, across workers. A client sends a job, waits for
+/// its result, then sends the next; the next lands on another worker. Before 1f4c677 the
+/// result was published only once the answer was written, so the next job's ask, on any
+/// worker, counted the call's 950 tokens (asked 100): 100 + 1 + 950 + 100 does not fit 1000.
+/// Now worker A's answer waits in A's queue behind A's batch in flight while B's ask, another
+/// process, is decided first: the window ends past its limit.
+#[tokio::test]
+async fn the_next_job_of_a_client_on_another_worker_sees_the_previous_answers_count() {
+    let env = TestEnv::new().await;
+    let a = store_at(&env.database_url, DEFAULT_POOL).await;
+    let b = store_at(&env.database_url, DEFAULT_POOL).await;
+    let own = [tokens(1000, 60)];
+    let ask = Ask { provider: "p", limits: &own, pools: &[], tokens: 100, flight: Duration::from_secs(30) };
+    let Admission::Granted(call) = a.admit(ask, SystemTime::now()).await else { panic!("room") };
+    let (locker, blocked) = an_ask_in_flight(&env, &a, "p", &own, &[]).await;
+    // Worker A: the answer (950 tokens), then the job's result goes to the client, whose next
+    // job lands on worker B.
+    let next = {
+        let (a, b, own) = (a.clone(), b.clone(), own.to_vec());
+        tokio::spawn(async move {
+            a.finish(call, Some(950), SystemTime::now()).await;
+            let ask = Ask { provider: "p", limits: &own, pools: &[], tokens: 100, flight: Duration::from_secs(30) };
+            b.admit(ask, SystemTime::now()).await
+        })
+    };
+    // Let the job go as far as it goes while A's batch waits: now B's ask waits on the lock
+    // too, queued behind A's (before 1f4c677 the job waited for its answer, there was none).
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until
+        && sqlx::query_scalar::<_, i64>(waiting).fetch_one(&mut env.db().await).await.unwrap() < 2
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    release(locker).await;
+    assert!(matches!(blocked.await.unwrap(), Admission::Granted(_)));
+    let next = next.await.unwrap();
+    a.answers_recorded().await;
+    let window = used(&env, "provider", "p", "tokens").await;
+    assert!(
+        matches!(next, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }),
+        "the next job's ask was decided before the previous answer: {next:?}, window at {window} of 1000"
+    );
+}
