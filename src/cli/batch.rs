@@ -107,20 +107,23 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
         }
     });
     let mut done = 0;
+    let mut interrupted = false;
+    let mut written = Ok(());
     while done < total {
         tokio::select! {
             () = shutdown.cancelled() => {
-                progress.finish();
-                if let Some(store) = &answers {
-                    store.answers_recorded().await;
-                }
-                eprintln!("interrupted: {done} of {total} results written; run the same command again to resume");
-                return Ok(ExitCode::from(1));
+                interrupted = true;
+                break;
             }
             result = results.recv() => {
                 let Some(result) = result else { break };
-                if output.write(&result)? {
-                    done += 1;
+                match output.write(&result) {
+                    Ok(true) => done += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        written = Err(e);
+                        break;
+                    }
                 }
                 progress.update(done, output.failed);
             }
@@ -128,8 +131,15 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
     }
     feeder.abort();
     progress.finish();
+    // However the loop ended, the answers of the calls made are written before the command
+    // returns (its runtime would drop the tasks that write them).
     if let Some(store) = &answers {
         store.answers_recorded().await;
+    }
+    written?;
+    if interrupted {
+        eprintln!("interrupted: {done} of {total} results written; run the same command again to resume");
+        return Ok(ExitCode::from(1));
     }
     // Every line started sends a result (see `settle`): a shortfall is a bug, but it is reported,
     // not passed off as a success.

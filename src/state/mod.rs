@@ -77,11 +77,14 @@ pub struct Permit {
     /// The provider whose windows count the call, when the shared store counts it: its answer
     /// is recorded in the same transaction as that provider's next asks.
     pub provider: Option<Arc<str>>,
+    /// The tokens the shared windows counted the call with (its estimate): an answer that
+    /// reports more raises their count, and is written before the job goes on.
+    pub estimate: u64,
 }
 
 impl Permit {
     /// A call that counts against no limit.
-    pub const UNCOUNTED: Permit = Permit { usage_id: None, local_id: None, provider: None };
+    pub const UNCOUNTED: Permit = Permit { usage_id: None, local_id: None, provider: None, estimate: 0 };
 }
 
 /// Provider state every worker sees the same way.

@@ -267,6 +267,13 @@ impl PgStore {
         windows.get(provider).is_some_and(|w| w.windows.specs.iter().any(|s| s.key.kind == ScopeKind::Pool))
     }
 
+    /// Whether one of `provider`'s windows (its own or a pool's) counts tokens, as its
+    /// admissions prepared them.
+    fn counts_tokens(&self, provider: &str) -> bool {
+        let windows = self.windows.lock().unwrap();
+        windows.get(provider).is_some_and(|w| w.windows.specs.iter().any(|s| s.key.measure == QuotaMeasure::Tokens))
+    }
+
     /// [`ProviderState::finish`], waiting until the answer is written (or given up on), for a
     /// caller that reads the windows next, such as a test; the chain does not wait.
     pub async fn finish_recorded(
@@ -775,9 +782,12 @@ impl PgStore {
             UNIX_EPOCH.checked_add(after_epoch).unwrap_or_else(|| later(now, STATE_CALL_TIMEOUT))
         });
         let admission = match (decision.usage_id, until, decision.blocked_by.as_deref()) {
-            (Some(id), _, _) => {
-                Admission::Granted(Permit { usage_id: Some(id), local_id: None, provider: Some(provider) })
-            }
+            (Some(id), _, _) => Admission::Granted(Permit {
+                usage_id: Some(id),
+                local_id: None,
+                provider: Some(provider),
+                estimate: ask.tokens,
+            }),
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
             // The provider's row was held elsewhere past the wait an admission carrying answers
             // allows (migration 0009): as a lock wait that failed, ask again shortly.
@@ -1146,8 +1156,17 @@ impl ProviderState for PgStore {
         // any later ask of this process for the provider (the batcher keeps each provider's
         // order), which is all such an ask needs of it; waiting only held the job's result back
         // by a batch round trip. Other providers' asks are not ordered behind it: when they
-        // share a window with this one (a pool's), the answer is written first.
-        if permit.provider.as_deref().is_some_and(|provider| self.shares_windows(provider)) {
+        // share a window with this one (a pool's), the answer is written first. Nor are other
+        // workers' asks: an answer that raises a token window's count above the call's
+        // estimate is written first too, since the job's result lets its client send the next
+        // job to any worker, whose ask must count it. An answer that lowers a count, or only
+        // ends the call's flight, can follow: until it lands the windows count more, not less.
+        let raises = tokens.is_some_and(|t| t > permit.estimate);
+        let written_first = permit
+            .provider
+            .as_deref()
+            .is_some_and(|provider| self.shares_windows(provider) || (raises && self.counts_tokens(provider)));
+        if written_first {
             return self.finish_written(permit, tokens, now).await;
         }
         let answer = match self.queue_answer(permit, tokens, now).await {
@@ -1519,7 +1538,7 @@ mod tests {
     }
 
     fn answered_permit() -> Permit {
-        Permit { usage_id: Some(7), local_id: None, provider: Some(Arc::from("groq")) }
+        Permit { usage_id: Some(7), local_id: None, provider: Some(Arc::from("groq")), estimate: 100 }
     }
 
     #[tokio::test]
@@ -1549,6 +1568,45 @@ mod tests {
         let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
         answer.reply.send(Ok(())).ok();
         written.await;
+    }
+
+    /// `store`'s admissions of `groq` prepared one window of `measure`, of `kind`.
+    fn prepared(store: &PgStore, kind: ScopeKind, measure: QuotaMeasure) {
+        let key =
+            WindowKey { kind, scope: "groq".into(), measure, window: Duration::from_secs(60), calendar: String::new() };
+        let windows = Arc::new(quota_batcher::Windows::new(vec![WindowSpec { key, limit: 1000, reset: None }]));
+        let prepared = ProviderWindows { limits: Vec::new(), pools: Vec::new(), windows };
+        store.windows.lock().unwrap().insert("groq".into(), prepared);
+    }
+
+    /// Whether `finish` of the answered permit with `tokens` returned before its batch answered.
+    async fn returns_before_the_write(
+        store: &PgStore,
+        queue: &mut mpsc::Receiver<quota_batcher::Request>,
+        tokens: u64,
+    ) -> bool {
+        let mut finish = std::pin::pin!(store.finish(answered_permit(), Some(tokens), SystemTime::now()));
+        let returned = futures_lite::future::poll_once(finish.as_mut()).await.is_some();
+        let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
+        answer.reply.send(Ok(())).ok();
+        if !returned {
+            finish.await;
+        }
+        returned
+    }
+
+    #[tokio::test]
+    async fn only_an_answer_other_workers_or_pool_mates_must_see_first_holds_the_job() {
+        // The call was admitted with an estimate of 100 tokens.
+        let (store, mut queue) = store_with_quota_queue();
+        prepared(&store, ScopeKind::Provider, QuotaMeasure::Tokens);
+        assert!(returns_before_the_write(&store, &mut queue, 60).await, "a lowered count can follow");
+        assert!(returns_before_the_write(&store, &mut queue, 100).await, "so can the estimate itself");
+        assert!(!returns_before_the_write(&store, &mut queue, 101).await, "a raised count is written first");
+        prepared(&store, ScopeKind::Provider, QuotaMeasure::Requests);
+        assert!(returns_before_the_write(&store, &mut queue, 5000).await, "no token window to raise");
+        prepared(&store, ScopeKind::Pool, QuotaMeasure::Requests);
+        assert!(!returns_before_the_write(&store, &mut queue, 60).await, "a pool mate's ask is not behind it");
     }
 
     #[tokio::test]

@@ -350,7 +350,7 @@ async fn batch_does_not_exit_while_its_last_answer_is_still_being_written() {
     let free = MockProvider::start(options).await.unwrap();
     let limited = format!(
         "{}{}",
-        provider("free", &free.base_url(), true, "limits = [{ tokens = 1000000, per = \"1h\" }]"),
+        provider("free", &free.base_url(), true, "limits = [{ requests = 1000000, per = \"1h\" }]"),
         chain("default", &["free"], "")
     );
     let config = env.config_file(&limited, "");
@@ -363,7 +363,7 @@ async fn batch_does_not_exit_while_its_last_answer_is_still_being_written() {
     let mut child = batch.spawn().unwrap();
     // Admitted (its window's row exists, the admission committed): the call is under way.
     eventually("the call is admitted", || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quota_use WHERE scope = 'free' AND measure = 'tokens'")
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quota_use WHERE scope = 'free' AND measure = 'requests'")
             .fetch_one(&mut env.db().await)
             .await
             .is_ok_and(|n| n == 1)
@@ -376,7 +376,8 @@ async fn batch_does_not_exit_while_its_last_answer_is_still_being_written() {
         .await
         .unwrap();
     // The answer waits on the lock (or never reaches the database: the command is gone).
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("batch exited ({status}) before its last answer was written");
@@ -399,9 +400,17 @@ async fn batch_does_not_exit_while_its_last_answer_is_still_being_written() {
     let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
     assert_eq!(exited_early, None, "batch exited while its last answer was still being written");
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
-    let amount: i64 = sqlx::query_scalar("SELECT amount FROM quota_use WHERE scope = 'free' AND measure = 'tokens'")
-        .fetch_one(&mut env.db().await)
-        .await
-        .unwrap();
-    assert_eq!(amount, 20, "the answer's usage, not the estimate");
+    assert_answered(&env).await;
+}
+
+/// The call to `free` (a 2 s timeout: a 7 s flight) in its 1 h requests window is answered: it
+/// leaves one window after its answer, not one window after its flight's end.
+pub(crate) async fn assert_answered(env: &TestEnv) {
+    let left: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM leaves_at - now())::float8 FROM quota_use WHERE scope = 'free' AND measure = 'requests'",
+    )
+    .fetch_one(&mut env.db().await)
+    .await
+    .unwrap();
+    assert!(left < 3603.0, "the call's answer was not recorded: it leaves in {left} s");
 }
