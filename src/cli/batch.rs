@@ -131,8 +131,9 @@ pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: Cancellat
     }
     feeder.abort();
     progress.finish();
-    // However the loop ended, the answers of the calls made are written before the command
-    // returns (its runtime would drop the tasks that write them).
+    // However the loop ended, the answers already queued are written before the command
+    // returns (its runtime would drop the tasks that write them). Lines still running after an
+    // interruption or a write error are not waited for: their calls keep their estimate.
     if let Some(store) = &answers {
         store.answers_recorded().await;
     }
