@@ -58,6 +58,10 @@ const CHANNEL: &str = "fallback_provider_state";
 /// must not hold jobs for seconds on a dead connection pool.
 const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How many calls written back while in flight are remembered for their answers (see
+/// `Outage::written_back`): far more than a worker has in flight.
+const MAX_WRITTEN_BACK_IN_FLIGHT: usize = 10_000;
+
 /// The largest token count of one call a provider's answer may set (a trillion; far above any
 /// limit): the windows' running totals add millions of these before a bigint overflows.
 const MAX_REPORTED_TOKENS: u64 = 1 << 40;
@@ -130,6 +134,11 @@ struct Outage {
     unsynced_calls: Mutex<Vec<UnsyncedCall>>,
     /// Cooldowns learnt during an outage, to share once the database is back.
     unshared_cooldowns: Mutex<Vec<(String, Cooldown)>>,
+    /// Answers to calls the database admitted that arrived while it was unreachable.
+    unwritten_answers: Mutex<Vec<UnwrittenAnswer>>,
+    /// Calls admitted locally, written back while still in flight: their database id and
+    /// provider, by local id, so that their answers correct the shared windows too.
+    written_back: Mutex<HashMap<i64, (i64, Arc<str>)>>,
 }
 
 /// A provider's prepared windows and the limits and pools they were made from.
@@ -283,9 +292,23 @@ impl PgStore {
         now: SystemTime,
     ) -> Result<(), StoreError> {
         match self.queue_answer(permit, tokens, now).await? {
-            Some((answer, deadline)) => self.answer_of(answer, deadline).await,
+            Some(answer) => self.written(answer).await,
             None => Ok(()),
         }
+    }
+
+    /// Waits for a queued answer's batch; an answer the database was unreachable for is kept
+    /// for the write-back.
+    async fn written(&self, answer: QueuedAnswer) -> Result<(), StoreError> {
+        let outcome = self.answer_of(answer.reply, answer.deadline).await;
+        if let Err(StoreError::Unreachable(_)) = &outcome {
+            self.keep_unwritten(answer.unwritten);
+        }
+        outcome
+    }
+
+    fn keep_unwritten(&self, answer: UnwrittenAnswer) {
+        self.outage.unwritten_answers.lock().unwrap().push(answer);
     }
 
     /// Counts the answer in this worker's own view and queues it for the shared windows, with
@@ -301,7 +324,15 @@ impl PgStore {
         if let Some(local_id) = permit.local_id {
             self.outage.own_calls.finish_at(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens, now);
         }
-        let (Some(call), Some(provider)) = (permit.usage_id, permit.provider) else { return Ok(None) };
+        let written_back = match (permit.usage_id, permit.local_id) {
+            (None, Some(local_id)) => self.outage.written_back.lock().unwrap().remove(&local_id),
+            _ => None,
+        };
+        let (call, provider) = match (permit.usage_id, permit.provider, written_back) {
+            (Some(call), Some(provider), _) => (call, provider),
+            (None, _, Some(shared)) => shared,
+            _ => return Ok(None),
+        };
         // A provider's count is taken as it says, but never so large that the windows' totals
         // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
         // finishes (bigint out of range), and the other calls' raised counts in it with it.
@@ -309,7 +340,16 @@ impl PgStore {
         let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
         let name = provider.clone();
         let request = |reply| quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, reply });
-        let answer = self.enqueue(self.quota(), request, deadline).await?;
+        let unwritten = UnwrittenAnswer { call, tokens };
+        let reply = match self.enqueue(self.quota(), request, deadline).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                if let StoreError::Unreachable(_) = e {
+                    self.keep_unwritten(unwritten);
+                }
+                return Err(e);
+            }
+        };
         // A count corrected from the provider's `usage` may make room that a kept token
         // refusal denies (an estimate larger than the use): the next ask goes to the database,
         // behind this answer. An answer frees no request slot: a request refusal stands.
@@ -318,7 +358,7 @@ impl PgStore {
         {
             cached.quota_blocked = cached.quota_blocked.filter(|b| b.measure == QuotaMeasure::Requests);
         }
-        Ok(Some((answer, deadline)))
+        Ok(Some(QueuedAnswer { reply, deadline, unwritten }))
     }
 
     /// Sends the LISTEN session to `url` instead of the pool's address.
@@ -427,8 +467,23 @@ impl PgStore {
             self.outage.unsynced_calls.lock().unwrap().extend(unsynced);
             return Err(e);
         }
+        let answers = std::mem::take(&mut *self.outage.unwritten_answers.lock().unwrap());
+        if let Err(e) = self.write_answers(&answers).await {
+            self.outage.unwritten_answers.lock().unwrap().extend(answers);
+            return Err(e);
+        }
         self.reload().await?;
         Ok((unsynced.len(), cooldowns.len()))
+    }
+
+    /// Writes the answers that arrived while the database was unreachable, in one transaction.
+    async fn write_answers(&self, answers: &[UnwrittenAnswer]) -> Result<(), sqlx::Error> {
+        if answers.is_empty() {
+            return Ok(());
+        }
+        let (calls, tokens): (Vec<i64>, Vec<Option<i64>>) = answers.iter().map(|a| (a.call, a.tokens)).unzip();
+        sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens).execute(&self.pool).await?;
+        Ok(())
     }
 
     /// Counts calls made during an outage in the shared windows (their provider's and their
@@ -439,10 +494,19 @@ impl PgStore {
         let ids: Vec<i64> = unsynced.iter().map(|c| c.local_id).collect();
         let calls: HashMap<i64, (String, super::quota::Usage)> =
             self.outage.own_calls.calls(&ids).into_iter().map(|(p, u)| (u.id, (p, u))).collect();
-        // window → the calls' amounts and leaving times (epoch ms).
-        let mut windows: HashMap<WindowKey, (Vec<i64>, Vec<f64>)> = HashMap::new();
-        for call in unsynced {
+        // One database id per call, shared by its rows as an admission's are: an answer that
+        // comes after the write-back finds them through it.
+        let shared_ids: Vec<i64> = sqlx::query_scalar("SELECT nextval('quota_call_id') FROM generate_series(1, $1)")
+            .bind(i32::try_from(unsynced.len()).unwrap_or(i32::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut windows: HashMap<WindowKey, WrittenBackRows> = HashMap::new();
+        let mut in_flight = Vec::new();
+        for (call, shared_id) in unsynced.iter().zip(shared_ids) {
             let Some((provider, usage)) = calls.get(&call.local_id) else { continue };
+            if usage.done.is_none() {
+                in_flight.push((call.local_id, (shared_id, Arc::from(provider.as_str()))));
+            }
             let end = usage.done.unwrap_or(usage.expires);
             for spec in windows_of(provider, &call.limits, &call.pools) {
                 let amount = match spec.key.measure {
@@ -454,16 +518,17 @@ impl PgStore {
                     None => end.checked_add(spec.key.window).unwrap_or(end),
                 };
                 let entry = windows.entry(spec.key).or_default();
-                entry.0.push(saturating_i64(amount));
-                entry.1.push(epoch_ms(leaves) as f64);
+                entry.0.push(shared_id);
+                entry.1.push(saturating_i64(amount));
+                entry.2.push(epoch_ms(leaves) as f64);
             }
         }
-        for (key, (amounts, leaves)) in windows {
+        for (key, (call_ids, amounts, leaves)) in windows {
             sqlx::query(
                 "WITH added AS ( \
                    INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at) \
-                   SELECT nextval('quota_call_id'), $1, $2, $3, $4, $5, a, to_timestamp(l / 1000) \
-                   FROM unnest($6::bigint[], $7::float8[]) AS t(a, l) RETURNING amount, leaves_at) \
+                   SELECT c, $1, $2, $3, $4, $5, a, to_timestamp(l / 1000) \
+                   FROM unnest($6::bigint[], $7::bigint[], $8::float8[]) AS t(c, a, l) RETURNING amount, leaves_at) \
                  INSERT INTO quota_window AS w (kind, scope, measure, window_ms, calendar, used, next_leave) \
                  SELECT $1, $2, $3, $4, $5, coalesce(sum(amount), 0), coalesce(min(leaves_at), 'infinity') FROM added \
                  ON CONFLICT (kind, scope, measure, window_ms, calendar) DO UPDATE \
@@ -474,12 +539,36 @@ impl PgStore {
             .bind(measure_name(key.measure))
             .bind(saturating_i64(key.window.as_millis()))
             .bind(&key.calendar)
+            .bind(&call_ids)
             .bind(&amounts)
             .bind(&leaves)
             .execute(&self.pool)
             .await?;
         }
-        Ok(())
+        // Answers that never come (their worker's job ended otherwise) leave their entry
+        // behind: at most the calls in flight at each write-back, dropped past a bound.
+        let local_ids: Vec<i64> = in_flight.iter().map(|(local_id, _)| *local_id).collect();
+        {
+            let mut written_back = self.outage.written_back.lock().unwrap();
+            if written_back.len() > MAX_WRITTEN_BACK_IN_FLIGHT {
+                written_back.clear();
+            }
+            written_back.extend(in_flight);
+        }
+        // An answer that came while the calls were being written found no entry yet: whoever
+        // takes the entry out writes the answer, so each is written once.
+        let answered: Vec<UnwrittenAnswer> = self
+            .outage
+            .own_calls
+            .calls(&local_ids)
+            .into_iter()
+            .filter(|(_, usage)| usage.done.is_some())
+            .filter_map(|(_, usage)| {
+                let (call, _) = self.outage.written_back.lock().unwrap().remove(&usage.id)?;
+                Some(UnwrittenAnswer { call, tokens: Some(saturating_i64(usage.tokens.min(MAX_REPORTED_TOKENS))) })
+            })
+            .collect();
+        self.write_answers(&answered).await
     }
 
     /// Records this worker as alive and learns how many are (the divisor of the local share of
@@ -951,8 +1040,26 @@ impl Drop for AbandonWatch<'_> {
 /// How long a connection handed back to the pool may take to answer a ping.
 const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// An answer in its batcher's queue: the batch's reply, and by when it must come.
-type QueuedAnswer = (oneshot::Receiver<Result<(), StoreError>>, tokio::time::Instant);
+/// One window's rows of the calls written back: their database ids, amounts and leaving times
+/// (epoch ms).
+type WrittenBackRows = (Vec<i64>, Vec<i64>, Vec<f64>);
+
+/// An answer in its batcher's queue: the batch's reply, by when it must come, and what it
+/// writes (kept for the write-back should the database be unreachable).
+struct QueuedAnswer {
+    reply: oneshot::Receiver<Result<(), StoreError>>,
+    deadline: tokio::time::Instant,
+    unwritten: UnwrittenAnswer,
+}
+
+/// The answer to call `call` (the database's id), `tokens` the provider's count, not yet
+/// written: the database was unreachable. The write-back applies it (applying an answer twice
+/// changes nothing: it sets the count, and moves the call's end only earlier).
+#[derive(Debug, Clone, Copy)]
+struct UnwrittenAnswer {
+    call: i64,
+    tokens: Option<i64>,
+}
 
 fn answer_not_recorded(e: &StoreError) {
     tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
@@ -1176,7 +1283,7 @@ impl ProviderState for PgStore {
         };
         let store = self.clone();
         self.answers.spawn(async move {
-            if let Err(e) = store.answer_of(answer.0, answer.1).await {
+            if let Err(e) = store.written(answer).await {
                 answer_not_recorded(&e);
             }
         });

@@ -241,3 +241,65 @@ async fn the_next_job_of_a_client_on_another_worker_sees_the_previous_answers_co
         "the next job's ask was decided before the previous answer: {next:?}, window at {window} of 1000"
     );
 }
+
+/// Review 3 (older than the detached answers): a call the database admitted, whose answer
+/// (a raised count, written first) arrives while the database is away, was given up on; the
+/// write-back carried only the calls admitted locally, so every other worker went on counting
+/// the estimate (100) of a call that used 5000 tokens. The answer is now kept and written back.
+#[tokio::test]
+async fn a_raised_answer_that_arrives_during_an_outage_counts_once_the_database_is_back() {
+    let env = TestEnv::new().await;
+    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let limits = [tokens(10_000, 3600)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) };
+    let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+    assert!(permit.usage_id.is_some(), "admitted by the database");
+    relay.set_down(true);
+    store.finish(permit, Some(5000), SystemTime::now()).await;
+    assert!(store.is_degraded());
+    relay.set_down(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    store.answers_recorded().await;
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 5000, "the call's use, not its estimate");
+}
+
+/// Review 3 (older than the detached answers): a call admitted from this worker's own view
+/// while the database is away, still in flight when it comes back, is written back with its
+/// estimate; its answer then named no shared call and corrected the worker's own view alone,
+/// so every other worker counted 100 tokens of a call that used 5000, for a whole window.
+#[tokio::test]
+async fn a_call_of_the_outage_answered_after_the_write_back_counts_its_answer_in_the_shared_window() {
+    let env = TestEnv::new().await;
+    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let limits = [tokens(10_000, 3600)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) };
+    // One call through the database (the window's row exists), answered as estimated.
+    let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+    store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 100);
+
+    relay.set_down(true);
+    let permit = loop {
+        match store.admit(ask, SystemTime::now()).await {
+            Admission::Granted(permit) if permit.usage_id.is_none() => break permit,
+            Admission::Granted(permit) => store.finish(permit, Some(100), SystemTime::now()).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(store.is_degraded());
+    relay.set_down(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    eventually("the outage's call is written back", || async { used(&env, "provider", "p", "tokens").await >= 200 })
+        .await;
+
+    // The call answers now: it used 5000 tokens.
+    store.finish_written(permit, Some(5000), SystemTime::now()).await;
+    store.answers_recorded().await;
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000, "the outage call's use, not its estimate");
+}
