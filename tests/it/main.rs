@@ -27,6 +27,7 @@ mod review_0009d;
 mod review_0010;
 mod review_0011;
 mod review_finish;
+mod review_outage;
 mod review_leases;
 mod review_refusal;
 mod shared_state;

@@ -1,0 +1,178 @@
+//! Review 4 of 17e0792 (answers of the outage written back): the post-check of `insert_calls`
+//! and the answers of calls admitted locally.
+
+use std::time::{Duration, SystemTime};
+
+use fallback_worker::config::LimitConfig;
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{Admission, Ask, ProviderState};
+
+use crate::ledger_batching::{release, until_waiting_on_locks};
+use crate::support::*;
+
+fn tokens(n: u64, secs: u64) -> LimitConfig {
+    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
+}
+
+async fn used(env: &TestEnv, kind: &str, scope: &str, measure: &str) -> i64 {
+    sqlx::query_scalar("SELECT used FROM quota_window WHERE kind = $1 AND scope = $2 AND measure = $3")
+        .bind(kind)
+        .bind(scope)
+        .bind(measure)
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap()
+}
+
+/// A plain connection holding `p`'s token window row: the write-back's insert waits on it.
+async fn lock_window(env: &TestEnv) -> sqlx::PgConnection {
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'p' AND measure = 'tokens' FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    locker
+}
+
+/// `fallback_finish_batch` as 0010, except that its first call fails as a lock wait past its
+/// `lock_timeout` (1s) does: another worker's batch holds a window (or the connection drops).
+async fn first_finish_batch_fails(env: &TestEnv) {
+    sqlx::raw_sql(
+        "CREATE SEQUENCE review4_fail; \
+         CREATE OR REPLACE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[]) \
+         RETURNS void LANGUAGE plpgsql SET lock_timeout = '1s' SET enable_seqscan = off AS $$ \
+         DECLARE r record; \
+         BEGIN \
+           IF nextval('review4_fail') = 1 THEN \
+             RAISE EXCEPTION 'canceling statement due to lock timeout' USING ERRCODE = '55P03'; \
+           END IF; \
+           FOR r IN SELECT * FROM (SELECT DISTINCT kind, scope, measure, window_ms, calendar \
+                                     FROM quota_use WHERE call_id = ANY (p_calls)) involved \
+                     ORDER BY kind COLLATE \"C\", scope COLLATE \"C\", measure COLLATE \"C\", window_ms, calendar COLLATE \"C\" LOOP \
+             PERFORM 1 FROM quota_window w WHERE w.kind = r.kind AND w.scope = r.scope AND w.measure = r.measure \
+               AND w.window_ms = r.window_ms AND w.calendar = r.calendar FOR UPDATE; \
+           END LOOP; \
+           PERFORM fallback_apply_finishes(p_calls, p_tokens); \
+         END $$;",
+    )
+    .execute(&mut env.db().await)
+    .await
+    .unwrap();
+}
+
+/// Up to the write-back, blocked on `p`'s token window: one call through the database (100,
+/// answered), one admitted locally during the outage (estimate 100, in flight).
+async fn outage_call_with_write_back_waiting(
+    env: &TestEnv,
+    store: &PgStore,
+    relay: &crate::support::relay::Relay,
+    fail_post_check: bool,
+) -> (fallback_worker::state::Permit, sqlx::PgConnection) {
+    let limits = [tokens(10_000, 3600)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) };
+    let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+    store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
+    assert_eq!(used(env, "provider", "p", "tokens").await, 100);
+    relay.set_down(true);
+    let permit = loop {
+        match store.admit(ask, SystemTime::now()).await {
+            Admission::Granted(permit) if permit.usage_id.is_none() => break permit,
+            Admission::Granted(permit) => store.finish(permit, Some(100), SystemTime::now()).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(store.is_degraded());
+    if fail_post_check {
+        first_finish_batch_fails(env).await;
+    }
+    let locker = lock_window(env).await;
+    relay.set_down(false);
+    // The write-back's insert of the outage's call waits on the window.
+    until_waiting_on_locks(env, 1).await;
+    assert!(store.is_degraded());
+    (permit, locker)
+}
+
+/// The commit's "whoever removes the map entry writes the answer": the call answers while its
+/// rows are being written (after `insert_calls` read it as in flight, before the map has its
+/// entry). Held if 100 + 5000.
+#[tokio::test]
+async fn an_answer_that_arrives_while_the_outage_call_is_being_written_back_counts_once() {
+    let env = TestEnv::new().await;
+    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let (permit, locker) = outage_call_with_write_back_waiting(&env, &store, &relay, false).await;
+    store.finish(permit, Some(5000), SystemTime::now()).await;
+    release(locker).await;
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    store.answers_recorded().await;
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000);
+}
+
+/// The post-check's answer fails to be written (its batch function gives up on a lock after
+/// 1s, or the connection drops): `insert_calls` returns the error after every window's rows
+/// were inserted, `write_back` puts the calls back in `unsynced_calls`, and `recover` inserts
+/// them all again, under new database ids: the outage's call counts twice (its first rows keep
+/// their estimate for the whole window).
+#[tokio::test]
+async fn a_post_check_answer_that_fails_does_not_write_the_outage_calls_twice() {
+    let env = TestEnv::new().await;
+    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let (permit, locker) = outage_call_with_write_back_waiting(&env, &store, &relay, true).await;
+    store.finish(permit, Some(5000), SystemTime::now()).await;
+    release(locker).await;
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    store.answers_recorded().await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_use WHERE scope = 'p' AND measure = 'tokens'")
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000, "{rows} token rows for 2 calls");
+}
+
+/// `finish` writes first an answer that raises a token window's count (the next job may go
+/// to another worker, whose ask must count it). A call admitted locally carries no provider
+/// (`Permit::UNCOUNTED`'s), so its answer after the write-back, which the commit now turns
+/// into a shared one, goes detached: `finish` returns before the shared window counts it.
+#[tokio::test]
+async fn a_raised_answer_of_a_written_back_call_is_written_before_finish_returns() {
+    let env = TestEnv::new().await;
+    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let limits = [tokens(10_000, 3600)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) };
+    let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
+    store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
+    relay.set_down(true);
+    let permit = loop {
+        match store.admit(ask, SystemTime::now()).await {
+            Admission::Granted(permit) if permit.usage_id.is_none() => break permit,
+            Admission::Granted(permit) => store.finish(permit, Some(100), SystemTime::now()).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    relay.set_down(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    eventually("written back", || async { used(&env, "provider", "p", "tokens").await >= 200 }).await;
+    // The answer's batch waits on the window (another worker's transaction) for a moment.
+    let locker = lock_window(&env).await;
+    let finished = {
+        let store = store.clone();
+        tokio::spawn(async move { store.finish(permit, Some(5000), SystemTime::now()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let returned_early = finished.is_finished();
+    release(locker).await;
+    finished.await.unwrap();
+    store.answers_recorded().await;
+    assert!(!returned_early, "finish returned before its raised answer was written");
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000);
+}
