@@ -138,7 +138,7 @@ struct Outage {
     unwritten_answers: Mutex<Vec<UnwrittenAnswer>>,
     /// Calls admitted locally, written back while still in flight: their database id and
     /// provider, by local id, so that their answers correct the shared windows too.
-    written_back: Mutex<HashMap<i64, (i64, Arc<str>)>>,
+    written_back: Mutex<HashMap<i64, WrittenBack>>,
 }
 
 /// A provider's prepared windows and the limits and pools they were made from.
@@ -330,7 +330,7 @@ impl PgStore {
         };
         let (call, provider) = match (permit.usage_id, permit.provider, written_back) {
             (Some(call), Some(provider), _) => (call, provider),
-            (None, _, Some(shared)) => shared,
+            (None, _, Some(shared)) => (shared.call, shared.provider),
             _ => return Ok(None),
         };
         // A provider's count is taken as it says, but never so large that the windows' totals
@@ -491,6 +491,9 @@ impl PgStore {
     /// set-based statement per window, each its own short transaction, so no admission waits
     /// long behind it.
     async fn insert_calls(&self, unsynced: &[UnsyncedCall]) -> Result<(), sqlx::Error> {
+        if unsynced.is_empty() {
+            return Ok(());
+        }
         let ids: Vec<i64> = unsynced.iter().map(|c| c.local_id).collect();
         let calls: HashMap<i64, (String, super::quota::Usage)> =
             self.outage.own_calls.calls(&ids).into_iter().map(|(p, u)| (u.id, (p, u))).collect();
@@ -505,7 +508,9 @@ impl PgStore {
         for (call, shared_id) in unsynced.iter().zip(shared_ids) {
             let Some((provider, usage)) = calls.get(&call.local_id) else { continue };
             if usage.done.is_none() {
-                in_flight.push((call.local_id, (shared_id, Arc::from(provider.as_str()))));
+                let written =
+                    WrittenBack { call: shared_id, provider: Arc::from(provider.as_str()), estimate: usage.tokens };
+                in_flight.push((call.local_id, written));
             }
             let end = usage.done.unwrap_or(usage.expires);
             for spec in windows_of(provider, &call.limits, &call.pools) {
@@ -564,11 +569,18 @@ impl PgStore {
             .into_iter()
             .filter(|(_, usage)| usage.done.is_some())
             .filter_map(|(_, usage)| {
-                let (call, _) = self.outage.written_back.lock().unwrap().remove(&usage.id)?;
-                Some(UnwrittenAnswer { call, tokens: Some(saturating_i64(usage.tokens.min(MAX_REPORTED_TOKENS))) })
+                let written = self.outage.written_back.lock().unwrap().remove(&usage.id)?;
+                let tokens = Some(saturating_i64(usage.tokens.min(MAX_REPORTED_TOKENS)));
+                Some(UnwrittenAnswer { call: written.call, tokens })
             })
             .collect();
-        self.write_answers(&answered).await
+        // The calls are written: failing now must not write them again (the write-back would
+        // be retried whole). Their answers wait for the next write-back instead.
+        if let Err(e) = self.write_answers(&answered).await {
+            tracing::debug!(error = %e, "cannot write the answers of calls written back yet; kept for later");
+            self.outage.unwritten_answers.lock().unwrap().extend(answered);
+        }
+        Ok(())
     }
 
     /// Records this worker as alive and learns how many are (the divisor of the local share of
@@ -1040,6 +1052,16 @@ impl Drop for AbandonWatch<'_> {
 /// How long a connection handed back to the pool may take to answer a ping.
 const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// A call admitted locally, written back while still in flight.
+#[derive(Debug, Clone)]
+struct WrittenBack {
+    /// Its database id, shared by its rows.
+    call: i64,
+    provider: Arc<str>,
+    /// The tokens it was written back with.
+    estimate: u64,
+}
+
 /// One window's rows of the calls written back: their database ids, amounts and leaving times
 /// (epoch ms).
 type WrittenBackRows = (Vec<i64>, Vec<i64>, Vec<f64>);
@@ -1268,9 +1290,18 @@ impl ProviderState for PgStore {
         // estimate is written first too, since the job's result lets its client send the next
         // job to any worker, whose ask must count it. An answer that lowers a count, or only
         // ends the call's flight, can follow: until it lands the windows count more, not less.
-        let raises = tokens.is_some_and(|t| t > permit.estimate);
-        let written_first = permit
-            .provider
+        let (provider, estimate) = match (&permit.provider, permit.local_id) {
+            (Some(provider), _) => (Some(provider.clone()), permit.estimate),
+            // A call admitted locally and written back while in flight counts in the shared
+            // windows with what it was written back with.
+            (None, Some(local_id)) => match self.outage.written_back.lock().unwrap().get(&local_id) {
+                Some(written) => (Some(written.provider.clone()), written.estimate),
+                None => (None, 0),
+            },
+            (None, None) => (None, 0),
+        };
+        let raises = tokens.is_some_and(|t| t > estimate);
+        let written_first = provider
             .as_deref()
             .is_some_and(|provider| self.shares_windows(provider) || (raises && self.counts_tokens(provider)));
         if written_first {
