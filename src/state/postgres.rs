@@ -269,18 +269,18 @@ impl PgStore {
         self.answers.wait().await;
     }
 
-    /// Whether `provider`'s calls count in a window other providers' calls count in too (a
-    /// pool's), as its admissions prepared them.
-    fn shares_windows(&self, provider: &str) -> bool {
+    /// Whether the answer to a call of `provider` must be written before its job goes on (see
+    /// [`ProviderState::finish`]): its windows include a pool's, which other providers' asks
+    /// count in too, or the answer `raises` the call's tokens and a window counts tokens. One
+    /// look at the windows its admissions prepared.
+    fn written_first(&self, provider: &str, raises: bool) -> bool {
         let windows = self.windows.lock().unwrap();
-        windows.get(provider).is_some_and(|w| w.windows.specs.iter().any(|s| s.key.kind == ScopeKind::Pool))
-    }
-
-    /// Whether one of `provider`'s windows (its own or a pool's) counts tokens, as its
-    /// admissions prepared them.
-    fn counts_tokens(&self, provider: &str) -> bool {
-        let windows = self.windows.lock().unwrap();
-        windows.get(provider).is_some_and(|w| w.windows.specs.iter().any(|s| s.key.measure == QuotaMeasure::Tokens))
+        windows.get(provider).is_some_and(|w| {
+            w.windows
+                .specs
+                .iter()
+                .any(|s| s.key.kind == ScopeKind::Pool || (raises && s.key.measure == QuotaMeasure::Tokens))
+        })
     }
 
     /// [`ProviderState::finish`], waiting until the answer is written (or given up on), for a
@@ -1301,10 +1301,7 @@ impl ProviderState for PgStore {
             (None, None) => (None, 0),
         };
         let raises = tokens.is_some_and(|t| t > estimate);
-        let written_first = provider
-            .as_deref()
-            .is_some_and(|provider| self.shares_windows(provider) || (raises && self.counts_tokens(provider)));
-        if written_first {
+        if provider.is_some_and(|provider| self.written_first(&provider, raises)) {
             return self.finish_written(permit, tokens, now).await;
         }
         let answer = match self.queue_answer(permit, tokens, now).await {

@@ -361,20 +361,7 @@ async fn batch_does_not_exit_while_its_last_answer_is_still_being_written() {
     let mut batch = command(&config, &["batch", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     batch.env("DATABASE_URL", &env.database_url).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = batch.spawn().unwrap();
-    // Admitted (its window's row exists, the admission committed): the call is under way.
-    eventually("the call is admitted", || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quota_use WHERE scope = 'free' AND measure = 'requests'")
-            .fetch_one(&mut env.db().await)
-            .await
-            .is_ok_and(|n| n == 1)
-    })
-    .await;
-    let mut locker = env.db().await;
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'free' FOR UPDATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = window_held_once_admitted(&env).await;
     // The answer waits on the lock (or never reaches the database: the command is gone).
     let waiting =
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
@@ -401,6 +388,25 @@ async fn batch_does_not_exit_while_its_last_answer_is_still_being_written() {
     assert_eq!(exited_early, None, "batch exited while its last answer was still being written");
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     assert_answered(&env).await;
+}
+
+/// Once the call to `free` is admitted (its window's row exists, the admission committed: the
+/// call is under way), a connection holding that window's row: the call's answer will wait on it.
+pub(crate) async fn window_held_once_admitted(env: &TestEnv) -> sqlx::PgConnection {
+    eventually("the call is admitted", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quota_use WHERE scope = 'free' AND measure = 'requests'")
+            .fetch_one(&mut env.db().await)
+            .await
+            .is_ok_and(|n| n == 1)
+    })
+    .await;
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'free' FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    locker
 }
 
 /// The call to `free` (a 2 s timeout: a 7 s flight) in its 1 h requests window is answered: it

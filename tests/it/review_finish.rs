@@ -18,11 +18,11 @@ fn requests(n: u64, secs: u64) -> LimitConfig {
     LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(secs), resets: None }
 }
 
-fn tokens(n: u64, secs: u64) -> LimitConfig {
+pub(crate) fn tokens(n: u64, secs: u64) -> LimitConfig {
     LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
 }
 
-async fn used(env: &TestEnv, kind: &str, scope: &str, measure: &str) -> i64 {
+pub(crate) async fn used(env: &TestEnv, kind: &str, scope: &str, measure: &str) -> i64 {
     sqlx::query_scalar("SELECT used FROM quota_window WHERE kind = $1 AND scope = $2 AND measure = $3")
         .bind(kind)
         .bind(scope)
@@ -146,19 +146,7 @@ async fn a_stopping_worker_does_not_return_while_its_last_answer_is_being_writte
     );
     let worker = env.spawn_worker(env.config(&providers), "worker-a").await;
     env.publish(&job("last"), lapin::BasicProperties::default()).await;
-    eventually("the call is admitted", || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM quota_use WHERE scope = 'free' AND measure = 'requests'")
-            .fetch_one(&mut env.db().await)
-            .await
-            .is_ok_and(|n| n == 1)
-    })
-    .await;
-    let mut locker = env.db().await;
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'free' FOR UPDATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let locker = crate::backlog::window_held_once_admitted(&env).await;
     until_waiting_on_locks(&env, 1).await;
     let locked_at = tokio::time::Instant::now();
     let (result, _) = env.next_result(&env.results).await;
@@ -240,66 +228,4 @@ async fn the_next_job_of_a_client_on_another_worker_sees_the_previous_answers_co
         matches!(next, Admission::OverQuota { measure: QuotaMeasure::Tokens, .. }),
         "the next job's ask was decided before the previous answer: {next:?}, window at {window} of 1000"
     );
-}
-
-/// Review 3 (older than the detached answers): a call the database admitted, whose answer
-/// (a raised count, written first) arrives while the database is away, was given up on; the
-/// write-back carried only the calls admitted locally, so every other worker went on counting
-/// the estimate (100) of a call that used 5000 tokens. The answer is now kept and written back.
-#[tokio::test]
-async fn a_raised_answer_that_arrives_during_an_outage_counts_once_the_database_is_back() {
-    let env = TestEnv::new().await;
-    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
-    let limits = [tokens(10_000, 3600)];
-    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) };
-    let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    assert!(permit.usage_id.is_some(), "admitted by the database");
-    relay.set_down(true);
-    store.finish(permit, Some(5000), SystemTime::now()).await;
-    assert!(store.is_degraded());
-    relay.set_down(false);
-    eventually("the database is back", || async { !store.is_degraded() }).await;
-    store.answers_recorded().await;
-    assert_eq!(used(&env, "provider", "p", "tokens").await, 5000, "the call's use, not its estimate");
-}
-
-/// Review 3 (older than the detached answers): a call admitted from this worker's own view
-/// while the database is away, still in flight when it comes back, is written back with its
-/// estimate; its answer then named no shared call and corrected the worker's own view alone,
-/// so every other worker counted 100 tokens of a call that used 5000, for a whole window.
-#[tokio::test]
-async fn a_call_of_the_outage_answered_after_the_write_back_counts_its_answer_in_the_shared_window() {
-    let env = TestEnv::new().await;
-    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
-    let limits = [tokens(10_000, 3600)];
-    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) };
-    // One call through the database (the window's row exists), answered as estimated.
-    let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
-    assert_eq!(used(&env, "provider", "p", "tokens").await, 100);
-
-    relay.set_down(true);
-    let permit = loop {
-        match store.admit(ask, SystemTime::now()).await {
-            Admission::Granted(permit) if permit.usage_id.is_none() => break permit,
-            Admission::Granted(permit) => store.finish(permit, Some(100), SystemTime::now()).await,
-            other => panic!("{other:?}"),
-        }
-    };
-    assert!(store.is_degraded());
-    relay.set_down(false);
-    eventually("the database is back", || async { !store.is_degraded() }).await;
-    eventually("the outage's call is written back", || async { used(&env, "provider", "p", "tokens").await >= 200 })
-        .await;
-
-    // The call answers now: it used 5000 tokens.
-    store.finish_written(permit, Some(5000), SystemTime::now()).await;
-    store.answers_recorded().await;
-    assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000, "the outage call's use, not its estimate");
 }

@@ -1,27 +1,51 @@
-//! Review 4 of 17e0792 (answers of the outage written back): the post-check of `insert_calls`
-//! and the answers of calls admitted locally.
+//! The answers of a database outage (reviews 3 and 4): answers the database was unreachable
+//! for, and answers of calls admitted locally and written back while in flight.
 
 use std::time::{Duration, SystemTime};
 
 use fallback_worker::config::LimitConfig;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, ProviderState};
+use fallback_worker::state::{Admission, Ask, Permit, ProviderState};
 
 use crate::ledger_batching::{release, until_waiting_on_locks};
+use crate::review_finish::{tokens, used};
+use crate::support::relay::Relay;
 use crate::support::*;
 
-fn tokens(n: u64, secs: u64) -> LimitConfig {
-    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(secs), resets: None }
+/// A store that reaches the database through a relay the test can take down, migrated.
+async fn store_behind_relay(env: &TestEnv) -> (Relay, PgStore) {
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    (relay, store)
 }
 
-async fn used(env: &TestEnv, kind: &str, scope: &str, measure: &str) -> i64 {
-    sqlx::query_scalar("SELECT used FROM quota_window WHERE kind = $1 AND scope = $2 AND measure = $3")
-        .bind(kind)
-        .bind(scope)
-        .bind(measure)
-        .fetch_one(&mut env.db().await)
-        .await
-        .unwrap()
+/// `p` with a 10,000-token hourly window; each ask estimates 100 tokens.
+fn hourly_tokens() -> [LimitConfig; 1] {
+    [tokens(10_000, 3600)]
+}
+
+fn ask_p(limits: &[LimitConfig]) -> Ask<'_> {
+    Ask { provider: "p", limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) }
+}
+
+/// One call through the database, answered as estimated (the window's row exists), then the
+/// database goes away and a call is admitted from this worker's own view: its permit.
+async fn an_outage_call(env: &TestEnv, store: &PgStore, relay: &Relay, limits: &[LimitConfig]) -> Permit {
+    let Admission::Granted(first) = store.admit(ask_p(limits), SystemTime::now()).await else { panic!("room") };
+    store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
+    assert_eq!(used(env, "provider", "p", "tokens").await, 100);
+    relay.set_down(true);
+    let permit = loop {
+        match store.admit(ask_p(limits), SystemTime::now()).await {
+            Admission::Granted(permit) if permit.usage_id.is_none() => break permit,
+            Admission::Granted(permit) => store.finish(permit, Some(100), SystemTime::now()).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(store.is_degraded());
+    permit
 }
 
 /// A plain connection holding `p`'s token window row: the write-back's insert waits on it.
@@ -66,23 +90,10 @@ async fn first_finish_batch_fails(env: &TestEnv) {
 async fn outage_call_with_write_back_waiting(
     env: &TestEnv,
     store: &PgStore,
-    relay: &crate::support::relay::Relay,
+    relay: &Relay,
     fail_post_check: bool,
-) -> (fallback_worker::state::Permit, sqlx::PgConnection) {
-    let limits = [tokens(10_000, 3600)];
-    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) };
-    let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
-    assert_eq!(used(env, "provider", "p", "tokens").await, 100);
-    relay.set_down(true);
-    let permit = loop {
-        match store.admit(ask, SystemTime::now()).await {
-            Admission::Granted(permit) if permit.usage_id.is_none() => break permit,
-            Admission::Granted(permit) => store.finish(permit, Some(100), SystemTime::now()).await,
-            other => panic!("{other:?}"),
-        }
-    };
-    assert!(store.is_degraded());
+) -> (Permit, sqlx::PgConnection) {
+    let permit = an_outage_call(env, store, relay, &hourly_tokens()).await;
     if fail_post_check {
         first_finish_batch_fails(env).await;
     }
@@ -100,10 +111,7 @@ async fn outage_call_with_write_back_waiting(
 #[tokio::test]
 async fn an_answer_that_arrives_while_the_outage_call_is_being_written_back_counts_once() {
     let env = TestEnv::new().await;
-    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
+    let (relay, store) = store_behind_relay(&env).await;
     let (permit, locker) = outage_call_with_write_back_waiting(&env, &store, &relay, false).await;
     store.finish(permit, Some(5000), SystemTime::now()).await;
     release(locker).await;
@@ -120,10 +128,7 @@ async fn an_answer_that_arrives_while_the_outage_call_is_being_written_back_coun
 #[tokio::test]
 async fn a_post_check_answer_that_fails_does_not_write_the_outage_calls_twice() {
     let env = TestEnv::new().await;
-    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
+    let (relay, store) = store_behind_relay(&env).await;
     let (permit, locker) = outage_call_with_write_back_waiting(&env, &store, &relay, true).await;
     store.finish(permit, Some(5000), SystemTime::now()).await;
     release(locker).await;
@@ -143,22 +148,8 @@ async fn a_post_check_answer_that_fails_does_not_write_the_outage_calls_twice() 
 #[tokio::test]
 async fn a_raised_answer_of_a_written_back_call_is_written_before_finish_returns() {
     let env = TestEnv::new().await;
-    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
-    let limits = [tokens(10_000, 3600)];
-    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) };
-    let Admission::Granted(first) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
-    store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
-    relay.set_down(true);
-    let permit = loop {
-        match store.admit(ask, SystemTime::now()).await {
-            Admission::Granted(permit) if permit.usage_id.is_none() => break permit,
-            Admission::Granted(permit) => store.finish(permit, Some(100), SystemTime::now()).await,
-            other => panic!("{other:?}"),
-        }
-    };
+    let (relay, store) = store_behind_relay(&env).await;
+    let permit = an_outage_call(&env, &store, &relay, &hourly_tokens()).await;
     relay.set_down(false);
     eventually("the database is back", || async { !store.is_degraded() }).await;
     eventually("written back", || async { used(&env, "provider", "p", "tokens").await >= 200 }).await;
@@ -168,11 +159,52 @@ async fn a_raised_answer_of_a_written_back_call_is_written_before_finish_returns
         let store = store.clone();
         tokio::spawn(async move { store.finish(permit, Some(5000), SystemTime::now()).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its batch waits on the window: a finish that did not wait for it has returned by now.
+    until_waiting_on_locks(&env, 1).await;
     let returned_early = finished.is_finished();
     release(locker).await;
     finished.await.unwrap();
     store.answers_recorded().await;
     assert!(!returned_early, "finish returned before its raised answer was written");
     assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000);
+}
+
+/// Review 3 (older than the detached answers): a call the database admitted, whose answer
+/// (a raised count, written first) arrives while the database is away, was given up on; the
+/// write-back carried only the calls admitted locally, so every other worker went on counting
+/// the estimate (100) of a call that used 5000 tokens. The answer is now kept and written back.
+#[tokio::test]
+async fn a_raised_answer_that_arrives_during_an_outage_counts_once_the_database_is_back() {
+    let env = TestEnv::new().await;
+    let (relay, store) = store_behind_relay(&env).await;
+    let limits = hourly_tokens();
+    let Admission::Granted(permit) = store.admit(ask_p(&limits), SystemTime::now()).await else { panic!("room") };
+    assert!(permit.usage_id.is_some(), "admitted by the database");
+    relay.set_down(true);
+    store.finish(permit, Some(5000), SystemTime::now()).await;
+    assert!(store.is_degraded());
+    relay.set_down(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    store.answers_recorded().await;
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 5000, "the call's use, not its estimate");
+}
+
+/// Review 3 (older than the detached answers): a call admitted from this worker's own view
+/// while the database is away, still in flight when it comes back, is written back with its
+/// estimate; its answer then named no shared call and corrected the worker's own view alone,
+/// so every other worker counted 100 tokens of a call that used 5000, for a whole window.
+#[tokio::test]
+async fn a_call_of_the_outage_answered_after_the_write_back_counts_its_answer_in_the_shared_window() {
+    let env = TestEnv::new().await;
+    let (relay, store) = store_behind_relay(&env).await;
+    let permit = an_outage_call(&env, &store, &relay, &hourly_tokens()).await;
+    relay.set_down(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    eventually("the outage's call is written back", || async { used(&env, "provider", "p", "tokens").await >= 200 })
+        .await;
+
+    // The call answers now: it used 5000 tokens.
+    store.finish_written(permit, Some(5000), SystemTime::now()).await;
+    store.answers_recorded().await;
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000, "the outage call's use, not its estimate");
 }
