@@ -3,6 +3,7 @@
 //! [`postgres::PgStore`] is the production store shared by every worker (contract §6);
 //! [`memory::MemoryStore`] is the embedded one for `batch` without a database and for unit tests.
 
+mod credits;
 mod ledger_batcher;
 pub mod memory;
 pub mod postgres;
@@ -80,11 +81,15 @@ pub struct Permit {
     /// The tokens the shared windows counted the call with (its estimate): an answer that
     /// reports more raises their count, and is written before the job goes on.
     pub estimate: u64,
+    /// Admitted from a credit this worker holds (`usage_id` is the credit's): its answer is
+    /// the credit's to account for, not a call of its own in the windows.
+    pub from_credit: bool,
 }
 
 impl Permit {
     /// A call that counts against no limit.
-    pub const UNCOUNTED: Permit = Permit { usage_id: None, local_id: None, provider: None, estimate: 0 };
+    pub const UNCOUNTED: Permit =
+        Permit { usage_id: None, local_id: None, provider: None, estimate: 0, from_credit: false };
 }
 
 /// Provider state every worker sees the same way.

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::credits::{self, Credit, CreditBook, Ending};
 use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
 use super::quota_batcher;
@@ -114,6 +115,11 @@ pub struct PgStore {
     /// Answers of calls queued for recording, which their jobs do not wait for: a worker that
     /// stops waits for them ([`PgStore::answers_recorded`]).
     answers: TaskTracker,
+    /// The credits this worker admits its calls from (see [`credits`]).
+    credits: Arc<Mutex<CreditBook>>,
+    /// One ask for a credit per provider at a time: the calls that wait meanwhile are admitted
+    /// from it rather than each asking for one.
+    credit_asks: Arc<Mutex<HashMap<Arc<str>, CreditGate>>>,
 }
 
 /// This worker's own view, kept at all times and used alone while the database is unreachable.
@@ -140,6 +146,9 @@ struct Outage {
     /// provider, by local id, so that their answers correct the shared windows too.
     written_back: Mutex<HashMap<i64, WrittenBack>>,
 }
+
+/// Held while a credit is asked for (see `PgStore::credit_asks`).
+type CreditGate = Arc<tokio::sync::Mutex<()>>;
 
 /// A provider's prepared windows and the limits and pools they were made from.
 struct ProviderWindows {
@@ -257,6 +266,8 @@ impl PgStore {
             listen_options,
             abandoned: Arc::default(),
             answers: TaskTracker::new(),
+            credits: Arc::default(),
+            credit_asks: Arc::default(),
         }
     }
 
@@ -265,6 +276,10 @@ impl PgStore {
     /// tracker stays closed, which only makes its `wait` end whenever it is empty: callers that
     /// wait at once never miss each other's wake-up.
     pub async fn answers_recorded(&self) {
+        let endings = self.credits.lock().unwrap().close_all();
+        for ending in endings {
+            self.end_credit(ending).await;
+        }
         self.answers.close();
         self.answers.wait().await;
     }
@@ -291,6 +306,12 @@ impl PgStore {
         tokens: Option<u64>,
         now: SystemTime,
     ) -> Result<(), StoreError> {
+        if permit.from_credit {
+            return match self.credit_answer(permit, tokens, now) {
+                Some(ending) => self.write_ending(ending).await,
+                None => Ok(()),
+            };
+        }
         match self.queue_answer(permit, tokens, now).await? {
             Some(answer) => self.written(answer).await,
             None => Ok(()),
@@ -337,10 +358,27 @@ impl PgStore {
         // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
         // finishes (bigint out of range), and the other calls' raised counts in it with it.
         let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
-        let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
         let name = provider.clone();
-        let request = |reply| quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, reply });
-        let unwritten = UnwrittenAnswer { call, tokens };
+        let queued = self.queue_write(provider, UnwrittenAnswer { call, tokens, requests: None, ended: true }).await?;
+        // A count corrected from the provider's `usage` may make room that a kept token
+        // refusal denies (an estimate larger than the use): the next ask goes to the database,
+        // behind this answer. An answer frees no request slot: a request refusal stands.
+        if tokens.is_some()
+            && let Some(cached) = self.cache.lock().unwrap().get_mut(&*name)
+        {
+            cached.quota_blocked = cached.quota_blocked.filter(|b| b.measure == QuotaMeasure::Requests);
+        }
+        Ok(Some(queued))
+    }
+
+    /// Queues `unwritten` for `provider`'s windows (kept for the write-back when the database
+    /// is unreachable).
+    async fn queue_write(&self, provider: Arc<str>, unwritten: UnwrittenAnswer) -> Result<QueuedAnswer, StoreError> {
+        let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
+        let UnwrittenAnswer { call, tokens, requests, ended } = unwritten;
+        let request = |reply| {
+            quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, requests, ended, reply })
+        };
         let reply = match self.enqueue(self.quota(), request, deadline).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -350,15 +388,48 @@ impl PgStore {
                 return Err(e);
             }
         };
-        // A count corrected from the provider's `usage` may make room that a kept token
-        // refusal denies (an estimate larger than the use): the next ask goes to the database,
-        // behind this answer. An answer frees no request slot: a request refusal stands.
-        if tokens.is_some()
-            && let Some(cached) = self.cache.lock().unwrap().get_mut(&*name)
-        {
-            cached.quota_blocked = cached.quota_blocked.filter(|b| b.measure == QuotaMeasure::Requests);
+        Ok(QueuedAnswer { reply, deadline, unwritten })
+    }
+
+    /// Counts the answer to a call admitted from a credit in this worker's own view and in the
+    /// credit: what the shared windows must be told of the credit now, if anything.
+    fn credit_answer(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) -> Option<Ending> {
+        if let Some(local_id) = permit.local_id {
+            self.outage.own_calls.finish_at(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens, now);
         }
-        Ok(Some(QueuedAnswer { reply, deadline, unwritten }))
+        let (provider, call) = (permit.provider?, permit.usage_id?);
+        let tokens = tokens.map(|t| t.min(MAX_REPORTED_TOKENS));
+        self.credits.lock().unwrap().answer(&provider, call, permit.estimate, tokens)
+    }
+
+    /// Writes what a credit's windows must count from now on, and waits for it.
+    async fn write_ending(&self, ending: Ending) -> Result<(), StoreError> {
+        let answer = UnwrittenAnswer {
+            call: ending.call,
+            tokens: Some(saturating_i64(ending.tokens)),
+            requests: ending.requests.map(saturating_i64),
+            ended: ending.requests.is_some(),
+        };
+        let queued = self.queue_write(ending.provider, answer).await?;
+        self.written(queued).await
+    }
+
+    /// A credit's ending: written before the caller goes on when it raises the count (another
+    /// worker's next ask must count it), else on its own (until it lands the windows count the
+    /// whole credit, more than its calls used).
+    async fn end_credit(&self, ending: Ending) {
+        if ending.raises {
+            if let Err(e) = self.write_ending(ending).await {
+                answer_not_recorded(&e);
+            }
+            return;
+        }
+        let store = self.clone();
+        self.answers.spawn(async move {
+            if let Err(e) = store.write_ending(ending).await {
+                answer_not_recorded(&e);
+            }
+        });
     }
 
     /// Sends the LISTEN session to `url` instead of the pool's address.
@@ -481,8 +552,15 @@ impl PgStore {
         if answers.is_empty() {
             return Ok(());
         }
-        let (calls, tokens): (Vec<i64>, Vec<Option<i64>>) = answers.iter().map(|a| (a.call, a.tokens)).unzip();
-        sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens).execute(&self.pool).await?;
+        let (calls, tokens, requests, ended) =
+            quota_batcher::answer_columns(answers.iter().map(|a| (a.call, a.tokens, a.requests, a.ended)));
+        sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4)")
+            .bind(&calls)
+            .bind(&tokens)
+            .bind(&requests)
+            .bind(&ended)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -571,7 +649,7 @@ impl PgStore {
             .filter_map(|(_, usage)| {
                 let written = self.outage.written_back.lock().unwrap().remove(&usage.id)?;
                 let tokens = Some(saturating_i64(usage.tokens.min(MAX_REPORTED_TOKENS)));
-                Some(UnwrittenAnswer { call: written.call, tokens })
+                Some(UnwrittenAnswer { call: written.call, tokens, requests: None, ended: true })
             })
             .collect();
         // The calls are written: failing now must not write them again (the write-back would
@@ -859,6 +937,16 @@ impl PgStore {
     /// The ask goes out with the other asks for this provider that wait with it, decided in
     /// arrival order in one transaction (`fallback_admit_batch`, migration 0008).
     async fn acquire(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, StoreError> {
+        let admission = self.ask_windows(ask, 1, now).await?;
+        let mut cache = self.cache.lock().unwrap();
+        let cached = cache.entry(ask.provider.to_string()).or_default();
+        cached.quota_blocked = QuotaBlock::after(cached.quota_blocked, &admission, ask.tokens, now);
+        drop(cache);
+        Ok(admission)
+    }
+
+    /// Asks the database for room for `requests` calls of `ask` (one call's, or a credit's).
+    async fn ask_windows(&self, ask: Ask<'_>, requests: u64, now: SystemTime) -> Result<Admission, StoreError> {
         let windows = self.windows_for(ask);
         // A calendar call's deadline is taken a little late (the database's clock runs on from
         // ours): a call that may end after a reset counts in the next day until it answers.
@@ -874,6 +962,7 @@ impl PgStore {
                 tokens: saturating_i64(ask.tokens),
                 flight_ms: saturating_i64(ask.flight.as_millis()),
                 leaves,
+                requests: saturating_i64(requests),
                 reply,
             })
         };
@@ -888,6 +977,7 @@ impl PgStore {
                 local_id: None,
                 provider: Some(provider),
                 estimate: ask.tokens,
+                from_credit: false,
             }),
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
             // The provider's row was held elsewhere past the wait an admission carrying answers
@@ -903,11 +993,82 @@ impl PgStore {
             (None, Some(until), _) => Admission::OverQuota { until, measure: QuotaMeasure::Requests },
             (None, None, _) => Admission::Granted(Permit::UNCOUNTED),
         };
-        let mut cache = self.cache.lock().unwrap();
-        let cached = cache.entry(ask.provider.to_string()).or_default();
-        cached.quota_blocked = QuotaBlock::after(cached.quota_blocked, &admission, ask.tokens, now);
-        drop(cache);
         Ok(admission)
+    }
+
+    /// A call admitted from `ask.provider`'s open credit, without a query, when it has room.
+    async fn take_from_credit(&self, ask: Ask<'_>, provider: &Arc<str>, now: SystemTime) -> Option<Permit> {
+        let (taken, ending) = self.credits.lock().unwrap().take(provider, ask.tokens, ask.flight, now);
+        if let Some(ending) = ending {
+            self.end_credit(ending).await;
+        }
+        let call = taken?;
+        let local_id = Some(self.outage.own_calls.record_call(ask, now));
+        Some(Permit {
+            usage_id: Some(call),
+            local_id,
+            provider: Some(provider.clone()),
+            estimate: ask.tokens,
+            from_credit: true,
+        })
+    }
+
+    /// Takes a credit for `provider` when its windows are large enough and have room, and
+    /// admits the call from it. One ask for a credit per provider at a time: the calls that
+    /// wait meanwhile are admitted from the one it brings. `None`: the call asks alone.
+    async fn through_credit(
+        &self,
+        ask: Ask<'_>,
+        provider: &Arc<str>,
+        now: SystemTime,
+    ) -> Result<Option<Admission>, StoreError> {
+        let windows = self.windows_for(ask);
+        let Some(calls) = credits::size_for(&windows.specs, ask.tokens) else { return Ok(None) };
+        if !self.credits.lock().unwrap().may_ask(provider, now) {
+            return Ok(None);
+        }
+        let gate = self.credit_asks.lock().unwrap().entry(provider.clone()).or_default().clone();
+        let _one_ask_at_a_time = gate.lock().await;
+        if let Some(permit) = self.take_from_credit(ask, provider, now).await {
+            return Ok(Some(Admission::Granted(permit)));
+        }
+        if !self.credits.lock().unwrap().may_ask(provider, now) {
+            return Ok(None);
+        }
+        // The credit's calls may be sent until its lifetime ends, each in flight for at most
+        // the call's own timeout: its deadline in the windows covers the last of them.
+        let tokens = ask.tokens.saturating_mul(calls);
+        let credit_ask = Ask { tokens, flight: ask.flight.saturating_add(credits::LIFETIME), ..ask };
+        match self.ask_windows(credit_ask, calls, now).await? {
+            Admission::Granted(Permit { usage_id: Some(call), .. }) => {
+                let credit = Credit::new(call, calls, tokens, ask.flight, now);
+                let replaced = self.credits.lock().unwrap().open(provider, credit);
+                if let Some(ending) = replaced {
+                    self.end_credit(ending).await;
+                }
+                self.close_credit_later(provider.clone(), call);
+                Ok(self.take_from_credit(ask, provider, now).await.map(Admission::Granted))
+            }
+            Admission::OverQuota { until, .. } => {
+                self.credits.lock().unwrap().no_room_until(provider, until);
+                Ok(None)
+            }
+            cooling @ Admission::Cooling(_) => Ok(Some(cooling)),
+            Admission::Granted(_) | Admission::TooLarge => Ok(None),
+        }
+    }
+
+    /// Closes credit `call` when its lifetime ends (if it is still open then), and ends it once
+    /// its calls have answered.
+    fn close_credit_later(&self, provider: Arc<str>, call: i64) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(credits::LIFETIME).await;
+            let ending = store.credits.lock().unwrap().close(&provider, call);
+            if let Some(ending) = ending {
+                store.end_credit(ending).await;
+            }
+        });
     }
 
     /// The cooldown that refused an admission: the one this process knows when current (the
@@ -1081,6 +1242,10 @@ struct QueuedAnswer {
 struct UnwrittenAnswer {
     call: i64,
     tokens: Option<i64>,
+    /// A credit's calls, when it ends (migration 0012); `None` keeps the count.
+    requests: Option<i64>,
+    /// Whether the call's flight ends: false when a credit only raises its token count.
+    ended: bool,
 }
 
 fn answer_not_recorded(e: &StoreError) {
@@ -1236,10 +1401,17 @@ impl PgStore {
             let cooldown = self.guarded(self.read_cooldown(provider, now)).await?;
             return Ok(cooldown.map_or(Admission::Granted(Permit::UNCOUNTED), Admission::Cooling));
         }
+        let name: Arc<str> = provider.into();
+        if let Some(permit) = self.take_from_credit(ask, &name, now).await {
+            return Ok(Admission::Granted(permit));
+        }
         if let Some(QuotaBlock { until, measure, .. }) =
             self.quota_blocked(provider, now).filter(|b| b.stands_for(ask.tokens))
         {
             return Ok(Admission::OverQuota { until, measure });
+        }
+        if let Some(admission) = self.through_credit(ask, &name, now).await? {
+            return Ok(admission);
         }
         let admission = self.acquire(ask, now).await?;
         Ok(match admission {
@@ -1290,6 +1462,12 @@ impl ProviderState for PgStore {
         // estimate is written first too, since the job's result lets its client send the next
         // job to any worker, whose ask must count it. An answer that lowers a count, or only
         // ends the call's flight, can follow: until it lands the windows count more, not less.
+        if permit.from_credit {
+            if let Some(ending) = self.credit_answer(permit, tokens, now) {
+                self.end_credit(ending).await;
+            }
+            return;
+        }
         let (provider, estimate) = match (&permit.provider, permit.local_id) {
             (Some(provider), _) => (Some(provider.clone()), permit.estimate),
             // A call admitted locally and written back while in flight counts in the shared
@@ -1487,7 +1665,9 @@ impl ProviderState for PgStore {
                     Some(name) => (ScopeKind::Pool, name),
                     None => (ScopeKind::Provider, ask.provider),
                 };
-                let window = self.observe_window(kind, scope, limit, observation, observed.usage_id, now);
+                // A credit's later calls are in its own row, not after it: nothing is lowered.
+                let call = observed.usage_id.filter(|_| !observed.from_credit);
+                let window = self.observe_window(kind, scope, limit, observation, call, now);
                 if let Err(e) = self.guarded(window).await {
                     // Best effort: the next answer's headers say it again.
                     tracing::debug!(provider = ask.provider, error = %e, "cannot correct a window from the provider's headers");
@@ -1673,7 +1853,13 @@ mod tests {
     }
 
     fn answered_permit() -> Permit {
-        Permit { usage_id: Some(7), local_id: None, provider: Some(Arc::from("groq")), estimate: 100 }
+        Permit {
+            usage_id: Some(7),
+            local_id: None,
+            provider: Some(Arc::from("groq")),
+            estimate: 100,
+            from_credit: false,
+        }
     }
 
     #[tokio::test]

@@ -59,6 +59,8 @@ pub struct AdmitAsk {
     /// Per window: for a calendar window, the first reset after the call's deadline (epoch ms);
     /// `None` for a sliding one.
     pub leaves: Vec<Option<f64>>,
+    /// The calls this ask counts: 1 for a call, more for a credit (migration 0012).
+    pub requests: i64,
     pub reply: oneshot::Sender<Result<Decision, StoreError>>,
 }
 
@@ -80,7 +82,59 @@ pub struct Answer {
     pub provider: Arc<str>,
     pub call: i64,
     pub tokens: Option<i64>,
+    /// A credit's calls, when it ends: its request count from then on (migration 0012).
+    pub requests: Option<i64>,
+    /// Whether the call's flight ends with this answer: a credit that only raises its token
+    /// count keeps its calls in flight.
+    pub ended: bool,
     pub reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// One entry of an answer as the statements take it: call, tokens, requests, ended.
+pub(super) type AnswerEntry = (i64, Option<i64>, Option<i64>, bool);
+
+/// The answers' columns: calls, tokens, requests, ended.
+pub(super) type AnswerColumns = (Vec<i64>, Vec<Option<i64>>, Vec<Option<i64>>, Vec<bool>);
+
+/// The answers' columns as the statements take them, one entry per call (the statement counts
+/// only the first of a call). A credit can have two in one batch: a raise of its tokens, made
+/// while its calls were out, and its end, whichever was queued first. Its end is the last word
+/// (it counts every call, answered); of two raises the larger stands, as the statement keeps it.
+pub(super) fn answer_columns(entries: impl IntoIterator<Item = AnswerEntry>) -> AnswerColumns {
+    let mut merged: Vec<AnswerEntry> = Vec::new();
+    let mut at: HashMap<i64, usize> = HashMap::new();
+    for entry in entries {
+        let Some(&i) = at.get(&entry.0) else {
+            at.insert(entry.0, merged.len());
+            merged.push(entry);
+            continue;
+        };
+        let Some(kept) = merged.get_mut(i) else { continue };
+        *kept = match (kept.3, entry.3) {
+            (true, false) => *kept,
+            (false, true) => entry,
+            (true, true) => entry,
+            (false, false) => {
+                if entry.1 > kept.1 {
+                    entry
+                } else {
+                    *kept
+                }
+            }
+        };
+    }
+    let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (call, tokens, requests, ended) in merged {
+        columns.0.push(call);
+        columns.1.push(tokens);
+        columns.2.push(requests);
+        columns.3.push(ended);
+    }
+    columns
+}
+
+fn entries(answers: &[Answer]) -> impl Iterator<Item = AnswerEntry> + '_ {
+    answers.iter().map(|a| (a.call, a.tokens, a.requests, a.ended))
 }
 
 /// What a batch is made of: one provider's finishes and asks (the provider's name).
@@ -309,8 +363,8 @@ fn reply_to_answers(answers: Vec<Answer>, outcome: Result<(), &Failed>) {
     }
 }
 
-/// The admission statement: `$1`..`$12` the provider, its windows and the asks (as
-/// `fallback_admit_batch` takes them), the function's name and what follows `$12`.
+/// The admission statement: `$1`..`$13` the provider, its windows and the asks (as
+/// `fallback_admit_batch` takes them), the function's name and what follows `$13`.
 macro_rules! admit_sql {
     ($function:literal, $rest:literal) => {
         concat!(
@@ -320,7 +374,8 @@ macro_rules! admit_sql {
                (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($8::float8[]) WITH ORDINALITY AS t(f, o)), \
                (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(f, o)), \
                $10, $11, \
-               (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($12::float8[]) WITH ORDINALITY AS t(l, o))",
+               (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($12::float8[]) WITH ORDINALITY AS t(l, o)), \
+               $13",
             $rest
         )
     };
@@ -348,11 +403,12 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
     // asks × windows, row-major; exactly `n` per ask whatever an ask carries.
     let leaves: Vec<Option<f64>> =
         asks.iter().flat_map(|a| a.leaves.iter().copied().chain(std::iter::repeat(None)).take(n)).collect();
-    let (calls, call_tokens): (Vec<i64>, Vec<Option<i64>>) = answers.iter().map(|a| (a.call, a.tokens)).unzip();
+    let requests: Vec<i64> = asks.iter().map(|a| a.requests).collect();
+    let (calls, call_tokens, call_requests, call_ended) = answer_columns(entries(&answers));
     let statement = if answers.is_empty() {
         admit_sql!("fallback_admit_batch(", ")")
     } else {
-        admit_sql!("fallback_finish_and_admit(", ", $13, $14)")
+        admit_sql!("fallback_finish_and_admit(", ", $14, $15, $16, $17)")
     };
     let query = sqlx::query(statement)
         .bind(&*provider)
@@ -366,8 +422,13 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
         .bind(&next_resets)
         .bind(&tokens)
         .bind(&flights)
-        .bind(&leaves);
-    let query = if answers.is_empty() { query } else { query.bind(&calls).bind(&call_tokens) };
+        .bind(&leaves)
+        .bind(&requests);
+    let query = if answers.is_empty() {
+        query
+    } else {
+        query.bind(&calls).bind(&call_tokens).bind(&call_requests).bind(&call_ended)
+    };
     let rows = conn.run(async |c| query.fetch_all(c).await).await;
     // Recorded, or failed where answers alone fail too (a window held past 1 s): when the asks'
     // locks are held elsewhere the statement records the answers alone (migration 0009).
@@ -406,8 +467,12 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
 
 /// Records the answers of many calls in one statement.
 async fn finish_all(conn: &mut BatchConnection, answers: Vec<Answer>) {
-    let (calls, tokens): (Vec<i64>, Vec<Option<i64>>) = answers.iter().map(|a| (a.call, a.tokens)).unzip();
-    let query = sqlx::query("SELECT fallback_finish_batch($1, $2)").bind(&calls).bind(&tokens);
+    let (calls, tokens, requests, ended) = answer_columns(entries(&answers));
+    let query = sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4)")
+        .bind(&calls)
+        .bind(&tokens)
+        .bind(&requests)
+        .bind(&ended);
     let outcome = conn.run(async |c| query.execute(c).await.map(|_| ())).await;
     reply_to_answers(answers, outcome.as_ref().copied());
 }
@@ -424,13 +489,14 @@ mod tests {
             tokens: 1,
             flight_ms: 1000,
             leaves: Vec::new(),
+            requests: 1,
             reply,
         })
     }
 
     fn finish(provider: &str, call: i64) -> Request {
         let (reply, _) = oneshot::channel();
-        Request::Finish(Answer { provider: provider.into(), call, tokens: None, reply })
+        Request::Finish(Answer { provider: provider.into(), call, tokens: None, requests: None, ended: true, reply })
     }
 
     fn merging() -> Queues {
@@ -503,5 +569,25 @@ mod tests {
         let mut queue: VecDeque<Request> = (0..MAX_BATCH + 3).map(|_| ask("a", &w1)).collect();
         assert_eq!(take_batch(&mut queue).len(), MAX_BATCH);
         assert_eq!(queue.len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod answer_entries {
+    use super::answer_columns;
+
+    #[test]
+    fn a_credits_end_is_its_last_word_in_a_batch_whichever_came_first() {
+        let raise = (7, Some(130), None, false);
+        let end = (7, Some(95), Some(2), true);
+        let plain = (8, Some(10), None, true);
+        let expected = (vec![7, 8], vec![Some(95), Some(10)], vec![Some(2), None], vec![true, true]);
+        assert_eq!(answer_columns([raise, plain, end]), expected);
+        let expected_reversed = (vec![7, 8], vec![Some(95), Some(10)], vec![Some(2), None], vec![true, true]);
+        assert_eq!(answer_columns([end, plain, raise]), expected_reversed);
+        // Of two raises the larger stands.
+        let higher = (7, Some(150), None, false);
+        assert_eq!(answer_columns([higher, raise]), (vec![7], vec![Some(150)], vec![None], vec![false]));
+        assert_eq!(answer_columns([raise, higher]), (vec![7], vec![Some(150)], vec![None], vec![false]));
     }
 }

@@ -166,9 +166,15 @@ async fn finish_and_admission_cross_on_the_pool_window(finish_first: bool) {
     let Admission::Granted(call) = store.admit(ask, SystemTime::now()).await else { panic!("room") };
     let call = call.usage_id.unwrap();
     // The waits here are the test's own, however slow the machine: only a deadlock may end them.
-    let mut db = env.db().await;
-    sqlx::query("ALTER FUNCTION fallback_admit_batch SET lock_timeout = '60s'").execute(&mut db).await.unwrap();
-    sqlx::query("ALTER FUNCTION fallback_finish_batch SET lock_timeout = '60s'").execute(&mut db).await.unwrap();
+    for function in ["fallback_admit_batch", "fallback_finish_batch"] {
+        crate::batched_admission::for_every_signature_then(
+            &env,
+            function,
+            "ALTER FUNCTION",
+            "SET lock_timeout = '60s'",
+        )
+        .await;
+    }
 
     let mut holder = env.db().await;
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();

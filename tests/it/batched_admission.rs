@@ -578,7 +578,28 @@ pub(crate) async fn a_token_refusal(store: &PgStore) -> SystemTime {
 /// From here the database refuses to admit anything: an ask it is still asked fails, so only
 /// the refusal a worker kept can answer one with a time.
 pub(crate) async fn the_database_admits_no_more(env: &TestEnv) {
-    sqlx::query("DROP FUNCTION fallback_admit_batch").execute(&mut env.db().await).await.unwrap();
+    for_every_signature(env, "fallback_admit_batch", "DROP FUNCTION").await;
+}
+
+/// Runs `command` (`DROP FUNCTION`, `ALTER FUNCTION`, followed by the signature and `rest`) on
+/// every signature of `function`: since migration 0012 the functions of 0010 have two.
+pub(crate) async fn for_every_signature(env: &TestEnv, function: &str, command: &str) {
+    for_every_signature_then(env, function, command, "").await;
+}
+
+/// As [`for_every_signature`], with `rest` after each signature.
+pub(crate) async fn for_every_signature_then(env: &TestEnv, function: &str, command: &str, rest: &str) {
+    let signatures: Vec<String> = sqlx::query_scalar("SELECT oid::regprocedure::text FROM pg_proc WHERE proname = $1")
+        .bind(function)
+        .fetch_all(&mut env.db().await)
+        .await
+        .unwrap();
+    assert!(signatures.len() >= 2, "{function}: {signatures:?}");
+    for signature in signatures {
+        // The signature is the catalog's own text, the command and rest the test's literals.
+        let sql = format!("{command} {signature} {rest}");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();
+    }
 }
 
 /// A refusal for lack of tokens is kept so that waiting jobs do not herd the database, but it

@@ -8,6 +8,7 @@ mod answer_checks;
 mod backlog;
 mod batched_admission;
 mod chain_flow;
+mod credits;
 mod delivery;
 mod deploy;
 mod dialects;

@@ -59,12 +59,12 @@ async fn lock_window(env: &TestEnv) -> sqlx::PgConnection {
     locker
 }
 
-/// `fallback_finish_batch` as 0010, except that its first call fails as a lock wait past its
+/// `fallback_finish_batch` as 0012, except that its first call fails as a lock wait past its
 /// `lock_timeout` (1s) does: another worker's batch holds a window (or the connection drops).
 async fn first_finish_batch_fails(env: &TestEnv) {
     sqlx::raw_sql(
         "CREATE SEQUENCE review4_fail; \
-         CREATE OR REPLACE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[]) \
+         CREATE OR REPLACE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[], p_requests bigint[], p_ended boolean[]) \
          RETURNS void LANGUAGE plpgsql SET lock_timeout = '1s' SET enable_seqscan = off AS $$ \
          DECLARE r record; \
          BEGIN \
@@ -77,7 +77,7 @@ async fn first_finish_batch_fails(env: &TestEnv) {
              PERFORM 1 FROM quota_window w WHERE w.kind = r.kind AND w.scope = r.scope AND w.measure = r.measure \
                AND w.window_ms = r.window_ms AND w.calendar = r.calendar FOR UPDATE; \
            END LOOP; \
-           PERFORM fallback_apply_finishes(p_calls, p_tokens); \
+           PERFORM fallback_apply_finishes(p_calls, p_tokens, p_requests, p_ended); \
          END $$;",
     )
     .execute(&mut env.db().await)
@@ -139,6 +139,9 @@ async fn a_post_check_answer_that_fails_does_not_write_the_outage_calls_twice() 
         .await
         .unwrap();
     assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000, "{rows} token rows for 2 calls");
+    let finish_batches: i64 =
+        sqlx::query_scalar("SELECT last_value FROM review4_fail").fetch_one(&mut env.db().await).await.unwrap();
+    assert!(finish_batches >= 2, "the failing finish batch never ran ({finish_batches} calls)");
 }
 
 /// `finish` writes first an answer that raises a token window's count (the next job may go

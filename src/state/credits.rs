@@ -1,0 +1,412 @@
+//! Admission credits (issue #9): room for several calls to a provider, taken from the shared
+//! windows in one ask, from which this worker admits its own calls without asking again.
+//!
+//! Every call to a provider with limits used to cost the database an ask and an answer, each
+//! writing one row per window: under load that made Postgres the price of a limited job (four
+//! times the result ledger's). Where a provider's limits are large (a day's 14,400 requests, a
+//! paid model's thousands a minute) a worker asks for a small share of them at once — at most
+//! [`SHARE_DIVISOR`]th of any window, [`MAX_CALLS`] calls at most — and admits its calls from it
+//! for [`LIFETIME`]. When the credit is spent, expired or its calls used more tokens than it
+//! holds, it closes; once its last call has answered it *ends*: its count in the windows
+//! becomes what its calls used (requests admitted, tokens reported), leaving one window after
+//! that last answer, as any call's does.
+//!
+//! The rule stays strict: from when it is taken until it ends, every window counts the whole
+//! credit, which is at least what its calls use; a call that uses more tokens than the credit
+//! has left raises the credit's count before its job goes on. A credit a worker cannot end (it
+//! was killed) leaves its windows when its deadline does, as a call in flight: `LIFETIME` and
+//! the calls' own timeout later. Small limits (a minute's 30 requests) get no credit: a share
+//! of them would hold back what other workers could use.
+//!
+//! This module keeps the book; it knows nothing of the database or the clock (callers pass
+//! `now`), so its rules are tested alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::routing::QuotaMeasure;
+
+use super::postgres::WindowSpec;
+
+/// How long a credit admits calls after it was granted. Short: what it holds and does not use
+/// is held from every other worker until it ends.
+pub const LIFETIME: Duration = Duration::from_secs(1);
+
+/// A credit holds at most this share of any of its windows (1/256: 0.4 %).
+pub const SHARE_DIVISOR: u64 = 256;
+
+/// A credit holds at most this many calls.
+pub const MAX_CALLS: u64 = 64;
+
+/// How many calls of `tokens` each a credit for these windows may hold: `None` when not even
+/// two (a credit of one call is an ask). `tokens` is the first call's estimate; the credit
+/// holds that many tokens per call.
+pub fn size_for(specs: &[WindowSpec], tokens: u64) -> Option<u64> {
+    let calls = specs.iter().fold(MAX_CALLS, |calls, spec| {
+        let share = spec.limit / SHARE_DIVISOR;
+        let per_call = match spec.key.measure {
+            QuotaMeasure::Requests => 1,
+            QuotaMeasure::Tokens => tokens.max(1),
+        };
+        calls.min(share / per_call)
+    });
+    (!specs.is_empty() && calls >= 2).then_some(calls)
+}
+
+/// One credit: the database's call id it was granted under and what it holds and has given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credit {
+    pub call: i64,
+    /// Calls it holds in the shared windows.
+    requests: u64,
+    /// Tokens the shared windows count for it (raised when its calls used more).
+    tokens: u64,
+    /// The longest flight of a call it may admit: its deadline in the database covers them.
+    max_flight: Duration,
+    /// No call is admitted from it at or after this instant.
+    open_until: SystemTime,
+    /// Calls admitted from it.
+    admitted: u64,
+    /// Tokens its calls take: the count of those answered (their estimate when the provider
+    /// gave none) and the estimate of those in flight.
+    taken: u64,
+    in_flight: u64,
+    /// No more calls: it ends with its last answer.
+    closed: bool,
+}
+
+impl Credit {
+    /// A credit granted at `now` as call `call` for `requests` calls and `tokens` tokens, for
+    /// calls whose flight is at most `max_flight`.
+    pub fn new(call: i64, requests: u64, tokens: u64, max_flight: Duration, now: SystemTime) -> Credit {
+        let open_until = now.checked_add(LIFETIME).unwrap_or(now);
+        Credit { call, requests, tokens, max_flight, open_until, admitted: 0, taken: 0, in_flight: 0, closed: false }
+    }
+
+    fn admits(&self, tokens: u64, flight: Duration, now: SystemTime) -> bool {
+        !self.closed
+            && now < self.open_until
+            && flight <= self.max_flight
+            && self.admitted < self.requests
+            && self.taken.checked_add(tokens).is_some_and(|taken| taken <= self.tokens)
+    }
+
+    fn ending(&self, provider: &Arc<str>) -> Option<Ending> {
+        (self.closed && self.in_flight == 0).then(|| Ending {
+            provider: provider.clone(),
+            call: self.call,
+            requests: Some(self.admitted),
+            tokens: self.taken,
+            raises: false,
+        })
+    }
+}
+
+/// What the shared windows must be told of a credit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    pub provider: Arc<str>,
+    pub call: i64,
+    /// The calls it admitted, when it ends (its count from then on); `None` when its calls
+    /// are still out and only its token count rises.
+    pub requests: Option<u64>,
+    /// Its token count from now on.
+    pub tokens: u64,
+    /// The count rises above what the windows count: written before the job goes on.
+    pub raises: bool,
+}
+
+/// A provider's credits: the one admitting calls, those closed with calls still out, and until
+/// when the windows have no room for a new one.
+#[derive(Debug, Default)]
+struct ProviderCredits {
+    open: Option<Credit>,
+    closing: HashMap<i64, Credit>,
+    no_room_until: Option<SystemTime>,
+}
+
+impl ProviderCredits {
+    /// Closes the open credit; its ending when no call of it is out.
+    fn close_open(&mut self, provider: &Arc<str>) -> Option<Ending> {
+        let mut credit = self.open.take()?;
+        credit.closed = true;
+        match credit.ending(provider) {
+            Some(ending) => Some(ending),
+            None => {
+                self.closing.insert(credit.call, credit);
+                None
+            }
+        }
+    }
+}
+
+/// Every provider's credits in this worker.
+#[derive(Debug, Default)]
+pub struct CreditBook {
+    providers: HashMap<Arc<str>, ProviderCredits>,
+}
+
+impl CreditBook {
+    /// Admits a call of `tokens` and `flight` from `provider`'s open credit: the credit's call
+    /// id, or `None` when it has none that admits it. A credit that cannot admit it is closed
+    /// (its ending, when due, comes back too): the next credit starts from this call's size.
+    pub fn take(
+        &mut self,
+        provider: &Arc<str>,
+        tokens: u64,
+        flight: Duration,
+        now: SystemTime,
+    ) -> (Option<i64>, Option<Ending>) {
+        let Some(credits) = self.providers.get_mut(provider) else { return (None, None) };
+        match credits.open.as_mut() {
+            Some(credit) if credit.admits(tokens, flight, now) => {
+                credit.admitted = credit.admitted.saturating_add(1);
+                credit.taken = credit.taken.saturating_add(tokens);
+                credit.in_flight = credit.in_flight.saturating_add(1);
+                (Some(credit.call), None)
+            }
+            Some(_) => (None, credits.close_open(provider)),
+            None => (None, None),
+        }
+    }
+
+    /// Whether a new credit may be asked for now: the last ask for one was not refused for lack
+    /// of room until later.
+    pub fn may_ask(&self, provider: &str, now: SystemTime) -> bool {
+        self.providers.get(provider).and_then(|c| c.no_room_until).is_none_or(|until| until <= now)
+    }
+
+    /// The windows had no room for a credit before `until`: calls ask one by one until then.
+    pub fn no_room_until(&mut self, provider: &Arc<str>, until: SystemTime) {
+        self.providers.entry(provider.clone()).or_default().no_room_until = Some(until);
+    }
+
+    /// Makes `credit` the provider's open one; the one it replaces closes (its ending, when due).
+    pub fn open(&mut self, provider: &Arc<str>, credit: Credit) -> Option<Ending> {
+        let credits = self.providers.entry(provider.clone()).or_default();
+        let ending = credits.close_open(provider);
+        credits.open = Some(credit);
+        ending
+    }
+
+    /// The answer to a call admitted from credit `call`, `estimate` the tokens it was admitted
+    /// with, `tokens` the provider's count when it gave one: what the windows must be told now.
+    pub fn answer(&mut self, provider: &Arc<str>, call: i64, estimate: u64, tokens: Option<u64>) -> Option<Ending> {
+        let credits = self.providers.get_mut(provider)?;
+        let is_open = credits.open.as_ref().is_some_and(|c| c.call == call);
+        let credit = if is_open { credits.open.as_mut()? } else { credits.closing.get_mut(&call)? };
+        credit.in_flight = credit.in_flight.saturating_sub(1);
+        credit.taken = credit.taken.saturating_sub(estimate).saturating_add(tokens.unwrap_or(estimate));
+        let raised = credit.taken > credit.tokens;
+        if raised {
+            credit.tokens = credit.taken;
+            credit.closed = true;
+        }
+        let ending = match credit.ending(provider) {
+            Some(ending) => Some(Ending { raises: raised, ..ending }),
+            None if raised => {
+                Some(Ending { provider: provider.clone(), call, requests: None, tokens: credit.taken, raises: true })
+            }
+            None => None,
+        };
+        if credit.closed {
+            let credit = if is_open { credits.open.take() } else { credits.closing.remove(&call) };
+            if let Some(credit) = credit.filter(|c| c.in_flight > 0) {
+                credits.closing.insert(credit.call, credit);
+            }
+        }
+        ending
+    }
+
+    /// Closes credit `call` of `provider` if it is still open (its lifetime is over): its
+    /// ending when no call of it is out.
+    pub fn close(&mut self, provider: &Arc<str>, call: i64) -> Option<Ending> {
+        let credits = self.providers.get_mut(provider)?;
+        if credits.open.as_ref().is_some_and(|c| c.call == call) { credits.close_open(provider) } else { None }
+    }
+
+    /// Closes every open credit (the worker stops): the endings of those with no call out.
+    pub fn close_all(&mut self) -> Vec<Ending> {
+        self.providers.iter_mut().filter_map(|(provider, credits)| credits.close_open(provider)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LimitConfig;
+    use crate::state::postgres::windows_of;
+    use proptest::prelude::*;
+
+    fn limit(requests: Option<u64>, tokens: Option<u64>, per_secs: u64) -> LimitConfig {
+        LimitConfig { requests, tokens, per: Duration::from_secs(per_secs), resets: None }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
+    }
+
+    const FLIGHT: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn only_large_windows_get_a_credit_and_it_holds_a_small_share_of_each() {
+        let day = 86_400;
+        let size = |limits: &[LimitConfig], tokens| size_for(&windows_of("p", limits, &[]), tokens);
+        let bench = [limit(Some(100_000), None, day), limit(None, Some(100_000_000), day)];
+        assert_eq!(size(&bench, 23), Some(MAX_CALLS));
+        assert_eq!(size(&[limit(Some(14_400), None, day)], 100), Some(56));
+        // Groq's minute window (30 requests) leaves no room for a credit, whatever the day allows.
+        assert_eq!(size(&[limit(Some(14_400), None, day), limit(Some(30), None, 60)], 100), None);
+        // A token window holds the credit's tokens: 6000 a minute is 23 tokens of share.
+        let minute_tokens = [limit(Some(100_000), None, 60), limit(None, Some(6000), 60)];
+        assert_eq!(size(&minute_tokens, 10), Some(2));
+        assert_eq!(size(&minute_tokens, 12), None);
+        assert_eq!(size(&[], 10), None);
+    }
+
+    fn book_with_credit(requests: u64, tokens: u64) -> (CreditBook, Arc<str>) {
+        let provider: Arc<str> = Arc::from("p");
+        let mut book = CreditBook::default();
+        assert_eq!(book.open(&provider, Credit::new(7, requests, tokens, FLIGHT, at(0))), None);
+        (book, provider)
+    }
+
+    #[test]
+    fn a_credit_admits_what_it_holds_then_ends_with_what_its_calls_used() {
+        let (mut book, p) = book_with_credit(3, 300);
+        for _ in 0..3 {
+            assert_eq!(book.take(&p, 100, FLIGHT, at(0)), (Some(7), None));
+        }
+        // The fourth call does not fit: the credit closes, with its calls still out.
+        assert_eq!(book.take(&p, 100, FLIGHT, at(0)), (None, None));
+        assert_eq!(book.answer(&p, 7, 100, Some(40)), None);
+        assert_eq!(book.answer(&p, 7, 100, None), None);
+        let ending = book.answer(&p, 7, 100, Some(10));
+        let expected = Ending { provider: p.clone(), call: 7, requests: Some(3), tokens: 150, raises: false };
+        assert_eq!(ending, Some(expected));
+        // Nothing is left of it.
+        assert_eq!(book.answer(&p, 7, 100, Some(10)), None);
+        assert_eq!(book.close_all(), vec![]);
+    }
+
+    #[test]
+    fn a_credit_admits_nothing_after_its_lifetime_or_beyond_its_flight_or_tokens() {
+        let (mut book, p) = book_with_credit(10, 1000);
+        assert_eq!(book.take(&p, 2000, FLIGHT, at(0)).0, None, "more tokens than it holds");
+        let (mut book, p) = book_with_credit(10, 1000);
+        assert_eq!(book.take(&p, 10, FLIGHT + Duration::from_millis(1), at(0)).0, None, "a longer flight");
+        let (mut book, p) = book_with_credit(10, 1000);
+        assert_eq!(book.take(&p, 10, FLIGHT, at(0) + LIFETIME).0, None, "past its lifetime");
+        // Closed with no call out: it ends at once, with nothing used.
+        let (mut book, p) = book_with_credit(10, 1000);
+        let (taken, ending) = book.take(&p, 10, FLIGHT, at(0) + LIFETIME);
+        assert_eq!(taken, None);
+        assert_eq!(ending, Some(Ending { provider: p.clone(), call: 7, requests: Some(0), tokens: 0, raises: false }));
+    }
+
+    #[test]
+    fn calls_that_use_more_tokens_than_the_credit_holds_raise_it_at_once_and_close_it() {
+        let (mut book, p) = book_with_credit(10, 100);
+        assert_eq!(book.take(&p, 40, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.take(&p, 40, FLIGHT, at(0)).0, Some(7));
+        // 90 + 40 in flight: 130 of 100.
+        let raised = book.answer(&p, 7, 40, Some(90));
+        assert_eq!(raised, Some(Ending { provider: p.clone(), call: 7, requests: None, tokens: 130, raises: true }));
+        assert_eq!(book.take(&p, 1, FLIGHT, at(0)).0, None, "a raised credit is closed");
+        let ended = book.answer(&p, 7, 40, Some(5));
+        assert_eq!(ended, Some(Ending { provider: p.clone(), call: 7, requests: Some(2), tokens: 95, raises: false }));
+    }
+
+    #[test]
+    fn the_last_answer_that_raises_a_closed_credit_ends_it_raised() {
+        let (mut book, p) = book_with_credit(1, 100);
+        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.close(&p, 7), None, "its call is out");
+        let ended = book.answer(&p, 7, 100, Some(150));
+        assert_eq!(ended, Some(Ending { provider: p.clone(), call: 7, requests: Some(1), tokens: 150, raises: true }));
+    }
+
+    #[test]
+    fn a_new_credit_closes_the_old_one_whose_calls_still_end_it() {
+        let (mut book, p) = book_with_credit(5, 500);
+        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.open(&p, Credit::new(8, 5, 500, FLIGHT, at(0))), None);
+        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0, Some(8));
+        let ended = book.answer(&p, 7, 10, Some(3));
+        assert_eq!(ended, Some(Ending { provider: p.clone(), call: 7, requests: Some(1), tokens: 3, raises: false }));
+        let closing = book.close_all();
+        assert_eq!(closing, vec![], "credit 8 has a call out");
+        let ended = book.answer(&p, 8, 10, None);
+        assert_eq!(ended, Some(Ending { provider: p.clone(), call: 8, requests: Some(1), tokens: 10, raises: false }));
+    }
+
+    #[test]
+    fn a_refused_credit_is_not_asked_for_again_before_the_windows_have_room() {
+        let p: Arc<str> = Arc::from("p");
+        let mut book = CreditBook::default();
+        assert!(book.may_ask("p", at(0)));
+        book.no_room_until(&p, at(5));
+        assert!(!book.may_ask("p", at(4)));
+        assert!(book.may_ask("p", at(5)));
+    }
+
+    /// What a run of the book has told the windows: the credit's count and its ending.
+    struct Told {
+        counted: u64,
+        ended: Option<Ending>,
+    }
+
+    impl Told {
+        fn hear(&mut self, ending: Option<Ending>) {
+            let Some(ending) = ending else { return };
+            self.counted = ending.tokens;
+            if ending.requests.is_some() {
+                self.ended = Some(ending);
+            }
+        }
+    }
+
+    proptest! {
+        /// Whatever the calls and their answers, the windows never count less than the calls
+        /// use: while a credit is live it counts at least what its calls take, and what it ends
+        /// with is exactly what they used and how many they were.
+        #[test]
+        fn a_credit_never_counts_less_than_its_calls_use(
+            requests in 1u64..20,
+            tokens in 0u64..2000,
+            steps in proptest::collection::vec((0u64..300, proptest::option::of(0u64..600), any::<bool>()), 1..60),
+        ) {
+            let (mut book, p) = book_with_credit(requests, tokens);
+            let mut told = Told { counted: tokens, ended: None };
+            let mut out: Vec<u64> = Vec::new();
+            let (mut used, mut admitted) = (0u64, 0u64);
+            for (size, reported, answer_one) in steps {
+                if answer_one && let Some(estimate) = out.pop() {
+                    used += reported.unwrap_or(estimate);
+                    told.hear(book.answer(&p, 7, estimate, reported));
+                } else if told.ended.is_none() {
+                    let (taken, ending) = book.take(&p, size, FLIGHT, at(0));
+                    if taken.is_some() {
+                        out.push(size);
+                        admitted += 1;
+                    }
+                    told.hear(ending);
+                }
+                let in_flight: u64 = out.iter().sum();
+                let live = told.ended.is_none();
+                prop_assert!(!live || told.counted >= used + in_flight, "{} < {} + {}", told.counted, used, in_flight);
+                prop_assert!(admitted <= requests);
+            }
+            for estimate in std::mem::take(&mut out) {
+                used += estimate;
+                told.hear(book.answer(&p, 7, estimate, None));
+            }
+            if told.ended.is_none() {
+                told.hear(book.close(&p, 7));
+            }
+            prop_assert_eq!(told.ended.map(|e| e.requests), Some(Some(admitted)));
+            prop_assert_eq!(told.counted, used);
+        }
+    }
+}

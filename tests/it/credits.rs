@@ -1,0 +1,148 @@
+//! Admission credits (migration 0012, `state/credits.rs`): a worker takes room for several
+//! calls of a provider with large limits in one ask and admits its calls from it. Against the
+//! real database: strict across workers, every slot still usable, what a credit ends with.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use fallback_worker::config::LimitConfig;
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{Admission, Ask, Permit, ProviderState};
+
+use crate::ledger_batching::{DEFAULT_POOL, store_at};
+use crate::review_finish::used;
+use crate::support::*;
+
+const HOUR: u64 = 3600;
+
+fn requests(n: u64) -> LimitConfig {
+    LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(HOUR), resets: None }
+}
+
+fn tokens(n: u64) -> LimitConfig {
+    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(HOUR), resets: None }
+}
+
+fn ask(limits: &[LimitConfig], tokens: u64) -> Ask<'_> {
+    Ask { provider: "p", limits, pools: &[], tokens, flight: Duration::from_secs(30) }
+}
+
+async fn granted(store: &PgStore, ask: Ask<'_>) -> Permit {
+    match store.admit(ask, SystemTime::now()).await {
+        Admission::Granted(permit) => permit,
+        other => panic!("not granted: {other:?}"),
+    }
+}
+
+/// The calls of a credit are one row in each window; the next ask of the worker is admitted
+/// from it with no query, and its rows count the whole credit until it ends.
+#[tokio::test]
+async fn calls_admitted_from_a_credit_take_no_row_of_their_own() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100_000)];
+    let first = granted(&store, ask(&limits, 10)).await;
+    let second = granted(&store, ask(&limits, 10)).await;
+    assert!(first.from_credit && second.from_credit, "{first:?} {second:?}");
+    assert_eq!(first.usage_id, second.usage_id, "one credit");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_use WHERE scope = 'p'")
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "one row for the credit");
+    assert_eq!(used(&env, "provider", "p", "requests").await, 64, "the whole credit counts while it is live");
+}
+
+/// Once its lifetime is over and its calls have answered, a credit counts what they used: the
+/// requests admitted and the tokens they reported, not what it held.
+#[tokio::test]
+async fn a_credit_ends_with_what_its_calls_used() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100_000), tokens(100_000_000)];
+    let calls = [granted(&store, ask(&limits, 100)).await, granted(&store, ask(&limits, 100)).await];
+    assert!(calls.iter().all(|c| c.from_credit));
+    store.finish(calls[0].clone(), Some(30), SystemTime::now()).await;
+    store.finish(calls[1].clone(), None, SystemTime::now()).await;
+    eventually("the credit has ended on its own", || async { used(&env, "provider", "p", "requests").await == 2 })
+        .await;
+    eventually("its tokens are its calls'", || async { used(&env, "provider", "p", "tokens").await == 130 }).await;
+}
+
+/// A call that reports more tokens than its credit has left raises the credit's count before
+/// `finish` returns: another worker's next ask must count it.
+#[tokio::test]
+async fn a_call_that_uses_more_than_its_credit_holds_raises_it_before_finish_returns() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100_000), tokens(100_000_000)];
+    let call = granted(&store, ask(&limits, 100)).await;
+    assert!(call.from_credit);
+    let held = used(&env, "provider", "p", "tokens").await;
+    assert_eq!(held, 6400, "64 calls of 100 tokens");
+    store.finish(call, Some(9000), SystemTime::now()).await;
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 9000);
+    store.answers_recorded().await;
+    assert_eq!(used(&env, "provider", "p", "requests").await, 1);
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 9000);
+}
+
+/// Three workers with many jobs each on one provider with 1024 requests an hour (credits of 4
+/// calls): never more than 1024 calls admitted, and every one of the 1024 slots used — near
+/// the end a credit no longer fits and the calls ask one by one. Once the workers stop, the
+/// window counts exactly the calls made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credits_across_workers_never_admit_past_the_limit_and_leave_no_slot_unused() {
+    let env = TestEnv::new().await;
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(store_at(&env.database_url, DEFAULT_POOL).await);
+    }
+    let limits = [requests(1024)];
+    let admitted = Arc::new(AtomicU64::new(0));
+    let from_credits = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for store in &stores {
+        for _ in 0..16 {
+            let (store, admitted, from_credits) = (store.clone(), admitted.clone(), from_credits.clone());
+            tasks.push(tokio::spawn(async move {
+                let limits = [requests(1024)];
+                for _ in 0..30 {
+                    if let Admission::Granted(permit) = store.admit(ask(&limits, 1), SystemTime::now()).await {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                        if permit.from_credit {
+                            from_credits.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tokio::task::yield_now().await;
+                        store.finish(permit, Some(1), SystemTime::now()).await;
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for store in &stores {
+        store.answers_recorded().await;
+    }
+    let admitted = admitted.load(Ordering::Relaxed);
+    assert_eq!(admitted, 1024, "1440 asks for 1024 slots");
+    assert!(from_credits.load(Ordering::Relaxed) > 512, "most calls came from credits");
+    assert_eq!(used(&env, "provider", "p", "requests").await, 1024);
+    // One more ask finds the window full.
+    let refused = stores[0].admit(ask(&limits, 1), SystemTime::now()).await;
+    assert!(matches!(refused, Admission::OverQuota { .. }), "{refused:?}");
+}
+
+/// Limits too small for a share of them to be held back get no credit: every call asks.
+#[tokio::test]
+async fn small_limits_get_no_credit() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100_000), LimitConfig { per: Duration::from_secs(60), ..requests(30) }];
+    let call = granted(&store, ask(&limits, 1)).await;
+    assert!(!call.from_credit);
+    assert_eq!(used(&env, "provider", "p", "requests").await, 1);
+}
