@@ -432,6 +432,12 @@ impl PgStore {
         });
     }
 
+    /// Whether the LISTEN session is up and has loaded the shared state since it (re)connected:
+    /// this worker then learns every cooldown as it is written.
+    pub fn is_listening(&self) -> bool {
+        self.outage.listening.load(Ordering::SeqCst)
+    }
+
     /// Sends the LISTEN session to `url` instead of the pool's address.
     pub fn with_listen_url(mut self, url: &str) -> Result<PgStore, sqlx::Error> {
         let options = PgConnectOptions::from_str(url)?.application_name("fallback-worker listener");
@@ -997,7 +1003,12 @@ impl PgStore {
     }
 
     /// A call admitted from `ask.provider`'s open credit, without a query, when it has room.
+    /// Only while the listener is live: a call admitted without a query sees another worker's
+    /// cooldown only through it (as a provider without limits does).
     async fn take_from_credit(&self, ask: Ask<'_>, provider: &Arc<str>, now: SystemTime) -> Option<Permit> {
+        if !self.is_listening() {
+            return None;
+        }
         let (taken, ending) = self.credits.lock().unwrap().take(provider, ask.tokens, ask.flight, now);
         if let Some(ending) = ending {
             self.end_credit(ending).await;
@@ -1024,6 +1035,9 @@ impl PgStore {
     ) -> Result<Option<Admission>, StoreError> {
         let windows = self.windows_for(ask);
         let Some(calls) = credits::size_for(&windows.specs, ask.tokens) else { return Ok(None) };
+        if !self.is_listening() {
+            return Ok(None);
+        }
         if !self.credits.lock().unwrap().may_ask(provider, now) {
             return Ok(None);
         }
@@ -1393,7 +1407,7 @@ impl PgStore {
     async fn admit_shared(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, StoreError> {
         let provider = ask.provider;
         let unlimited = ask.limits.is_empty() && ask.pools.is_empty();
-        if unlimited && self.outage.listening.load(Ordering::SeqCst) {
+        if unlimited && self.is_listening() {
             // The listener keeps the local copy current; `admit` has checked it already.
             return Ok(Admission::Granted(Permit::UNCOUNTED));
         }

@@ -6,13 +6,37 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::config::LimitConfig;
+use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
 use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, Permit, ProviderState};
+use tokio_util::sync::CancellationToken;
 
 use crate::ledger_batching::{DEFAULT_POOL, store_at};
 use crate::review_finish::used;
 use crate::support::*;
+
+/// A worker's store with its LISTEN session live (credits are used only then: a call admitted
+/// without a query learns other workers' cooldowns through it). The session ends with `stop`.
+struct Worker {
+    store: PgStore,
+    stop: CancellationToken,
+}
+
+impl Worker {
+    async fn start(env: &TestEnv) -> Worker {
+        let store = store_at(&env.database_url, DEFAULT_POOL).await;
+        let stop = CancellationToken::new();
+        tokio::spawn(store.clone().listen(stop.clone()));
+        eventually("the listener is live", || async { store.is_listening() }).await;
+        Worker { store, stop }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
 
 const HOUR: u64 = 3600;
 
@@ -40,10 +64,11 @@ async fn granted(store: &PgStore, ask: Ask<'_>) -> Permit {
 #[tokio::test]
 async fn calls_admitted_from_a_credit_take_no_row_of_their_own() {
     let env = TestEnv::new().await;
-    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let worker = Worker::start(&env).await;
+    let store = &worker.store;
     let limits = [requests(100_000)];
-    let first = granted(&store, ask(&limits, 10)).await;
-    let second = granted(&store, ask(&limits, 10)).await;
+    let first = granted(store, ask(&limits, 10)).await;
+    let second = granted(store, ask(&limits, 10)).await;
     assert!(first.from_credit && second.from_credit, "{first:?} {second:?}");
     assert_eq!(first.usage_id, second.usage_id, "one credit");
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_use WHERE scope = 'p'")
@@ -59,9 +84,10 @@ async fn calls_admitted_from_a_credit_take_no_row_of_their_own() {
 #[tokio::test]
 async fn a_credit_ends_with_what_its_calls_used() {
     let env = TestEnv::new().await;
-    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let worker = Worker::start(&env).await;
+    let store = &worker.store;
     let limits = [requests(100_000), tokens(100_000_000)];
-    let calls = [granted(&store, ask(&limits, 100)).await, granted(&store, ask(&limits, 100)).await];
+    let calls = [granted(store, ask(&limits, 100)).await, granted(store, ask(&limits, 100)).await];
     assert!(calls.iter().all(|c| c.from_credit));
     store.finish(calls[0].clone(), Some(30), SystemTime::now()).await;
     store.finish(calls[1].clone(), None, SystemTime::now()).await;
@@ -75,9 +101,10 @@ async fn a_credit_ends_with_what_its_calls_used() {
 #[tokio::test]
 async fn a_call_that_uses_more_than_its_credit_holds_raises_it_before_finish_returns() {
     let env = TestEnv::new().await;
-    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let worker = Worker::start(&env).await;
+    let store = &worker.store;
     let limits = [requests(100_000), tokens(100_000_000)];
-    let call = granted(&store, ask(&limits, 100)).await;
+    let call = granted(store, ask(&limits, 100)).await;
     assert!(call.from_credit);
     let held = used(&env, "provider", "p", "tokens").await;
     assert_eq!(held, 6400, "64 calls of 100 tokens");
@@ -95,10 +122,8 @@ async fn a_call_that_uses_more_than_its_credit_holds_raises_it_before_finish_ret
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn credits_across_workers_never_admit_past_the_limit_and_leave_no_slot_unused() {
     let env = TestEnv::new().await;
-    let mut stores = Vec::new();
-    for _ in 0..3 {
-        stores.push(store_at(&env.database_url, DEFAULT_POOL).await);
-    }
+    let workers = [Worker::start(&env).await, Worker::start(&env).await, Worker::start(&env).await];
+    let stores: Vec<PgStore> = workers.iter().map(|w| w.store.clone()).collect();
     let limits = [requests(1024)];
     let admitted = Arc::new(AtomicU64::new(0));
     let from_credits = Arc::new(AtomicU64::new(0));
@@ -136,13 +161,82 @@ async fn credits_across_workers_never_admit_past_the_limit_and_leave_no_slot_unu
     assert!(matches!(refused, Admission::OverQuota { .. }), "{refused:?}");
 }
 
+/// Three workers, two providers sharing a pool, calls admitted from credits and answered with
+/// counts above and below their estimates, concurrently: raises and ends of one credit cross in
+/// the batches. Once the workers stop, each window counts exactly the tokens answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stress_credits_end_with_every_answer_counted() {
+    let env = TestEnv::new().await;
+    let workers = [Worker::start(&env).await, Worker::start(&env).await, Worker::start(&env).await];
+    let answered = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let from_credits = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (w, worker) in workers.iter().enumerate() {
+        for t in 0..24usize {
+            let (store, answered, from_credits) = (worker.store.clone(), answered.clone(), from_credits.clone());
+            tasks.push(tokio::spawn(async move {
+                let pools = [QuotaPoolConfig { name: "acct".into(), limits: vec![requests(100_000), tokens(1 << 40)] }];
+                let own = [requests(100_000), tokens(1 << 40)];
+                let mut x = (w * 1000 + t + 1) as u64;
+                for _ in 0..40 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let p = (x % 2) as usize;
+                    let provider = ["a", "b"][p];
+                    let ask =
+                        Ask { provider, limits: &own, pools: &pools, tokens: 100, flight: Duration::from_secs(30) };
+                    let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else {
+                        panic!("room for every call");
+                    };
+                    if permit.from_credit {
+                        from_credits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(x % 7)).await;
+                    let used = 50 + (x >> 8) % 100;
+                    store.finish(permit, Some(used), SystemTime::now()).await;
+                    answered[p].fetch_add(used, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for worker in &workers {
+        worker.store.answers_recorded().await;
+    }
+    assert!(from_credits.load(Ordering::Relaxed) > 2000, "most of the 2880 calls came from credits");
+    let (a, b) = (answered[0].load(Ordering::Relaxed) as i64, answered[1].load(Ordering::Relaxed) as i64);
+    let counted = (
+        used(&env, "provider", "a", "tokens").await,
+        used(&env, "provider", "b", "tokens").await,
+        used(&env, "pool", "acct", "tokens").await,
+        used(&env, "pool", "acct", "requests").await,
+    );
+    assert_eq!(counted, (a, b, a + b, 2880), "windows' totals (a, b, pool tokens, pool requests) vs answered");
+}
+
 /// Limits too small for a share of them to be held back get no credit: every call asks.
 #[tokio::test]
 async fn small_limits_get_no_credit() {
     let env = TestEnv::new().await;
-    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let worker = Worker::start(&env).await;
+    let store = &worker.store;
     let limits = [requests(100_000), LimitConfig { per: Duration::from_secs(60), ..requests(30) }];
-    let call = granted(&store, ask(&limits, 1)).await;
+    let call = granted(store, ask(&limits, 1)).await;
     assert!(!call.from_credit);
+    assert_eq!(used(&env, "provider", "p", "requests").await, 1);
+}
+
+/// A worker whose LISTEN session is not live asks call by call, as it reads cooldowns per call
+/// then: a call admitted from a credit would see another worker's 429 only through it.
+#[tokio::test]
+async fn a_worker_without_its_listener_asks_call_by_call() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let limits = [requests(100_000)];
+    let call = granted(&store, ask(&limits, 1)).await;
+    assert!(!call.from_credit, "{call:?}");
     assert_eq!(used(&env, "provider", "p", "requests").await, 1);
 }
