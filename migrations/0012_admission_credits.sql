@@ -10,11 +10,32 @@
 -- from then on, as for any call. The rule stays strict: a window counts the whole credit from
 -- when it is taken until it ends, and its calls until one window after the last answer.
 --
--- Same tables; the functions of 0010 take the new arguments as overloads, and the old
--- signatures call them with none (one call each), so workers of any version keep sharing the
--- tables.
+-- A credit's row is marked while it lives (`credit_live`, until its last call has answered):
+-- the provider's rate-limit headers do not count the calls it has yet to send, whatever its
+-- call id (`fallback_observe`), and a refusal while one lives in a window says to ask again
+-- soon rather than when the window's rows leave (its unused room comes back when it closes).
+-- Its writes carry a number (`credit_seq`): one is applied only over an older one, so writes
+-- that cross in the batches, or come back with the write-back after an outage, never undo a
+-- later count.
+--
+-- The functions of 0010 take the new arguments as overloads, and the old signatures call them
+-- with none (one call each, no number), so workers of any version keep sharing the tables.
 
--- As 0010, where an ask counts `p_requests[a]` requests (1 when NULL or absent).
+ALTER TABLE quota_use ADD COLUMN credit_seq bigint;
+ALTER TABLE quota_use ADD COLUMN credit_live boolean NOT NULL DEFAULT false;
+CREATE INDEX quota_use_live_credits ON quota_use (kind, scope, measure, window_ms, calendar) WHERE credit_live;
+
+-- What the live credits of one window hold.
+CREATE FUNCTION fallback_live_credits(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
+                                      p_calendar text, p_now timestamptz)
+RETURNS bigint LANGUAGE sql STABLE SET enable_seqscan = off AS $$
+    SELECT coalesce(sum(amount), 0)::bigint FROM quota_use
+     WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
+       AND calendar = p_calendar AND credit_live AND NOT learnt AND leaves_at > p_now;
+$$;
+
+-- As 0010, where an ask with `p_requests[a]` (not NULL) is a credit for that many requests,
+-- and a refusal in a window where a credit lives is asked again within 2 s.
 CREATE FUNCTION fallback_admit_batch(
     p_provider text,
     p_kinds text[], p_scopes text[], p_measures text[], p_windows_ms bigint[], p_calendars text[],
@@ -45,6 +66,7 @@ DECLARE
     g_windows  int[] := '{}';
     g_amounts  bigint[] := '{}';
     g_leaves   timestamptz[] := '{}';
+    g_credits  boolean[] := '{}';
     -- The refused asks' excess in each window that has no room for them.
     r_asks     int[] := '{}';
     r_windows  int[] := '{}';
@@ -149,6 +171,7 @@ BEGIN
             v_used[i] := v_used[i] + v_amount;
             v_added[i] := v_added[i] + v_amount;
             g_ids := g_ids || v_ids[a];
+            g_credits := g_credits || (p_requests[a] IS NOT NULL);
             g_windows := g_windows || i;
             g_amounts := g_amounts || v_amount;
             -- A calendar call leaves no earlier than the first reset (greatest ignores NULLs).
@@ -165,10 +188,12 @@ BEGIN
              WHERE w.kind = p_kinds[i] AND w.scope = p_scopes[i] AND w.measure = p_measures[i]
                AND w.window_ms = p_windows_ms[i] AND w.calendar = p_calendars[i];
         END LOOP;
-        INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, first_reset)
+        INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, first_reset,
+                               credit_seq, credit_live)
         SELECT g.id, p_kinds[g.w], p_scopes[g.w], p_measures[g.w], p_windows_ms[g.w], p_calendars[g.w],
-               g.amount, g.leaves, v_first[g.w]
-          FROM unnest(g_ids, g_windows, g_amounts, g_leaves) AS g(id, w, amount, leaves);
+               g.amount, g.leaves, v_first[g.w],
+               CASE WHEN g.credit THEN 0 END, g.credit
+          FROM unnest(g_ids, g_windows, g_amounts, g_leaves, g_credits) AS g(id, w, amount, leaves, credit);
     END IF;
     -- Every grant answered, also with no window at all (a provider whose only pool has no
     -- limits: nothing to count, the cooldown alone decides).
@@ -183,8 +208,13 @@ BEGIN
             SELECT t.a, t.w, t.e, t.o FROM unnest(r_asks, r_windows, r_excess) WITH ORDINALITY AS t(a, w, e, o)),
         room AS (
             SELECT d.w, d.e,
-                   fallback_room_at(p_kinds[d.w], p_scopes[d.w], p_measures[d.w], p_windows_ms[d.w], p_calendars[d.w],
-                                    d.e, coalesce(v_first[d.w], v_now + p_windows_ms[d.w] * interval '1 millisecond')) AS free_at
+                   -- A live credit gives back what it does not use when it closes (1 s at most
+                   -- after it was taken): ask again then, not when the window's rows leave.
+                   least(fallback_room_at(p_kinds[d.w], p_scopes[d.w], p_measures[d.w], p_windows_ms[d.w], p_calendars[d.w],
+                                          d.e, coalesce(v_first[d.w], v_now + p_windows_ms[d.w] * interval '1 millisecond')),
+                         CASE WHEN fallback_live_credits(p_kinds[d.w], p_scopes[d.w], p_measures[d.w], p_windows_ms[d.w],
+                                                         p_calendars[d.w], v_now) > 0
+                              THEN v_now + interval '2 seconds' END) AS free_at
               FROM (SELECT DISTINCT w, e FROM need) d),
         waits AS (
             SELECT DISTINCT ON (n.a) n.a, rm.free_at, p_measures[n.w] AS measure
@@ -212,13 +242,14 @@ LANGUAGE sql AS $$
                                        NULL::bigint[]);
 $$;
 
--- As 0010, where an answer may also set its call's request count (`p_requests`: a credit ends
--- with the calls it admitted; NULL keeps the count) and may leave its call in flight
--- (`p_ended` false: a credit whose calls used more tokens than it holds raises its count while
--- its other calls are still out, never lowering it; NULL or true: the call has ended, as before).
--- A call id given twice counts once, its first entry, as in 0010: the worker sends one entry
--- per call and batch.
-CREATE FUNCTION fallback_apply_finishes(p_calls bigint[], p_tokens bigint[], p_requests bigint[], p_ended boolean[])
+-- As 0010, where an answer may also set its call's request count (`p_requests`: a closed credit
+-- counts the calls it admitted; NULL keeps the count), may leave its call in flight (`p_ended`
+-- false: a closed credit with calls still out; NULL or true: the call has ended, as before), and
+-- carries a credit's write number (`p_seqs`): a credit's row takes a write only over an older
+-- one. A call id given twice counts once, its first entry, as in 0010 (the worker sends one
+-- entry per call and batch: a credit's latest write).
+CREATE FUNCTION fallback_apply_finishes(p_calls bigint[], p_tokens bigint[], p_requests bigint[], p_ended boolean[],
+                                        p_seqs bigint[])
 RETURNS bigint LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_now    timestamptz := clock_timestamp();
@@ -235,8 +266,8 @@ DECLARE
     c_leaves   timestamptz[] := '{}';
     r          record;
 BEGIN
-    FOR v_call IN SELECT t.c, t.tok, t.req, coalesce(t.ended, true) AS ended
-                    FROM unnest(p_calls, p_tokens, p_requests, p_ended) WITH ORDINALITY AS t(c, tok, req, ended, o)
+    FOR v_call IN SELECT t.c, t.tok, t.req, coalesce(t.ended, true) AS ended, t.seq
+                    FROM unnest(p_calls, p_tokens, p_requests, p_ended, p_seqs) WITH ORDINALITY AS t(c, tok, req, ended, seq, o)
                    ORDER BY t.o LOOP
         CONTINUE WHEN v_call.c IS NULL OR v_call.c = ANY (v_done);
         v_done := v_done || v_call.c;
@@ -247,15 +278,14 @@ BEGIN
                        WHEN u.calendar = '' THEN least(u.leaves_at, v_now + u.window_ms * interval '1 millisecond')
                        WHEN u.first_reset IS NOT NULL AND v_now < u.first_reset THEN least(u.leaves_at, u.first_reset)
                        ELSE u.leaves_at END,
-                   -- A raise only raises: written in any order with the credit's end, it
-                   -- never undoes a later count.
-                   amount = CASE WHEN u.measure = 'tokens' AND v_call.tok IS NOT NULL AND NOT v_call.ended
-                                      THEN greatest(u.amount, v_call.tok)
-                                 WHEN u.measure = 'tokens' AND v_call.tok IS NOT NULL THEN v_call.tok
+                   amount = CASE WHEN u.measure = 'tokens' AND v_call.tok IS NOT NULL THEN v_call.tok
                                  WHEN u.measure = 'requests' AND v_call.req IS NOT NULL THEN v_call.req
-                                 ELSE u.amount END
+                                 ELSE u.amount END,
+                   credit_seq = coalesce(v_call.seq, u.credit_seq),
+                   credit_live = u.credit_live AND NOT v_call.ended
               FROM quota_use o
              WHERE o.call_id = v_call.c AND NOT o.learnt AND u.id = o.id
+               AND (o.credit_seq IS NULL OR v_call.seq IS NULL OR v_call.seq > o.credit_seq)
             RETURNING u.kind, u.scope, u.measure, u.window_ms, u.calendar, u.leaves_at, u.amount - o.amount AS delta
         LOOP
             c_kinds := c_kinds || r.kind;
@@ -286,11 +316,12 @@ $$;
 
 CREATE OR REPLACE FUNCTION fallback_apply_finishes(p_calls bigint[], p_tokens bigint[])
 RETURNS bigint LANGUAGE sql AS $$
-    SELECT fallback_apply_finishes(p_calls, p_tokens, NULL::bigint[], NULL::boolean[]);
+    SELECT fallback_apply_finishes(p_calls, p_tokens, NULL::bigint[], NULL::boolean[], NULL::bigint[]);
 $$;
 
 -- As 0010, with the answers' request counts and ends.
-CREATE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[], p_requests bigint[], p_ended boolean[])
+CREATE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[], p_requests bigint[], p_ended boolean[],
+                                      p_seqs bigint[])
 RETURNS void LANGUAGE plpgsql SET lock_timeout = '1s' SET enable_seqscan = off AS $$
 DECLARE
     r record;
@@ -305,7 +336,7 @@ BEGIN
     END LOOP;
     -- As in 0008: when no count is raised, the commit does not wait for its WAL flush (a lost
     -- finish only makes calls count longer, never less).
-    IF fallback_apply_finishes(p_calls, p_tokens, p_requests, p_ended) <= 0 THEN
+    IF fallback_apply_finishes(p_calls, p_tokens, p_requests, p_ended, p_seqs) <= 0 THEN
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
 END
@@ -313,16 +344,16 @@ $$;
 
 CREATE OR REPLACE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[])
 RETURNS void LANGUAGE sql AS $$
-    SELECT fallback_finish_batch(p_calls, p_tokens, NULL::bigint[], NULL::boolean[]);
+    SELECT fallback_finish_batch(p_calls, p_tokens, NULL::bigint[], NULL::boolean[], NULL::bigint[]);
 $$;
 
--- As 0010, with the asks' request counts and the answers' request counts and ends.
+-- As 0010, with the asks' request counts and the answers' request counts, ends and numbers.
 CREATE FUNCTION fallback_finish_and_admit(
     p_provider text,
     p_kinds text[], p_scopes text[], p_measures text[], p_windows_ms bigint[], p_calendars text[],
     p_limits bigint[], p_first_resets timestamptz[], p_next_resets timestamptz[],
     p_tokens bigint[], p_flight_ms bigint[], p_leaves timestamptz[], p_requests bigint[],
-    p_calls bigint[], p_call_tokens bigint[], p_call_requests bigint[], p_call_ended boolean[])
+    p_calls bigint[], p_call_tokens bigint[], p_call_requests bigint[], p_call_ended boolean[], p_call_seqs bigint[])
 RETURNS TABLE (ask int, usage_id bigint, blocked_until_ms bigint, blocked_by text)
 LANGUAGE plpgsql SET lock_timeout = '1s' SET enable_seqscan = off AS $$
 BEGIN
@@ -330,14 +361,14 @@ BEGIN
         PERFORM set_config('lock_timeout', '500ms', true);
         PERFORM 1 FROM provider_state WHERE provider = p_provider FOR UPDATE;
     EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
-        PERFORM fallback_finish_batch(p_calls, p_call_tokens, p_call_requests, p_call_ended);
+        PERFORM fallback_finish_batch(p_calls, p_call_tokens, p_call_requests, p_call_ended, p_call_seqs);
         RETURN QUERY SELECT g::int, NULL::bigint, NULL::bigint, 'busy'::text
                        FROM generate_series(1, coalesce(array_length(p_tokens, 1), 0)) g;
         RETURN;
     END;
     PERFORM set_config('lock_timeout', '1s', true);
     PERFORM fallback_lock_windows(p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars);
-    PERFORM fallback_apply_finishes(p_calls, p_call_tokens, p_call_requests, p_call_ended);
+    PERFORM fallback_apply_finishes(p_calls, p_call_tokens, p_call_requests, p_call_ended, p_call_seqs);
     RETURN QUERY SELECT * FROM fallback_admit_batch(
         p_provider, p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars, p_limits,
         p_first_resets, p_next_resets, p_tokens, p_flight_ms, p_leaves, p_requests);
@@ -354,5 +385,82 @@ RETURNS TABLE (ask int, usage_id bigint, blocked_until_ms bigint, blocked_by tex
 LANGUAGE sql AS $$
     SELECT * FROM fallback_finish_and_admit(p_provider, p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars,
                                             p_limits, p_first_resets, p_next_resets, p_tokens, p_flight_ms, p_leaves,
-                                            NULL::bigint[], p_calls, p_call_tokens, NULL::bigint[], NULL::boolean[]);
+                                            NULL::bigint[], p_calls, p_call_tokens, NULL::bigint[], NULL::boolean[],
+                                            NULL::bigint[]);
 $$;
+
+-- As 0011, where a live credit counts as sent after the observed call, whatever its call id:
+-- the figure is learnt beyond the other rows, and nothing a live credit holds is taken back.
+CREATE OR REPLACE FUNCTION fallback_observe(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
+                                 p_calendar text, p_declared bigint, p_remaining bigint, p_leaves timestamptz,
+                                 p_call bigint)
+RETURNS bigint LANGUAGE plpgsql SET enable_seqscan = off AS $$
+DECLARE
+    v_now    timestamptz := clock_timestamp();
+    v_target bigint := greatest(p_declared - p_remaining, 0);
+    v_used   bigint;
+    v_next   timestamptz;
+    v_excess bigint;
+    v_take   bigint;
+    v_live   bigint;
+    r        record;
+BEGIN
+    INSERT INTO quota_window (kind, scope, measure, window_ms, calendar, used, next_leave)
+    VALUES (p_kind, p_scope, p_measure, p_window_ms, p_calendar, 0, 'infinity') ON CONFLICT DO NOTHING;
+    SELECT used, next_leave INTO v_used, v_next FROM quota_window
+     WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
+       AND calendar = p_calendar FOR UPDATE;
+    IF v_next <= v_now THEN
+        v_used := coalesce(fallback_retire(p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_now), v_used);
+    END IF;
+    -- The live credits' calls yet to be sent are not in the provider's figure, nor are those
+    -- it has sent (they may have gone after the figure was taken): whatever the figure says
+    -- beyond the other rows is learnt, and none of a live credit is taken back.
+    v_live := fallback_live_credits(p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_now);
+    IF v_target > v_used - v_live THEN
+        INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt)
+        VALUES (0, p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_target - (v_used - v_live), p_leaves, true);
+        UPDATE quota_window SET used = v_used + (v_target - (v_used - v_live)), next_leave = least(next_leave, p_leaves)
+         WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
+           AND calendar = p_calendar;
+        RETURN v_used + (v_target - (v_used - v_live));
+    END IF;
+    -- The provider counted when it received call `p_call`: calls admitted after it (larger
+    -- ids) are not in its figure. Take back only what our count without them exceeds; with
+    -- the call unknown (NULL), nothing.
+    -- The calls admitted after it, found through the call index (a few: those admitted while
+    -- it was in flight), then kept if in this window: through the window's index, a plan would
+    -- read every call of the window to find them.
+    WITH newer AS MATERIALIZED (
+        SELECT kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt, credit_live
+          FROM quota_use WHERE call_id > p_call)
+    SELECT v_used - coalesce(sum(amount), 0) - v_target INTO v_excess FROM newer
+     WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
+       AND calendar = p_calendar AND NOT learnt AND leaves_at > v_now AND NOT credit_live;
+    -- Every live credit counts as newer, whatever its call id (newer ones were left out above).
+    v_excess := v_excess - v_live;
+    v_excess := coalesce(v_excess, 0);
+    IF p_call IS NULL THEN
+        v_excess := 0;
+    END IF;
+    FOR r IN SELECT id, amount FROM quota_use
+              WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
+                AND calendar = p_calendar AND learnt AND leaves_at > v_now
+              ORDER BY leaves_at DESC LOOP
+        EXIT WHEN v_excess <= 0;
+        v_take := least(r.amount, v_excess);
+        IF v_take = r.amount THEN
+            DELETE FROM quota_use WHERE id = r.id;
+        ELSE
+            UPDATE quota_use SET amount = amount - v_take WHERE id = r.id;
+        END IF;
+        v_excess := v_excess - v_take;
+        v_used := v_used - v_take;
+    END LOOP;
+    UPDATE quota_window SET used = v_used
+     WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
+       AND calendar = p_calendar;
+    RETURN v_used;
+END
+$$;
+

@@ -359,7 +359,8 @@ impl PgStore {
         // finishes (bigint out of range), and the other calls' raised counts in it with it.
         let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
         let name = provider.clone();
-        let queued = self.queue_write(provider, UnwrittenAnswer { call, tokens, requests: None, ended: true }).await?;
+        let answer = UnwrittenAnswer { call, tokens, requests: None, ended: true, seq: None };
+        let queued = self.queue_write(provider, answer).await?;
         // A count corrected from the provider's `usage` may make room that a kept token
         // refusal denies (an estimate larger than the use): the next ask goes to the database,
         // behind this answer. An answer frees no request slot: a request refusal stands.
@@ -375,9 +376,17 @@ impl PgStore {
     /// is unreachable).
     async fn queue_write(&self, provider: Arc<str>, unwritten: UnwrittenAnswer) -> Result<QueuedAnswer, StoreError> {
         let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
-        let UnwrittenAnswer { call, tokens, requests, ended } = unwritten;
+        let UnwrittenAnswer { call, tokens, requests, ended, seq } = unwritten;
         let request = |reply| {
-            quota_batcher::Request::Finish(quota_batcher::Answer { provider, call, tokens, requests, ended, reply })
+            quota_batcher::Request::Finish(quota_batcher::Answer {
+                provider,
+                call,
+                tokens,
+                requests,
+                ended,
+                seq,
+                reply,
+            })
         };
         let reply = match self.enqueue(self.quota(), request, deadline).await {
             Ok(reply) => reply,
@@ -407,16 +416,17 @@ impl PgStore {
         let answer = UnwrittenAnswer {
             call: ending.call,
             tokens: Some(saturating_i64(ending.tokens)),
-            requests: ending.requests.map(saturating_i64),
-            ended: ending.requests.is_some(),
+            requests: Some(saturating_i64(ending.requests)),
+            ended: ending.ended,
+            seq: Some(saturating_i64(ending.seq)),
         };
         let queued = self.queue_write(ending.provider, answer).await?;
         self.written(queued).await
     }
 
-    /// A credit's ending: written before the caller goes on when it raises the count (another
-    /// worker's next ask must count it), else on its own (until it lands the windows count the
-    /// whole credit, more than its calls used).
+    /// A credit's write: before the caller goes on when it raises the count (another worker's
+    /// next ask must count it), else on its own (until it lands the windows count more than
+    /// the credit's calls use, never less).
     async fn end_credit(&self, ending: Ending) {
         if ending.raises {
             if let Err(e) = self.write_ending(ending).await {
@@ -558,13 +568,14 @@ impl PgStore {
         if answers.is_empty() {
             return Ok(());
         }
-        let (calls, tokens, requests, ended) =
-            quota_batcher::answer_columns(answers.iter().map(|a| (a.call, a.tokens, a.requests, a.ended)));
-        sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4)")
+        let (calls, tokens, requests, ended, seqs) =
+            quota_batcher::answer_columns(answers.iter().map(|a| (a.call, a.tokens, a.requests, a.ended, a.seq)));
+        sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
             .bind(&calls)
             .bind(&tokens)
             .bind(&requests)
             .bind(&ended)
+            .bind(&seqs)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -655,7 +666,7 @@ impl PgStore {
             .filter_map(|(_, usage)| {
                 let written = self.outage.written_back.lock().unwrap().remove(&usage.id)?;
                 let tokens = Some(saturating_i64(usage.tokens.min(MAX_REPORTED_TOKENS)));
-                Some(UnwrittenAnswer { call: written.call, tokens, requests: None, ended: true })
+                Some(UnwrittenAnswer { call: written.call, tokens, requests: None, ended: true, seq: None })
             })
             .collect();
         // The calls are written: failing now must not write them again (the write-back would
@@ -951,7 +962,8 @@ impl PgStore {
         Ok(admission)
     }
 
-    /// Asks the database for room for `requests` calls of `ask` (one call's, or a credit's).
+    /// Asks the database for room for `requests` calls of `ask` (one call's, or a credit's:
+    /// more than one).
     async fn ask_windows(&self, ask: Ask<'_>, requests: u64, now: SystemTime) -> Result<Admission, StoreError> {
         let windows = self.windows_for(ask);
         // A calendar call's deadline is taken a little late (the database's clock runs on from
@@ -968,7 +980,7 @@ impl PgStore {
                 tokens: saturating_i64(ask.tokens),
                 flight_ms: saturating_i64(ask.flight.as_millis()),
                 leaves,
-                requests: saturating_i64(requests),
+                requests: (requests > 1).then(|| saturating_i64(requests)),
                 reply,
             })
         };
@@ -1053,11 +1065,17 @@ impl PgStore {
         // the call's own timeout: its deadline in the windows covers the last of them.
         let tokens = ask.tokens.saturating_mul(calls);
         let credit_ask = Ask { tokens, flight: ask.flight.saturating_add(credits::LIFETIME), ..ask };
-        match self.ask_windows(credit_ask, calls, now).await? {
+        let asked = self.ask_windows(credit_ask, calls, now).await;
+        if asked.is_err() {
+            // The calls waiting behind this ask ask one by one, together, rather than each
+            // asking for a credit in turn.
+            self.credits.lock().unwrap().no_room_until(provider, later(now, credits::LIFETIME));
+        }
+        match asked? {
             Admission::Granted(Permit { usage_id: Some(call), .. }) => {
                 let credit = Credit::new(call, calls, tokens, ask.flight, now);
-                let replaced = self.credits.lock().unwrap().open(provider, credit);
-                if let Some(ending) = replaced {
+                let endings = self.credits.lock().unwrap().open(provider, credit, now);
+                for ending in endings {
                     self.end_credit(ending).await;
                 }
                 self.close_credit_later(provider.clone(), call);
@@ -1078,8 +1096,8 @@ impl PgStore {
         let store = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(credits::LIFETIME).await;
-            let ending = store.credits.lock().unwrap().close(&provider, call);
-            if let Some(ending) = ending {
+            let endings = store.credits.lock().unwrap().close(&provider, call, SystemTime::now());
+            for ending in endings {
                 store.end_credit(ending).await;
             }
         });
@@ -1256,10 +1274,12 @@ struct QueuedAnswer {
 struct UnwrittenAnswer {
     call: i64,
     tokens: Option<i64>,
-    /// A credit's calls, when it ends (migration 0012); `None` keeps the count.
+    /// A closed credit's calls (migration 0012); `None` keeps the count.
     requests: Option<i64>,
-    /// Whether the call's flight ends: false when a credit only raises its token count.
+    /// Whether the call's flight ends: false while a closed credit still has calls out.
     ended: bool,
+    /// A credit's write number: the database applies it only over an older one.
+    seq: Option<i64>,
 }
 
 fn answer_not_recorded(e: &StoreError) {
@@ -1864,6 +1884,40 @@ mod tests {
         let (sender, receiver) = mpsc::channel(8);
         assert!(store.quota.set(sender).is_ok());
         (store, receiver)
+    }
+
+    /// Calls that waited behind a credit ask that failed (the provider's row held elsewhere)
+    /// ask one by one, together, rather than each asking for a credit in turn (a lock timeout
+    /// each, one after another).
+    #[tokio::test]
+    async fn calls_waiting_behind_a_failed_credit_ask_ask_one_by_one_together() {
+        let (store, mut queue) = store_with_quota_queue();
+        store.outage.listening.store(true, Ordering::SeqCst);
+        let limits =
+            [LimitConfig { requests: Some(100_000), tokens: None, per: Duration::from_secs(3600), resets: None }];
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (store, limits) = (store.clone(), limits.clone());
+            calls.spawn(async move {
+                let ask =
+                    Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: Duration::from_secs(30) };
+                store.admit(ask, SystemTime::now()).await
+            });
+        }
+        let Some(quota_batcher::Request::Admit(credit)) = queue.recv().await else { panic!("no ask") };
+        assert_eq!(credit.requests, Some(64), "a credit ask first");
+        credit.reply.send(Err(StoreError::Unavailable("the provider's row is held elsewhere".into()))).ok();
+        for _ in 0..3 {
+            let Some(quota_batcher::Request::Admit(one)) = queue.recv().await else { panic!("no ask") };
+            assert_eq!(one.requests, None, "the waiting calls ask one by one");
+            let decision = quota_batcher::Decision { usage_id: Some(1), blocked_until_ms: None, blocked_by: None };
+            one.reply.send(Ok(decision)).ok();
+        }
+        let mut granted = 0;
+        while let Some(admission) = calls.join_next().await {
+            granted += usize::from(matches!(admission.unwrap(), Admission::Granted(_)));
+        }
+        assert_eq!(granted, 3);
     }
 
     fn answered_permit() -> Permit {

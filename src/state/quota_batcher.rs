@@ -59,8 +59,8 @@ pub struct AdmitAsk {
     /// Per window: for a calendar window, the first reset after the call's deadline (epoch ms);
     /// `None` for a sliding one.
     pub leaves: Vec<Option<f64>>,
-    /// The calls this ask counts: 1 for a call, more for a credit (migration 0012).
-    pub requests: i64,
+    /// The calls a credit holds (migration 0012); `None` for one call.
+    pub requests: Option<i64>,
     pub reply: oneshot::Sender<Result<Decision, StoreError>>,
 }
 
@@ -82,24 +82,26 @@ pub struct Answer {
     pub provider: Arc<str>,
     pub call: i64,
     pub tokens: Option<i64>,
-    /// A credit's calls, when it ends: its request count from then on (migration 0012).
+    /// A closed credit's calls: its request count from then on (migration 0012).
     pub requests: Option<i64>,
-    /// Whether the call's flight ends with this answer: a credit that only raises its token
-    /// count keeps its calls in flight.
+    /// Whether the call's flight ends with this answer: a closed credit with calls still out
+    /// keeps them in flight.
     pub ended: bool,
+    /// A credit's write number: applied only over an older one.
+    pub seq: Option<i64>,
     pub reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// One entry of an answer as the statements take it: call, tokens, requests, ended.
-pub(super) type AnswerEntry = (i64, Option<i64>, Option<i64>, bool);
+/// One entry of an answer as the statements take it: call, tokens, requests, ended, seq.
+pub(super) type AnswerEntry = (i64, Option<i64>, Option<i64>, bool, Option<i64>);
 
-/// The answers' columns: calls, tokens, requests, ended.
-pub(super) type AnswerColumns = (Vec<i64>, Vec<Option<i64>>, Vec<Option<i64>>, Vec<bool>);
+/// The answers' columns: calls, tokens, requests, ended, seqs.
+pub(super) type AnswerColumns = (Vec<i64>, Vec<Option<i64>>, Vec<Option<i64>>, Vec<bool>, Vec<Option<i64>>);
 
 /// The answers' columns as the statements take them, one entry per call (the statement counts
-/// only the first of a call). A credit can have two in one batch: a raise of its tokens, made
-/// while its calls were out, and its end, whichever was queued first. Its end is the last word
-/// (it counts every call, answered); of two raises the larger stands, as the statement keeps it.
+/// only the first of a call). A credit can have two writes in one batch, in either order: the
+/// one with the higher number is its latest word (the statement too applies a credit's write
+/// only over an older one).
 pub(super) fn answer_columns(entries: impl IntoIterator<Item = AnswerEntry>) -> AnswerColumns {
     let mut merged: Vec<AnswerEntry> = Vec::new();
     let mut at: HashMap<i64, usize> = HashMap::new();
@@ -109,32 +111,25 @@ pub(super) fn answer_columns(entries: impl IntoIterator<Item = AnswerEntry>) -> 
             merged.push(entry);
             continue;
         };
-        let Some(kept) = merged.get_mut(i) else { continue };
-        *kept = match (kept.3, entry.3) {
-            (true, false) => *kept,
-            (false, true) => entry,
-            (true, true) => entry,
-            (false, false) => {
-                if entry.1 > kept.1 {
-                    entry
-                } else {
-                    *kept
-                }
-            }
-        };
+        if let Some(kept) = merged.get_mut(i)
+            && entry.4 >= kept.4
+        {
+            *kept = entry;
+        }
     }
-    let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (call, tokens, requests, ended) in merged {
+    let mut columns = AnswerColumns::default();
+    for (call, tokens, requests, ended, seq) in merged {
         columns.0.push(call);
         columns.1.push(tokens);
         columns.2.push(requests);
         columns.3.push(ended);
+        columns.4.push(seq);
     }
     columns
 }
 
 fn entries(answers: &[Answer]) -> impl Iterator<Item = AnswerEntry> + '_ {
-    answers.iter().map(|a| (a.call, a.tokens, a.requests, a.ended))
+    answers.iter().map(|a| (a.call, a.tokens, a.requests, a.ended, a.seq))
 }
 
 /// What a batch is made of: one provider's finishes and asks (the provider's name).
@@ -403,12 +398,12 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
     // asks × windows, row-major; exactly `n` per ask whatever an ask carries.
     let leaves: Vec<Option<f64>> =
         asks.iter().flat_map(|a| a.leaves.iter().copied().chain(std::iter::repeat(None)).take(n)).collect();
-    let requests: Vec<i64> = asks.iter().map(|a| a.requests).collect();
-    let (calls, call_tokens, call_requests, call_ended) = answer_columns(entries(&answers));
+    let requests: Vec<Option<i64>> = asks.iter().map(|a| a.requests).collect();
+    let (calls, call_tokens, call_requests, call_ended, call_seqs) = answer_columns(entries(&answers));
     let statement = if answers.is_empty() {
         admit_sql!("fallback_admit_batch(", ")")
     } else {
-        admit_sql!("fallback_finish_and_admit(", ", $14, $15, $16, $17)")
+        admit_sql!("fallback_finish_and_admit(", ", $14, $15, $16, $17, $18)")
     };
     let query = sqlx::query(statement)
         .bind(&*provider)
@@ -427,7 +422,7 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
     let query = if answers.is_empty() {
         query
     } else {
-        query.bind(&calls).bind(&call_tokens).bind(&call_requests).bind(&call_ended)
+        query.bind(&calls).bind(&call_tokens).bind(&call_requests).bind(&call_ended).bind(&call_seqs)
     };
     let rows = conn.run(async |c| query.fetch_all(c).await).await;
     // Recorded, or failed where answers alone fail too (a window held past 1 s): when the asks'
@@ -467,12 +462,13 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
 
 /// Records the answers of many calls in one statement.
 async fn finish_all(conn: &mut BatchConnection, answers: Vec<Answer>) {
-    let (calls, tokens, requests, ended) = answer_columns(entries(&answers));
-    let query = sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4)")
+    let (calls, tokens, requests, ended, seqs) = answer_columns(entries(&answers));
+    let query = sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
         .bind(&calls)
         .bind(&tokens)
         .bind(&requests)
-        .bind(&ended);
+        .bind(&ended)
+        .bind(&seqs);
     let outcome = conn.run(async |c| query.execute(c).await.map(|_| ())).await;
     reply_to_answers(answers, outcome.as_ref().copied());
 }
@@ -489,14 +485,22 @@ mod tests {
             tokens: 1,
             flight_ms: 1000,
             leaves: Vec::new(),
-            requests: 1,
+            requests: None,
             reply,
         })
     }
 
     fn finish(provider: &str, call: i64) -> Request {
         let (reply, _) = oneshot::channel();
-        Request::Finish(Answer { provider: provider.into(), call, tokens: None, requests: None, ended: true, reply })
+        Request::Finish(Answer {
+            provider: provider.into(),
+            call,
+            tokens: None,
+            requests: None,
+            ended: true,
+            seq: None,
+            reply,
+        })
     }
 
     fn merging() -> Queues {
@@ -577,17 +581,16 @@ mod answer_entries {
     use super::answer_columns;
 
     #[test]
-    fn a_credits_end_is_its_last_word_in_a_batch_whichever_came_first() {
-        let raise = (7, Some(130), None, false);
-        let end = (7, Some(95), Some(2), true);
-        let plain = (8, Some(10), None, true);
-        let expected = (vec![7, 8], vec![Some(95), Some(10)], vec![Some(2), None], vec![true, true]);
-        assert_eq!(answer_columns([raise, plain, end]), expected);
-        let expected_reversed = (vec![7, 8], vec![Some(95), Some(10)], vec![Some(2), None], vec![true, true]);
-        assert_eq!(answer_columns([end, plain, raise]), expected_reversed);
-        // Of two raises the larger stands.
-        let higher = (7, Some(150), None, false);
-        assert_eq!(answer_columns([higher, raise]), (vec![7], vec![Some(150)], vec![None], vec![false]));
-        assert_eq!(answer_columns([raise, higher]), (vec![7], vec![Some(150)], vec![None], vec![false]));
+    fn a_credits_latest_write_is_its_word_in_a_batch_whichever_came_first() {
+        let closed = (7, Some(130), Some(2), false, Some(1));
+        let ended = (7, Some(95), Some(2), true, Some(2));
+        let plain = (8, Some(10), None, true, None);
+        let expected =
+            (vec![7, 8], vec![Some(95), Some(10)], vec![Some(2), None], vec![true, true], vec![Some(2), None]);
+        assert_eq!(answer_columns([closed, plain, ended]), expected);
+        assert_eq!(answer_columns([ended, plain, closed]), expected);
+        // A plain call given twice: its last entry (the same answer, written again).
+        let again = (8, Some(12), None, true, None);
+        assert_eq!(answer_columns([plain, again]), (vec![8], vec![Some(12)], vec![None], vec![true], vec![None]));
     }
 }

@@ -17,13 +17,13 @@ use crate::support::*;
 
 /// A worker's store with its LISTEN session live (credits are used only then: a call admitted
 /// without a query learns other workers' cooldowns through it). The session ends with `stop`.
-struct Worker {
-    store: PgStore,
+pub(crate) struct Worker {
+    pub(crate) store: PgStore,
     stop: CancellationToken,
 }
 
 impl Worker {
-    async fn start(env: &TestEnv) -> Worker {
+    pub(crate) async fn start(env: &TestEnv) -> Worker {
         let store = store_at(&env.database_url, DEFAULT_POOL).await;
         let stop = CancellationToken::new();
         tokio::spawn(store.clone().listen(stop.clone()));

@@ -64,7 +64,7 @@ async fn lock_window(env: &TestEnv) -> sqlx::PgConnection {
 async fn first_finish_batch_fails(env: &TestEnv) {
     sqlx::raw_sql(
         "CREATE SEQUENCE review4_fail; \
-         CREATE OR REPLACE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[], p_requests bigint[], p_ended boolean[]) \
+         CREATE OR REPLACE FUNCTION fallback_finish_batch(p_calls bigint[], p_tokens bigint[], p_requests bigint[], p_ended boolean[], p_seqs bigint[]) \
          RETURNS void LANGUAGE plpgsql SET lock_timeout = '1s' SET enable_seqscan = off AS $$ \
          DECLARE r record; \
          BEGIN \
@@ -77,7 +77,7 @@ async fn first_finish_batch_fails(env: &TestEnv) {
              PERFORM 1 FROM quota_window w WHERE w.kind = r.kind AND w.scope = r.scope AND w.measure = r.measure \
                AND w.window_ms = r.window_ms AND w.calendar = r.calendar FOR UPDATE; \
            END LOOP; \
-           PERFORM fallback_apply_finishes(p_calls, p_tokens, p_requests, p_ended); \
+           PERFORM fallback_apply_finishes(p_calls, p_tokens, p_requests, p_ended, p_seqs); \
          END $$;",
     )
     .execute(&mut env.db().await)
