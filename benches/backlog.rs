@@ -13,6 +13,11 @@
 //! - `pooled`: the two free models sit behind one account (one mock serves both and holds one
 //!   limit for the pair, as OpenRouter counts every `:free` model of a key together); the config
 //!   declares that limit once, as a `[[quotas]]` pool both providers name (issue #11).
+//! - `credits`: as `planned`, with limits large enough for admission credits (issue #9:
+//!   512 requests per 2 s each, so a worker takes room for 2 calls at once) and a backlog of
+//!   30 windows' worth, as the other modes (30,720 jobs, about a minute): credits must neither
+//!   overrun a strict window nor leave its capacity unused. (At 1024 a window the three workers
+//!   and the mock on two cores answer fewer jobs a second than the windows allow.)
 //!
 //! A last run, `throughput`, measures the worker itself: one worker process, one unlimited
 //! provider answering at once, 2000 jobs: jobs per second and CPU per job.
@@ -34,12 +39,15 @@ use support::{TestEnv, WorkerProcess, chain, job, provider};
 const WINDOW: Duration = Duration::from_secs(2);
 const PER_WINDOW: usize = 10;
 const LATENCY: Duration = Duration::from_millis(20);
+/// Each free mock's window in the `credits` mode: 1/256 of it is 2 calls.
+const CREDIT_PER_WINDOW: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Planned,
     Reactive,
     Pooled,
+    Credits,
 }
 
 impl Mode {
@@ -48,14 +56,32 @@ impl Mode {
             Mode::Planned => "planned",
             Mode::Reactive => "reactive",
             Mode::Pooled => "pooled",
+            Mode::Credits => "credits",
+        }
+    }
+
+    /// Requests each free mock (or the account) accepts per window.
+    fn per_window(self) -> usize {
+        match self {
+            Mode::Credits => CREDIT_PER_WINDOW,
+            Mode::Planned | Mode::Reactive | Mode::Pooled => PER_WINDOW,
         }
     }
 
     /// Free calls the mocks accept per window: two providers, or one account for both.
     fn free_per_window(self) -> usize {
         match self {
-            Mode::Pooled => PER_WINDOW,
-            Mode::Planned | Mode::Reactive => 2 * PER_WINDOW,
+            Mode::Pooled => self.per_window(),
+            Mode::Planned | Mode::Reactive | Mode::Credits => 2 * self.per_window(),
+        }
+    }
+
+    /// The backlog: the command line's, or as many windows' worth as the default backlog of
+    /// the other modes is (30), where a window holds more.
+    fn jobs(self, jobs: usize) -> usize {
+        match self {
+            Mode::Credits => 30 * self.free_per_window(),
+            Mode::Planned | Mode::Reactive | Mode::Pooled => jobs,
         }
     }
 }
@@ -88,18 +114,19 @@ async fn main() {
     let planned = run(Mode::Planned, jobs, workers).await;
     let reactive = run(Mode::Reactive, jobs, workers).await;
     let pooled = run(Mode::Pooled, jobs, workers).await;
+    let credits = run(Mode::Credits, Mode::Credits.jobs(jobs), workers).await;
     println!();
     println!(
         "{:<9} {:>6} {:>9} {:>9} {:>9} {:>12} {:>6} {:>6} {:>6} {:>12} {:>10}",
         "mode", "jobs", "wall_s", "ideal_s", "rate_s", "utilization", "429s", "paid", "free", "cpu_ms/job", "idle_MB"
     );
-    for o in [planned, reactive, pooled] {
+    for o in [planned, reactive, pooled, credits] {
         // Free capacity used: free answers against what strict windows allow in the same time.
         let utilization = 100.0 * o.free as f64 / capacity(o.wall.saturating_sub(LATENCY), o.mode.free_per_window());
         println!(
             "{:<9} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>11.1}% {:>6} {:>6} {:>6} {:>12.3} {:>10.1}",
             o.mode.name(),
-            jobs,
+            o.mode.jobs(jobs),
             o.wall.as_secs_f64(),
             o.ideal.as_secs_f64(),
             o.rate_min.as_secs_f64(),
@@ -128,7 +155,7 @@ async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
     let env = TestEnv::new().await;
     let strict = |profile| {
         let mut options = MockOptions::new(profile);
-        options.limits = vec![RequestLimit { requests: PER_WINDOW, per: WINDOW }];
+        options.limits = vec![RequestLimit { requests: mode.per_window(), per: WINDOW }];
         options.latency = LATENCY;
         options
     };
@@ -136,7 +163,9 @@ async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
     // Pooled: both free models are served by one account (one mock, one limit for the pair).
     let second = match mode {
         Mode::Pooled => None,
-        Mode::Planned | Mode::Reactive => Some(MockProvider::start(strict(Profile::Cerebras)).await.unwrap()),
+        Mode::Planned | Mode::Reactive | Mode::Credits => {
+            Some(MockProvider::start(strict(Profile::Cerebras)).await.unwrap())
+        }
     };
     let second_url = second.as_ref().map_or_else(|| groq.base_url(), |m| m.base_url());
     let mut paid_options = MockOptions::new(Profile::Openai);
@@ -144,7 +173,9 @@ async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
     let paid = MockProvider::start(paid_options).await.unwrap();
     let window = humantime::format_duration(WINDOW);
     let limits = match mode {
-        Mode::Planned => format!("limits = [{{ requests = {PER_WINDOW}, per = \"{window}\" }}]"),
+        Mode::Planned | Mode::Credits => {
+            format!("limits = [{{ requests = {}, per = \"{window}\" }}]", mode.per_window())
+        }
         Mode::Pooled => "quotas = [\"account\"]".to_string(),
         Mode::Reactive => String::new(),
     };
@@ -152,7 +183,7 @@ async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
         Mode::Pooled => {
             format!("[[quotas]]\nname = \"account\"\nlimits = [{{ requests = {PER_WINDOW}, per = \"{window}\" }}]\n\n")
         }
-        Mode::Planned | Mode::Reactive => String::new(),
+        Mode::Planned | Mode::Reactive | Mode::Credits => String::new(),
     };
     let free_wait = if mode == Mode::Reactive { "free_wait = \"0s\"" } else { "free_wait = \"1h\"" };
     let providers = format!(
@@ -172,10 +203,23 @@ async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
     let cpu_before: u64 = processes.iter().map(|p| cpu_ticks(p.child.id())).sum();
 
     let started = Instant::now();
-    for i in 0..jobs {
-        env.publish(&job(&format!("{}-{i}", mode.name())), BasicProperties::default()).await;
+    if mode == Mode::Credits {
+        // Thousands of jobs: published one confirm at a time, the backlog would arrive slower
+        // than the windows free up, and the run would measure the publisher.
+        use futures_util::StreamExt;
+        futures_util::stream::iter(0..jobs)
+            .for_each_concurrent(64, |i| {
+                let env = &env;
+                async move { env.publish(&job(&format!("{}-{i}", mode.name())), BasicProperties::default()).await }
+            })
+            .await;
+    } else {
+        for i in 0..jobs {
+            env.publish(&job(&format!("{}-{i}", mode.name())), BasicProperties::default()).await;
+        }
     }
-    let results = env.results(&env.results, jobs).await;
+    let results =
+        if mode == Mode::Credits { consumed(&env, jobs).await } else { env.results(&env.results, jobs).await };
     let wall = started.elapsed();
     let cpu_after: u64 = processes.iter().map(|p| cpu_ticks(p.child.id())).sum();
     let ticks_per_sec = 100.0; // USER_HZ on Linux
@@ -202,6 +246,28 @@ async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
         cpu_ms_per_job,
         idle_rss_mb,
     }
+}
+
+/// `n` results, taken by a consumer: one `basic.get` per result (the test helper's way) keeps
+/// up with hundreds of results a second, not with the thousands the `credits` mode answers.
+async fn consumed(env: &TestEnv, n: usize) -> Vec<fallback_worker::job::JobResult> {
+    use futures_lite::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    let conn = lapin::Connection::connect(&support::amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    let options = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let mut consumer = channel
+        .basic_consume(env.results.as_str().into(), "backlog".into(), options, lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+    let mut results = Vec::with_capacity(n);
+    while results.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(60), consumer.next()).await;
+        let Ok(Some(Ok(delivery))) = next else { panic!("{} of {n} results, then none for 60 s", results.len()) };
+        results.push(serde_json::from_slice(&delivery.data).unwrap());
+    }
+    results
 }
 
 /// Calls strict windows allow within `t` from an empty start, counted at the continuous rate
