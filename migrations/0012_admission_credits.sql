@@ -10,10 +10,15 @@
 -- from then on, as for any call. The rule stays strict: a window counts the whole credit from
 -- when it is taken until it ends, and its calls until one window after the last answer.
 --
--- A credit's row is marked while it lives (`credit_live`, until its last call has answered):
--- the provider's rate-limit headers do not count the calls it has yet to send, whatever its
--- call id (`fallback_observe`), and a refusal while one lives in a window says to ask again
--- soon rather than when the window's rows leave (its unused room comes back when it closes).
+-- A credit's row says when it admitted calls (`admitted_at` to `credit_open_until`, the latter
+-- moved to its close) and until when it lives (`credit_live` until its last call has answered,
+-- and never past `credit_deadline`, when none of its calls can still be out: a killed worker's
+-- credit stops living then). Every call's rows say when they were admitted (`admitted_at`).
+-- The provider's rate-limit headers for call X do not count the calls of a credit that still
+-- admitted after X was admitted, whatever its call id (`fallback_observe`); a refusal while a
+-- credit is open in a requests window, or lives in a tokens window, says to ask again soon
+-- rather than when the window's rows leave (what it does not use comes back when it closes;
+-- its token count can fall when it ends).
 -- Its writes carry a number (`credit_seq`): one is applied only over an older one, so writes
 -- that cross in the batches, or come back with the write-back after an outage, never undo a
 -- later count.
@@ -21,26 +26,49 @@
 -- The functions of 0010 take the new arguments as overloads, and the old signatures call them
 -- with none (one call each, no number), so workers of any version keep sharing the tables.
 
+ALTER TABLE quota_use ADD COLUMN admitted_at timestamptz;
 ALTER TABLE quota_use ADD COLUMN credit_seq bigint;
 ALTER TABLE quota_use ADD COLUMN credit_live boolean NOT NULL DEFAULT false;
-CREATE INDEX quota_use_live_credits ON quota_use (kind, scope, measure, window_ms, calendar) WHERE credit_live;
+ALTER TABLE quota_use ADD COLUMN credit_open_until timestamptz;
+ALTER TABLE quota_use ADD COLUMN credit_deadline timestamptz;
+CREATE INDEX quota_use_credits ON quota_use (kind, scope, measure, window_ms, calendar, credit_open_until)
+    WHERE credit_seq IS NOT NULL;
 
--- What the live credits of one window hold.
-CREATE FUNCTION fallback_live_credits(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
-                                      p_calendar text, p_now timestamptz)
+-- What the credits of one window hold that a figure taken at `p_seen` may not count: those
+-- still admitting calls after it; with no such time, those living now.
+CREATE FUNCTION fallback_unseen_credits(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
+                                        p_calendar text, p_now timestamptz, p_seen timestamptz)
 RETURNS bigint LANGUAGE sql STABLE SET enable_seqscan = off AS $$
     SELECT coalesce(sum(amount), 0)::bigint FROM quota_use
      WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
-       AND calendar = p_calendar AND credit_live AND NOT learnt AND leaves_at > p_now;
+       AND calendar = p_calendar AND credit_seq IS NOT NULL AND NOT learnt AND leaves_at > p_now
+       AND CASE WHEN p_seen IS NOT NULL THEN credit_open_until > p_seen
+                ELSE credit_live AND credit_deadline > p_now END;
 $$;
 
--- As 0010, where an ask with `p_requests[a]` (not NULL) is a credit for that many requests,
--- and a refusal in a window where a credit lives is asked again within 2 s.
+-- Whether a refusal in this window may find room within seconds: a credit still open in a
+-- requests window (it gives back what it does not use when it closes), a credit living in a
+-- tokens window (its count can fall when it ends).
+CREATE FUNCTION fallback_credit_may_give_back(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
+                                              p_calendar text, p_now timestamptz)
+RETURNS boolean LANGUAGE sql STABLE SET enable_seqscan = off AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM quota_use
+         WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
+           AND calendar = p_calendar AND credit_seq IS NOT NULL AND NOT learnt AND leaves_at > p_now
+           AND CASE WHEN p_measure = 'requests'
+                    THEN credit_seq = 0 AND credit_open_until > p_now - interval '1 second'
+                    ELSE credit_live AND credit_deadline > p_now END);
+$$;
+
+-- As 0010, where an ask with `p_requests[a]` (not NULL) is a credit for that many requests that
+-- admits calls for `p_open_ms[a]`, every row says when it was admitted, and a refusal in a
+-- window where a credit may give back room soon is asked again within 2 s.
 CREATE FUNCTION fallback_admit_batch(
     p_provider text,
     p_kinds text[], p_scopes text[], p_measures text[], p_windows_ms bigint[], p_calendars text[],
     p_limits bigint[], p_first_resets timestamptz[], p_next_resets timestamptz[],
-    p_tokens bigint[], p_flight_ms bigint[], p_leaves timestamptz[], p_requests bigint[])
+    p_tokens bigint[], p_flight_ms bigint[], p_leaves timestamptz[], p_requests bigint[], p_open_ms bigint[])
 RETURNS TABLE (ask int, usage_id bigint, blocked_until_ms bigint, blocked_by text)
 LANGUAGE plpgsql SET lock_timeout = '1s' SET enable_seqscan = off AS $$
 DECLARE
@@ -67,6 +95,8 @@ DECLARE
     g_amounts  bigint[] := '{}';
     g_leaves   timestamptz[] := '{}';
     g_credits  boolean[] := '{}';
+    g_opens    timestamptz[] := '{}';
+    g_ends     timestamptz[] := '{}';
     -- The refused asks' excess in each window that has no room for them.
     r_asks     int[] := '{}';
     r_windows  int[] := '{}';
@@ -172,6 +202,8 @@ BEGIN
             v_added[i] := v_added[i] + v_amount;
             g_ids := g_ids || v_ids[a];
             g_credits := g_credits || (p_requests[a] IS NOT NULL);
+            g_opens := g_opens || (v_now + coalesce(p_open_ms[a], 0) * interval '1 millisecond');
+            g_ends := g_ends || v_expires;
             g_windows := g_windows || i;
             g_amounts := g_amounts || v_amount;
             -- A calendar call leaves no earlier than the first reset (greatest ignores NULLs).
@@ -189,11 +221,13 @@ BEGIN
                AND w.window_ms = p_windows_ms[i] AND w.calendar = p_calendars[i];
         END LOOP;
         INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, first_reset,
-                               credit_seq, credit_live)
+                               admitted_at, credit_seq, credit_live, credit_open_until, credit_deadline)
         SELECT g.id, p_kinds[g.w], p_scopes[g.w], p_measures[g.w], p_windows_ms[g.w], p_calendars[g.w],
                g.amount, g.leaves, v_first[g.w],
-               CASE WHEN g.credit THEN 0 END, g.credit
-          FROM unnest(g_ids, g_windows, g_amounts, g_leaves, g_credits) AS g(id, w, amount, leaves, credit);
+               v_now, CASE WHEN g.credit THEN 0 END, g.credit, CASE WHEN g.credit THEN g.opens END,
+               CASE WHEN g.credit THEN g.ends END
+          FROM unnest(g_ids, g_windows, g_amounts, g_leaves, g_credits, g_opens, g_ends)
+               AS g(id, w, amount, leaves, credit, opens, ends);
     END IF;
     -- Every grant answered, also with no window at all (a provider whose only pool has no
     -- limits: nothing to count, the cooldown alone decides).
@@ -208,12 +242,12 @@ BEGIN
             SELECT t.a, t.w, t.e, t.o FROM unnest(r_asks, r_windows, r_excess) WITH ORDINALITY AS t(a, w, e, o)),
         room AS (
             SELECT d.w, d.e,
-                   -- A live credit gives back what it does not use when it closes (1 s at most
-                   -- after it was taken): ask again then, not when the window's rows leave.
+                   -- A credit may give back room within a second or two: ask again then, not
+                   -- when the window's rows leave.
                    least(fallback_room_at(p_kinds[d.w], p_scopes[d.w], p_measures[d.w], p_windows_ms[d.w], p_calendars[d.w],
                                           d.e, coalesce(v_first[d.w], v_now + p_windows_ms[d.w] * interval '1 millisecond')),
-                         CASE WHEN fallback_live_credits(p_kinds[d.w], p_scopes[d.w], p_measures[d.w], p_windows_ms[d.w],
-                                                         p_calendars[d.w], v_now) > 0
+                         CASE WHEN fallback_credit_may_give_back(p_kinds[d.w], p_scopes[d.w], p_measures[d.w],
+                                                                 p_windows_ms[d.w], p_calendars[d.w], v_now)
                               THEN v_now + interval '2 seconds' END) AS free_at
               FROM (SELECT DISTINCT w, e FROM need) d),
         waits AS (
@@ -239,7 +273,7 @@ RETURNS TABLE (ask int, usage_id bigint, blocked_until_ms bigint, blocked_by tex
 LANGUAGE sql AS $$
     SELECT * FROM fallback_admit_batch(p_provider, p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars,
                                        p_limits, p_first_resets, p_next_resets, p_tokens, p_flight_ms, p_leaves,
-                                       NULL::bigint[]);
+                                       NULL::bigint[], NULL::bigint[]);
 $$;
 
 -- As 0010, where an answer may also set its call's request count (`p_requests`: a closed credit
@@ -282,7 +316,10 @@ BEGIN
                                  WHEN u.measure = 'requests' AND v_call.req IS NOT NULL THEN v_call.req
                                  ELSE u.amount END,
                    credit_seq = coalesce(v_call.seq, u.credit_seq),
-                   credit_live = u.credit_live AND NOT v_call.ended
+                   credit_live = u.credit_live AND NOT v_call.ended,
+                   -- A credit's first write is its close: it admits nothing after it.
+                   credit_open_until = CASE WHEN u.credit_seq = 0 AND v_call.seq IS NOT NULL
+                                            THEN least(u.credit_open_until, v_now) ELSE u.credit_open_until END
               FROM quota_use o
              WHERE o.call_id = v_call.c AND NOT o.learnt AND u.id = o.id
                AND (o.credit_seq IS NULL OR v_call.seq IS NULL OR v_call.seq > o.credit_seq)
@@ -352,7 +389,7 @@ CREATE FUNCTION fallback_finish_and_admit(
     p_provider text,
     p_kinds text[], p_scopes text[], p_measures text[], p_windows_ms bigint[], p_calendars text[],
     p_limits bigint[], p_first_resets timestamptz[], p_next_resets timestamptz[],
-    p_tokens bigint[], p_flight_ms bigint[], p_leaves timestamptz[], p_requests bigint[],
+    p_tokens bigint[], p_flight_ms bigint[], p_leaves timestamptz[], p_requests bigint[], p_open_ms bigint[],
     p_calls bigint[], p_call_tokens bigint[], p_call_requests bigint[], p_call_ended boolean[], p_call_seqs bigint[])
 RETURNS TABLE (ask int, usage_id bigint, blocked_until_ms bigint, blocked_by text)
 LANGUAGE plpgsql SET lock_timeout = '1s' SET enable_seqscan = off AS $$
@@ -371,7 +408,7 @@ BEGIN
     PERFORM fallback_apply_finishes(p_calls, p_call_tokens, p_call_requests, p_call_ended, p_call_seqs);
     RETURN QUERY SELECT * FROM fallback_admit_batch(
         p_provider, p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars, p_limits,
-        p_first_resets, p_next_resets, p_tokens, p_flight_ms, p_leaves, p_requests);
+        p_first_resets, p_next_resets, p_tokens, p_flight_ms, p_leaves, p_requests, p_open_ms);
 END
 $$;
 
@@ -385,12 +422,13 @@ RETURNS TABLE (ask int, usage_id bigint, blocked_until_ms bigint, blocked_by tex
 LANGUAGE sql AS $$
     SELECT * FROM fallback_finish_and_admit(p_provider, p_kinds, p_scopes, p_measures, p_windows_ms, p_calendars,
                                             p_limits, p_first_resets, p_next_resets, p_tokens, p_flight_ms, p_leaves,
-                                            NULL::bigint[], p_calls, p_call_tokens, NULL::bigint[], NULL::boolean[],
-                                            NULL::bigint[]);
+                                            NULL::bigint[], NULL::bigint[], p_calls, p_call_tokens, NULL::bigint[],
+                                            NULL::boolean[], NULL::bigint[]);
 $$;
 
--- As 0011, where a live credit counts as sent after the observed call, whatever its call id:
--- the figure is learnt beyond the other rows, and nothing a live credit holds is taken back.
+-- As 0011, where a credit that still admitted calls after the observed call was admitted
+-- counts as sent after it, whatever its call id (with the call unknown: a credit living now):
+-- the figure is learnt beyond the other rows, and nothing such a credit holds is taken back.
 CREATE OR REPLACE FUNCTION fallback_observe(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
                                  p_calendar text, p_declared bigint, p_remaining bigint, p_leaves timestamptz,
                                  p_call bigint)
@@ -403,6 +441,7 @@ DECLARE
     v_excess bigint;
     v_take   bigint;
     v_live   bigint;
+    v_seen   timestamptz;
     r        record;
 BEGIN
     INSERT INTO quota_window (kind, scope, measure, window_ms, calendar, used, next_leave)
@@ -413,10 +452,10 @@ BEGIN
     IF v_next <= v_now THEN
         v_used := coalesce(fallback_retire(p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_now), v_used);
     END IF;
-    -- The live credits' calls yet to be sent are not in the provider's figure, nor are those
-    -- it has sent (they may have gone after the figure was taken): whatever the figure says
-    -- beyond the other rows is learnt, and none of a live credit is taken back.
-    v_live := fallback_live_credits(p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_now);
+    -- The figure was taken when the provider received the call, after it was admitted: a
+    -- credit admitting calls after that may have sent them after the figure was taken.
+    SELECT min(admitted_at) INTO v_seen FROM quota_use WHERE call_id = p_call AND p_call IS NOT NULL;
+    v_live := fallback_unseen_credits(p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_now, v_seen);
     IF v_target > v_used - v_live THEN
         INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt)
         VALUES (0, p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_target - (v_used - v_live), p_leaves, true);
@@ -432,12 +471,13 @@ BEGIN
     -- it was in flight), then kept if in this window: through the window's index, a plan would
     -- read every call of the window to find them.
     WITH newer AS MATERIALIZED (
-        SELECT kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt, credit_live
+        SELECT kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt, credit_seq
           FROM quota_use WHERE call_id > p_call)
     SELECT v_used - coalesce(sum(amount), 0) - v_target INTO v_excess FROM newer
      WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
-       AND calendar = p_calendar AND NOT learnt AND leaves_at > v_now AND NOT credit_live;
-    -- Every live credit counts as newer, whatever its call id (newer ones were left out above).
+       AND calendar = p_calendar AND NOT learnt AND leaves_at > v_now AND credit_seq IS NULL;
+    -- Credits count as newer by when they admitted calls, whatever their call id (a credit
+    -- granted after the call admitted after it too; none was counted above).
     v_excess := v_excess - v_live;
     v_excess := coalesce(v_excess, 0);
     IF p_call IS NULL THEN

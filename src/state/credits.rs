@@ -276,6 +276,11 @@ impl CreditBook {
         endings
     }
 
+    /// When closed credit `call` ends whatever its calls do, while it waits for them.
+    pub fn closing_deadline(&self, provider: &Arc<str>, call: i64) -> Option<SystemTime> {
+        self.providers.get(provider)?.closing.get(&call).map(Credit::deadline)
+    }
+
     /// Closes every open credit (the worker stops): what the windows must be told of them.
     pub fn close_all(&mut self) -> Vec<Ending> {
         self.providers.iter_mut().filter_map(|(provider, credits)| credits.close_open(provider)).collect()

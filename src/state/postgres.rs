@@ -981,6 +981,7 @@ impl PgStore {
                 flight_ms: saturating_i64(ask.flight.as_millis()),
                 leaves,
                 requests: (requests > 1).then(|| saturating_i64(requests)),
+                open_ms: (requests > 1).then(|| saturating_i64(credits::LIFETIME.as_millis())),
                 reply,
             })
         };
@@ -1099,6 +1100,17 @@ impl PgStore {
             let endings = store.credits.lock().unwrap().close(&provider, call, SystemTime::now());
             for ending in endings {
                 store.end_credit(ending).await;
+            }
+            // A call that never answers (its job dropped) must not keep its credit living: it
+            // ends once none of its calls can still be out, whatever else happens.
+            let deadline = store.credits.lock().unwrap().closing_deadline(&provider, call);
+            if let Some(deadline) = deadline {
+                let left = deadline.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(left).await;
+                let endings = store.credits.lock().unwrap().close(&provider, call, SystemTime::now());
+                for ending in endings {
+                    store.end_credit(ending).await;
+                }
             }
         });
     }
@@ -1699,9 +1711,9 @@ impl ProviderState for PgStore {
                     Some(name) => (ScopeKind::Pool, name),
                     None => (ScopeKind::Provider, ask.provider),
                 };
-                // A credit's later calls are in its own row, not after it: nothing is lowered.
-                let call = observed.usage_id.filter(|_| !observed.from_credit);
-                let window = self.observe_window(kind, scope, limit, observation, call, now);
+                // A credit's call is observed as the credit: the database counts every credit
+                // that admitted calls after it was granted as sent after the figure.
+                let window = self.observe_window(kind, scope, limit, observation, observed.usage_id, now);
                 if let Err(e) = self.guarded(window).await {
                     // Best effort: the next answer's headers say it again.
                     tracing::debug!(provider = ask.provider, error = %e, "cannot correct a window from the provider's headers");

@@ -61,6 +61,8 @@ pub struct AdmitAsk {
     pub leaves: Vec<Option<f64>>,
     /// The calls a credit holds (migration 0012); `None` for one call.
     pub requests: Option<i64>,
+    /// How long a credit admits calls (ms).
+    pub open_ms: Option<i64>,
     pub reply: oneshot::Sender<Result<Decision, StoreError>>,
 }
 
@@ -358,8 +360,8 @@ fn reply_to_answers(answers: Vec<Answer>, outcome: Result<(), &Failed>) {
     }
 }
 
-/// The admission statement: `$1`..`$13` the provider, its windows and the asks (as
-/// `fallback_admit_batch` takes them), the function's name and what follows `$13`.
+/// The admission statement: `$1`..`$14` the provider, its windows and the asks (as
+/// `fallback_admit_batch` takes them), the function's name and what follows `$14`.
 macro_rules! admit_sql {
     ($function:literal, $rest:literal) => {
         concat!(
@@ -370,7 +372,7 @@ macro_rules! admit_sql {
                (SELECT array_agg(to_timestamp(f / 1000) ORDER BY o) FROM unnest($9::float8[]) WITH ORDINALITY AS t(f, o)), \
                $10, $11, \
                (SELECT array_agg(to_timestamp(l / 1000) ORDER BY o) FROM unnest($12::float8[]) WITH ORDINALITY AS t(l, o)), \
-               $13",
+               $13, $14",
             $rest
         )
     };
@@ -399,11 +401,12 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
     let leaves: Vec<Option<f64>> =
         asks.iter().flat_map(|a| a.leaves.iter().copied().chain(std::iter::repeat(None)).take(n)).collect();
     let requests: Vec<Option<i64>> = asks.iter().map(|a| a.requests).collect();
+    let opens: Vec<Option<i64>> = asks.iter().map(|a| a.open_ms).collect();
     let (calls, call_tokens, call_requests, call_ended, call_seqs) = answer_columns(entries(&answers));
     let statement = if answers.is_empty() {
         admit_sql!("fallback_admit_batch(", ")")
     } else {
-        admit_sql!("fallback_finish_and_admit(", ", $14, $15, $16, $17, $18)")
+        admit_sql!("fallback_finish_and_admit(", ", $15, $16, $17, $18, $19)")
     };
     let query = sqlx::query(statement)
         .bind(&*provider)
@@ -418,7 +421,8 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
         .bind(&tokens)
         .bind(&flights)
         .bind(&leaves)
-        .bind(&requests);
+        .bind(&requests)
+        .bind(&opens);
     let query = if answers.is_empty() {
         query
     } else {
@@ -486,6 +490,7 @@ mod tests {
             flight_ms: 1000,
             leaves: Vec::new(),
             requests: None,
+            open_ms: None,
             reply,
         })
     }
