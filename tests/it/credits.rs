@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
+use fallback_worker::routing::QuotaObservation;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, Permit, ProviderState};
+use fallback_worker::state::{Admission, Ask, Permit, ProviderState, QuotaMeasure};
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger_batching::{DEFAULT_POOL, store_at};
@@ -38,25 +39,50 @@ impl Drop for Worker {
     }
 }
 
-const HOUR: u64 = 3600;
+pub(crate) const HOUR: u64 = 3600;
 
-fn requests(n: u64) -> LimitConfig {
+pub(crate) fn requests(n: u64) -> LimitConfig {
     LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(HOUR), resets: None }
 }
 
-fn tokens(n: u64) -> LimitConfig {
+pub(crate) fn tokens(n: u64) -> LimitConfig {
     LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(HOUR), resets: None }
 }
 
-fn ask(limits: &[LimitConfig], tokens: u64) -> Ask<'_> {
+pub(crate) fn ask(limits: &[LimitConfig], tokens: u64) -> Ask<'_> {
     Ask { provider: "p", limits, pools: &[], tokens, flight: Duration::from_secs(30) }
 }
 
-async fn granted(store: &PgStore, ask: Ask<'_>) -> Permit {
+pub(crate) async fn granted(store: &PgStore, ask: Ask<'_>) -> Permit {
     match store.admit(ask, SystemTime::now()).await {
         Admission::Granted(permit) => permit,
         other => panic!("not granted: {other:?}"),
     }
+}
+
+/// The provider's headers: `remaining` of the hour's `limit` requests.
+pub(crate) fn requests_left(remaining: u64, limit: u64, resets_in: Option<Duration>) -> QuotaObservation {
+    QuotaObservation {
+        measure: QuotaMeasure::Requests,
+        remaining,
+        limit: Some(limit),
+        resets_at: resets_in.map(|d| SystemTime::now() + d),
+        window: None,
+    }
+}
+
+/// A credit of 4 of p's 1024 requests an hour, its calls' flight 200 ms, granted straight
+/// through the statement to a worker that then dies (never written again): its call id.
+pub(crate) async fn a_dead_credit(env: &TestEnv) -> i64 {
+    sqlx::query_scalar(
+        "SELECT usage_id FROM fallback_admit_batch('p', ARRAY['provider'], ARRAY['p'], ARRAY['requests'], \
+         ARRAY[3600000]::bigint[], ARRAY[''], ARRAY[1024]::bigint[], ARRAY[NULL]::timestamptz[], \
+         ARRAY[NULL]::timestamptz[], ARRAY[4]::bigint[], ARRAY[200]::bigint[], ARRAY[NULL]::timestamptz[], \
+         ARRAY[4]::bigint[], ARRAY[1000]::bigint[])",
+    )
+    .fetch_one(&mut env.db().await)
+    .await
+    .unwrap()
 }
 
 /// The calls of a credit are one row in each window; the next ask of the worker is admitted

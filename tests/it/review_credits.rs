@@ -3,46 +3,13 @@
 
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::config::LimitConfig;
-use fallback_worker::routing::{CooldownReason, QuotaObservation};
+use fallback_worker::routing::CooldownReason;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
+use fallback_worker::state::{Admission, Cooldown, Permit, ProviderState};
 
-use crate::credits::Worker;
+use crate::credits::{HOUR, Worker, ask, granted, requests, requests_left, tokens};
 use crate::review_finish::used;
 use crate::support::*;
-
-const HOUR: u64 = 3600;
-
-fn requests(n: u64) -> LimitConfig {
-    LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(HOUR), resets: None }
-}
-
-fn tokens(n: u64) -> LimitConfig {
-    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(HOUR), resets: None }
-}
-
-fn ask(limits: &[LimitConfig], tokens: u64) -> Ask<'_> {
-    Ask { provider: "p", limits, pools: &[], tokens, flight: Duration::from_secs(30) }
-}
-
-async fn granted(store: &PgStore, ask: Ask<'_>) -> Permit {
-    match store.admit(ask, SystemTime::now()).await {
-        Admission::Granted(permit) => permit,
-        other => panic!("not granted: {other:?}"),
-    }
-}
-
-/// The provider's headers: `remaining` of the hour's `limit` requests.
-fn requests_left(remaining: u64, limit: u64, resets_in: Option<Duration>) -> QuotaObservation {
-    QuotaObservation {
-        measure: QuotaMeasure::Requests,
-        remaining,
-        limit: Some(limit),
-        resets_at: resets_in.map(|d| SystemTime::now() + d),
-        window: None,
-    }
-}
 
 /// `fallback_observe` takes learnt use back by what the windows count beyond the provider's
 /// figure, taking every row of a call id below the observed call's as already in that figure.

@@ -3,46 +3,11 @@
 
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::config::LimitConfig;
-use fallback_worker::routing::QuotaObservation;
-use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, Permit, ProviderState, QuotaMeasure};
+use fallback_worker::state::{Admission, Ask, Permit, ProviderState};
 
-use crate::credits::Worker;
+use crate::credits::{Worker, a_dead_credit, ask, granted, requests, requests_left, tokens};
 use crate::review_finish::used;
 use crate::support::*;
-
-const HOUR: u64 = 3600;
-
-fn requests(n: u64) -> LimitConfig {
-    LimitConfig { requests: Some(n), tokens: None, per: Duration::from_secs(HOUR), resets: None }
-}
-
-fn tokens(n: u64) -> LimitConfig {
-    LimitConfig { requests: None, tokens: Some(n), per: Duration::from_secs(HOUR), resets: None }
-}
-
-fn ask(limits: &[LimitConfig], tokens: u64) -> Ask<'_> {
-    Ask { provider: "p", limits, pools: &[], tokens, flight: Duration::from_secs(30) }
-}
-
-async fn granted(store: &PgStore, ask: Ask<'_>) -> Permit {
-    match store.admit(ask, SystemTime::now()).await {
-        Admission::Granted(permit) => permit,
-        other => panic!("not granted: {other:?}"),
-    }
-}
-
-/// The provider's headers: `remaining` of the hour's `limit` requests.
-fn requests_left(remaining: u64, limit: u64, resets_in: Option<Duration>) -> QuotaObservation {
-    QuotaObservation {
-        measure: QuotaMeasure::Requests,
-        remaining,
-        limit: Some(limit),
-        resets_at: resets_in.map(|d| SystemTime::now() + d),
-        window: None,
-    }
-}
 
 /// Waits until the clock has passed `t` (a time the code under test reads, not a guess).
 async fn clock_past(t: SystemTime) {
@@ -130,17 +95,9 @@ async fn a_killed_workers_credit_does_not_make_refusals_ask_again_within_2_s_for
     let limits = [requests(1024)];
     // The killed worker's credit of 4 calls (1/256 of 1024), its calls' flight 200 ms: granted,
     // then never written again.
-    let mut db = env.db().await;
+    let _db = env.db().await;
     let granted_at = SystemTime::now();
-    let dead: i64 = sqlx::query_scalar(
-        "SELECT usage_id FROM fallback_admit_batch('p', ARRAY['provider'], ARRAY['p'], ARRAY['requests'], \
-         ARRAY[3600000]::bigint[], ARRAY[''], ARRAY[1024]::bigint[], ARRAY[NULL]::timestamptz[], \
-         ARRAY[NULL]::timestamptz[], ARRAY[4]::bigint[], ARRAY[200]::bigint[], ARRAY[NULL]::timestamptz[], \
-         ARRAY[4]::bigint[], ARRAY[1000]::bigint[])",
-    )
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
+    let dead: i64 = a_dead_credit(&env).await;
     assert!(dead > 0);
     assert_eq!(live_credits(&env).await, 1);
     // The rest of the hour is taken elsewhere, for 50 minutes (the provider's headers say so).
@@ -219,17 +176,9 @@ async fn a_figure_observed_past_a_dead_credits_deadline_is_not_learnt_beside_it(
     let worker = Worker::start(&env).await;
     let store = &worker.store;
     let limits = [requests(1024)];
-    let mut db = env.db().await;
+    let _db = env.db().await;
     let granted_at = SystemTime::now();
-    let _dead: i64 = sqlx::query_scalar(
-        "SELECT usage_id FROM fallback_admit_batch('p', ARRAY['provider'], ARRAY['p'], ARRAY['requests'], \
-         ARRAY[3600000]::bigint[], ARRAY[''], ARRAY[1024]::bigint[], ARRAY[NULL]::timestamptz[], \
-         ARRAY[NULL]::timestamptz[], ARRAY[4]::bigint[], ARRAY[200]::bigint[], ARRAY[NULL]::timestamptz[], \
-         ARRAY[4]::bigint[], ARRAY[1000]::bigint[])",
-    )
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
+    let _dead: i64 = a_dead_credit(&env).await;
     // Past its deadline (its calls' flight, 200 ms) with a margin for the database's clock.
     clock_past(granted_at + Duration::from_millis(700)).await;
     // The provider has taken 500 calls (whatever the dead credit sent among them).
@@ -288,15 +237,7 @@ async fn held_an_older_credit_write_applied_after_a_newer_one_changes_nothing() 
     let env = TestEnv::new().await;
     let _worker = Worker::start(&env).await;
     let mut db = env.db().await;
-    let credit: i64 = sqlx::query_scalar(
-        "SELECT usage_id FROM fallback_admit_batch('p', ARRAY['provider'], ARRAY['p'], ARRAY['requests'], \
-         ARRAY[3600000]::bigint[], ARRAY[''], ARRAY[1024]::bigint[], ARRAY[NULL]::timestamptz[], \
-         ARRAY[NULL]::timestamptz[], ARRAY[4]::bigint[], ARRAY[30000]::bigint[], ARRAY[NULL]::timestamptz[], \
-         ARRAY[4]::bigint[], ARRAY[1000]::bigint[])",
-    )
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
+    let credit: i64 = a_dead_credit(&env).await;
     let write = |requests: i64, ended: bool, seq: i64| {
         sqlx::query(
             "SELECT fallback_finish_batch(ARRAY[$1]::bigint[], ARRAY[$2]::bigint[], ARRAY[$2]::bigint[], \
