@@ -475,9 +475,11 @@ BEGIN
           FROM quota_use WHERE call_id > p_call)
     SELECT v_used - coalesce(sum(amount), 0) - v_target INTO v_excess FROM newer
      WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
-       AND calendar = p_calendar AND NOT learnt AND leaves_at > v_now AND credit_seq IS NULL;
+       AND calendar = p_calendar AND NOT learnt AND leaves_at > v_now AND (credit_seq IS NULL OR v_seen IS NULL);
     -- Credits count as newer by when they admitted calls, whatever their call id (a credit
-    -- granted after the call admitted after it too; none was counted above).
+    -- granted after the call admitted after it too; none was counted above). With no time for
+    -- the observed call (a row of an earlier version), credits granted after it count by their
+    -- id above, and those living now below too: less is taken back, never too much.
     v_excess := v_excess - v_live;
     v_excess := coalesce(v_excess, 0);
     IF p_call IS NULL THEN

@@ -156,8 +156,14 @@ pub struct Ending {
 struct ProviderCredits {
     open: Option<Credit>,
     closing: HashMap<i64, Credit>,
+    /// Credits ended at their deadline with calls still out: an answer that comes after all
+    /// (held up past its flight) still raises the count it reports.
+    overdue: HashMap<i64, Credit>,
     no_room_until: Option<SystemTime>,
 }
+
+/// Overdue credits kept for their late answers at most (calls that never answer leave theirs).
+const MAX_OVERDUE: usize = 1024;
 
 impl ProviderCredits {
     /// Closes the open credit: it counts what it admitted from now on (a write), and ends at
@@ -179,11 +185,30 @@ impl ProviderCredits {
         let mut endings = Vec::new();
         for call in overdue {
             if let Some(mut credit) = self.closing.remove(&call) {
-                credit.in_flight = 0;
+                let out = std::mem::take(&mut credit.in_flight);
                 endings.push(credit.write(provider));
+                if self.overdue.len() >= MAX_OVERDUE {
+                    self.overdue.clear();
+                }
+                credit.in_flight = out;
+                self.overdue.insert(call, credit);
             }
         }
         endings
+    }
+
+    /// A late answer to a call of a credit ended at its deadline: a raise of what it counts
+    /// when the answer reports more than its estimate (the credit has ended: it stays so).
+    fn late_answer(&mut self, provider: &Arc<str>, call: i64, estimate: u64, tokens: Option<u64>) -> Option<Ending> {
+        let credit = self.overdue.get_mut(&call)?;
+        credit.in_flight = credit.in_flight.saturating_sub(1);
+        credit.taken = credit.taken.saturating_sub(estimate).saturating_add(tokens.unwrap_or(estimate));
+        let raised = credit.taken > credit.tokens;
+        let ending = raised.then(|| Ending { ended: true, ..credit.write(provider) });
+        if credit.in_flight == 0 {
+            self.overdue.remove(&call);
+        }
+        ending
     }
 }
 
@@ -248,6 +273,9 @@ impl CreditBook {
     pub fn answer(&mut self, provider: &Arc<str>, call: i64, estimate: u64, tokens: Option<u64>) -> Option<Ending> {
         let credits = self.providers.get_mut(provider)?;
         let is_open = credits.open.as_ref().is_some_and(|c| c.call == call);
+        if !is_open && !credits.closing.contains_key(&call) {
+            return credits.late_answer(provider, call, estimate, tokens);
+        }
         let credit = if is_open { credits.open.as_mut()? } else { credits.closing.get_mut(&call)? };
         credit.in_flight = credit.in_flight.saturating_sub(1);
         credit.taken = credit.taken.saturating_sub(estimate).saturating_add(tokens.unwrap_or(estimate));
@@ -415,7 +443,14 @@ mod tests {
         assert_eq!(book.close(&p, 7, before), vec![], "its call may still answer");
         let after = before + DEADLINE_MARGIN;
         assert_eq!(book.close(&p, 7, after), vec![told(&p, 1, 10, true, false, 2)]);
-        assert_eq!(book.answer(&p, 7, 10, Some(1)), None, "nothing is left of it");
+        // Its call answers after all: a lower count changes nothing, a higher one is raised.
+        assert_eq!(book.answer(&p, 7, 10, Some(1)), None, "a lower count waits for nothing");
+        let (mut book, p) = book_with_credit(5, 500);
+        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.close(&p, 7, at(1)), vec![told(&p, 1, 10, false, false, 1)]);
+        assert_eq!(book.close(&p, 7, after), vec![told(&p, 1, 10, true, false, 2)]);
+        assert_eq!(book.answer(&p, 7, 10, Some(900)), Some(told(&p, 1, 900, true, true, 3)));
+        assert_eq!(book.answer(&p, 7, 10, Some(900)), None, "nothing is left of it");
     }
 
     #[test]

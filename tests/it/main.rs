@@ -29,6 +29,7 @@ mod review_0010;
 mod review_0011;
 mod review_credits;
 mod review_credits2;
+mod review_credits3;
 mod review_finish;
 mod review_leases;
 mod review_outage;
