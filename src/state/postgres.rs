@@ -32,7 +32,7 @@ use tokio_util::task::TaskTracker;
 use super::credits::{self, Credit, CreditBook, Ending};
 use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
-use super::quota_batcher;
+use super::quota_batcher::{self, AnswerWrite};
 use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
@@ -141,7 +141,7 @@ struct Outage {
     /// Cooldowns learnt during an outage, to share once the database is back.
     unshared_cooldowns: Mutex<Vec<(String, Cooldown)>>,
     /// Answers to calls the database admitted that arrived while it was unreachable.
-    unwritten_answers: Mutex<Vec<UnwrittenAnswer>>,
+    unwritten_answers: Mutex<Vec<AnswerWrite>>,
     /// Calls admitted locally, written back while still in flight: their database id and
     /// provider, by local id, so that their answers correct the shared windows too.
     written_back: Mutex<HashMap<i64, WrittenBack>>,
@@ -277,9 +277,7 @@ impl PgStore {
     /// wait at once never miss each other's wake-up.
     pub async fn answers_recorded(&self) {
         let endings = self.credits.lock().unwrap().close_all();
-        for ending in endings {
-            self.end_credit(ending).await;
-        }
+        self.end_credits(endings).await;
         self.answers.close();
         self.answers.wait().await;
     }
@@ -323,12 +321,12 @@ impl PgStore {
     async fn written(&self, answer: QueuedAnswer) -> Result<(), StoreError> {
         let outcome = self.answer_of(answer.reply, answer.deadline).await;
         if let Err(StoreError::Unreachable(_)) = &outcome {
-            self.keep_unwritten(answer.unwritten);
+            self.keep_unwritten(answer.write);
         }
         outcome
     }
 
-    fn keep_unwritten(&self, answer: UnwrittenAnswer) {
+    fn keep_unwritten(&self, answer: AnswerWrite) {
         self.outage.unwritten_answers.lock().unwrap().push(answer);
     }
 
@@ -342,9 +340,7 @@ impl PgStore {
         tokens: Option<u64>,
         now: SystemTime,
     ) -> Result<Option<QueuedAnswer>, StoreError> {
-        if let Some(local_id) = permit.local_id {
-            self.outage.own_calls.finish_at(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens, now);
-        }
+        self.count_in_own_view(&permit, tokens, now);
         let written_back = match (permit.usage_id, permit.local_id) {
             (None, Some(local_id)) => self.outage.written_back.lock().unwrap().remove(&local_id),
             _ => None,
@@ -359,8 +355,7 @@ impl PgStore {
         // finishes (bigint out of range), and the other calls' raised counts in it with it.
         let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
         let name = provider.clone();
-        let answer = UnwrittenAnswer { call, tokens, requests: None, ended: true, seq: None };
-        let queued = self.queue_write(provider, answer).await?;
+        let queued = self.queue_write(provider, AnswerWrite::of_call(call, tokens)).await?;
         // A count corrected from the provider's `usage` may make room that a kept token
         // refusal denies (an estimate larger than the use): the next ask goes to the database,
         // behind this answer. An answer frees no request slot: a request refusal stands.
@@ -372,40 +367,35 @@ impl PgStore {
         Ok(Some(queued))
     }
 
-    /// Queues `unwritten` for `provider`'s windows (kept for the write-back when the database
+    /// Queues `write` for `provider`'s windows (kept for the write-back when the database
     /// is unreachable).
-    async fn queue_write(&self, provider: Arc<str>, unwritten: UnwrittenAnswer) -> Result<QueuedAnswer, StoreError> {
+    async fn queue_write(&self, provider: Arc<str>, write: AnswerWrite) -> Result<QueuedAnswer, StoreError> {
         let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
-        let UnwrittenAnswer { call, tokens, requests, ended, seq } = unwritten;
-        let request = |reply| {
-            quota_batcher::Request::Finish(quota_batcher::Answer {
-                provider,
-                call,
-                tokens,
-                requests,
-                ended,
-                seq,
-                reply,
-            })
-        };
+        let request = |reply| quota_batcher::Request::Finish(quota_batcher::Answer { provider, write, reply });
         let reply = match self.enqueue(self.quota(), request, deadline).await {
             Ok(reply) => reply,
             Err(e) => {
                 if let StoreError::Unreachable(_) = e {
-                    self.keep_unwritten(unwritten);
+                    self.keep_unwritten(write);
                 }
                 return Err(e);
             }
         };
-        Ok(QueuedAnswer { reply, deadline, unwritten })
+        Ok(QueuedAnswer { reply, deadline, write })
+    }
+
+    /// Counts the answer in this worker's own record of its calls (the local share while the
+    /// database is away).
+    fn count_in_own_view(&self, permit: &Permit, tokens: Option<u64>, now: SystemTime) {
+        if let Some(local_id) = permit.local_id {
+            self.outage.own_calls.finish_at(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens, now);
+        }
     }
 
     /// Counts the answer to a call admitted from a credit in this worker's own view and in the
     /// credit: what the shared windows must be told of the credit now, if anything.
     fn credit_answer(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) -> Option<Ending> {
-        if let Some(local_id) = permit.local_id {
-            self.outage.own_calls.finish_at(Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED }, tokens, now);
-        }
+        self.count_in_own_view(&permit, tokens, now);
         let (provider, call) = (permit.provider?, permit.usage_id?);
         let tokens = tokens.map(|t| t.min(MAX_REPORTED_TOKENS));
         self.credits.lock().unwrap().answer(&provider, call, permit.estimate, tokens)
@@ -413,7 +403,7 @@ impl PgStore {
 
     /// Writes what a credit's windows must count from now on, and waits for it.
     async fn write_ending(&self, ending: Ending) -> Result<(), StoreError> {
-        let answer = UnwrittenAnswer {
+        let answer = AnswerWrite {
             call: ending.call,
             tokens: Some(saturating_i64(ending.tokens)),
             requests: Some(saturating_i64(ending.requests)),
@@ -422,6 +412,13 @@ impl PgStore {
         };
         let queued = self.queue_write(ending.provider, answer).await?;
         self.written(queued).await
+    }
+
+    /// [`end_credit`](Self::end_credit) for each of `endings`.
+    async fn end_credits(&self, endings: impl IntoIterator<Item = Ending>) {
+        for ending in endings {
+            self.end_credit(ending).await;
+        }
     }
 
     /// A credit's write: before the caller goes on when it raises the count (another worker's
@@ -564,12 +561,11 @@ impl PgStore {
     }
 
     /// Writes the answers that arrived while the database was unreachable, in one transaction.
-    async fn write_answers(&self, answers: &[UnwrittenAnswer]) -> Result<(), sqlx::Error> {
+    async fn write_answers(&self, answers: &[AnswerWrite]) -> Result<(), sqlx::Error> {
         if answers.is_empty() {
             return Ok(());
         }
-        let (calls, tokens, requests, ended, seqs) =
-            quota_batcher::answer_columns(answers.iter().map(|a| (a.call, a.tokens, a.requests, a.ended, a.seq)));
+        let (calls, tokens, requests, ended, seqs) = quota_batcher::answer_columns(answers);
         sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
             .bind(&calls)
             .bind(&tokens)
@@ -657,7 +653,7 @@ impl PgStore {
         }
         // An answer that came while the calls were being written found no entry yet: whoever
         // takes the entry out writes the answer, so each is written once.
-        let answered: Vec<UnwrittenAnswer> = self
+        let answered: Vec<AnswerWrite> = self
             .outage
             .own_calls
             .calls(&local_ids)
@@ -666,7 +662,7 @@ impl PgStore {
             .filter_map(|(_, usage)| {
                 let written = self.outage.written_back.lock().unwrap().remove(&usage.id)?;
                 let tokens = Some(saturating_i64(usage.tokens.min(MAX_REPORTED_TOKENS)));
-                Some(UnwrittenAnswer { call: written.call, tokens, requests: None, ended: true, seq: None })
+                Some(AnswerWrite::of_call(written.call, tokens))
             })
             .collect();
         // The calls are written: failing now must not write them again (the write-back would
@@ -953,8 +949,14 @@ impl PgStore {
     /// Takes a slot in the provider's windows and its pools', or learns when there will be one.
     /// The ask goes out with the other asks for this provider that wait with it, decided in
     /// arrival order in one transaction (`fallback_admit_batch`, migration 0008).
-    async fn acquire(&self, ask: Ask<'_>, now: SystemTime) -> Result<Admission, StoreError> {
-        let admission = self.ask_windows(ask, 1, now).await?;
+    async fn acquire(
+        &self,
+        ask: Ask<'_>,
+        windows: &Arc<quota_batcher::Windows>,
+        provider: &Arc<str>,
+        now: SystemTime,
+    ) -> Result<Admission, StoreError> {
+        let admission = self.ask_windows(ask, windows, provider, 1, now).await?;
         let mut cache = self.cache.lock().unwrap();
         let cached = cache.entry(ask.provider.to_string()).or_default();
         cached.quota_blocked = QuotaBlock::after(cached.quota_blocked, &admission, ask.tokens, now);
@@ -964,19 +966,23 @@ impl PgStore {
 
     /// Asks the database for room for `requests` calls of `ask` (one call's, or a credit's:
     /// more than one).
-    async fn ask_windows(&self, ask: Ask<'_>, requests: u64, now: SystemTime) -> Result<Admission, StoreError> {
-        let windows = self.windows_for(ask);
+    async fn ask_windows(
+        &self,
+        ask: Ask<'_>,
+        windows: &Arc<quota_batcher::Windows>,
+        provider: &Arc<str>,
+        requests: u64,
+        now: SystemTime,
+    ) -> Result<Admission, StoreError> {
         // A calendar call's deadline is taken a little late (the database's clock runs on from
         // ours): a call that may end after a reset counts in the next day until it answers.
         let deadline = later(now, ask.flight.saturating_add(STATE_CALL_TIMEOUT));
         let leaves =
             windows.specs.iter().map(|s| s.reset.as_ref().map(|r| epoch_ms(r.next_after(deadline)) as f64)).collect();
-        // One copy of the name for the batch's key and for the permit's answer.
-        let provider: Arc<str> = ask.provider.into();
         let request = |reply| {
             quota_batcher::Request::Admit(quota_batcher::AdmitAsk {
                 provider: provider.clone(),
-                windows,
+                windows: windows.clone(),
                 tokens: saturating_i64(ask.tokens),
                 flight_ms: saturating_i64(ask.flight.as_millis()),
                 leaves,
@@ -994,7 +1000,7 @@ impl PgStore {
             (Some(id), _, _) => Admission::Granted(Permit {
                 usage_id: Some(id),
                 local_id: None,
-                provider: Some(provider),
+                provider: Some(provider.clone()),
                 estimate: ask.tokens,
                 from_credit: false,
             }),
@@ -1023,9 +1029,7 @@ impl PgStore {
             return None;
         }
         let (taken, ending) = self.credits.lock().unwrap().take(provider, ask.tokens, ask.flight, now);
-        if let Some(ending) = ending {
-            self.end_credit(ending).await;
-        }
+        self.end_credits(ending).await;
         let call = taken?;
         let local_id = Some(self.outage.own_calls.record_call(ask, now));
         Some(Permit {
@@ -1043,10 +1047,10 @@ impl PgStore {
     async fn through_credit(
         &self,
         ask: Ask<'_>,
+        windows: &Arc<quota_batcher::Windows>,
         provider: &Arc<str>,
         now: SystemTime,
     ) -> Result<Option<Admission>, StoreError> {
-        let windows = self.windows_for(ask);
         let Some(calls) = credits::size_for(&windows.specs, ask.tokens) else { return Ok(None) };
         if !self.is_listening() {
             return Ok(None);
@@ -1066,7 +1070,7 @@ impl PgStore {
         // the call's own timeout: its deadline in the windows covers the last of them.
         let tokens = ask.tokens.saturating_mul(calls);
         let credit_ask = Ask { tokens, flight: ask.flight.saturating_add(credits::LIFETIME), ..ask };
-        let asked = self.ask_windows(credit_ask, calls, now).await;
+        let asked = self.ask_windows(credit_ask, windows, provider, calls, now).await;
         if asked.is_err() {
             // The calls waiting behind this ask ask one by one, together, rather than each
             // asking for a credit in turn.
@@ -1076,9 +1080,7 @@ impl PgStore {
             Admission::Granted(Permit { usage_id: Some(call), .. }) => {
                 let credit = Credit::new(call, calls, tokens, ask.flight, now);
                 let endings = self.credits.lock().unwrap().open(provider, credit, now);
-                for ending in endings {
-                    self.end_credit(ending).await;
-                }
+                self.end_credits(endings).await;
                 self.close_credit_later(provider.clone(), call);
                 Ok(self.take_from_credit(ask, provider, now).await.map(Admission::Granted))
             }
@@ -1091,26 +1093,19 @@ impl PgStore {
         }
     }
 
-    /// Closes credit `call` when its lifetime ends (if it is still open then), and ends it once
-    /// its calls have answered.
+    /// Closes credit `call` when its lifetime ends (if it is still open then); then, if its
+    /// calls have not all answered, ends it at its deadline: a call that never answers (its job
+    /// dropped) must not keep its credit living.
     fn close_credit_later(&self, provider: Arc<str>, call: i64) {
         let store = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(credits::LIFETIME).await;
-            let endings = store.credits.lock().unwrap().close(&provider, call, SystemTime::now());
-            for ending in endings {
-                store.end_credit(ending).await;
-            }
-            // A call that never answers (its job dropped) must not keep its credit living: it
-            // ends once none of its calls can still be out, whatever else happens.
-            let deadline = store.credits.lock().unwrap().closing_deadline(&provider, call);
-            if let Some(deadline) = deadline {
-                let left = deadline.duration_since(SystemTime::now()).unwrap_or_default();
-                tokio::time::sleep(left).await;
+            let mut wait = credits::LIFETIME;
+            loop {
+                tokio::time::sleep(wait).await;
                 let endings = store.credits.lock().unwrap().close(&provider, call, SystemTime::now());
-                for ending in endings {
-                    store.end_credit(ending).await;
-                }
+                store.end_credits(endings).await;
+                let Some(deadline) = store.credits.lock().unwrap().closing_deadline(&provider, call) else { break };
+                wait = deadline.duration_since(SystemTime::now()).unwrap_or_default();
             }
         });
     }
@@ -1276,22 +1271,7 @@ type WrittenBackRows = (Vec<i64>, Vec<i64>, Vec<f64>);
 struct QueuedAnswer {
     reply: oneshot::Receiver<Result<(), StoreError>>,
     deadline: tokio::time::Instant,
-    unwritten: UnwrittenAnswer,
-}
-
-/// The answer to call `call` (the database's id), `tokens` the provider's count, not yet
-/// written: the database was unreachable. The write-back applies it (applying an answer twice
-/// changes nothing: it sets the count, and moves the call's end only earlier).
-#[derive(Debug, Clone, Copy)]
-struct UnwrittenAnswer {
-    call: i64,
-    tokens: Option<i64>,
-    /// A closed credit's calls (migration 0012); `None` keeps the count.
-    requests: Option<i64>,
-    /// Whether the call's flight ends: false while a closed credit still has calls out.
-    ended: bool,
-    /// A credit's write number: the database applies it only over an older one.
-    seq: Option<i64>,
+    write: AnswerWrite,
 }
 
 fn answer_not_recorded(e: &StoreError) {
@@ -1447,6 +1427,7 @@ impl PgStore {
             let cooldown = self.guarded(self.read_cooldown(provider, now)).await?;
             return Ok(cooldown.map_or(Admission::Granted(Permit::UNCOUNTED), Admission::Cooling));
         }
+        // One copy of the name for the credits, the batch's key and the permit's answer.
         let name: Arc<str> = provider.into();
         if let Some(permit) = self.take_from_credit(ask, &name, now).await {
             return Ok(Admission::Granted(permit));
@@ -1456,10 +1437,11 @@ impl PgStore {
         {
             return Ok(Admission::OverQuota { until, measure });
         }
-        if let Some(admission) = self.through_credit(ask, &name, now).await? {
+        let windows = self.windows_for(ask);
+        if let Some(admission) = self.through_credit(ask, &windows, &name, now).await? {
             return Ok(admission);
         }
-        let admission = self.acquire(ask, now).await?;
+        let admission = self.acquire(ask, &windows, &name, now).await?;
         Ok(match admission {
             Admission::Granted(permit) => {
                 let local_id = Some(self.outage.own_calls.record_call(ask, now));
@@ -1948,7 +1930,7 @@ mod tests {
         store.finish(answered_permit(), Some(42), SystemTime::now()).await;
         // Queued before `finish` returned: every later ask of this process comes after it.
         let Ok(quota_batcher::Request::Finish(answer)) = queue.try_recv() else { panic!("the answer was not queued") };
-        assert_eq!((answer.call, answer.tokens), (7, Some(42)));
+        assert_eq!((answer.write.call, answer.write.tokens), (7, Some(42)));
         // Nobody has answered it yet, and the job went on: the wait for it is detached.
         assert!(!answer.reply.is_closed(), "the answer's recording was given up on");
         let mut recorded = std::pin::pin!(store.answers_recorded());

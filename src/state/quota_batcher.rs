@@ -79,59 +79,66 @@ pub enum Request {
     Finish(Answer),
 }
 
-/// The answer to call `call` of `provider` arrived (`tokens`: the provider's count).
-pub struct Answer {
-    pub provider: Arc<str>,
+/// What an answer writes of call `call` (the database's id) in its windows, as
+/// `fallback_apply_finishes` (migration 0012) takes it. Writing it twice changes nothing: it
+/// sets the counts, moves the call's end only earlier, and a credit's numbered write applies
+/// only over an older one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerWrite {
     pub call: i64,
+    /// The provider's token count (`None`: unknown, the estimate stands).
     pub tokens: Option<i64>,
-    /// A closed credit's calls: its request count from then on (migration 0012).
+    /// A closed credit's calls: its request count from then on.
     pub requests: Option<i64>,
-    /// Whether the call's flight ends with this answer: a closed credit with calls still out
-    /// keeps them in flight.
+    /// Whether the call's flight ends: a closed credit with calls still out keeps them in flight.
     pub ended: bool,
-    /// A credit's write number: applied only over an older one.
+    /// A credit's write number.
     pub seq: Option<i64>,
-    pub reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// One entry of an answer as the statements take it: call, tokens, requests, ended, seq.
-pub(super) type AnswerEntry = (i64, Option<i64>, Option<i64>, bool, Option<i64>);
+impl AnswerWrite {
+    /// The answer to one call: its count, and the end of its flight.
+    pub fn of_call(call: i64, tokens: Option<i64>) -> AnswerWrite {
+        AnswerWrite { call, tokens, requests: None, ended: true, seq: None }
+    }
+}
+
+/// The answer to a call of `provider` arrived: what it writes.
+pub struct Answer {
+    pub provider: Arc<str>,
+    pub write: AnswerWrite,
+    pub reply: oneshot::Sender<Result<(), StoreError>>,
+}
 
 /// The answers' columns: calls, tokens, requests, ended, seqs.
 pub(super) type AnswerColumns = (Vec<i64>, Vec<Option<i64>>, Vec<Option<i64>>, Vec<bool>, Vec<Option<i64>>);
 
-/// The answers' columns as the statements take them, one entry per call (the statement counts
+/// The writes' columns as the statements take them, one entry per call (the statement counts
 /// only the first of a call). A credit can have two writes in one batch, in either order: the
 /// one with the higher number is its latest word (the statement too applies a credit's write
 /// only over an older one).
-pub(super) fn answer_columns(entries: impl IntoIterator<Item = AnswerEntry>) -> AnswerColumns {
-    let mut merged: Vec<AnswerEntry> = Vec::new();
+pub(super) fn answer_columns<'a>(writes: impl IntoIterator<Item = &'a AnswerWrite>) -> AnswerColumns {
+    let mut merged: Vec<AnswerWrite> = Vec::new();
     let mut at: HashMap<i64, usize> = HashMap::new();
-    for entry in entries {
-        let Some(&i) = at.get(&entry.0) else {
-            at.insert(entry.0, merged.len());
-            merged.push(entry);
-            continue;
-        };
-        if let Some(kept) = merged.get_mut(i)
-            && entry.4 >= kept.4
-        {
-            *kept = entry;
+    for write in writes {
+        match at.get(&write.call).and_then(|&i| merged.get_mut(i)) {
+            Some(kept) if write.seq >= kept.seq => *kept = *write,
+            Some(_) => {}
+            None => {
+                at.insert(write.call, merged.len());
+                merged.push(*write);
+            }
         }
     }
     let mut columns = AnswerColumns::default();
-    for (call, tokens, requests, ended, seq) in merged {
-        columns.0.push(call);
-        columns.1.push(tokens);
-        columns.2.push(requests);
-        columns.3.push(ended);
-        columns.4.push(seq);
+    for write in merged {
+        columns.0.push(write.call);
+        columns.1.push(write.tokens);
+        columns.2.push(write.requests);
+        columns.3.push(write.ended);
+        columns.4.push(write.seq);
     }
     columns
-}
-
-fn entries(answers: &[Answer]) -> impl Iterator<Item = AnswerEntry> + '_ {
-    answers.iter().map(|a| (a.call, a.tokens, a.requests, a.ended, a.seq))
 }
 
 /// What a batch is made of: one provider's finishes and asks (the provider's name).
@@ -402,7 +409,7 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
         asks.iter().flat_map(|a| a.leaves.iter().copied().chain(std::iter::repeat(None)).take(n)).collect();
     let requests: Vec<Option<i64>> = asks.iter().map(|a| a.requests).collect();
     let opens: Vec<Option<i64>> = asks.iter().map(|a| a.open_ms).collect();
-    let (calls, call_tokens, call_requests, call_ended, call_seqs) = answer_columns(entries(&answers));
+    let (calls, call_tokens, call_requests, call_ended, call_seqs) = answer_columns(answers.iter().map(|a| &a.write));
     let statement = if answers.is_empty() {
         admit_sql!("fallback_admit_batch(", ")")
     } else {
@@ -466,7 +473,7 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
 
 /// Records the answers of many calls in one statement.
 async fn finish_all(conn: &mut BatchConnection, answers: Vec<Answer>) {
-    let (calls, tokens, requests, ended, seqs) = answer_columns(entries(&answers));
+    let (calls, tokens, requests, ended, seqs) = answer_columns(answers.iter().map(|a| &a.write));
     let query = sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
         .bind(&calls)
         .bind(&tokens)
@@ -497,15 +504,7 @@ mod tests {
 
     fn finish(provider: &str, call: i64) -> Request {
         let (reply, _) = oneshot::channel();
-        Request::Finish(Answer {
-            provider: provider.into(),
-            call,
-            tokens: None,
-            requests: None,
-            ended: true,
-            seq: None,
-            reply,
-        })
+        Request::Finish(Answer { provider: provider.into(), write: AnswerWrite::of_call(call, None), reply })
     }
 
     fn merging() -> Queues {
@@ -525,7 +524,7 @@ mod tests {
         }
         let (keys, batch) = queues.next_batch().unwrap();
         let calls: Vec<i64> =
-            batch.iter().filter_map(|r| if let Request::Finish(a) = r { Some(a.call) } else { None }).collect();
+            batch.iter().filter_map(|r| if let Request::Finish(a) = r { Some(a.write.call) } else { None }).collect();
         assert_eq!((names(&keys), calls), (vec!["a", "b", "d"], vec![1, 5, 2, 4]));
         let (keys, batch) = queues.next_batch().unwrap();
         assert_eq!((names(&keys), batch.iter().map(Request::is_answer).collect()), (vec!["c"], vec![false, true]));
@@ -579,23 +578,18 @@ mod tests {
         assert_eq!(take_batch(&mut queue).len(), MAX_BATCH);
         assert_eq!(queue.len(), 3);
     }
-}
-
-#[cfg(test)]
-mod answer_entries {
-    use super::answer_columns;
 
     #[test]
     fn a_credits_latest_write_is_its_word_in_a_batch_whichever_came_first() {
-        let closed = (7, Some(130), Some(2), false, Some(1));
-        let ended = (7, Some(95), Some(2), true, Some(2));
-        let plain = (8, Some(10), None, true, None);
+        let closed = AnswerWrite { call: 7, tokens: Some(130), requests: Some(2), ended: false, seq: Some(1) };
+        let ended = AnswerWrite { call: 7, tokens: Some(95), requests: Some(2), ended: true, seq: Some(2) };
+        let plain = AnswerWrite::of_call(8, Some(10));
         let expected =
             (vec![7, 8], vec![Some(95), Some(10)], vec![Some(2), None], vec![true, true], vec![Some(2), None]);
-        assert_eq!(answer_columns([closed, plain, ended]), expected);
-        assert_eq!(answer_columns([ended, plain, closed]), expected);
+        assert_eq!(answer_columns([&closed, &plain, &ended]), expected);
+        assert_eq!(answer_columns([&ended, &plain, &closed]), expected);
         // A plain call given twice: its last entry (the same answer, written again).
-        let again = (8, Some(12), None, true, None);
-        assert_eq!(answer_columns([plain, again]), (vec![8], vec![Some(12)], vec![None], vec![true], vec![None]));
+        let again = AnswerWrite::of_call(8, Some(12));
+        assert_eq!(answer_columns([&plain, &again]), (vec![8], vec![Some(12)], vec![None], vec![true], vec![None]));
     }
 }
