@@ -58,6 +58,9 @@ const CHANNEL: &str = "fallback_provider_state";
 /// The longest one state call may take before the database counts as unreachable: a worker
 /// must not hold jobs for seconds on a dead connection pool.
 const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// The pauses before each new try of an answer the database was too slow for (see
+/// [`PgStore::write_later`]): about 6 s in all, then its call is left to expire.
+const ANSWER_RETRY_PAUSES: [Duration; 3] = [Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(4)];
 
 /// How many calls written back while in flight are remembered for their answers (see
 /// `Outage::written_back`): far more than a worker has in flight.
@@ -317,13 +320,39 @@ impl PgStore {
     }
 
     /// Waits for a queued answer's batch; an answer the database was unreachable for is kept
-    /// for the write-back.
+    /// for the write-back, one it was too slow for or refused (a lock wait past the statement's
+    /// `lock_timeout`, a deadlock) is written again later.
     async fn written(&self, answer: QueuedAnswer) -> Result<(), StoreError> {
         let outcome = self.answer_of(answer.reply, answer.deadline).await;
-        if let Err(StoreError::Unreachable(_)) = &outcome {
-            self.keep_unwritten(answer.write);
+        match &outcome {
+            Err(StoreError::Unreachable(_)) => self.keep_unwritten(answer.write),
+            Err(StoreError::Busy(_) | StoreError::Unavailable(_)) => self.write_later(answer.write),
+            _ => {}
         }
         outcome
+    }
+
+    /// An answer the database did not take (every connection held up, a window's row held
+    /// elsewhere past the statement's `lock_timeout`) is written again from the background, a
+    /// few times: a raised token count lost to a slow moment would leave the windows counting
+    /// less than the provider. Writing it twice is harmless: an answer sets its call's amount
+    /// and only ever brings its leaving earlier, and a credit's writes are numbered.
+    fn write_later(&self, write: AnswerWrite) {
+        let store = self.clone();
+        self.answers.spawn(async move {
+            for pause in ANSWER_RETRY_PAUSES {
+                tokio::time::sleep(pause).await;
+                if store.outage.down.load(Ordering::SeqCst) {
+                    // The write-back that ends the outage writes it.
+                    return store.keep_unwritten(write);
+                }
+                let attempt = store.write_answers(std::slice::from_ref(&write));
+                if let Ok(Ok(())) = tokio::time::timeout(STATE_CALL_TIMEOUT, attempt).await {
+                    return;
+                }
+            }
+            answer_not_recorded(&StoreError::Busy("an answer the database did not take in four tries".into()));
+        });
     }
 
     fn keep_unwritten(&self, answer: AnswerWrite) {

@@ -35,5 +35,6 @@ mod review_leases;
 mod review_outage;
 mod review_refusal;
 mod shared_state;
+mod slow_answers;
 mod tools;
 mod trace_context;
