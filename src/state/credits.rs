@@ -134,6 +134,18 @@ impl Credit {
 /// bookkeeping); after that a credit is ended whatever it still waits for.
 const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
 
+/// A call admitted from a credit: the credit's call id, and how much of the credit had been
+/// taken when the call was admitted, inclusive of it: the calls it had admitted, and the tokens
+/// they take (those answered at their count, those in flight at their estimate). A figure in
+/// the call's answer holds that much of the credit (the provider counted the credit's calls
+/// sent before it, and this one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub call: i64,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
 /// What the shared windows must be told of a closed credit: from now on it counts `requests`
 /// calls and `tokens` tokens, and (when `ended`) its calls have all answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,23 +232,24 @@ pub struct CreditBook {
 
 impl CreditBook {
     /// Admits a call of `tokens` and `flight` from `provider`'s open credit: the credit's call
-    /// id, or `None` when it has none that admits it. A credit that cannot admit it is closed
-    /// (what the windows must be told of it comes back too): the next credit starts from this
-    /// call's size.
+    /// id and how much of it is taken with this call, or `None` when it has none that admits
+    /// it. A credit that cannot admit it is closed (what the windows must be told of it comes
+    /// back too): the next credit starts from this call's size.
     pub fn take(
         &mut self,
         provider: &Arc<str>,
         tokens: u64,
         flight: Duration,
         now: SystemTime,
-    ) -> (Option<i64>, Option<Ending>) {
+    ) -> (Option<Taken>, Option<Ending>) {
         let Some(credits) = self.providers.get_mut(provider) else { return (None, None) };
         match credits.open.as_mut() {
             Some(credit) if credit.admits(tokens, flight, now) => {
                 credit.admitted = credit.admitted.saturating_add(1);
                 credit.taken = credit.taken.saturating_add(tokens);
                 credit.in_flight = credit.in_flight.saturating_add(1);
-                (Some(credit.call), None)
+                let taken = Taken { call: credit.call, requests: credit.admitted, tokens: credit.taken };
+                (Some(taken), None)
             }
             Some(_) => (None, credits.close_open(provider)),
             None => (None, None),
@@ -362,8 +375,13 @@ mod tests {
     #[test]
     fn a_credit_admits_what_it_holds_then_counts_what_it_admitted_and_ends_with_its_last_answer() {
         let (mut book, p) = book_with_credit(3, 300);
-        for _ in 0..3 {
-            assert_eq!(book.take(&p, 100, FLIGHT, at(0)), (Some(7), None));
+        for k in 1..=3 {
+            let taken = Taken { call: 7, requests: k, tokens: 100 * k };
+            assert_eq!(
+                book.take(&p, 100, FLIGHT, at(0)),
+                (Some(taken), None),
+                "each call says how much it took, inclusive"
+            );
         }
         // The fourth call does not fit: the credit closes, with its calls still out.
         let closed = book.take(&p, 100, FLIGHT, at(0));
@@ -380,7 +398,7 @@ mod tests {
     #[test]
     fn a_credit_closed_at_the_end_of_its_lifetime_gives_back_what_it_did_not_admit() {
         let (mut book, p) = book_with_credit(64, 6400);
-        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
         assert_eq!(book.close(&p, 7, at(1)), vec![told(&p, 1, 100, false, false, 1)]);
         assert_eq!(book.answer(&p, 7, 100, Some(20)), Some(told(&p, 1, 20, true, false, 2)));
     }
@@ -388,9 +406,13 @@ mod tests {
     #[test]
     fn a_credit_admits_nothing_after_its_lifetime_or_beyond_its_flight_or_tokens() {
         let (mut book, p) = book_with_credit(10, 1000);
-        assert_eq!(book.take(&p, 2000, FLIGHT, at(0)).0, None, "more tokens than it holds");
+        assert_eq!(book.take(&p, 2000, FLIGHT, at(0)).0.map(|t| t.call), None, "more tokens than it holds");
         let (mut book, p) = book_with_credit(10, 1000);
-        assert_eq!(book.take(&p, 10, FLIGHT + Duration::from_millis(1), at(0)).0, None, "a longer flight");
+        assert_eq!(
+            book.take(&p, 10, FLIGHT + Duration::from_millis(1), at(0)).0.map(|t| t.call),
+            None,
+            "a longer flight"
+        );
         let (mut book, p) = book_with_credit(10, 1000);
         // Closed with no call out: it ends at once, with nothing used.
         let (taken, ending) = book.take(&p, 10, FLIGHT, at(0) + LIFETIME);
@@ -401,19 +423,19 @@ mod tests {
     #[test]
     fn calls_that_use_more_tokens_than_the_credit_holds_raise_it_at_once_and_close_it() {
         let (mut book, p) = book_with_credit(10, 100);
-        assert_eq!(book.take(&p, 40, FLIGHT, at(0)).0, Some(7));
-        assert_eq!(book.take(&p, 40, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.take(&p, 40, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
+        assert_eq!(book.take(&p, 40, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
         // 90 + 40 in flight: 130 of 100.
         assert_eq!(book.answer(&p, 7, 40, Some(90)), Some(told(&p, 2, 130, false, true, 1)));
-        assert_eq!(book.take(&p, 1, FLIGHT, at(0)).0, None, "a raised credit is closed");
+        assert_eq!(book.take(&p, 1, FLIGHT, at(0)).0.map(|t| t.call), None, "a raised credit is closed");
         assert_eq!(book.answer(&p, 7, 40, Some(5)), Some(told(&p, 2, 95, true, false, 2)));
     }
 
     #[test]
     fn a_closed_credit_is_written_again_when_its_count_rises() {
         let (mut book, p) = book_with_credit(2, 200);
-        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0, Some(7));
-        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
+        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
         assert_eq!(book.close(&p, 7, at(0)), vec![told(&p, 2, 200, false, false, 1)]);
         assert_eq!(book.answer(&p, 7, 100, Some(150)), Some(told(&p, 2, 250, false, true, 2)));
         assert_eq!(book.answer(&p, 7, 100, Some(150)), Some(told(&p, 2, 300, true, true, 3)));
@@ -422,10 +444,10 @@ mod tests {
     #[test]
     fn a_new_credit_closes_the_old_one_whose_calls_still_end_it() {
         let (mut book, p) = book_with_credit(5, 500);
-        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
         let replaced = book.open(&p, Credit::new(8, 5, 500, FLIGHT, at(0)), at(0));
         assert_eq!(replaced, vec![told(&p, 1, 10, false, false, 1)]);
-        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0, Some(8));
+        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0.map(|t| t.call), Some(8));
         assert_eq!(book.answer(&p, 7, 10, Some(3)), Some(told(&p, 1, 3, true, false, 2)));
         let closing = book.close_all();
         assert_eq!(closing.len(), 1);
@@ -437,7 +459,7 @@ mod tests {
     #[test]
     fn a_closed_credit_whose_call_never_answers_ends_at_its_deadline() {
         let (mut book, p) = book_with_credit(5, 500);
-        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
         assert_eq!(book.close(&p, 7, at(1)), vec![told(&p, 1, 10, false, false, 1)]);
         let before = at(0) + LIFETIME + FLIGHT;
         assert_eq!(book.close(&p, 7, before), vec![], "its call may still answer");
@@ -446,7 +468,7 @@ mod tests {
         // Its call answers after all: a lower count changes nothing, a higher one is raised.
         assert_eq!(book.answer(&p, 7, 10, Some(1)), None, "a lower count waits for nothing");
         let (mut book, p) = book_with_credit(5, 500);
-        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0, Some(7));
+        assert_eq!(book.take(&p, 10, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
         assert_eq!(book.close(&p, 7, at(1)), vec![told(&p, 1, 10, false, false, 1)]);
         assert_eq!(book.close(&p, 7, after), vec![told(&p, 1, 10, true, false, 2)]);
         assert_eq!(book.answer(&p, 7, 10, Some(900)), Some(told(&p, 1, 900, true, true, 3)));
@@ -500,9 +522,13 @@ mod tests {
                     told.hear(book.answer(&p, 7, estimate, reported));
                 } else if told.ended.is_none() {
                     let (taken, ending) = book.take(&p, size, FLIGHT, at(0));
-                    if taken.is_some() {
+                    if let Some(taken) = taken {
                         out.push(size);
                         admitted += 1;
+                        // Inclusive of the call: what the credit's answered calls used and
+                        // the estimates of those out (this one's among them).
+                        prop_assert_eq!(taken.requests, admitted);
+                        prop_assert_eq!(taken.tokens, used + out.iter().sum::<u64>());
                     }
                     told.hear(ending);
                 }

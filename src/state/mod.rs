@@ -84,12 +84,16 @@ pub struct Permit {
     /// Admitted from a credit this worker holds (`usage_id` is the credit's): its answer is
     /// the credit's to account for, not a call of its own in the windows.
     pub from_credit: bool,
+    /// Admitted from a credit: how much of the credit had been taken when this call was
+    /// admitted, inclusive of it (requests, tokens). Its answer's figures hold that much of the
+    /// credit: the rest of it is unseen by them (`fallback_observe` of migration 0013).
+    pub credit_sent: Option<(u64, u64)>,
 }
 
 impl Permit {
     /// A call that counts against no limit.
     pub const UNCOUNTED: Permit =
-        Permit { usage_id: None, local_id: None, provider: None, estimate: 0, from_credit: false };
+        Permit { usage_id: None, local_id: None, provider: None, estimate: 0, from_credit: false, credit_sent: None };
 }
 
 /// Provider state every worker sees the same way.

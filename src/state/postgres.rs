@@ -1032,6 +1032,7 @@ impl PgStore {
                 provider: Some(provider.clone()),
                 estimate: ask.tokens,
                 from_credit: false,
+                credit_sent: None,
             }),
             (None, _, Some("tokens_exceed_limit")) => Admission::TooLarge,
             // The provider's row was held elsewhere past the wait an admission carrying answers
@@ -1059,14 +1060,15 @@ impl PgStore {
         }
         let (taken, ending) = self.credits.lock().unwrap().take(provider, ask.tokens, ask.flight, now);
         self.end_credits(ending).await;
-        let call = taken?;
+        let taken = taken?;
         let local_id = Some(self.outage.own_calls.record_call(ask, now));
         Some(Permit {
-            usage_id: Some(call),
+            usage_id: Some(taken.call),
             local_id,
             provider: Some(provider.clone()),
             estimate: ask.tokens,
             from_credit: true,
+            credit_sent: Some((taken.requests, taken.tokens)),
         })
     }
 
@@ -1723,8 +1725,9 @@ impl ProviderState for PgStore {
                     None => (ScopeKind::Provider, ask.provider),
                 };
                 // A credit's call is observed as the credit: the database counts every credit
-                // that admitted calls after it was granted as sent after the figure.
-                let window = self.observe_window(kind, scope, limit, observation, observed.usage_id, now);
+                // that admitted calls after it was granted as sent after the figure, but for
+                // what this credit had sent with the observed call.
+                let window = self.observe_window(kind, scope, limit, observation, observed, now);
                 if let Err(e) = self.guarded(window).await {
                     // Best effort: the next answer's headers say it again.
                     tracing::debug!(provider = ask.provider, error = %e, "cannot correct a window from the provider's headers");
@@ -1741,21 +1744,28 @@ impl ProviderState for PgStore {
 
 impl PgStore {
     /// Corrects one window from what the provider says is left of `limit` (`fallback_observe`
-    /// of migration 0007), in the answer to the call `call` (the database's call id; `None`
+    /// of migration 0007), in the answer to the call `observed` (its database call id; none
     /// when it was admitted locally: nothing is then lowered, see [`super::quota::observe`]).
+    /// A call admitted from a credit is observed as the credit, with how much of it had been
+    /// sent with the call, the call included, in this window's measure (migration 0013).
     async fn observe_window(
         &self,
         kind: ScopeKind,
         scope: &str,
         limit: &LimitConfig,
         seen: &QuotaObservation,
-        call: Option<i64>,
+        observed: &Permit,
         now: SystemTime,
     ) -> Result<(), sqlx::Error> {
         let (measure, declared) = super::quota::measure_of(limit);
+        let call = observed.usage_id;
+        let sent = observed.credit_sent.filter(|_| observed.from_credit).map(|(requests, tokens)| match measure {
+            QuotaMeasure::Requests => requests,
+            QuotaMeasure::Tokens => tokens,
+        });
         let calendar = limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default();
         let leaves = super::quota::learnt_leaves(limit, seen.resets_at, now);
-        sqlx::query("SELECT fallback_observe($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::float8 / 1000), $9)")
+        sqlx::query("SELECT fallback_observe($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::float8 / 1000), $9, $10)")
             .bind(kind.as_str())
             .bind(scope)
             .bind(measure_name(measure))
@@ -1765,6 +1775,7 @@ impl PgStore {
             .bind(saturating_i64(seen.remaining))
             .bind(epoch_ms(leaves) as f64)
             .bind(call)
+            .bind(sent.map(saturating_i64))
             .execute(&self.pool)
             .await
             .map(|_| ())
@@ -1950,6 +1961,7 @@ mod tests {
             provider: Some(Arc::from("groq")),
             estimate: 100,
             from_credit: false,
+            credit_sent: None,
         }
     }
 

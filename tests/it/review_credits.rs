@@ -206,8 +206,10 @@ async fn use_learnt_while_a_credit_is_live_is_not_lost_when_the_credit_ends() {
     let seen = requests_left(100_000 - 5001, 100_000, None);
     store.observe_quota(ask(&limits, 1), &call, &[seen], SystemTime::now()).await;
     // All the provider counts is learnt beside the live credit (its calls may have gone after
-    // the figure was taken): more than is used until the next figure, never less.
-    assert_eq!(used(&env, "provider", "p", "requests").await, 5001 + 64);
+    // the figure was taken): more than is used until the next figure, never less. But for the
+    // credit's first call, which the figure holds (since 0013 the worker says so): its 63
+    // others are unseen.
+    assert_eq!(used(&env, "provider", "p", "requests").await, 5001 + 63);
     store.finish(call, Some(1), SystemTime::now()).await;
     store.answers_recorded().await;
     let counted = used(&env, "provider", "p", "requests").await;
