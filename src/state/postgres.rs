@@ -1718,22 +1718,26 @@ impl ProviderState for PgStore {
     }
 
     async fn observe_quota(&self, ask: Ask<'_>, observed: &Permit, seen: &[QuotaObservation], now: SystemTime) {
+        let mut windows = ObservedWindows::default();
         for observation in seen.iter().filter(|o| super::quota::current(o, now)) {
             for (pool, limit) in super::quota::matching(&ask, observation) {
                 let (kind, scope) = match pool {
                     Some(name) => (ScopeKind::Pool, name),
                     None => (ScopeKind::Provider, ask.provider),
                 };
-                // A credit's call is observed as the credit: the database counts every credit
-                // that admitted calls after it was granted as sent after the figure, but for
-                // what this credit had sent with the observed call.
-                let window = self.observe_window(kind, scope, limit, observation, observed, now);
-                if let Err(e) = self.guarded(window).await {
-                    // Best effort: the next answer's headers say it again.
-                    tracing::debug!(provider = ask.provider, error = %e, "cannot correct a window from the provider's headers");
-                    return;
-                }
+                windows.push(kind, scope, limit, observation, observed, now);
             }
+        }
+        if windows.kinds.is_empty() {
+            return;
+        }
+        // A credit's call is observed as the credit: the database counts every credit that
+        // admitted calls after it was granted as sent after the figure, but for what this
+        // credit had sent with the observed call.
+        if let Err(e) = self.guarded(windows.observe(&self.pool, observed.usage_id)).await {
+            // Best effort: the next answer's headers say it again.
+            tracing::debug!(provider = ask.provider, error = %e, "cannot correct the windows from the provider's headers");
+            return;
         }
         // What blocked this provider before may have changed either way: ask the database next time.
         if let Some(cached) = self.cache.lock().unwrap().get_mut(ask.provider) {
@@ -1742,43 +1746,72 @@ impl ProviderState for PgStore {
     }
 }
 
-impl PgStore {
-    /// Corrects one window from what the provider says is left of `limit` (`fallback_observe`
-    /// of migration 0007), in the answer to the call `observed` (its database call id; none
-    /// when it was admitted locally: nothing is then lowered, see [`super::quota::observe`]).
-    /// A call admitted from a credit is observed as the credit, with how much of it had been
-    /// sent with the call, the call included, in this window's measure (migration 0013).
-    async fn observe_window(
-        &self,
+/// The windows one answer's rate-limit headers speak of, as the columns of
+/// `fallback_observe_batch` (migration 0014): every window corrected in one statement, in the
+/// windows' canonical order, by `fallback_observe` (0007, 0013) each.
+#[derive(Default)]
+struct ObservedWindows {
+    kinds: Vec<&'static str>,
+    scopes: Vec<String>,
+    measures: Vec<&'static str>,
+    window_ms: Vec<i64>,
+    calendars: Vec<String>,
+    declared: Vec<i64>,
+    remaining: Vec<i64>,
+    leaves_ms: Vec<f64>,
+    sent: Vec<Option<i64>>,
+}
+
+impl ObservedWindows {
+    /// What the provider says is left of `limit` in the answer to `observed` (its database
+    /// call id; none when it was admitted locally: nothing is then lowered, see
+    /// [`super::quota::observe`]). A call admitted from a credit is observed as the credit, with
+    /// how much of it had been sent with the call, the call included, in this window's measure
+    /// (migration 0013).
+    fn push(
+        &mut self,
         kind: ScopeKind,
         scope: &str,
         limit: &LimitConfig,
         seen: &QuotaObservation,
         observed: &Permit,
         now: SystemTime,
-    ) -> Result<(), sqlx::Error> {
+    ) {
         let (measure, declared) = super::quota::measure_of(limit);
-        let call = observed.usage_id;
         let sent = observed.credit_sent.filter(|_| observed.from_credit).map(|(requests, tokens)| match measure {
             QuotaMeasure::Requests => requests,
             QuotaMeasure::Tokens => tokens,
         });
-        let calendar = limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default();
-        let leaves = super::quota::learnt_leaves(limit, seen.resets_at, now);
-        sqlx::query("SELECT fallback_observe($1, $2, $3, $4, $5, $6, $7, to_timestamp($8::float8 / 1000), $9, $10)")
-            .bind(kind.as_str())
-            .bind(scope)
-            .bind(measure_name(measure))
-            .bind(saturating_i64(limit.per.as_millis()))
-            .bind(calendar)
-            .bind(saturating_i64(declared))
-            .bind(saturating_i64(seen.remaining))
-            .bind(epoch_ms(leaves) as f64)
-            .bind(call)
-            .bind(sent.map(saturating_i64))
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+        self.kinds.push(kind.as_str());
+        self.scopes.push(scope.to_string());
+        self.measures.push(measure_name(measure));
+        self.window_ms.push(saturating_i64(limit.per.as_millis()));
+        self.calendars.push(limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default());
+        self.declared.push(saturating_i64(declared));
+        self.remaining.push(saturating_i64(seen.remaining));
+        self.leaves_ms.push(epoch_ms(super::quota::learnt_leaves(limit, seen.resets_at, now)) as f64);
+        self.sent.push(sent.map(saturating_i64));
+    }
+
+    async fn observe(self, pool: &PgPool, call: Option<i64>) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "SELECT fallback_observe_batch($1, $2, $3, $4, $5, $6, $7, \
+             ARRAY(SELECT to_timestamp(ms / 1000) FROM unnest($8::float8[]) WITH ORDINALITY AS t(ms, o) ORDER BY o), \
+             $9, $10)",
+        )
+        .bind(&self.kinds)
+        .bind(&self.scopes)
+        .bind(&self.measures)
+        .bind(&self.window_ms)
+        .bind(&self.calendars)
+        .bind(&self.declared)
+        .bind(&self.remaining)
+        .bind(&self.leaves_ms)
+        .bind(call)
+        .bind(&self.sent)
+        .execute(pool)
+        .await
+        .map(|_| ())
     }
 }
 

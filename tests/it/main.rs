@@ -16,6 +16,7 @@ mod faults;
 mod hostile;
 mod ledger_batching;
 mod observability;
+mod observe_batch;
 mod outages;
 mod poison;
 mod pool_workers;
