@@ -22,7 +22,7 @@ use crate::chain::{self, Chain, HoldPolicy, JobProgress, SystemClock, Verdict};
 use crate::job::{ErrorCode, ErrorEnvelope, InvalidJob, Job, JobIdentity, JobResult, ResponseEnvelope, Routing};
 use crate::observability;
 use crate::routing::Attempt;
-use crate::state::{LedgerEntry, ProviderState, ResultLedger};
+use crate::state::{LedgerEntry, ProviderState, Receipt, ResultLedger};
 
 /// Rules for handling deliveries, from the config.
 #[derive(Debug, Clone)]
@@ -212,9 +212,8 @@ impl JobHandler {
                 None
             }
         };
-        let parks = parked.as_ref().map_or(0, |p| p.parks);
         let one_copy_at_a_time = self.key_locks.lock(&key).await;
-        match self.open_ledger(&key, &fingerprint).await {
+        match self.open_ledger(&key, &fingerprint, Receipt::of(incoming.redelivered)).await {
             Some(entry) if entry.other_job => {
                 let message_id = incoming.message_id.as_deref().unwrap_or_default();
                 let reason = format!("message_id `{message_id}` already used by another job");
@@ -227,7 +226,9 @@ impl JobHandler {
                     return Disposition::Answer { target, reply, record: None };
                 }
             }
-            Some(entry) if entry.deliveries.saturating_sub(parks) > self.rules.max_deliveries => {
+            // Only redeliveries count after the first receipt: a parked job coming back, or the
+            // job published again, is no sign that it kills workers.
+            Some(entry) if entry.deliveries > self.rules.max_deliveries => {
                 let reason = format!("delivered {} times without an answer (does it crash workers?)", entry.deliveries);
                 return self.dead_letter(incoming, Some(job.custom_id), ErrorCode::InternalError, reason, &timing);
             }
@@ -333,8 +334,8 @@ impl JobHandler {
     /// The ledger entry, or `None` when the ledger cannot be reached: the job is then answered
     /// without it (a redelivery may call a provider again). The store answers at once while the
     /// database is known to be down, so this never holds a job on a dead pool.
-    async fn open_ledger(&self, key: &str, fingerprint: &str) -> Option<LedgerEntry> {
-        match self.ledger.open(key, fingerprint).await {
+    async fn open_ledger(&self, key: &str, fingerprint: &str, receipt: Receipt) -> Option<LedgerEntry> {
+        match self.ledger.open(key, fingerprint, receipt).await {
             Ok(entry) => Some(entry),
             Err(e) => {
                 tracing::debug!(error = %e, "result ledger unavailable; answering without it");
@@ -777,8 +778,9 @@ mod tests {
     fn incoming() -> impl Strategy<Value = Incoming> {
         let pairs = proptest::collection::vec((header_name(), amqp_value()), 0..6);
         let text = proptest::option::of(".{0,20}");
-        (body(), pairs, proptest::option::of(any::<u64>()), text.clone(), text.clone(), text).prop_map(
-            |(body, pairs, timestamp, reply_to, message_id, correlation_id)| {
+        let timestamp = proptest::option::of(any::<u64>());
+        (body(), pairs, timestamp, text.clone(), text.clone(), text, any::<bool>()).prop_map(
+            |(body, pairs, timestamp, reply_to, message_id, correlation_id, redelivered)| {
                 let mut table = FieldTable::default();
                 for (name, value) in pairs {
                     table.insert(name.into(), value);
@@ -796,7 +798,7 @@ mod tests {
                 if let Some(c) = correlation_id {
                     properties = properties.with_correlation_id(c.as_str().into());
                 }
-                Incoming::from_delivery(body, &properties, SystemTime::now())
+                Incoming::from_delivery(body, &properties, redelivered, SystemTime::now())
             },
         )
     }

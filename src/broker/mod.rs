@@ -34,6 +34,11 @@ pub struct Incoming {
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
     pub message_id: Option<String>,
+    /// The broker's word that an earlier delivery of this very message was not settled (a
+    /// worker died, or gave it back): the receipts that count towards `max_deliveries`. A
+    /// publisher cannot set it; a parked job coming back and a copy published again are new
+    /// messages and do not carry it.
+    pub redelivered: bool,
     /// When this worker received it.
     pub received_at: SystemTime,
     /// When the sender says it published it (AMQP `timestamp`, seconds): only for reporting
@@ -42,7 +47,12 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    pub fn from_delivery(data: Vec<u8>, properties: &BasicProperties, received_at: SystemTime) -> Incoming {
+    pub fn from_delivery(
+        data: Vec<u8>,
+        properties: &BasicProperties,
+        redelivered: bool,
+        received_at: SystemTime,
+    ) -> Incoming {
         let text = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_string());
         let published_at = properties
             .timestamp()
@@ -53,6 +63,7 @@ impl Incoming {
             reply_to: text(properties.reply_to()),
             correlation_id: text(properties.correlation_id()),
             message_id: text(properties.message_id()),
+            redelivered,
             received_at,
             published_at,
             body: data,

@@ -252,7 +252,7 @@ async fn serve<H: DeliveryHandler>(
                     let (handler, publisher, broken, acks) =
                         (handler.clone(), open.publisher.clone(), broken.clone(), acks.clone());
                     tracker.spawn(async move {
-                        let incoming = Incoming::from_delivery(delivery.data, &delivery.properties, received_at);
+                        let incoming = Incoming::from_delivery(delivery.data, &delivery.properties, delivery.redelivered, received_at);
                         let settled = settle(handler.as_ref(), &incoming, &publisher).await;
                         let applied = match settled {
                             Ok(settlement) => apply(&acks, delivery.acker, tag, settlement).await,

@@ -10,13 +10,13 @@ use sqlx::{PgConnection, PgPool, Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::{LedgerEntry, StoreError};
+use super::{LedgerEntry, Receipt, StoreError};
 
 /// Largest batch sent in one query.
 pub(super) const MAX_BATCH: usize = 128;
 
 pub enum Request {
-    Open { key: String, fingerprint: String, reply: oneshot::Sender<Result<LedgerEntry, StoreError>> },
+    Open { key: String, fingerprint: String, receipt: Receipt, reply: oneshot::Sender<Result<LedgerEntry, StoreError>> },
     Store { key: String, fingerprint: String, json: String, reply: oneshot::Sender<Result<(), StoreError>> },
 }
 
@@ -342,15 +342,19 @@ macro_rules! store_sql {
     };
 }
 
-/// The statement that counts receipts (`$1` keys, `$2` fingerprints), unless a key belongs to
-/// another job (a reused `message_id`): then nothing is counted and the row's own fingerprint
-/// comes back. A result stored before keys were bound to jobs (no fingerprint) stays unbound.
+/// The statement that counts receipts (`$1` keys, `$2` fingerprints, `$3` each receipt's
+/// deliveries: [`Receipt::first_count`] for a new key), unless a key belongs to another job (a
+/// reused `message_id`): then nothing is counted and the row's own fingerprint comes back. A
+/// known key counts only a redelivery (a first count of 2). A result stored before keys were
+/// bound to jobs (no fingerprint) stays unbound.
 macro_rules! open_sql {
     () => {
-        "INSERT INTO job_results (job_key, fingerprint) SELECT * FROM unnest($1::text[], $2::text[]) \
+        "INSERT INTO job_results (job_key, fingerprint, deliveries) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int[]) \
          ON CONFLICT (job_key) DO UPDATE SET \
            deliveries = job_results.deliveries + CASE \
-             WHEN job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint THEN 1 ELSE 0 END, \
+             WHEN EXCLUDED.deliveries > 1 \
+              AND (job_results.fingerprint IS NULL OR job_results.fingerprint = EXCLUDED.fingerprint) THEN 1 ELSE 0 END, \
            fingerprint = CASE WHEN job_results.fingerprint IS NULL AND job_results.result IS NULL \
              THEN EXCLUDED.fingerprint ELSE job_results.fingerprint END \
          RETURNING job_key, deliveries, result, fingerprint"
@@ -364,22 +368,25 @@ async fn open_all(conn: &mut BatchConnection, opens: Vec<Request>, stores: Vec<R
     let requests = opens;
     // Borrowed from the requests, which live until they are answered: no copy of any key.
     let (mut keys, mut fingerprints) = (Vec::with_capacity(requests.len()), Vec::with_capacity(requests.len()));
+    let mut counts: Vec<i32> = Vec::with_capacity(requests.len());
     for request in &requests {
-        if let Request::Open { key, fingerprint, .. } = request {
+        if let Request::Open { key, fingerprint, receipt, .. } = request {
             keys.push(key.as_str());
             fingerprints.push(fingerprint.as_str());
+            counts.push(i32::try_from(receipt.first_count()).unwrap_or(1));
         }
     }
     let rows = if stores.is_empty() {
-        let query = sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints);
+        let query = sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints).bind(&counts);
         conn.run(async |c| query.fetch_all(c).await).await
     } else {
         let rows = store_rows_of(&stores);
         let stored = rows.len();
-        let together = concat!("WITH stored AS (", store_sql!("$3", "$4", "$5"), " RETURNING 1) ", open_sql!());
+        let together = concat!("WITH stored AS (", store_sql!("$4", "$5", "$6"), " RETURNING 1) ", open_sql!());
         let answer = sqlx::query(together)
             .bind(&keys)
             .bind(&fingerprints)
+            .bind(&counts)
             .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
             .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>());
@@ -389,7 +396,7 @@ async fn open_all(conn: &mut BatchConnection, opens: Vec<Request>, stores: Vec<R
             answer
         } else {
             store_all(conn, stores).await;
-            let query = sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints);
+            let query = sqlx::query(open_sql!()).bind(&keys).bind(&fingerprints).bind(&counts);
             conn.run(async |c| query.fetch_all(c).await).await
         }
     };
@@ -540,7 +547,7 @@ mod tests {
 
     fn open(key: &str) -> Request {
         let (reply, _) = oneshot::channel();
-        Request::Open { key: key.into(), fingerprint: "f".into(), reply }
+        Request::Open { key: key.into(), fingerprint: "f".into(), receipt: Receipt::Fresh, reply }
     }
 
     #[test]

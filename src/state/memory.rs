@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use super::quota::{self, Blocked, Scope, Usage};
-use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, ResultLedger, StoreError};
+use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, Receipt, ResultLedger, StoreError};
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
 use crate::config::LimitConfig;
@@ -233,15 +233,18 @@ impl ProviderState for MemoryStore {
 
 #[async_trait::async_trait]
 impl ResultLedger for MemoryStore {
-    async fn open(&self, key: &str, fingerprint: &str) -> Result<LedgerEntry, StoreError> {
+    async fn open(&self, key: &str, fingerprint: &str, receipt: Receipt) -> Result<LedgerEntry, StoreError> {
         let mut ledger = self.ledger.lock().unwrap();
-        let row = ledger
-            .entry(key.to_string())
-            .or_insert_with(|| LedgerRow { fingerprint: fingerprint.to_string(), ..LedgerRow::default() });
+        let Some(row) = ledger.get_mut(key) else {
+            let deliveries = receipt.first_count();
+            let row = LedgerRow { fingerprint: fingerprint.to_string(), deliveries, result: None };
+            ledger.insert(key.to_string(), row);
+            return Ok(LedgerEntry { deliveries, result: None, other_job: false });
+        };
         if row.fingerprint != fingerprint {
             return Ok(LedgerEntry { deliveries: row.deliveries, result: None, other_job: true });
         }
-        row.deliveries = row.deliveries.saturating_add(1);
+        row.deliveries = row.deliveries.saturating_add(receipt.later_count());
         Ok(LedgerEntry { deliveries: row.deliveries, result: row.result.clone(), other_job: false })
     }
 
@@ -431,23 +434,39 @@ mod tests {
     #[tokio::test]
     async fn ledger_counts_deliveries_and_keeps_results() {
         let store = MemoryStore::new();
-        assert_eq!(store.open("k", "job-a").await.unwrap().deliveries, 1);
+        assert_eq!(store.open("k", "job-a", Receipt::Fresh).await.unwrap().deliveries, 1);
         store.store("k", "job-a", "{}").await.unwrap();
-        let again = store.open("k", "job-a").await.unwrap();
+        let again = store.open("k", "job-a", Receipt::Redelivered).await.unwrap();
         assert_eq!((again.deliveries, again.result.as_deref(), again.other_job), (2, Some("{}"), false));
+    }
+
+    #[tokio::test]
+    async fn only_redeliveries_count_after_a_keys_first_receipt() {
+        let store = MemoryStore::new();
+        // Published again, or back from a park: a new message, not a failed delivery.
+        for _ in 0..5 {
+            assert_eq!(store.open("k", "job-a", Receipt::Fresh).await.unwrap().deliveries, 1);
+        }
+        assert_eq!(store.open("k", "job-a", Receipt::Redelivered).await.unwrap().deliveries, 2);
+        // A redelivery whose first delivery the ledger never heard of counts both.
+        assert_eq!(store.open("fresh-key", "job-b", Receipt::Redelivered).await.unwrap().deliveries, 2);
     }
 
     #[tokio::test]
     async fn a_key_reused_by_another_job_gets_nothing_of_the_first() {
         let store = MemoryStore::new();
-        store.open("msg:1", "job-a").await.unwrap();
+        store.open("msg:1", "job-a", Receipt::Fresh).await.unwrap();
         store.store("msg:1", "job-a", "{\"a\":1}").await.unwrap();
-        let other = store.open("msg:1", "job-b").await.unwrap();
+        let other = store.open("msg:1", "job-b", Receipt::Redelivered).await.unwrap();
         assert!(other.other_job);
         assert_eq!(other.result, None);
         store.store("msg:1", "job-b", "{\"b\":1}").await.unwrap();
-        let first = store.open("msg:1", "job-a").await.unwrap();
-        assert_eq!((first.result.as_deref(), first.deliveries), (Some("{\"a\":1}"), 2));
+        let first = store.open("msg:1", "job-a", Receipt::Redelivered).await.unwrap();
+        assert_eq!(
+            (first.result.as_deref(), first.deliveries),
+            (Some("{\"a\":1}"), 2),
+            "job-b's receipt counted nothing"
+        );
     }
 
     use crate::state::QuotaMeasure;

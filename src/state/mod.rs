@@ -172,7 +172,8 @@ pub trait ProviderState: Send + Sync {
 /// What the ledger knows of a job when a delivery of it arrives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerEntry {
-    /// How many times this job has been received, this delivery included.
+    /// How many times this job has been delivered without being answered, this delivery
+    /// included: its first receipt and every redelivery (see [`Receipt`]).
     pub deliveries: u32,
     /// The stored result (a JSON text), when the job was answered before.
     pub result: Option<String>,
@@ -181,13 +182,53 @@ pub struct LedgerEntry {
     pub other_job: bool,
 }
 
+/// What a receipt of a job tells the ledger's count of deliveries without an answer (the guard
+/// against a job that kills every worker that takes it, `max_deliveries`).
+///
+/// Only the broker's `redelivered` flag says that a delivery of the same message went
+/// unsettled before. A job published again (the same `message_id`, or the same body) and a
+/// parked job coming back are new messages: counting them made a producer that retries, or a
+/// backlog enqueued twice, dead-letter its own parked jobs as `internal_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receipt {
+    /// A message the broker delivers for the first time: counts only as the key's first receipt.
+    Fresh,
+    /// The broker delivered this message before, and it was not settled.
+    Redelivered,
+}
+
+impl Receipt {
+    pub fn of(redelivered: bool) -> Receipt {
+        if redelivered { Receipt::Redelivered } else { Receipt::Fresh }
+    }
+
+    /// The deliveries a key's first receipt counts: a redelivery's first delivery went unseen
+    /// (the worker died before the ledger heard of it).
+    pub fn first_count(self) -> u32 {
+        match self {
+            Receipt::Fresh => 1,
+            Receipt::Redelivered => 2,
+        }
+    }
+
+    /// The deliveries a later receipt of a known key adds.
+    pub fn later_count(self) -> u32 {
+        match self {
+            Receipt::Fresh => 0,
+            Receipt::Redelivered => 1,
+        }
+    }
+}
+
 /// The idempotency ledger (contract §4): results by job key, each key bound to the fingerprint
 /// of the job that first used it.
 #[async_trait::async_trait]
 pub trait ResultLedger: Send + Sync {
-    /// Records one more receipt of `key` by the job `fingerprint` and returns what is known of
-    /// it. A receipt by another job (`other_job`) counts nothing against the key's own job.
-    async fn open(&self, key: &str, fingerprint: &str) -> Result<LedgerEntry, StoreError>;
+    /// Records a receipt of `key` by the job `fingerprint` and returns what is known of it: the
+    /// key's first receipt counts one delivery (two when already a redelivery), a later one
+    /// counts only when [`Receipt::Redelivered`]. A receipt by another job (`other_job`) counts
+    /// nothing against the key's own job.
+    async fn open(&self, key: &str, fingerprint: &str, receipt: Receipt) -> Result<LedgerEntry, StoreError>;
 
     /// Stores the job's result so a redelivery is answered without a provider call; a key that
     /// belongs to another job is left alone.

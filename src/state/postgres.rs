@@ -33,7 +33,9 @@ use super::credits::{self, Credit, CreditBook, Ending};
 use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
 use super::quota_batcher::{self, AnswerWrite};
-use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, ResultLedger, StoreError};
+use super::{
+    Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, Receipt, ResultLedger, StoreError,
+};
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
 use crate::config::{LimitConfig, QuotaPoolConfig};
@@ -1908,9 +1910,9 @@ impl PgStore {
 
 #[async_trait::async_trait]
 impl ResultLedger for PgStore {
-    async fn open(&self, key: &str, fingerprint: &str) -> Result<LedgerEntry, StoreError> {
+    async fn open(&self, key: &str, fingerprint: &str, receipt: Receipt) -> Result<LedgerEntry, StoreError> {
         let (key, fingerprint) = (key.to_string(), fingerprint.to_string());
-        self.ledger_call(|reply| Request::Open { key, fingerprint, reply }).await
+        self.ledger_call(|reply| Request::Open { key, fingerprint, receipt, reply }).await
     }
 
     async fn store(&self, key: &str, fingerprint: &str, result_json: &str) -> Result<(), StoreError> {

@@ -162,6 +162,33 @@ async fn a_long_wait_parks_the_job_in_a_delay_queue_and_answers_it_later() {
     worker.stop().await;
 }
 
+/// A producer that publishes a parked job again (a retry, a backlog enqueued twice) gets every
+/// copy answered: copies and parked jobs coming back are new messages, not deliveries the
+/// worker failed on. (A black-box run: 11 copies of a parked job made every one of them
+/// `internal_error` "delivered 11 times without an answer", and the key stayed poisoned.)
+#[tokio::test]
+async fn copies_of_a_parked_job_published_again_are_all_answered_none_dead_lettered() {
+    let env = TestEnv::new().await;
+    let only = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
+    only.script([Scenario::RateLimited(RetryHint::RetryAfterMs(3000))]);
+    let config = env.config_with(
+        &format!("{}{}", provider("only", &only.base_url(), true, ""), chain("default", &["only"], "")),
+        "hold_limit = \"500ms\"\nmax_deliveries = 2",
+    );
+    let worker = env.spawn_worker(config, "w1").await;
+    let same_job = || BasicProperties::default().with_message_id("the-same-job".into());
+    env.publish(&job("dup-1"), same_job()).await;
+    eventually("the first call was answered 429", || async { only.requests() >= 1 }).await;
+    for _ in 0..4 {
+        env.publish(&job("dup-1"), same_job()).await;
+    }
+    for copy in 0..5 {
+        let (result, _) = env.next_result(&env.results).await;
+        assert!(result.is_success(), "copy {copy}: {result:?}");
+    }
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn a_provider_that_stays_away_past_max_wait_gives_deadline_exceeded() {
     let env = TestEnv::new().await;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fallback_worker::job::ErrorCode;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, Scenario};
 use lapin::BasicProperties;
 
@@ -79,6 +80,35 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     assert_eq!(result.custom_id.as_deref(), Some("k-1"));
     assert_eq!(mock.requests(), 2, "redelivered to the second worker");
     drop(second);
+}
+
+/// A job that every worker dies on (here: killed while its call hangs) is redelivered by the
+/// broker each time; past `max_deliveries` (2) redeliveries counted in the ledger, the next
+/// worker answers it `internal_error` and dead-letters it instead of dying again.
+#[tokio::test]
+async fn a_job_every_worker_dies_on_is_dead_lettered_after_max_deliveries() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    mock.script([Scenario::Hang, Scenario::Hang]);
+    let config = env.config_file(&one_provider(&mock, "timeout = \"60s\""), "max_deliveries = 2");
+    let mut worker = WorkerProcess::spawn(&config);
+    env.wait_for_queues().await;
+    env.publish(&job("killer"), BasicProperties::default()).await;
+    for taken in 1..=2 {
+        assert!(mock.wait_for_requests(taken, PATIENCE).await, "delivery {taken} reached the provider");
+        worker.signal("KILL");
+        worker.wait().await;
+        worker = WorkerProcess::spawn(&config);
+    }
+    // The third delivery (the second redelivery) is one too many.
+    let (result, _) = env.next_result(&env.results).await;
+    let error = result.error.expect("an error result");
+    assert_eq!(error.code, ErrorCode::InternalError, "{}", error.message);
+    assert!(error.message.contains("delivered 3 times"), "{}", error.message);
+    assert_eq!(mock.requests(), 2, "the third delivery called no provider");
+    let (body, _) = env.client.next_message(&env.dead_queue(), PATIENCE).await.expect("dead-lettered");
+    assert!(String::from_utf8_lossy(&body).contains("killer"));
+    drop(worker);
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fallback_worker::config::LimitConfig;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, Permit, ProviderState, ResultLedger};
+use fallback_worker::state::{Admission, Ask, Permit, ProviderState, Receipt, ResultLedger};
 use sqlx::PgConnection;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -73,7 +73,7 @@ fn open_in_background(
     key: &str,
 ) -> tokio::task::JoinHandle<Result<fallback_worker::state::LedgerEntry, fallback_worker::state::StoreError>> {
     let (store, key) = (store.clone(), key.to_string());
-    tokio::spawn(async move { store.open(&key, "job").await })
+    tokio::spawn(async move { store.open(&key, "job", Receipt::Fresh).await })
 }
 
 /// The commit says the second batch goes out "only on a connection nobody else is waiting
@@ -146,7 +146,7 @@ pub(crate) fn open_queued(
     key: &'static str,
 ) -> tokio::task::JoinHandle<Result<fallback_worker::state::LedgerEntry, fallback_worker::state::StoreError>> {
     let store = store.clone();
-    spawn_queued(async move { store.open(key, "job").await })
+    spawn_queued(async move { store.open(key, "job", Receipt::Fresh).await })
 }
 
 #[tokio::test]
@@ -186,13 +186,13 @@ async fn a_request_deferred_behind_a_slow_batch_does_not_stall_every_other_key()
     until_waiting_on_locks(&env, 1).await;
 
     // Control: with one slow batch in flight, another key goes out on the idle connection.
-    let control = store.open("fast-0", "job").await;
+    let control = store.open("fast-0", "job", Receipt::Fresh).await;
     assert!(control.is_ok(), "control: the second slot answers another key: {control:?}");
 
     // The same job's store, after its open timed out: deferred behind the slow batch.
     let deferred = store_queued(&store, "slow");
     let started = Instant::now();
-    let other = store.open("fast-1", "job").await;
+    let other = store.open("fast-1", "job", Receipt::Fresh).await;
     let waited = started.elapsed();
     release(locker).await;
     let _ = (slow.await, deferred.await);
@@ -293,7 +293,7 @@ async fn the_ledger_answers_again_after_a_batch_connection_died_silently() {
     let mut i = 0;
     while Instant::now() < deadline {
         i += 1;
-        match store.open(&format!("after-{i}"), "job").await {
+        match store.open(&format!("after-{i}"), "job", Receipt::Fresh).await {
             Ok(_) => {
                 last = None;
                 break;
@@ -333,7 +333,9 @@ async fn each_open_of_a_batch_gets_its_own_keys_row() {
     }
     let opens = (0..40).map(|i| {
         let store = store.clone();
-        tokio::spawn(async move { (i, store.open(&format!("k{i}"), &format!("job-{i}")).await.unwrap()) })
+        tokio::spawn(
+            async move { (i, store.open(&format!("k{i}"), &format!("job-{i}"), Receipt::Fresh).await.unwrap()) },
+        )
     });
     for open in opens.collect::<Vec<_>>() {
         let (i, entry) = open.await.unwrap();
@@ -361,7 +363,7 @@ async fn a_ledger_call_returns_even_when_the_batcher_queue_is_full() {
     while Instant::now() < deadline && store.is_degraded() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let late = tokio::time::timeout(Duration::from_secs(10), store.open("late", "job")).await;
+    let late = tokio::time::timeout(Duration::from_secs(10), store.open("late", "job", Receipt::Fresh)).await;
     hung.abort();
     stored.abort();
     for task in burst {
@@ -397,7 +399,7 @@ async fn busy_batchers_keep_their_connections_but_leave_one_for_other_state_call
                 }
                 let key = format!("lease-{task}-{n}");
                 let started = Instant::now();
-                if ledger.open(&key, "job").await.is_ok() {
+                if ledger.open(&key, "job", Receipt::Fresh).await.is_ok() {
                     open_times.lock().unwrap().push(started.elapsed());
                     let _ = ledger.store(&key, "job", "{}").await;
                 }
@@ -522,7 +524,7 @@ async fn back_to_back_ledger_batches_pay_no_pings() {
         load.push(tokio::spawn(async move {
             for n in 0..10 {
                 let key = format!("wire-{task}-{n}");
-                store.open(&key, "job").await.unwrap();
+                store.open(&key, "job", Receipt::Fresh).await.unwrap();
                 store.store(&key, "job", "{}").await.unwrap();
             }
         }));

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{LedgerEntry, ResultLedger, StoreError};
+use fallback_worker::state::{LedgerEntry, Receipt, ResultLedger, StoreError};
 use sqlx::PgConnection;
 use tokio::task::JoinHandle;
 
@@ -84,10 +84,10 @@ async fn a_state_call_after_its_idle_sessions_were_terminated_succeeds() {
 async fn a_ledger_open_after_its_idle_sessions_were_terminated_succeeds() {
     let env = TestEnv::new().await;
     let store = store_at(&env.database_url, DEFAULT_POOL).await;
-    store.open("warm", "job").await.unwrap();
+    store.open("warm", "job", Receipt::Fresh).await.unwrap();
     let killed = terminate_pool_sessions(&env).await;
     assert!(killed >= 1, "no pool session to terminate");
-    let answer = store.open("after-kill", "job").await;
+    let answer = store.open("after-kill", "job", Receipt::Fresh).await;
     assert!(answer.is_ok(), "a ledger open failed after its pool's idle sessions were terminated: {answer:?}");
     assert!(!store.is_degraded(), "terminated idle sessions switched the worker to degraded mode (database up)");
 }
@@ -106,7 +106,7 @@ async fn a_slow_batch_and_a_deferred_open(env: &TestEnv, store: &PgStore) -> (Pg
     // Another delivery of the same key: deferred behind the slow batch.
     let second = open_queued(store, "slow");
     // A batch of another key goes out on a second connection and ends.
-    store.open("quick", "job").await.unwrap();
+    store.open("quick", "job", Receipt::Fresh).await.unwrap();
     eventually("the ended batch's connection is back in the pool", || async { store.pool().num_idle() >= 2 }).await;
     (locker, first, second)
 }

@@ -7,7 +7,7 @@ use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scena
 use fallback_worker::routing::CooldownReason;
 use fallback_worker::routing::QuotaObservation;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure};
+use fallback_worker::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure, Receipt};
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
@@ -270,10 +270,12 @@ async fn the_ledger_answers_concurrent_opens_and_stores_exactly() {
     use fallback_worker::state::ResultLedger;
     let env = TestEnv::new().await;
     let store = migrated_store(&env).await;
-    // Every key opened twice at once: the batch must count both receipts, not fail on the repeat.
+    // Every key redelivered twice at once: the batch must count both receipts, not fail on the
+    // repeat (the first counts the unseen first delivery too).
     let opens = (0..50).map(|i| {
         let store = store.clone();
-        tokio::spawn(async move { (i % 25, store.open(&format!("k{}", i % 25), "job").await.unwrap()) })
+        let key = format!("k{}", i % 25);
+        tokio::spawn(async move { (i % 25, store.open(&key, "job", Receipt::Redelivered).await.unwrap()) })
     });
     let mut seen: std::collections::BTreeMap<i32, Vec<u32>> = Default::default();
     for open in opens {
@@ -283,7 +285,7 @@ async fn the_ledger_answers_concurrent_opens_and_stores_exactly() {
     }
     for deliveries in seen.values_mut() {
         deliveries.sort();
-        assert_eq!(deliveries, &vec![1, 2]);
+        assert_eq!(deliveries, &vec![2, 3]);
     }
     let stores = (0..25).map(|i| {
         let store = store.clone();
@@ -292,15 +294,18 @@ async fn the_ledger_answers_concurrent_opens_and_stores_exactly() {
     for stored in stores {
         stored.await.unwrap();
     }
-    let again = store.open("k7", "job").await.unwrap();
-    assert_eq!(again.deliveries, 3);
+    let again = store.open("k7", "job", Receipt::Redelivered).await.unwrap();
+    assert_eq!(again.deliveries, 4);
     assert_eq!(again.result.as_deref(), Some("{\"n\":7}"), "stored as published, byte for byte");
     // Another job under the same key is told so, counts nothing, and cannot overwrite.
-    let other = store.open("k7", "another job").await.unwrap();
+    let other = store.open("k7", "another job", Receipt::Redelivered).await.unwrap();
     assert!(other.other_job && other.result.is_none());
     store.store("k7", "another job", "{\"n\":\"other\"}").await.unwrap();
-    let mine = store.open("k7", "job").await.unwrap();
-    assert_eq!((mine.deliveries, mine.result.as_deref()), (4, Some("{\"n\":7}")));
+    let mine = store.open("k7", "job", Receipt::Redelivered).await.unwrap();
+    assert_eq!((mine.deliveries, mine.result.as_deref()), (5, Some("{\"n\":7}")));
+    // Published again (a new message): no failed delivery.
+    let copy = store.open("k7", "job", Receipt::Fresh).await.unwrap();
+    assert_eq!((copy.deliveries, copy.result.as_deref()), (5, Some("{\"n\":7}")));
 }
 
 #[tokio::test]
@@ -318,8 +323,8 @@ async fn one_unstorable_result_never_fails_the_others_and_nul_escapes_are_stored
     for stored in stores {
         stored.await.unwrap().unwrap();
     }
-    assert_eq!(store.open("k7", "job").await.unwrap().result.as_deref(), Some(nul));
-    assert_eq!(store.open("k3", "job").await.unwrap().result.as_deref(), Some("{\"n\":3}"));
+    assert_eq!(store.open("k7", "job", Receipt::Fresh).await.unwrap().result.as_deref(), Some(nul));
+    assert_eq!(store.open("k3", "job", Receipt::Fresh).await.unwrap().result.as_deref(), Some("{\"n\":3}"));
 }
 
 #[tokio::test]
@@ -332,12 +337,12 @@ async fn a_result_stored_before_keys_were_bound_to_jobs_is_never_served() {
         .execute(&mut env.db().await)
         .await
         .unwrap();
-    let entry = store.open("msg:legacy", "job-b").await.unwrap();
+    let entry = store.open("msg:legacy", "job-b", Receipt::Fresh).await.unwrap();
     assert_eq!((entry.result, entry.other_job), (None, false), "run again, never served");
     store.store("msg:legacy", "job-b", "{\"mine\":1}").await.unwrap();
-    let again = store.open("msg:legacy", "job-b").await.unwrap();
+    let again = store.open("msg:legacy", "job-b", Receipt::Fresh).await.unwrap();
     assert_eq!(again.result.as_deref(), Some("{\"mine\":1}"));
-    assert!(store.open("msg:legacy", "job-c").await.unwrap().other_job, "the key now belongs to job-b");
+    assert!(store.open("msg:legacy", "job-c", Receipt::Fresh).await.unwrap().other_job, "the key now belongs to job-b");
 }
 
 #[tokio::test]
@@ -346,7 +351,7 @@ async fn opens_and_stores_in_flight_together_are_all_done_in_shared_round_trips(
     let env = TestEnv::new().await;
     let store = migrated_store(&env).await;
     for i in 0..40 {
-        store.open(&format!("s{i}"), "job").await.unwrap();
+        store.open(&format!("s{i}"), "job", Receipt::Fresh).await.unwrap();
     }
     // Stores of answered jobs and opens of new ones at the same time, as under load.
     let mut tasks = Vec::new();
@@ -355,7 +360,7 @@ async fn opens_and_stores_in_flight_together_are_all_done_in_shared_round_trips(
         tasks.push(tokio::spawn(async move {
             storing.store(&format!("s{i}"), "job", &format!("{{\"n\":{i}}}")).await.map(|_| None)
         }));
-        tasks.push(tokio::spawn(async move { opening.open(&format!("o{i}"), "job").await.map(Some) }));
+        tasks.push(tokio::spawn(async move { opening.open(&format!("o{i}"), "job", Receipt::Fresh).await.map(Some) }));
     }
     for task in tasks {
         if let Some(entry) = task.await.unwrap().unwrap() {
@@ -363,7 +368,7 @@ async fn opens_and_stores_in_flight_together_are_all_done_in_shared_round_trips(
         }
     }
     for i in [0, 17, 39] {
-        let entry = store.open(&format!("s{i}"), "job").await.unwrap();
+        let entry = store.open(&format!("s{i}"), "job", Receipt::Redelivered).await.unwrap();
         assert_eq!(entry.result, Some(format!("{{\"n\":{i}}}")));
         assert_eq!(entry.deliveries, 2);
     }
