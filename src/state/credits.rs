@@ -72,6 +72,9 @@ pub struct Credit {
     /// gave none) and the estimate of those in flight.
     taken: u64,
     in_flight: u64,
+    /// Tokens of its calls that have answered (their count, or their estimate when the
+    /// provider gave none): those the provider certainly counted before any call admitted now.
+    answered_tokens: u64,
     /// No more calls: it counts what it admitted, and ends with its last answer.
     closed: bool,
     /// Writes made of it: each carries the next number, and the database applies a write
@@ -93,6 +96,7 @@ impl Credit {
             admitted: 0,
             taken: 0,
             in_flight: 0,
+            answered_tokens: 0,
             closed: false,
             writes: 0,
         }
@@ -134,11 +138,12 @@ impl Credit {
 /// bookkeeping); after that a credit is ended whatever it still waits for.
 const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
 
-/// A call admitted from a credit: the credit's call id, and how much of the credit had been
-/// taken when the call was admitted, inclusive of it: the calls it had admitted, and the tokens
-/// they take (those answered at their count, those in flight at their estimate). A figure in
-/// the call's answer holds that much of the credit (the provider counted the credit's calls
-/// sent before it, and this one).
+/// A call admitted from a credit: the credit's call id, and how much of the credit the
+/// provider certainly counted when it received the call: the credit's calls that had answered
+/// before it was admitted (at their count), and the call itself (at its estimate). A figure in
+/// the call's answer holds at least that much of the credit. Calls still in flight when it was
+/// admitted are not in it: they may reach the provider after it (review 4: counting them took
+/// back a call still on its way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Taken {
     pub call: i64,
@@ -215,6 +220,7 @@ impl ProviderCredits {
         let credit = self.overdue.get_mut(&call)?;
         credit.in_flight = credit.in_flight.saturating_sub(1);
         credit.taken = credit.taken.saturating_sub(estimate).saturating_add(tokens.unwrap_or(estimate));
+        credit.answered_tokens = credit.answered_tokens.saturating_add(tokens.unwrap_or(estimate));
         let raised = credit.taken > credit.tokens;
         let ending = raised.then(|| Ending { ended: true, ..credit.write(provider) });
         if credit.in_flight == 0 {
@@ -245,10 +251,14 @@ impl CreditBook {
         let Some(credits) = self.providers.get_mut(provider) else { return (None, None) };
         match credits.open.as_mut() {
             Some(credit) if credit.admits(tokens, flight, now) => {
+                let taken = Taken {
+                    call: credit.call,
+                    requests: credit.admitted.saturating_sub(credit.in_flight).saturating_add(1),
+                    tokens: credit.answered_tokens.saturating_add(tokens),
+                };
                 credit.admitted = credit.admitted.saturating_add(1);
                 credit.taken = credit.taken.saturating_add(tokens);
                 credit.in_flight = credit.in_flight.saturating_add(1);
-                let taken = Taken { call: credit.call, requests: credit.admitted, tokens: credit.taken };
                 (Some(taken), None)
             }
             Some(_) => (None, credits.close_open(provider)),
@@ -292,6 +302,7 @@ impl CreditBook {
         let credit = if is_open { credits.open.as_mut()? } else { credits.closing.get_mut(&call)? };
         credit.in_flight = credit.in_flight.saturating_sub(1);
         credit.taken = credit.taken.saturating_sub(estimate).saturating_add(tokens.unwrap_or(estimate));
+        credit.answered_tokens = credit.answered_tokens.saturating_add(tokens.unwrap_or(estimate));
         let raised = credit.taken > credit.tokens;
         if is_open {
             return if raised { credits.close_open(provider) } else { None };
@@ -373,15 +384,22 @@ mod tests {
     }
 
     #[test]
+    fn a_call_counts_as_sent_before_it_only_the_credits_calls_that_had_answered() {
+        let (mut book, p) = book_with_credit(4, 400);
+        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0, Some(Taken { call: 7, requests: 1, tokens: 100 }));
+        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0, Some(Taken { call: 7, requests: 1, tokens: 100 }));
+        // One answers (40 tokens used); the other is still on its way to the provider.
+        assert_eq!(book.answer(&p, 7, 100, Some(40)), None);
+        assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0, Some(Taken { call: 7, requests: 2, tokens: 140 }));
+    }
+
+    #[test]
     fn a_credit_admits_what_it_holds_then_counts_what_it_admitted_and_ends_with_its_last_answer() {
         let (mut book, p) = book_with_credit(3, 300);
-        for k in 1..=3 {
-            let taken = Taken { call: 7, requests: k, tokens: 100 * k };
-            assert_eq!(
-                book.take(&p, 100, FLIGHT, at(0)),
-                (Some(taken), None),
-                "each call says how much it took, inclusive"
-            );
+        for _ in 1..=3 {
+            // None of the credit's calls has answered: each call's figure holds only itself.
+            let taken = Taken { call: 7, requests: 1, tokens: 100 };
+            assert_eq!(book.take(&p, 100, FLIGHT, at(0)), (Some(taken), None), "what the figure surely holds");
         }
         // The fourth call does not fit: the credit closes, with its calls still out.
         let closed = book.take(&p, 100, FLIGHT, at(0));
@@ -525,10 +543,10 @@ mod tests {
                     if let Some(taken) = taken {
                         out.push(size);
                         admitted += 1;
-                        // Inclusive of the call: what the credit's answered calls used and
-                        // the estimates of those out (this one's among them).
-                        prop_assert_eq!(taken.requests, admitted);
-                        prop_assert_eq!(taken.tokens, used + out.iter().sum::<u64>());
+                        // What the figure surely holds: the credit's answered calls (what
+                        // they used) and this one (its estimate), not the others still out.
+                        prop_assert_eq!(taken.requests, admitted - (out.len() as u64 - 1));
+                        prop_assert_eq!(taken.tokens, used + size);
                     }
                     told.hear(ending);
                 }

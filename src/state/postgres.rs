@@ -60,9 +60,20 @@ const CHANNEL: &str = "fallback_provider_state";
 /// The longest one state call may take before the database counts as unreachable: a worker
 /// must not hold jobs for seconds on a dead connection pool.
 const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// The pauses before each new try of an answer the database was too slow for (see
+/// The pauses before each new try of an answer the database did not take (see
 /// [`PgStore::write_later`]): about 6 s in all, then its call is left to expire.
 const ANSWER_RETRY_PAUSES: [Duration; 3] = [Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(4)];
+/// Answers waiting to be written again at most: past that, more are dropped (their calls count
+/// until they expire), so a database that refuses every answer cannot grow a worker's memory.
+const MAX_RETRIED_ANSWERS: usize = 10_000;
+
+/// Answers waiting to be written again, each with the tries it has had, and whether a task is
+/// writing them (one at a time).
+#[derive(Default)]
+struct RetriedAnswers {
+    answers: Vec<(AnswerWrite, u8)>,
+    writing: bool,
+}
 
 /// How many calls written back while in flight are remembered for their answers (see
 /// `Outage::written_back`): far more than a worker has in flight.
@@ -147,6 +158,8 @@ struct Outage {
     unshared_cooldowns: Mutex<Vec<(String, Cooldown)>>,
     /// Answers to calls the database admitted that arrived while it was unreachable.
     unwritten_answers: Mutex<Vec<AnswerWrite>>,
+    /// Answers the database did not take when they came, waiting to be written again.
+    retried_answers: Mutex<RetriedAnswers>,
     /// Calls admitted locally, written back while still in flight: their database id and
     /// provider, by local id, so that their answers correct the shared windows too.
     written_back: Mutex<HashMap<i64, WrittenBack>>,
@@ -335,26 +348,67 @@ impl PgStore {
     }
 
     /// An answer the database did not take (every connection held up, a window's row held
-    /// elsewhere past the statement's `lock_timeout`) is written again from the background, a
-    /// few times: a raised token count lost to a slow moment would leave the windows counting
-    /// less than the provider. Writing it twice is harmless: an answer sets its call's amount
-    /// and only ever brings its leaving earlier, and a credit's writes are numbered.
+    /// elsewhere past the statement's `lock_timeout`) is written again from the background: a
+    /// raised token count lost to a slow moment would leave the windows counting less than the
+    /// provider. One task writes all the answers waiting, in one statement per try, so that a
+    /// failed batch never becomes a statement per answer holding the pool's connections (review
+    /// 4). Writing an answer twice is harmless: it sets its call's amount and only ever brings
+    /// its leaving earlier, and a credit's writes are numbered.
     fn write_later(&self, write: AnswerWrite) {
-        let store = self.clone();
-        self.answers.spawn(async move {
-            for pause in ANSWER_RETRY_PAUSES {
-                tokio::time::sleep(pause).await;
-                if store.outage.down.load(Ordering::SeqCst) {
-                    // The write-back that ends the outage writes it.
-                    return store.keep_unwritten(write);
-                }
-                let attempt = store.write_answers(std::slice::from_ref(&write));
-                if let Ok(Ok(())) = tokio::time::timeout(STATE_CALL_TIMEOUT, attempt).await {
+        let mut waiting = self.outage.retried_answers.lock().unwrap();
+        if waiting.answers.len() >= MAX_RETRIED_ANSWERS {
+            return answer_not_recorded(&StoreError::Busy("too many answers wait to be written again".into()));
+        }
+        waiting.answers.push((write, 0));
+        if !std::mem::replace(&mut waiting.writing, true) {
+            let store = self.clone();
+            self.answers.spawn(async move { store.write_answers_again().await });
+        }
+    }
+
+    /// Writes the answers waiting in [`Outage::retried_answers`] until none is left: each gets
+    /// [`ANSWER_RETRY_PAUSES`]`.len()` tries, after those pauses. One that meets the database
+    /// unreachable goes to the write-back that ends the outage (the worker is marked down, as
+    /// any state call that finds it gone does).
+    async fn write_answers_again(self) {
+        loop {
+            let pause = {
+                let mut waiting = self.outage.retried_answers.lock().unwrap();
+                let Some(tries) = waiting.answers.iter().map(|(_, tries)| *tries).min() else {
+                    waiting.writing = false;
                     return;
-                }
+                };
+                ANSWER_RETRY_PAUSES.get(usize::from(tries)).copied().unwrap_or(Duration::ZERO)
+            };
+            tokio::time::sleep(pause).await;
+            let answers = std::mem::take(&mut self.outage.retried_answers.lock().unwrap().answers);
+            if self.outage.down.load(Ordering::SeqCst) {
+                self.outage.unwritten_answers.lock().unwrap().extend(answers.into_iter().map(|(a, _)| a));
+                continue;
             }
-            answer_not_recorded(&StoreError::Busy("an answer the database did not take in four tries".into()));
-        });
+            let writes: Vec<AnswerWrite> = answers.iter().map(|(a, _)| *a).collect();
+            match tokio::time::timeout(STATE_CALL_TIMEOUT, self.write_answers(&writes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if is_transient(&e) => {
+                    self.went_down(&e.to_string());
+                    self.outage.unwritten_answers.lock().unwrap().extend(writes);
+                }
+                _ => self.try_again(answers),
+            }
+        }
+    }
+
+    /// Puts `answers` back for another try, but those that had their last.
+    fn try_again(&self, answers: Vec<(AnswerWrite, u8)>) {
+        let mut waiting = self.outage.retried_answers.lock().unwrap();
+        for (answer, tries) in answers {
+            let tries = tries.saturating_add(1);
+            if usize::from(tries) < ANSWER_RETRY_PAUSES.len() {
+                waiting.answers.push((answer, tries));
+            } else {
+                answer_not_recorded(&StoreError::Busy("an answer the database did not take in four tries".into()));
+            }
+        }
     }
 
     fn keep_unwritten(&self, answer: AnswerWrite) {

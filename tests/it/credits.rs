@@ -105,10 +105,10 @@ async fn calls_admitted_from_a_credit_take_no_row_of_their_own() {
     assert_eq!(used(&env, "provider", "p", "requests").await, 64, "the whole credit counts while it is live");
 }
 
-/// The figures in the answers of a credit's calls hold the credit's calls sent up to them
-/// (migration 0013): the worker says how many, and only the rest of the credit is taken as
-/// unseen beside the figure, in each measure. The k-th call's permit carries the credit's
-/// requests and tokens taken with it, inclusive.
+/// The figure in the answer of a credit's call holds the credit's calls that had answered
+/// before it was admitted, and itself (migration 0013; calls still in flight may reach the
+/// provider after it): the worker says how much, and only the rest of the credit is taken as
+/// unseen beside the figure, in each measure. The permit carries that, in requests and tokens.
 #[tokio::test]
 async fn the_figure_of_a_credits_call_learns_beside_only_the_calls_it_had_not_sent() {
     let env = TestEnv::new().await;
@@ -116,14 +116,17 @@ async fn the_figure_of_a_credits_call_learns_beside_only_the_calls_it_had_not_se
     let store = &worker.store;
     let limits = [requests(100_000), tokens(100_000_000)];
     let first = granted(store, ask(&limits, 100)).await;
+    let in_flight = granted(store, ask(&limits, 100)).await;
+    assert_eq!(first.credit_sent, Some((1, 100)));
+    assert_eq!(in_flight.credit_sent, Some((1, 100)), "the first call, still out, may reach the provider after it");
+    store.finish(first.clone(), Some(100), SystemTime::now()).await;
     let second = granted(store, ask(&limits, 100)).await;
     assert!(first.from_credit && second.from_credit && first.usage_id == second.usage_id, "{first:?} {second:?}");
-    assert_eq!(first.credit_sent, Some((1, 100)));
-    assert_eq!(second.credit_sent, Some((2, 200)));
+    assert_eq!(second.credit_sent, Some((2, 200)), "the first call, answered, and itself");
     assert_eq!(used(&env, "provider", "p", "requests").await, 64);
     assert_eq!(used(&env, "provider", "p", "tokens").await, 6400);
     // The provider, in the second call's answer: 5000 calls and 70,000 tokens made elsewhere,
-    // and the credit's 2 calls (200 tokens).
+    // and the credit's 2 calls (200 tokens); the call still in flight is not in it.
     let tokens_left = QuotaObservation {
         measure: QuotaMeasure::Tokens,
         remaining: 100_000_000 - 70_200,
@@ -137,7 +140,7 @@ async fn the_figure_of_a_credits_call_learns_beside_only_the_calls_it_had_not_se
     // calls a second time.
     assert_eq!(used(&env, "provider", "p", "requests").await, 5000 + 64);
     assert_eq!(used(&env, "provider", "p", "tokens").await, 70_000 + 6400);
-    store.finish(first, Some(100), SystemTime::now()).await;
+    store.finish(in_flight, Some(100), SystemTime::now()).await;
     store.finish(second, Some(100), SystemTime::now()).await;
 }
 

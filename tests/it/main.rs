@@ -23,6 +23,7 @@ mod pool_workers;
 mod pools;
 mod provider_faults;
 mod quorum;
+mod review4;
 mod review_0009;
 mod review_0009b;
 mod review_0009d;

@@ -1,26 +1,20 @@
 -- Learnt use that says which figure taught it, and a credit's own calls counted once in its
 -- figures (`fallback_observe`).
 --
--- Figures observed out of order: call Y, admitted after X, answers first and its (higher)
--- figure is learnt; X's older figure arrives next. 0007 to 0012 read "what we count minus the
--- calls admitted after X" as what the provider counted at X, but that count held the use learnt
--- from Y's later figure, and took it back as an excess: the window counted less than the
--- provider (152 taken, 102 counted in review 3's test). Each learnt row now says which call's
--- figure taught it (`learnt_from`; NULL: a figure of an unknown call, and every learnt row of
--- an earlier version) and, when that call was a credit, until when it admitted calls
--- (`learnt_until`: its figures may have been taken until then; 'infinity' when the call's rows
--- were not found, so its figure's time is unknown). Observing call X, a learnt row is *older*
--- than X's figure when its figure is known to have been taken no later:
---   * NULL `learnt_from` (as before 0013);
---   * a call that was not a credit (`learnt_until` NULL) admitted no later than X
---     (`learnt_from <= X`: call ids are the admission order, the rule of the calls' own rows;
---     X being a credit, a call admitted before the credit was granted);
---   * a credit other than X that admitted nothing after X was admitted
---     (`learnt_until <= X's admitted_at`; with no admitted_at for X, never).
--- Every other learnt row is *newer*: like the calls admitted after X, it is left out of what
--- the provider counted at X, and it is never taken back; only older ones are. When unsure, a
--- row is newer: less is taken back, never more (a credit's own learnt rows are newer than any
--- of its figures, whose order among them is not known).
+-- Figures observed out of order: call Y answers first and its (higher) figure is learnt; X's
+-- figure, taken earlier, arrives next. 0007 to 0012 read "what we count minus the calls
+-- admitted after X" as what the provider counted at X, but that count held the use learnt from
+-- Y's later figure, and took it back as an excess: the window counted less than the provider
+-- (152 taken, 102 counted in review 3's test). Each learnt row now says when it was learnt
+-- (`learnt_at`; NULL for the learnt rows of earlier versions). A figure is taken when the
+-- provider receives its call, after the call was admitted, and calls in flight together reach
+-- it in any order (review 4: ranking figures by call id took back what a call admitted before X
+-- but received after it taught). So only a row learnt before X was admitted is *older* than
+-- X's figure, whatever call taught it: its figure was taken before X existed. Every other
+-- learnt row is *newer*: like the calls admitted after X, it is left out of what the provider
+-- counted at X, and it is never taken back; only older ones are (and rows of earlier
+-- versions, as before). When X's admission time is unknown (a row of 0007's `fallback_admit`),
+-- every learnt row of 0013 is newer: less is taken back, never more.
 --
 -- A credit's own figures: every answer of a credit's call is observed as the credit, which
 -- counted whole as unseen (it admitted calls after its own admission), although the figure of
@@ -31,24 +25,21 @@
 -- 0012). NULL (a worker of 0012, a call not from a credit): the whole credit, as in 0012.
 --
 -- The 9-argument `fallback_observe` calls the new one with no count: workers of 0012 keep
--- running during the upgrade (their learnt rows say which figure taught them too).
+-- running during the upgrade (their learnt rows say when they were learnt too).
 
-ALTER TABLE quota_use ADD COLUMN learnt_from bigint;
-ALTER TABLE quota_use ADD COLUMN learnt_until timestamptz;
+ALTER TABLE quota_use ADD COLUMN learnt_at timestamptz;
 
--- Whether a learnt row (taught by the figure of call `p_from`, a credit admitting calls until
--- `p_until` when not NULL) was taught by a figure taken no later than that of call `p_call`
--- (admitted at `p_seen`, NULL when unknown). Unsure: no (newer).
-CREATE FUNCTION fallback_learnt_is_older(p_from bigint, p_until timestamptz, p_call bigint, p_seen timestamptz)
+-- Whether a learnt row (learnt at `p_learnt_at`, NULL before 0013) was taught by a figure taken
+-- before that of a call admitted at `p_seen` (NULL when unknown). Unsure: no (newer).
+CREATE FUNCTION fallback_learnt_is_older(p_learnt_at timestamptz, p_seen timestamptz)
 RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN p_from IS NULL THEN true
-                WHEN p_until IS NULL THEN p_from <= p_call
-                ELSE p_from <> p_call AND p_seen IS NOT NULL AND p_until <= p_seen END;
+    SELECT p_learnt_at IS NULL OR (p_seen IS NOT NULL AND p_learnt_at <= p_seen);
 $$;
 
--- As 0012, where learnt rows of figures newer than the observed call's are neither counted as
--- seen by it nor taken back, each learnt row says which figure taught it, and the observed
--- credit counts as unseen only beyond what it had sent at the observed call (`p_sent`).
+-- As 0012, where learnt rows of figures not known to be older than the observed call's are
+-- neither counted as seen by it nor taken back, each learnt row says when it was learnt, and
+-- the observed credit counts as unseen only beyond what its call's figure surely holds
+-- (`p_sent`).
 CREATE FUNCTION fallback_observe(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
                                  p_calendar text, p_declared bigint, p_remaining bigint, p_leaves timestamptz,
                                  p_call bigint, p_sent bigint)
@@ -62,8 +53,7 @@ DECLARE
     v_take     bigint;
     v_live     bigint;
     v_seen     timestamptz;
-    v_found    boolean;
-    v_until    timestamptz;   -- the observed call is a credit: until when it admitted calls
+    v_credit   boolean;       -- the observed call is a credit
     v_own      bigint;        -- the observed credit's row in this window, when unseen
     v_later    bigint;        -- learnt use taught by newer figures
     r          record;
@@ -78,13 +68,13 @@ BEGIN
     END IF;
     -- The figure was taken when the provider received the call, after it was admitted: a
     -- credit admitting calls after that may have sent them after the figure was taken.
-    SELECT min(admitted_at), count(*) > 0, max(credit_open_until) FILTER (WHERE credit_seq IS NOT NULL)
-      INTO v_seen, v_found, v_until
+    SELECT min(admitted_at), bool_or(credit_seq IS NOT NULL)
+      INTO v_seen, v_credit
       FROM quota_use WHERE call_id = p_call AND p_call IS NOT NULL AND NOT learnt;
     v_live := fallback_unseen_credits(p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_now, v_seen);
     -- The observed credit's own calls up to the observed one are in its figure: only the rest
     -- of it is unseen (its row is among the unseen ones when it admitted after its admission).
-    IF p_sent IS NOT NULL AND p_sent > 0 AND v_until IS NOT NULL THEN
+    IF p_sent IS NOT NULL AND p_sent > 0 AND v_credit THEN
         SELECT coalesce(sum(amount), 0)::bigint INTO v_own FROM quota_use
          WHERE call_id = p_call AND kind = p_kind AND scope = p_scope AND measure = p_measure
            AND window_ms = p_window_ms AND calendar = p_calendar AND credit_seq IS NOT NULL AND NOT learnt
@@ -95,9 +85,9 @@ BEGIN
     END IF;
     IF v_target > v_used - v_live THEN
         INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt,
-                               learnt_from, learnt_until)
+                               learnt_at)
         VALUES (0, p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_target - (v_used - v_live), p_leaves, true,
-                p_call, CASE WHEN p_call IS NULL THEN NULL WHEN NOT v_found THEN 'infinity' ELSE v_until END);
+                v_now);
         UPDATE quota_window SET used = v_used + (v_target - (v_used - v_live)), next_leave = least(next_leave, p_leaves)
          WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
            AND calendar = p_calendar;
@@ -124,7 +114,7 @@ BEGIN
     SELECT coalesce(sum(amount), 0)::bigint INTO v_later FROM quota_use
      WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
        AND calendar = p_calendar AND learnt AND leaves_at > v_now
-       AND NOT fallback_learnt_is_older(learnt_from, learnt_until, p_call, v_seen);
+       AND NOT fallback_learnt_is_older(learnt_at, v_seen);
     v_excess := v_excess - v_later;
     -- With the call unknown (NULL), nothing is taken back.
     IF p_call IS NULL THEN
@@ -133,7 +123,7 @@ BEGIN
     FOR r IN SELECT id, amount FROM quota_use
               WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
                 AND calendar = p_calendar AND learnt AND leaves_at > v_now
-                AND fallback_learnt_is_older(learnt_from, learnt_until, p_call, v_seen)
+                AND fallback_learnt_is_older(learnt_at, v_seen)
               ORDER BY leaves_at DESC LOOP
         EXIT WHEN v_excess <= 0;
         v_take := least(r.amount, v_excess);
