@@ -77,7 +77,8 @@ pub async fn collect(
     let mut out = Vec::new();
     for provider in &config.providers {
         let row = sqlx::query(
-            "SELECT (extract(epoch FROM cooldown_until) * 1000)::bigint AS until_ms, cooldown_reason, cooldown_detail, \
+            "SELECT CASE WHEN cooldown_until = 'infinity' THEN 253402300799999 WHEN cooldown_until = '-infinity' THEN 0 \
+             ELSE (extract(epoch FROM cooldown_until) * 1000)::bigint END AS until_ms, cooldown_reason, cooldown_detail, \
              consecutive_server_errors, last_error, (extract(epoch FROM last_error_at) * 1000)::bigint AS error_ms \
              FROM provider_state WHERE provider = $1",
         )

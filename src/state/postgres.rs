@@ -245,6 +245,10 @@ struct Notice {
     /// every worker's view of the run).
     #[serde(default)]
     server_errors: Option<i32>,
+    /// The row as committed, sent by the table's trigger (migration 0015) after any change,
+    /// the service's or an operator's: the copy is set to it exactly.
+    #[serde(default)]
+    table: bool,
 }
 
 impl PgStore {
@@ -883,7 +887,7 @@ impl PgStore {
     /// Loads every provider row into the local copy.
     pub async fn reload(&self) -> Result<(), sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT provider, (extract(epoch FROM cooldown_until) * 1000)::bigint AS until_ms, \
+            "SELECT provider, fallback_epoch_ms(cooldown_until) AS until_ms, \
              cooldown_reason, cooldown_detail, consecutive_server_errors FROM provider_state",
         )
         .fetch_all(&self.pool)
@@ -956,6 +960,14 @@ impl PgStore {
             tracing::warn!("ignoring a malformed provider-state notification");
             return;
         };
+        if notice.table {
+            let cooldown = notice.until_ms.and_then(|until_ms| cooldown_from(until_ms, notice.reason, notice.detail));
+            let mut cache = self.cache.lock().unwrap();
+            let entry = cache.entry(notice.provider).or_default();
+            entry.cooldown = cooldown;
+            entry.consecutive_server_errors = notice.server_errors.unwrap_or(0);
+            return;
+        }
         if let Some(count) = notice.server_errors {
             self.cache.lock().unwrap().entry(notice.provider.clone()).or_default().consecutive_server_errors = count;
         }
@@ -1017,7 +1029,7 @@ impl PgStore {
     /// The provider's row as the database has it (cooldown and error run).
     async fn read_cooldown(&self, provider: &str, now: SystemTime) -> Result<Option<Cooldown>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT (extract(epoch FROM cooldown_until) * 1000)::bigint AS until_ms, cooldown_reason, \
+            "SELECT fallback_epoch_ms(cooldown_until) AS until_ms, cooldown_reason, \
              cooldown_detail, consecutive_server_errors FROM provider_state WHERE provider = $1",
         )
         .bind(provider)
@@ -1694,7 +1706,7 @@ impl ProviderState for PgStore {
                        RETURNING provider, cooldown_until, cooldown_reason, cooldown_detail), \
                      announced AS ( \
                        SELECT pg_notify($4, json_build_object('provider', provider, \
-                         'until_ms', (extract(epoch FROM cooldown_until) * 1000)::bigint, \
+                         'until_ms', fallback_epoch_ms(cooldown_until), \
                          'reason', cooldown_reason, 'detail', cooldown_detail)::text) FROM claimed) \
                      SELECT (SELECT count(*) FROM announced) > 0, \
                             coalesce((SELECT cooldown_reason = 'circuit' FROM current), false)",
@@ -1885,7 +1897,7 @@ impl PgStore {
                  last_error = EXCLUDED.last_error, last_error_at = now(), updated_at = now() \
                RETURNING s.provider, s.cooldown_until, s.cooldown_reason, s.cooldown_detail) \
              SELECT pg_notify($5, json_build_object('provider', provider, \
-               'until_ms', (extract(epoch FROM cooldown_until) * 1000)::bigint, \
+               'until_ms', fallback_epoch_ms(cooldown_until), \
                'reason', cooldown_reason, 'detail', cooldown_detail)::text) FROM up",
         )
         .bind(provider)

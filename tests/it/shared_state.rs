@@ -105,12 +105,16 @@ async fn notifications_reach_other_workers_and_a_reconnect_reloads() {
     writer.cool_down("q", cooldown(300, CooldownReason::RateLimited)).await;
     eventually("the notification arrives", || async { reader.known_cooldown("q").is_some() }).await;
 
-    // A change that sends no notification is only learnt by reloading the table, which the
+    // A change that sends no notification (the table's triggers off, as a restore runs with
+    // session_replication_role = replica) is only learnt by reloading the table, which the
     // listener does after it loses its connection.
+    sqlx::query("BEGIN").execute(&mut db).await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut db).await.unwrap();
     sqlx::query("INSERT INTO provider_state (provider, cooldown_until, cooldown_reason) VALUES ('s', now() + interval '5 minutes', 'auth')")
         .execute(&mut db)
         .await
         .unwrap();
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
     assert!(reader.known_cooldown("s").is_none());
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()",
@@ -120,6 +124,49 @@ async fn notifications_reach_other_workers_and_a_reconnect_reloads() {
     .unwrap();
     assert!(killed >= 1);
     eventually("the reload brings the unannounced cooldown", || async { reader.known_cooldown("s").is_some() }).await;
+    shutdown.cancel();
+    listening.await.unwrap();
+}
+
+/// An operator clears a cooldown by hand, as docs/operations.md says (`UPDATE provider_state
+/// SET cooldown_until = now() ...`), or deletes a provider's row: running workers follow at once,
+/// with no restart (the table's trigger, migration 0015). A black-box run found them keeping
+/// the old cooldown while `status` said usable. An `infinity` typed by hand neither fails the
+/// change nor the workers' reload.
+#[tokio::test]
+async fn a_cooldown_changed_by_hand_reaches_running_workers() {
+    let env = TestEnv::new().await;
+    let writer = migrated_store(&env).await;
+    let reader = migrated_store(&env).await;
+    let shutdown = CancellationToken::new();
+    let listening = tokio::spawn(reader.clone().listen(shutdown.clone()));
+    eventually("the listener is live", || async { reader.is_listening() }).await;
+    writer.cool_down("q", cooldown(300, CooldownReason::RateLimited)).await;
+    eventually("the cooldown arrives", || async {
+        reader.known_cooldown("q").is_some_and(|c| c.until > SystemTime::now())
+    })
+    .await;
+    let mut db = env.db().await;
+    sqlx::query("UPDATE provider_state SET cooldown_until = now() WHERE provider = 'q'")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    eventually("the cleared cooldown arrives", || async {
+        reader.known_cooldown("q").is_none_or(|c| c.until <= SystemTime::now())
+    })
+    .await;
+    sqlx::query("UPDATE provider_state SET cooldown_until = 'infinity', cooldown_reason = 'auth' WHERE provider = 'q'")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let far = SystemTime::now() + Duration::from_secs(100 * 365 * 86_400);
+    eventually("a cooldown without end arrives", || async {
+        reader.known_cooldown("q").is_some_and(|c| c.until > far)
+    })
+    .await;
+    reader.reload().await.expect("the table reloads with an infinite cooldown in it");
+    sqlx::query("DELETE FROM provider_state WHERE provider = 'q'").execute(&mut db).await.unwrap();
+    eventually("the deleted row clears the cooldown", || async { reader.known_cooldown("q").is_none() }).await;
     shutdown.cancel();
     listening.await.unwrap();
 }
