@@ -52,6 +52,10 @@ impl Job {
     /// Parses one message body. Unknown top-level fields are ignored (forward compatibility);
     /// everything §2 names is checked.
     pub fn parse(bytes: &[u8]) -> Result<Job, InvalidJob> {
+        // Anything but an object would be reported in serde's words, naming a type of ours.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(invalid(None, "the message is not a JSON object"));
+        }
         let raw: RawJob = serde_json::from_slice(bytes)
             .map_err(|e| InvalidJob { custom_id: None, message: format!("the message is not a JSON object: {e}") })?;
         let custom_id = match raw.custom_id {
@@ -352,6 +356,10 @@ mod tests {
         for (text, needle) in cases {
             let err = parse(text).unwrap_err();
             assert!(err.message.contains(needle), "{text}: {err}");
+            assert!(!err.message.contains("RawJob"), "{text}: the service's own type named to a publisher: {err}");
+        }
+        for top_level in ["[1,2]", " \"a string\"", "42", "null", "true"] {
+            assert_eq!(parse(top_level).unwrap_err().message, "the message is not a JSON object");
         }
         assert_eq!(parse(r#"{"custom_id":"a","url":"x","body":{}}"#).unwrap_err().custom_id.as_deref(), Some("a"));
     }

@@ -42,19 +42,101 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Removes every occurrence of the given secret values from `text` (for provider error bodies
-/// that echo part of a key back, e.g. OpenAI's "Incorrect API key provided: sk-…").
+/// Removes the given secret values from `text` (for provider error bodies that echo a key
+/// back, e.g. OpenAI's "Incorrect API key provided: sk-…"): every run of at least
+/// [`shortest_part`] consecutive characters of a secret, in any ASCII case, as written or
+/// percent-encoded. A server may echo a key cut short, upper-cased or URL-encoded; each would
+/// still give most of it away. Secrets under 8 bytes are left alone (they would hide words).
 pub fn scrub(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_string();
-    for secret in secrets.iter().filter(|s| s.len() >= 8) {
+    for secret in secrets.iter().filter(|s| s.len() >= 8 && !s.is_ascii()) {
         out = out.replace(secret, "***");
     }
+    let mut hidden = vec![false; out.len()];
+    for secret in secrets.iter().filter(|s| s.len() >= 8 && s.is_ascii()) {
+        for form in [secret.to_string(), percent_encoded(secret)] {
+            mark_parts(out.as_bytes(), form.as_bytes(), shortest_part(secret.len()), &mut hidden);
+        }
+    }
+    hide(&out, &hidden)
+}
+
+/// The shortest run of a secret's characters that is hidden: 12, or half of a long secret,
+/// never more than the whole secret.
+fn shortest_part(secret_len: usize) -> usize {
+    (secret_len / 2).max(12).min(secret_len)
+}
+
+/// `secret` percent-encoded as the most eager encoders do (every byte but `A-Za-z0-9` as
+/// `%XX`; forms that leave `-_.~` as they are match the secret as written there).
+fn percent_encoded(secret: &str) -> String {
+    let mut out = String::with_capacity(secret.len());
+    for byte in secret.bytes() {
+        if byte.is_ascii_alphanumeric() {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
     out
+}
+
+/// Marks in `hidden` every run of at least `shortest` bytes of `text` that equals (ignoring
+/// ASCII case) a run of the ASCII `secret`. The runs marked are ASCII, so hiding them keeps the
+/// text valid UTF-8.
+fn mark_parts(text: &[u8], secret: &[u8], shortest: usize, hidden: &mut [bool]) {
+    for start in 0..text.len() {
+        let rest = text.get(start..).unwrap_or_default();
+        let longest =
+            (0..secret.len()).map(|from| common_run(rest, secret.get(from..).unwrap_or_default())).max().unwrap_or(0);
+        if longest >= shortest {
+            hidden.iter_mut().skip(start).take(longest).for_each(|h| *h = true);
+        }
+    }
+}
+
+/// `text` with each run of bytes marked in `hidden` replaced by `***`.
+fn hide(text: &str, hidden: &[bool]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_hidden = false;
+    for (at, ch) in text.char_indices() {
+        if hidden.get(at).copied().unwrap_or(false) {
+            if !in_hidden {
+                out.push_str("***");
+            }
+            in_hidden = true;
+        } else {
+            in_hidden = false;
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// How many bytes `a` and `b` share from their starts, ignoring ASCII case.
+fn common_run(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x.eq_ignore_ascii_case(y)).count()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever surrounds it, and whatever case it is echoed in, a key never survives.
+        #[test]
+        fn no_key_survives_scrubbing(
+            before in "\\PC{0,40}",
+            after in "\\PC{0,40}",
+            key in "[!-~]{8,60}",
+            upper in any::<bool>(),
+        ) {
+            let echoed = if upper { key.to_ascii_uppercase() } else { key.clone() };
+            let said = scrub(&format!("{before}{echoed}{after}"), &[&key]);
+            prop_assert!(!said.to_ascii_lowercase().contains(&key.to_ascii_lowercase()), "{said}");
+        }
+    }
 
     #[test]
     fn passwords_are_hidden() {
@@ -73,5 +155,26 @@ mod tests {
         let key = ApiKey::new("gsk_abcdefghijklmnop".into());
         assert_eq!(format!("{key:?}"), "ApiKey(***)");
         assert_eq!(scrub("bad key gsk_abcdefghijklmnop!", &[key.expose()]), "bad key ***!");
+    }
+
+    #[test]
+    fn a_key_echoed_cut_short_recased_or_url_encoded_is_hidden_too() {
+        let key = "gsk-AbCdEfGhIjKlMnOpQrSt";
+        for echoed in [
+            "gsk-AbCdEfGhIjKlMnOpQrSt",
+            "GSK-ABCDEFGHIJKLMNOPQRST",
+            "gsk-abcdefghijklmnopqrst",
+            "gsk-AbCdEfGhIjKlMnOpQrS",
+            "EfGhIjKlMnOpQrSt",
+            "gsk%2DAbCdEfGhIjKlMnOpQrSt",
+            "gsk%2dabcdefghijklmnopqrst",
+        ] {
+            let said = scrub(&format!("invalid key «{echoed}» sent"), &[key]);
+            assert_eq!(said, "invalid key «***» sent", "{echoed}");
+        }
+        // A few characters a key shares with ordinary words stay.
+        assert_eq!(scrub("the key gsk-Ab is short", &[key]), "the key gsk-Ab is short");
+        assert_eq!(scrub("no key here", &["ünïcödé-secret-value"]), "no key here");
+        assert_eq!(scrub("x ünïcödé-secret-value y", &["ünïcödé-secret-value"]), "x *** y");
     }
 }

@@ -58,10 +58,26 @@ impl Telemetry {
     }
 }
 
+/// lapin logs every message the broker returns (a result for a `reply_to` queue that does not
+/// exist) at WARN with its whole body, as decimal bytes: an answer's content in the logs, six
+/// times its size. The worker logs such a refusal itself; lapin's line stays out unless
+/// `RUST_LOG` names its target.
+const QUIET_TARGETS: &str = "lapin::returned_messages=error";
+
+/// `RUST_LOG`'s filter (`info` without it, or when it does not parse), with [`QUIET_TARGETS`]
+/// unless it names them itself.
+fn log_filter(rust_log: Option<&str>) -> EnvFilter {
+    let asked = rust_log.filter(|spec| EnvFilter::try_new(spec).is_ok()).unwrap_or("info");
+    if asked.contains("lapin::returned_messages") {
+        return EnvFilter::new(asked);
+    }
+    EnvFilter::new(format!("{asked},{QUIET_TARGETS}"))
+}
+
 /// Installs the global subscriber (and the span exporter when configured); call once, from
 /// `main`, before the async runtime starts.
 pub fn init() -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let json = match std::env::var("LOG_FORMAT").ok().as_deref() {
         Some("json") => true,
         Some("text") => false,
@@ -112,4 +128,47 @@ fn tracer_provider() -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBu
         None => Resource::builder().with_service_name(SERVICE_NAME).build(),
     };
     Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What a subscriber with `log_filter(rust_log)` writes for a warning of `target`.
+    fn written(rust_log: Option<&str>, target_is_lapins: bool) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let writer = move || Sink(sink.clone());
+        let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_filter(log_filter(rust_log));
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            if target_is_lapins {
+                tracing::warn!(target: "lapin::returned_messages", "Server returned us a message");
+            } else {
+                tracing::warn!(target: "fallback_worker::broker", "a result was refused");
+            }
+        });
+        String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lapins_copy_of_a_returned_message_stays_out_of_the_logs_unless_asked_for() {
+        for rust_log in [None, Some("debug"), Some("warn,lapin=debug"), Some("not a [valid filter")] {
+            assert_eq!(written(rust_log, true), "", "RUST_LOG={rust_log:?}");
+            assert!(written(rust_log, false).contains("a result was refused"), "RUST_LOG={rust_log:?}");
+        }
+        assert!(written(Some("lapin::returned_messages=warn"), true).contains("returned us"));
+    }
 }

@@ -569,15 +569,21 @@ pub fn result_of(custom_id: &str, verdict: Verdict, mut routing: Routing) -> Res
             tracing::info!(custom_id, provider = %provider, attempts = routing.attempts.len(), rejected, "answered");
             routing.rejected = rejected;
             routing.provider = Some(provider);
+            let id = JobResult::new_id();
+            // Every answer in the OpenAI form a client's SDK loads (contract §3), whatever an
+            // OpenAI-compatible provider left out.
+            let mut body = completion.body;
+            let created = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            crate::providers::shape::complete_envelope(&mut body, &format!("chatcmpl-{id}"), &model, created);
             routing.model = Some(model);
             routing.free = Some(free);
             Ok(JobResult {
-                id: JobResult::new_id(),
+                id,
                 custom_id: Some(custom_id.to_string()),
                 response: Some(ResponseEnvelope {
                     status_code: completion.status,
                     request_id: completion.request_id,
-                    body: completion.body,
+                    body,
                 }),
                 error: None,
                 routing,

@@ -241,7 +241,10 @@ fn kind_for(status: u16, info: &ErrorInfo) -> FailureKind {
         498 => FailureKind::Server, // Groq flex tier out of capacity
         500..=599 => FailureKind::Server,
         _ if info.kind == "RESOURCE_EXHAUSTED" => FailureKind::RateLimited,
-        _ => FailureKind::Client,
+        // A status HTTP does not define (600-999, or under 400 and not handled above) comes from
+        // a broken server or proxy, never from this job: it cools the provider down like a 5xx.
+        400..=499 => FailureKind::Client,
+        _ => FailureKind::Server,
     }
 }
 
@@ -514,6 +517,14 @@ mod tests {
         // Only a rate limit has a scope: OpenRouter's spent key budget is `Credits`, as before.
         let budget = r#"{"error":{"code":403,"message":"Key limit exceeded","metadata":{"limit_source":"openrouter_key_limit"}}}"#;
         assert_eq!(classified(403, budget).scope, LimitScope::Model);
+    }
+
+    #[test]
+    fn a_status_http_does_not_define_is_a_server_error_not_the_jobs() {
+        for status in [600, 799, 999] {
+            assert_eq!(classified(status, "").kind, FailureKind::Server, "HTTP {status}");
+        }
+        assert_eq!(classified(418, "").kind, FailureKind::Client);
     }
 
     #[test]

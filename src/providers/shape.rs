@@ -43,6 +43,27 @@ pub fn chat_completion_problems(body: &Value) -> Vec<String> {
     problems
 }
 
+/// Fills the fields the SDK requires at the top of a chat completion that an answer left out or
+/// gave the wrong type (an OpenAI-compatible server's own variant, or a hostile one): `id`,
+/// `object`, `created`, `model`. Fields given right are kept as they are, and so are extra
+/// fields, as the SDK keeps them. A body that is not an object is left alone (the chain only
+/// accepts answers with choices).
+pub fn complete_envelope(body: &mut Value, id: &str, model: &str, created: u64) {
+    let Some(fields) = body.as_object_mut() else { return };
+    if !fields.get("id").is_some_and(Value::is_string) {
+        fields.insert("id".into(), Value::from(id));
+    }
+    if fields.get("object").and_then(Value::as_str) != Some("chat.completion") {
+        fields.insert("object".into(), Value::from("chat.completion"));
+    }
+    if !is_int(fields.get("created")) {
+        fields.insert("created".into(), Value::from(created));
+    }
+    if !fields.get("model").is_some_and(Value::is_string) {
+        fields.insert("model".into(), Value::from(model));
+    }
+}
+
 fn choice_problems(choice: &Value, at: &str, problems: &mut Vec<String>) {
     let mut need = |ok: bool, what: &str| {
         if !ok {
@@ -89,6 +110,26 @@ fn optional(value: Option<&Value>, right: fn(&Value) -> bool) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_envelope_missing_its_top_fields_is_completed_and_one_given_right_is_kept() {
+        let choices = json!([{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]);
+        let mut bare = json!({"choices": choices, "custom_id": "someone-else", "object": "list", "created": "today"});
+        complete_envelope(&mut bare, "chatcmpl-r1", "llama", 1_700_000_000);
+        assert_eq!(chat_completion_problems(&bare), Vec::<String>::new());
+        assert_eq!(
+            (&bare["id"], &bare["object"], &bare["created"], &bare["model"]),
+            (&json!("chatcmpl-r1"), &json!("chat.completion"), &json!(1_700_000_000), &json!("llama"))
+        );
+        assert_eq!(bare["custom_id"], "someone-else", "extra fields stay, as the SDK keeps them");
+        let given = json!({"id": "x", "object": "chat.completion", "created": 5, "model": "m", "choices": choices});
+        let mut kept = given.clone();
+        complete_envelope(&mut kept, "chatcmpl-r1", "llama", 1_700_000_000);
+        assert_eq!(kept, given);
+        let mut not_an_object = json!(["a"]);
+        complete_envelope(&mut not_an_object, "i", "m", 0);
+        assert_eq!(not_an_object, json!(["a"]));
+    }
+
     use std::process::{Command, Stdio};
     use std::time::SystemTime;
 
