@@ -478,18 +478,22 @@ impl JobHandler {
             Err(refusal) => Some(refusal),
         };
         let results = &self.rules.topology.results;
+        // Our own results queue is gone (deleted by hand while we run): rebuilding the session
+        // declares it again, and the job, back from the broker, is answered from the ledger.
+        let results_missing = || Err(ConnectionLost(format!("results queue `{results}` is missing")));
+        if target == results {
+            return if refusal.is_none() { results_missing() } else { Ok(Delivery::Failed) };
+        }
         tracing::warn!(
             reply_to = target,
             refusal = refusal.as_deref(),
             "the result could not reach reply_to; sent to the results queue"
         );
-        if target == results {
-            return Ok(Delivery::Failed);
-        }
         let note = [(headers::UNDELIVERABLE_REPLY_TO, AMQPValue::LongString(target.into()))];
         match publish_retrying(publisher, results, reply.body.as_bytes(), with_headers(properties, note)).await? {
             Ok(Routed::Queued) => Ok(refusal.map_or(Delivery::Delivered, |refusal| Delivery::Diverted { refusal })),
-            Ok(Routed::Unroutable) | Err(_) => Ok(Delivery::Failed),
+            Ok(Routed::Unroutable) => results_missing(),
+            Err(_) => Ok(Delivery::Failed),
         }
     }
 }

@@ -111,6 +111,29 @@ async fn a_job_every_worker_dies_on_is_dead_lettered_after_max_deliveries() {
     drop(worker);
 }
 
+/// The results queue deleted by hand under a running worker: the next result finds no queue,
+/// the worker rebuilds its session (which declares its queues again) and the job, back from
+/// the broker, is answered from the ledger into the new queue. (A black-box run: the job went
+/// round as an internal failure, with nowhere for its result to go.)
+#[tokio::test]
+async fn a_results_queue_deleted_under_a_running_worker_is_declared_again_and_gets_the_result() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
+    env.client.delete(&env.results).await;
+    assert_eq!(env.client.ready_in(&env.results).await, None);
+    env.publish(&job("after-delete"), BasicProperties::default()).await;
+    eventually("the results queue is back with the result", || async {
+        env.client.ready_in(&env.results).await.is_some_and(|ready| ready >= 1)
+    })
+    .await;
+    let (result, _) = env.next_result(&env.results).await;
+    assert!(result.is_success(), "{result:?}");
+    assert_eq!(result.custom_id.as_deref(), Some("after-delete"));
+    assert_eq!(mock.requests(), 1, "the second delivery is answered from the ledger");
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn sigterm_drains_in_flight_jobs_and_exits_0() {
     let env = TestEnv::new().await;

@@ -320,6 +320,21 @@ impl BrokerClient {
         BrokerClient { conn, channel }
     }
 
+    /// Deletes `queue` (as an operator could, under a running worker).
+    pub async fn delete(&self, queue: &str) {
+        self.channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await.unwrap();
+    }
+
+    /// The messages ready in `queue`, or `None` when it does not exist (asked on a channel of
+    /// its own, which the broker closes in that case).
+    pub async fn ready_in(&self, queue: &str) -> Option<u32> {
+        let channel = self.conn.create_channel().await.ok()?;
+        let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.ok()?;
+        let _ = channel.close(200, "probed".into()).await;
+        Some(declared.message_count())
+    }
+
     pub async fn declare(&self, queue: &str) {
         self.declare_with(queue, FieldTable::default()).await;
     }
