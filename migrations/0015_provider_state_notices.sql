@@ -9,10 +9,11 @@
 --
 -- A trigger now sends the row as committed after every insert, change of the columns workers
 -- hold, and delete, marked `"table": true`: a worker sets its copy to it exactly (the table
--- is the truth), where the service's own notices only ever move a cooldown forward. Within a
--- transaction the trigger's notice comes after the statement's own, and notices arrive in
--- commit order, so the last one a worker applies is the row as it stands. The detail is cut to
--- 1000 characters so that no change can fail on NOTIFY's 8000-byte payload limit.
+-- is the truth), where the service's own notices only ever move a cooldown forward (a cooldown
+-- only the worker holds, which the database refused or has not taken yet, is kept when it ends
+-- later). Within a transaction the trigger's notice comes after the statement's own, and
+-- notices arrive in commit order, so the last one a worker applies is the row as it stands. A
+-- row renamed away or deleted is announced with no state.
 
 -- Milliseconds since the epoch of a cooldown's end, for every value the column can hold: an
 -- `infinity` typed by hand made `(extract(epoch FROM ...) * 1000)::bigint` fail, and with it the
@@ -23,21 +24,40 @@ CREATE FUNCTION fallback_epoch_ms(p_at timestamptz) RETURNS bigint LANGUAGE sql 
                 ELSE (extract(epoch FROM p_at) * 1000)::bigint END;
 $$;
 
+-- The notice of a provider's row: `NULL` state for a row gone (deleted, or renamed away).
+-- NOTIFY refuses a payload of 8000 bytes or more, and a refused NOTIFY fails the change: a
+-- notice that would be too long (a long reason or detail typed by hand, escaped as JSON) goes
+-- without its detail and with its reason cut, and one still too long (a provider name of
+-- thousands of characters) goes unsent: the row is still the truth, read at every reconnect.
+CREATE FUNCTION fallback_provider_state_notify(p_provider text, p_until timestamptz, p_reason text,
+                                               p_detail text, p_errors integer)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_payload text;
+BEGIN
+    v_payload := json_build_object('provider', p_provider, 'until_ms', fallback_epoch_ms(p_until),
+        'reason', p_reason, 'detail', left(p_detail, 1000), 'server_errors', p_errors, 'table', true)::text;
+    IF octet_length(v_payload) > 7900 THEN
+        v_payload := json_build_object('provider', p_provider, 'until_ms', fallback_epoch_ms(p_until),
+            'reason', left(p_reason, 100), 'detail', NULL, 'server_errors', p_errors, 'table', true)::text;
+    END IF;
+    IF octet_length(v_payload) <= 7900 THEN
+        PERFORM pg_notify('fallback_provider_state', v_payload);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION fallback_provider_state_notice() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        PERFORM pg_notify('fallback_provider_state', json_build_object(
-            'provider', OLD.provider, 'until_ms', NULL, 'reason', NULL, 'detail', NULL,
-            'server_errors', 0, 'table', true)::text);
+        PERFORM fallback_provider_state_notify(OLD.provider, NULL, NULL, NULL, 0);
         RETURN OLD;
     END IF;
-    PERFORM pg_notify('fallback_provider_state', json_build_object(
-        'provider', NEW.provider,
-        'until_ms', fallback_epoch_ms(NEW.cooldown_until),
-        'reason', NEW.cooldown_reason,
-        'detail', left(NEW.cooldown_detail, 1000),
-        'server_errors', NEW.consecutive_server_errors,
-        'table', true)::text);
+    IF TG_OP = 'UPDATE' AND OLD.provider IS DISTINCT FROM NEW.provider THEN
+        PERFORM fallback_provider_state_notify(OLD.provider, NULL, NULL, NULL, 0);
+    END IF;
+    PERFORM fallback_provider_state_notify(NEW.provider, NEW.cooldown_until, NEW.cooldown_reason,
+                                           NEW.cooldown_detail, NEW.consecutive_server_errors);
     RETURN NEW;
 END
 $$;

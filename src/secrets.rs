@@ -44,8 +44,8 @@ pub fn redact_url(url: &str) -> String {
 
 /// Removes the given secret values from `text` (for provider error bodies that echo a key
 /// back, e.g. OpenAI's "Incorrect API key provided: sk-…"): every run of at least
-/// [`shortest_part`] consecutive characters of a secret, in any ASCII case, as written or
-/// percent-encoded. A server may echo a key cut short, upper-cased or URL-encoded; each would
+/// [`shortest_part`] consecutive characters of a secret, in any ASCII case, as written,
+/// percent-encoded or with its `/` escaped as in JSON. A server may echo a key cut short, upper-cased or URL-encoded; each would
 /// still give most of it away. Secrets under 8 bytes are left alone (they would hide words).
 pub fn scrub(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_string();
@@ -54,7 +54,9 @@ pub fn scrub(text: &str, secrets: &[&str]) -> String {
     }
     let mut hidden = vec![false; out.len()];
     for secret in secrets.iter().filter(|s| s.len() >= 8 && s.is_ascii()) {
-        for form in [secret.to_string(), percent_encoded(secret)] {
+        // As written, percent-encoded, and with JSON's optional escape of `/` (PHP's and many
+        // Java encoders' default), for text that did not parse as JSON.
+        for form in [secret.to_string(), percent_encoded(secret), secret.replace('/', "\\/")] {
             mark_parts(out.as_bytes(), form.as_bytes(), shortest_part(secret.len()), &mut hidden);
         }
     }

@@ -15,7 +15,7 @@
 //! answer again, then reloads the shared state and writes back the calls and cooldowns of the
 //! outage.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -156,6 +156,9 @@ struct Outage {
     unsynced_calls: Mutex<Vec<UnsyncedCall>>,
     /// Cooldowns learnt during an outage, to share once the database is back.
     unshared_cooldowns: Mutex<Vec<(String, Cooldown)>>,
+    /// Cooldowns only this worker holds (the database refused them, or has not taken them
+    /// yet), by provider: the table's word (a notice, a reload) never ends one early.
+    held_cooldowns: Mutex<HashMap<String, Cooldown>>,
     /// Answers to calls the database admitted that arrived while it was unreachable.
     unwritten_answers: Mutex<Vec<AnswerWrite>>,
     /// Answers the database did not take when they came, waiting to be written again.
@@ -633,6 +636,7 @@ impl PgStore {
                 self.outage.unshared_cooldowns.lock().unwrap().extend(cooldowns.iter().cloned());
                 return Err(e);
             }
+            self.cooldown_shared(provider, cooldown);
         }
         let unsynced = std::mem::take(&mut *self.outage.unsynced_calls.lock().unwrap());
         let inserted = self.insert_calls(&unsynced).await;
@@ -892,13 +896,46 @@ impl PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
+        let now = SystemTime::now();
+        let held = self.outage.held_cooldowns.lock().unwrap().clone();
         let mut cache = self.cache.lock().unwrap();
+        let mut in_table = HashSet::with_capacity(rows.len());
         for row in rows {
-            let entry = cache.entry(row.get("provider")).or_default();
-            entry.cooldown = cooldown_from(row.get("until_ms"), row.get("cooldown_reason"), row.get("cooldown_detail"));
+            let provider: String = row.get("provider");
+            let table = cooldown_from(row.get("until_ms"), row.get("cooldown_reason"), row.get("cooldown_detail"));
+            let entry = cache.entry(provider.clone()).or_default();
+            entry.cooldown = with_held(table, held.get(&provider), now);
             entry.consecutive_server_errors = row.get("consecutive_server_errors");
+            in_table.insert(provider);
+        }
+        // A row deleted while the listener was away: the table holds nothing of it any more.
+        for (provider, entry) in cache.iter_mut().filter(|(provider, _)| !in_table.contains(*provider)) {
+            entry.cooldown = with_held(None, held.get(provider), now);
+            entry.consecutive_server_errors = 0;
         }
         Ok(())
+    }
+
+    /// A cooldown only this worker holds, until the database takes it (see
+    /// [`Outage::held_cooldowns`]).
+    fn hold_cooldown(&self, provider: &str, cooldown: &Cooldown) {
+        // A circuit ends with any success, seen through the table: nothing to hold against it.
+        if cooldown.reason == CooldownReason::Circuit {
+            return;
+        }
+        let mut held = self.outage.held_cooldowns.lock().unwrap();
+        let later = held.get(provider).is_none_or(|current| cooldown.until > current.until);
+        if later {
+            held.insert(provider.to_string(), cooldown.clone());
+        }
+    }
+
+    /// The database took `cooldown`: one this worker held that ends no later is the table's now.
+    fn cooldown_shared(&self, provider: &str, cooldown: &Cooldown) {
+        let mut held = self.outage.held_cooldowns.lock().unwrap();
+        if held.get(provider).is_some_and(|current| current.until <= cooldown.until) {
+            held.remove(provider);
+        }
     }
 
     /// Follows NOTIFY until `shutdown`; after any reconnect it reloads the table, since
@@ -961,10 +998,11 @@ impl PgStore {
             return;
         };
         if notice.table {
-            let cooldown = notice.until_ms.and_then(|until_ms| cooldown_from(until_ms, notice.reason, notice.detail));
+            let table = notice.until_ms.and_then(|until_ms| cooldown_from(until_ms, notice.reason, notice.detail));
+            let held = self.outage.held_cooldowns.lock().unwrap().get(&notice.provider).cloned();
             let mut cache = self.cache.lock().unwrap();
             let entry = cache.entry(notice.provider).or_default();
-            entry.cooldown = cooldown;
+            entry.cooldown = with_held(table, held.as_ref(), SystemTime::now());
             entry.consecutive_server_errors = notice.server_errors.unwrap_or(0);
             return;
         }
@@ -1377,6 +1415,15 @@ fn answer_not_recorded(e: &StoreError) {
     tracing::debug!(error = %e, "cannot record a call's answer; its slot frees when it expires");
 }
 
+/// The table's cooldown for a provider, unless this worker holds one of its own (`held`, not
+/// taken by the database) that is still running and ends later.
+fn with_held(table: Option<Cooldown>, held: Option<&Cooldown>, now: SystemTime) -> Option<Cooldown> {
+    match held.filter(|h| h.until > now && table.as_ref().is_none_or(|t| h.until > t.until)) {
+        Some(held) => Some(held.clone()),
+        None => table,
+    }
+}
+
 fn cooldown_from(until_ms: i64, reason: Option<String>, detail: Option<String>) -> Option<Cooldown> {
     let reason = CooldownReason::parse(reason.as_deref()?)?;
     Some(Cooldown {
@@ -1631,14 +1678,16 @@ impl ProviderState for PgStore {
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         self.remember_cooldown(provider, Some(cooldown.clone()));
         match self.guarded(self.share_cooldown(provider, &cooldown)).await {
-            Ok(()) => {}
+            Ok(()) => self.cooldown_shared(provider, &cooldown),
             // Refused for good (it would be refused again): this worker keeps it.
             Err(StoreError::Database(e)) => {
-                tracing::warn!(provider, error = %e, "the database refused a cooldown; only this worker knows it")
+                tracing::warn!(provider, error = %e, "the database refused a cooldown; only this worker knows it");
+                self.hold_cooldown(provider, &cooldown);
             }
             // Slow or away: shared by the next heartbeat, or when the database is back.
             Err(e) => {
                 tracing::warn!(provider, error = %e, "cannot share a cooldown now; it is shared as soon as possible");
+                self.hold_cooldown(provider, &cooldown);
                 let mut unshared = self.outage.unshared_cooldowns.lock().unwrap();
                 if unshared.len() < MAX_UNSHARED_COOLDOWNS {
                     unshared.push((provider.to_string(), cooldown));
