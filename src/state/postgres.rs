@@ -389,18 +389,13 @@ impl PgStore {
             };
             tokio::time::sleep(pause).await;
             let answers = std::mem::take(&mut self.outage.retried_answers.lock().unwrap().answers);
-            if self.outage.down.load(Ordering::SeqCst) {
-                self.outage.unwritten_answers.lock().unwrap().extend(answers.into_iter().map(|(a, _)| a));
-                continue;
-            }
             let writes: Vec<AnswerWrite> = answers.iter().map(|(a, _)| *a).collect();
-            match tokio::time::timeout(STATE_CALL_TIMEOUT, self.write_answers(&writes)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) if is_transient(&e) => {
-                    self.went_down(&e.to_string());
-                    self.outage.unwritten_answers.lock().unwrap().extend(writes);
-                }
-                _ => self.try_again(answers),
+            // `guarded` answers at once while the database is known to be down, and marks it
+            // down when this write finds it gone.
+            match self.guarded(self.write_answers(&writes)).await {
+                Ok(()) => {}
+                Err(StoreError::Unreachable(_)) => self.outage.unwritten_answers.lock().unwrap().extend(writes),
+                Err(_) => self.try_again(answers),
             }
         }
     }
@@ -1028,6 +1023,11 @@ impl PgStore {
         if newer {
             entry.cooldown = cooldown;
         }
+    }
+
+    /// The provider's run of 5xx as this process knows it, without asking the database.
+    pub fn known_server_errors(&self, provider: &str) -> i32 {
+        self.cache.lock().unwrap().get(provider).map_or(0, |c| c.consecutive_server_errors)
     }
 
     /// The latest cooldown this process knows for `provider` (expired or not), without asking
@@ -1875,7 +1875,7 @@ struct ObservedWindows {
     calendars: Vec<String>,
     declared: Vec<i64>,
     remaining: Vec<i64>,
-    leaves_ms: Vec<f64>,
+    leaves_ms: Vec<i64>,
     sent: Vec<Option<i64>>,
 }
 
@@ -1906,29 +1906,25 @@ impl ObservedWindows {
         self.calendars.push(limit.resets.as_ref().map(|r| r.to_string()).unwrap_or_default());
         self.declared.push(saturating_i64(declared));
         self.remaining.push(saturating_i64(seen.remaining));
-        self.leaves_ms.push(epoch_ms(super::quota::learnt_leaves(limit, seen.resets_at, now)) as f64);
+        self.leaves_ms.push(epoch_ms(super::quota::learnt_leaves(limit, seen.resets_at, now)));
         self.sent.push(sent.map(saturating_i64));
     }
 
     async fn observe(self, pool: &PgPool, call: Option<i64>) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "SELECT fallback_observe_batch($1, $2, $3, $4, $5, $6, $7, \
-             ARRAY(SELECT to_timestamp(ms / 1000) FROM unnest($8::float8[]) WITH ORDINALITY AS t(ms, o) ORDER BY o), \
-             $9, $10)",
-        )
-        .bind(&self.kinds)
-        .bind(&self.scopes)
-        .bind(&self.measures)
-        .bind(&self.window_ms)
-        .bind(&self.calendars)
-        .bind(&self.declared)
-        .bind(&self.remaining)
-        .bind(&self.leaves_ms)
-        .bind(call)
-        .bind(&self.sent)
-        .execute(pool)
-        .await
-        .map(|_| ())
+        sqlx::query("SELECT fallback_observe_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+            .bind(&self.kinds)
+            .bind(&self.scopes)
+            .bind(&self.measures)
+            .bind(&self.window_ms)
+            .bind(&self.calendars)
+            .bind(&self.declared)
+            .bind(&self.remaining)
+            .bind(&self.leaves_ms)
+            .bind(call)
+            .bind(&self.sent)
+            .execute(pool)
+            .await
+            .map(|_| ())
     }
 }
 

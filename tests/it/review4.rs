@@ -11,36 +11,9 @@ use std::time::{Duration, SystemTime};
 use fallback_worker::state::{Admission, Ask, ProviderState};
 
 use crate::credits::Worker;
+use crate::review_credits3::{observe_sent as observe, one_call};
 use crate::review_finish::used;
 use crate::support::*;
-
-/// One call of p admitted alone (p's 1024 requests an hour): its id.
-async fn one_call(env: &TestEnv) -> i64 {
-    sqlx::query_scalar(
-        "SELECT usage_id FROM fallback_admit_batch('p', ARRAY['provider'], ARRAY['p'], ARRAY['requests'], \
-         ARRAY[3600000]::bigint[], ARRAY[''], ARRAY[1024]::bigint[], ARRAY[NULL]::timestamptz[], \
-         ARRAY[NULL]::timestamptz[], ARRAY[1]::bigint[], ARRAY[30000]::bigint[], ARRAY[NULL]::timestamptz[], \
-         ARRAY[NULL]::bigint[], ARRAY[NULL]::bigint[])",
-    )
-    .fetch_one(&mut env.db().await)
-    .await
-    .unwrap()
-}
-
-/// The provider's figure for p's hour (1024 requests): `taken` of them, in the answer to `call`
-/// (0013's signature; `sent` as a worker sends it).
-async fn observe(env: &TestEnv, taken: i64, call: Option<i64>, sent: Option<i64>) -> i64 {
-    sqlx::query_scalar(
-        "SELECT fallback_observe('provider', 'p', 'requests', 3600000::bigint, '', 1024::bigint, \
-         1024 - $1::bigint, now() + interval '1 hour', $2::bigint, $3::bigint)",
-    )
-    .bind(taken)
-    .bind(call)
-    .bind(sent)
-    .fetch_one(&mut env.db().await)
-    .await
-    .unwrap()
-}
 
 /// Finding 1 (high: the fault 0013 set out to fix, in the other half of its cases). 0013 ranks
 /// a plain call's learnt row as *older* than the figure of call X when its call was admitted no
@@ -121,8 +94,8 @@ async fn answers_tried_again_do_not_starve_other_providers_asks_of_the_pool() {
         answer.await.unwrap();
     }
     assert_eq!(used(&env, "provider", "a", "tokens").await, 2000, "not written yet");
-    // The retries start 0.25 s later; b's ask comes just after.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The retries start 0.25 s later and wait on a's windows; b's ask comes just after.
+    until_waiting_on_locks(&env, 1).await;
     let started = std::time::Instant::now();
     let admitted = store.admit(ask_b, SystemTime::now()).await;
     let waited = started.elapsed();
@@ -224,10 +197,11 @@ async fn a_raised_count_tried_again_into_an_outage_is_written_back_when_the_data
     until_waiting_on_locks(&env, 1).await;
     answered.await.unwrap();
     assert_eq!(used(&env, "provider", "a", "tokens").await, 100, "the batch gave up on the lock");
-    // The database goes away before the first retry (0.25 s later), for 7 s.
+    // The database goes away before the first retry (0.25 s later), until that retry finds it
+    // gone and the worker counts it down.
     relay.down.send_replace(true);
     release(locker).await;
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    eventually("the retry finds the database gone", || async { store.is_degraded() }).await;
     relay.down.send_replace(false);
     // A state call after the outage, as the worker's next job would make.
     let _ = store.admit(ask, SystemTime::now()).await;

@@ -3,25 +3,15 @@
 //! reload drops rows gone from the table; a renamed row announces its old name gone; a notice
 //! too long for NOTIFY goes shorter or unsent, never failing the change; `scrub` knows `\/`.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use fallback_worker::routing::CooldownReason;
 use fallback_worker::secrets::scrub;
-use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Cooldown, ProviderState};
+use fallback_worker::state::ProviderState;
 use tokio_util::sync::CancellationToken;
 
+use crate::shared_state::{cooldown, migrated_store};
 use crate::support::*;
-
-async fn migrated_store(env: &TestEnv) -> PgStore {
-    let store = PgStore::connect_lazy(&env.database_url, 4).unwrap();
-    store.migrate().await.unwrap();
-    store
-}
-
-fn cooldown(secs: u64, reason: CooldownReason) -> Cooldown {
-    Cooldown { until: SystemTime::now() + Duration::from_secs(secs), reason, detail: "test".into() }
-}
 
 /// 0015: an UPDATE that renames a provider's row (the trigger fires on a change of `provider`)
 /// notifies only the NEW name; workers keep the old name's cooldown in memory, and no later
@@ -191,7 +181,7 @@ async fn review5_a_cooldown_only_this_worker_holds_survives_another_workers_5xx(
     assert_eq!(count, 0, "the database refused the cooldown");
     assert!(reader.known_cooldown("q").is_some_and(|c| c.until > SystemTime::now()), "this worker keeps it");
     writer.record_server_error("q", "HTTP 503").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually("the 5xx's notice arrives", || async { reader.known_server_errors("q") == 1 }).await;
     assert!(
         reader.known_cooldown("q").is_some_and(|c| c.until > SystemTime::now()),
         "another worker's 5xx wiped the cooldown this worker holds: {:?}",

@@ -14,7 +14,7 @@ use crate::review_finish::used;
 use crate::support::*;
 
 /// One call of p admitted alone (no credit: `p_requests` NULL) (p's 1024 requests an hour): its id.
-async fn one_call(env: &TestEnv) -> i64 {
+pub(crate) async fn one_call(env: &TestEnv) -> i64 {
     sqlx::query_scalar(
         "SELECT usage_id FROM fallback_admit_batch('p', ARRAY['provider'], ARRAY['p'], ARRAY['requests'], \
          ARRAY[3600000]::bigint[], ARRAY[''], ARRAY[1024]::bigint[], ARRAY[NULL]::timestamptz[], \
@@ -52,15 +52,15 @@ async fn observe(env: &TestEnv, taken: i64, call: Option<i64>) -> i64 {
     .unwrap()
 }
 
-/// As [`observe`], in the answer to the `sent`-th call of credit `credit` (0013's signature: the
-/// figure holds the credit's first `sent` calls).
-async fn observe_sent(env: &TestEnv, taken: i64, credit: i64, sent: i64) -> i64 {
+/// As [`observe`], through 0013's signature: with `sent`, the figure is in the answer to a call
+/// of credit `call` and holds `sent` of the credit's calls.
+pub(crate) async fn observe_sent(env: &TestEnv, taken: i64, call: Option<i64>, sent: Option<i64>) -> i64 {
     sqlx::query_scalar(
         "SELECT fallback_observe('provider', 'p', 'requests', 3600000::bigint, '', 1024::bigint, \
          1024 - $1::bigint, now() + interval '1 hour', $2::bigint, $3::bigint)",
     )
     .bind(taken)
-    .bind(credit)
+    .bind(call)
     .bind(sent)
     .fetch_one(&mut env.db().await)
     .await
@@ -169,11 +169,11 @@ async fn the_figures_of_a_credits_own_calls_do_not_count_its_calls_twice() {
     assert_eq!(used(&env, "provider", "p", "requests").await, 54);
     // Its 4 calls answer, each with the provider's figure when it received it.
     for k in 1..=4 {
-        observe_sent(&env, 50 + k, credit, k).await;
+        observe_sent(&env, 50 + k, Some(credit), Some(k)).await;
     }
     credit_ended_with_its_4_calls(&env, credit).await;
     // A last figure on the credit (its 4th call's, the provider still at 54) gives nothing back.
-    observe_sent(&env, 54, credit, 4).await;
+    observe_sent(&env, 54, Some(credit), Some(4)).await;
     let counted = used(&env, "provider", "p", "requests").await;
     assert!(counted >= 54, "the hour counts {counted}, below the provider's 54");
     assert!(counted <= 54, "the hour counts {counted}; the provider has taken 54: the credit's calls twice");
@@ -208,8 +208,8 @@ async fn held_a_credits_older_figure_does_not_take_back_what_its_newer_one_learn
     assert_eq!(observe(&env, 50, None).await, 50);
     let credit = a_dead_credit(&env).await;
     // Provider: 50, the credit's call 1 (figure 51), 60 elsewhere, calls 2 and 3 (figure 113).
-    assert_eq!(observe_sent(&env, 113, credit, 3).await, 113 + 1, "learnt beside the credit's 4th call");
-    observe_sent(&env, 51, credit, 1).await;
+    assert_eq!(observe_sent(&env, 113, Some(credit), Some(3)).await, 113 + 1, "learnt beside the credit's 4th call");
+    observe_sent(&env, 51, Some(credit), Some(1)).await;
     let counted = used(&env, "provider", "p", "requests").await;
     assert!(counted >= 114, "the hour counts {counted}; the provider has taken 113, and 1 call may come");
 }
@@ -226,7 +226,11 @@ async fn held_a_call_admitted_while_a_credit_admitted_does_not_take_back_what_th
     let x = one_call(&env).await;
     assert_eq!(used(&env, "provider", "p", "requests").await, 55);
     // Provider: 50, X (figure 51), 100 elsewhere, the credit's calls 1 and 2 (figure 153).
-    assert_eq!(observe_sent(&env, 153, credit, 2).await, 153 + 2, "learnt beside the credit's 2 calls to come");
+    assert_eq!(
+        observe_sent(&env, 153, Some(credit), Some(2)).await,
+        153 + 2,
+        "learnt beside the credit's 2 calls to come"
+    );
     observe(&env, 51, Some(x)).await;
     let counted = used(&env, "provider", "p", "requests").await;
     assert!(counted >= 155, "the hour counts {counted}; the provider has taken 153, and 2 calls may come");
@@ -242,7 +246,7 @@ async fn held_a_call_admitted_after_a_credit_closed_takes_back_what_the_credits_
     let credit = a_dead_credit(&env).await;
     credit_ended_with_its_4_calls(&env, credit).await;
     // Its 4th call's figure: 100 elsewhere and its 4 calls.
-    assert_eq!(observe_sent(&env, 104, credit, 4).await, 104);
+    assert_eq!(observe_sent(&env, 104, Some(credit), Some(4)).await, 104);
     let x = one_call(&env).await;
     assert_eq!(used(&env, "provider", "p", "requests").await, 105);
     // X's figure: the 100 made elsewhere have left the provider's window.

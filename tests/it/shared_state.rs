@@ -49,13 +49,13 @@ async fn after_one_workers_429_the_other_sends_nothing_to_that_provider() {
     b.stop().await;
 }
 
-async fn migrated_store(env: &TestEnv) -> PgStore {
+pub(crate) async fn migrated_store(env: &TestEnv) -> PgStore {
     let store = PgStore::connect_lazy(&env.database_url, 4).unwrap();
     store.migrate().await.unwrap();
     store
 }
 
-fn cooldown(secs: u64, reason: CooldownReason) -> Cooldown {
+pub(crate) fn cooldown(secs: u64, reason: CooldownReason) -> Cooldown {
     Cooldown { until: SystemTime::now() + Duration::from_secs(secs), reason, detail: "test".into() }
 }
 
