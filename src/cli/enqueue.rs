@@ -6,7 +6,8 @@
 //!
 //! A run always ends. Lines a worker would refuse and that can be known here (invalid, unknown
 //! chain, over `amqp.max_message_bytes`) are never published; results are matched to their lines
-//! by `correlation_id` (which the worker copies even onto results that carry no `custom_id`); and
+//! by `correlation_id` alone (which the worker copies even onto results that carry no
+//! `custom_id`, and which nobody who did not see the job can forge: [`super::correlation`]); and
 //! when no result has come for the idle timeout, the run ends with exit 3 and lists the lines
 //! still without one, instead of waiting for results that may never come (a job purged from the
 //! queue, dropped by a broker policy, or answered somewhere else).
@@ -28,6 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backlog::{Line, Output, Progress, conclude, read_input};
+use super::correlation::CorrelationKey;
 use crate::broker::{self, QueueRole, Topology};
 use crate::config::{AmqpConfig, BrokerUrls, Config};
 use crate::job::{ErrorCode, JobResult, Routing};
@@ -97,24 +99,27 @@ pub fn reply_queue_refusal(amqp: &AmqpConfig, reply_queue: &str) -> Option<Strin
     })
 }
 
-/// The lines published and not answered yet, keyed by `custom_id`, which `enqueue` also sends
-/// as each job's `correlation_id`.
+/// The lines published and not answered yet, keyed by the `correlation_id` each was published
+/// with.
 ///
-/// The correlation id is the first key: the worker copies it onto every result, including an
+/// The correlation id is the only key: the worker copies it onto every result, including an
 /// `invalid_request` for a message it refused before reading (too large, not JSON), which has no
-/// `custom_id`. The result's `custom_id` is the fallback, for a result published without the
-/// correlation id.
+/// `custom_id`; and nobody who did not see the job can forge it. A result's own `custom_id` is
+/// never trusted: anyone who may publish into the reply queue could name any line with it.
 pub struct Awaited {
-    /// `custom_id` → line number, for the list of lines still without a result.
-    lines: HashMap<String, usize>,
+    /// `correlation_id` → the line's `custom_id` and number.
+    lines: HashMap<String, (String, usize)>,
     /// `routing.worker` of a result this run writes itself (one it could not read).
     writer: String,
 }
 
 impl Awaited {
-    pub fn new(lines: &[Line]) -> Awaited {
+    pub fn new(lines: &[Line], key: &CorrelationKey) -> Awaited {
         Awaited {
-            lines: lines.iter().map(|l| (l.job.custom_id.clone(), l.number)).collect(),
+            lines: lines
+                .iter()
+                .map(|l| (key.correlation_id(&l.job.custom_id), (l.job.custom_id.clone(), l.number)))
+                .collect(),
             writer: format!("enqueue:{}", worker_id()),
         }
     }
@@ -129,17 +134,12 @@ impl Awaited {
 
     /// The result for one of the awaited lines, taken off the list, with that line's `custom_id`;
     /// `None` for a message that answers no awaited line (a duplicate, a stray from an earlier
-    /// run into the same output). A body that is not a result but names an awaited line by its
-    /// correlation id becomes that line's `internal_error` result: the line was answered, with
-    /// something unreadable, and waiting longer would not bring another answer.
+    /// run into the same output, a forgery). A body that is not a result but bears an awaited
+    /// line's correlation id becomes that line's `internal_error` result: the line was answered,
+    /// with something unreadable, and waiting longer would not bring another answer.
     pub fn claim(&mut self, correlation_id: Option<&str>, body: &[u8]) -> Option<JobResult> {
-        let parsed = serde_json::from_slice::<JobResult>(body);
-        let by_correlation = correlation_id.filter(|id| self.lines.contains_key(*id));
-        let by_custom_id =
-            parsed.as_ref().ok().and_then(|r| r.custom_id.as_deref()).filter(|id| self.lines.contains_key(*id));
-        let custom_id = by_correlation.or(by_custom_id)?.to_string();
-        self.lines.remove(&custom_id);
-        Some(match parsed {
+        let (custom_id, _) = self.lines.remove(correlation_id?)?;
+        Some(match serde_json::from_slice::<JobResult>(body) {
             Ok(mut result) => {
                 result.custom_id = Some(custom_id);
                 result
@@ -153,7 +153,7 @@ impl Awaited {
 
     /// The lines still without a result, in input order: (line number, `custom_id`).
     pub fn unanswered(&self) -> Vec<(usize, &str)> {
-        let mut lines: Vec<(usize, &str)> = self.lines.iter().map(|(id, n)| (*n, id.as_str())).collect();
+        let mut lines: Vec<(usize, &str)> = self.lines.values().map(|(id, n)| (*n, id.as_str())).collect();
         lines.sort_unstable();
         lines
     }
@@ -187,6 +187,7 @@ pub async fn run(
         return Ok(ExitCode::from(2));
     }
     let idle_timeout = options.idle_timeout.unwrap_or_else(|| default_idle_timeout(&backlog.pending, config));
+    let key = CorrelationKey::load_or_create(options.out)?;
     let conn = connect(&config.amqp.url, "fallback-worker enqueue").await?;
     wait_for_jobs_queue(&conn, &config.amqp.jobs_queue, &shutdown).await?;
     // With `queue_type = "quorum"` the reply queue is a quorum queue too (contract §4: every
@@ -200,13 +201,13 @@ pub async fn run(
         .basic_consume(reply_queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
 
-    let mut awaited = Awaited::new(&backlog.pending);
+    let mut awaited = Awaited::new(&backlog.pending, &key);
     let total = awaited.len();
     let publisher = tokio::spawn(publish_all(
         config.amqp.url.clone(),
         config.amqp.jobs_queue.clone(),
         reply_queue.clone(),
-        backlog.pending.iter().map(|l| (l.job.custom_id.clone(), l.raw.clone())).collect(),
+        backlog.pending.iter().map(|l| (key.correlation_id(&l.job.custom_id), l.raw.clone())).collect(),
     ));
     let mut progress = Progress::new(total);
     let mut publisher = Some(publisher);
@@ -316,7 +317,8 @@ async fn wait_for_jobs_queue(
     }
 }
 
-/// Publishes every job with confirms (pipelined in batches) on a connection of its own.
+/// Publishes every job (its correlation id, its line) with confirms (pipelined in batches) on a
+/// connection of its own.
 async fn publish_all(
     urls: BrokerUrls,
     jobs_queue: String,
@@ -328,12 +330,12 @@ async fn publish_all(
     channel.confirm_select(Default::default()).await?;
     for chunk in lines.chunks(500) {
         let mut confirms = Vec::with_capacity(chunk.len());
-        for (custom_id, raw) in chunk {
+        for (correlation_id, raw) in chunk {
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
                 .with_reply_to(reply_queue.as_str().into())
-                .with_correlation_id(custom_id.as_str().into());
+                .with_correlation_id(correlation_id.as_str().into());
             let options = BasicPublishOptions { mandatory: true, ..Default::default() };
             confirms.push(
                 channel
@@ -370,9 +372,10 @@ mod tests {
         Line { number, job: Job::parse(raw.as_bytes()).unwrap(), raw }
     }
 
-    fn awaited(ids: &[&str]) -> Awaited {
+    fn awaited(ids: &[&str]) -> (Awaited, CorrelationKey) {
         let lines: Vec<Line> = ids.iter().enumerate().map(|(i, id)| line(i + 1, id, "")).collect();
-        Awaited::new(&lines)
+        let key = CorrelationKey::random();
+        (Awaited::new(&lines, &key), key)
     }
 
     fn result_body(custom_id: Option<&str>, code: Option<ErrorCode>) -> Vec<u8> {
@@ -382,53 +385,56 @@ mod tests {
             custom_id: custom_id.map(str::to_string),
             response: None,
             error,
-            routing: Awaited::new(&[]).routing(),
+            routing: Awaited::new(&[], &CorrelationKey::random()).routing(),
         };
         serde_json::to_vec(&result).unwrap()
     }
 
     #[test]
     fn a_poison_result_without_custom_id_is_claimed_by_its_correlation_id() {
-        let mut awaited = awaited(&["a", "big"]);
+        let (mut awaited, key) = awaited(&["a", "big"]);
         let body = result_body(None, Some(ErrorCode::InvalidRequest));
-        let result = awaited.claim(Some("big"), &body).expect("the line is matched");
+        let result = awaited.claim(Some(&key.correlation_id("big")), &body).expect("the line is matched");
         assert_eq!(result.custom_id.as_deref(), Some("big"), "the custom_id is filled in");
         assert_eq!(result.error.map(|e| e.code), Some(ErrorCode::InvalidRequest), "the worker's verdict is kept");
         assert_eq!(awaited.unanswered(), vec![(1, "a")]);
     }
 
     #[test]
-    fn without_a_known_correlation_id_the_custom_id_matches() {
-        let mut awaited = awaited(&["a", "b"]);
-        let claimed = awaited.claim(None, &result_body(Some("a"), None)).unwrap();
-        assert_eq!(claimed.custom_id.as_deref(), Some("a"));
-        let claimed = awaited.claim(Some("from-elsewhere"), &result_body(Some("b"), None)).unwrap();
-        assert_eq!(claimed.custom_id.as_deref(), Some("b"));
-        assert!(awaited.is_empty());
+    fn a_result_that_names_a_line_only_by_what_a_stranger_can_guess_is_not_claimed() {
+        let (mut awaited, key) = awaited(&["a", "b"]);
+        let forged = result_body(Some("a"), None);
+        assert!(awaited.claim(None, &forged).is_none(), "a custom_id alone answers nothing");
+        assert!(awaited.claim(Some("a"), &forged).is_none(), "nor the custom_id as correlation id");
+        let other_run = CorrelationKey::random();
+        assert!(awaited.claim(Some(&other_run.correlation_id("a")), &forged).is_none(), "nor another key's id");
+        assert_eq!(awaited.unanswered(), vec![(1, "a"), (2, "b")], "both lines still wait for their answers");
+        assert!(awaited.claim(Some(&key.correlation_id("a")), &forged).is_some(), "the genuine id answers");
     }
 
     #[test]
-    fn the_correlation_id_comes_before_the_custom_id() {
-        let mut awaited = awaited(&["a", "b"]);
-        let claimed = awaited.claim(Some("a"), &result_body(Some("b"), None)).unwrap();
-        assert_eq!(claimed.custom_id.as_deref(), Some("a"), "written as the line the correlation id names");
+    fn a_result_is_written_as_the_line_its_correlation_id_names() {
+        let (mut awaited, key) = awaited(&["a", "b"]);
+        let claimed = awaited.claim(Some(&key.correlation_id("a")), &result_body(Some("b"), None)).unwrap();
+        assert_eq!(claimed.custom_id.as_deref(), Some("a"), "its own custom_id is not believed");
         assert_eq!(awaited.unanswered(), vec![(2, "b")]);
     }
 
     #[test]
     fn duplicates_and_strays_are_not_claimed() {
-        let mut awaited = awaited(&["a"]);
-        assert!(awaited.claim(Some("a"), &result_body(Some("a"), None)).is_some());
-        assert!(awaited.claim(Some("a"), &result_body(Some("a"), None)).is_none(), "a second copy is dropped");
-        assert!(awaited.claim(Some("z"), &result_body(Some("z"), None)).is_none());
+        let (mut awaited, key) = awaited(&["a"]);
+        let a = key.correlation_id("a");
+        assert!(awaited.claim(Some(&a), &result_body(Some("a"), None)).is_some());
+        assert!(awaited.claim(Some(&a), &result_body(Some("a"), None)).is_none(), "a second copy is dropped");
+        assert!(awaited.claim(Some(&key.correlation_id("z")), &result_body(Some("z"), None)).is_none());
         assert!(awaited.claim(None, &result_body(None, Some(ErrorCode::InvalidRequest))).is_none());
         assert!(awaited.claim(Some("z"), b"not json").is_none());
     }
 
     #[test]
     fn an_unreadable_result_for_an_awaited_line_ends_that_line() {
-        let mut awaited = awaited(&["a", "b"]);
-        let result = awaited.claim(Some("b"), b"{\"truncated\":").expect("the line is answered, unreadably");
+        let (mut awaited, key) = awaited(&["a", "b"]);
+        let result = awaited.claim(Some(&key.correlation_id("b")), b"{\"truncated\":").expect("answered, unreadably");
         assert_eq!(result.custom_id.as_deref(), Some("b"));
         assert_eq!(result.error.map(|e| e.code), Some(ErrorCode::InternalError));
         assert!(!result.routing.worker.is_empty());
@@ -438,8 +444,21 @@ mod tests {
     #[test]
     fn unanswered_lines_are_listed_in_input_order() {
         let lines = vec![line(9, "late", ""), line(2, "early", ""), line(5, "middle", "")];
-        let awaited = Awaited::new(&lines);
+        let awaited = Awaited::new(&lines, &CorrelationKey::random());
         assert_eq!(awaited.unanswered(), vec![(2, "early"), (5, "middle"), (9, "late")]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_message_without_a_genuine_correlation_id_is_claimed(
+            correlation_id in proptest::option::of(".{0,80}"),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let (mut awaited, _) = awaited(&["a", "b", "req-1"]);
+            proptest::prop_assert!(awaited.claim(correlation_id.as_deref(), &body).is_none());
+            proptest::prop_assert!(awaited.claim(correlation_id.as_deref(), &result_body(Some("a"), None)).is_none());
+            proptest::prop_assert_eq!(awaited.len(), 3);
+        }
     }
 
     fn config(amqp: &str) -> Config {

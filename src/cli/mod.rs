@@ -2,5 +2,6 @@
 
 pub mod backlog;
 pub mod batch;
+pub mod correlation;
 pub mod enqueue;
 pub mod status;

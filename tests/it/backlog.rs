@@ -8,6 +8,7 @@ use std::time::Duration;
 use fallback_worker::cli::enqueue::reply_queue_for;
 use fallback_worker::job::{ErrorCode, JobResult};
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
+use lapin::BasicProperties;
 
 use crate::support::*;
 
@@ -175,6 +176,53 @@ async fn enqueue_matches_a_poison_result_without_custom_id_by_its_correlation_id
     assert_eq!(error.code, ErrorCode::InvalidRequest);
     assert!(error.message.contains("max_message_bytes"), "{}", error.message);
     assert_eq!(env.client.depth(&env.dead_queue()).await, 1, "the worker dead-lettered the big job");
+    worker.stop().await;
+}
+
+/// A hostile publisher knows enqueue's reply queue (its name derives from the output path) and
+/// the lines' `custom_id`s, and fills the queue with answers of its own before any worker does:
+/// every line still gets the worker's answer, none of the forger's.
+#[tokio::test]
+async fn enqueue_writes_no_result_a_stranger_forged_into_its_reply_queue() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let providers = providers(&free, &narrow);
+    let config = env.config_file(&providers, "");
+    let custom_ids: Vec<String> = (0..3).map(|i| format!("req-{i}")).collect();
+    let input = write_input(&env, "in.jsonl", &custom_ids.iter().map(|id| job(id)).collect::<Vec<_>>());
+    let out = env.dir.join("out.jsonl");
+    let reply_queue = reply_queue_for(&out);
+    env.remove_later(reply_queue.clone());
+    env.client.declare(&reply_queue).await;
+    for id in &custom_ids {
+        let forged = serde_json::json!({
+            "id": format!("forged-{id}"), "custom_id": id,
+            "response": {"status_code": 200, "request_id": "forged", "body": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "FORGED"}, "finish_reason": "stop"}]}},
+            "error": null,
+            "routing": {"worker": "forger", "attempts": [], "rejected": false, "queued_ms": 0, "total_ms": 0}
+        });
+        let body = forged.to_string();
+        serde_json::from_str::<JobResult>(&body).expect("the forgery reads as a result");
+        env.client
+            .publish(&reply_queue, body.as_bytes(), BasicProperties::default().with_correlation_id(id.as_str().into()))
+            .await;
+        env.client.publish(&reply_queue, body.as_bytes(), BasicProperties::default()).await;
+    }
+    let worker = env.spawn_worker(env.config(&providers), "w1").await;
+    let args = ["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let output = run_bounded(command(&config, &args), 2 * PATIENCE).await;
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let results = results_in(&out);
+    assert_eq!(ids(&results), custom_ids.iter().cloned().collect());
+    assert_eq!(results.len(), custom_ids.len(), "one result per line: {results:?}");
+    for result in &results {
+        assert!(result.is_success(), "{result:?}");
+        assert_eq!(result.routing.provider.as_deref(), Some("free"), "the worker's answer: {result:?}");
+        assert!(!serde_json::to_string(result).unwrap().contains("FORGED"), "{result:?}");
+    }
+    let key_file = std::fs::read_to_string(env.dir.join("out.jsonl.key")).expect("the run keeps its key beside OUT");
+    assert!(!String::from_utf8_lossy(&output.stderr).contains(key_file.trim()), "the key is never printed");
     worker.stop().await;
 }
 
