@@ -467,7 +467,7 @@ impl JobHandler {
         incoming: &Incoming,
         publisher: &Publisher,
     ) -> Result<Delivery, ConnectionLost> {
-        let correlation_id = incoming.correlation_id.clone().or_else(|| reply.custom_id.clone()).unwrap_or_default();
+        let correlation_id = result_correlation_id(incoming.correlation_id.as_deref(), reply.custom_id.as_deref());
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_correlation_id(correlation_id.as_str().into())
@@ -559,6 +559,17 @@ impl Timing {
     fn start(incoming: &Incoming) -> Timing {
         Timing { origin: incoming.published_at.unwrap_or(incoming.received_at), started: Instant::now() }
     }
+}
+
+/// The longest AMQP short string (a `correlation_id` is one). lapin checks it only in debug
+/// builds (a panic there); a release build writes a malformed frame and loses the connection.
+const SHORT_STRING_MAX: usize = 255;
+
+/// The result's `correlation_id`: the job's own, else its `custom_id` (contract §3), unless
+/// that is too long for the property (a `custom_id` has no length limit; the result's body
+/// carries it whole), then none.
+fn result_correlation_id(incoming: Option<&str>, custom_id: Option<&str>) -> String {
+    incoming.or(custom_id).filter(|id| id.len() <= SHORT_STRING_MAX).unwrap_or_default().to_string()
 }
 
 fn millis(d: Duration) -> u64 {
@@ -676,6 +687,16 @@ mod tests {
     use crate::job::ChatBody;
     use crate::providers::{ChatProvider, Completion, Failure};
     use crate::state::memory::MemoryStore;
+
+    #[test]
+    fn a_custom_id_too_long_for_a_short_string_is_not_the_results_correlation_id() {
+        assert_eq!(result_correlation_id(Some("own"), Some("doc-1")), "own");
+        assert_eq!(result_correlation_id(None, Some("doc-1")), "doc-1");
+        let longest = "x".repeat(SHORT_STRING_MAX);
+        assert_eq!(result_correlation_id(None, Some(&longest)), longest);
+        assert_eq!(result_correlation_id(None, Some(&"é".repeat(128))), "", "256 bytes, 128 characters");
+        assert_eq!(result_correlation_id(None, None), "");
+    }
 
     struct Instant200;
 

@@ -12,7 +12,7 @@
 //! the results that arrived for the earlier one. It is a secret: it never goes to a log line.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -79,40 +79,72 @@ impl CorrelationKey {
     }
 
     /// The output's key: read from its key file, or made and stored there (mode 0600) when there
-    /// is none. Two runs starting at once on one output agree on one key: the file appears whole
-    /// (written aside, then linked into place), and the loser of the race reads the winner's.
-    pub fn load_or_create(out: &Path) -> anyhow::Result<CorrelationKey> {
+    /// is none; `true` with a key just made. Two runs starting at once on one output agree on one
+    /// key: the file appears whole (written aside, then linked into place), and the loser of the
+    /// race reads the winner's.
+    pub fn load_or_create(out: &Path) -> anyhow::Result<(CorrelationKey, bool)> {
         let path = Self::path_for(out);
         if let Some(key) = Self::load(&path)? {
-            return Ok(key);
+            return Ok((key, false));
         }
         let key = CorrelationKey::random();
-        let aside = path.with_extension(format!("key.{}.tmp", std::process::id()));
-        write_private(&aside, &format!("{}\n", to_hex(&key.0)))
-            .with_context(|| format!("cannot write the key file {}", aside.display()))?;
+        let text = format!("{}\n", to_hex(&key.0));
+        // A name no other run (nor a leftover of a killed one) can hold.
+        let aside = path.with_extension(format!("key.{}.tmp", uuid::Uuid::new_v4().simple()));
+        write_private(&aside, &text).with_context(|| format!("cannot write the key file {}", aside.display()))?;
         let linked = fs::hard_link(&aside, &path);
         let _ = fs::remove_file(&aside);
-        match linked {
-            Ok(()) => Ok(key),
+        let placed = match linked {
+            Ok(()) => Ok(()),
+            // A file system without hard links: created in place (a run reading it half-written
+            // is told it is damaged, and says so).
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => write_private(&path, &text),
+            Err(e) => Err(e),
+        };
+        match placed {
+            Ok(()) => {
+                sync_parent(&path);
+                Ok((key, true))
+            }
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                Self::load(&path)?.with_context(|| format!("the key file {} vanished", path.display()))
+                let theirs = Self::load(&path)?;
+                Ok((theirs.with_context(|| format!("the key file {} vanished", path.display()))?, false))
             }
             Err(e) => Err(e).with_context(|| format!("cannot create the key file {}", path.display())),
         }
     }
 
+    /// The key in `path`, `None` when there is no such file. Anyone who knew the key could
+    /// forge results, so only a key this user alone could have written is used: a regular file
+    /// (not a link, which could point anywhere), owned by this user, neither group nor others
+    /// allowed to read or write it.
     fn load(path: &Path) -> anyhow::Result<Option<CorrelationKey>> {
-        match fs::read_to_string(path) {
-            Ok(text) => CorrelationKey::parse(&text).map(Some).map_err(|e| {
-                anyhow::anyhow!(
-                    "the key file {} {e}: delete it to start a new key (results already waiting for this \
-                     output are then not recognised, and their lines are published again)",
-                    path.display()
-                )
-            }),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read the key file {}", path.display())),
+        let refused = |why: String| {
+            anyhow::anyhow!(
+                "the key file {} {why}: delete it to start a new key (results already waiting for this \
+                 output are then not recognised, and their lines are published again)",
+                path.display()
+            )
+        };
+        let file = match open_no_follow(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot read the key file {} (it must be a regular file, not a link)", path.display())
+                });
+            }
+        };
+        let metadata = file.metadata().with_context(|| format!("cannot read the key file {}", path.display()))?;
+        if let Some(why) = not_private(&metadata) {
+            return Err(refused(why));
         }
+        let mut bytes = Vec::new();
+        file.take(4096)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read the key file {}", path.display()))?;
+        let text = String::from_utf8(bytes).map_err(|_| refused(KeyFileError::Malformed.to_string()))?;
+        CorrelationKey::parse(&text).map(Some).map_err(|e| refused(e.to_string()))
     }
 
     /// The correlation id of the job with this `custom_id`.
@@ -121,6 +153,50 @@ impl CorrelationKey {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
         mac.update(custom_id.as_bytes());
         format!("{PREFIX}{}", to_hex(&mac.finalize().into_bytes()))
+    }
+}
+
+/// Opens `path` for reading without following a link in its last part (a link is an error) and
+/// without waiting on a FIFO.
+fn open_no_follow(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use rustix::fs::OFlags;
+        let flags = (OFlags::NOFOLLOW | OFlags::NONBLOCK).bits();
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, i32::try_from(flags).unwrap_or(0));
+    }
+    options.open(path)
+}
+
+/// Why a key file is not one this user alone could have written, if it is not.
+fn not_private(metadata: &fs::Metadata) -> Option<String> {
+    if !metadata.is_file() {
+        return Some("is not a regular file".into());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if metadata.uid() != rustix::process::geteuid().as_raw() {
+            return Some(format!("belongs to another user (uid {})", metadata.uid()));
+        }
+        if metadata.mode() & 0o077 != 0 {
+            return Some(format!(
+                "may be read or written by others (mode {:o}; a key this run made is 600)",
+                metadata.mode() & 0o777
+            ));
+        }
+    }
+    None
+}
+
+/// Makes a new name in `path`'s directory last through a crash, as far as the file system
+/// allows (a key lost after jobs went out with it would leave their results unrecognised).
+fn sync_parent(path: &Path) {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(dir) = File::open(parent) {
+        let _ = dir.sync_all();
     }
 }
 
@@ -162,8 +238,9 @@ mod tests {
     fn the_key_file_is_made_once_kept_private_and_read_again() {
         let dir = temp_dir("roundtrip");
         let out = dir.join("out.jsonl");
-        let key = CorrelationKey::load_or_create(&out).unwrap();
-        assert_eq!(CorrelationKey::load_or_create(&out).unwrap(), key, "a second run reads the same key");
+        let (key, created) = CorrelationKey::load_or_create(&out).unwrap();
+        assert!(created);
+        assert_eq!(CorrelationKey::load_or_create(&out).unwrap(), (key, false), "a second run reads the same key");
         let path = CorrelationKey::path_for(&out);
         assert_eq!(path, dir.join("out.jsonl.key"));
         #[cfg(unix)]
@@ -177,14 +254,77 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_key_file_is_a_clear_error_that_names_the_file_not_the_key() {
+    fn runs_starting_together_agree_on_one_key() {
+        let dir = temp_dir("race");
+        let out = dir.join("out.jsonl");
+        let runs: Vec<_> = (0..8)
+            .map(|_| {
+                let out = out.clone();
+                std::thread::spawn(move || CorrelationKey::load_or_create(&out).unwrap())
+            })
+            .collect();
+        let keys: Vec<(CorrelationKey, bool)> = runs.into_iter().map(|run| run.join().unwrap()).collect();
+        assert!(keys.iter().all(|(key, _)| *key == keys[0].0), "one key for all");
+        assert_eq!(keys.iter().filter(|(_, created)| *created).count(), 1, "made by one run");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    fn private_file(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::write(path, text).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_damaged_key_file_is_a_clear_error_that_names_the_file() {
         let dir = temp_dir("damaged");
         let out = dir.join("out.jsonl");
-        let secret = "ab".repeat(31);
-        fs::write(CorrelationKey::path_for(&out), &secret).unwrap();
+        private_file(&CorrelationKey::path_for(&out), &"ab".repeat(31));
         let error = format!("{:#}", CorrelationKey::load_or_create(&out).unwrap_err());
-        assert!(error.contains("out.jsonl.key") && error.contains("delete it"), "{error}");
-        assert!(!error.contains(&secret), "the key's text is not echoed: {error}");
+        assert!(error.contains("out.jsonl.key") && error.contains("not an enqueue key"), "{error}");
+        assert!(error.contains("delete it"), "{error}");
+        fs::write(CorrelationKey::path_for(&out), [0xff_u8; 64]).unwrap();
+        let error = format!("{:#}", CorrelationKey::load_or_create(&out).unwrap_err());
+        assert!(error.contains("not an enqueue key"), "not UTF-8 is damaged too: {error}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A key someone else could have planted (before the first run, in a directory others may
+    /// write to) would let them forge every line: it is refused, never used.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_others_could_have_written_or_a_link_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("planted");
+        let out = dir.join("out.jsonl");
+        let path = CorrelationKey::path_for(&out);
+        let planted = format!("{}\n", "ab".repeat(32));
+
+        fs::write(&path, &planted).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let error = format!("{:#}", CorrelationKey::load_or_create(&out).unwrap_err());
+        assert!(error.contains("read or written by others") && error.contains("644"), "{error}");
+        fs::remove_file(&path).unwrap();
+
+        let elsewhere = dir.join("elsewhere");
+        private_file(&elsewhere, &planted);
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let error = format!("{:#}", CorrelationKey::load_or_create(&out).unwrap_err());
+        assert!(error.contains("not a link"), "a link to a private file: {error}");
+        fs::remove_file(&elsewhere).unwrap();
+        let error = format!("{:#}", CorrelationKey::load_or_create(&out).unwrap_err());
+        assert!(error.contains("not a link"), "a dangling link: {error}");
+        fs::remove_file(&path).unwrap();
+
+        let made = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+        assert!(made.success());
+        let error = format!("{:#}", CorrelationKey::load_or_create(&out).unwrap_err());
+        assert!(error.contains("not a regular file"), "a FIFO is refused, not waited on: {error}");
+        fs::remove_file(&path).unwrap();
+
+        assert!(CorrelationKey::load_or_create(&out).unwrap().1, "with the file gone, a new key is made");
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -187,7 +187,17 @@ pub async fn run(
         return Ok(ExitCode::from(2));
     }
     let idle_timeout = options.idle_timeout.unwrap_or_else(|| default_idle_timeout(&backlog.pending, config));
-    let key = CorrelationKey::load_or_create(options.out)?;
+    let (key, created) = CorrelationKey::load_or_create(options.out)?;
+    if created && !output.done().is_empty() {
+        // An earlier run wrote this output without a key (an older version, or the key file
+        // was deleted): what it left in the reply queue cannot be told from a forgery.
+        eprintln!(
+            "note: a new key for {}: results an earlier run left in `{reply_queue}` are not recognised \
+             and are dropped; their lines are published again (a worker answers a copy of an answered \
+             job from its ledger)",
+            options.out.display()
+        );
+    }
     let conn = connect(&config.amqp.url, "fallback-worker enqueue").await?;
     wait_for_jobs_queue(&conn, &config.amqp.jobs_queue, &shutdown).await?;
     // With `queue_type = "quorum"` the reply queue is a quorum queue too (contract §4: every

@@ -50,6 +50,27 @@ async fn absurd_amqp_timestamps_are_ignored_and_the_worker_goes_on() {
     worker.stop().await;
 }
 
+/// A `custom_id` has no length limit, but a result's `correlation_id` (a copy of it when the
+/// job has none) is an AMQP short string of at most 255 bytes: lapin panics on a longer one in a
+/// debug build and writes a malformed frame in a release build.
+#[tokio::test]
+async fn a_custom_id_longer_than_a_short_string_is_answered_and_the_worker_goes_on() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
+    let long_id = "é".repeat(200);
+    env.publish(&job(&long_id), BasicProperties::default()).await;
+    let (result, properties) = env.next_result(&env.results).await;
+    assert!(result.is_success(), "{result:?}");
+    assert_eq!(result.custom_id.as_deref(), Some(long_id.as_str()), "the body carries the custom_id whole");
+    assert!(properties.correlation_id().as_ref().is_none_or(|id| id.as_str().is_empty()), "{properties:?}");
+    env.publish(&job("after"), BasicProperties::default()).await;
+    let (after, properties) = env.next_result(&env.results).await;
+    assert!(after.is_success(), "the same worker still answers");
+    assert_eq!(properties.correlation_id().as_ref().map(|id| id.as_str()), Some("after"));
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn a_max_wait_beyond_the_chains_limit_is_an_invalid_request() {
     let env = TestEnv::new().await;
