@@ -264,7 +264,7 @@ impl JobHandler {
         let verdict = match tokio::time::timeout(self.rules.delivery_deadline, chain_run).await {
             Ok(verdict) => verdict,
             // The delivery's hard deadline: hand the job back through a short park.
-            Err(_) => Verdict::Wait { until: SystemTime::now() },
+            Err(_) => Verdict::Wait { until: SystemTime::now(), wake: chain::Wake::Spread },
         };
         let new_attempts = progress.attempts.get(carried..).unwrap_or_default();
         // A parked job's time counts from its first receipt, across its parks.
@@ -579,7 +579,7 @@ fn millis(d: Duration) -> u64 {
 /// The result a verdict gives, or `Err(until)` when the job must wait until then.
 pub fn result_of(custom_id: &str, verdict: Verdict, mut routing: Routing) -> Result<JobResult, SystemTime> {
     match verdict {
-        Verdict::Wait { until } => Err(until),
+        Verdict::Wait { until, .. } => Err(until),
         Verdict::Answered { provider, model, free, completion, rejected } => {
             tracing::info!(custom_id, provider = %provider, attempts = routing.attempts.len(), rejected, "answered");
             routing.rejected = rejected;

@@ -149,7 +149,24 @@ pub enum Verdict {
     /// Nothing is usable before `until` (and `until` is within `max_wait`).
     Wait {
         until: SystemTime,
+        /// How the jobs waiting for `until` should spread their wake-ups.
+        wake: Wake,
     },
+}
+
+/// How jobs that wait for the same instant spread their wake-ups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Room in a limit's window: a job's ask goes through strict admission, so jobs waking
+    /// together cost asks, never calls beyond the limit, and a slot that frees is taken at once.
+    /// Spread over the first 5 ms only: waking up to a tenth of the wait late (as below) left
+    /// each slot idle for tens of milliseconds per window (measured: 97.2–97.5 % of strict 2 s
+    /// windows used, 97.9–98.3 % with this).
+    Room,
+    /// Anything else (a cooldown's end, a backoff, the free wait): the provider itself, or a
+    /// half-open circuit, would take the herd, so wake-ups spread over a tenth of the wait (at
+    /// most 250 ms).
+    Spread,
 }
 
 /// How long [`run`] may keep a job in hand.
@@ -177,19 +194,26 @@ struct NextTry {
     /// it is our estimate (an open circuit, a backoff, a host that did not answer), which the
     /// job waits out until its deadline (contract §6).
     firm: bool,
+    /// Room in the member's limits, which admission guards: see [`Wake::Room`].
+    room: bool,
 }
 
 impl NextTry {
     fn firm(at: SystemTime) -> Self {
-        Self { at, firm: true }
+        Self { at, firm: true, room: false }
     }
 
     fn estimate(at: SystemTime) -> Self {
-        Self { at, firm: false }
+        Self { at, firm: false, room: false }
+    }
+
+    /// When a limit's window has room again: certain, and guarded by admission.
+    fn room(at: SystemTime) -> Self {
+        Self { at, firm: true, room: true }
     }
 
     fn after_cooldown(cooldown: &Cooldown) -> Self {
-        Self { at: cooldown.until, firm: outcome::is_providers_word(cooldown.reason) }
+        Self { at: cooldown.until, firm: outcome::is_providers_word(cooldown.reason), room: false }
     }
 }
 
@@ -224,25 +248,31 @@ pub async fn run(
     };
     loop {
         let verdict = run_pass(chain, &request, max_wait, progress, state, clock).await;
-        let Verdict::Wait { until } = verdict else {
+        let Verdict::Wait { until, wake } = verdict else {
             return verdict;
         };
         let now = clock.now();
         let wait = until.duration_since(now).unwrap_or_default();
-        let wait = wait.saturating_add(spread(wait));
+        let wait = wait.saturating_add(spread(wait, wake));
         if wait > hold.hold_limit || later(now, wait) > hold.hold_until {
-            return Verdict::Wait { until };
+            return Verdict::Wait { until, wake };
         }
         clock.sleep(wait).await;
     }
 }
 
-/// A small random delay added to every wake-up so that jobs waiting for the same reset do not
-/// all call the provider in the same millisecond.
-fn spread(wait: Duration) -> Duration {
-    let cap = (wait / 10).min(Duration::from_millis(250)).max(Duration::from_millis(5));
+/// A small random delay added to every wake-up so that jobs waiting for the same instant do not
+/// all ask in the same millisecond; how small depends on what a herd would hit ([`Wake`]).
+fn spread(wait: Duration, wake: Wake) -> Duration {
+    let cap = match wake {
+        Wake::Room => MIN_SPREAD,
+        Wake::Spread => (wait / 10).min(Duration::from_millis(250)).max(MIN_SPREAD),
+    };
     cap.mul_f64(fastrand::f64())
 }
+
+/// The narrowest spread of wake-ups.
+const MIN_SPREAD: Duration = Duration::from_millis(5);
 
 /// One walk through the chain.
 pub async fn run_pass(
@@ -333,10 +363,12 @@ fn conclude(
     };
     let deadline = later(progress.first_seen, max_wait);
     if earliest <= deadline {
-        return Verdict::Wait { until: earliest };
+        // Every provider due then waits only for room: a herd costs asks, not calls.
+        let room = next_tries.iter().filter(|next| next.at == earliest).all(|next| next.room);
+        return Verdict::Wait { until: earliest, wake: if room { Wake::Room } else { Wake::Spread } };
     }
     if now < deadline && !next_tries.iter().all(|next| next.firm) {
-        return Verdict::Wait { until: deadline };
+        return Verdict::Wait { until: deadline, wake: Wake::Spread };
     }
     Verdict::Failed {
         code: ErrorCode::DeadlineExceeded,
@@ -494,7 +526,7 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
             };
             progress.skip(member, AttemptOutcome::SkippedQuota, Some(until), Some(format!("{what} reached")));
             // Room comes no earlier than the window says: a certain time, not a guess.
-            Err(Some(NextTry::firm(until)))
+            Err(Some(NextTry::room(until)))
         }
         Admission::TooLarge => {
             let message =

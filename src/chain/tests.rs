@@ -330,7 +330,7 @@ async fn one_job_probes_an_expired_circuit_while_the_others_keep_skipping_and_it
     let (probed, skipped) = tokio::join!(probe, meanwhile);
     assert_eq!(answered_by(&probed), Some("a"), "{probed:?}");
     let hold_end = t0() + secs(5) + secs(10) + FLIGHT_MARGIN;
-    assert!(matches!(skipped, Verdict::Wait { until } if until == hold_end), "{skipped:?}");
+    assert!(matches!(skipped, Verdict::Wait { until, .. } if until == hold_end), "{skipped:?}");
     assert_eq!(outcomes(&other), vec![("a".into(), AttemptOutcome::SkippedCooldown)]);
     assert_eq!(*gated.calls.lock().unwrap(), 1, "one probe across all jobs");
 
@@ -406,7 +406,7 @@ async fn paid_providers_wait_for_free_wait() {
     let mut progress = JobProgress::new(clock.now());
     let verdict = pass(&chain, &mut progress, &store, &clock).await;
     assert!(
-        matches!(verdict, Verdict::Wait { until } if until == t0() + secs(20)),
+        matches!(verdict, Verdict::Wait { until, .. } if until == t0() + secs(20)),
         "wakes for the free provider first"
     );
     assert_eq!(paid.calls(), 0);
@@ -459,7 +459,7 @@ async fn an_estimate_beyond_max_wait_makes_the_job_wait_for_its_deadline_before_
     let store = MemoryStore::new();
     let mut progress = JobProgress::new(clock.now());
     let verdict = run_pass(&chain, &request(&job()), secs(10), &mut progress, &store, &clock).await;
-    assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(10)), "{verdict:?}");
+    assert!(matches!(verdict, Verdict::Wait { until, .. } if until == t0() + secs(10)), "{verdict:?}");
 
     let verdict = run_holding(&chain, secs(10), &mut progress, &store, &clock, secs(60)).await;
     assert!(matches!(verdict, Verdict::Failed { code: ErrorCode::DeadlineExceeded, .. }), "{verdict:?}");
@@ -513,7 +513,7 @@ async fn sixty_jobs_caught_in_a_10s_outage_all_wait_and_are_answered_after_it() 
             }
             match run_pass(&chain, &request(&job()), max_wait, &mut progress, &store, clock.as_ref()).await {
                 Verdict::Answered { .. } => answered += 1,
-                Verdict::Wait { until } => still_waiting.push((progress, until)),
+                Verdict::Wait { until, .. } => still_waiting.push((progress, until)),
                 failed @ Verdict::Failed { .. } => {
                     panic!("failed at +{:?}: {failed:?}", clock.now().duration_since(t0()))
                 }
@@ -554,7 +554,7 @@ async fn a_max_wait_of_u64_max_seconds_panics_nowhere() {
     };
     let mut progress = JobProgress::new(clock.now());
     let verdict = run_pass(&chain, &request(&job()), huge, &mut progress, &store, &clock).await;
-    assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(30)), "{verdict:?}");
+    assert!(matches!(verdict, Verdict::Wait { until, .. } if until == t0() + secs(30)), "{verdict:?}");
     assert_eq!(progress.attempts[2].until.as_deref(), Some("9999-12-31T00:00:00.000Z"));
 
     let hold = HoldPolicy::new(Duration::MAX, clock.now(), Duration::MAX);
@@ -601,13 +601,61 @@ async fn run_waits_in_place_for_a_short_cooldown_and_then_answers() {
 }
 
 #[tokio::test]
+async fn jobs_waiting_for_room_in_a_window_take_it_within_milliseconds_of_its_freeing() {
+    let clock = ManualClock::starting_at(t0());
+    let mut limited = member("limited", true, Says::new(vec![]));
+    limited.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(2), resets: None }];
+    let chain = chain(vec![limited], Duration::ZERO);
+    let store = MemoryStore::new();
+    assert_eq!(answered_by(&pass(&chain, &mut JobProgress::new(t0()), &store, &clock).await), Some("limited"));
+    // Each job waits for the window's one request, a whole window: the wake-up is spread over
+    // 5 ms, not a tenth of the wait (200 ms here), five times in a row.
+    for _ in 0..5 {
+        let asked = clock.now();
+        let mut progress = JobProgress::new(asked);
+        let verdict = run_holding(&chain, chain.max_wait, &mut progress, &store, &clock, secs(5)).await;
+        assert_eq!(answered_by(&verdict), Some("limited"), "{verdict:?}");
+        let waited = clock.now().duration_since(asked).unwrap();
+        assert!(waited >= secs(2) && waited <= secs(2) + MIN_SPREAD, "{waited:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_wait_for_room_is_handed_back_as_one_and_a_cooldown_as_a_spread_one() {
+    let clock = ManualClock::starting_at(t0());
+    let mut limited = member("limited", true, Says::new(vec![]));
+    limited.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(60), resets: None }];
+    let cooling = member("cooling", true, Scripted::new(vec![Err(rate_limited(t0() + secs(60)))]));
+    let store = MemoryStore::new();
+    let room_only = chain(vec![limited.clone()], Duration::ZERO);
+    pass(&room_only, &mut JobProgress::new(t0()), &store, &clock).await;
+    let verdict = pass(&room_only, &mut JobProgress::new(t0()), &store, &clock).await;
+    assert!(matches!(verdict, Verdict::Wait { wake: Wake::Room, .. }), "{verdict:?}");
+    // A provider due no later waits out a 429: a herd of wake-ups would reach the provider.
+    let both = chain(vec![limited, cooling], Duration::ZERO);
+    let verdict = pass(&both, &mut JobProgress::new(t0()), &store, &clock).await;
+    assert!(matches!(verdict, Verdict::Wait { wake: Wake::Spread, .. }), "{verdict:?}");
+}
+
+#[test]
+fn wake_ups_for_room_spread_over_5_ms_and_others_over_a_tenth_of_the_wait() {
+    for _ in 0..1000 {
+        assert!(spread(secs(2), Wake::Room) <= MIN_SPREAD);
+        assert!(spread(secs(2), Wake::Spread) <= Duration::from_millis(200));
+        assert!(spread(secs(3600), Wake::Spread) <= Duration::from_millis(250));
+    }
+    let wide = (0..1000).map(|_| spread(secs(2), Wake::Spread)).max().unwrap();
+    assert!(wide > MIN_SPREAD, "a cooldown's wake-ups still spread wide: {wide:?}");
+}
+
+#[tokio::test]
 async fn run_hands_back_waits_longer_than_the_hold_limit() {
     let clock = ManualClock::starting_at(t0());
     let chain =
         chain(vec![member("a", true, Scripted::new(vec![Err(rate_limited(t0() + secs(120)))]))], Duration::ZERO);
     let mut progress = JobProgress::new(clock.now());
     let verdict = run_holding(&chain, chain.max_wait, &mut progress, &MemoryStore::new(), &clock, secs(5)).await;
-    assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(120)), "{verdict:?}");
+    assert!(matches!(verdict, Verdict::Wait { until, .. } if until == t0() + secs(120)), "{verdict:?}");
     assert_eq!(clock.now(), t0(), "handed back without waiting");
 }
 
@@ -618,7 +666,7 @@ async fn run_does_not_wait_past_the_hold_deadline() {
     let hold = HoldPolicy::new(secs(5), t0(), secs(3));
     let verdict =
         run(&chain, &job(), chain.max_wait, &mut JobProgress::new(t0()), &MemoryStore::new(), hold, &clock).await;
-    assert!(matches!(verdict, Verdict::Wait { until } if until == t0() + secs(4)), "{verdict:?}");
+    assert!(matches!(verdict, Verdict::Wait { until, .. } if until == t0() + secs(4)), "{verdict:?}");
 }
 
 #[test]
