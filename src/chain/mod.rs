@@ -246,6 +246,8 @@ pub async fn run(
         Ok(request) => request,
         Err(message) => return Verdict::Failed { code: ErrorCode::InvalidRequest, message },
     };
+    // Waits in a row refused for a time already past.
+    let mut overdue: u32 = 0;
     loop {
         let verdict = run_pass(chain, &request, max_wait, progress, state, clock).await;
         let Verdict::Wait { until, wake } = verdict else {
@@ -253,7 +255,12 @@ pub async fn run(
         };
         let now = clock.now();
         let wait = until.duration_since(now).unwrap_or_default();
-        let wait = wait.saturating_add(spread(wait, wake));
+        // Told to wait for a time already past: the shared state decides on a clock behind this
+        // worker's, or refuses for a moment (a held lock). Asking again every few milliseconds
+        // until it catches up would be a busy loop: the pause grows instead.
+        overdue = if wait.is_zero() { overdue.saturating_add(1) } else { 0 };
+        let pause = if overdue > 0 { overdue_pause(overdue) } else { spread(wait, wake) };
+        let wait = wait.saturating_add(pause);
         if wait > hold.hold_limit || later(now, wait) > hold.hold_until {
             return Verdict::Wait { until, wake };
         }
@@ -264,15 +271,30 @@ pub async fn run(
 /// A small random delay added to every wake-up so that jobs waiting for the same instant do not
 /// all ask in the same millisecond; how small depends on what a herd would hit ([`Wake`]).
 fn spread(wait: Duration, wake: Wake) -> Duration {
-    let cap = match wake {
+    spread_cap(wait, wake).mul_f64(fastrand::f64())
+}
+
+/// The most [`spread`] adds.
+fn spread_cap(wait: Duration, wake: Wake) -> Duration {
+    match wake {
         Wake::Room => MIN_SPREAD,
-        Wake::Spread => (wait / 10).min(Duration::from_millis(250)).max(MIN_SPREAD),
-    };
-    cap.mul_f64(fastrand::f64())
+        Wake::Spread => (wait / 10).min(MAX_SPREAD).max(MIN_SPREAD),
+    }
 }
 
 /// The narrowest spread of wake-ups.
 const MIN_SPREAD: Duration = Duration::from_millis(5);
+
+/// The pause before asking again after the `n`-th wait in a row for a time already past: 2.5-5,
+/// 10-20, 40-80 ms, then 125-250 ms. At least half of it is certain, so a clock 100 ms
+/// behind costs a handful of asks, not one every few milliseconds.
+fn overdue_pause(n: u32) -> Duration {
+    let cap = MIN_SPREAD.saturating_mul(4u32.saturating_pow(n.saturating_sub(1))).min(MAX_SPREAD);
+    (cap / 2).saturating_add((cap / 2).mul_f64(fastrand::f64()))
+}
+
+/// The widest spread of wake-ups.
+const MAX_SPREAD: Duration = Duration::from_millis(250);
 
 /// One walk through the chain.
 pub async fn run_pass(
@@ -363,8 +385,11 @@ fn conclude(
     };
     let deadline = later(progress.first_seen, max_wait);
     if earliest <= deadline {
-        // Every provider due then waits only for room: a herd costs asks, not calls.
-        let room = next_tries.iter().filter(|next| next.at == earliest).all(|next| next.room);
+        // Every provider due before the wide spread would have ended waits only for room: a
+        // herd costs asks, not calls. One due a little later (a 429's reset) would take the jobs
+        // the freed slots do not take, woken together.
+        let reach = later(earliest, spread_cap(earliest.duration_since(now).unwrap_or_default(), Wake::Spread));
+        let room = next_tries.iter().filter(|next| next.at <= reach).all(|next| next.room);
         return Verdict::Wait { until: earliest, wake: if room { Wake::Room } else { Wake::Spread } };
     }
     if now < deadline && !next_tries.iter().all(|next| next.firm) {

@@ -1240,3 +1240,133 @@ async fn a_spent_budget_the_config_holds_leaves_the_provider_to_its_window_not_a
     assert_eq!(answered_by(&verdict), Some("unheld"));
     assert_eq!(store.cooldown_of("unheld").map(|c| c.until), Some(reset));
 }
+
+// ---- review of 969b086 (Wake::Room) ----
+
+/// R1: a provider whose cooldown (a 429's reset) ends 2 ms after another's window has room is
+/// due inside the 5 ms Room spread: the jobs the one slot does not take fall through to it.
+#[tokio::test]
+async fn review_a_cooldown_due_just_after_a_room_time_keeps_the_wide_spread() {
+    let clock = ManualClock::starting_at(t0());
+    let mut limited = member("limited", true, Says::new(vec![]));
+    limited.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(2), resets: None }];
+    let room = t0() + secs(2);
+    let reset = room + Duration::from_millis(2);
+    let cooling = member("cooling", true, Scripted::new(vec![Err(rate_limited(reset))]));
+    let both = chain(vec![limited, cooling], Duration::ZERO);
+    let store = MemoryStore::new();
+    assert_eq!(answered_by(&pass(&both, &mut JobProgress::new(t0()), &store, &clock).await), Some("limited"));
+    let verdict = pass(&both, &mut JobProgress::new(t0()), &store, &clock).await;
+    assert!(
+        matches!(verdict, Verdict::Wait { until, wake: Wake::Spread } if until == room),
+        "the 429'd provider is due 2 ms after the room time: {verdict:?}"
+    );
+}
+
+/// 40 jobs wait out a full 1-per-2 s window while a second provider waits out a 429 whose
+/// reset is `after` the window's room; returns how many calls reach the 429'd provider within
+/// 5 ms of its reset (the jobs replayed as `run` would wake them).
+async fn herd_onto_a_429d_provider(after: Duration) -> usize {
+    let clock = ManualClock::starting_at(t0());
+    let mut limited = member("limited", true, Says::new(vec![]));
+    limited.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(2), resets: None }];
+    let reset = t0() + secs(2) + after;
+    let answers = Scripted::new(vec![Err(rate_limited(reset))]);
+    let cooling = member("cooling", true, answers.clone());
+    let both = chain(vec![limited, cooling], Duration::ZERO);
+    let store = MemoryStore::new();
+    assert_eq!(answered_by(&pass(&both, &mut JobProgress::new(t0()), &store, &clock).await), Some("limited"));
+    let mut jobs: Vec<(JobProgress, SystemTime)> = (0..40).map(|_| (JobProgress::new(t0()), t0())).collect();
+    let mut herd = 0;
+    while !jobs.is_empty() {
+        let now = clock.now();
+        let mut still_waiting = Vec::new();
+        for (mut progress, wake_at) in jobs {
+            if wake_at > now {
+                still_waiting.push((progress, wake_at));
+                continue;
+            }
+            let before = answers.calls();
+            match pass(&both, &mut progress, &store, &clock).await {
+                Verdict::Wait { until, wake } => {
+                    // As `run` does: the wait, then the spread.
+                    let wait = until.duration_since(now).unwrap_or_default();
+                    still_waiting.push((progress, now + wait + spread(wait, wake)));
+                }
+                Verdict::Answered { .. } => {}
+                failed => panic!("{failed:?}"),
+            }
+            if now >= reset && now <= reset + MIN_SPREAD {
+                herd += answers.calls() - before;
+            }
+        }
+        jobs = still_waiting;
+        if let Some(next) = jobs.iter().map(|(_, at)| *at).min() {
+            clock.advance(next.duration_since(clock.now()).unwrap_or_default());
+        }
+    }
+    herd
+}
+
+/// R1, the herd itself, with the reset 2 ms after the room.
+#[tokio::test]
+async fn review_jobs_waking_for_room_do_not_herd_onto_a_provider_whose_429_ends_just_after() {
+    let herd = herd_onto_a_429d_provider(Duration::from_millis(2)).await;
+    assert!(herd <= 10, "{herd} of 40 jobs reached the 429'd provider within 5 ms of its reset");
+}
+
+/// A store whose decisions are taken on a clock `behind` the worker's (the database's
+/// `clock_timestamp()` against the worker's `SystemTime::now()`): every instant it is given is
+/// moved back, every instant it names is on its own clock.
+struct Behind {
+    inner: MemoryStore,
+    behind: Duration,
+    asks: Mutex<usize>,
+}
+
+#[async_trait::async_trait]
+impl ProviderState for Behind {
+    async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
+        *self.asks.lock().unwrap() += 1;
+        self.inner.admit(ask, now - self.behind).await
+    }
+    async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
+        self.inner.finish(permit, tokens, now - self.behind).await
+    }
+    async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
+        self.inner.cool_down(provider, cooldown).await
+    }
+    async fn record_success(&self, provider: &str) {
+        self.inner.record_success(provider).await
+    }
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool {
+        self.inner.claim_probe(provider, now - self.behind, hold_for).await
+    }
+    async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
+        self.inner.record_server_error(provider, detail).await
+    }
+    async fn record_rejected_output(&self, provider: &str, reason: &str) {
+        self.inner.record_rejected_output(provider, reason).await
+    }
+}
+
+/// R2: the database's clock 100 ms behind the worker's. A job woken within 5 ms of the room
+/// time the database named is refused again, now with a room time in the worker's past: it
+/// asked again every 0-5 ms (about 40 asks) until the database's clock got there.
+#[tokio::test]
+async fn review_a_database_clock_100ms_behind_does_not_make_a_room_wait_ask_in_a_loop() {
+    let clock = ManualClock::starting_at(t0());
+    let mut limited = member("limited", true, Says::new(vec![]));
+    limited.limits = vec![LimitConfig { requests: Some(1), tokens: None, per: secs(2), resets: None }];
+    let chain = chain(vec![limited], Duration::ZERO);
+    let store = Behind { inner: MemoryStore::new(), behind: Duration::from_millis(100), asks: Mutex::new(0) };
+    let first = run_pass(&chain, &request(&job()), chain.max_wait, &mut JobProgress::new(t0()), &store, &clock).await;
+    assert_eq!(answered_by(&first), Some("limited"));
+    *store.asks.lock().unwrap() = 0;
+    let hold = HoldPolicy::new(secs(5), clock.now(), secs(60));
+    let verdict = run(&chain, &job(), chain.max_wait, &mut JobProgress::new(t0()), &store, hold, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("limited"), "{verdict:?}");
+    let asks = *store.asks.lock().unwrap();
+    // The refusal, the wake-up at the room time, then pauses of at least 2.5, 10, 40 and 125 ms.
+    assert!(asks <= 6, "{asks} asks for one slot");
+}
