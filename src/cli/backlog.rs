@@ -241,12 +241,38 @@ pub fn conclude(backlog: &Backlog, output: &Output, unanswered: usize) -> ExitCo
 mod tests {
     use super::*;
 
-    fn temp(name: &str, content: &str) -> std::path::PathBuf {
+    /// A file in a directory of its own, removed with it when the test ends (passed or not).
+    struct TempFile {
+        path: std::path::PathBuf,
+    }
+
+    impl std::ops::Deref for TempFile {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.path
+        }
+    }
+
+    impl AsRef<Path> for TempFile {
+        fn as_ref(&self) -> &Path {
+            &self.path
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn temp(name: &str, content: &str) -> TempFile {
         let dir = std::env::temp_dir().join(format!("fw-backlog-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
         std::fs::write(&path, content).unwrap();
-        path
+        TempFile { path }
     }
 
     #[test]
