@@ -1065,6 +1065,17 @@ impl PgStore {
     }
 
     /// The provider's row as the database has it (cooldown and error run).
+    /// Learns the probe another worker took, from the table (a fresh snapshot: the claim's
+    /// statement may have read the row before that worker's claim committed). If the table
+    /// cannot be read, this worker holds the provider itself for as long as a probe may take;
+    /// the prober's notice (closed, or reopened) replaces that hold, as it replaces any circuit.
+    async fn learn_probe_hold(&self, provider: &str, now: SystemTime, hold: Cooldown) {
+        if let Err(e) = self.guarded(self.read_cooldown(provider, now)).await {
+            tracing::debug!(provider, error = %e, "cannot read the probe's hold; keeping the provider back from here");
+            self.remember_cooldown(provider, Some(hold));
+        }
+    }
+
     async fn read_cooldown(&self, provider: &str, now: SystemTime) -> Result<Option<Cooldown>, sqlx::Error> {
         let row = sqlx::query(
             "SELECT fallback_epoch_ms(cooldown_until) AS until_ms, cooldown_reason, \
@@ -1772,7 +1783,14 @@ impl ProviderState for PgStore {
                 self.remember_cooldown(provider, Some(hold));
                 true
             }
-            Ok((false, circuit)) => !circuit,
+            // Another worker holds the probe. The chain gives its slot back and asks again, and
+            // that ask must see the hold: its notice may not have reached this process yet, and
+            // neither an unlimited provider's admission nor a credit asks the database.
+            Ok((false, true)) => {
+                self.learn_probe_hold(provider, now, hold).await;
+                false
+            }
+            Ok((false, false)) => true,
             Err(e) => {
                 // While the database is away each worker probes on its own: at most one probe
                 // per worker, as the local hold keeps this worker's other jobs back.

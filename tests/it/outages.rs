@@ -10,6 +10,8 @@ use fallback_worker::state::{Admission, Ask, Cooldown, ProviderState};
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
+use crate::ledger_batching::{DEFAULT_POOL, store_at};
+use crate::support::relay::Relay;
 use crate::support::*;
 
 async fn migrated_store(env: &TestEnv) -> PgStore {
@@ -85,6 +87,90 @@ async fn one_worker_of_many_takes_the_probe_of_an_expired_circuit() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Another worker takes the probe (the hold written straight to the table, as its claim does).
+async fn probe_taken(env: &TestEnv, provider: &str, at: SystemTime, hold: Duration) {
+    let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as f64;
+    let taken = sqlx::query(
+        "UPDATE provider_state SET cooldown_until = to_timestamp($2 / 1000), circuit_probe_at = to_timestamp($3 / 1000) \
+         WHERE provider = $1 AND cooldown_reason = 'circuit'",
+    )
+    .bind(provider)
+    .bind(ms(at + hold))
+    .bind(ms(at))
+    .execute(&mut env.db().await)
+    .await
+    .unwrap();
+    assert_eq!(taken.rows_affected(), 1);
+}
+
+/// A worker whose claim of the probe lost before the winner's notice reached it gives its slot
+/// back and asks again (the chain's `admit`): that ask must see the hold, although an unlimited
+/// provider's admission reads only the local view and a credit's asks nothing at all. Before,
+/// it was granted and the job called the provider beside the probe.
+#[tokio::test]
+async fn a_worker_that_loses_the_probe_before_its_notice_arrives_does_not_call() {
+    let env = TestEnv::new().await;
+    // The loser's LISTEN session goes through a relay that can hold the notices back: the
+    // moments between the winner's claim and its notice's arrival, made to last.
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let listen_url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = &store_at(&env.database_url, DEFAULT_POOL).await.with_listen_url(&listen_url).unwrap();
+    let stop = CancellationToken::new();
+    let listening = tokio::spawn(store.clone().listen(stop.clone()));
+    eventually("the listener is live", || async { store.is_listening() }).await;
+    let prober = migrated_store(&env).await;
+    let limits = [crate::credits::requests(100_000)];
+    let unlimited = ASK;
+    let limited = Ask { provider: "q", limits: &limits, ..ASK };
+    // The database decides a limited provider's admission on its own clock: the circuits end
+    // for real, 200 ms from now.
+    let expired = SystemTime::now() + Duration::from_millis(200);
+    for provider in ["p", "q"] {
+        for _ in 0..3 {
+            prober.record_server_error(provider, "HTTP 503").await;
+        }
+        prober.cool_down(provider, circuit(expired)).await;
+    }
+    eventually("the loser hears of both circuits", || async {
+        ["p", "q"].iter().all(|p| store.known_cooldown(p).is_some_and(|c| c.reason == CooldownReason::Circuit))
+    })
+    .await;
+    tokio::time::sleep(expired.duration_since(SystemTime::now()).unwrap_or_default()).await;
+    relay.hold(true);
+    let hold = Duration::from_secs(7);
+    for ask in [unlimited, limited] {
+        let expired = SystemTime::now();
+        let permit = match store.admit(ask, expired).await {
+            Admission::Granted(permit) => permit,
+            other => panic!("{}: an expired circuit admits: {other:?}", ask.provider),
+        };
+        if ask.provider == "q" {
+            assert!(permit.from_credit, "the limited provider's call comes from a credit: {permit:?}");
+        }
+        probe_taken(&env, ask.provider, expired, hold).await;
+        assert!(
+            !store.claim_probe(ask.provider, expired, hold).await,
+            "{}: the other worker has the probe",
+            ask.provider
+        );
+        store.finish(permit, None, expired).await;
+        match store.admit(ask, expired).await {
+            Admission::Cooling(c) => {
+                assert_eq!((c.reason, c.until > expired), (CooldownReason::Circuit, true), "{}", ask.provider)
+            }
+            other => panic!("{}: asked again, the loser is granted a call beside the probe: {other:?}", ask.provider),
+        }
+    }
+    // The notices held back arrive and change nothing: the hold is the table's.
+    relay.hold(false);
+    eventually("the held notices have arrived", || async {
+        ["p", "q"].iter().all(|p| store.known_cooldown(p).is_some_and(|c| c.until > SystemTime::now()))
+    })
+    .await;
+    stop.cancel();
+    listening.await.unwrap();
 }
 
 #[tokio::test]

@@ -15,6 +15,9 @@ pub struct Relay {
     down: Arc<AtomicBool>,
     /// Connections closed that way.
     refused: Arc<AtomicUsize>,
+    /// While set, what the service sends is held back (a slow network, a stalled peer); it
+    /// goes on, in order, once released.
+    held: tokio::sync::watch::Sender<bool>,
     accept: JoinHandle<()>,
 }
 
@@ -28,22 +31,35 @@ impl Relay {
         let refusing = down.clone();
         let refused: Arc<AtomicUsize> = Arc::default();
         let counted = refused.clone();
+        let (held, holding) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if refusing.load(Ordering::Relaxed) {
                     drop(inbound);
                     counted.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                let holding = holding.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = TcpStream::connect(upstream).await {
+                        let (mut from_client, to_client) = inbound.into_split();
+                        let (from_service, mut to_service) = outbound.into_split();
+                        let up = tokio::io::copy(&mut from_client, &mut to_service);
+                        tokio::select! {
+                            _ = up => {}
+                            _ = forward_unless_held(from_service, to_client, holding) => {}
+                        }
                     }
                 });
                 tracked.lock().unwrap().push(task);
             }
         });
-        Relay { addr, connections, down, refused, accept }
+        Relay { addr, connections, down, refused, held, accept }
+    }
+
+    /// Holds back what the service sends on every connection (`true`) or lets it go on.
+    pub fn hold(&self, held: bool) {
+        self.held.send_replace(held);
     }
 
     /// Drops every relayed connection (new ones are still accepted).
@@ -68,6 +84,28 @@ impl Relay {
         self.down.store(down, Ordering::Relaxed);
         if down {
             self.cut();
+        }
+    }
+}
+
+/// Copies `from` to `to`, waiting while `holding` is set before each write.
+async fn forward_unless_held(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut holding: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if holding.wait_for(|held| !held).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
         }
     }
 }
