@@ -143,6 +143,7 @@ async fn run(cli: Cli) -> ExitCode {
     let backlog_run = match &cli.command {
         Command::Enqueue { input, out, errors, idle_timeout } => {
             let options = fallback_worker::cli::enqueue::EnqueueOptions {
+                config: &cli.config,
                 input,
                 out,
                 errors: errors.as_deref(),

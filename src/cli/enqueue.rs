@@ -52,6 +52,8 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
 const LIST_UNANSWERED: usize = 20;
 
 pub struct EnqueueOptions<'a> {
+    /// The config file, named in errors about its settings.
+    pub config: &'a Path,
     pub input: &'a Path,
     pub out: &'a Path,
     pub errors: Option<&'a Path>,
@@ -183,7 +185,7 @@ pub async fn run(
     let backlog = read_input(options.input, output.done(), &chains, Some(config.amqp.max_message_bytes))?;
     let reply_queue = reply_queue_for(options.out);
     if let Some(refusal) = reply_queue_refusal(&config.amqp, &reply_queue) {
-        eprintln!("error: {refusal}");
+        eprintln!("error: {}: {refusal}", options.config.display());
         return Ok(ExitCode::from(2));
     }
     let idle_timeout = options.idle_timeout.unwrap_or_else(|| default_idle_timeout(&backlog.pending, config));

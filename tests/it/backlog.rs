@@ -117,6 +117,29 @@ async fn enqueue_reports_invalid_lines_splits_failures_and_exits_3() {
     worker.stop().await;
 }
 
+/// A config whose `reply_to_allow` would make workers refuse enqueue's reply queue is refused
+/// before anything is published, naming the file and the key to change.
+#[tokio::test]
+async fn enqueue_refuses_a_config_whose_workers_would_refuse_its_reply_queue_naming_the_file() {
+    let env = TestEnv::new().await;
+    let free = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let narrow = MockProvider::start(MockOptions::new(Profile::Cerebras)).await.unwrap();
+    let config = config_file_with_amqp(&env, &providers(&free, &narrow), r#"reply_to_allow = ["app.*"]"#);
+    let input = write_input(&env, "in.jsonl", &[job("one")]);
+    let out = env.dir.join("out.jsonl");
+    let output =
+        run_bounded(command(&config, &["enqueue", input.to_str().unwrap(), "--out", out.to_str().unwrap()]), PATIENCE)
+            .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let file = config.to_str().unwrap();
+    assert!(
+        stderr.contains(&format!("{file}: amqp.reply_to_allow")) && stderr.contains("fallback.enqueue.*"),
+        "the error names the file, the key and the fix: {stderr}"
+    );
+    assert_eq!(env.client.depth(&env.jobs).await, 0, "nothing was published");
+}
+
 #[tokio::test]
 async fn enqueue_refuses_a_line_over_max_message_bytes_and_ends() {
     let env = TestEnv::new().await;
