@@ -24,7 +24,7 @@ use crate::config::{LimitConfig, QuotaPoolConfig};
 use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};
 use crate::providers::{ChatProvider, Completion, Failure, FailureKind};
 use crate::routing::{Attempt, AttemptOutcome, CooldownReason, LimitScope, QuotaObservation};
-use crate::state::{Admission, Ask, Cooldown, Permit, ProviderState, QuotaMeasure, quota};
+use crate::state::{Admission, Ask, Cooldown, Permit, ProbeClaim, ProviderState, QuotaMeasure, quota};
 
 /// One provider as a chain uses it.
 #[derive(Clone)]
@@ -529,15 +529,18 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
     let now = call.clock.now();
     let ask = call.ask();
     let flight = ask.flight;
-    let mut admission = call.state.admit(ask, now).await;
-    if let Admission::Granted(permit) = admission {
-        if call.state.claim_probe(&member.name, now, flight).await {
-            return Ok(permit);
-        }
-        // Another job probes the provider: give the slot back and learn until when it holds it.
-        call.state.finish(permit, None, call.clock.now()).await;
-        admission = call.state.admit(ask, now).await;
-    }
+    let admission = match call.state.admit(ask, now).await {
+        Admission::Granted(permit) => match call.state.claim_probe(&member.name, now, flight).await {
+            ProbeClaim::Call => return Ok(permit),
+            // Another job probes the provider (or a cooldown this worker has not heard of yet
+            // replaced the circuit): give the slot back and skip it until then.
+            ProbeClaim::Held(cooldown) => {
+                call.state.finish(permit, None, call.clock.now()).await;
+                Admission::Cooling(cooldown)
+            }
+        },
+        other => other,
+    };
     match admission {
         Admission::Granted(permit) => Ok(permit),
         Admission::Cooling(cooldown) => {

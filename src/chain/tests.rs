@@ -1058,7 +1058,7 @@ impl ProviderState for Recording {
     async fn record_success(&self, provider: &str) {
         self.store.record_success(provider).await;
     }
-    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool {
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> ProbeClaim {
         self.store.claim_probe(provider, now, hold_for).await
     }
     async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
@@ -1339,7 +1339,7 @@ impl ProviderState for Behind {
     async fn record_success(&self, provider: &str) {
         self.inner.record_success(provider).await
     }
-    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool {
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> ProbeClaim {
         self.inner.claim_probe(provider, now - self.behind, hold_for).await
     }
     async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
@@ -1369,4 +1369,65 @@ async fn review_a_database_clock_100ms_behind_does_not_make_a_room_wait_ask_in_a
     let asks = *store.asks.lock().unwrap();
     // The refusal, the wake-up at the room time, then pauses of at least 2.5, 10, 40 and 125 ms.
     assert!(asks <= 6, "{asks} asks for one slot");
+}
+
+/// A worker whose view of a provider lags the shared state: it admits every call as its view
+/// allows (the circuit it knows of has expired), while the probe's claim, as the database takes
+/// it, sees that another worker holds the probe.
+struct LaggingView {
+    truth: MemoryStore,
+    admits: Mutex<usize>,
+    finishes: Mutex<usize>,
+}
+
+#[async_trait::async_trait]
+impl ProviderState for LaggingView {
+    async fn admit(&self, _ask: Ask<'_>, _now: SystemTime) -> Admission {
+        *self.admits.lock().unwrap() += 1;
+        Admission::Granted(Permit::UNCOUNTED)
+    }
+    async fn finish(&self, _permit: Permit, _tokens: Option<u64>, _now: SystemTime) {
+        *self.finishes.lock().unwrap() += 1;
+    }
+    async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
+        self.truth.cool_down(provider, cooldown).await
+    }
+    async fn record_success(&self, provider: &str) {
+        self.truth.record_success(provider).await
+    }
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> ProbeClaim {
+        self.truth.claim_probe(provider, now, hold_for).await
+    }
+    async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
+        self.truth.record_server_error(provider, detail).await
+    }
+    async fn record_rejected_output(&self, provider: &str, reason: &str) {
+        self.truth.record_rejected_output(provider, reason).await
+    }
+}
+
+/// A job whose admission was granted on a lagging view, and whose claim of the probe lost,
+/// skips the provider until the winner's hold ends: the slot goes back and the provider is
+/// not called, whatever a second look at the (lagging) view would say.
+#[tokio::test]
+async fn a_job_that_loses_the_probe_skips_the_provider_until_the_hold_even_on_a_lagging_view() {
+    let clock = ManualClock::starting_at(t0());
+    let truth = MemoryStore::new();
+    open_circuit(&truth, "a", t0() + secs(5)).await;
+    clock.advance(secs(5));
+    let hold = secs(10) + FLIGHT_MARGIN;
+    assert!(truth.claim_probe("a", clock.now(), hold).await.is_call(), "another worker takes the probe");
+    let a = Scripted::new(vec![Ok(())]);
+    let chain = chain(vec![member("a", true, a.clone())], Duration::ZERO);
+    let store = LaggingView { truth, admits: Mutex::new(0), finishes: Mutex::new(0) };
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_pass(&chain, &request(&job()), chain.max_wait, &mut progress, &store, &clock).await;
+    assert_eq!(a.calls(), 0, "no call beside the probe");
+    assert!(matches!(verdict, Verdict::Wait { until, .. } if until == t0() + secs(5) + hold), "{verdict:?}");
+    assert_eq!(outcomes(&progress), vec![("a".into(), AttemptOutcome::SkippedCooldown)]);
+    assert_eq!(
+        (*store.admits.lock().unwrap(), *store.finishes.lock().unwrap()),
+        (1, 1),
+        "one ask, its slot given back"
+    );
 }

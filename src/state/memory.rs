@@ -5,7 +5,9 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use super::quota::{self, Blocked, Scope, Usage};
-use super::{Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, Receipt, ResultLedger, StoreError};
+use super::{
+    Admission, Ask, Cooldown, LedgerEntry, Permit, ProbeClaim, ProviderState, Receipt, ResultLedger, StoreError,
+};
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
 use crate::config::LimitConfig;
@@ -181,18 +183,18 @@ impl ProviderState for MemoryStore {
         }
     }
 
-    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool {
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> ProbeClaim {
         let mut providers = self.providers.lock().unwrap();
-        let Some(row) = providers.get_mut(provider) else { return true };
+        let Some(row) = providers.get_mut(provider) else { return ProbeClaim::Call };
         let Some(circuit) = row.cooldown.as_mut().filter(|c| c.reason == CooldownReason::Circuit) else {
-            return true;
+            return ProbeClaim::Call;
         };
         if circuit.until > now {
-            return false;
+            return ProbeClaim::Held(circuit.clone());
         }
         circuit.until = later(now, hold_for);
         row.probing = true;
-        true
+        ProbeClaim::Call
     }
 
     async fn record_server_error(&self, provider: &str, _detail: &str) -> u32 {
@@ -384,14 +386,20 @@ mod tests {
         let store = MemoryStore::new();
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let hold = Duration::from_secs(35);
-        assert!(store.claim_probe("p", now, hold).await, "no circuit: call");
+        assert!(store.claim_probe("p", now, hold).await.is_call(), "no circuit: call");
         store.cool_down("p", circuit(now + Duration::from_secs(5))).await;
-        assert!(!store.claim_probe("p", now, hold).await, "open circuit: no call");
+        assert!(!store.claim_probe("p", now, hold).await.is_call(), "open circuit: no call");
         let expired = now + Duration::from_secs(5);
-        assert!(store.claim_probe("p", expired, hold).await, "the first caller takes the probe");
-        assert!(!store.claim_probe("p", expired, hold).await, "the second does not");
+        assert!(store.claim_probe("p", expired, hold).await.is_call(), "the first caller takes the probe");
+        match store.claim_probe("p", expired, hold).await {
+            ProbeClaim::Held(held) => assert_eq!(held.until, expired + hold, "the second skips it for the hold"),
+            ProbeClaim::Call => panic!("the second caller may not call"),
+        }
         assert_eq!(store.cooldown_of("p").unwrap().until, expired + hold, "the hold keeps others away");
-        assert!(store.claim_probe("p", expired + hold, hold).await, "a probe that never answered is taken again");
+        assert!(
+            store.claim_probe("p", expired + hold, hold).await.is_call(),
+            "a probe that never answered is taken again"
+        );
     }
 
     #[tokio::test]
@@ -399,12 +407,12 @@ mod tests {
         let store = MemoryStore::new();
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         store.cool_down("p", circuit(now)).await;
-        assert!(store.claim_probe("p", now, Duration::from_secs(35)).await);
+        assert!(store.claim_probe("p", now, Duration::from_secs(35)).await.is_call());
         // The probe fails at once: the doubled open time replaces the longer hold.
         store.cool_down("p", circuit(now + Duration::from_secs(10))).await;
         assert_eq!(store.cooldown_of("p").unwrap().until, now + Duration::from_secs(10));
         // A later probe succeeds: the circuit is closed for everyone at once.
-        assert!(store.claim_probe("p", now + Duration::from_secs(10), Duration::from_secs(35)).await);
+        assert!(store.claim_probe("p", now + Duration::from_secs(10), Duration::from_secs(35)).await.is_call());
         store.record_success("p").await;
         assert_eq!(store.cooldown_of("p"), None);
         // Other cooldowns are not touched by a success.
@@ -426,7 +434,7 @@ mod tests {
             assert_eq!(store.record_server_error("p", "503").await, 3, "in flight before the circuit opened");
         }
         let expired = now + Duration::from_secs(5);
-        assert!(store.claim_probe("p", expired, Duration::from_secs(35)).await);
+        assert!(store.claim_probe("p", expired, Duration::from_secs(35)).await.is_call());
         assert_eq!(store.record_server_error("p", "503").await, 4, "the failed probe counts");
         assert_eq!(store.record_server_error("p", "503").await, 4, "once");
     }

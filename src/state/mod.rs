@@ -25,6 +25,23 @@ pub struct Cooldown {
     pub detail: String,
 }
 
+/// What [`ProviderState::claim_probe`] decided for one call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProbeClaim {
+    /// Call the provider: this caller holds its probe, or it has no circuit to probe.
+    Call,
+    /// Do not: skip the provider for this job until the cooldown ends. It concerns this call
+    /// only (a store need not keep it): another worker's probe, or a cooldown its notice has not
+    /// brought yet.
+    Held(Cooldown),
+}
+
+impl ProbeClaim {
+    pub fn is_call(&self) -> bool {
+        matches!(self, ProbeClaim::Call)
+    }
+}
+
 impl Cooldown {
     /// Whether `self` replaces `current` in the shared state. A cooldown only moves forward,
     /// except that a circuit reopened by a failed probe replaces the probe's hold
@@ -137,10 +154,10 @@ pub trait ProviderState: Send + Sync {
     /// `now` (the call's timeout and a margin) so every other worker keeps skipping it while the
     /// probe is in flight. Call it after [`admit`](Self::admit) granted a call.
     ///
-    /// Returns whether the caller may call: true when it just took the probe or the provider
-    /// has no circuit cooldown; false when someone else holds the probe (or the circuit is
-    /// still open).
-    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool;
+    /// [`ProbeClaim::Call`] when the caller just took the probe or the provider has no circuit
+    /// to probe; [`ProbeClaim::Held`] with the cooldown to skip it for when someone else holds
+    /// the probe, the circuit is still open, or another cooldown has replaced it.
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> ProbeClaim;
 
     /// A call failed with a 5xx: returns how many 5xx in a row all workers have now seen.
     ///

@@ -34,7 +34,8 @@ use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
 use super::quota_batcher::{self, AnswerWrite};
 use super::{
-    Admission, Ask, Cooldown, LedgerEntry, Permit, ProviderState, QuotaMeasure, Receipt, ResultLedger, StoreError,
+    Admission, Ask, Cooldown, LedgerEntry, Permit, ProbeClaim, ProviderState, QuotaMeasure, Receipt, ResultLedger,
+    StoreError,
 };
 use crate::chain::CIRCUIT_THRESHOLD;
 use crate::chain::clock::later;
@@ -1065,18 +1066,31 @@ impl PgStore {
     }
 
     /// The provider's row as the database has it (cooldown and error run).
-    /// Learns the probe another worker took, from the table (a fresh snapshot: the claim's
-    /// statement may have read the row before that worker's claim committed). If the table
-    /// cannot be read, this worker holds the provider itself for as long as a probe may take;
-    /// the prober's notice (closed, or reopened) replaces that hold, as it replaces any circuit.
-    async fn learn_probe_hold(&self, provider: &str, now: SystemTime, hold: Cooldown) {
-        if let Err(e) = self.guarded(self.read_cooldown(provider, now)).await {
-            tracing::debug!(provider, error = %e, "cannot read the probe's hold; keeping the provider back from here");
-            self.remember_cooldown(provider, Some(hold));
+    /// Why a claim of `provider`'s probe was lost, read from the table in a statement of its own:
+    /// the claim's statement may have read the row before the winner's claim committed, and
+    /// this worker's view may not have heard of it yet (nor of a cooldown that replaced the
+    /// circuit, such as the probe's own 429). A running cooldown holds this call back; none means
+    /// the probe has already closed the circuit. The answer is not kept in the view: by the time
+    /// it is read a notice may have brought something newer, which it must not overwrite. If
+    /// the table cannot be read, this call keeps away for as long as a probe may take.
+    async fn lost_probe(&self, provider: &str, now: SystemTime, hold: Cooldown) -> ProbeClaim {
+        match self.guarded(self.fetch_provider_row(provider)).await {
+            Ok(Some(row)) => match row.cooldown {
+                Some(cooldown) if cooldown.until > now || cooldown.reason == CooldownReason::Circuit => {
+                    ProbeClaim::Held(cooldown)
+                }
+                _ => ProbeClaim::Call,
+            },
+            Ok(None) => ProbeClaim::Call,
+            Err(e) => {
+                tracing::debug!(provider, error = %e, "cannot read who holds the probe; this call keeps away for a probe's time");
+                ProbeClaim::Held(hold)
+            }
         }
     }
 
-    async fn read_cooldown(&self, provider: &str, now: SystemTime) -> Result<Option<Cooldown>, sqlx::Error> {
+    /// The provider's row as the database has it (cooldown and error run), not kept.
+    async fn fetch_provider_row(&self, provider: &str) -> Result<Option<ProviderRow>, sqlx::Error> {
         let row = sqlx::query(
             "SELECT fallback_epoch_ms(cooldown_until) AS until_ms, cooldown_reason, \
              cooldown_detail, consecutive_server_errors FROM provider_state WHERE provider = $1",
@@ -1084,10 +1098,20 @@ impl PgStore {
         .bind(provider)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let cooldown = cooldown_from(row.get("until_ms"), row.get("cooldown_reason"), row.get("cooldown_detail"));
+        Ok(row.map(|row| ProviderRow {
+            cooldown: cooldown_from(row.get("until_ms"), row.get("cooldown_reason"), row.get("cooldown_detail")),
+            consecutive_server_errors: row.get("consecutive_server_errors"),
+        }))
+    }
+
+    /// The provider's row as the database has it (cooldown and error run), kept in this
+    /// worker's view: its cooldown if it still runs at `now`.
+    async fn read_cooldown(&self, provider: &str, now: SystemTime) -> Result<Option<Cooldown>, sqlx::Error> {
+        let Some(ProviderRow { cooldown, consecutive_server_errors }) = self.fetch_provider_row(provider).await? else {
+            return Ok(None);
+        };
         self.cache.lock().unwrap().entry(provider.to_string()).or_default().consecutive_server_errors =
-            row.get("consecutive_server_errors");
+            consecutive_server_errors;
         self.remember_cooldown(provider, cooldown.clone());
         Ok(cooldown.filter(|c| c.until > now))
     }
@@ -1435,6 +1459,12 @@ fn with_held(table: Option<Cooldown>, held: Option<&Cooldown>, now: SystemTime) 
     }
 }
 
+/// A provider's row of `provider_state`, as read.
+struct ProviderRow {
+    cooldown: Option<Cooldown>,
+    consecutive_server_errors: i32,
+}
+
 fn cooldown_from(until_ms: i64, reason: Option<String>, detail: Option<String>) -> Option<Cooldown> {
     let reason = CooldownReason::parse(reason.as_deref()?)?;
     Some(Cooldown {
@@ -1741,24 +1771,23 @@ impl ProviderState for PgStore {
         self.remember_cooldown(provider, None);
     }
 
-    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> bool {
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> ProbeClaim {
         // Only a circuit this process knows of can need a probe: the listener brings every
         // opening within moments, long before its (at least 5 s) open time ends.
         let Some(known) = self.known_cooldown(provider).filter(|c| c.reason == CooldownReason::Circuit) else {
-            return true;
+            return ProbeClaim::Call;
         };
         if known.until > now {
-            return false;
+            return ProbeClaim::Held(known);
         }
         let hold = Cooldown { until: later(now, hold_for), ..known };
         // One statement: take the probe if the circuit is still expired (a second worker's
-        // UPDATE waits for the first's row lock, then finds the hold and takes nothing), announce
-        // the hold, and tell "someone else holds it" from "there is no circuit any more".
+        // UPDATE waits for the first's row lock, then finds the hold and takes nothing), and
+        // announce the hold.
         let claimed = self
             .guarded(
-                sqlx::query_as::<_, (bool, bool)>(
-                    "WITH current AS (SELECT cooldown_reason FROM provider_state WHERE provider = $1), \
-                     claimed AS ( \
+                sqlx::query_scalar::<_, bool>(
+                    "WITH claimed AS ( \
                        UPDATE provider_state SET cooldown_until = to_timestamp($3::float8 / 1000), \
                          circuit_probe_at = to_timestamp($2::float8 / 1000), updated_at = now() \
                        WHERE provider = $1 AND cooldown_reason = 'circuit' \
@@ -1768,8 +1797,7 @@ impl ProviderState for PgStore {
                        SELECT pg_notify($4, json_build_object('provider', provider, \
                          'until_ms', fallback_epoch_ms(cooldown_until), \
                          'reason', cooldown_reason, 'detail', cooldown_detail)::text) FROM claimed) \
-                     SELECT (SELECT count(*) FROM announced) > 0, \
-                            coalesce((SELECT cooldown_reason = 'circuit' FROM current), false)",
+                     SELECT (SELECT count(*) FROM announced) > 0",
                 )
                 .bind(provider)
                 .bind(epoch_ms(now) as f64)
@@ -1779,24 +1807,19 @@ impl ProviderState for PgStore {
             )
             .await;
         match claimed {
-            Ok((true, _)) => {
+            Ok(true) => {
                 self.remember_cooldown(provider, Some(hold));
-                true
+                ProbeClaim::Call
             }
-            // Another worker holds the probe. The chain gives its slot back and asks again, and
-            // that ask must see the hold: its notice may not have reached this process yet, and
-            // neither an unlimited provider's admission nor a credit asks the database.
-            Ok((false, true)) => {
-                self.learn_probe_hold(provider, now, hold).await;
-                false
-            }
-            Ok((false, false)) => true,
+            // Lost: another worker holds the probe, or the circuit was closed or replaced. Its
+            // notice may not have reached this process yet, so the table says which.
+            Ok(false) => self.lost_probe(provider, now, hold).await,
             Err(e) => {
                 // While the database is away each worker probes on its own: at most one probe
                 // per worker, as the local hold keeps this worker's other jobs back.
                 tracing::debug!(provider, error = %e, "cannot claim the circuit's probe in the database; probing from here");
                 self.remember_cooldown(provider, Some(hold));
-                true
+                ProbeClaim::Call
             }
         }
     }

@@ -36,6 +36,7 @@ mod review_credits3;
 mod review_finish;
 mod review_leases;
 mod review_outage;
+mod review_probe;
 mod review_refusal;
 mod shared_state;
 mod slow_answers;

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, Scenario};
 use fallback_worker::routing::CooldownReason;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, Cooldown, ProviderState};
+use fallback_worker::state::{Admission, Ask, Cooldown, ProbeClaim, ProviderState};
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +59,7 @@ async fn one_worker_of_many_takes_the_probe_of_an_expired_circuit() {
         .iter()
         .map(|worker| {
             let worker = worker.clone();
-            tokio::spawn(async move { worker.claim_probe("p", expired, hold).await })
+            tokio::spawn(async move { worker.claim_probe("p", expired, hold).await.is_call() })
         })
         .collect();
     let mut claims = Vec::new();
@@ -105,10 +105,11 @@ async fn probe_taken(env: &TestEnv, provider: &str, at: SystemTime, hold: Durati
     assert_eq!(taken.rows_affected(), 1);
 }
 
-/// A worker whose claim of the probe lost before the winner's notice reached it gives its slot
-/// back and asks again (the chain's `admit`): that ask must see the hold, although an unlimited
-/// provider's admission reads only the local view and a credit's asks nothing at all. Before,
-/// it was granted and the job called the provider beside the probe.
+/// A worker whose claim of the probe loses before the winner's notice reaches it is told to
+/// skip the provider until the winner's hold ends. Its own view still shows the expired
+/// circuit, on which an unlimited provider's admission (read from that view) and a credit's
+/// (read from nothing) grant the call: before, the chain gave the slot back and asked that view
+/// again, was granted, and called the provider beside the probe.
 #[tokio::test]
 async fn a_worker_that_loses_the_probe_before_its_notice_arrives_does_not_call() {
     let env = TestEnv::new().await;
@@ -150,20 +151,23 @@ async fn a_worker_that_loses_the_probe_before_its_notice_arrives_does_not_call()
             assert!(permit.from_credit, "the limited provider's call comes from a credit: {permit:?}");
         }
         probe_taken(&env, ask.provider, expired, hold).await;
+        let view = store.known_cooldown(ask.provider).map(|c| c.until);
         assert!(
-            !store.claim_probe(ask.provider, expired, hold).await,
-            "{}: the other worker has the probe",
+            view.is_some_and(|until| until <= expired),
+            "{}: the hold's notice is held back: {view:?}",
             ask.provider
         );
-        store.finish(permit, None, expired).await;
-        match store.admit(ask, expired).await {
-            Admission::Cooling(c) => {
-                assert_eq!((c.reason, c.until > expired), (CooldownReason::Circuit, true), "{}", ask.provider)
+        match store.claim_probe(ask.provider, expired, hold).await {
+            ProbeClaim::Held(c) => {
+                let off = c.until.duration_since(expired + hold).unwrap_or_else(|e| e.duration());
+                assert_eq!(c.reason, CooldownReason::Circuit, "{}", ask.provider);
+                assert!(off < Duration::from_millis(2), "{}: skipped until the hold ends: {c:?}", ask.provider);
             }
-            other => panic!("{}: asked again, the loser is granted a call beside the probe: {other:?}", ask.provider),
+            ProbeClaim::Call => panic!("{}: the loser is told to call beside the probe", ask.provider),
         }
+        store.finish(permit, None, expired).await;
     }
-    // The notices held back arrive and change nothing: the hold is the table's.
+    // The notices held back arrive: the view learns the holds from them.
     relay.hold(false);
     eventually("the held notices have arrived", || async {
         ["p", "q"].iter().all(|p| store.known_cooldown(p).is_some_and(|c| c.until > SystemTime::now()))
@@ -189,7 +193,7 @@ async fn a_probes_success_closes_the_circuit_for_every_worker_at_once() {
     })
     .await;
     assert!(matches!(prober.admit(ASK, now).await, Admission::Granted(_)));
-    assert!(prober.claim_probe("p", now, Duration::from_secs(7)).await);
+    assert!(prober.claim_probe("p", now, Duration::from_secs(7)).await.is_call());
     eventually("the other worker hears of the probe's hold", || async {
         other.known_cooldown("p").is_some_and(|c| c.until > now)
     })
