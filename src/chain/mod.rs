@@ -18,7 +18,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 pub use checks::{Accept, Expectation, OnAllRejected};
 pub use clock::{Clock, SystemClock, far_future, later};
-pub use outcome::{CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
+pub use outcome::{CIRCUIT_BASE, CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
 
 use crate::config::{LimitConfig, QuotaPoolConfig};
 use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};

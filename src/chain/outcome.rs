@@ -26,7 +26,8 @@ pub const AUTH_COOLDOWN: Duration = Duration::from_secs(3600);
 pub const MODEL_UNAVAILABLE_COOLDOWN: Duration = Duration::from_secs(3600);
 /// Consecutive 5xx answers (across all workers) that open the circuit.
 pub const CIRCUIT_THRESHOLD: u32 = 3;
-const CIRCUIT_BASE: Duration = Duration::from_secs(5);
+/// How long a circuit is open at first, the shortest it ever is.
+pub const CIRCUIT_BASE: Duration = Duration::from_secs(5);
 const CIRCUIT_MAX: Duration = Duration::from_secs(300);
 /// The shortest cooldown a provider can ask for: a `retry-after: 0` (or a reset already past)
 /// would otherwise invite an immediate herd of retries.

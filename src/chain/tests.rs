@@ -1431,3 +1431,59 @@ async fn a_job_that_loses_the_probe_skips_the_provider_until_the_hold_even_on_a_
         "one ask, its slot given back"
     );
 }
+
+/// A claim lost to a circuit that the row shows as already ended (`lost_probe` returns `Held`
+/// for an expired circuit, e.g. a row read a moment after the claim statement, or a row
+/// rounded to the millisecond): the job is told to wait for a time already past.
+struct ExpiredHeld {
+    inner: MemoryStore,
+    /// Until then every claim is answered `Held` with a circuit ending at the claim's `now`.
+    stale_until: SystemTime,
+    claims: Mutex<usize>,
+}
+
+#[async_trait::async_trait]
+impl ProviderState for ExpiredHeld {
+    async fn admit(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
+        self.inner.admit(ask, now).await
+    }
+    async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
+        self.inner.finish(permit, tokens, now).await
+    }
+    async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
+        self.inner.cool_down(provider, cooldown).await
+    }
+    async fn record_success(&self, provider: &str) {
+        self.inner.record_success(provider).await
+    }
+    async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> ProbeClaim {
+        *self.claims.lock().unwrap() += 1;
+        if now < self.stale_until {
+            let detail = "3 server errors in a row".to_string();
+            return ProbeClaim::Held(Cooldown { until: now, reason: CooldownReason::Circuit, detail });
+        }
+        self.inner.claim_probe(provider, now, hold_for).await
+    }
+    async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {
+        self.inner.record_server_error(provider, detail).await
+    }
+    async fn record_rejected_output(&self, provider: &str, reason: &str) {
+        self.inner.record_rejected_output(provider, reason).await
+    }
+}
+
+/// Held: a `Held` whose cooldown has already ended neither busy-loops the job nor fails it: the
+/// overdue pauses grow (2.5, 10, 40, then 125-250 ms) and the job calls once the claim is won.
+#[tokio::test]
+async fn review_a_claim_held_by_an_expired_circuit_neither_loops_nor_fails_the_job() {
+    let clock = ManualClock::starting_at(t0());
+    let a = Scripted::new(vec![Ok(())]);
+    let chain = chain(vec![member("a", true, a.clone())], Duration::ZERO);
+    let store = ExpiredHeld { inner: MemoryStore::new(), stale_until: t0() + secs(1), claims: Mutex::new(0) };
+    let hold = HoldPolicy::new(secs(5), clock.now(), secs(60));
+    let verdict = run(&chain, &job(), chain.max_wait, &mut JobProgress::new(t0()), &store, hold, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("a"), "{verdict:?}");
+    assert_eq!(a.calls(), 1);
+    let claims = *store.claims.lock().unwrap();
+    assert!(claims <= 16, "{claims} claims in one second");
+}

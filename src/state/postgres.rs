@@ -95,13 +95,19 @@ const MAX_UNSHARED_COOLDOWNS: usize = 1000;
 const TIMEOUTS_BEFORE_DOWN: u32 = 3;
 
 /// The LISTEN session pings itself this often through the pool ...
-const LISTEN_PING: Duration = Duration::from_secs(5);
-/// ... and counts as dead after this long without any notification, its own pings included: a
-/// connection that died without a close (an idle cut by a NAT or a load balancer) would
-/// otherwise leave the cache stale while it claims to be live.
+const LISTEN_PING: Duration = Duration::from_secs(1);
+/// ... and its copy of the shared state is trusted only while something (a notice, or its own
+/// ping) arrived within this long: a connection that died without a close (an idle cut by a NAT
+/// or a load balancer) loses the notices sent meanwhile, and a view that no longer hears them
+/// must ask the table. Shorter than a circuit's shortest open time (5 s), so that a circuit that
+/// opened unheard is asked about before it can end (its probe is claimed in the table).
+const LISTEN_FRESH: Duration = Duration::from_secs(4);
+const _: () = assert!(LISTEN_FRESH.as_millis() < crate::chain::CIRCUIT_BASE.as_millis());
+/// After this long without any notification the session is rebuilt.
 const LISTEN_SILENCE: Duration = Duration::from_secs(15);
-/// The channel of those pings.
-const PING_CHANNEL: &str = "fallback_listener_ping";
+/// The channel of those pings: one per worker (`fallback_listener_ping_<random>`), so a worker's
+/// ping wakes only its own session.
+const PING_CHANNEL_PREFIX: &str = "fallback_listener_ping_";
 
 /// A worker not seen for this long is no longer counted among the living (heartbeats come
 /// every [`HEARTBEAT_INTERVAL`]).
@@ -146,6 +152,8 @@ struct Outage {
     /// The LISTEN session is up and has loaded the table since it (re)connected: the local copy
     /// of every cooldown is current, so a provider without limits is admitted without a query.
     listening: AtomicBool,
+    /// When the session last received anything (milliseconds on [`monotonic_ms`]).
+    heard_ms: AtomicU64,
     /// State calls in a row that got no answer in time.
     timeouts_in_a_row: AtomicU32,
     /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
@@ -527,10 +535,17 @@ impl PgStore {
         });
     }
 
-    /// Whether the LISTEN session is up and has loaded the shared state since it (re)connected:
-    /// this worker then learns every cooldown as it is written.
+    /// Whether the LISTEN session is up, has loaded the shared state since it (re)connected and
+    /// has heard something (a notice, or its own ping) within [`LISTEN_FRESH`]: this worker then
+    /// learns every cooldown as it is written.
     pub fn is_listening(&self) -> bool {
-        self.outage.listening.load(Ordering::SeqCst)
+        let fresh = monotonic_ms().saturating_sub(self.outage.heard_ms.load(Ordering::SeqCst)) <= LISTEN_FRESH_MS;
+        fresh && self.outage.listening.load(Ordering::SeqCst)
+    }
+
+    /// The LISTEN session received something just now.
+    fn heard(&self) {
+        self.outage.heard_ms.store(monotonic_ms(), Ordering::SeqCst);
     }
 
     /// Sends the LISTEN session to `url` instead of the pool's address.
@@ -945,19 +960,25 @@ impl PgStore {
                     .acquire_timeout(STATE_CALL_TIMEOUT)
                     .connect_lazy_with((*self.listen_options).clone());
                 let mut listener = PgListener::connect_with(&own_connection).await?;
-                listener.listen_all([CHANNEL, PING_CHANNEL]).await?;
+                let ping_channel = format!("{PING_CHANNEL_PREFIX}{:016x}", fastrand::u64(..));
+                listener.listen_all([CHANNEL, ping_channel.as_str()]).await?;
                 self.reload().await?;
+                self.heard();
                 self.outage.listening.store(true, Ordering::SeqCst);
                 tracing::debug!("listening for provider-state changes");
-                let _pinger = Pinger(tokio::spawn(ping_listeners(self.pool.clone())));
+                let _pinger = Pinger(tokio::spawn(ping_listener(self.pool.clone(), ping_channel.clone())));
                 loop {
                     let Ok(received) = tokio::time::timeout(LISTEN_SILENCE, listener.try_recv()).await else {
                         return Err(sqlx::Error::Protocol(format!(
                             "no notification for {LISTEN_SILENCE:?}, not even a ping: the LISTEN connection is dead"
                         )));
                     };
-                    match received? {
-                        Some(notification) if notification.channel() == PING_CHANNEL => {}
+                    let received = received?;
+                    if received.is_some() {
+                        self.heard();
+                    }
+                    match received {
+                        Some(notification) if notification.channel() == ping_channel => {}
                         Some(notification) => self.apply_notice(notification.payload()),
                         None => {
                             // Notifications sent while it was away are lost: read the table.
@@ -1561,15 +1582,26 @@ pub(super) fn measure_name(measure: QuotaMeasure) -> &'static str {
     }
 }
 
-/// Sends a ping on [`PING_CHANNEL`] every [`LISTEN_PING`] (best effort: a ping that cannot be
+/// Sends a ping on the session's own `channel` every [`LISTEN_PING`] (best effort: a ping that cannot be
 /// sent only makes the listener reconnect sooner).
-async fn ping_listeners(pool: PgPool) {
+async fn ping_listener(pool: PgPool, channel: String) {
     let mut every = tokio::time::interval(LISTEN_PING);
     loop {
         every.tick().await;
-        let ping = sqlx::query("SELECT pg_notify($1, '')").bind(PING_CHANNEL).execute(&pool);
+        let ping = sqlx::query("SELECT pg_notify($1, '')").bind(&channel).execute(&pool);
         let _ = tokio::time::timeout(STATE_CALL_TIMEOUT, ping).await;
     }
+}
+
+/// [`LISTEN_FRESH`] in milliseconds.
+const LISTEN_FRESH_MS: u64 = LISTEN_FRESH.as_millis() as u64;
+
+/// Milliseconds on a monotonic clock of this process (from its first call): what the LISTEN
+/// session's freshness is measured on, immune to the wall clock's steps.
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Stops the pinger when the LISTEN session it proves alive ends.
@@ -1772,11 +1804,26 @@ impl ProviderState for PgStore {
     }
 
     async fn claim_probe(&self, provider: &str, now: SystemTime, hold_for: Duration) -> ProbeClaim {
-        // Only a circuit this process knows of can need a probe: the listener brings every
-        // opening within moments, long before its (at least 5 s) open time ends.
-        let Some(known) = self.known_cooldown(provider).filter(|c| c.reason == CooldownReason::Circuit) else {
-            return ProbeClaim::Call;
-        };
+        // While the listener is live only a circuit this process knows of can need a probe: it
+        // brings every opening within moments, long before its (at least 5 s) open time ends.
+        // A view it no longer keeps current may have missed one: the table decides.
+        let mut known = self.known_cooldown(provider).filter(|c| c.reason == CooldownReason::Circuit);
+        if known.is_none() && !self.is_listening() {
+            match self.guarded(self.fetch_provider_row(provider)).await {
+                Ok(Some(ProviderRow { cooldown: Some(cooldown), .. }))
+                    if cooldown.reason == CooldownReason::Circuit =>
+                {
+                    known = Some(cooldown);
+                }
+                Ok(Some(ProviderRow { cooldown: Some(cooldown), .. })) if cooldown.until > now => {
+                    return ProbeClaim::Held(cooldown);
+                }
+                // No circuit in the table, or it cannot be read (as admission, which then
+                // grants a provider without limits): nothing to probe.
+                Ok(_) | Err(_) => return ProbeClaim::Call,
+            }
+        }
+        let Some(known) = known else { return ProbeClaim::Call };
         if known.until > now {
             return ProbeClaim::Held(known);
         }
@@ -1811,15 +1858,23 @@ impl ProviderState for PgStore {
                 self.remember_cooldown(provider, Some(hold));
                 ProbeClaim::Call
             }
-            // Lost: another worker holds the probe, or the circuit was closed or replaced. Its
-            // notice may not have reached this process yet, so the table says which.
+            // Lost, or nothing to claim: another worker holds the probe, or the circuit was
+            // closed or replaced (or there was none). This worker's view may not have heard of
+            // it yet, so the table says which.
             Ok(false) => self.lost_probe(provider, now, hold).await,
-            Err(e) => {
+            Err(StoreError::Unreachable(e)) => {
                 // While the database is away each worker probes on its own: at most one probe
                 // per worker, as the local hold keeps this worker's other jobs back.
                 tracing::debug!(provider, error = %e, "cannot claim the circuit's probe in the database; probing from here");
                 self.remember_cooldown(provider, Some(hold));
                 ProbeClaim::Call
+            }
+            // A slow or failed claim on a reachable database (a lock wait behind the winner's
+            // slow commit): the claim may yet have been taken by someone, so this call keeps
+            // away; the view is left as it is.
+            Err(e) => {
+                tracing::debug!(provider, error = %e, "the claim of the circuit's probe failed; this call keeps away for a probe's time");
+                ProbeClaim::Held(hold)
             }
         }
     }
@@ -2114,6 +2169,7 @@ mod tests {
     async fn calls_waiting_behind_a_failed_credit_ask_ask_one_by_one_together() {
         let (store, mut queue) = store_with_quota_queue();
         store.outage.listening.store(true, Ordering::SeqCst);
+        store.heard();
         let limits =
             [LimitConfig { requests: Some(100_000), tokens: None, per: Duration::from_secs(3600), resets: None }];
         let mut calls = tokio::task::JoinSet::new();

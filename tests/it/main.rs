@@ -37,6 +37,7 @@ mod review_finish;
 mod review_leases;
 mod review_outage;
 mod review_probe;
+mod review_probe2;
 mod review_refusal;
 mod shared_state;
 mod slow_answers;

@@ -150,7 +150,10 @@ async fn a_worker_that_loses_the_probe_before_its_notice_arrives_does_not_call()
         if ask.provider == "q" {
             assert!(permit.from_credit, "the limited provider's call comes from a credit: {permit:?}");
         }
-        probe_taken(&env, ask.provider, expired, hold).await;
+        // The winner's hold differs from the one this worker would take: the answer must be
+        // the table's, not a guess.
+        let winners_hold = hold + Duration::from_secs(1);
+        probe_taken(&env, ask.provider, expired, winners_hold).await;
         let view = store.known_cooldown(ask.provider).map(|c| c.until);
         assert!(
             view.is_some_and(|until| until <= expired),
@@ -159,7 +162,7 @@ async fn a_worker_that_loses_the_probe_before_its_notice_arrives_does_not_call()
         );
         match store.claim_probe(ask.provider, expired, hold).await {
             ProbeClaim::Held(c) => {
-                let off = c.until.duration_since(expired + hold).unwrap_or_else(|e| e.duration());
+                let off = c.until.duration_since(expired + winners_hold).unwrap_or_else(|e| e.duration());
                 assert_eq!(c.reason, CooldownReason::Circuit, "{}", ask.provider);
                 assert!(off < Duration::from_millis(2), "{}: skipped until the hold ends: {c:?}", ask.provider);
             }
