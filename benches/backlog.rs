@@ -217,6 +217,10 @@ async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
         processes = (0..workers).map(|_| WorkerProcess::spawn(&config)).collect();
     }
     let cpu_before: u64 = processes.iter().map(|p| cpu_ticks(p.child.id())).sum();
+    let timeline = std::env::var_os("BACKLOG_TIMELINE").is_some();
+    if timeline {
+        groq.log_arrivals();
+    }
 
     let started = Instant::now();
     let (results, wall) = if mode == Mode::Credits {
@@ -234,6 +238,9 @@ async fn run(mode: Mode, jobs: usize, workers: usize) -> Outcome {
     let ticks_per_sec = 100.0; // USER_HZ on Linux
     let cpu_ms_per_job = (cpu_after - cpu_before) as f64 / ticks_per_sec * 1000.0 / jobs as f64;
     stop(&mut processes).await;
+    if timeline {
+        print_slot_reuse(&groq.arrivals(), mode.per_window());
+    }
     let failed = results.iter().filter(|r| !r.is_success()).count();
     assert_eq!(failed, 0, "{}: every job gets an answer", mode.name());
     let free = results.iter().filter(|r| r.routing.free == Some(true)).count();
@@ -311,6 +318,27 @@ async fn consumed(env: &TestEnv, n: usize) -> (Vec<fallback_worker::job::JobResu
         println!("answers per {WINDOW:?} from the first: {per_window:?}");
     }
     (results, first)
+}
+
+/// How long after a window each slot of the first free mock was used again: the gap between
+/// every accepted request and the one `per_window` before it, less the window (percentiles).
+fn print_slot_reuse(arrivals: &[Instant], per_window: usize) {
+    let mut late: Vec<Duration> = arrivals
+        .iter()
+        .zip(arrivals.iter().skip(per_window))
+        .map(|(freed, reused)| reused.duration_since(*freed).saturating_sub(WINDOW))
+        .collect();
+    late.sort();
+    let at = |q: f64| late.get(((late.len() as f64 - 1.0) * q) as usize).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    println!(
+        "groq: {} slots used again, later than a window by p10 {:.1} / p50 {:.1} / p90 {:.1} / p99 {:.1} / max {:.1} ms",
+        late.len(),
+        at(0.1),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0)
+    );
 }
 
 /// Calls strict windows allow within `t` from an empty start, counted at the continuous rate

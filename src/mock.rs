@@ -222,6 +222,8 @@ struct Shared {
     fallback: Mutex<Scenario>,
     stats: Mutex<MockStats>,
     accepted: Mutex<VecDeque<Instant>>,
+    /// Every accepted request's instant, once [`MockProvider::log_arrivals`] asked for it.
+    arrival_log: Mutex<Option<Vec<Instant>>>,
     arrived: Notify,
     stop: CancellationToken,
 }
@@ -247,6 +249,7 @@ impl MockProvider {
             fallback: Mutex::new(Scenario::Success),
             stats: Mutex::default(),
             accepted: Mutex::default(),
+            arrival_log: Mutex::default(),
             arrived: Notify::new(),
             stop: CancellationToken::new(),
         });
@@ -274,6 +277,17 @@ impl MockProvider {
     /// What every request gets once the script is used up (default: success).
     pub fn set_fallback(&self, scenario: Scenario) {
         *self.shared.fallback.lock().unwrap() = scenario;
+    }
+
+    /// From now on, keeps the instant of every request its limits accept (a benchmark's view of
+    /// how soon each slot is used again); only a mock with limits keeps any.
+    pub fn log_arrivals(&self) {
+        self.shared.arrival_log.lock().unwrap().get_or_insert_with(Vec::new);
+    }
+
+    /// The instants kept since [`log_arrivals`](Self::log_arrivals), in order.
+    pub fn arrivals(&self) -> Vec<Instant> {
+        self.shared.arrival_log.lock().unwrap().clone().unwrap_or_default()
     }
 
     pub fn stats(&self) -> MockStats {
@@ -493,6 +507,9 @@ fn admit(shared: &Shared) -> Result<Vec<Standing>, Duration> {
         return Err(wait);
     }
     accepted.push_back(now);
+    if let Some(log) = shared.arrival_log.lock().unwrap().as_mut() {
+        log.push(now);
+    }
     let standing = |limit: &RequestLimit| {
         let used = accepted.iter().filter(|t| now.duration_since(**t) < limit.per).count();
         Standing { limit: *limit, remaining: limit.requests.saturating_sub(used), replenished_in: limit.per }
