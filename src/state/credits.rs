@@ -278,6 +278,19 @@ impl CreditBook {
         self.providers.entry(provider.clone()).or_default().no_room_until = Some(until);
     }
 
+    /// The windows refused a credit or a call at `now`: they are at their limit, where room
+    /// comes back a slot at a time as earlier calls leave. A credit taken there holds two or
+    /// more of those slots at once and frees them only together, one window after its *last*
+    /// call answers: a slot whose job came first waits for the others (up to the credit's
+    /// lifetime when no second job asks), and each such wait is a slot of the window unused.
+    /// So calls ask one by one until `until`, and for at least a credit's lifetime; a credit
+    /// is tried again after that, and taken once the windows have room for it.
+    pub fn at_limit(&mut self, provider: &Arc<str>, until: SystemTime, now: SystemTime) {
+        let until = until.max(now.checked_add(LIFETIME).unwrap_or(now));
+        let credits = self.providers.entry(provider.clone()).or_default();
+        credits.no_room_until = Some(credits.no_room_until.map_or(until, |current| current.max(until)));
+    }
+
     /// Makes `credit` the provider's open one; the one it replaces closes, and closed ones past
     /// their deadline end (what the windows must be told of them).
     pub fn open(&mut self, provider: &Arc<str>, credit: Credit, now: SystemTime) -> Vec<Ending> {
@@ -501,6 +514,24 @@ mod tests {
         book.no_room_until(&p, at(5));
         assert!(!book.may_ask("p", at(4)));
         assert!(book.may_ask("p", at(5)));
+    }
+
+    /// Windows at their limit give room back a slot at a time: no credit is asked for there
+    /// for at least a credit's lifetime after a refusal, nor before the room time it named,
+    /// and a later refusal never shortens that.
+    #[test]
+    fn windows_at_their_limit_are_asked_one_call_at_a_time_for_a_credits_lifetime() {
+        let p: Arc<str> = Arc::from("p");
+        let mut book = CreditBook::default();
+        let ms = |n: u64| at(0) + Duration::from_millis(n);
+        book.at_limit(&p, ms(4), ms(0));
+        assert!(!book.may_ask("p", ms(4)), "room for one slot 4 ms later is no room for a credit");
+        assert!(!book.may_ask("p", ms(999)));
+        assert!(book.may_ask("p", ms(1000)), "a credit is tried again after its lifetime");
+        book.at_limit(&p, ms(3000), ms(1000));
+        book.at_limit(&p, ms(1001), ms(1001));
+        assert!(!book.may_ask("p", ms(2999)), "a later refusal does not shorten an earlier one's room time");
+        assert!(book.may_ask("p", ms(3000)));
     }
 
     /// What a run of the book has told the windows: the credit's count and its ending.

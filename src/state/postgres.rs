@@ -1278,7 +1278,7 @@ impl PgStore {
                 Ok(self.take_from_credit(ask, provider, now).await.map(Admission::Granted))
             }
             Admission::OverQuota { until, .. } => {
-                self.credits.lock().unwrap().no_room_until(provider, until);
+                self.credits.lock().unwrap().at_limit(provider, until, now);
                 Ok(None)
             }
             cooling @ Admission::Cooling(_) => Ok(Some(cooling)),
@@ -1665,6 +1665,12 @@ impl PgStore {
             Admission::Granted(permit) => {
                 let local_id = Some(self.outage.own_calls.record_call(ask, now));
                 Admission::Granted(Permit { local_id, ..permit })
+            }
+            Admission::OverQuota { until, measure } => {
+                if credits::size_for(&windows.specs, ask.tokens).is_some() {
+                    self.credits.lock().unwrap().at_limit(&name, until, now);
+                }
+                Admission::OverQuota { until, measure }
             }
             other => other,
         })
