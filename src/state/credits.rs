@@ -283,10 +283,11 @@ impl CreditBook {
     /// more of those slots at once and frees them only together, one window after its *last*
     /// call answers: a slot whose job came first waits for the others (up to the credit's
     /// lifetime when no second job asks), and each such wait is a slot of the window unused.
-    /// So calls ask one by one until `until`, and for at least a credit's lifetime; a credit
-    /// is tried again after that, and taken once the windows have room for it.
-    pub fn at_limit(&mut self, provider: &Arc<str>, until: SystemTime, now: SystemTime) {
-        let until = until.max(now.checked_add(LIFETIME).unwrap_or(now));
+    /// So calls ask one by one for a credit's lifetime; a credit is tried again after that.
+    /// The refusal's room time is not kept here: the refusal itself is (`quota_blocked`), for
+    /// the asks it stands for, and is dropped when an answer makes room sooner.
+    pub fn at_limit(&mut self, provider: &Arc<str>, now: SystemTime) {
+        let until = now.checked_add(LIFETIME).unwrap_or(now);
         let credits = self.providers.entry(provider.clone()).or_default();
         credits.no_room_until = Some(credits.no_room_until.map_or(until, |current| current.max(until)));
     }
@@ -517,21 +518,20 @@ mod tests {
     }
 
     /// Windows at their limit give room back a slot at a time: no credit is asked for there
-    /// for at least a credit's lifetime after a refusal, nor before the room time it named,
-    /// and a later refusal never shortens that.
+    /// for a credit's lifetime after a refusal, and a credit is tried again after it.
     #[test]
     fn windows_at_their_limit_are_asked_one_call_at_a_time_for_a_credits_lifetime() {
         let p: Arc<str> = Arc::from("p");
         let mut book = CreditBook::default();
         let ms = |n: u64| at(0) + Duration::from_millis(n);
-        book.at_limit(&p, ms(4), ms(0));
-        assert!(!book.may_ask("p", ms(4)), "room for one slot 4 ms later is no room for a credit");
+        book.at_limit(&p, ms(0));
+        assert!(!book.may_ask("p", ms(4)), "a slot that frees 4 ms later is no room for a credit");
         assert!(!book.may_ask("p", ms(999)));
         assert!(book.may_ask("p", ms(1000)), "a credit is tried again after its lifetime");
-        book.at_limit(&p, ms(3000), ms(1000));
-        book.at_limit(&p, ms(1001), ms(1001));
-        assert!(!book.may_ask("p", ms(2999)), "a later refusal does not shorten an earlier one's room time");
-        assert!(book.may_ask("p", ms(3000)));
+        book.at_limit(&p, ms(1500));
+        book.at_limit(&p, ms(1200));
+        assert!(!book.may_ask("p", ms(2499)), "a refusal does not shorten a later one's wait");
+        assert!(book.may_ask("p", ms(2500)));
     }
 
     /// What a run of the book has told the windows: the credit's count and its ending.

@@ -96,13 +96,15 @@ const TIMEOUTS_BEFORE_DOWN: u32 = 3;
 
 /// The LISTEN session pings itself this often through the pool ...
 const LISTEN_PING: Duration = Duration::from_secs(1);
-/// ... and its copy of the shared state is trusted only while something (a notice, or its own
-/// ping) arrived within this long: a connection that died without a close (an idle cut by a NAT
-/// or a load balancer) loses the notices sent meanwhile, and a view that no longer hears them
-/// must ask the table. Shorter than a circuit's shortest open time (5 s), so that a circuit that
-/// opened unheard is asked about before it can end (its probe is claimed in the table).
-const LISTEN_FRESH: Duration = Duration::from_secs(4);
-const _: () = assert!(LISTEN_FRESH.as_millis() < crate::chain::CIRCUIT_BASE.as_millis());
+/// ... and its copy of the shared state is not trusted once a ping sent has not come back
+/// within this long: a connection that died without a close (an idle cut by a NAT or a load
+/// balancer) loses the notices sent meanwhile, and a view that no longer hears them must ask
+/// the table. A ping that could not be sent (the pool busy) proves nothing either way: the
+/// session has its own connection. A dead session is so found within a ping and an echo, less
+/// than a circuit's shortest open time (5 s): a circuit that opened unheard is asked about
+/// before it can end (its probe is claimed in the table).
+const PING_ECHO: Duration = Duration::from_secs(1);
+const _: () = assert!(LISTEN_PING.as_millis() + PING_ECHO.as_millis() < crate::chain::CIRCUIT_BASE.as_millis() / 2);
 /// After this long without any notification the session is rebuilt.
 const LISTEN_SILENCE: Duration = Duration::from_secs(15);
 /// The channel of those pings: one per worker (`fallback_listener_ping_<random>`), so a worker's
@@ -154,6 +156,9 @@ struct Outage {
     listening: AtomicBool,
     /// When the session last received anything (milliseconds on [`monotonic_ms`]).
     heard_ms: AtomicU64,
+    /// When the oldest ping not echoed yet was sent, on the same clock (when the last one was
+    /// sent once every ping has come back).
+    ping_sent_ms: AtomicU64,
     /// State calls in a row that got no answer in time.
     timeouts_in_a_row: AtomicU32,
     /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
@@ -536,11 +541,13 @@ impl PgStore {
     }
 
     /// Whether the LISTEN session is up, has loaded the shared state since it (re)connected and
-    /// has heard something (a notice, or its own ping) within [`LISTEN_FRESH`]: this worker then
-    /// learns every cooldown as it is written.
+    /// has not missed the echo of a ping it sent (within [`PING_ECHO`]): this worker then learns every
+    /// cooldown as it is written.
     pub fn is_listening(&self) -> bool {
-        let fresh = monotonic_ms().saturating_sub(self.outage.heard_ms.load(Ordering::SeqCst)) <= LISTEN_FRESH_MS;
-        fresh && self.outage.listening.load(Ordering::SeqCst)
+        let sent = self.outage.ping_sent_ms.load(Ordering::SeqCst);
+        let heard = self.outage.heard_ms.load(Ordering::SeqCst);
+        let echo_missed = sent > heard && monotonic_ms().saturating_sub(sent) > PING_ECHO_MS;
+        !echo_missed && self.outage.listening.load(Ordering::SeqCst)
     }
 
     /// The LISTEN session received something just now.
@@ -966,7 +973,7 @@ impl PgStore {
                 self.heard();
                 self.outage.listening.store(true, Ordering::SeqCst);
                 tracing::debug!("listening for provider-state changes");
-                let _pinger = Pinger(tokio::spawn(ping_listener(self.pool.clone(), ping_channel.clone())));
+                let _pinger = Pinger(tokio::spawn(self.clone().ping_listener(ping_channel.clone())));
                 loop {
                     let Ok(received) = tokio::time::timeout(LISTEN_SILENCE, listener.try_recv()).await else {
                         return Err(sqlx::Error::Protocol(format!(
@@ -985,6 +992,7 @@ impl PgStore {
                             self.outage.listening.store(false, Ordering::SeqCst);
                             tracing::info!("provider-state listener reconnected; reloading");
                             self.reload().await?;
+                            self.heard();
                             self.outage.listening.store(true, Ordering::SeqCst);
                         }
                     }
@@ -1277,8 +1285,8 @@ impl PgStore {
                 self.close_credit_later(provider.clone(), call);
                 Ok(self.take_from_credit(ask, provider, now).await.map(Admission::Granted))
             }
-            Admission::OverQuota { until, .. } => {
-                self.credits.lock().unwrap().at_limit(provider, until, now);
+            Admission::OverQuota { .. } => {
+                self.credits.lock().unwrap().at_limit(provider, now);
                 Ok(None)
             }
             cooling @ Admission::Cooling(_) => Ok(Some(cooling)),
@@ -1582,19 +1590,31 @@ pub(super) fn measure_name(measure: QuotaMeasure) -> &'static str {
     }
 }
 
-/// Sends a ping on the session's own `channel` every [`LISTEN_PING`] (best effort: a ping that cannot be
-/// sent only makes the listener reconnect sooner).
-async fn ping_listener(pool: PgPool, channel: String) {
-    let mut every = tokio::time::interval(LISTEN_PING);
-    loop {
-        every.tick().await;
-        let ping = sqlx::query("SELECT pg_notify($1, '')").bind(&channel).execute(&pool);
-        let _ = tokio::time::timeout(STATE_CALL_TIMEOUT, ping).await;
+/// [`PING_ECHO`] in milliseconds.
+const PING_ECHO_MS: u64 = PING_ECHO.as_millis() as u64;
+
+impl PgStore {
+    /// Sends a ping on the LISTEN session's own `channel` every [`LISTEN_PING`] through the pool
+    /// (best effort: a ping that cannot be sent proves nothing, and is not waited for), and
+    /// records when each one that went out was sent: its echo is due on the session.
+    async fn ping_listener(self, channel: String) {
+        let mut every = tokio::time::interval(LISTEN_PING);
+        loop {
+            every.tick().await;
+            let sent = monotonic_ms();
+            let ping = sqlx::query("SELECT pg_notify($1, '')").bind(&channel).execute(&self.pool);
+            if let Ok(Ok(_)) = tokio::time::timeout(STATE_CALL_TIMEOUT, ping).await {
+                // The oldest ping not echoed yet is the one that counts: a newer one must not
+                // restart the wait for an echo that is not coming.
+                let echoed =
+                    self.outage.ping_sent_ms.load(Ordering::SeqCst) <= self.outage.heard_ms.load(Ordering::SeqCst);
+                if echoed {
+                    self.outage.ping_sent_ms.store(sent, Ordering::SeqCst);
+                }
+            }
+        }
     }
 }
-
-/// [`LISTEN_FRESH`] in milliseconds.
-const LISTEN_FRESH_MS: u64 = LISTEN_FRESH.as_millis() as u64;
 
 /// Milliseconds on a monotonic clock of this process (from its first call): what the LISTEN
 /// session's freshness is measured on, immune to the wall clock's steps.
@@ -1668,7 +1688,7 @@ impl PgStore {
             }
             Admission::OverQuota { until, measure } => {
                 if credits::size_for(&windows.specs, ask.tokens).is_some() {
-                    self.credits.lock().unwrap().at_limit(&name, until, now);
+                    self.credits.lock().unwrap().at_limit(&name, now);
                 }
                 Admission::OverQuota { until, measure }
             }
@@ -1834,18 +1854,23 @@ impl ProviderState for PgStore {
             return ProbeClaim::Held(known);
         }
         let hold = Cooldown { until: later(now, hold_for), ..known };
-        // One statement: take the probe if the circuit is still expired (a second worker's
-        // UPDATE waits for the first's row lock, then finds the hold and takes nothing), and
-        // announce the hold.
+        // One statement: take the probe if the circuit is still expired, and announce the hold.
+        // A row locked by someone else (another worker's claim, an admission) is skipped, not
+        // waited for: a lock wait behind a slow commit would time out, and timeouts in a row
+        // take the database for down, where each worker probes on its own. Skipped, the claim
+        // is lost and the row read says what holds the provider (or that nothing does yet:
+        // the job asks again in moments).
         let claimed = self
             .guarded(
                 sqlx::query_scalar::<_, bool>(
-                    "WITH claimed AS ( \
-                       UPDATE provider_state SET cooldown_until = to_timestamp($3::float8 / 1000), \
+                    "WITH target AS ( \
+                       SELECT provider FROM provider_state WHERE provider = $1 AND cooldown_reason = 'circuit' \
+                         AND cooldown_until <= to_timestamp($2::float8 / 1000) FOR UPDATE SKIP LOCKED), \
+                     claimed AS ( \
+                       UPDATE provider_state s SET cooldown_until = to_timestamp($3::float8 / 1000), \
                          circuit_probe_at = to_timestamp($2::float8 / 1000), updated_at = now() \
-                       WHERE provider = $1 AND cooldown_reason = 'circuit' \
-                         AND cooldown_until <= to_timestamp($2::float8 / 1000) \
-                       RETURNING provider, cooldown_until, cooldown_reason, cooldown_detail), \
+                       FROM target WHERE s.provider = target.provider \
+                       RETURNING s.provider, s.cooldown_until, s.cooldown_reason, s.cooldown_detail), \
                      announced AS ( \
                        SELECT pg_notify($4, json_build_object('provider', provider, \
                          'until_ms', fallback_epoch_ms(cooldown_until), \
@@ -1868,19 +1893,20 @@ impl ProviderState for PgStore {
             // closed or replaced (or there was none). This worker's view may not have heard of
             // it yet, so the table says which.
             Ok(false) => self.lost_probe(provider, now, hold).await,
-            Err(StoreError::Unreachable(e)) => {
-                // While the database is away each worker probes on its own: at most one probe
-                // per worker, as the local hold keeps this worker's other jobs back.
+            // A slow claim (the pool busy, the database slow): it may yet have been taken, by
+            // this statement or by another worker's, so this call keeps away; the view is left
+            // as it is, and the next job claims again.
+            Err(e @ StoreError::Busy(_)) => {
+                tracing::debug!(provider, error = %e, "the claim of the circuit's probe timed out; this call keeps away for a probe's time");
+                ProbeClaim::Held(hold)
+            }
+            Err(e) => {
+                // The database is away, or refuses the write (a disk full, a read-only
+                // standby): each worker probes on its own, at most one probe per worker, as the
+                // local hold keeps this worker's other jobs back.
                 tracing::debug!(provider, error = %e, "cannot claim the circuit's probe in the database; probing from here");
                 self.remember_cooldown(provider, Some(hold));
                 ProbeClaim::Call
-            }
-            // A slow or failed claim on a reachable database (a lock wait behind the winner's
-            // slow commit): the claim may yet have been taken by someone, so this call keeps
-            // away; the view is left as it is.
-            Err(e) => {
-                tracing::debug!(provider, error = %e, "the claim of the circuit's probe failed; this call keeps away for a probe's time");
-                ProbeClaim::Held(hold)
             }
         }
     }

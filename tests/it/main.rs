@@ -34,6 +34,7 @@ mod review_credits;
 mod review_credits2;
 mod review_credits3;
 mod review_finish;
+mod review_fresh;
 mod review_leases;
 mod review_outage;
 mod review_probe;
