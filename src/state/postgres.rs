@@ -145,6 +145,10 @@ pub struct PgStore {
     /// One ask for a credit per provider at a time: the calls that wait meanwhile are admitted
     /// from it rather than each asking for one.
     credit_asks: Arc<Mutex<HashMap<Arc<str>, CreditGate>>>,
+    /// One claim of a provider's probe at a time in this worker: a claim may wait up to a
+    /// second for the provider's row, and the jobs behind it learn its outcome instead of each
+    /// holding a connection of the pool on the same lock.
+    probe_claims: Arc<Mutex<HashMap<String, CreditGate>>>,
 }
 
 /// This worker's own view, kept at all times and used alone while the database is unreachable.
@@ -159,6 +163,8 @@ struct Outage {
     /// When the oldest ping not echoed yet was sent, on the same clock (when the last one was
     /// sent once every ping has come back).
     ping_sent_ms: AtomicU64,
+    /// How long the last ping echoed took to come back: what the view lags behind the table.
+    echo_lag_ms: AtomicU64,
     /// State calls in a row that got no answer in time.
     timeouts_in_a_row: AtomicU32,
     /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
@@ -182,7 +188,8 @@ struct Outage {
     written_back: Mutex<HashMap<i64, WrittenBack>>,
 }
 
-/// Held while a credit is asked for (see `PgStore::credit_asks`).
+/// Held while a credit is asked for (see `PgStore::credit_asks`), or a probe claimed
+/// (`PgStore::probe_claims`).
 type CreditGate = Arc<tokio::sync::Mutex<()>>;
 
 /// A provider's prepared windows and the limits and pools they were made from.
@@ -307,6 +314,7 @@ impl PgStore {
             answers: TaskTracker::new(),
             credits: Arc::default(),
             credit_asks: Arc::default(),
+            probe_claims: Arc::default(),
         }
     }
 
@@ -547,12 +555,23 @@ impl PgStore {
         let sent = self.outage.ping_sent_ms.load(Ordering::SeqCst);
         let heard = self.outage.heard_ms.load(Ordering::SeqCst);
         let echo_missed = sent > heard && monotonic_ms().saturating_sub(sent) > PING_ECHO_MS;
-        !echo_missed && self.outage.listening.load(Ordering::SeqCst)
+        let lagging = self.outage.echo_lag_ms.load(Ordering::SeqCst) > PING_ECHO_MS;
+        !echo_missed && !lagging && self.outage.listening.load(Ordering::SeqCst)
     }
 
     /// The LISTEN session received something just now.
     fn heard(&self) {
         self.outage.heard_ms.store(monotonic_ms(), Ordering::SeqCst);
+    }
+
+    /// The LISTEN session received its own ping, sent at `payload` (milliseconds on
+    /// [`monotonic_ms`]): every notice committed before it was sent has arrived, so the view
+    /// lags the table by the ping's trip. A payload that is not such a time (someone else's
+    /// NOTIFY on this channel) proves nothing.
+    fn echoed(&self, payload: &str) {
+        if let Ok(sent) = payload.parse::<u64>() {
+            self.outage.echo_lag_ms.store(monotonic_ms().saturating_sub(sent), Ordering::SeqCst);
+        }
     }
 
     /// Sends the LISTEN session to `url` instead of the pool's address.
@@ -985,7 +1004,9 @@ impl PgStore {
                         self.heard();
                     }
                     match received {
-                        Some(notification) if notification.channel() == ping_channel => {}
+                        Some(notification) if notification.channel() == ping_channel => {
+                            self.echoed(notification.payload());
+                        }
                         Some(notification) => self.apply_notice(notification.payload()),
                         None => {
                             // Notifications sent while it was away are lost: read the table.
@@ -1095,6 +1116,46 @@ impl PgStore {
     }
 
     /// The provider's row as the database has it (cooldown and error run).
+    /// Takes `provider`'s probe if its circuit has expired by `now`, holding it until `until`,
+    /// and announces the hold: whether it was taken. The row's lock is waited for (admissions
+    /// hold it for their batch, and a claim that skipped a locked row would lose to them for as
+    /// long as the provider's traffic lasts), but for a second at most: a wait behind a slow
+    /// commit must not reach the state-call timeout, as timeouts in a row take the database for
+    /// down, where each worker probes on its own. A claim that could not get the lock in time
+    /// is lost like one that found the probe taken.
+    async fn take_probe(&self, provider: &str, now: SystemTime, until: SystemTime) -> Result<bool, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '1s'").execute(&mut *tx).await?;
+        let taken = sqlx::query_scalar::<_, bool>(
+            "WITH claimed AS ( \
+               UPDATE provider_state SET cooldown_until = to_timestamp($3::float8 / 1000), \
+                 circuit_probe_at = to_timestamp($2::float8 / 1000), updated_at = now() \
+               WHERE provider = $1 AND cooldown_reason = 'circuit' \
+                 AND cooldown_until <= to_timestamp($2::float8 / 1000) \
+               RETURNING provider, cooldown_until, cooldown_reason, cooldown_detail), \
+             announced AS ( \
+               SELECT pg_notify($4, json_build_object('provider', provider, \
+                 'until_ms', fallback_epoch_ms(cooldown_until), \
+                 'reason', cooldown_reason, 'detail', cooldown_detail)::text) FROM claimed) \
+             SELECT (SELECT count(*) FROM announced) > 0",
+        )
+        .bind(provider)
+        .bind(epoch_ms(now) as f64)
+        .bind(epoch_ms(until) as f64)
+        .bind(CHANNEL)
+        .fetch_one(&mut *tx)
+        .await;
+        match taken {
+            Ok(taken) => {
+                tx.commit().await?;
+                Ok(taken)
+            }
+            // 55P03 lock_not_available: the lock wait ran out.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Why a claim of `provider`'s probe was lost, read from the table in a statement of its own:
     /// the claim's statement may have read the row before the winner's claim committed, and
     /// this worker's view may not have heard of it yet (nor of a cooldown that replaced the
@@ -1601,9 +1662,19 @@ impl PgStore {
         let mut every = tokio::time::interval(LISTEN_PING);
         loop {
             every.tick().await;
-            let sent = monotonic_ms();
-            let ping = sqlx::query("SELECT pg_notify($1, '')").bind(&channel).execute(&self.pool);
-            if let Ok(Ok(_)) = tokio::time::timeout(STATE_CALL_TIMEOUT, ping).await {
+            // Timed from when it has a connection: a wait for one (the pool busy) is no lag of
+            // the session's.
+            let ping = async {
+                let mut connection = self.pool.acquire().await?;
+                let sent = monotonic_ms();
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(&channel)
+                    .bind(sent.to_string())
+                    .execute(&mut *connection)
+                    .await?;
+                Ok::<u64, sqlx::Error>(sent)
+            };
+            if let Ok(Ok(sent)) = tokio::time::timeout(STATE_CALL_TIMEOUT, ping).await {
                 // The oldest ping not echoed yet is the one that counts: a newer one must not
                 // restart the wait for an echo that is not coming.
                 let echoed =
@@ -1640,6 +1711,21 @@ fn too_large_for(ask: Ask<'_>, tokens: u64) -> bool {
 }
 
 /// Errors that go away by themselves (the server is stopped or restarting, the network blipped).
+/// Whether `error` refuses a write of any worker alike: the database is away (this worker serves
+/// from its own view), out of disk (class 53 but 53300, too many connections, which is this
+/// worker's), read-only (25006, a standby), or its schema refuses it (class 42).
+fn refused_for_everyone(error: &StoreError) -> bool {
+    match error {
+        StoreError::Unreachable(_) => true,
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or_default();
+            (code.starts_with("53") && code != "53300") || code == "25006" || code.starts_with("42")
+        }
+        _ => false,
+    }
+}
+
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
@@ -1853,37 +1939,16 @@ impl ProviderState for PgStore {
         if known.until > now {
             return ProbeClaim::Held(known);
         }
+        let gate = self.probe_claims.lock().unwrap().entry(provider.to_string()).or_default().clone();
+        let _one_claim_at_a_time = gate.lock().await;
+        // The claim this one waited for took the probe: it is held.
+        if let Some(taken) =
+            self.known_cooldown(provider).filter(|c| c.reason == CooldownReason::Circuit && c.until > now)
+        {
+            return ProbeClaim::Held(taken);
+        }
         let hold = Cooldown { until: later(now, hold_for), ..known };
-        // One statement: take the probe if the circuit is still expired, and announce the hold.
-        // A row locked by someone else (another worker's claim, an admission) is skipped, not
-        // waited for: a lock wait behind a slow commit would time out, and timeouts in a row
-        // take the database for down, where each worker probes on its own. Skipped, the claim
-        // is lost and the row read says what holds the provider (or that nothing does yet:
-        // the job asks again in moments).
-        let claimed = self
-            .guarded(
-                sqlx::query_scalar::<_, bool>(
-                    "WITH target AS ( \
-                       SELECT provider FROM provider_state WHERE provider = $1 AND cooldown_reason = 'circuit' \
-                         AND cooldown_until <= to_timestamp($2::float8 / 1000) FOR UPDATE SKIP LOCKED), \
-                     claimed AS ( \
-                       UPDATE provider_state s SET cooldown_until = to_timestamp($3::float8 / 1000), \
-                         circuit_probe_at = to_timestamp($2::float8 / 1000), updated_at = now() \
-                       FROM target WHERE s.provider = target.provider \
-                       RETURNING s.provider, s.cooldown_until, s.cooldown_reason, s.cooldown_detail), \
-                     announced AS ( \
-                       SELECT pg_notify($4, json_build_object('provider', provider, \
-                         'until_ms', fallback_epoch_ms(cooldown_until), \
-                         'reason', cooldown_reason, 'detail', cooldown_detail)::text) FROM claimed) \
-                     SELECT (SELECT count(*) FROM announced) > 0",
-                )
-                .bind(provider)
-                .bind(epoch_ms(now) as f64)
-                .bind(epoch_ms(hold.until) as f64)
-                .bind(CHANNEL)
-                .fetch_one(&self.pool),
-            )
-            .await;
+        let claimed = self.guarded(self.take_probe(provider, now, hold.until)).await;
         match claimed {
             Ok(true) => {
                 self.remember_cooldown(provider, Some(hold));
@@ -1896,17 +1961,20 @@ impl ProviderState for PgStore {
             // A slow claim (the pool busy, the database slow): it may yet have been taken, by
             // this statement or by another worker's, so this call keeps away; the view is left
             // as it is, and the next job claims again.
-            Err(e @ StoreError::Busy(_)) => {
-                tracing::debug!(provider, error = %e, "the claim of the circuit's probe timed out; this call keeps away for a probe's time");
-                ProbeClaim::Held(hold)
-            }
-            Err(e) => {
-                // The database is away, or refuses the write (a disk full, a read-only
-                // standby): each worker probes on its own, at most one probe per worker, as the
-                // local hold keeps this worker's other jobs back.
+            Err(e) if refused_for_everyone(&e) => {
+                // The database is away, or refuses every worker's write (a disk full, a
+                // read-only standby): each worker probes on its own, at most one probe per
+                // worker, as the local hold keeps this worker's other jobs back.
                 tracing::debug!(provider, error = %e, "cannot claim the circuit's probe in the database; probing from here");
                 self.remember_cooldown(provider, Some(hold));
                 ProbeClaim::Call
+            }
+            // A slow or failed claim on a database that takes others' writes (the pool busy, a
+            // statement cancelled, no connection slot): another worker's claim may win, so
+            // this call keeps away; the view is left as it is, and the next job claims again.
+            Err(e) => {
+                tracing::debug!(provider, error = %e, "the claim of the circuit's probe failed; this call keeps away for a probe's time");
+                ProbeClaim::Held(hold)
             }
         }
     }

@@ -24,6 +24,7 @@ mod pools;
 mod provider_faults;
 mod quorum;
 mod review4;
+mod review4_probe;
 mod review5;
 mod review_0009;
 mod review_0009b;
