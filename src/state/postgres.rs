@@ -148,7 +148,7 @@ pub struct PgStore {
     /// One claim of a provider's probe at a time in this worker: a claim may wait up to a
     /// second for the provider's row, and the jobs behind it learn its outcome instead of each
     /// holding a connection of the pool on the same lock.
-    probe_claims: Arc<Mutex<HashMap<String, CreditGate>>>,
+    probe_claims: Arc<Mutex<HashMap<String, ClaimGate>>>,
 }
 
 /// This worker's own view, kept at all times and used alone while the database is unreachable.
@@ -158,7 +158,8 @@ struct Outage {
     /// The LISTEN session is up and has loaded the table since it (re)connected: the local copy
     /// of every cooldown is current, so a provider without limits is admitted without a query.
     listening: AtomicBool,
-    /// When the session last received anything (milliseconds on [`monotonic_ms`]).
+    /// When the session was last known current: loaded, or its own ping echoed (milliseconds
+    /// on [`monotonic_ms`]).
     heard_ms: AtomicU64,
     /// When the oldest ping not echoed yet was sent, on the same clock (when the last one was
     /// sent once every ping has come back).
@@ -188,9 +189,12 @@ struct Outage {
     written_back: Mutex<HashMap<i64, WrittenBack>>,
 }
 
-/// Held while a credit is asked for (see `PgStore::credit_asks`), or a probe claimed
-/// (`PgStore::probe_claims`).
+/// Held while a credit is asked for (see `PgStore::credit_asks`).
 type CreditGate = Arc<tokio::sync::Mutex<()>>;
+
+/// Held while a provider's probe is claimed (see `PgStore::probe_claims`), with the last
+/// claim's outcome and when it was decided (on [`monotonic_ms`]).
+type ClaimGate = Arc<tokio::sync::Mutex<Option<(ProbeClaim, u64)>>>;
 
 /// A provider's prepared windows and the limits and pools they were made from.
 struct ProviderWindows {
@@ -559,19 +563,26 @@ impl PgStore {
         !echo_missed && !lagging && self.outage.listening.load(Ordering::SeqCst)
     }
 
-    /// The LISTEN session received something just now.
+    /// The LISTEN session is current as of now (it has just loaded the table, or heard its own
+    /// ping come back).
     fn heard(&self) {
         self.outage.heard_ms.store(monotonic_ms(), Ordering::SeqCst);
     }
 
-    /// The LISTEN session received its own ping, sent at `payload` (milliseconds on
-    /// [`monotonic_ms`]): every notice committed before it was sent has arrived, so the view
-    /// lags the table by the ping's trip. A payload that is not such a time (someone else's
-    /// NOTIFY on this channel) proves nothing.
-    fn echoed(&self, payload: &str) {
-        if let Ok(sent) = payload.parse::<u64>() {
-            self.outage.echo_lag_ms.store(monotonic_ms().saturating_sub(sent), Ordering::SeqCst);
+    /// The LISTEN session received a NOTIFY on its ping channel. Its own pings carry the
+    /// session's `nonce` and when they were sent (`<nonce>:<ms>`, milliseconds on
+    /// [`monotonic_ms`]): every notice committed before that has arrived, so the view lags the
+    /// table by the ping's trip. Anything else on the channel (anyone may NOTIFY it) proves
+    /// nothing and is ignored; other notices prove nothing either, as they may come late.
+    fn echoed(&self, payload: &str, nonce: &str) {
+        let Some((from, sent)) = payload.split_once(':') else { return };
+        let Ok(sent) = sent.parse::<u64>() else { return };
+        let now = monotonic_ms();
+        if from != nonce || sent > now {
+            return;
         }
+        self.outage.echo_lag_ms.store(now - sent, Ordering::SeqCst);
+        self.heard();
     }
 
     /// Sends the LISTEN session to `url` instead of the pool's address.
@@ -987,25 +998,22 @@ impl PgStore {
                     .connect_lazy_with((*self.listen_options).clone());
                 let mut listener = PgListener::connect_with(&own_connection).await?;
                 let ping_channel = format!("{PING_CHANNEL_PREFIX}{:016x}", fastrand::u64(..));
+                let nonce = format!("{:016x}", fastrand::u64(..));
                 listener.listen_all([CHANNEL, ping_channel.as_str()]).await?;
                 self.reload().await?;
                 self.heard();
                 self.outage.listening.store(true, Ordering::SeqCst);
                 tracing::debug!("listening for provider-state changes");
-                let _pinger = Pinger(tokio::spawn(self.clone().ping_listener(ping_channel.clone())));
+                let _pinger = Pinger(tokio::spawn(self.clone().ping_listener(ping_channel.clone(), nonce.clone())));
                 loop {
                     let Ok(received) = tokio::time::timeout(LISTEN_SILENCE, listener.try_recv()).await else {
                         return Err(sqlx::Error::Protocol(format!(
                             "no notification for {LISTEN_SILENCE:?}, not even a ping: the LISTEN connection is dead"
                         )));
                     };
-                    let received = received?;
-                    if received.is_some() {
-                        self.heard();
-                    }
-                    match received {
+                    match received? {
                         Some(notification) if notification.channel() == ping_channel => {
-                            self.echoed(notification.payload());
+                            self.echoed(notification.payload(), &nonce);
                         }
                         Some(notification) => self.apply_notice(notification.payload()),
                         None => {
@@ -1116,6 +1124,40 @@ impl PgStore {
     }
 
     /// The provider's row as the database has it (cooldown and error run).
+    /// Claims `provider`'s probe in the table (its circuit, `known`, has expired by `now`).
+    async fn claim_in_table(&self, provider: &str, now: SystemTime, known: Cooldown, hold_for: Duration) -> ProbeClaim {
+        let hold = Cooldown { until: later(now, hold_for), ..known };
+        let claimed = self.guarded(self.take_probe(provider, now, hold.until)).await;
+        match claimed {
+            Ok(true) => {
+                self.remember_cooldown(provider, Some(hold));
+                ProbeClaim::Call
+            }
+            // Lost, or nothing to claim: another worker holds the probe, or the circuit was
+            // closed or replaced (or there was none). This worker's view may not have heard of
+            // it yet, so the table says which.
+            Ok(false) => self.lost_probe(provider, now, hold).await,
+            // A slow claim (the pool busy, the database slow): it may yet have been taken, by
+            // this statement or by another worker's, so this call keeps away; the view is left
+            // as it is, and the next job claims again.
+            Err(e) if refused_for_everyone(&e) => {
+                // The database is away, or refuses every worker's write (a disk full, a
+                // read-only standby): each worker probes on its own, at most one probe per
+                // worker, as the local hold keeps this worker's other jobs back.
+                tracing::debug!(provider, error = %e, "cannot claim the circuit's probe in the database; probing from here");
+                self.remember_cooldown(provider, Some(hold));
+                ProbeClaim::Call
+            }
+            // A slow or failed claim on a database that takes others' writes (the pool busy, a
+            // statement cancelled, no connection slot): another worker's claim may win, so
+            // this call keeps away; the view is left as it is, and the next job claims again.
+            Err(e) => {
+                tracing::debug!(provider, error = %e, "the claim of the circuit's probe failed; this call keeps away for a probe's time");
+                ProbeClaim::Held(hold)
+            }
+        }
+    }
+
     /// Takes `provider`'s probe if its circuit has expired by `now`, holding it until `until`,
     /// and announces the hold: whether it was taken. The row's lock is waited for (admissions
     /// hold it for their batch, and a claim that skipped a locked row would lose to them for as
@@ -1658,7 +1700,7 @@ impl PgStore {
     /// Sends a ping on the LISTEN session's own `channel` every [`LISTEN_PING`] through the pool
     /// (best effort: a ping that cannot be sent proves nothing, and is not waited for), and
     /// records when each one that went out was sent: its echo is due on the session.
-    async fn ping_listener(self, channel: String) {
+    async fn ping_listener(self, channel: String, nonce: String) {
         let mut every = tokio::time::interval(LISTEN_PING);
         loop {
             every.tick().await;
@@ -1669,7 +1711,7 @@ impl PgStore {
                 let sent = monotonic_ms();
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(&channel)
-                    .bind(sent.to_string())
+                    .bind(format!("{nonce}:{sent}"))
                     .execute(&mut *connection)
                     .await?;
                 Ok::<u64, sqlx::Error>(sent)
@@ -1712,15 +1754,17 @@ fn too_large_for(ask: Ask<'_>, tokens: u64) -> bool {
 
 /// Errors that go away by themselves (the server is stopped or restarting, the network blipped).
 /// Whether `error` refuses a write of any worker alike: the database is away (this worker serves
-/// from its own view), out of disk (class 53 but 53300, too many connections, which is this
-/// worker's), read-only (25006, a standby), or its schema refuses it (class 42).
+/// from its own view) or out of resources the server shares (class 53 but 53300, too many
+/// connections, which is this worker's). A read-only session (25006) or a role without the
+/// right (class 42) may be this worker's alone (a setting of its role, a pooler routing it to a
+/// standby): another worker may take the probe, so it keeps away.
 fn refused_for_everyone(error: &StoreError) -> bool {
     match error {
         StoreError::Unreachable(_) => true,
         StoreError::Database(sqlx::Error::Database(db)) => {
             let code = db.code();
             let code = code.as_deref().unwrap_or_default();
-            (code.starts_with("53") && code != "53300") || code == "25006" || code.starts_with("42")
+            code.starts_with("53") && code != "53300"
         }
         _ => false,
     }
@@ -1940,43 +1984,24 @@ impl ProviderState for PgStore {
             return ProbeClaim::Held(known);
         }
         let gate = self.probe_claims.lock().unwrap().entry(provider.to_string()).or_default().clone();
-        let _one_claim_at_a_time = gate.lock().await;
+        let waiting_since = monotonic_ms();
+        let mut last_claim = gate.lock().await;
         // The claim this one waited for took the probe: it is held.
         if let Some(taken) =
             self.known_cooldown(provider).filter(|c| c.reason == CooldownReason::Circuit && c.until > now)
         {
             return ProbeClaim::Held(taken);
         }
-        let hold = Cooldown { until: later(now, hold_for), ..known };
-        let claimed = self.guarded(self.take_probe(provider, now, hold.until)).await;
-        match claimed {
-            Ok(true) => {
-                self.remember_cooldown(provider, Some(hold));
-                ProbeClaim::Call
-            }
-            // Lost, or nothing to claim: another worker holds the probe, or the circuit was
-            // closed or replaced (or there was none). This worker's view may not have heard of
-            // it yet, so the table says which.
-            Ok(false) => self.lost_probe(provider, now, hold).await,
-            // A slow claim (the pool busy, the database slow): it may yet have been taken, by
-            // this statement or by another worker's, so this call keeps away; the view is left
-            // as it is, and the next job claims again.
-            Err(e) if refused_for_everyone(&e) => {
-                // The database is away, or refuses every worker's write (a disk full, a
-                // read-only standby): each worker probes on its own, at most one probe per
-                // worker, as the local hold keeps this worker's other jobs back.
-                tracing::debug!(provider, error = %e, "cannot claim the circuit's probe in the database; probing from here");
-                self.remember_cooldown(provider, Some(hold));
-                ProbeClaim::Call
-            }
-            // A slow or failed claim on a database that takes others' writes (the pool busy, a
-            // statement cancelled, no connection slot): another worker's claim may win, so
-            // this call keeps away; the view is left as it is, and the next job claims again.
-            Err(e) => {
-                tracing::debug!(provider, error = %e, "the claim of the circuit's probe failed; this call keeps away for a probe's time");
-                ProbeClaim::Held(hold)
-            }
+        // It lost, or could not tell: its answer is this one's too (claiming again would only
+        // make each job in the queue wait for one more claim).
+        if let Some((ProbeClaim::Held(held), decided)) = last_claim.as_ref()
+            && *decided >= waiting_since
+        {
+            return ProbeClaim::Held(held.clone());
         }
+        let outcome = self.claim_in_table(provider, now, known, hold_for).await;
+        *last_claim = Some((outcome.clone(), monotonic_ms()));
+        outcome
     }
 
     async fn record_server_error(&self, provider: &str, detail: &str) -> u32 {

@@ -26,6 +26,7 @@ mod quorum;
 mod review4;
 mod review4_probe;
 mod review5;
+mod review5_probe;
 mod review_0009;
 mod review_0009b;
 mod review_0009d;

@@ -254,14 +254,14 @@ async fn a_live_idle_listener_never_flaps_to_untrusted() {
 
 /// A loopback relay whose service-to-client direction is delayed by a settable amount (a
 /// lagging but live connection: a lossy network's retransmissions, a congested link), in order.
-struct LaggingRelay {
-    addr: std::net::SocketAddr,
+pub(crate) struct LaggingRelay {
+    pub(crate) addr: std::net::SocketAddr,
     lag_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     accept: tokio::task::JoinHandle<()>,
 }
 
 impl LaggingRelay {
-    async fn start(upstream: std::net::SocketAddr) -> LaggingRelay {
+    pub(crate) async fn start(upstream: std::net::SocketAddr) -> LaggingRelay {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -310,7 +310,7 @@ impl LaggingRelay {
         LaggingRelay { addr, lag_ms, accept }
     }
 
-    fn lag(&self, ms: u64) {
+    pub(crate) fn lag(&self, ms: u64) {
         self.lag_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 }
