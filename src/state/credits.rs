@@ -272,13 +272,8 @@ impl CreditBook {
         self.providers.get(provider).and_then(|c| c.no_room_until).is_none_or(|until| until <= now)
     }
 
-    /// The windows had no room for a credit before `until` (or the ask failed): calls ask one
-    /// by one until then.
-    pub fn no_room_until(&mut self, provider: &Arc<str>, until: SystemTime) {
-        self.providers.entry(provider.clone()).or_default().no_room_until = Some(until);
-    }
-
-    /// The windows refused a credit or a call at `now`: they are at their limit, where room
+    /// The windows refused a credit or a call at `now` (or an ask for one failed): they are at
+    /// their limit, where room
     /// comes back a slot at a time as earlier calls leave. A credit taken there holds two or
     /// more of those slots at once and frees them only together, one window after its *last*
     /// call answers: a slot whose job came first waits for the others (up to the credit's
@@ -512,7 +507,7 @@ mod tests {
         let p: Arc<str> = Arc::from("p");
         let mut book = CreditBook::default();
         assert!(book.may_ask("p", at(0)));
-        book.no_room_until(&p, at(5));
+        book.at_limit(&p, at(4));
         assert!(!book.may_ask("p", at(4)));
         assert!(book.may_ask("p", at(5)));
     }

@@ -104,6 +104,7 @@ const LISTEN_PING: Duration = Duration::from_secs(1);
 /// than a circuit's shortest open time (5 s): a circuit that opened unheard is asked about
 /// before it can end (its probe is claimed in the table).
 const PING_ECHO: Duration = Duration::from_secs(1);
+const PING_ECHO_MS: u64 = PING_ECHO.as_millis() as u64;
 const _: () = assert!(LISTEN_PING.as_millis() + PING_ECHO.as_millis() < crate::chain::CIRCUIT_BASE.as_millis() / 2);
 /// After this long without any notification the session is rebuilt.
 const LISTEN_SILENCE: Duration = Duration::from_secs(15);
@@ -1123,7 +1124,6 @@ impl PgStore {
         self.quota.get_or_init(|| quota_batcher::spawn(self.pool.clone()))
     }
 
-    /// The provider's row as the database has it (cooldown and error run).
     /// Claims `provider`'s probe in the table (its circuit, `known`, has expired by `now`).
     async fn claim_in_table(&self, provider: &str, now: SystemTime, known: Cooldown, hold_for: Duration) -> ProbeClaim {
         let hold = Cooldown { until: later(now, hold_for), ..known };
@@ -1137,9 +1137,6 @@ impl PgStore {
             // closed or replaced (or there was none). This worker's view may not have heard of
             // it yet, so the table says which.
             Ok(false) => self.lost_probe(provider, now, hold).await,
-            // A slow claim (the pool busy, the database slow): it may yet have been taken, by
-            // this statement or by another worker's, so this call keeps away; the view is left
-            // as it is, and the next job claims again.
             Err(e) if refused_for_everyone(&e) => {
                 // The database is away, or refuses every worker's write (a disk full, a
                 // read-only standby): each worker probes on its own, at most one probe per
@@ -1378,7 +1375,7 @@ impl PgStore {
         if asked.is_err() {
             // The calls waiting behind this ask ask one by one, together, rather than each
             // asking for a credit in turn.
-            self.credits.lock().unwrap().no_room_until(provider, later(now, credits::LIFETIME));
+            self.credits.lock().unwrap().at_limit(provider, now);
         }
         match asked? {
             Admission::Granted(Permit { usage_id: Some(call), .. }) => {
@@ -1693,9 +1690,6 @@ pub(super) fn measure_name(measure: QuotaMeasure) -> &'static str {
     }
 }
 
-/// [`PING_ECHO`] in milliseconds.
-const PING_ECHO_MS: u64 = PING_ECHO.as_millis() as u64;
-
 impl PgStore {
     /// Sends a ping on the LISTEN session's own `channel` every [`LISTEN_PING`] through the pool
     /// (best effort: a ping that cannot be sent proves nothing, and is not waited for), and
@@ -1752,7 +1746,6 @@ fn too_large_for(ask: Ask<'_>, tokens: u64) -> bool {
     ask.limits.iter().chain(pooled).any(|l| l.tokens.is_some_and(|max| tokens > max))
 }
 
-/// Errors that go away by themselves (the server is stopped or restarting, the network blipped).
 /// Whether `error` refuses a write of any worker alike: the database is away (this worker serves
 /// from its own view) or out of resources the server shares (class 53 but 53300, too many
 /// connections, which is this worker's). A read-only session (25006) or a role without the
@@ -1770,6 +1763,7 @@ fn refused_for_everyone(error: &StoreError) -> bool {
     }
 }
 
+/// Errors that go away by themselves (the server is stopped or restarting, the network blipped).
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)

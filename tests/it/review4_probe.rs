@@ -4,30 +4,13 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use fallback_worker::routing::CooldownReason;
 use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, Cooldown, ProbeClaim, ProviderState};
+use fallback_worker::state::{Admission, Ask, ProbeClaim, ProviderState};
 
 use crate::credits::{Worker, requests};
 use crate::ledger_batching::store_at;
+use crate::review_probe2::{HOLD, expired_circuit};
 use crate::support::*;
-
-const HOLD: Duration = Duration::from_secs(7);
-
-fn circuit(until: SystemTime) -> Cooldown {
-    Cooldown { until, reason: CooldownReason::Circuit, detail: "review4: 3 server errors in a row".into() }
-}
-
-/// Opens a circuit of `provider` through `store` ending `in_ms` from now, and waits until it
-/// has ended.
-async fn expired_circuit(store: &PgStore, provider: &str, in_ms: u64) {
-    let until = SystemTime::now() + Duration::from_millis(in_ms);
-    for _ in 0..3 {
-        store.record_server_error(provider, "HTTP 503").await;
-    }
-    store.cool_down(provider, circuit(until)).await;
-    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(20)).await;
-}
 
 /// Three connections taking the provider's row `FOR UPDATE` in turn (one holds it, the others wait), each for `hold_ms` per
 /// transaction, until `for_ms` has passed: what admission batches of a busy provider do
@@ -86,7 +69,7 @@ async fn claims_are_not_starved_by_admission_batches_queued_on_the_providers_row
     // Batches whose commit is slow (a WAL flush on a slow disk: 200 ms), as in the previous
     // review's finding; the next batches wait on the row meanwhile.
     let lockers = queued_row_locks(&env, "p", 200, 3000);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    crate::ledger_batching::until_waiting_on_locks(&env, 1).await;
     let started = Instant::now();
     let (mut claims, mut won, mut held_expired) = (0, None, 0);
     while started.elapsed() < Duration::from_millis(2500) {

@@ -9,22 +9,8 @@ use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Cooldown, ProviderState};
 
 use crate::credits::Worker;
+use crate::review_probe2::{HOLD, expired_circuit};
 use crate::support::*;
-
-const HOLD: Duration = Duration::from_secs(7);
-
-fn circuit(until: SystemTime) -> Cooldown {
-    Cooldown { until, reason: CooldownReason::Circuit, detail: "review5: 3 server errors in a row".into() }
-}
-
-async fn expired_circuit(store: &PgStore, provider: &str, in_ms: u64) {
-    let until = SystemTime::now() + Duration::from_millis(in_ms);
-    for _ in 0..3 {
-        store.record_server_error(provider, "HTTP 503").await;
-    }
-    store.cool_down(provider, circuit(until)).await;
-    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(20)).await;
-}
 
 /// Finding 1 (the gate has no deadline). The row of the provider is locked for longer than the
 /// claim's 1 s lock wait (one admission transaction stuck behind a slow commit, a long

@@ -12,24 +12,8 @@ use fallback_worker::state::{Admission, Ask, Cooldown, ProviderState};
 
 use crate::credits::{Worker, ask, granted, requests, tokens};
 use crate::ledger_batching::store_at;
+use crate::review_probe2::{HOLD, circuit, expired_circuit};
 use crate::support::*;
-
-const HOLD: Duration = Duration::from_secs(7);
-
-fn circuit(until: SystemTime) -> Cooldown {
-    Cooldown { until, reason: CooldownReason::Circuit, detail: "review-fresh: 3 server errors in a row".into() }
-}
-
-/// Opens a circuit of `provider` through `store` (which so knows of it) ending `in_ms` from
-/// now, and waits until it has ended.
-async fn expired_circuit(store: &PgStore, provider: &str, in_ms: u64) {
-    let until = SystemTime::now() + Duration::from_millis(in_ms);
-    for _ in 0..3 {
-        store.record_server_error(provider, "HTTP 503").await;
-    }
-    store.cool_down(provider, circuit(until)).await;
-    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(20)).await;
-}
 
 /// Finding 1. The session's pings go out through the worker's pool (2-3 connections), the
 /// very thing that is busy under load; the LISTEN session itself has a connection of its own

@@ -16,9 +16,9 @@ use crate::support::relay::Relay;
 use crate::support::*;
 
 const DETAIL: &str = "review-probe2: 3 server errors in a row";
-const HOLD: Duration = Duration::from_secs(7);
+pub(crate) const HOLD: Duration = Duration::from_secs(7);
 
-fn circuit(until: SystemTime) -> Cooldown {
+pub(crate) fn circuit(until: SystemTime) -> Cooldown {
     Cooldown { until, reason: CooldownReason::Circuit, detail: DETAIL.into() }
 }
 
@@ -31,7 +31,7 @@ async fn migrated(url: &str, pool: u32) -> PgStore {
 /// Opens a circuit of `provider` (through `prober`, which so knows of it) that ends `in_ms`
 /// from now, and waits until it has ended for real (the database decides a limited
 /// provider's admission on its own clock).
-async fn expired_circuit(prober: &PgStore, provider: &str, in_ms: u64) {
+pub(crate) async fn expired_circuit(prober: &PgStore, provider: &str, in_ms: u64) {
     let until = SystemTime::now() + Duration::from_millis(in_ms);
     for _ in 0..3 {
         prober.record_server_error(provider, "HTTP 503").await;
