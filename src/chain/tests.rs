@@ -1048,6 +1048,10 @@ impl ProviderState for Recording {
         self.calls.lock().unwrap().push("finish");
         self.store.finish(permit, tokens, now).await;
     }
+    async fn release(&self, permit: Permit) {
+        self.calls.lock().unwrap().push("release");
+        self.store.release(permit).await;
+    }
     async fn finish_written(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
         self.calls.lock().unwrap().push("finish_written");
         self.store.finish(permit, tokens, now).await;
@@ -1333,6 +1337,9 @@ impl ProviderState for Behind {
     async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
         self.inner.finish(permit, tokens, now - self.behind).await
     }
+    async fn release(&self, permit: Permit) {
+        self.inner.release(permit).await
+    }
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         self.inner.cool_down(provider, cooldown).await
     }
@@ -1378,6 +1385,7 @@ struct LaggingView {
     truth: MemoryStore,
     admits: Mutex<usize>,
     finishes: Mutex<usize>,
+    releases: Mutex<usize>,
 }
 
 #[async_trait::async_trait]
@@ -1388,6 +1396,9 @@ impl ProviderState for LaggingView {
     }
     async fn finish(&self, _permit: Permit, _tokens: Option<u64>, _now: SystemTime) {
         *self.finishes.lock().unwrap() += 1;
+    }
+    async fn release(&self, _permit: Permit) {
+        *self.releases.lock().unwrap() += 1;
     }
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         self.truth.cool_down(provider, cooldown).await
@@ -1419,16 +1430,16 @@ async fn a_job_that_loses_the_probe_skips_the_provider_until_the_hold_even_on_a_
     assert!(truth.claim_probe("a", clock.now(), hold).await.is_call(), "another worker takes the probe");
     let a = Scripted::new(vec![Ok(())]);
     let chain = chain(vec![member("a", true, a.clone())], Duration::ZERO);
-    let store = LaggingView { truth, admits: Mutex::new(0), finishes: Mutex::new(0) };
+    let store = LaggingView { truth, admits: Mutex::new(0), finishes: Mutex::new(0), releases: Mutex::new(0) };
     let mut progress = JobProgress::new(clock.now());
     let verdict = run_pass(&chain, &request(&job()), chain.max_wait, &mut progress, &store, &clock).await;
     assert_eq!(a.calls(), 0, "no call beside the probe");
     assert!(matches!(verdict, Verdict::Wait { until, .. } if until == t0() + secs(5) + hold), "{verdict:?}");
     assert_eq!(outcomes(&progress), vec![("a".into(), AttemptOutcome::SkippedCooldown)]);
     assert_eq!(
-        (*store.admits.lock().unwrap(), *store.finishes.lock().unwrap()),
-        (1, 1),
-        "one ask, its slot given back"
+        (*store.admits.lock().unwrap(), *store.finishes.lock().unwrap(), *store.releases.lock().unwrap()),
+        (1, 0, 1),
+        "one ask, its slot given back uncounted"
     );
 }
 
@@ -1449,6 +1460,9 @@ impl ProviderState for ExpiredHeld {
     }
     async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
         self.inner.finish(permit, tokens, now).await
+    }
+    async fn release(&self, permit: Permit) {
+        self.inner.release(permit).await
     }
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         self.inner.cool_down(provider, cooldown).await

@@ -66,6 +66,18 @@ impl MemoryStore {
         }
     }
 
+    /// Forgets the call `permit` stands for, in its provider's scope and its pools': it was
+    /// never sent.
+    pub fn release_at(&self, permit: &Permit) {
+        let Some(id) = permit.usage_id else { return };
+        let mut providers = self.providers.lock().unwrap();
+        let mut pools = self.pools.lock().unwrap();
+        let own = providers.values_mut().map(|row| &mut row.quota);
+        for scope in own.chain(pools.values_mut()) {
+            scope.forget(id);
+        }
+    }
+
     /// Records a call another store admitted, without checking any limit (the Postgres store's
     /// own account of its calls), in the provider's scope and its pools'; returns the record's
     /// id. Calls no window of theirs can see any more are forgotten.
@@ -163,6 +175,10 @@ impl ProviderState for MemoryStore {
 
     async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {
         self.finish_at(permit, tokens, now);
+    }
+
+    async fn release(&self, permit: Permit) {
+        self.release_at(&permit);
     }
 
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
@@ -375,6 +391,30 @@ mod tests {
             matches!(store.admit(ask, now).await, Admission::OverQuota { .. }),
             "answered calls still count for the window"
         );
+    }
+
+    /// A call never sent (its job lost the half-open probe) gives its slot back at once, in its
+    /// provider's windows and its pools'.
+    #[tokio::test]
+    async fn a_released_call_counts_nowhere() {
+        let store = MemoryStore::new();
+        let one = [crate::config::LimitConfig {
+            requests: Some(1),
+            tokens: None,
+            per: Duration::from_secs(60),
+            resets: None,
+        }];
+        let pools = [crate::config::QuotaPoolConfig { name: "account".into(), limits: one.to_vec() }];
+        let ask = Ask { provider: "p", limits: &one, pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
+        let other = Ask { provider: "q", limits: &[], ..ask };
+        let now = SystemTime::now();
+        let Admission::Granted(first) = store.admit(ask, now).await else { panic!("the first call fits") };
+        assert!(matches!(store.admit(other, now).await, Admission::OverQuota { .. }), "the pool is full");
+        store.release(first).await;
+        assert!(matches!(store.admit(other, now).await, Admission::Granted(_)), "the pool's slot is free again");
+        let Admission::Granted(_) = store.admit(Ask { pools: &[], ..ask }, now).await else {
+            panic!("the provider's slot is free again")
+        };
     }
 
     fn circuit(until: SystemTime) -> Cooldown {

@@ -134,6 +134,11 @@ pub trait ProviderState: Send + Sync {
     /// window after it, a calendar window at the first reset after it.
     async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime);
 
+    /// A granted call that was never sent (its job lost the provider's half-open probe to
+    /// another): it stops counting in the windows at once, as if it had not been admitted, so
+    /// that a race at a circuit's end costs a tight free limit nothing.
+    async fn release(&self, permit: Permit);
+
     /// [`finish`](Self::finish), returning only once the answer is written where
     /// [`observe_quota`](Self::observe_quota) reads it: an observation of the provider's
     /// headers is counted against the call's answer (its token count, the end of its flight).

@@ -455,6 +455,33 @@ impl PgStore {
         now: SystemTime,
     ) -> Result<Option<QueuedAnswer>, StoreError> {
         self.count_in_own_view(&permit, tokens, now);
+        // A provider's count is taken as it says, but never so large that the windows' totals
+        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
+        // finishes (bigint out of range), and the other calls' raised counts in it with it.
+        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
+        let Some((provider, queued)) = self.queue_call_write(permit, |call| AnswerWrite::of_call(call, tokens)).await?
+        else {
+            return Ok(None);
+        };
+        // A count corrected from the provider's `usage` may make room that a kept token
+        // refusal denies (an estimate larger than the use): the next ask goes to the database,
+        // behind this answer. An answer frees no request slot: a request refusal stands.
+        if tokens.is_some()
+            && let Some(cached) = self.cache.lock().unwrap().get_mut(&*provider)
+        {
+            cached.quota_blocked = cached.quota_blocked.filter(|b| b.measure == QuotaMeasure::Requests);
+        }
+        Ok(Some(queued))
+    }
+
+    /// Queues the write `of` makes of the call `permit` counts in the shared windows (its own
+    /// admission's, or the one it was written back as after an outage): the call's provider and
+    /// the queued write, or `None` when the shared windows do not count it.
+    async fn queue_call_write(
+        &self,
+        permit: Permit,
+        of: impl FnOnce(i64) -> AnswerWrite,
+    ) -> Result<Option<(Arc<str>, QueuedAnswer)>, StoreError> {
         let written_back = match (permit.usage_id, permit.local_id) {
             (None, Some(local_id)) => self.outage.written_back.lock().unwrap().remove(&local_id),
             _ => None,
@@ -464,21 +491,43 @@ impl PgStore {
             (None, _, Some(shared)) => (shared.call, shared.provider),
             _ => return Ok(None),
         };
-        // A provider's count is taken as it says, but never so large that the windows' totals
-        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
-        // finishes (bigint out of range), and the other calls' raised counts in it with it.
-        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
-        let name = provider.clone();
-        let queued = self.queue_write(provider, AnswerWrite::of_call(call, tokens)).await?;
-        // A count corrected from the provider's `usage` may make room that a kept token
-        // refusal denies (an estimate larger than the use): the next ask goes to the database,
-        // behind this answer. An answer frees no request slot: a request refusal stands.
-        if tokens.is_some()
-            && let Some(cached) = self.cache.lock().unwrap().get_mut(&*name)
-        {
-            cached.quota_blocked = cached.quota_blocked.filter(|b| b.measure == QuotaMeasure::Requests);
+        let queued = self.queue_write(provider.clone(), of(call)).await?;
+        Ok(Some((provider, queued)))
+    }
+
+    /// [`ProviderState::release`]: the call leaves this worker's own view and the credit it
+    /// came from, or its rows in the windows count nothing from now on. The write is not
+    /// waited for: until it lands the windows count more, never less, and this worker's next
+    /// ask for the provider goes out behind it. A refusal this worker keeps for the provider is
+    /// dropped, as the released call made room.
+    async fn release_call(&self, permit: Permit) {
+        if let Some(local_id) = permit.local_id {
+            self.outage.own_calls.release_at(&Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED });
         }
-        Ok(Some(queued))
+        if let Some(provider) = &permit.provider
+            && let Some(cached) = self.cache.lock().unwrap().get_mut(&**provider)
+        {
+            cached.quota_blocked = None;
+        }
+        if permit.from_credit {
+            let (Some(provider), Some(call)) = (permit.provider, permit.usage_id) else { return };
+            let ending = self.credits.lock().unwrap().release(&provider, call, permit.estimate);
+            if let Some(ending) = ending {
+                self.end_credit(ending).await;
+            }
+            return;
+        }
+        let answer = match self.queue_call_write(permit, AnswerWrite::never_sent).await {
+            Ok(Some((_, answer))) => answer,
+            Ok(None) => return,
+            Err(e) => return answer_not_recorded(&e),
+        };
+        let store = self.clone();
+        self.answers.spawn(async move {
+            if let Err(e) = store.written(answer).await {
+                answer_not_recorded(&e);
+            }
+        });
     }
 
     /// Queues `write` for `provider`'s windows (kept for the write-back when the database
@@ -1890,6 +1939,10 @@ impl ProviderState for PgStore {
                 answer_not_recorded(&e);
             }
         });
+    }
+
+    async fn release(&self, permit: Permit) {
+        self.release_call(permit).await;
     }
 
     async fn finish_written(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {

@@ -73,6 +73,13 @@ impl Scope {
         self.usage.get_mut(at)
     }
 
+    /// Removes the use recorded under `id`, if any.
+    pub fn forget(&mut self, id: i64) {
+        if let Some(at) = self.position(id) {
+            self.usage.remove(at);
+        }
+    }
+
     fn position(&self, id: i64) -> Option<usize> {
         self.usage.binary_search_by_key(&id, |u| u.id).ok()
     }

@@ -21,6 +21,7 @@ mod outages;
 mod poison;
 mod pool_workers;
 mod pools;
+mod probe_release;
 mod provider_faults;
 mod quorum;
 mod review4;
