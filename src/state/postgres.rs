@@ -15,7 +15,7 @@
 //! answer again, then reloads the shared state and writes back the calls and cooldowns of the
 //! outage.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -770,8 +770,9 @@ impl PgStore {
 
     /// Counts calls made during an outage in the shared windows (their provider's and their
     /// pools') of the limits they were admitted under, as if the database had admitted them: one
-    /// set-based statement per window, each its own short transaction, so no admission waits
-    /// long behind it.
+    /// set-based statement per window, all in one transaction, so that a write-back that fails
+    /// part-way counts nothing and its retry counts each call once. The windows are locked in
+    /// the canonical order, as every admission locks them (no deadlock with one).
     async fn insert_calls(&self, unsynced: &[UnsyncedCall]) -> Result<(), sqlx::Error> {
         if unsynced.is_empty() {
             return Ok(());
@@ -785,7 +786,7 @@ impl PgStore {
             .bind(i32::try_from(unsynced.len()).unwrap_or(i32::MAX))
             .fetch_all(&self.pool)
             .await?;
-        let mut windows: HashMap<WindowKey, WrittenBackRows> = HashMap::new();
+        let mut windows: BTreeMap<WindowKey, WrittenBackRows> = BTreeMap::new();
         let mut in_flight = Vec::new();
         for (call, shared_id) in unsynced.iter().zip(shared_ids) {
             let Some((provider, usage)) = calls.get(&call.local_id) else { continue };
@@ -810,6 +811,7 @@ impl PgStore {
                 entry.2.push(epoch_ms(leaves) as f64);
             }
         }
+        let mut tx = self.pool.begin().await?;
         for (key, (call_ids, amounts, leaves)) in windows {
             sqlx::query(
                 "WITH added AS ( \
@@ -829,9 +831,10 @@ impl PgStore {
             .bind(&call_ids)
             .bind(&amounts)
             .bind(&leaves)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         }
+        tx.commit().await?;
         // Answers that never come (their worker's job ended otherwise) leave their entry
         // behind: at most the calls in flight at each write-back, dropped past a bound.
         let local_ids: Vec<i64> = in_flight.iter().map(|(local_id, _)| *local_id).collect();

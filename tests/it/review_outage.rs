@@ -211,3 +211,38 @@ async fn a_call_of_the_outage_answered_after_the_write_back_counts_its_answer_in
     store.answers_recorded().await;
     assert_eq!(used(&env, "provider", "p", "tokens").await, 100 + 5000, "the outage call's use, not its estimate");
 }
+
+/// The write-back of the outage's calls fails part-way (here: the insert into the second
+/// window, in the canonical order, fails once): before, each window's statement was its own
+/// transaction, so the first window kept its rows, and the retry, which writes back every call
+/// again, counted the calls twice there. The write-back is now one transaction: the retry
+/// counts each call once in every window.
+#[tokio::test]
+async fn a_write_back_that_fails_part_way_counts_each_call_once_when_retried() {
+    let env = TestEnv::new().await;
+    let (relay, store) = store_behind_relay(&env).await;
+    let limits = [crate::credits::requests(100), tokens(10_000, 3600)];
+    let _in_flight = an_outage_call(&env, &store, &relay, &limits).await;
+    sqlx::raw_sql(
+        "CREATE SEQUENCE write_back_fails; \
+         CREATE FUNCTION write_back_fails_once() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.measure = 'tokens' AND nextval('write_back_fails') = 1 THEN \
+             RAISE EXCEPTION 'injected: the write-back fails at its second window'; \
+           END IF; \
+           RETURN NEW; \
+         END $$; \
+         CREATE TRIGGER write_back_fails_once BEFORE INSERT ON quota_use \
+           FOR EACH ROW EXECUTE FUNCTION write_back_fails_once();",
+    )
+    .execute(&mut env.db().await)
+    .await
+    .unwrap();
+    relay.set_down(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    let tries: i64 =
+        sqlx::query_scalar("SELECT last_value FROM write_back_fails").fetch_one(&mut env.db().await).await.unwrap();
+    assert!(tries >= 2, "the injected failure never happened ({tries} token inserts)");
+    assert_eq!(used(&env, "provider", "p", "requests").await, 2, "the call before the outage and the outage's");
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 200);
+}
