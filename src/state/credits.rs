@@ -326,24 +326,20 @@ impl CreditBook {
         Some(ending)
     }
 
-    /// A call admitted from credit `call` with `estimate` tokens that was never sent: the
-    /// credit no longer counts it (an open credit may admit another call in its place). What
-    /// the windows must be told now: a closed credit whose last call this was ends with one
-    /// call fewer; a credit already ended at its deadline stays as written (the windows count
-    /// more, never less, until it leaves).
-    pub fn release(&mut self, provider: &Arc<str>, call: i64, estimate: u64) -> Option<Ending> {
-        let credits = self.providers.get_mut(provider)?;
-        let is_open = credits.open.as_ref().is_some_and(|c| c.call == call);
-        let credit = if is_open { credits.open.as_mut()? } else { credits.closing.get_mut(&call)? };
+    /// A call admitted from credit `call` with `estimate` tokens that was never sent: whether
+    /// the credit was still open and gave the call's place back (another call may take it; the
+    /// credit ends counting only the calls it sent). A closed credit has written the call among
+    /// its calls, and a rate-limit figure may have been counted against that since: taking it
+    /// out now could leave the windows below the provider, so it is answered as any call.
+    pub fn release(&mut self, provider: &Arc<str>, call: i64, estimate: u64) -> bool {
+        let Some(credit) = self.providers.get_mut(provider).and_then(|c| c.open.as_mut()).filter(|c| c.call == call)
+        else {
+            return false;
+        };
         credit.in_flight = credit.in_flight.saturating_sub(1);
         credit.admitted = credit.admitted.saturating_sub(1);
         credit.taken = credit.taken.saturating_sub(estimate);
-        if is_open || credit.in_flight > 0 {
-            return None;
-        }
-        let ending = credit.write(provider);
-        credits.closing.remove(&call);
-        Some(ending)
+        true
     }
 
     /// Closes credit `call` of `provider` if it is still open (its lifetime is over), and ends
@@ -447,23 +443,23 @@ mod tests {
         let (mut book, p) = book_with_credit(2, 200);
         assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
         assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
-        assert_eq!(book.release(&p, 7, 100), None, "an open credit tells the windows nothing yet");
+        assert!(book.release(&p, 7, 100), "an open credit takes it back");
         assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0.map(|t| t.call), Some(7), "its place is free again");
         // Full again: it closes counting the two calls admitted and sent, not three.
         assert_eq!(book.take(&p, 100, FLIGHT, at(0)), (None, Some(told(&p, 2, 200, false, false, 1))));
     }
 
     #[test]
-    fn a_closed_credit_whose_last_call_is_never_sent_ends_counting_only_the_calls_sent() {
+    fn a_call_never_sent_stays_in_a_closed_credit() {
         let (mut book, p) = book_with_credit(3, 300);
         for _ in 0..2 {
             assert_eq!(book.take(&p, 100, FLIGHT, at(0)).0.map(|t| t.call), Some(7));
         }
         assert_eq!(book.close(&p, 7, at(1)), vec![told(&p, 2, 200, false, false, 1)]);
-        assert_eq!(book.answer(&p, 7, 100, Some(30)), None, "a call is still out");
-        assert_eq!(book.release(&p, 7, 100), Some(told(&p, 1, 30, true, false, 2)));
-        assert_eq!(book.release(&p, 7, 100), None, "nothing is left of it");
-        assert_eq!(book.release(&p, 9, 100), None, "an unknown credit");
+        assert!(!book.release(&p, 7, 100), "a closed credit has written it: it is answered instead");
+        assert!(!book.release(&p, 9, 100), "an unknown credit");
+        assert_eq!(book.answer(&p, 7, 100, None), None, "a call is still out");
+        assert_eq!(book.answer(&p, 7, 100, Some(30)), Some(told(&p, 2, 130, true, false, 2)));
     }
 
     #[test]

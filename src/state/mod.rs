@@ -135,8 +135,11 @@ pub trait ProviderState: Send + Sync {
     async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime);
 
     /// A granted call that was never sent (its job lost the provider's half-open probe to
-    /// another): it stops counting in the windows at once, as if it had not been admitted, so
-    /// that a race at a circuit's end costs a tight free limit nothing.
+    /// another): its slot comes back as soon as that cannot leave a window counting less than
+    /// the provider, so that a race at a circuit's end costs a tight free limit nothing. The
+    /// memory store forgets it at once (its observations run in the same instant); the shared
+    /// store keeps it as use the provider's next figure may take back (a figure taken
+    /// meanwhile may already have counted it as sent).
     async fn release(&self, permit: Permit);
 
     /// [`finish`](Self::finish), returning only once the answer is written where

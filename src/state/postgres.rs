@@ -495,39 +495,49 @@ impl PgStore {
         Ok(Some((provider, queued)))
     }
 
-    /// [`ProviderState::release`]: the call leaves this worker's own view and the credit it
-    /// came from, or its rows in the windows count nothing from now on. The write is not
-    /// waited for: until it lands the windows count more, never less, and this worker's next
-    /// ask for the provider goes out behind it. A refusal this worker keeps for the provider is
-    /// dropped, as the released call made room.
-    async fn release_call(&self, permit: Permit) {
-        if let Some(local_id) = permit.local_id {
-            self.outage.own_calls.release_at(&Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED });
-        }
-        if let Some(provider) = &permit.provider
-            && let Some(cached) = self.cache.lock().unwrap().get_mut(&**provider)
-        {
-            cached.quota_blocked = None;
-        }
+    /// [`ProviderState::release`]. A call from an open credit gives its place back in the
+    /// credit, which later counts only the calls it sent. A call the shared windows admitted
+    /// becomes learnt use there (`fallback_release_calls`, migration 0016): it still counts, and
+    /// the next rate-limit figure of a call admitted after it takes it back (it never reached
+    /// the provider), so the slot comes back without the window ever counting less than the
+    /// provider. Any other call is answered as one that used nothing: a closed credit has
+    /// written it among its calls, and a call admitted from this worker's own share during an
+    /// outage goes through the write-back as an answered call. The kept refusal stays: it may
+    /// be all that stops an outage admission past a full shared window.
+    async fn release_call(&self, permit: Permit, now: SystemTime) {
         if permit.from_credit {
-            let (Some(provider), Some(call)) = (permit.provider, permit.usage_id) else { return };
-            let ending = self.credits.lock().unwrap().release(&provider, call, permit.estimate);
-            if let Some(ending) = ending {
-                self.end_credit(ending).await;
+            let released = match (&permit.provider, permit.usage_id) {
+                (Some(provider), Some(call)) => self.credits.lock().unwrap().release(provider, call, permit.estimate),
+                _ => false,
+            };
+            if released {
+                self.forget_own_call(&permit);
+                return;
             }
-            return;
+            return self.finish(permit, None, now).await;
         }
-        let answer = match self.queue_call_write(permit, AnswerWrite::never_sent).await {
-            Ok(Some((_, answer))) => answer,
-            Ok(None) => return,
-            Err(e) => return answer_not_recorded(&e),
+        let (Some(call), Some(_)) = (permit.usage_id, &permit.provider) else {
+            return self.finish(permit, Some(0), now).await;
         };
         let store = self.clone();
         self.answers.spawn(async move {
-            if let Err(e) = store.written(answer).await {
-                answer_not_recorded(&e);
+            let released =
+                sqlx::query("SELECT fallback_release_calls($1)").bind([call].as_slice()).execute(&store.pool);
+            match store.guarded(released).await {
+                Ok(_) => store.forget_own_call(&permit),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot release a call that was never sent; it is answered instead");
+                    store.finish(permit, None, now).await;
+                }
             }
         });
+    }
+
+    /// Takes a call that was never sent out of this worker's own record of its calls.
+    fn forget_own_call(&self, permit: &Permit) {
+        if let Some(local_id) = permit.local_id {
+            self.outage.own_calls.release_at(&Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED });
+        }
     }
 
     /// Queues `write` for `provider`'s windows (kept for the write-back when the database
@@ -1945,7 +1955,7 @@ impl ProviderState for PgStore {
     }
 
     async fn release(&self, permit: Permit) {
-        self.release_call(permit).await;
+        self.release_call(permit, SystemTime::now()).await;
     }
 
     async fn finish_written(&self, permit: Permit, tokens: Option<u64>, now: SystemTime) {

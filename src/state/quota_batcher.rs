@@ -101,11 +101,6 @@ impl AnswerWrite {
     pub fn of_call(call: i64, tokens: Option<i64>) -> AnswerWrite {
         AnswerWrite { call, tokens, requests: None, ended: true, seq: None }
     }
-
-    /// A call that was never sent: its rows count no request and no token from now on.
-    pub fn never_sent(call: i64) -> AnswerWrite {
-        AnswerWrite { call, tokens: Some(0), requests: Some(0), ended: true, seq: None }
-    }
 }
 
 /// The answer to a call of `provider` arrived: what it writes.

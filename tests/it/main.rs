@@ -43,6 +43,7 @@ mod review_outage;
 mod review_probe;
 mod review_probe2;
 mod review_refusal;
+mod review_release;
 mod shared_state;
 mod slow_answers;
 mod tools;
