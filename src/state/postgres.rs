@@ -500,9 +500,10 @@ impl PgStore {
     /// becomes learnt use there (`fallback_release_calls`, migration 0016): it still counts, and
     /// the next rate-limit figure of a call admitted after it takes it back (it never reached
     /// the provider), so the slot comes back without the window ever counting less than the
-    /// provider. Any other call is answered as one that used nothing: a closed credit has
-    /// written it among its calls, and a call admitted from this worker's own share during an
-    /// outage goes through the write-back as an answered call. The kept refusal stays: it may
+    /// provider. Any other call is answered as one that reported no count (its estimate
+    /// stands, as a figure may have counted it): a closed credit has written it among its
+    /// calls, and a call admitted from this worker's own share during an outage goes through
+    /// the write-back as an answered call. The kept refusal stays: it may
     /// be all that stops an outage admission past a full shared window.
     async fn release_call(&self, permit: Permit, now: SystemTime) {
         if permit.from_credit {
@@ -517,7 +518,7 @@ impl PgStore {
             return self.finish(permit, None, now).await;
         }
         let (Some(call), Some(_)) = (permit.usage_id, &permit.provider) else {
-            return self.finish(permit, Some(0), now).await;
+            return self.finish(permit, None, now).await;
         };
         let store = self.clone();
         self.answers.spawn(async move {
