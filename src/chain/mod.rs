@@ -533,7 +533,7 @@ async fn admit(call: &Call<'_>, progress: &mut JobProgress) -> Result<Permit, Op
         Admission::Granted(permit) => match call.state.claim_probe(&member.name, now, flight).await {
             ProbeClaim::Call => return Ok(permit),
             // Another job probes the provider (or a cooldown this worker has not heard of yet
-            // replaced the circuit): give the slot back, uncounted, and skip it until then.
+            // replaced the circuit): release the slot and skip the provider until then.
             ProbeClaim::Held(cooldown) => {
                 call.state.release(permit).await;
                 Admission::Cooling(cooldown)
