@@ -178,7 +178,11 @@ impl ProviderState for MemoryStore {
     }
 
     async fn release(&self, permit: Permit) {
-        self.release_at(&permit);
+        // Counted as an answered call: an observation may have counted it as sent meanwhile
+        // (`quota::observe` takes every call up to the observed one for the provider's), and
+        // forgetting it then would leave the window below the provider (review of the release,
+        // round 2). The memory store keeps no learnt use a later figure could take back for it.
+        self.finish_at(permit, None, SystemTime::now());
     }
 
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
@@ -391,30 +395,6 @@ mod tests {
             matches!(store.admit(ask, now).await, Admission::OverQuota { .. }),
             "answered calls still count for the window"
         );
-    }
-
-    /// A call never sent (its job lost the half-open probe) gives its slot back at once, in its
-    /// provider's windows and its pools'.
-    #[tokio::test]
-    async fn a_released_call_counts_nowhere() {
-        let store = MemoryStore::new();
-        let one = [crate::config::LimitConfig {
-            requests: Some(1),
-            tokens: None,
-            per: Duration::from_secs(60),
-            resets: None,
-        }];
-        let pools = [crate::config::QuotaPoolConfig { name: "account".into(), limits: one.to_vec() }];
-        let ask = Ask { provider: "p", limits: &one, pools: &pools, tokens: 10, flight: Duration::from_secs(5) };
-        let other = Ask { provider: "q", limits: &[], ..ask };
-        let now = SystemTime::now();
-        let Admission::Granted(first) = store.admit(ask, now).await else { panic!("the first call fits") };
-        assert!(matches!(store.admit(other, now).await, Admission::OverQuota { .. }), "the pool is full");
-        store.release(first).await;
-        assert!(matches!(store.admit(other, now).await, Admission::Granted(_)), "the pool's slot is free again");
-        let Admission::Granted(_) = store.admit(Ask { pools: &[], ..ask }, now).await else {
-            panic!("the provider's slot is free again")
-        };
     }
 
     fn circuit(until: SystemTime) -> Cooldown {

@@ -136,10 +136,9 @@ pub trait ProviderState: Send + Sync {
 
     /// A granted call that was never sent (its job lost the provider's half-open probe to
     /// another): its slot comes back as soon as that cannot leave a window counting less than
-    /// the provider, so that a race at a circuit's end costs a tight free limit nothing. The
-    /// memory store forgets it at once (its observations run in the same instant); the shared
-    /// store keeps it as use the provider's next figure may take back (a figure taken
-    /// meanwhile may already have counted it as sent).
+    /// the provider (a figure taken meanwhile may have counted it as sent). The shared store
+    /// keeps it as use the provider's next figure takes back, and an open credit gives its place
+    /// to another call; otherwise it counts as an answered call.
     async fn release(&self, permit: Permit);
 
     /// [`finish`](Self::finish), returning only once the answer is written where

@@ -44,6 +44,7 @@ mod review_probe;
 mod review_probe2;
 mod review_refusal;
 mod review_release;
+mod review_release2;
 mod shared_state;
 mod slow_answers;
 mod tools;
