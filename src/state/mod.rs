@@ -137,7 +137,7 @@ pub trait ProviderState: Send + Sync {
     /// A granted call that was never sent (its job lost the provider's half-open probe to
     /// another): its slot comes back as soon as that cannot leave a window counting less than
     /// the provider (a figure taken meanwhile may have counted it as sent). The shared store
-    /// keeps it as use the provider's next figure takes back, and an open credit gives its place
+    /// keeps it as use the next call's figure takes back, and an open credit gives its place
     /// to another call; otherwise it counts as an answered call.
     async fn release(&self, permit: Permit);
 

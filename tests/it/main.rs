@@ -45,6 +45,7 @@ mod review_probe2;
 mod review_refusal;
 mod review_release;
 mod review_release2;
+mod review_release3;
 mod shared_state;
 mod slow_answers;
 mod tools;

@@ -24,17 +24,17 @@ async fn migrated(url: &str) -> PgStore {
     store
 }
 
-/// Two workers admitted for an expired circuit (2 requests an hour: no credit, each call its
+/// Two workers admitted for an expired circuit (3 requests an hour: no credit, each call its
 /// own rows); one wins the probe, the other releases its call, whose rows (the provider's and
-/// the pool's) become learnt use. The probe's answer says the provider counted one call: the
-/// released one is taken back and the slot is free again. (As an answered call it stayed: only
-/// learnt use is ever taken back.)
+/// the pool's) become learnt use. The figure of a call admitted after the release says the
+/// provider counted the probe and that call: the released one is taken back and its slot is
+/// free again. (As an answered call it stayed: only learnt use is ever taken back.)
 #[tokio::test]
 async fn a_call_that_lost_the_probe_is_taken_back_by_the_next_figure() {
     let env = TestEnv::new().await;
     let (prober, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
-    let limits = [requests(2)];
-    let pools = [QuotaPoolConfig { name: "acct".into(), limits: vec![requests(2)] }];
+    let limits = [requests(3)];
+    let pools = [QuotaPoolConfig { name: "acct".into(), limits: vec![requests(3)] }];
     let ask = Ask { provider: "p", limits: &limits, pools: &pools, tokens: 1, flight: HOLD };
     expired_circuit(&prober, "p", 300).await;
     let lost = granted(&loser, ask).await;
@@ -53,11 +53,16 @@ async fn a_call_that_lost_the_probe_is_taken_back_by_the_next_figure() {
             .unwrap();
     assert_eq!(rows, [(true, "pool".to_string()), (true, "provider".to_string())], "learnt in both windows");
     assert_eq!(used(&env, "provider", "p", "requests").await, 2, "still counted: never less than the provider");
-    prober.finish_written(probe.clone(), None, SystemTime::now()).await;
+    prober.finish_written(probe, None, SystemTime::now()).await;
+    // The probe succeeded: the circuit closes, as the chain's success does.
+    prober.record_success("p").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let next = granted(&prober, ask).await;
+    prober.finish_written(next.clone(), None, SystemTime::now()).await;
     let resets = Some(Duration::from_secs(1800));
-    prober.observe_quota(ask, &probe, &[requests_left(1, 2, resets)], SystemTime::now()).await;
+    prober.observe_quota(ask, &next, &[requests_left(1, 3, resets)], SystemTime::now()).await;
     prober.answers_recorded().await;
-    assert_eq!(used(&env, "provider", "p", "requests").await, 1, "the provider counted the probe alone");
+    assert_eq!(used(&env, "provider", "p", "requests").await, 2, "the provider counted the probe and the next call");
 }
 
 /// A call admitted from a credit and released: the credit ends counting only the calls sent.
