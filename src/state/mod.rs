@@ -135,10 +135,10 @@ pub trait ProviderState: Send + Sync {
     async fn finish(&self, permit: Permit, tokens: Option<u64>, now: SystemTime);
 
     /// A granted call that was never sent (its job lost the provider's half-open probe to
-    /// another): its slot comes back as soon as that cannot leave a window counting less than
-    /// the provider (a figure taken meanwhile may have counted it as sent). The shared store
-    /// keeps it as use the next call's figure takes back, and an open credit gives its place
-    /// to another call; otherwise it counts as an answered call.
+    /// another): its slot comes back when that cannot leave a window counting less than the
+    /// provider. The shared store takes it out of its windows when no rate-limit figure was
+    /// counted in them since its admission (one may have read it as sent), and an open credit
+    /// gives its place to another call; otherwise it counts as an answered call.
     async fn release(&self, permit: Permit);
 
     /// [`finish`](Self::finish), returning only once the answer is written where

@@ -497,14 +497,14 @@ impl PgStore {
 
     /// [`ProviderState::release`]. A call from an open credit gives its place back in the
     /// credit, which later counts only the calls it sent. A call the shared windows admitted
-    /// becomes learnt use there (`fallback_release_calls`, migration 0016): it still counts, and
-    /// the next rate-limit figure of a call admitted after it takes it back (it never reached
-    /// the provider), so the slot comes back without the window ever counting less than the
-    /// provider. Any other call is answered as one that reported no count (its estimate
-    /// stands, as a figure may have counted it): a closed credit has written it among its
-    /// calls, and a call admitted from this worker's own share during an outage goes through
-    /// the write-back as an answered call. The kept refusal stays: it may
-    /// be all that stops an outage admission past a full shared window.
+    /// goes to `fallback_release_calls` (migration 0016): when no rate-limit figure was counted
+    /// in its windows since its admission, its rows count nothing from now on; otherwise a
+    /// figure may have read it as sent, and it ends as an answered call (taking it out then
+    /// could leave a window below the provider). Any other call is answered as one that
+    /// reported no count: a closed credit has written it among its calls, and a call admitted
+    /// from this worker's own share during an outage goes through the write-back as an answered
+    /// call. The kept refusal stays: it may be all that stops an outage admission past a full
+    /// shared window.
     async fn release_call(&self, permit: Permit, now: SystemTime) {
         if permit.from_credit {
             let released = match (&permit.provider, permit.usage_id) {

@@ -18,22 +18,17 @@ async fn migrated(url: &str) -> PgStore {
     store
 }
 
-/// Finding 1 (the slot does not come back in the usual order). The released row was learnt
-/// "when the call was admitted", newer than the figure of any call admitted before it, which
-/// the probe's figure usually is (the job that wins the probe is the one admitted first), so
-/// the probe's figure never took it back. Round 2 made it older than every figure; round 3
-/// showed that a late figure of an earlier call could then take it back although the use it
-/// stood for was newer than that figure (the window one below the provider,
-/// tests/it/review_release3.rs). It is now learnt at the release: the probe's figure keeps it
-/// (never below the provider), and the figure of the next call admitted after the release takes
-/// it back. 3 requests an hour: the prober, then the loser, which releases; the probe's answer
-/// says 1 used; a third call, admitted after the release, answers with 2 used: the window counts
-/// the probe and the third call, and its third slot is free again.
+/// Finding 1 (the slot does not come back in the usual order). Learnt "when the call was
+/// admitted", the released row was newer than the probe's own figure (the job that wins the
+/// probe is the one admitted first) and stayed for the window. Since 0016 in its final form, a
+/// call released before any figure was counted in its windows counts nothing at once: 2
+/// requests an hour, the prober, then the loser, which releases; the probe's answer says 1 of
+/// 2 left; the window counts the probe alone.
 #[tokio::test]
-async fn a_released_call_is_taken_back_by_the_figure_of_the_next_call_admitted_after_it() {
+async fn a_released_call_is_taken_back_by_the_figure_of_a_probe_admitted_before_it() {
     let env = TestEnv::new().await;
     let (prober, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
-    let limits = [requests(3)];
+    let limits = [requests(2)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     expired_circuit(&prober, "p", 300).await;
     // The prober is admitted first, and so reaches the claim first.
@@ -46,24 +41,12 @@ async fn a_released_call_is_taken_back_by_the_figure_of_the_next_call_admitted_a
     loser.answers_recorded().await;
     prober.finish_written(probe.clone(), None, SystemTime::now()).await;
     let resets = Some(Duration::from_secs(1800));
-    prober.observe_quota(ask, &probe, &[requests_left(2, 3, resets)], SystemTime::now()).await;
+    prober.observe_quota(ask, &probe, &[requests_left(1, 2, resets)], SystemTime::now()).await;
     prober.answers_recorded().await;
     assert_eq!(
         used(&env, "provider", "p", "requests").await,
-        2,
-        "the probe's figure, older than the release, keeps it"
-    );
-    // The probe succeeded: the circuit closes, as the chain's success does.
-    prober.record_success("p").await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let next = granted(&prober, ask).await;
-    prober.finish_written(next.clone(), None, SystemTime::now()).await;
-    prober.observe_quota(ask, &next, &[requests_left(1, 3, resets)], SystemTime::now()).await;
-    prober.answers_recorded().await;
-    assert_eq!(
-        used(&env, "provider", "p", "requests").await,
-        2,
-        "the provider counted the probe and the next call: the released call's slot should be free"
+        1,
+        "the provider counted the probe alone: the released call's slot should be free"
     );
 }
 
