@@ -47,6 +47,7 @@ mod review_release;
 mod review_release2;
 mod review_release3;
 mod review_release4;
+mod review_release5;
 mod shared_state;
 mod slow_answers;
 mod tools;
