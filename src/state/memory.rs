@@ -66,10 +66,9 @@ impl MemoryStore {
         }
     }
 
-    /// Forgets the call `permit` stands for, in its provider's scope and its pools': it was
+    /// Forgets the call recorded under `id`, in its provider's scope and its pools': it was
     /// never sent.
-    pub fn release_at(&self, permit: &Permit) {
-        let Some(id) = permit.usage_id else { return };
+    pub fn forget(&self, id: i64) {
         let mut providers = self.providers.lock().unwrap();
         let mut pools = self.pools.lock().unwrap();
         let own = providers.values_mut().map(|row| &mut row.quota);

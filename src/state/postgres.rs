@@ -455,33 +455,6 @@ impl PgStore {
         now: SystemTime,
     ) -> Result<Option<QueuedAnswer>, StoreError> {
         self.count_in_own_view(&permit, tokens, now);
-        // A provider's count is taken as it says, but never so large that the windows' totals
-        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
-        // finishes (bigint out of range), and the other calls' raised counts in it with it.
-        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
-        let Some((provider, queued)) = self.queue_call_write(permit, |call| AnswerWrite::of_call(call, tokens)).await?
-        else {
-            return Ok(None);
-        };
-        // A count corrected from the provider's `usage` may make room that a kept token
-        // refusal denies (an estimate larger than the use): the next ask goes to the database,
-        // behind this answer. An answer frees no request slot: a request refusal stands.
-        if tokens.is_some()
-            && let Some(cached) = self.cache.lock().unwrap().get_mut(&*provider)
-        {
-            cached.quota_blocked = cached.quota_blocked.filter(|b| b.measure == QuotaMeasure::Requests);
-        }
-        Ok(Some(queued))
-    }
-
-    /// Queues the write `of` makes of the call `permit` counts in the shared windows (its own
-    /// admission's, or the one it was written back as after an outage): the call's provider and
-    /// the queued write, or `None` when the shared windows do not count it.
-    async fn queue_call_write(
-        &self,
-        permit: Permit,
-        of: impl FnOnce(i64) -> AnswerWrite,
-    ) -> Result<Option<(Arc<str>, QueuedAnswer)>, StoreError> {
         let written_back = match (permit.usage_id, permit.local_id) {
             (None, Some(local_id)) => self.outage.written_back.lock().unwrap().remove(&local_id),
             _ => None,
@@ -491,8 +464,21 @@ impl PgStore {
             (None, _, Some(shared)) => (shared.call, shared.provider),
             _ => return Ok(None),
         };
-        let queued = self.queue_write(provider.clone(), of(call)).await?;
-        Ok(Some((provider, queued)))
+        // A provider's count is taken as it says, but never so large that the windows' totals
+        // overflow: one absurd `usage.total_tokens` would otherwise fail its whole batch of
+        // finishes (bigint out of range), and the other calls' raised counts in it with it.
+        let tokens = tokens.map(|t| saturating_i64(t.min(MAX_REPORTED_TOKENS)));
+        let name = provider.clone();
+        let queued = self.queue_write(provider, AnswerWrite::of_call(call, tokens)).await?;
+        // A count corrected from the provider's `usage` may make room that a kept token
+        // refusal denies (an estimate larger than the use): the next ask goes to the database,
+        // behind this answer. An answer frees no request slot: a request refusal stands.
+        if tokens.is_some()
+            && let Some(cached) = self.cache.lock().unwrap().get_mut(&*name)
+        {
+            cached.quota_blocked = cached.quota_blocked.filter(|b| b.measure == QuotaMeasure::Requests);
+        }
+        Ok(Some(queued))
     }
 
     /// [`ProviderState::release`]. A call from an open credit gives its place back in the
@@ -537,7 +523,7 @@ impl PgStore {
     /// Takes a call that was never sent out of this worker's own record of its calls.
     fn forget_own_call(&self, permit: &Permit) {
         if let Some(local_id) = permit.local_id {
-            self.outage.own_calls.release_at(&Permit { usage_id: Some(local_id), ..Permit::UNCOUNTED });
+            self.outage.own_calls.forget(local_id);
         }
     }
 

@@ -11,19 +11,12 @@
 use std::time::{Duration, SystemTime};
 
 use fallback_worker::config::QuotaPoolConfig;
-use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Ask, ProviderState};
 
 use crate::credits::{Worker, granted, requests, requests_left};
 use crate::review_finish::used;
-use crate::review_probe2::{HOLD, expired_circuit};
+use crate::review_probe2::{HOLD, expired_circuit, migrated};
 use crate::support::*;
-
-async fn migrated(url: &str) -> PgStore {
-    let store = PgStore::connect_lazy(url, 2).unwrap();
-    store.migrate().await.unwrap();
-    store
-}
 
 /// Two workers admitted for an expired circuit (2 requests an hour: no credit, each call its
 /// own rows); one wins the probe, the other releases its call: no figure came since its
@@ -31,7 +24,7 @@ async fn migrated(url: &str) -> PgStore {
 #[tokio::test]
 async fn a_call_that_lost_the_probe_leaves_no_request_in_the_windows_or_the_pools() {
     let env = TestEnv::new().await;
-    let (prober, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (prober, loser) = (migrated(&env.database_url, 2).await, migrated(&env.database_url, 2).await);
     let limits = [requests(2)];
     let pools = [QuotaPoolConfig { name: "acct".into(), limits: vec![requests(2)] }];
     let ask = Ask { provider: "p", limits: &limits, pools: &pools, tokens: 1, flight: HOLD };
@@ -57,7 +50,7 @@ async fn a_call_that_lost_the_probe_leaves_no_request_in_the_windows_or_the_pool
 #[tokio::test]
 async fn a_call_released_after_a_figure_was_counted_keeps_its_slot() {
     let env = TestEnv::new().await;
-    let (prober, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (prober, loser) = (migrated(&env.database_url, 2).await, migrated(&env.database_url, 2).await);
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let lost = granted(&loser, ask).await;

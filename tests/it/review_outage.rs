@@ -13,7 +13,7 @@ use crate::support::relay::Relay;
 use crate::support::*;
 
 /// A store that reaches the database through a relay the test can take down, migrated.
-async fn store_behind_relay(env: &TestEnv) -> (Relay, PgStore) {
+pub(crate) async fn store_behind_relay(env: &TestEnv) -> (Relay, PgStore) {
     let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
     let store = PgStore::connect_lazy(&url, 4).unwrap();
@@ -22,17 +22,17 @@ async fn store_behind_relay(env: &TestEnv) -> (Relay, PgStore) {
 }
 
 /// `p` with a 10,000-token hourly window; each ask estimates 100 tokens.
-fn hourly_tokens() -> [LimitConfig; 1] {
+pub(crate) fn hourly_tokens() -> [LimitConfig; 1] {
     [tokens(10_000, 3600)]
 }
 
-fn ask_p(limits: &[LimitConfig]) -> Ask<'_> {
+pub(crate) fn ask_p(limits: &[LimitConfig]) -> Ask<'_> {
     Ask { provider: "p", limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) }
 }
 
 /// One call through the database, answered as estimated (the window's row exists), then the
 /// database goes away and a call is admitted from this worker's own view: its permit.
-async fn an_outage_call(env: &TestEnv, store: &PgStore, relay: &Relay, limits: &[LimitConfig]) -> Permit {
+pub(crate) async fn an_outage_call(env: &TestEnv, store: &PgStore, relay: &Relay, limits: &[LimitConfig]) -> Permit {
     let Admission::Granted(first) = store.admit(ask_p(limits), SystemTime::now()).await else { panic!("room") };
     store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
     assert_eq!(used(env, "provider", "p", "tokens").await, 100);
@@ -49,7 +49,7 @@ async fn an_outage_call(env: &TestEnv, store: &PgStore, relay: &Relay, limits: &
 }
 
 /// A plain connection holding `p`'s token window row: the write-back's insert waits on it.
-async fn lock_window(env: &TestEnv) -> sqlx::PgConnection {
+pub(crate) async fn lock_window(env: &TestEnv) -> sqlx::PgConnection {
     let mut locker = env.db().await;
     sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
     sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'p' AND measure = 'tokens' FOR UPDATE")

@@ -22,7 +22,8 @@ pub(crate) fn circuit(until: SystemTime) -> Cooldown {
     Cooldown { until, reason: CooldownReason::Circuit, detail: DETAIL.into() }
 }
 
-async fn migrated(url: &str, pool: u32) -> PgStore {
+/// A store on `url` with a pool of `pool` connections, its migrations applied.
+pub(crate) async fn migrated(url: &str, pool: u32) -> PgStore {
     let store = PgStore::connect_lazy(url, pool).unwrap();
     store.migrate().await.unwrap();
     store

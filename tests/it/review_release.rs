@@ -3,29 +3,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::config::LimitConfig;
-use fallback_worker::state::postgres::PgStore;
-use fallback_worker::state::{Admission, Ask, Permit, ProviderState};
+use fallback_worker::state::{Admission, Ask, ProviderState};
 
 use crate::credits::{granted, requests, requests_left};
 use crate::ledger_batching::{release, until_waiting_on_locks};
-use crate::review_finish::{tokens, used};
-use crate::review_probe2::{HOLD, expired_circuit};
-use crate::support::relay::Relay;
+use crate::review_finish::used;
+use crate::review_outage::{an_outage_call, hourly_tokens, lock_window, store_behind_relay};
+use crate::review_probe2::{HOLD, expired_circuit, migrated};
 use crate::support::*;
-
-async fn migrated(url: &str) -> PgStore {
-    let store = PgStore::connect_lazy(url, 4).unwrap();
-    store.migrate().await.unwrap();
-    store
-}
-
-/// A store that reaches the database through a relay the test can take down, migrated.
-async fn store_behind_relay(env: &TestEnv) -> (Relay, PgStore) {
-    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    (relay, migrated(&url).await)
-}
 
 /// Finding 1. `release_call` drops the refusal this worker keeps (`quota_blocked`). That refusal
 /// is also what stops an outage admission: "only an unreachable database hands limits to this
@@ -40,7 +25,7 @@ async fn store_behind_relay(env: &TestEnv) -> (Relay, PgStore) {
 async fn a_release_does_not_let_an_outage_admit_past_the_databases_refusal() {
     let env = TestEnv::new().await;
     let (relay, store) = store_behind_relay(&env).await;
-    let other = migrated(&env.database_url).await;
+    let other = migrated(&env.database_url, 4).await;
     other.heartbeat("other").await.unwrap();
     assert_eq!(store.heartbeat("this").await.unwrap(), 2, "two workers alive: a local share of 5 of 10 each");
     let limits = [requests(10)];
@@ -84,7 +69,7 @@ async fn a_release_does_not_let_an_outage_admit_past_the_databases_refusal() {
 #[tokio::test]
 async fn a_release_that_lands_after_the_probes_figure_leaves_the_window_below_the_providers_count() {
     let env = TestEnv::new().await;
-    let (prober, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (prober, loser) = (migrated(&env.database_url, 4).await, migrated(&env.database_url, 4).await);
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let resets = Some(Duration::from_secs(1800));
@@ -109,15 +94,6 @@ async fn a_release_that_lands_after_the_probes_figure_leaves_the_window_below_th
     assert!(counted >= 7, "the provider counts 7 of 10, the shared window {counted}");
 }
 
-/// `p` with a 10,000-token hourly window; each ask estimates 100 tokens.
-fn hourly_tokens() -> [LimitConfig; 1] {
-    [tokens(10_000, 3600)]
-}
-
-fn ask_p(limits: &[LimitConfig]) -> Ask<'_> {
-    Ask { provider: "p", limits, pools: &[], tokens: 100, flight: Duration::from_secs(60) }
-}
-
 /// Finding 3. A call admitted locally during an outage and released while the write-back is
 /// writing it (after `insert_calls` read it as in flight, before `written_back` has its entry):
 /// the release finds no entry (nothing written) and takes the call out of the worker's own view,
@@ -130,24 +106,8 @@ fn ask_p(limits: &[LimitConfig]) -> Ask<'_> {
 async fn a_call_released_while_the_write_back_writes_it_is_not_left_in_flight() {
     let env = TestEnv::new().await;
     let (relay, store) = store_behind_relay(&env).await;
-    let limits = hourly_tokens();
-    let Admission::Granted(first) = store.admit(ask_p(&limits), SystemTime::now()).await else { panic!("room") };
-    store.finish_recorded(first, Some(100), SystemTime::now()).await.unwrap();
-    relay.set_down(true);
-    let permit: Permit = loop {
-        match store.admit(ask_p(&limits), SystemTime::now()).await {
-            Admission::Granted(permit) if permit.usage_id.is_none() => break permit,
-            Admission::Granted(permit) => store.finish(permit, Some(100), SystemTime::now()).await,
-            other => panic!("{other:?}"),
-        }
-    };
-    assert!(store.is_degraded());
-    let mut locker = env.db().await;
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("SELECT 1 FROM quota_window WHERE kind = 'provider' AND scope = 'p' AND measure = 'tokens' FOR UPDATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let permit = an_outage_call(&env, &store, &relay, &hourly_tokens()).await;
+    let locker = lock_window(&env).await;
     relay.set_down(false);
     // The write-back's insert of the outage's call waits on the window.
     until_waiting_on_locks(&env, 1).await;
@@ -181,7 +141,7 @@ async fn a_credit_call_released_after_its_credit_closed_leaves_the_window_below_
     let env = TestEnv::new().await;
     let worker = crate::credits::Worker::start(&env).await;
     let a = &worker.store;
-    let b = migrated(&env.database_url).await;
+    let b = migrated(&env.database_url, 4).await;
     let limits = [requests(100_000)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let resets = Some(Duration::from_secs(1800));

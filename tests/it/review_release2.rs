@@ -9,14 +9,8 @@ use fallback_worker::state::{Admission, Ask, ProviderState};
 
 use crate::credits::{granted, requests, requests_left};
 use crate::review_finish::used;
-use crate::review_probe2::{HOLD, expired_circuit};
+use crate::review_probe2::{HOLD, expired_circuit, migrated};
 use crate::support::*;
-
-async fn migrated(url: &str) -> PgStore {
-    let store = PgStore::connect_lazy(url, 2).unwrap();
-    store.migrate().await.unwrap();
-    store
-}
 
 /// Finding 1 (the slot does not come back in the usual order). Learnt "when the call was
 /// admitted", the released row was newer than the probe's own figure (the job that wins the
@@ -27,7 +21,7 @@ async fn migrated(url: &str) -> PgStore {
 #[tokio::test]
 async fn a_released_call_is_taken_back_by_the_figure_of_a_probe_admitted_before_it() {
     let env = TestEnv::new().await;
-    let (prober, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (prober, loser) = (migrated(&env.database_url, 2).await, migrated(&env.database_url, 2).await);
     let limits = [requests(2)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     expired_circuit(&prober, "p", 300).await;

@@ -3,19 +3,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Ask, ProviderState};
 
 use crate::credits::{granted, requests, requests_left};
 use crate::review_finish::used;
-use crate::review_probe2::HOLD;
+use crate::review_probe2::{HOLD, migrated};
 use crate::support::*;
-
-async fn migrated(url: &str) -> PgStore {
-    let store = PgStore::connect_lazy(url, 4).unwrap();
-    store.migrate().await.unwrap();
-    store
-}
 
 /// Finding 1. A learnt row says which figures may take it back (`learnt_at`): a figure of a
 /// call admitted before the row was learnt reads it as *newer* (`v_later`) and leaves it. But
@@ -36,7 +29,7 @@ async fn migrated(url: &str) -> PgStore {
 #[tokio::test]
 async fn a_released_call_is_not_taken_back_by_a_figure_older_than_the_use_it_stood_in_for() {
     let env = TestEnv::new().await;
-    let (worker, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (worker, loser) = (migrated(&env.database_url, 4).await, migrated(&env.database_url, 4).await);
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let resets = Some(Duration::from_secs(1800));
@@ -77,7 +70,7 @@ async fn a_released_call_is_not_taken_back_by_a_figure_older_than_the_use_it_sto
 #[ignore = "known defect of fallback_observe (0007-0013), older than the release: its learning branch counts calls admitted after the observed one as seen; not fixed yet (see README)"]
 async fn a_figure_learnt_while_a_later_call_is_in_flight_does_not_count_that_call_as_seen() {
     let env = TestEnv::new().await;
-    let worker = migrated(&env.database_url).await;
+    let worker = migrated(&env.database_url, 4).await;
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let resets = Some(Duration::from_secs(1800));
@@ -107,7 +100,7 @@ async fn a_figure_learnt_while_a_later_call_is_in_flight_does_not_count_that_cal
 #[tokio::test]
 async fn a_released_call_that_a_take_back_counted_as_sent_is_not_taken_back_again_by_an_older_figure() {
     let env = TestEnv::new().await;
-    let (worker, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (worker, loser) = (migrated(&env.database_url, 4).await, migrated(&env.database_url, 4).await);
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let resets = Some(Duration::from_secs(1800));

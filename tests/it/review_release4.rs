@@ -6,18 +6,29 @@
 use std::time::{Duration, SystemTime};
 
 use fallback_worker::config::LimitConfig;
-use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, ProviderState};
 
 use crate::credits::{granted, requests, requests_left};
+use crate::ledger_batching::until_waiting_on_locks;
 use crate::review_finish::used;
-use crate::review_probe2::HOLD;
+use crate::review_probe2::{HOLD, migrated};
 use crate::support::*;
 
-async fn migrated(url: &str) -> PgStore {
-    let store = PgStore::connect_lazy(url, 4).unwrap();
-    store.migrate().await.unwrap();
-    store
+/// The statements of this database waiting in a window's lock queue, as (what, wait event)
+/// sorted by what: admissions ("admission") and those whose text has `pattern` (`label`).
+pub(crate) async fn lock_queue(env: &TestEnv, pattern: &str, label: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT CASE WHEN query LIKE '%' || $1 || '%' THEN $2 ELSE 'admission' END AS what, \
+                coalesce(wait_event, '') FROM pg_stat_activity \
+          WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active' \
+            AND (query LIKE '%' || $1 || '%' OR query LIKE '%fallback_admit%' \
+                 OR query LIKE '%fallback_finish_and_admit%') ORDER BY 1",
+    )
+    .bind(pattern)
+    .bind(label)
+    .fetch_all(&mut env.db().await)
+    .await
+    .unwrap()
 }
 
 /// Finding 1. The released row is learnt at the release: a figure of a call admitted after it
@@ -39,7 +50,7 @@ async fn migrated(url: &str) -> PgStore {
 #[tokio::test]
 async fn a_figure_learnt_after_the_release_is_not_left_short_by_an_earlier_figure_taking_the_released_call_back() {
     let env = TestEnv::new().await;
-    let (worker, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (worker, loser) = (migrated(&env.database_url, 4).await, migrated(&env.database_url, 4).await);
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let resets = Some(Duration::from_secs(1800));
@@ -82,7 +93,7 @@ async fn a_figure_learnt_after_the_release_is_not_left_short_by_an_earlier_figur
 #[tokio::test]
 async fn the_released_call_does_not_leave_before_the_use_it_stood_in_for() {
     let env = TestEnv::new().await;
-    let (worker, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (worker, loser) = (migrated(&env.database_url, 4).await, migrated(&env.database_url, 4).await);
     let limits = [LimitConfig { requests: Some(6), tokens: None, per: Duration::from_secs(2), resets: None }];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let lost = granted(&loser, ask).await;
@@ -119,7 +130,7 @@ async fn the_released_call_does_not_leave_before_the_use_it_stood_in_for() {
 #[tokio::test]
 async fn the_figure_of_a_call_admitted_just_after_the_release_takes_the_released_call_back() {
     let env = TestEnv::new().await;
-    let (worker, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (worker, loser) = (migrated(&env.database_url, 4).await, migrated(&env.database_url, 4).await);
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let resets = Some(Duration::from_secs(1800));
@@ -133,23 +144,14 @@ async fn the_figure_of_a_call_admitted_just_after_the_release_takes_the_released
             loser.answers_recorded().await;
         },
         async {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            until_waiting_on_locks(&env, 1).await;
             worker.admit(ask, SystemTime::now()).await
         },
         async {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            until_waiting_on_locks(&env, 2).await;
             // The release waits for the holder's transaction, first in line; the admission
             // waits behind it for the row's tuple lock: the release goes first.
-            let waits: Vec<(String, String)> = sqlx::query_as(
-                "SELECT CASE WHEN query LIKE '%fallback_release_calls%' THEN 'release' ELSE 'admission' END, \
-                        coalesce(wait_event, '') FROM pg_stat_activity \
-                  WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active' \
-                    AND (query LIKE '%fallback_release_calls%' OR query LIKE '%fallback_admit%' \
-                         OR query LIKE '%fallback_finish_and_admit%') ORDER BY 1",
-            )
-            .fetch_all(&mut env.db().await)
-            .await
-            .unwrap();
+            let waits = lock_queue(&env, "fallback_release_calls", "release").await;
             sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
             waits
         }
@@ -193,7 +195,7 @@ async fn the_figure_of_a_call_admitted_just_after_the_release_takes_the_released
 #[tokio::test]
 async fn a_release_does_not_hold_a_calls_rows_while_it_waits_for_their_windows() {
     let env = TestEnv::new().await;
-    let loser = migrated(&env.database_url).await;
+    let loser = migrated(&env.database_url, 4).await;
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let lost = granted(&loser, ask).await;

@@ -11,15 +11,11 @@ use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, ProviderState};
 
 use crate::credits::{requests, tokens};
+use crate::ledger_batching::until_waiting_on_locks;
 use crate::review_finish::used;
-use crate::review_probe2::HOLD;
+use crate::review_probe2::{HOLD, migrated};
+use crate::review_release4::lock_queue;
 use crate::support::*;
-
-async fn migrated(url: &str) -> PgStore {
-    let store = PgStore::connect_lazy(url, 4).unwrap();
-    store.migrate().await.unwrap();
-    store
-}
 
 /// Finding 1 (the slot, not strictness). A call is dated when its admission statement starts
 /// (`v_now` of `fallback_admit_batch`), before it waits for the windows; a figure marks the
@@ -39,7 +35,7 @@ async fn migrated(url: &str) -> PgStore {
 #[ignore = "known gap (liveness, not strictness): observed_at is a time, and admitted_at is taken before the admission waits for the window; a figure counted just before the rows existed still keeps the slot for a window"]
 async fn a_figure_counted_before_the_calls_rows_were_written_does_not_keep_the_released_slot() {
     let env = TestEnv::new().await;
-    let (worker, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (worker, loser) = (migrated(&env.database_url, 4).await, migrated(&env.database_url, 4).await);
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let Admission::Granted(x) = worker.admit(ask, SystemTime::now()).await else { panic!("X not granted") };
@@ -60,21 +56,12 @@ async fn a_figure_counted_before_the_calls_rows_were_written_does_not_keep_the_r
             .unwrap()
         },
         async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            until_waiting_on_locks(&env, 1).await;
             loser.admit(ask, SystemTime::now()).await
         },
         async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let waits: Vec<(String, String)> = sqlx::query_as(
-                "SELECT CASE WHEN query LIKE '%fallback_observe%' THEN 'figure' ELSE 'admission' END, \
-                        coalesce(wait_event, '') FROM pg_stat_activity \
-                  WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active' \
-                    AND (query LIKE '%fallback_observe%' OR query LIKE '%fallback_admit%' \
-                         OR query LIKE '%fallback_finish_and_admit%') ORDER BY 1",
-            )
-            .fetch_all(&mut env.db().await)
-            .await
-            .unwrap();
+            until_waiting_on_locks(&env, 2).await;
+            let waits = lock_queue(&env, "fallback_observe", "figure").await;
             sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
             waits
         }
@@ -111,7 +98,7 @@ async fn a_figure_counted_before_the_calls_rows_were_written_does_not_keep_the_r
 #[ignore = "known gap, as old as admission: lock_timeout bounds each window's wait, not the statement's; a call in several busy windows can outlast the 2 s state-call timeout"]
 async fn a_release_waits_no_longer_than_the_state_call_timeout_over_several_windows() {
     let env = TestEnv::new().await;
-    let loser = migrated(&env.database_url).await;
+    let loser = migrated(&env.database_url, 4).await;
     let limits = [
         requests(10),
         tokens(1000),
@@ -189,7 +176,7 @@ async fn a_release_waits_no_longer_than_the_state_call_timeout_over_several_wind
 #[ignore = "known gap (liveness, not strictness): any figure counted since the admission keeps the slot, also one that read the released call as newer"]
 async fn a_figure_of_an_older_call_that_reads_the_released_call_as_newer_does_not_keep_its_slot() {
     let env = TestEnv::new().await;
-    let (worker, loser) = (migrated(&env.database_url).await, migrated(&env.database_url).await);
+    let (worker, loser) = (migrated(&env.database_url, 4).await, migrated(&env.database_url, 4).await);
     let limits = [requests(10)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let Admission::Granted(x) = worker.admit(ask, SystemTime::now()).await else { panic!("X not granted") };
