@@ -280,33 +280,45 @@ pub struct Seen {
 /// declared).
 ///
 /// The provider counted when it received `seen.call`: calls we admitted after it (ids are
-/// handed out in admission order) are in our count but not in its figure. Lowering compares
-/// with our count without them, else each answer that arrives while later calls fly would take
-/// back someone else's real use and let us send into 429s; with the call unknown, nothing is
-/// lowered. Raising compares with our whole count: it may learn less than the provider counts
-/// (a later answer, whose figure includes those calls, raises the rest), never more.
+/// handed out in admission order) are in our count but not in its figure, so both directions
+/// compare the figure with our count without them. Lowering with them would take back someone
+/// else's real use each time an answer arrives while later calls fly, and let us send into
+/// 429s; raising with them would learn that much less of someone else's use, and the calls in
+/// flight, once they arrive, would put the provider above our count. A later call that reached
+/// the provider first makes us learn one too many: the next figure takes it back. With the call
+/// unknown, the figure is compared with our whole count, and nothing is lowered.
 pub fn observe(scope: &mut Scope, limit: &LimitConfig, seen: Seen, now: SystemTime) {
     let (_, declared) = measure_of(limit);
     let target = declared.saturating_sub(seen.remaining);
-    let counted = used(scope, limit, now);
-    if target > counted {
+    let in_figure = match seen.call {
+        Some(call) => used(&up_to_call(scope, call), limit, now),
+        None => used(scope, limit, now),
+    };
+    if target > in_figure {
         let leaves = learnt_leaves(limit, seen.resets_at, now);
-        scope.learnt.push(Learnt { limit: limit.clone(), amount: target - counted, leaves });
+        scope.learnt.push(Learnt { limit: limit.clone(), amount: target - in_figure, leaves });
         return;
     }
-    let Some(call) = seen.call else { return };
-    let up_to_call = Scope {
-        usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(),
-        learnt: scope.learnt.clone(),
-        ..Scope::default()
-    };
-    let mut surplus = used(&up_to_call, limit, now).saturating_sub(target);
+    if seen.call.is_none() {
+        return;
+    }
+    let mut surplus = in_figure - target;
     for learnt in scope.learnt.iter_mut().filter(|l| l.limit == *limit && l.leaves > now) {
         let taken = learnt.amount.min(surplus);
         learnt.amount -= taken;
         surplus -= taken;
     }
     scope.learnt.retain(|l| l.amount > 0);
+}
+
+/// The scope as a figure taken when the provider received call `call` saw it: the calls
+/// admitted up to it, and all learnt use.
+fn up_to_call(scope: &Scope, call: i64) -> Scope {
+    Scope {
+        usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(),
+        learnt: scope.learnt.clone(),
+        ..Scope::default()
+    }
 }
 
 #[cfg(test)]
@@ -556,6 +568,24 @@ mod tests {
         // use has left the provider's window, and is taken back.
         observe(&mut scope, &limit, Seen { remaining: 5, resets_at: None, call: Some(5) }, now);
         assert_eq!(used(&scope, &limit, now), 5, "our five calls only");
+    }
+
+    #[test]
+    fn raising_discounts_calls_admitted_after_the_observed_one() {
+        // 10 an hour. X (1) then N (2) are admitted; the provider holds 5 requests of another
+        // client, then receives X: "4 of 10 left". N, still on its way, is not in that figure.
+        let limit = requests(10, 3600);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let in_flight = |id| Usage { id, done: None, expires: now + Duration::from_secs(30), tokens: 1 };
+        let mut scope = sc(&[done(1, now, 1), in_flight(2)]);
+        observe(&mut scope, &limit, Seen { remaining: 4, resets_at: None, call: Some(1) }, now);
+        assert_eq!(used(&scope, &limit, now), 7, "5 others and X, and N on its way: 7 of 10");
+        // N's figure ("3 left") then says what the window already counts.
+        observe(&mut scope, &limit, Seen { remaining: 3, resets_at: None, call: Some(2) }, now);
+        assert_eq!(used(&scope, &limit, now), 7);
+        // With the call unknown, the figure is compared with the whole count.
+        observe(&mut scope, &limit, Seen { remaining: 2, resets_at: None, call: None }, now);
+        assert_eq!(used(&scope, &limit, now), 8);
     }
 
     mod properties {
