@@ -1,15 +1,21 @@
 -- A figure that shows more use than the window counts learns the difference (0007): the use of
 -- another client of the same key. The provider counted when it received the observed call, so
 -- the calls admitted after it are not in its figure; the take-back branch always left them out,
--- the learning branch counted them as seen, and learnt that much less while they were in
+-- the learning branch counted them as seen, and learnt that much too little while they were in
 -- flight: once they arrived, the provider counted more than the window (review of the release,
--- round 3: 6 counted where the provider reaches 7, and 4 more calls admitted). Both branches
--- now compare the figure with the window's count without them (`v_newer`). A later call that
--- reached the provider before the observed one is then learnt once too often: learnt use is
--- what figures take back, and the next figure of a call admitted after it does.
+-- round 3: 6 counted where the provider reaches 7, and 4 more calls admitted).
+--
+-- The learning branch now leaves out the newer calls still in flight (`v_flying`). Not the
+-- newer calls already answered: calls reach a provider in any order, and one admitted after the
+-- observed call that was answered first most likely reached the provider first and is in the
+-- figure; its own figure, observed with its answer, has taught what it saw. Leaving every newer
+-- call out learnt one too many at each such overtaking, a slot held until a later figure took
+-- it back: at a strict limit the backlog benchmark's planned mode fell from 98 % to 92 %. A
+-- sliding window's call is in flight while it leaves later than one window from now (an answer
+-- brings it to one window after the answer); a calendar window's rows do not tell, and all its
+-- newer calls count as in flight (more is learnt, never less).
 
--- As 0016, with the newer calls left out of the learning branch's comparison too.
-
+-- As 0016, with the newer calls in flight left out of the learning branch's comparison.
 CREATE OR REPLACE FUNCTION fallback_observe(p_kind text, p_scope text, p_measure text, p_window_ms bigint,
                                  p_calendar text, p_declared bigint, p_remaining bigint, p_leaves timestamptz,
                                  p_call bigint, p_sent bigint)
@@ -27,6 +33,7 @@ DECLARE
     v_own      bigint;        -- the observed credit's row in this window, when unseen
     v_later    bigint;        -- learnt use taught by newer figures
     v_newer    bigint := 0;   -- calls admitted after the observed one, not in its figure
+    v_flying   bigint := 0;   -- those of them still in flight
     r          record;
 BEGIN
     INSERT INTO quota_window (kind, scope, measure, window_ms, calendar, used, next_leave)
@@ -55,7 +62,7 @@ BEGIN
         v_live := greatest(v_live - least(v_own, p_sent), 0);
     END IF;
     -- The provider counted when it received call `p_call`: calls admitted after it (larger
-    -- ids) are not in its figure, whether it shows more or less than we count.
+    -- ids) are not in its figure (see above for those already answered).
     -- The calls admitted after it, found through the call index (a few: those admitted while
     -- it was in flight), then kept if in this window: through the window's index, a plan would
     -- read every call of the window to find them. With the call unknown (NULL), none.
@@ -63,21 +70,24 @@ BEGIN
         WITH newer AS MATERIALIZED (
             SELECT kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt, credit_seq
               FROM quota_use WHERE call_id > p_call)
-        SELECT coalesce(sum(amount), 0)::bigint INTO v_newer FROM newer
+        SELECT coalesce(sum(amount), 0)::bigint,
+               coalesce(sum(amount) FILTER (WHERE calendar <> ''
+                                               OR leaves_at > v_now + window_ms * interval '1 millisecond'), 0)::bigint
+          INTO v_newer, v_flying FROM newer
          WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
            AND calendar = p_calendar AND NOT learnt AND leaves_at > v_now
            AND (credit_seq IS NULL OR v_seen IS NULL);
     END IF;
-    IF v_target > v_used - v_newer - v_live THEN
+    IF v_target > v_used - v_flying - v_live THEN
         INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at, learnt,
                                learnt_at)
-        VALUES (0, p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_target - (v_used - v_newer - v_live),
+        VALUES (0, p_kind, p_scope, p_measure, p_window_ms, p_calendar, v_target - (v_used - v_flying - v_live),
                 p_leaves, true, v_now);
-        UPDATE quota_window SET used = v_used + (v_target - (v_used - v_newer - v_live)),
+        UPDATE quota_window SET used = v_used + (v_target - (v_used - v_flying - v_live)),
                                 next_leave = least(next_leave, p_leaves), observed_at = clock_timestamp()
          WHERE kind = p_kind AND scope = p_scope AND measure = p_measure AND window_ms = p_window_ms
            AND calendar = p_calendar;
-        RETURN v_used + (v_target - (v_used - v_newer - v_live));
+        RETURN v_used + (v_target - (v_used - v_flying - v_live));
     END IF;
     -- Take back only what our count without the newer calls exceeds.
     v_excess := v_used - v_newer - v_target;

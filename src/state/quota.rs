@@ -280,29 +280,29 @@ pub struct Seen {
 /// declared).
 ///
 /// The provider counted when it received `seen.call`: calls we admitted after it (ids are
-/// handed out in admission order) are in our count but not in its figure, so both directions
-/// compare the figure with our count without them. Lowering with them would take back someone
-/// else's real use each time an answer arrives while later calls fly, and let us send into
-/// 429s; raising with them would learn that much less of someone else's use, and the calls in
-/// flight, once they arrive, would put the provider above our count. A later call that reached
-/// the provider first makes us learn one too many: the next figure takes it back. With the call
-/// unknown, the figure is compared with our whole count, and nothing is lowered.
+/// handed out in admission order) are in our count but may not be in its figure. Lowering
+/// compares with our count without them, else each answer that arrives while later calls fly
+/// would take back someone else's real use and let us send into 429s; with the call unknown,
+/// nothing is lowered. Raising compares with our count without those still in flight, else it
+/// would learn that much less of someone else's use, and the provider would count more than we
+/// do once they arrive; a later call already answered most likely overtook the observed one
+/// (it is in the figure), and its own figure taught what it saw. With the call unknown, the
+/// figure is compared with our whole count.
 pub fn observe(scope: &mut Scope, limit: &LimitConfig, seen: Seen, now: SystemTime) {
     let (_, declared) = measure_of(limit);
     let target = declared.saturating_sub(seen.remaining);
-    let in_figure = match seen.call {
-        Some(call) => used(&up_to_call(scope, call), limit, now),
+    let counted = |keep: &dyn Fn(&Usage) -> bool| used(&calls_where(scope, keep), limit, now);
+    let short_of_figure = match seen.call {
+        Some(call) => counted(&|u| u.id <= call || u.done.is_some()),
         None => used(scope, limit, now),
     };
-    if target > in_figure {
+    if target > short_of_figure {
         let leaves = learnt_leaves(limit, seen.resets_at, now);
-        scope.learnt.push(Learnt { limit: limit.clone(), amount: target - in_figure, leaves });
+        scope.learnt.push(Learnt { limit: limit.clone(), amount: target - short_of_figure, leaves });
         return;
     }
-    if seen.call.is_none() {
-        return;
-    }
-    let mut surplus = in_figure - target;
+    let Some(call) = seen.call else { return };
+    let mut surplus = counted(&|u| u.id <= call).saturating_sub(target);
     for learnt in scope.learnt.iter_mut().filter(|l| l.limit == *limit && l.leaves > now) {
         let taken = learnt.amount.min(surplus);
         learnt.amount -= taken;
@@ -311,11 +311,10 @@ pub fn observe(scope: &mut Scope, limit: &LimitConfig, seen: Seen, now: SystemTi
     scope.learnt.retain(|l| l.amount > 0);
 }
 
-/// The scope as a figure taken when the provider received call `call` saw it: the calls
-/// admitted up to it, and all learnt use.
-fn up_to_call(scope: &Scope, call: i64) -> Scope {
+/// The scope with only the calls `keep` selects, and all learnt use.
+fn calls_where(scope: &Scope, keep: &dyn Fn(&Usage) -> bool) -> Scope {
     Scope {
-        usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(),
+        usage: scope.usage.iter().filter(|u| keep(u)).cloned().collect(),
         learnt: scope.learnt.clone(),
         ..Scope::default()
     }
@@ -586,6 +585,17 @@ mod tests {
         // With the call unknown, the figure is compared with the whole count.
         observe(&mut scope, &limit, Seen { remaining: 2, resets_at: None, call: None }, now);
         assert_eq!(used(&scope, &limit, now), 8);
+    }
+
+    #[test]
+    fn raising_counts_a_later_call_already_answered_as_in_the_figure() {
+        // 10 an hour. X (1) then Y (2) are admitted; Y overtakes X and is answered first: the
+        // provider holds Y, 5 of another client, X: "3 of 10 left" in X's answer.
+        let limit = requests(10, 3600);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut scope = sc(&[done(1, now, 1), done(2, now, 1)]);
+        observe(&mut scope, &limit, Seen { remaining: 3, resets_at: None, call: Some(1) }, now);
+        assert_eq!(used(&scope, &limit, now), 7, "5 learnt, not 6: Y is in the figure");
     }
 
     mod properties {
