@@ -94,6 +94,10 @@ pub enum CooldownReason {
     Circuit,
     /// The configured model is withdrawn: 1 h, until an operator fixes the config.
     ModelUnavailable,
+    /// A cooldown in the shared table whose reason this worker does not know (set by hand, or
+    /// by a newer version in a rolling upgrade): held until its time all the same, as an
+    /// estimate, never a reason to fail a job early.
+    Unrecognized,
 }
 
 impl CooldownReason {
@@ -106,6 +110,7 @@ impl CooldownReason {
             Self::Credits => "credits",
             Self::Circuit => "circuit",
             Self::ModelUnavailable => "model_unavailable",
+            Self::Unrecognized => "unrecognized",
         }
     }
 

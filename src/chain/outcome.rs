@@ -100,7 +100,8 @@ pub fn is_providers_word(reason: CooldownReason) -> bool {
         | CooldownReason::Auth
         | CooldownReason::Credits
         | CooldownReason::Circuit
-        | CooldownReason::ModelUnavailable => false,
+        | CooldownReason::ModelUnavailable
+        | CooldownReason::Unrecognized => false,
     }
 }
 
@@ -227,7 +228,9 @@ mod tests {
     #[test]
     fn only_rate_limits_are_the_providers_word() {
         assert!(is_providers_word(CooldownReason::RateLimited) && is_providers_word(CooldownReason::QuotaDay));
-        for estimate in [CooldownReason::Circuit, CooldownReason::Unreachable, CooldownReason::Auth] {
+        for estimate in
+            [CooldownReason::Circuit, CooldownReason::Unreachable, CooldownReason::Auth, CooldownReason::Unrecognized]
+        {
             assert!(!is_providers_word(estimate), "{estimate:?}");
         }
     }

@@ -1643,8 +1643,17 @@ struct ProviderRow {
     consecutive_server_errors: i32,
 }
 
+/// The cooldown a row of `provider_state` (or its notice) holds. A time with a reason this
+/// worker does not know, or none, is held all the same (an operator's `UPDATE ... SET
+/// cooldown_until = now() + '1 hour'`, a newer version's new reason): skipping a provider for
+/// nothing costs a detour, calling one that was stopped may cost a 429 or a bill. The table's
+/// "no cooldown" is such a row at the epoch (a closed circuit).
 fn cooldown_from(until_ms: i64, reason: Option<String>, detail: Option<String>) -> Option<Cooldown> {
-    let reason = CooldownReason::parse(reason.as_deref()?)?;
+    let reason = match reason.as_deref().and_then(CooldownReason::parse) {
+        Some(known) => known,
+        None if until_ms <= 0 => return None,
+        None => CooldownReason::Unrecognized,
+    };
     Some(Cooldown {
         until: UNIX_EPOCH + Duration::from_millis(until_ms.max(0) as u64),
         reason,

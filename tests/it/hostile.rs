@@ -436,3 +436,42 @@ async fn a_parked_jobs_state_is_bound_to_that_job_and_replays_onto_no_other() {
     assert_eq!(outcomes, vec![AttemptOutcome::RateLimited, AttemptOutcome::Ok]);
     worker.stop().await;
 }
+
+/// A row of the shared table is another writer's word, read as cautiously as a message: a
+/// cooldown an operator set by hand with a reason of their own (or none) stops calls to that
+/// provider until its time, like any cooldown; the job goes on to the next provider. Before, an
+/// unknown reason read as no cooldown at all. (How the notice of such a row reaches a running
+/// worker: `shared_state::a_cooldown_set_by_hand_with_an_unknown_reason_or_none_is_held`.)
+#[tokio::test]
+async fn a_provider_cooled_down_by_hand_with_a_reason_of_its_own_is_not_called() {
+    let env = TestEnv::new().await;
+    let stopped = MockProvider::start(MockOptions::new(Profile::Openai)).await.unwrap();
+    let next = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let providers = format!(
+        "{}{}{}",
+        provider("stopped", &stopped.base_url(), true, ""),
+        provider("next", &next.base_url(), true, ""),
+        chain("default", &["stopped", "next"], "")
+    );
+    // A first worker creates the tables; the operator's row is there when the second starts.
+    env.spawn_worker(env.config(&providers), "w1").await.stop().await;
+    for reason in [Some("maintenance window"), None] {
+        sqlx::query(
+            "INSERT INTO provider_state (provider, cooldown_until, cooldown_reason) \
+             VALUES ('stopped', now() + interval '1 hour', $1) \
+             ON CONFLICT (provider) DO UPDATE SET cooldown_until = EXCLUDED.cooldown_until, \
+               cooldown_reason = EXCLUDED.cooldown_reason",
+        )
+        .bind(reason)
+        .execute(&mut env.db().await)
+        .await
+        .unwrap();
+        let worker = env.spawn_worker(env.config(&providers), "w2").await;
+        env.publish(&job(&format!("after {reason:?}")), BasicProperties::default()).await;
+        let (result, _) = env.next_result(&env.results).await;
+        let outcomes: Vec<_> = result.routing.attempts.iter().map(|a| a.outcome).collect();
+        assert_eq!(outcomes, vec![AttemptOutcome::SkippedCooldown, AttemptOutcome::Ok], "{reason:?}: {result:?}");
+        worker.stop().await;
+    }
+    assert_eq!(stopped.requests(), 0, "no call to the stopped provider");
+}

@@ -171,6 +171,47 @@ async fn a_cooldown_changed_by_hand_reaches_running_workers() {
     listening.await.unwrap();
 }
 
+/// A cooldown typed by hand with a reason the worker does not know, or with none (an operator's
+/// `INSERT ... (provider, cooldown_until)`; a newer version's new reason during a rolling
+/// upgrade), is held until its time, by the notice and by a reload alike: before, such a row was
+/// read as no cooldown at all, and the provider called. The table's own "none" (the epoch, as a
+/// closed circuit leaves it) stays none.
+#[tokio::test]
+async fn a_cooldown_set_by_hand_with_an_unknown_reason_or_none_is_held() {
+    let env = TestEnv::new().await;
+    let reader = migrated_store(&env).await;
+    let shutdown = CancellationToken::new();
+    let listening = tokio::spawn(reader.clone().listen(shutdown.clone()));
+    eventually("the listener is live", || async { reader.is_listening() }).await;
+    let mut db = env.db().await;
+    sqlx::query(
+        "INSERT INTO provider_state (provider, cooldown_until, cooldown_reason) VALUES \
+         ('m', now() + interval '1 hour', 'maintenance'), ('n', now() + interval '1 hour', NULL), \
+         ('e', 'epoch', NULL)",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let held = |provider: &'static str| {
+        let reader = reader.clone();
+        move || {
+            let cooldown = reader.known_cooldown(provider);
+            async move {
+                cooldown.is_some_and(|c| {
+                    c.reason == CooldownReason::Unrecognized && c.until > SystemTime::now() + Duration::from_secs(3000)
+                })
+            }
+        }
+    };
+    eventually("the unknown reason's cooldown arrives", held("m")).await;
+    eventually("the cooldown without a reason arrives", held("n")).await;
+    reader.reload().await.unwrap();
+    assert!(held("m")().await && held("n")().await, "a reload reads them the same");
+    assert!(reader.known_cooldown("e").is_none(), "the epoch is no cooldown");
+    shutdown.cancel();
+    listening.await.unwrap();
+}
+
 #[tokio::test]
 async fn limits_hold_across_workers_under_concurrency() {
     let env = TestEnv::new().await;
