@@ -280,44 +280,37 @@ pub struct Seen {
 /// declared).
 ///
 /// The provider counted when it received `seen.call`: calls we admitted after it (ids are
-/// handed out in admission order) are in our count but may not be in its figure. Lowering
-/// compares with our count without them, else each answer that arrives while later calls fly
-/// would take back someone else's real use and let us send into 429s; with the call unknown,
-/// nothing is lowered. Raising compares with our count without those still in flight, else it
-/// would learn that much less of someone else's use, and the provider would count more than we
-/// do once they arrive; a later call already answered most likely overtook the observed one
-/// (it is in the figure), and its own figure taught what it saw. With the call unknown, the
-/// figure is compared with our whole count.
+/// handed out in admission order) are in our count but not in its figure. Lowering compares
+/// with our count without them, else each answer that arrives while later calls fly would take
+/// back someone else's real use and let us send into 429s; with the call unknown, nothing is
+/// lowered. Raising compares with our whole count: it may learn less than the provider counts
+/// (a later answer, whose figure includes those calls, raises the rest), never more. Leaving the
+/// later calls in flight out when raising was tried (the PostgreSQL store's migration of the
+/// same rule) and not kept: calls reach a provider in any order, and each later call that
+/// overtook the observed one was then learnt once too often, a slot held until a later figure
+/// took it back (the backlog benchmark's planned mode at 92 % of a strict limit instead of 98 %).
 pub fn observe(scope: &mut Scope, limit: &LimitConfig, seen: Seen, now: SystemTime) {
     let (_, declared) = measure_of(limit);
     let target = declared.saturating_sub(seen.remaining);
-    let counted = |keep: &dyn Fn(&Usage) -> bool| used(&calls_where(scope, keep), limit, now);
-    let short_of_figure = match seen.call {
-        Some(call) => counted(&|u| u.id <= call || u.done.is_some()),
-        None => used(scope, limit, now),
-    };
-    if target > short_of_figure {
+    let counted = used(scope, limit, now);
+    if target > counted {
         let leaves = learnt_leaves(limit, seen.resets_at, now);
-        scope.learnt.push(Learnt { limit: limit.clone(), amount: target - short_of_figure, leaves });
+        scope.learnt.push(Learnt { limit: limit.clone(), amount: target - counted, leaves });
         return;
     }
     let Some(call) = seen.call else { return };
-    let mut surplus = counted(&|u| u.id <= call).saturating_sub(target);
+    let up_to_call = Scope {
+        usage: scope.usage.iter().filter(|u| u.id <= call).cloned().collect(),
+        learnt: scope.learnt.clone(),
+        ..Scope::default()
+    };
+    let mut surplus = used(&up_to_call, limit, now).saturating_sub(target);
     for learnt in scope.learnt.iter_mut().filter(|l| l.limit == *limit && l.leaves > now) {
         let taken = learnt.amount.min(surplus);
         learnt.amount -= taken;
         surplus -= taken;
     }
     scope.learnt.retain(|l| l.amount > 0);
-}
-
-/// The scope with only the calls `keep` selects, and all learnt use.
-fn calls_where(scope: &Scope, keep: &dyn Fn(&Usage) -> bool) -> Scope {
-    Scope {
-        usage: scope.usage.iter().filter(|u| keep(u)).cloned().collect(),
-        learnt: scope.learnt.clone(),
-        ..Scope::default()
-    }
 }
 
 #[cfg(test)]
@@ -570,32 +563,17 @@ mod tests {
     }
 
     #[test]
-    fn raising_discounts_calls_admitted_after_the_observed_one() {
-        // 10 an hour. X (1) then N (2) are admitted; the provider holds 5 requests of another
-        // client, then receives X: "4 of 10 left". N, still on its way, is not in that figure.
+    fn raising_never_learns_a_later_call_that_overtook_the_observed_one() {
+        // 10 an hour. X (1) then Y (2) are admitted; Y overtakes X at the provider, which holds
+        // Y, 5 of another client, X: "3 of 10 left" in X's answer, Y answered or not.
         let limit = requests(10, 3600);
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let in_flight = |id| Usage { id, done: None, expires: now + Duration::from_secs(30), tokens: 1 };
-        let mut scope = sc(&[done(1, now, 1), in_flight(2)]);
-        observe(&mut scope, &limit, Seen { remaining: 4, resets_at: None, call: Some(1) }, now);
-        assert_eq!(used(&scope, &limit, now), 7, "5 others and X, and N on its way: 7 of 10");
-        // N's figure ("3 left") then says what the window already counts.
-        observe(&mut scope, &limit, Seen { remaining: 3, resets_at: None, call: Some(2) }, now);
-        assert_eq!(used(&scope, &limit, now), 7);
-        // With the call unknown, the figure is compared with the whole count.
-        observe(&mut scope, &limit, Seen { remaining: 2, resets_at: None, call: None }, now);
-        assert_eq!(used(&scope, &limit, now), 8);
-    }
-
-    #[test]
-    fn raising_counts_a_later_call_already_answered_as_in_the_figure() {
-        // 10 an hour. X (1) then Y (2) are admitted; Y overtakes X and is answered first: the
-        // provider holds Y, 5 of another client, X: "3 of 10 left" in X's answer.
-        let limit = requests(10, 3600);
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let mut scope = sc(&[done(1, now, 1), done(2, now, 1)]);
-        observe(&mut scope, &limit, Seen { remaining: 3, resets_at: None, call: Some(1) }, now);
-        assert_eq!(used(&scope, &limit, now), 7, "5 learnt, not 6: Y is in the figure");
+        let in_flight = Usage { id: 2, done: None, expires: now + Duration::from_secs(30), tokens: 1 };
+        for y in [done(2, now, 1), in_flight] {
+            let mut scope = sc(&[done(1, now, 1), y.clone()]);
+            observe(&mut scope, &limit, Seen { remaining: 3, resets_at: None, call: Some(1) }, now);
+            assert_eq!(used(&scope, &limit, now), 7, "5 learnt, not 6: Y is in the figure ({y:?})");
+        }
     }
 
     mod properties {

@@ -668,8 +668,7 @@ async fn observations_read_no_table_whole() {
         sqlx::query("BEGIN").execute(&mut db).await.unwrap();
         // Headers of the call before the last (the last one admitted after it): the provider
         // says 1998 of 2010 are used, 7 fewer than our 2005 (2000 calls, 5 learnt): the learnt
-        // use is taken back (real calls never are); then that it has 0 left: learnt again (the
-        // last call, answered, is read as in that figure: migration 0017).
+        // use is taken back (real calls never are); then that it has 0 left: learnt again.
         let observe = "SELECT fallback_observe('provider', 'p', 'requests', 60000, '', 2010, $1, \
                        now() + interval '1 minute', $2)";
         let mut answers = Vec::new();
