@@ -166,10 +166,13 @@ impl TestEnv {
         self.client.publish(&self.jobs, body.as_bytes(), properties).await;
     }
 
-    /// The next result on `queue`, waiting at most [`PATIENCE`].
+    /// The next result on `queue`, waiting at most [`PATIENCE`]. Without one, the panic says
+    /// where the jobs stand (still queued, or taken by a consumer that did not answer).
     pub async fn next_result(&self, queue: &str) -> (JobResult, BasicProperties) {
-        let (body, properties) =
-            self.client.next_message(queue, PATIENCE).await.unwrap_or_else(|| panic!("no result on {queue}"));
+        let Some((body, properties)) = self.client.next_message(queue, PATIENCE).await else {
+            let jobs = self.client.queue_state(&self.jobs).await;
+            panic!("no result on {queue} within {PATIENCE:?}; jobs queue {}: {jobs}", self.jobs)
+        };
         let result = serde_json::from_slice(&body)
             .unwrap_or_else(|e| panic!("result is not JSON ({e}): {}", String::from_utf8_lossy(&body)));
         (result, properties)
@@ -368,6 +371,19 @@ impl BrokerClient {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// "N ready, C consumers" for `queue`, read without touching its messages, for a failure's
+    /// message.
+    pub async fn queue_state(&self, queue: &str) -> String {
+        let Ok(channel) = self.conn.create_channel().await else { return "no channel".into() };
+        let options = QueueDeclareOptions { passive: true, ..Default::default() };
+        let state = match channel.queue_declare(queue.into(), options, FieldTable::default()).await {
+            Ok(q) => format!("{} ready, {} consumers", q.message_count(), q.consumer_count()),
+            Err(e) => format!("not readable ({e})"),
+        };
+        let _ = channel.close(200, "probe".into()).await;
+        state
     }
 
     /// Messages now waiting in `queue` (0 if it does not exist).
