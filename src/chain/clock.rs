@@ -38,6 +38,18 @@ pub fn far_future() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_214_400)
 }
 
+/// An instant as RFC 3339 (whole seconds, or milliseconds); never panics: the formatter refuses
+/// years past 9999 and instants before 1970, so those are pinned to the range it can write (a
+/// time read from the database or a provider may be either).
+pub fn rfc3339(at: SystemTime, millis: bool) -> String {
+    let at = at.clamp(SystemTime::UNIX_EPOCH, far_future());
+    if millis {
+        humantime::format_rfc3339_millis(at).to_string()
+    } else {
+        humantime::format_rfc3339_seconds(at).to_string()
+    }
+}
+
 /// `at + duration`, saturating at [`far_future`] (`SystemTime + Duration` panics on overflow).
 pub fn later(at: SystemTime, duration: Duration) -> SystemTime {
     at.checked_add(duration).map_or_else(far_future, |t| t.min(far_future()))
@@ -89,6 +101,15 @@ mod tests {
         assert_eq!(later(now, Duration::MAX), far_future());
         assert_eq!(later(far_future() + Duration::from_secs(1), Duration::ZERO), far_future());
         humantime::format_rfc3339_millis(far_future()).to_string();
+    }
+
+    #[test]
+    fn any_instant_formats_without_panicking() {
+        let year_10000 = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert_eq!(rfc3339(year_10000, false), "9999-12-31T00:00:00Z");
+        assert_eq!(rfc3339(year_10000, true), "9999-12-31T00:00:00.000Z");
+        let before_1970 = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(rfc3339(before_1970, false), "1970-01-01T00:00:00Z");
     }
 
     #[tokio::test]

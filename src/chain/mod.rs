@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 pub use checks::{Accept, Expectation, OnAllRejected};
-pub use clock::{Clock, SystemClock, far_future, later};
+pub use clock::{Clock, SystemClock, far_future, later, rfc3339};
 pub use outcome::{CIRCUIT_BASE, CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
 
 use crate::config::{LimitConfig, QuotaPoolConfig};
@@ -675,10 +675,9 @@ async fn cool_down_pool(call: &Call<'_>, failure: &Failure, until: SystemTime, r
     Settled::Shared(NextTry::after_cooldown(&cooldown))
 }
 
-/// An instant as RFC 3339 for results and messages; never panics (the formatter refuses years
-/// past 9999 and instants before 1970, so those are pinned to the range it can write).
+/// An instant as RFC 3339 for results and messages ([`rfc3339`]: never panics).
 fn stamp(at: SystemTime) -> String {
-    humantime::format_rfc3339_millis(at.clamp(SystemTime::UNIX_EPOCH, far_future())).to_string()
+    rfc3339(at, true)
 }
 
 fn all_failed_message(chain: &Chain, progress: &JobProgress) -> String {

@@ -275,6 +275,8 @@ fn epoch(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
+/// A time of the table (an operator may type any year Postgres takes) as RFC 3339, never a
+/// panic: `/metrics` serves this too.
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::chain::rfc3339(t, false)
 }

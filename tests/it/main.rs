@@ -33,6 +33,7 @@ mod review_0009b;
 mod review_0009d;
 mod review_0010;
 mod review_0011;
+mod review_cool;
 mod review_credits;
 mod review_credits2;
 mod review_credits3;
