@@ -38,16 +38,21 @@ pub fn far_future() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_214_400)
 }
 
-/// An instant as RFC 3339 (whole seconds, or milliseconds); never panics: the formatter refuses
-/// years past 9999 and instants before 1970, so those are pinned to the range it can write (a
-/// time read from the database or a provider may be either).
-pub fn rfc3339(at: SystemTime, millis: bool) -> String {
-    let at = at.clamp(SystemTime::UNIX_EPOCH, far_future());
-    if millis {
-        humantime::format_rfc3339_millis(at).to_string()
-    } else {
-        humantime::format_rfc3339_seconds(at).to_string()
-    }
+/// An instant as RFC 3339 in whole seconds; never panics (see [`writable`]).
+pub fn rfc3339_seconds(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(writable(at)).to_string()
+}
+
+/// An instant as RFC 3339 in milliseconds; never panics (see [`writable`]).
+pub fn rfc3339_millis(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(writable(at)).to_string()
+}
+
+/// The RFC 3339 formatter refuses years past 9999 and instants before 1970 (its `Display` fails,
+/// and `to_string` panics); a time read from the database or a provider may be either, so it is
+/// pinned to the range the formatter writes.
+fn writable(at: SystemTime) -> SystemTime {
+    at.clamp(SystemTime::UNIX_EPOCH, far_future())
 }
 
 /// `at + duration`, saturating at [`far_future`] (`SystemTime + Duration` panics on overflow).
@@ -106,10 +111,10 @@ mod tests {
     #[test]
     fn any_instant_formats_without_panicking() {
         let year_10000 = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800);
-        assert_eq!(rfc3339(year_10000, false), "9999-12-31T00:00:00Z");
-        assert_eq!(rfc3339(year_10000, true), "9999-12-31T00:00:00.000Z");
+        assert_eq!(rfc3339_seconds(year_10000), "9999-12-31T00:00:00Z");
+        assert_eq!(rfc3339_millis(year_10000), "9999-12-31T00:00:00.000Z");
         let before_1970 = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
-        assert_eq!(rfc3339(before_1970, false), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_seconds(before_1970), "1970-01-01T00:00:00Z");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 pub use checks::{Accept, Expectation, OnAllRejected};
-pub use clock::{Clock, SystemClock, far_future, later, rfc3339};
+pub use clock::{Clock, SystemClock, far_future, later, rfc3339_millis, rfc3339_seconds};
 pub use outcome::{CIRCUIT_BASE, CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
 
 use crate::config::{LimitConfig, QuotaPoolConfig};
@@ -118,7 +118,7 @@ impl JobProgress {
     /// again: a skip repeating the provider's previous one only moves that entry's `until`, so the
     /// result (and the metrics) list each stretch of skipping once, not once per wake-up.
     fn skip(&mut self, member: &Member, outcome: AttemptOutcome, until: Option<SystemTime>, message: Option<String>) {
-        let until = until.map(stamp);
+        let until = until.map(rfc3339_millis);
         let previous = self.attempts.iter_mut().rev().find(|a| a.provider == member.name);
         if let Some(previous) = previous.filter(|a| a.outcome == outcome) {
             previous.until = until;
@@ -401,7 +401,7 @@ fn conclude(
             "no provider of chain `{}` becomes usable within max_wait ({}); the earliest is at {}",
             chain.name,
             humantime::format_duration(max_wait),
-            stamp(earliest)
+            rfc3339_millis(earliest)
         ),
     }
 }
@@ -480,7 +480,7 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
             outcome: failure.kind.into(),
             status: failure.status,
             latency_ms,
-            until: settled.next_try().map(|next| stamp(next.at)),
+            until: settled.next_try().map(|next| rfc3339_millis(next.at)),
             message: Some(failure.message.clone()),
         });
         match (failure.kind, retry_delay, settled) {
@@ -673,11 +673,6 @@ async fn cool_down_pool(call: &Call<'_>, failure: &Failure, until: SystemTime, r
         tracing::info!(provider = %member.name, mates = ?member.pool_mates, "an account-scoped 429 cools the provider's pools");
     }
     Settled::Shared(NextTry::after_cooldown(&cooldown))
-}
-
-/// An instant as RFC 3339 for results and messages ([`rfc3339`]: never panics).
-fn stamp(at: SystemTime) -> String {
-    rfc3339(at, true)
 }
 
 fn all_failed_message(chain: &Chain, progress: &JobProgress) -> String {

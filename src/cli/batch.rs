@@ -239,7 +239,7 @@ async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: S
     // time past the deadline.
     result_of(&line.job.custom_id, verdict, routing.clone()).unwrap_or_else(|until| {
         let message =
-            format!("no provider becomes usable within max_wait; the earliest is at {}", chain::rfc3339(until, false));
+            format!("no provider becomes usable within max_wait; the earliest is at {}", chain::rfc3339_seconds(until));
         error_result(Some(line.job.custom_id.clone()), ErrorCode::DeadlineExceeded, message, routing)
     })
 }

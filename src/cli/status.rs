@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use sqlx::Row;
 
+use crate::chain::rfc3339_seconds;
 use crate::config::{Config, LimitConfig};
 use crate::state::postgres::{PgStore, ScopeKind};
 
@@ -103,13 +104,13 @@ pub async fn collect(
             let until = epoch(row.get("until_ms"));
             if until > SystemTime::now() {
                 status.state = "cooling";
-                status.until = Some(rfc3339(until));
+                status.until = Some(rfc3339_seconds(until));
                 status.reason = row.get("cooldown_reason");
                 status.detail = row.get("cooldown_detail");
             }
             status.consecutive_server_errors = row.get("consecutive_server_errors");
             status.last_error = row.get("last_error");
-            status.last_error_at = row.get::<Option<i64>, _>("error_ms").map(|ms| rfc3339(epoch(ms)));
+            status.last_error_at = row.get::<Option<i64>, _>("error_ms").map(|ms| rfc3339_seconds(epoch(ms)));
         }
         for limit in &provider.limits {
             status.windows.push(window_usage(store, ScopeKind::Provider, &provider.name, limit).await?);
@@ -193,7 +194,7 @@ async fn window_usage(
         limit: max,
         per: humantime::format_duration(limit.per).to_string(),
         used: used.max(0) as u64,
-        next_reset: limit.resets.as_ref().map(|r| rfc3339(r.next_after(SystemTime::now()))),
+        next_reset: limit.resets.as_ref().map(|r| rfc3339_seconds(r.next_after(SystemTime::now()))),
         resets: calendar,
     })
 }
@@ -273,10 +274,4 @@ fn rejected_cell(counts: &BTreeMap<String, u64>) -> String {
 
 fn epoch(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
-}
-
-/// A time of the table (an operator may type any year Postgres takes) as RFC 3339, never a
-/// panic: `/metrics` serves this too.
-fn rfc3339(t: SystemTime) -> String {
-    crate::chain::rfc3339(t, false)
 }

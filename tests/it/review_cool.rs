@@ -1,6 +1,7 @@
 //! Adversarial review of e8aec56 (a cooldown in `provider_state` with a reason the worker does
 //! not know, or none, is held until its time as `CooldownReason::Unrecognized`). Each
-//! `Finding` test fails on e9d6d7c; the last test pins a gap and passed there. Fixed: `batch`
+//! `Finding` test fails on e9d6d7c. The gap the review pinned (a hand-set stop ends at the row's
+//! time) is asserted in `shared_state::a_cooldown_set_by_hand_with_an_unknown_reason_or_none_is_held`. Fixed: `batch`
 //! holds a wait up to the deadline in place (1), every RFC 3339 time is clamped to what the
 //! formatter writes (2, 3), the documented stop only lengthens (5); 4 is documented (stop a
 //! provider with a reason of your own) and its test ignored.
@@ -11,17 +12,11 @@ use fallback_worker::cli::batch::{self, BatchOptions};
 use fallback_worker::job::{ErrorCode, JobResult};
 use fallback_worker::mock::{MockOptions, MockProvider, Profile};
 use fallback_worker::routing::CooldownReason;
-use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Cooldown, ProviderState};
 use tokio_util::sync::CancellationToken;
 
+use crate::shared_state::migrated_store;
 use crate::support::*;
-
-async fn migrated_store(env: &TestEnv) -> PgStore {
-    let store = PgStore::connect_lazy(&env.database_url, 4).unwrap();
-    store.migrate().await.unwrap();
-    store
-}
 
 /// Finding 1 (medium). `fallback-worker batch` with `DATABASE_URL`: an operator stops the
 /// chain's only provider by hand, as docs/operations.md now says (`'maintenance'`, an hour).
@@ -233,52 +228,4 @@ async fn review_cool_the_documented_stop_by_hand_does_not_shorten_a_longer_coold
     .await
     .unwrap();
     assert!(left > 3500.0 && left <= 3600.0 && reason == "maintenance", "{left} s, {reason}");
-}
-
-/// Not a finding: a gap, pinned (passes on e9d6d7c). The change's tests check that a hand-set
-/// cooldown with an unknown reason (or none) is held, and that it runs past now + 50 min; none
-/// checks that it *ends* at its time ("held until its time"): `cooldown_from` giving such a row
-/// `far_future()`, or a wrong unit, would pass them all and stop the provider for good. Here a
-/// short stop by hand, through the notice, ends when the row says, and admission follows.
-#[tokio::test]
-async fn review_cool_a_cooldown_set_by_hand_with_an_unknown_reason_ends_at_its_time() {
-    let env = TestEnv::new().await;
-    let reader = migrated_store(&env).await;
-    let shutdown = CancellationToken::new();
-    let listening = tokio::spawn(reader.clone().listen(shutdown.clone()));
-    eventually("the listener is live", || async { reader.is_listening() }).await;
-    let ends: f64 = sqlx::query_scalar(
-        "WITH up AS (INSERT INTO provider_state (provider, cooldown_until, cooldown_reason) \
-           VALUES ('m', now() + interval '2 seconds', 'maintenance'), ('n', now() + interval '2 seconds', NULL) \
-           RETURNING cooldown_until) \
-         SELECT extract(epoch FROM min(cooldown_until))::float8 FROM up",
-    )
-    .fetch_one(reader.pool())
-    .await
-    .unwrap();
-    let ends = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(ends);
-    let ask = |provider| fallback_worker::state::Ask {
-        provider,
-        limits: &[],
-        pools: &[],
-        tokens: 1,
-        flight: Duration::from_secs(7),
-    };
-    for provider in ["m", "n"] {
-        eventually("the stop arrives", || async { reader.known_cooldown(provider).is_some() }).await;
-        let until = reader.known_cooldown(provider).unwrap().until;
-        let off = until.duration_since(ends).unwrap_or_else(|e| e.duration());
-        assert!(off < Duration::from_millis(5), "{provider}: held until the row's time, {off:?} off");
-        assert!(matches!(
-            reader.admit(ask(provider), SystemTime::now()).await,
-            fallback_worker::state::Admission::Cooling(_)
-        ));
-    }
-    // Admission at the row's time (the store decides on the `now` it is given): no waiting.
-    for provider in ["m", "n"] {
-        let admitted = reader.admit(ask(provider), ends + Duration::from_millis(1)).await;
-        assert!(matches!(admitted, fallback_worker::state::Admission::Granted(_)), "{provider}: {admitted:?}");
-    }
-    shutdown.cancel();
-    listening.await.unwrap();
 }

@@ -1,6 +1,6 @@
 //! Cooldowns shared by every worker through Postgres (contract §6).
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fallback_worker::config::{LimitConfig, QuotaPoolConfig};
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
@@ -174,8 +174,9 @@ async fn a_cooldown_changed_by_hand_reaches_running_workers() {
 /// A cooldown typed by hand with a reason the worker does not know, or with none (an operator's
 /// `INSERT ... (provider, cooldown_until)`; a newer version's new reason during a rolling
 /// upgrade), is held until its time, by the notice and by a reload alike: before, such a row was
-/// read as no cooldown at all, and the provider called. The table's own "none" (the epoch, as a
-/// closed circuit leaves it) stays none.
+/// read as no cooldown at all, and the provider called. It ends at the row's time, not later
+/// (review_cool: a far-off or mis-scaled time would stop the provider for good). The table's own
+/// "none" (the epoch, as a closed circuit leaves it) stays none.
 #[tokio::test]
 async fn a_cooldown_set_by_hand_with_an_unknown_reason_or_none_is_held() {
     let env = TestEnv::new().await;
@@ -183,31 +184,37 @@ async fn a_cooldown_set_by_hand_with_an_unknown_reason_or_none_is_held() {
     let shutdown = CancellationToken::new();
     let listening = tokio::spawn(reader.clone().listen(shutdown.clone()));
     eventually("the listener is live", || async { reader.is_listening() }).await;
-    let mut db = env.db().await;
-    sqlx::query(
-        "INSERT INTO provider_state (provider, cooldown_until, cooldown_reason) VALUES \
-         ('m', now() + interval '1 hour', 'maintenance'), ('n', now() + interval '1 hour', NULL), \
-         ('e', 'epoch', NULL)",
+    let ends: f64 = sqlx::query_scalar(
+        "WITH up AS (INSERT INTO provider_state (provider, cooldown_until, cooldown_reason) VALUES \
+           ('m', now() + interval '1 hour', 'maintenance'), ('n', now() + interval '1 hour', NULL), \
+           ('e', 'epoch', NULL) RETURNING cooldown_until) \
+         SELECT extract(epoch FROM max(cooldown_until))::float8 FROM up",
     )
-    .execute(&mut db)
+    .fetch_one(reader.pool())
     .await
     .unwrap();
-    let held = |provider: &'static str| {
-        let reader = reader.clone();
-        move || {
-            let cooldown = reader.known_cooldown(provider);
-            async move {
-                cooldown.is_some_and(|c| {
-                    c.reason == CooldownReason::Unrecognized && c.until > SystemTime::now() + Duration::from_secs(3000)
-                })
-            }
-        }
+    let ends = UNIX_EPOCH + Duration::from_secs_f64(ends);
+    // Held as an estimate, until the row's time.
+    let held = |provider| {
+        reader.known_cooldown(provider).is_some_and(|c| {
+            let off = c.until.duration_since(ends).unwrap_or_else(|e| e.duration());
+            c.reason == CooldownReason::Unrecognized && off < Duration::from_millis(5)
+        })
     };
-    eventually("the unknown reason's cooldown arrives", held("m")).await;
-    eventually("the cooldown without a reason arrives", held("n")).await;
+    eventually("the unknown reason's cooldown arrives", || async { held("m") }).await;
+    eventually("the cooldown without a reason arrives", || async { held("n") }).await;
+    assert!(ends > SystemTime::now() + Duration::from_secs(3000));
     reader.reload().await.unwrap();
-    assert!(held("m")().await && held("n")().await, "a reload reads them the same");
+    assert!(held("m") && held("n"), "a reload reads them the same");
     assert!(reader.known_cooldown("e").is_none(), "the epoch is no cooldown");
+    // Admission follows: refused now, granted at the row's time (the store decides on the `now`
+    // it is given: no waiting).
+    let ask = |provider| Ask { provider, limits: &[], pools: &[], tokens: 1, flight: Duration::from_secs(7) };
+    for provider in ["m", "n"] {
+        assert!(matches!(reader.admit(ask(provider), SystemTime::now()).await, Admission::Cooling(_)));
+        let admitted = reader.admit(ask(provider), ends + Duration::from_millis(1)).await;
+        assert!(matches!(admitted, Admission::Granted(_)), "{provider}: {admitted:?}");
+    }
     shutdown.cancel();
     listening.await.unwrap();
 }

@@ -134,14 +134,8 @@ impl TestEnv {
 
     /// Waits until a worker (in any process) has declared this test's queues.
     pub async fn wait_for_queues(&self) {
-        eventually("the worker declares its queues", || async {
-            let Ok(channel) = self.client.conn.create_channel().await else { return false };
-            let options = QueueDeclareOptions { passive: true, ..Default::default() };
-            let exists = channel.queue_declare(self.jobs.as_str().into(), options, FieldTable::default()).await.is_ok();
-            let _ = channel.close(200, "probe".into()).await;
-            exists
-        })
-        .await;
+        eventually("the worker declares its queues", || async { self.client.ready_in(&self.jobs).await.is_some() })
+            .await;
     }
 
     /// A durable reply queue for this test.
@@ -328,14 +322,19 @@ impl BrokerClient {
         self.channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await.unwrap();
     }
 
-    /// The messages ready in `queue`, or `None` when it does not exist (asked on a channel of
-    /// its own, which the broker closes in that case).
-    pub async fn ready_in(&self, queue: &str) -> Option<u32> {
-        let channel = self.conn.create_channel().await.ok()?;
+    /// `queue` as the broker knows it (its ready messages and consumers), or why not: asked on a
+    /// channel of its own, which the broker closes when the queue does not exist.
+    async fn inspect(&self, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+        let channel = self.conn.create_channel().await?;
         let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.ok()?;
+        let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await;
         let _ = channel.close(200, "probed".into()).await;
-        Some(declared.message_count())
+        declared
+    }
+
+    /// The messages ready in `queue`, or `None` when it does not exist.
+    pub async fn ready_in(&self, queue: &str) -> Option<u32> {
+        self.inspect(queue).await.ok().map(|declared| declared.message_count())
     }
 
     pub async fn declare(&self, queue: &str) {
@@ -376,14 +375,10 @@ impl BrokerClient {
     /// "N ready, C consumers" for `queue`, read without touching its messages, for a failure's
     /// message.
     pub async fn queue_state(&self, queue: &str) -> String {
-        let Ok(channel) = self.conn.create_channel().await else { return "no channel".into() };
-        let options = QueueDeclareOptions { passive: true, ..Default::default() };
-        let state = match channel.queue_declare(queue.into(), options, FieldTable::default()).await {
+        match self.inspect(queue).await {
             Ok(q) => format!("{} ready, {} consumers", q.message_count(), q.consumer_count()),
             Err(e) => format!("not readable ({e})"),
-        };
-        let _ = channel.close(200, "probe".into()).await;
-        state
+        }
     }
 
     /// Messages now waiting in `queue` (0 if it does not exist).
