@@ -260,11 +260,14 @@ pub async fn run(
         // until it catches up would be a busy loop: the pause grows instead.
         overdue = if wait.is_zero() { overdue.saturating_add(1) } else { 0 };
         let pause = if overdue > 0 { overdue_pause(overdue) } else { spread(wait, wake) };
-        let wait = wait.saturating_add(pause);
-        if wait > hold.hold_limit || later(now, wait) > hold.hold_until {
+        // Whether to wait in place is the wait's to decide, not the random spread on top of it
+        // (a wait up to the deadline, exactly the hold limit in `batch`, was otherwise handed
+        // back, and read as a deadline); the spread only may not run past `hold_until`.
+        let sleep = wait.saturating_add(pause);
+        if wait > hold.hold_limit || later(now, sleep) > hold.hold_until {
             return Verdict::Wait { until, wake };
         }
-        clock.sleep(wait).await;
+        clock.sleep(sleep).await;
     }
 }
 

@@ -659,6 +659,22 @@ async fn run_hands_back_waits_longer_than_the_hold_limit() {
     assert_eq!(clock.now(), t0(), "handed back without waiting");
 }
 
+/// A wait of exactly the hold limit (in `batch`, a wait up to the deadline, whose hold limit is
+/// `max_wait`) is held in place, whatever the random wake-up spread added to it: handed back,
+/// `batch` read it as a deadline and failed the job at once.
+#[tokio::test]
+async fn run_holds_a_wait_of_exactly_the_hold_limit_whatever_its_spread() {
+    for _ in 0..20 {
+        let clock = ManualClock::starting_at(t0());
+        let a = Scripted::new(vec![Err(rate_limited(t0() + secs(5)))]);
+        let chain = chain(vec![member("a", true, a)], Duration::ZERO);
+        let mut progress = JobProgress::new(clock.now());
+        let verdict = run_holding(&chain, chain.max_wait, &mut progress, &MemoryStore::new(), &clock, secs(5)).await;
+        assert!(matches!(verdict, Verdict::Answered { .. }), "{verdict:?}");
+        assert!(clock.now() >= t0() + secs(5), "waited in place for the provider's time");
+    }
+}
+
 #[tokio::test]
 async fn run_does_not_wait_past_the_hold_deadline() {
     let clock = ManualClock::starting_at(t0());

@@ -216,12 +216,8 @@ async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: S
     };
     let clock = SystemClock;
     let mut progress = JobProgress::new(clock.now());
-    // Every wait within max_wait happens in place: there is no broker to park the job in. Waits
-    // up to the deadline carry a wake-up spread past it (up to 250 ms), and the chain itself
-    // fails the job at its deadline: the slack keeps such a wait from being handed back and
-    // read as a deadline below.
-    let hold_for = max_wait.saturating_add(HOLD_SLACK);
-    let hold = HoldPolicy::new(hold_for, clock.now(), hold_for);
+    // Every wait within max_wait happens in place: there is no broker to park the job in.
+    let hold = HoldPolicy::new(max_wait, clock.now(), max_wait.saturating_add(HOLD_SLACK));
     let verdict = chain::run(chain, &line.job, max_wait, &mut progress, state, hold, &clock).await;
     let total_ms = started.elapsed().as_millis() as u64;
     let routing = Routing {
@@ -235,8 +231,7 @@ async fn answer(line: &Line, chain: &Chain, state: &dyn ProviderState, worker: S
         queued_ms: 0,
         total_ms,
     };
-    // `run` only hands back a wait longer than the hold limit, here `max_wait` and the slack: a
-    // time past the deadline.
+    // `run` only hands back a wait longer than the hold limit, here `max_wait`: a deadline.
     result_of(&line.job.custom_id, verdict, routing.clone()).unwrap_or_else(|until| {
         let message =
             format!("no provider becomes usable within max_wait; the earliest is at {}", chain::rfc3339_seconds(until));
