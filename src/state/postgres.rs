@@ -61,6 +61,15 @@ const CHANNEL: &str = "fallback_provider_state";
 /// The longest one state call may take before the database counts as unreachable: a worker
 /// must not hold jobs for seconds on a dead connection pool.
 const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long Postgres works on one statement of this worker before cancelling it
+/// (`statement_timeout`, set on every connection of the pool). It sits below
+/// [`STATE_CALL_TIMEOUT`] so that a statement held up by busy windows ends with the database's
+/// own answer, which frees its locks and counts as a busy moment, before the worker gives up on
+/// it, which counts towards taking the database for down: `lock_timeout` bounds each window's
+/// wait, not the statement's, and a call in several busy windows adds them up (review round 5
+/// of the release). Migrations, pruning and the write-back after an outage lift it.
+const STATEMENT_TIMEOUT: Duration = Duration::from_millis(1500);
+const _: () = assert!(STATEMENT_TIMEOUT.as_millis() < STATE_CALL_TIMEOUT.as_millis());
 /// The pauses before each new try of an answer the database did not take (see
 /// [`PgStore::write_later`]): about 6 s in all, then its call is left to expire.
 const ANSWER_RETRY_PAUSES: [Duration; 3] = [Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(4)];
@@ -665,6 +674,7 @@ impl PgStore {
                 self.went_down(&e.to_string());
                 Err(StoreError::Unreachable(e.to_string()))
             }
+            Ok(Err(e)) if is_slow(&e) => Err(StoreError::Busy(e.to_string())),
             Ok(Err(e)) => Err(StoreError::Database(e)),
             Err(_) => Err(self.timed_out(&format!("no answer within {STATE_CALL_TIMEOUT:?}"))),
         }
@@ -754,14 +764,17 @@ impl PgStore {
             return Ok(());
         }
         let (calls, tokens, requests, ended, seqs) = quota_batcher::answer_columns(answers);
+        let mut tx = self.pool.begin().await?;
+        lift_statement_timeout(&mut tx).await?;
         sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
             .bind(&calls)
             .bind(&tokens)
             .bind(&requests)
             .bind(&ended)
             .bind(&seqs)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -809,6 +822,8 @@ impl PgStore {
             }
         }
         let mut tx = self.pool.begin().await?;
+        // As many calls as an outage allowed, in windows other workers keep busy.
+        lift_statement_timeout(&mut tx).await?;
         for (key, (call_ids, amounts, leaves)) in windows {
             sqlx::query(
                 "WITH added AS ( \
@@ -982,8 +997,18 @@ impl PgStore {
         Ok(())
     }
 
+    /// Applies the migrations the database lacks, on a connection of its own without the
+    /// state calls' [`STATEMENT_TIMEOUT`] (a migration of a large table, or the wait for another
+    /// worker's migration, takes as long as it takes), closed afterwards.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.pool).await
+        let unbounded = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(STATE_CALL_TIMEOUT)
+            .connect_with(self.pool.connect_options().as_ref().clone())
+            .await?;
+        let migrated = MIGRATOR.run(&unbounded).await;
+        unbounded.close().await;
+        migrated
     }
 
     /// Loads every provider row into the local copy.
@@ -1500,15 +1525,20 @@ impl PgStore {
     }
 
     /// Deletes ledger rows first seen longer ago than `retention` (called by housekeeping).
+    /// Both deletes run without the state calls' [`STATEMENT_TIMEOUT`]: the first prune of a
+    /// long-running ledger may delete millions of rows.
     pub async fn prune_ledger(&self, retention: Duration) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        lift_statement_timeout(&mut tx).await?;
         let done = sqlx::query("DELETE FROM job_results WHERE first_seen < now() - make_interval(secs => $1)")
             .bind(retention.as_secs_f64())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM delivery_failures WHERE last_at < now() - make_interval(secs => $1)")
             .bind(retention.as_secs_f64())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 }
@@ -1547,6 +1577,16 @@ async fn answers_in_time(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Er
 /// as the pool has slots.
 async fn checks_its_client(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     use sqlx::Executor;
+    // A shorter bound the operator set (the role's, the URL's `options`) is kept.
+    let bound_ms = i64::try_from(STATEMENT_TIMEOUT.as_millis()).unwrap_or(i64::MAX);
+    let bounded = sqlx::query(
+        "SELECT set_config('statement_timeout', $1::text || 'ms', false) \
+         WHERE (SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout') NOT BETWEEN 1 AND $1",
+    )
+    .bind(bound_ms);
+    if let Err(e) = bounded.execute(&mut *conn).await {
+        tracing::warn!(error = %e, "cannot bound the time the database works on a statement; a slow one counts as an outage");
+    }
     if let Err(e) = conn.execute("SET client_connection_check_interval = '1s'").await {
         tracing::debug!(error = %e, "the database does not check for a departed client; slow queries outlive their connection");
     }
@@ -1817,6 +1857,23 @@ fn refused_for_everyone(error: &StoreError) -> bool {
             let code = code.as_deref().unwrap_or_default();
             code.starts_with("53") && code != "53300"
         }
+        _ => false,
+    }
+}
+
+/// Lets the statements of the transaction `conn` is in run as long as they need (see
+/// [`STATEMENT_TIMEOUT`]); the connection's own bound is back after it.
+async fn lift_statement_timeout(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('statement_timeout', '0', true)").execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// A statement the database gave up on for its slowness: cancelled past [`STATEMENT_TIMEOUT`]
+/// (57014) or a lock wait past `lock_timeout` (55P03). The database answered: it is busy, not
+/// away, and the call is tried again later like one given up in time.
+pub fn is_slow(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57014" | "55P03")),
         _ => false,
     }
 }

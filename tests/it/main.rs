@@ -51,5 +51,6 @@ mod review_release4;
 mod review_release5;
 mod shared_state;
 mod slow_answers;
+mod statement_timeout;
 mod tools;
 mod trace_context;

@@ -1,0 +1,89 @@
+//! The bound Postgres puts on each of the worker's statements (`statement_timeout`, below the
+//! worker's own 2 s state-call timeout): a state call held up by busy rows ends with the
+//! database's answer instead of being given up by the worker, and the statements that may
+//! legitimately run long (migrations, the ledger's pruning) run without it.
+//! `review_release5` holds the two cases that motivated it (a release over several busy
+//! windows).
+
+use std::time::{Duration, Instant};
+
+use fallback_worker::state::postgres::PgStore;
+use sqlx::PgConnection;
+
+use crate::ledger_batching::until_waiting_on_locks;
+use crate::review_probe2::migrated;
+use crate::support::*;
+
+/// Longer than the statement bound (1.5 s), shorter than anything a test would wait for.
+const PAST_THE_BOUND: Duration = Duration::from_millis(2500);
+
+/// Opens a transaction on `conn` that holds what `lock` takes until it commits.
+async fn holding(conn: &mut PgConnection, lock: &str) {
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(lock.to_string())).execute(&mut *conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_database_cancels_a_statement_of_the_worker_before_the_worker_would_give_up_on_it() {
+    let env = TestEnv::new().await;
+    let store = PgStore::connect_lazy(&env.database_url, 2).unwrap();
+    let started = Instant::now();
+    let slept = sqlx::query("SELECT pg_sleep(5)").execute(store.pool()).await;
+    let took = started.elapsed();
+    let Err(sqlx::Error::Database(db)) = &slept else { panic!("a 5 s statement was not cancelled: {slept:?}") };
+    assert_eq!(db.code().as_deref(), Some("57014"), "cancelled for its time: {db}");
+    assert!(took < Duration::from_secs(2), "cancelled after {took:?}: past the worker's 2 s state-call timeout");
+}
+
+#[tokio::test]
+async fn pruning_waits_for_a_busy_row_past_the_statement_bound() {
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 2).await;
+    sqlx::query(
+        "INSERT INTO job_results (job_key, fingerprint, deliveries, first_seen) \
+         VALUES ('old', 'sha256:old', 1, now() - interval '3 days')",
+    )
+    .execute(&mut env.db().await)
+    .await
+    .unwrap();
+    let mut holder = env.db().await;
+    holding(&mut holder, "SELECT 1 FROM job_results WHERE job_key = 'old' FOR UPDATE").await;
+    let prune = {
+        let store = store.clone();
+        tokio::spawn(async move { store.prune_ledger(Duration::from_secs(86_400)).await })
+    };
+    until_waiting_on_locks(&env, 1).await;
+    tokio::time::sleep(PAST_THE_BOUND).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let pruned = prune.await.unwrap();
+    assert_eq!(pruned.map_err(|e| e.to_string()), Ok(1), "the prune waited for the row and deleted it");
+}
+
+#[tokio::test]
+async fn migrations_wait_for_another_worker_past_the_statement_bound() {
+    let env = TestEnv::new().await;
+    migrated(&env.database_url, 2).await;
+    // A migration of another worker holds the migrations' table (as a long one does).
+    let mut holder = env.db().await;
+    holding(&mut holder, "LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE").await;
+    let second = PgStore::connect_lazy(&env.database_url, 2).unwrap();
+    let migrating = tokio::spawn(async move { second.migrate().await.map_err(|e| e.to_string()) });
+    until_waiting_on_locks(&env, 1).await;
+    tokio::time::sleep(PAST_THE_BOUND).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    assert_eq!(migrating.await.unwrap(), Ok(()), "the second worker's migration waited and succeeded");
+}
+
+#[tokio::test]
+async fn a_shorter_bound_the_operator_set_is_kept_and_a_longer_one_is_lowered() {
+    let env = TestEnv::new().await;
+    let mut seen = Vec::new();
+    for asked in ["100", "5000", "0"] {
+        let url = format!("{}&options=-c%20statement_timeout%3D{asked}", env.database_url);
+        let store = PgStore::connect_lazy(&url, 1).unwrap();
+        let setting: String = sqlx::query_scalar("SHOW statement_timeout").fetch_one(store.pool()).await.unwrap();
+        seen.push(setting);
+        store.pool().close().await;
+    }
+    assert_eq!(seen, ["100ms", "1500ms", "1500ms"], "the URL's 100 ms, 5 s and none");
+}
