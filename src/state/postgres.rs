@@ -1004,6 +1004,10 @@ impl PgStore {
         let unbounded = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(STATE_CALL_TIMEOUT)
+            // No bound at all, not even one the operator set for the worker's statements.
+            .after_connect(|conn, _| {
+                Box::pin(async move { sqlx::Executor::execute(conn, "SET statement_timeout = 0").await.map(|_| ()) })
+            })
             .connect_with(self.pool.connect_options().as_ref().clone())
             .await?;
         let migrated = MIGRATOR.run(&unbounded).await;
