@@ -505,6 +505,8 @@ pub(super) struct Failed {
 enum FailedKind {
     /// The database refused this statement.
     Refused,
+    /// The database cancelled this statement for its slowness.
+    Cancelled,
     /// No connection was free in time.
     Busy,
     /// The database could not be reached.
@@ -526,6 +528,7 @@ impl Failed {
         let message = self.message.clone();
         match self.kind {
             FailedKind::Refused => StoreError::Unavailable(message),
+            FailedKind::Cancelled => StoreError::Cancelled(message),
             FailedKind::Busy => StoreError::Busy(message),
             FailedKind::Unreachable => StoreError::Unreachable(message),
         }
@@ -536,6 +539,7 @@ pub(super) fn describe(error: &sqlx::Error) -> Failed {
     let kind = match error {
         sqlx::Error::PoolTimedOut => FailedKind::Busy,
         e if super::postgres::is_transient(e) => FailedKind::Unreachable,
+        e if super::postgres::is_slow(e) => FailedKind::Cancelled,
         _ => FailedKind::Refused,
     };
     Failed { message: error.to_string(), kind }

@@ -274,6 +274,11 @@ pub enum StoreError {
     /// and several in a row count as unreachable.
     #[error("database busy: {0}")]
     Busy(String),
+    /// The database cancelled the statement for its slowness (`statement_timeout`, a lock wait
+    /// past `lock_timeout`): it answers, but is busy. Such calls count as an outage only in a
+    /// run with no other answer between (see `PgStore`'s `cancelled`).
+    #[error("database busy, statement cancelled: {0}")]
+    Cancelled(String),
     /// The database cannot be reached (stopped, restarting, network gone): calls fail at once
     /// until it answers again, and the worker serves from its own view meanwhile.
     #[error("database unreachable: {0}")]

@@ -102,6 +102,10 @@ const MAX_UNSHARED_COOLDOWNS: usize = 1000;
 /// State calls in a row that may time out before the database counts as unreachable: one slow
 /// query (a lock wait, a full pool) fails only itself.
 const TIMEOUTS_BEFORE_DOWN: u32 = 3;
+/// How long a run of cancelled state calls (at least [`TIMEOUTS_BEFORE_DOWN`], nothing answered
+/// between) lasts before the database counts as down: as long as three calls given up in a row
+/// take at least, one after the other.
+const CANCELLED_BEFORE_DOWN: Duration = Duration::from_secs(4);
 
 /// The LISTEN session pings itself this often through the pool ...
 const LISTEN_PING: Duration = Duration::from_secs(1);
@@ -178,6 +182,10 @@ struct Outage {
     echo_lag_ms: AtomicU64,
     /// State calls in a row that got no answer in time.
     timeouts_in_a_row: AtomicU32,
+    /// State calls in a row the database cancelled for their slowness, and when the first of
+    /// them ended ([`monotonic_ms`], plus one: 0 is no such run).
+    cancelled_in_a_row: AtomicU32,
+    cancelled_since_ms: AtomicU64,
     /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
     workers_alive: AtomicU32,
     /// Every call this worker made recently, shared or not.
@@ -384,7 +392,9 @@ impl PgStore {
         let outcome = self.answer_of(answer.reply, answer.deadline).await;
         match &outcome {
             Err(StoreError::Unreachable(_)) => self.keep_unwritten(answer.write),
-            Err(StoreError::Busy(_) | StoreError::Unavailable(_)) => self.write_later(answer.write),
+            Err(StoreError::Busy(_) | StoreError::Cancelled(_) | StoreError::Unavailable(_)) => {
+                self.write_later(answer.write)
+            }
             _ => {}
         }
         outcome
@@ -428,7 +438,7 @@ impl PgStore {
             let writes: Vec<AnswerWrite> = answers.iter().map(|(a, _)| *a).collect();
             // `guarded` answers at once while the database is known to be down, and marks it
             // down when this write finds it gone.
-            match self.guarded(self.write_answers(&writes)).await {
+            match self.guarded_for(Caller::Background, self.write_answers(&writes, StatementBound::Kept)).await {
                 Ok(()) => {}
                 Err(StoreError::Unreachable(_)) => self.outage.unwritten_answers.lock().unwrap().extend(writes),
                 Err(_) => self.try_again(answers),
@@ -519,7 +529,7 @@ impl PgStore {
         self.answers.spawn(async move {
             let released =
                 sqlx::query("SELECT fallback_release_calls($1)").bind([call].as_slice()).execute(&store.pool);
-            match store.guarded(released).await {
+            match store.guarded_for(Caller::Background, released).await {
                 Ok(_) => store.forget_own_call(&permit),
                 Err(e) => {
                     tracing::debug!(error = %e, "cannot release a call that was never sent; it is answered instead");
@@ -657,14 +667,27 @@ impl PgStore {
     /// fails at once). A call that finds it unreachable, or takes longer than
     /// [`STATE_CALL_TIMEOUT`], marks it down and starts the probe that brings it back.
     async fn guarded<T>(&self, call: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
+        self.guarded_for(Caller::Job, call).await
+    }
+
+    /// [`Self::guarded`], for `caller`: a call no job waits on that the database cancels for its
+    /// slowness counts towards nothing (see [`Self::cancelled`]).
+    async fn guarded_for<T>(
+        &self,
+        caller: Caller,
+        call: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
         if self.is_degraded() {
             return Err(StoreError::Unreachable("the database is down".into()));
         }
         let watch = self.abandoned.watch();
         let answer = tokio::time::timeout(STATE_CALL_TIMEOUT, call).await;
         watch.finished(answer.is_ok());
-        if answer.is_ok() {
+        if let Ok(result) = &answer {
             self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
+            if !result.as_ref().is_err_and(is_slow) {
+                self.not_cancelled();
+            }
         }
         match answer {
             Ok(Ok(value)) => Ok(value),
@@ -674,7 +697,10 @@ impl PgStore {
                 self.went_down(&e.to_string());
                 Err(StoreError::Unreachable(e.to_string()))
             }
-            Ok(Err(e)) if is_slow(&e) => Err(StoreError::Busy(e.to_string())),
+            Ok(Err(e)) if is_slow(&e) => Err(match caller {
+                Caller::Job => self.cancelled(&e.to_string()),
+                Caller::Background => StoreError::Cancelled(e.to_string()),
+            }),
             Ok(Err(e)) => Err(StoreError::Database(e)),
             Err(_) => Err(self.timed_out(&format!("no answer within {STATE_CALL_TIMEOUT:?}"))),
         }
@@ -688,6 +714,38 @@ impl PgStore {
         }
         self.went_down(what);
         StoreError::Unreachable(what.to_string())
+    }
+
+    /// A state call a job waits on that the database cancelled for its slowness ([`is_slow`]). The database
+    /// answered: it is busy, not away, and one such call never counts as a timeout (a call in
+    /// several busy windows, each lock waited for within `lock_timeout`, is cancelled so).
+    /// A run of them with nothing answered between, [`TIMEOUTS_BEFORE_DOWN`] calls over
+    /// [`CANCELLED_BEFORE_DOWN`] at least, does take it for down: a database too slow for any
+    /// call (every admission cancelled) would otherwise hold every limited call back for as long
+    /// as it stays so, where the worker's own view serves them.
+    fn cancelled(&self, what: &str) -> StoreError {
+        let now = monotonic_ms().saturating_add(1);
+        let outage = &self.outage;
+        let since = match outage.cancelled_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => now,
+            Err(since) => since,
+        };
+        let calls = outage.cancelled_in_a_row.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let lasted = Duration::from_millis(now.saturating_sub(since));
+        if calls < TIMEOUTS_BEFORE_DOWN || lasted < CANCELLED_BEFORE_DOWN {
+            return StoreError::Cancelled(what.to_string());
+        }
+        self.not_cancelled();
+        self.went_down(&format!("every state call for {lasted:?} was cancelled as too slow: {what}"));
+        StoreError::Unreachable(what.to_string())
+    }
+
+    /// A state call got an answer other than a cancellation: a run of cancelled calls ends.
+    fn not_cancelled(&self) {
+        if self.outage.cancelled_since_ms.load(Ordering::Relaxed) != 0 {
+            self.outage.cancelled_since_ms.store(0, Ordering::Relaxed);
+            self.outage.cancelled_in_a_row.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Marks the database down (once) and starts probing for its return.
@@ -750,7 +808,7 @@ impl PgStore {
             return Err(e);
         }
         let answers = std::mem::take(&mut *self.outage.unwritten_answers.lock().unwrap());
-        if let Err(e) = self.write_answers(&answers).await {
+        if let Err(e) = self.write_answers(&answers, StatementBound::Lifted).await {
             self.outage.unwritten_answers.lock().unwrap().extend(answers);
             return Err(e);
         }
@@ -758,23 +816,31 @@ impl PgStore {
         Ok((unsynced.len(), cooldowns.len()))
     }
 
-    /// Writes the answers that arrived while the database was unreachable, in one transaction.
-    async fn write_answers(&self, answers: &[AnswerWrite]) -> Result<(), sqlx::Error> {
+    /// Writes `answers` in one statement: those that arrived while the database was unreachable
+    /// (the write-back, [`StatementBound::Lifted`]), or those it did not take when they came
+    /// (their retry, a state call like any other: [`StatementBound::Kept`]).
+    async fn write_answers(&self, answers: &[AnswerWrite], bound: StatementBound) -> Result<(), sqlx::Error> {
         if answers.is_empty() {
             return Ok(());
         }
         let (calls, tokens, requests, ended, seqs) = quota_batcher::answer_columns(answers);
-        let mut tx = self.pool.begin().await?;
-        lift_statement_timeout(&mut tx).await?;
-        sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
+        let statement = sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
             .bind(&calls)
             .bind(&tokens)
             .bind(&requests)
             .bind(&ended)
-            .bind(&seqs)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .bind(&seqs);
+        match bound {
+            StatementBound::Kept => {
+                statement.execute(&self.pool).await?;
+            }
+            StatementBound::Lifted => {
+                let mut tx = self.pool.begin().await?;
+                lift_statement_timeout(&mut tx).await?;
+                statement.execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }
         Ok(())
     }
 
@@ -873,7 +939,7 @@ impl PgStore {
             .collect();
         // The calls are written: failing now must not write them again (the write-back would
         // be retried whole). Their answers wait for the next write-back instead.
-        if let Err(e) = self.write_answers(&answered).await {
+        if let Err(e) = self.write_answers(&answered, StatementBound::Lifted).await {
             tracing::debug!(error = %e, "cannot write the answers of calls written back yet; kept for later");
             self.outage.unwritten_answers.lock().unwrap().extend(answered);
         }
@@ -1508,9 +1574,13 @@ impl PgStore {
                 .fetch_all(&self.pool)
                 .await?;
         let mut left = 0i64;
-        // One window per statement: an admission locks its windows in the canonical order, and
-        // must never wait on a prune that holds another of them.
+        // One window per transaction: an admission locks its windows in the canonical order,
+        // and must never wait on a prune that holds another of them. Each runs without the
+        // state calls' bound: a window's whole period may leave at once (a calendar reset, a
+        // fleet stopped for longer than the window), more than an admission can retire in time.
         for (kind, scope, measure, window_ms, calendar) in windows {
+            let mut tx = self.pool.begin().await?;
+            lift_statement_timeout(&mut tx).await?;
             let used: i64 = sqlx::query_scalar(
                 "WITH retired AS (SELECT fallback_retire($1, $2, $3, $4, $5, clock_timestamp()) AS used) \
                  SELECT coalesce((SELECT used FROM retired), (SELECT used FROM quota_window \
@@ -1521,8 +1591,9 @@ impl PgStore {
             .bind(measure)
             .bind(window_ms)
             .bind(calendar)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
+            tx.commit().await?;
             left = left.saturating_add(used);
         }
         Ok(left)
@@ -1863,6 +1934,25 @@ fn refused_for_everyone(error: &StoreError) -> bool {
         }
         _ => false,
     }
+}
+
+/// Who waits on a state call.
+#[derive(Debug, Clone, Copy)]
+enum Caller {
+    /// A job (an admission, the ledger, a cooldown it learnt): a database too slow for such
+    /// calls holds jobs back.
+    Job,
+    /// Nobody (an answer written again, a release): its slowness holds nothing back.
+    Background,
+}
+
+/// Whether a statement keeps the bound of the state calls ([`STATEMENT_TIMEOUT`]).
+#[derive(Debug, Clone, Copy)]
+enum StatementBound {
+    /// A state call: the worker gives up on it after [`STATE_CALL_TIMEOUT`] anyway.
+    Kept,
+    /// Work nobody waits on (the write-back after an outage): it takes as long as it needs.
+    Lifted,
 }
 
 /// Lets the statements of the transaction `conn` is in run as long as they need (see
@@ -2343,12 +2433,17 @@ impl PgStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Err(StoreError::Busy(why)))) => Err(self.timed_out(&why)),
+            Ok(Ok(Err(StoreError::Cancelled(why)))) => {
+                self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                Err(self.cancelled(&why))
+            }
             Ok(Ok(Err(StoreError::Unreachable(why)))) => {
                 self.went_down(&why);
                 Err(StoreError::Unreachable(why))
             }
             Ok(Ok(answer)) => {
                 self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                self.not_cancelled();
                 answer
             }
             Ok(Err(_)) => Err(closed()),

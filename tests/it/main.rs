@@ -49,6 +49,7 @@ mod review_release2;
 mod review_release3;
 mod review_release4;
 mod review_release5;
+mod review_stmt;
 mod shared_state;
 mod slow_answers;
 mod statement_timeout;
