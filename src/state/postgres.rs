@@ -773,6 +773,8 @@ impl PgStore {
             }
             match self.write_back().await {
                 Ok((calls, cooldowns)) => {
+                    // A run of cancellations from before the outage does not carry over it.
+                    self.not_cancelled();
                     self.outage.down.store(false, Ordering::SeqCst);
                     crate::observability::record_database_down(false);
                     // What was admitted or learnt between the write-back and now.
