@@ -539,7 +539,7 @@ pub(super) fn describe(error: &sqlx::Error) -> Failed {
     let kind = match error {
         sqlx::Error::PoolTimedOut => FailedKind::Busy,
         e if super::postgres::is_transient(e) => FailedKind::Unreachable,
-        e if super::postgres::is_slow(e) => FailedKind::Cancelled,
+        e if super::postgres::is_statement_timeout(e) => FailedKind::Cancelled,
         _ => FailedKind::Refused,
     };
     Failed { message: error.to_string(), kind }

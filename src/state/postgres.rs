@@ -103,9 +103,18 @@ const MAX_UNSHARED_COOLDOWNS: usize = 1000;
 /// query (a lock wait, a full pool) fails only itself.
 const TIMEOUTS_BEFORE_DOWN: u32 = 3;
 /// How long a run of cancelled state calls (at least [`TIMEOUTS_BEFORE_DOWN`], nothing answered
-/// between) lasts before the database counts as down: as long as three calls given up in a row
-/// take at least, one after the other.
+/// between, none more than this apart) lasts before the database counts as down: as long as
+/// three calls given up in a row take at least, one after the other.
 const CANCELLED_BEFORE_DOWN: Duration = Duration::from_secs(4);
+
+/// A run of state calls jobs wait on that the database cancelled for their time, on
+/// [`monotonic_ms`].
+#[derive(Debug, Clone, Copy)]
+struct CancelledRun {
+    first_ms: u64,
+    last_ms: u64,
+    calls: u32,
+}
 
 /// The LISTEN session pings itself this often through the pool ...
 const LISTEN_PING: Duration = Duration::from_secs(1);
@@ -182,10 +191,9 @@ struct Outage {
     echo_lag_ms: AtomicU64,
     /// State calls in a row that got no answer in time.
     timeouts_in_a_row: AtomicU32,
-    /// State calls in a row the database cancelled for their slowness, and when the first of
-    /// them ended ([`monotonic_ms`], plus one: 0 is no such run).
-    cancelled_in_a_row: AtomicU32,
-    cancelled_since_ms: AtomicU64,
+    /// The current run of state calls jobs wait on that the database cancelled for their time
+    /// (see [`PgStore::cancelled`]), if any.
+    cancelled_run: Mutex<Option<CancelledRun>>,
     /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
     workers_alive: AtomicU32,
     /// Every call this worker made recently, shared or not.
@@ -389,7 +397,8 @@ impl PgStore {
     /// for the write-back, one it was too slow for or refused (a lock wait past the statement's
     /// `lock_timeout`, a deadlock) is written again later.
     async fn written(&self, answer: QueuedAnswer) -> Result<(), StoreError> {
-        let outcome = self.answer_of(answer.reply, answer.deadline).await;
+        // Nobody waits on an answer's write: the job went on when it was queued.
+        let outcome = self.answer_of(Caller::Background, answer.reply, answer.deadline).await;
         match &outcome {
             Err(StoreError::Unreachable(_)) => self.keep_unwritten(answer.write),
             Err(StoreError::Busy(_) | StoreError::Cancelled(_) | StoreError::Unavailable(_)) => {
@@ -685,7 +694,8 @@ impl PgStore {
         watch.finished(answer.is_ok());
         if let Ok(result) = &answer {
             self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
-            if !result.as_ref().is_err_and(is_slow) {
+            // Answered, and not "too slow" nor "no connection": the database did the work.
+            if !result.as_ref().is_err_and(|e| is_slow(e) || matches!(e, sqlx::Error::PoolTimedOut)) {
                 self.not_cancelled();
             }
         }
@@ -697,10 +707,7 @@ impl PgStore {
                 self.went_down(&e.to_string());
                 Err(StoreError::Unreachable(e.to_string()))
             }
-            Ok(Err(e)) if is_slow(&e) => Err(match caller {
-                Caller::Job => self.cancelled(&e.to_string()),
-                Caller::Background => StoreError::Cancelled(e.to_string()),
-            }),
+            Ok(Err(e)) if is_slow(&e) => Err(self.cancelled(caller, &e)),
             Ok(Err(e)) => Err(StoreError::Database(e)),
             Err(_) => Err(self.timed_out(&format!("no answer within {STATE_CALL_TIMEOUT:?}"))),
         }
@@ -716,35 +723,52 @@ impl PgStore {
         StoreError::Unreachable(what.to_string())
     }
 
-    /// A state call a job waits on that the database cancelled for its slowness ([`is_slow`]). The database
+    /// A state call the database gave up on for its slowness ([`is_slow`]). The database
     /// answered: it is busy, not away, and one such call never counts as a timeout (a call in
     /// several busy windows, each lock waited for within `lock_timeout`, is cancelled so).
-    /// A run of them with nothing answered between, [`TIMEOUTS_BEFORE_DOWN`] calls over
-    /// [`CANCELLED_BEFORE_DOWN`] at least, does take it for down: a database too slow for any
-    /// call (every admission cancelled) would otherwise hold every limited call back for as long
-    /// as it stays so, where the worker's own view serves them.
-    fn cancelled(&self, what: &str) -> StoreError {
-        let now = monotonic_ms().saturating_add(1);
-        let outage = &self.outage;
-        let since = match outage.cancelled_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => now,
-            Err(since) => since,
-        };
-        let calls = outage.cancelled_in_a_row.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        let lasted = Duration::from_millis(now.saturating_sub(since));
-        if calls < TIMEOUTS_BEFORE_DOWN || lasted < CANCELLED_BEFORE_DOWN {
-            return StoreError::Cancelled(what.to_string());
+    ///
+    /// A run of statements cancelled for their time ([`is_statement_timeout`]) that jobs wait on
+    /// (`caller`), nothing answered between, [`TIMEOUTS_BEFORE_DOWN`] calls over
+    /// [`CANCELLED_BEFORE_DOWN`] at least and none further apart, does take it for down: a
+    /// database too slow for any call (every admission cancelled) would otherwise hold every
+    /// limited call back for as long as it stays so, where the worker's own view serves them. A
+    /// lock wait past `lock_timeout` is contention between workers, never counted: it must not
+    /// put a loaded fleet on local shares.
+    fn cancelled(&self, caller: Caller, error: &sqlx::Error) -> StoreError {
+        let what = error.to_string();
+        if matches!(caller, Caller::Background) || !is_statement_timeout(error) {
+            return StoreError::Cancelled(what);
         }
-        self.not_cancelled();
+        self.run_cancelled(what)
+    }
+
+    /// Counts one call jobs wait on in the run of cancelled calls (see [`Self::cancelled`]).
+    fn run_cancelled(&self, what: String) -> StoreError {
+        let now = monotonic_ms();
+        let gap_ms = u64::try_from(CANCELLED_BEFORE_DOWN.as_millis()).unwrap_or(u64::MAX);
+        let lasted = {
+            let mut current = self.outage.cancelled_run.lock().unwrap();
+            let mut run = match *current {
+                Some(run) if now.saturating_sub(run.last_ms) <= gap_ms => run,
+                _ => CancelledRun { first_ms: now, last_ms: now, calls: 0 },
+            };
+            run.calls = run.calls.saturating_add(1);
+            run.last_ms = now;
+            let lasted = Duration::from_millis(now.saturating_sub(run.first_ms));
+            let trips = run.calls >= TIMEOUTS_BEFORE_DOWN && lasted >= CANCELLED_BEFORE_DOWN;
+            *current = (!trips).then_some(run);
+            trips.then_some(lasted)
+        };
+        let Some(lasted) = lasted else { return StoreError::Cancelled(what) };
         self.went_down(&format!("every state call for {lasted:?} was cancelled as too slow: {what}"));
-        StoreError::Unreachable(what.to_string())
+        StoreError::Unreachable(what)
     }
 
     /// A state call got an answer other than a cancellation: a run of cancelled calls ends.
     fn not_cancelled(&self) {
-        if self.outage.cancelled_since_ms.load(Ordering::Relaxed) != 0 {
-            self.outage.cancelled_since_ms.store(0, Ordering::Relaxed);
-            self.outage.cancelled_in_a_row.store(0, Ordering::Relaxed);
+        let mut current = self.outage.cancelled_run.lock().unwrap();
+        if current.is_some() {
+            *current = None;
         }
     }
 
@@ -953,7 +977,7 @@ impl PgStore {
     pub async fn heartbeat(&self, worker: &str) -> Result<u32, StoreError> {
         let stale = HEARTBEAT_STALE.as_secs_f64();
         let alive = self
-            .guarded(async {
+            .guarded_for(Caller::Background, async {
                 sqlx::query(
                     "INSERT INTO worker_heartbeat (worker, seen_at) VALUES ($1, now()) \
                      ON CONFLICT (worker) DO UPDATE SET seen_at = now()",
@@ -1944,7 +1968,7 @@ enum Caller {
     /// A job (an admission, the ledger, a cooldown it learnt): a database too slow for such
     /// calls holds jobs back.
     Job,
-    /// Nobody (an answer written again, a release): its slowness holds nothing back.
+    /// Nobody (an answer's write, a release, the heartbeat): its slowness holds nothing back.
     Background,
 }
 
@@ -1962,6 +1986,15 @@ enum StatementBound {
 async fn lift_statement_timeout(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT set_config('statement_timeout', '0', true)").execute(&mut *conn).await?;
     Ok(())
+}
+
+/// A statement cancelled past its `statement_timeout` ([`STATEMENT_TIMEOUT`], or a shorter
+/// one the operator set).
+pub fn is_statement_timeout(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().as_deref() == Some("57014"),
+        _ => false,
+    }
 }
 
 /// A statement the database gave up on for its slowness: cancelled past [`STATEMENT_TIMEOUT`]
@@ -2404,7 +2437,7 @@ impl PgStore {
     ) -> Result<T, StoreError> {
         let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
         let answer = self.enqueue(queue, request, deadline).await?;
-        self.answer_of(answer, deadline).await
+        self.answer_of(Caller::Job, answer, deadline).await
     }
 
     /// Puts one request in a batcher's queue, the queue's room waited for within `deadline`:
@@ -2430,14 +2463,19 @@ impl PgStore {
     /// time counts towards marking the database down, as any state call does.
     async fn answer_of<T>(
         &self,
+        caller: Caller,
         answer: oneshot::Receiver<Result<T, StoreError>>,
         deadline: tokio::time::Instant,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Err(StoreError::Busy(why)))) => Err(self.timed_out(&why)),
+            // Only a batch's statement cancelled for its time comes back so (`ledger_batcher::describe`).
             Ok(Ok(Err(StoreError::Cancelled(why)))) => {
                 self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
-                Err(self.cancelled(&why))
+                Err(match caller {
+                    Caller::Job => self.run_cancelled(why),
+                    Caller::Background => StoreError::Cancelled(why),
+                })
             }
             Ok(Ok(Err(StoreError::Unreachable(why)))) => {
                 self.went_down(&why);

@@ -50,6 +50,7 @@ mod review_release3;
 mod review_release4;
 mod review_release5;
 mod review_stmt;
+mod review_stmt2;
 mod shared_state;
 mod slow_answers;
 mod statement_timeout;
