@@ -109,11 +109,31 @@ const CANCELLED_BEFORE_DOWN: Duration = Duration::from_secs(4);
 
 /// A run of state calls jobs wait on that the database cancelled for their time, on
 /// [`monotonic_ms`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CancelledRun {
     first_ms: u64,
     last_ms: u64,
     calls: u32,
+}
+
+impl CancelledRun {
+    /// The run after one more cancelled call at `now_ms`, and how long it lasted when that call
+    /// takes the database for down (the run then ends). A call more than
+    /// [`CANCELLED_BEFORE_DOWN`] after the last one starts a new run.
+    fn one_more(current: Option<CancelledRun>, now_ms: u64) -> (Option<CancelledRun>, Option<Duration>) {
+        let gap_ms = u64::try_from(CANCELLED_BEFORE_DOWN.as_millis()).unwrap_or(u64::MAX);
+        let mut run = match current {
+            Some(run) if now_ms.saturating_sub(run.last_ms) <= gap_ms => run,
+            _ => CancelledRun { first_ms: now_ms, last_ms: now_ms, calls: 0 },
+        };
+        run.calls = run.calls.saturating_add(1);
+        run.last_ms = now_ms;
+        let lasted = Duration::from_millis(now_ms.saturating_sub(run.first_ms));
+        if run.calls >= TIMEOUTS_BEFORE_DOWN && lasted >= CANCELLED_BEFORE_DOWN {
+            return (None, Some(lasted));
+        }
+        (Some(run), None)
+    }
 }
 
 /// The LISTEN session pings itself this often through the pool ...
@@ -744,20 +764,11 @@ impl PgStore {
 
     /// Counts one call jobs wait on in the run of cancelled calls (see [`Self::cancelled`]).
     fn run_cancelled(&self, what: String) -> StoreError {
-        let now = monotonic_ms();
-        let gap_ms = u64::try_from(CANCELLED_BEFORE_DOWN.as_millis()).unwrap_or(u64::MAX);
         let lasted = {
             let mut current = self.outage.cancelled_run.lock().unwrap();
-            let mut run = match *current {
-                Some(run) if now.saturating_sub(run.last_ms) <= gap_ms => run,
-                _ => CancelledRun { first_ms: now, last_ms: now, calls: 0 },
-            };
-            run.calls = run.calls.saturating_add(1);
-            run.last_ms = now;
-            let lasted = Duration::from_millis(now.saturating_sub(run.first_ms));
-            let trips = run.calls >= TIMEOUTS_BEFORE_DOWN && lasted >= CANCELLED_BEFORE_DOWN;
-            *current = (!trips).then_some(run);
-            trips.then_some(lasted)
+            let (run, tripped) = CancelledRun::one_more(*current, monotonic_ms());
+            *current = run;
+            tripped
         };
         let Some(lasted) = lasted else { return StoreError::Cancelled(what) };
         self.went_down(&format!("every state call for {lasted:?} was cancelled as too slow: {what}"));
@@ -2529,6 +2540,42 @@ fn closed() -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds cancelled calls at `times` (ms) into a fresh run: when each took the database for down.
+    fn trips_of(times: &[u64]) -> Vec<Option<Duration>> {
+        let mut run = None;
+        times
+            .iter()
+            .map(|&now| {
+                let (next, tripped) = CancelledRun::one_more(run, now);
+                run = next;
+                tripped
+            })
+            .collect()
+    }
+
+    #[test]
+    fn three_cancelled_calls_over_four_seconds_take_the_database_for_down_and_end_the_run() {
+        let trips = trips_of(&[1_000, 2_500, 4_000, 5_000, 6_500, 8_000, 9_500]);
+        let at: Vec<usize> = trips.iter().enumerate().filter(|(_, t)| t.is_some()).map(|(i, _)| i).collect();
+        // The 4th call is 4 s after the first (3+ calls); the run starts again with the 5th.
+        assert_eq!(at, [3], "{trips:?}");
+        assert_eq!(trips[3], Some(Duration::from_millis(4_000)));
+    }
+
+    #[test]
+    fn many_cancelled_calls_at_once_are_a_busy_moment_not_an_outage() {
+        assert!(trips_of(&[1_000; 50]).iter().all(Option::is_none));
+        assert!(trips_of(&[1_000, 1_500, 2_000, 2_900, 3_900, 4_999]).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn cancelled_calls_further_apart_than_the_run_allows_never_add_up() {
+        let apart = [0, 4_001, 8_002, 12_003, 16_004, 3_600_000, 3_601_000];
+        assert!(trips_of(&apart).iter().all(Option::is_none), "{:?}", trips_of(&apart));
+        // Within the gap they do, however long the run.
+        assert!(trips_of(&[0, 4_000, 8_000]).last().is_some_and(Option::is_some));
+    }
 
     /// A store whose admissions and answers go to the returned queue instead of a batcher
     /// (no database: the pool is lazy and never used).

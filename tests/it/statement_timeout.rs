@@ -87,3 +87,32 @@ async fn a_shorter_bound_the_operator_set_is_kept_and_a_longer_one_is_lowered() 
     }
     assert_eq!(seen, ["100ms", "1500ms", "1500ms"], "the URL's 100 ms, 5 s and none");
 }
+
+/// Contention is not an outage: admissions that each wait `lock_timeout` (1 s) for a window
+/// another worker holds, one after the other for over 4 s, are refused as busy and asked again,
+/// and the worker keeps the shared view (only statements cancelled for their time count towards
+/// taking the database for down).
+#[tokio::test]
+async fn admissions_behind_a_window_held_elsewhere_for_seconds_do_not_take_the_database_for_down() {
+    use fallback_worker::state::{Admission, Ask, ProviderState};
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 4).await;
+    let limits = [crate::credits::requests(1000)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: crate::review_probe2::HOLD };
+    let Admission::Granted(_) = store.admit(ask, std::time::SystemTime::now()).await else { panic!("not granted") };
+    let mut holder = env.db().await;
+    holding(&mut holder, "SELECT 1 FROM quota_window WHERE scope = 'p' FOR UPDATE").await;
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        match store.admit(ask, std::time::SystemTime::now()).await {
+            Admission::Granted(permit) => panic!("granted through a window held elsewhere: {permit:?}"),
+            _ => refused += 1,
+        }
+        assert!(!store.is_degraded(), "taken for down after {:?} of lock waits ({refused} asks)", started.elapsed());
+    }
+    assert!(refused >= 4, "the asks waited for the window: {refused}");
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let admitted = store.admit(ask, std::time::SystemTime::now()).await;
+    assert!(matches!(admitted, Admission::Granted(_)), "the window free again: {admitted:?}");
+}
