@@ -519,11 +519,6 @@ impl Failed {
         Failed { message: message.to_string(), kind: FailedKind::Busy }
     }
 
-    /// The database cancelled the statement for its time.
-    pub(super) fn is_cancelled(&self) -> bool {
-        matches!(self.kind, FailedKind::Cancelled)
-    }
-
     /// The connection failed, not the statement.
     fn is_lost_connection(&self) -> bool {
         matches!(self.kind, FailedKind::Unreachable)

@@ -230,24 +230,10 @@ impl Queues {
         self.by_task.insert(task, keys);
     }
 
-    /// A batch ended (finished, failed or timed out): its providers may go out again. When the
-    /// database cancelled its admission for its time, the asks that queued behind it are told
-    /// so at once: they met the same busy windows, and waiting for the next batch would take
-    /// them past their callers' bound, which counts a timeout each (three in a row take a
-    /// reachable database for down). Their jobs ask again shortly; answers stay queued.
-    fn release(&mut self, task: tokio::task::Id, cancelled: Option<&Failed>) {
+    /// A batch ended (finished, failed or timed out): its providers may go out again.
+    fn release(&mut self, task: tokio::task::Id) {
         for key in self.by_task.remove(&task).unwrap_or_default() {
             self.in_flight.remove(&key);
-            if let (Some(failed), Some(queue)) = (cancelled, self.waiting.get_mut(&key)) {
-                let (asks, answers): (VecDeque<Request>, VecDeque<Request>) =
-                    std::mem::take(queue).into_iter().partition(|r| !r.is_answer());
-                *queue = answers;
-                for ask in asks {
-                    if let Request::Admit(ask) = ask {
-                        let _ = ask.reply.send(Err(failed.to_store_error()));
-                    }
-                }
-            }
             if self.waiting.get(&key).is_some_and(|q| !q.is_empty()) {
                 self.ready.push_back(key);
             }
@@ -290,7 +276,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     // limit are the ledger's too.
     let max_in_flight = batches_in_flight(&pool);
     let mut queues = Queues { merge_answers: max_in_flight == 1, ..Queues::default() };
-    let mut in_flight: JoinSet<Ended> = JoinSet::new();
+    let mut in_flight: JoinSet<Option<PoolConnection<Postgres>>> = JoinSet::new();
     let mut leases = Leases::new(pool.clone());
     let mut closed = false;
     loop {
@@ -324,11 +310,11 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
                 None => closed = true,
             },
             ended = in_flight.join_next_with_id(), if !in_flight.is_empty() => match ended {
-                Some(Ok((task, ended))) => {
-                    queues.release(task, ended.cancelled.as_ref());
-                    leases.keep(ended.conn);
+                Some(Ok((task, handed_back))) => {
+                    queues.release(task);
+                    leases.keep(handed_back);
                 }
-                Some(Err(error)) => queues.release(error.id(), None),
+                Some(Err(error)) => queues.release(error.id()),
                 None => {}
             },
         }
@@ -336,16 +322,13 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
     leases.release();
 }
 
-/// How a batch ended.
-struct Ended {
-    /// Its connection, when still usable.
-    conn: Option<PoolConnection<Postgres>>,
-    /// Why the database cancelled its admission statement for its time, if it did.
-    cancelled: Option<Failed>,
-}
-
-/// Sends one batch (on `leased`, the previous batch's connection, when there is one).
-async fn execute(pool: PgPool, leased: Option<PoolConnection<Postgres>>, batch: Vec<Request>) -> Ended {
+/// Sends one batch (on `leased`, the previous batch's connection, when there is one); hands
+/// back its connection when it is still usable.
+async fn execute(
+    pool: PgPool,
+    leased: Option<PoolConnection<Postgres>>,
+    batch: Vec<Request>,
+) -> Option<PoolConnection<Postgres>> {
     let (mut asks, mut answers) = (Vec::new(), Vec::new());
     for request in batch {
         match request {
@@ -357,16 +340,15 @@ async fn execute(pool: PgPool, leased: Option<PoolConnection<Postgres>>, batch: 
         Ok(conn) => conn,
         Err(failed) => {
             fail_all(asks, answers, &failed);
-            return Ended { conn: None, cancelled: None };
+            return None;
         }
     };
-    let cancelled = if asks.is_empty() {
+    if asks.is_empty() {
         finish_all(&mut conn, answers).await;
-        None
     } else {
-        admit_all(&mut conn, asks, answers).await
-    };
-    Ended { conn: conn.into_reusable(), cancelled }
+        admit_all(&mut conn, asks, answers).await;
+    }
+    conn.into_reusable()
 }
 
 fn fail_all(asks: Vec<AdmitAsk>, answers: Vec<Answer>, failed: &Failed) {
@@ -404,11 +386,10 @@ macro_rules! admit_sql {
 }
 
 /// Records the provider's `answers`, then admits its asks, in order, in one statement, and
-/// replies to each; says why when the database cancelled the statement for its time.
-async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec<Answer>) -> Option<Failed> {
+/// replies to each.
+async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec<Answer>) {
     let Some((windows, provider)) = asks.first().map(|a| (a.windows.clone(), a.provider.clone())) else {
-        finish_all(conn, answers).await;
-        return None;
+        return finish_all(conn, answers).await;
     };
     let n = windows.specs.len();
     // The resets as of now (the asks waited a moment): the statement takes the reset after the
@@ -459,7 +440,6 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
     // locks are held elsewhere the statement records the answers alone (migration 0009).
     reply_to_answers(answers, rows.as_ref().map(|_| ()));
     let mut answers: Vec<Option<Result<Decision, Failed>>> = (0..asks.len()).map(|_| None).collect();
-    let cancelled = rows.as_ref().err().filter(|failed| failed.is_cancelled()).cloned();
     match rows {
         Ok(rows) => {
             for row in rows {
@@ -489,7 +469,6 @@ async fn admit_all(conn: &mut BatchConnection, asks: Vec<AdmitAsk>, answers: Vec
         };
         let _ = ask.reply.send(answer);
     }
-    cancelled
 }
 
 /// Records the answers of many calls in one statement.
@@ -574,48 +553,9 @@ mod tests {
             let b_task = set.spawn(async {}).id();
             queues.hold(b_task, key);
             assert!(queues.next_batch().is_none(), "a's next ask waits for a's batch in flight");
-            queues.release(a_task, None);
+            queues.release(a_task);
             let (key, batch) = queues.next_batch().unwrap();
             assert_eq!((names(&key), batch.len()), (vec!["a"], 1));
-        });
-    }
-
-    #[test]
-    fn asks_queued_behind_a_cancelled_admission_are_told_at_once_and_its_answers_stay_queued() {
-        let w = Arc::new(Windows::new(Vec::new()));
-        let mut queues = Queues::default();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(async {
-            let mut set = JoinSet::new();
-            queues.push(ask("a", &w));
-            let (key, _) = queues.next_batch().unwrap();
-            let a_task = set.spawn(async {}).id();
-            queues.hold(a_task, key);
-            let (reply, told) = oneshot::channel();
-            let waiting = AdmitAsk {
-                provider: "a".into(),
-                windows: w.clone(),
-                tokens: 1,
-                flight_ms: 1000,
-                leaves: Vec::new(),
-                requests: None,
-                open_ms: None,
-                reply,
-            };
-            queues.push(Request::Admit(waiting));
-            queues.push(finish("a", 7));
-            queues.push(ask("b", &w));
-            queues.release(a_task, Some(&Failed::busy("canceling statement due to statement timeout")));
-            assert!(told.await.is_ok_and(|answer| answer.is_err()), "the queued ask is told the windows are busy");
-            let (key, batch) = queues.next_batch().unwrap();
-            assert_eq!(names(&key), vec!["b"], "another provider's ask is not touched");
-            assert_eq!(batch.len(), 1);
-            let (key, batch) = queues.next_batch().unwrap();
-            let calls: Vec<i64> = batch
-                .iter()
-                .filter_map(|r| if let Request::Finish(a) = r { Some(a.write.call) } else { None })
-                .collect();
-            assert_eq!((names(&key), batch.len(), calls), (vec!["a"], 1, vec![7]), "the answer still goes out");
         });
     }
 
