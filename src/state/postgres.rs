@@ -712,23 +712,25 @@ impl PgStore {
         let watch = self.abandoned.watch();
         let answer = tokio::time::timeout(STATE_CALL_TIMEOUT, call).await;
         watch.finished(answer.is_ok());
-        if let Ok(result) = &answer {
+        if answer.is_ok() {
             self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
-            // Answered, and not "too slow" nor "no connection": the database did the work.
-            if !result.as_ref().is_err_and(|e| is_slow(e) || matches!(e, sqlx::Error::PoolTimedOut)) {
-                self.not_cancelled();
-            }
         }
         match answer {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(value)) => {
+                self.not_cancelled();
+                Ok(value)
+            }
             // Every connection busy (lock waits, a slow write-back) is slowness, not an outage.
             Ok(Err(sqlx::Error::PoolTimedOut)) => Err(self.timed_out("no pool connection free in time")),
             Ok(Err(e)) if is_transient(&e) => {
                 self.went_down(&e.to_string());
                 Err(StoreError::Unreachable(e.to_string()))
             }
-            Ok(Err(e)) if is_slow(&e) => Err(self.cancelled(caller, &e)),
-            Ok(Err(e)) => Err(StoreError::Database(e)),
+            Ok(Err(e)) if is_slow(&e) => Err(self.cancelled(caller, is_statement_timeout(&e), e.to_string())),
+            Ok(Err(e)) => {
+                self.not_cancelled();
+                Err(StoreError::Database(e))
+            }
             Err(_) => Err(self.timed_out(&format!("no answer within {STATE_CALL_TIMEOUT:?}"))),
         }
     }
@@ -747,23 +749,17 @@ impl PgStore {
     /// answered: it is busy, not away, and one such call never counts as a timeout (a call in
     /// several busy windows, each lock waited for within `lock_timeout`, is cancelled so).
     ///
-    /// A run of statements cancelled for their time ([`is_statement_timeout`]) that jobs wait on
-    /// (`caller`), nothing answered between, [`TIMEOUTS_BEFORE_DOWN`] calls over
+    /// A run of statements cancelled for their time (`timed_out`: [`is_statement_timeout`]) that
+    /// jobs wait on (`caller`), nothing answered between, [`TIMEOUTS_BEFORE_DOWN`] calls over
     /// [`CANCELLED_BEFORE_DOWN`] at least and none further apart, does take it for down: a
     /// database too slow for any call (every admission cancelled) would otherwise hold every
     /// limited call back for as long as it stays so, where the worker's own view serves them. A
     /// lock wait past `lock_timeout` is contention between workers, never counted: it must not
     /// put a loaded fleet on local shares.
-    fn cancelled(&self, caller: Caller, error: &sqlx::Error) -> StoreError {
-        let what = error.to_string();
-        if matches!(caller, Caller::Background) || !is_statement_timeout(error) {
+    fn cancelled(&self, caller: Caller, timed_out: bool, what: String) -> StoreError {
+        if matches!(caller, Caller::Background) || !timed_out {
             return StoreError::Cancelled(what);
         }
-        self.run_cancelled(what)
-    }
-
-    /// Counts one call jobs wait on in the run of cancelled calls (see [`Self::cancelled`]).
-    fn run_cancelled(&self, what: String) -> StoreError {
         let lasted = {
             let mut current = self.outage.cancelled_run.lock().unwrap();
             let (run, tripped) = CancelledRun::one_more(*current, monotonic_ms());
@@ -777,10 +773,7 @@ impl PgStore {
 
     /// A state call got an answer other than a cancellation: a run of cancelled calls ends.
     fn not_cancelled(&self) {
-        let mut current = self.outage.cancelled_run.lock().unwrap();
-        if current.is_some() {
-            *current = None;
-        }
+        *self.outage.cancelled_run.lock().unwrap() = None;
     }
 
     /// Marks the database down (once) and starts probing for its return.
@@ -872,8 +865,7 @@ impl PgStore {
                 statement.execute(&self.pool).await?;
             }
             StatementBound::Lifted => {
-                let mut tx = self.pool.begin().await?;
-                lift_statement_timeout(&mut tx).await?;
+                let mut tx = self.begin_unbounded().await?;
                 statement.execute(&mut *tx).await?;
                 tx.commit().await?;
             }
@@ -924,9 +916,8 @@ impl PgStore {
                 entry.2.push(epoch_ms(leaves) as f64);
             }
         }
-        let mut tx = self.pool.begin().await?;
         // As many calls as an outage allowed, in windows other workers keep busy.
-        lift_statement_timeout(&mut tx).await?;
+        let mut tx = self.begin_unbounded().await?;
         for (key, (call_ids, amounts, leaves)) in windows {
             sqlx::query(
                 "WITH added AS ( \
@@ -1098,6 +1089,14 @@ impl PgStore {
             Err(e) => return Err(e),
         }
         Ok(())
+    }
+
+    /// A transaction whose statements run as long as they need (see [`STATEMENT_TIMEOUT`]);
+    /// its connection's own bound is back after it.
+    async fn begin_unbounded(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT set_config('statement_timeout', '0', true)").execute(&mut *tx).await?;
+        Ok(tx)
     }
 
     /// Applies the migrations the database lacks, on a connection of its own without the
@@ -1371,7 +1370,7 @@ impl PgStore {
                 Ok(taken)
             }
             // 55P03 lock_not_available: the lock wait ran out.
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => Ok(false),
+            Err(e) if has_sqlstate(&e, &["55P03"]) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -1616,8 +1615,7 @@ impl PgStore {
         // state calls' bound: a window's whole period may leave at once (a calendar reset, a
         // fleet stopped for longer than the window), more than an admission can retire in time.
         for (kind, scope, measure, window_ms, calendar) in windows {
-            let mut tx = self.pool.begin().await?;
-            lift_statement_timeout(&mut tx).await?;
+            let mut tx = self.begin_unbounded().await?;
             let used: i64 = sqlx::query_scalar(
                 "WITH retired AS (SELECT fallback_retire($1, $2, $3, $4, $5, clock_timestamp()) AS used) \
                  SELECT coalesce((SELECT used FROM retired), (SELECT used FROM quota_window \
@@ -1640,8 +1638,7 @@ impl PgStore {
     /// Both deletes run without the state calls' [`STATEMENT_TIMEOUT`]: the first prune of a
     /// long-running ledger may delete millions of rows.
     pub async fn prune_ledger(&self, retention: Duration) -> Result<u64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        lift_statement_timeout(&mut tx).await?;
+        let mut tx = self.begin_unbounded().await?;
         let done = sqlx::query("DELETE FROM job_results WHERE first_seen < now() - make_interval(secs => $1)")
             .bind(retention.as_secs_f64())
             .execute(&mut *tx)
@@ -1992,30 +1989,25 @@ enum StatementBound {
     Lifted,
 }
 
-/// Lets the statements of the transaction `conn` is in run as long as they need (see
-/// [`STATEMENT_TIMEOUT`]); the connection's own bound is back after it.
-async fn lift_statement_timeout(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT set_config('statement_timeout', '0', true)").execute(&mut *conn).await?;
-    Ok(())
-}
-
-/// A statement cancelled past its `statement_timeout` ([`STATEMENT_TIMEOUT`], or a shorter
-/// one the operator set).
-pub fn is_statement_timeout(error: &sqlx::Error) -> bool {
+/// Whether the database refused the statement with one of `codes` (SQLSTATEs).
+fn has_sqlstate(error: &sqlx::Error, codes: &[&str]) -> bool {
     match error {
-        sqlx::Error::Database(db) => db.code().as_deref() == Some("57014"),
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| codes.contains(&code.as_ref())),
         _ => false,
     }
+}
+
+/// A statement cancelled past its `statement_timeout` (57014: [`STATEMENT_TIMEOUT`], or a
+/// shorter one the operator set).
+pub fn is_statement_timeout(error: &sqlx::Error) -> bool {
+    has_sqlstate(error, &["57014"])
 }
 
 /// A statement the database gave up on for its slowness: cancelled past [`STATEMENT_TIMEOUT`]
-/// (57014) or a lock wait past `lock_timeout` (55P03). The database answered: it is busy, not
-/// away, and the call is tried again later like one given up in time.
+/// or a lock wait past `lock_timeout` (55P03). The database answered: it is busy, not away,
+/// and the call is tried again later like one given up in time.
 pub fn is_slow(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57014" | "55P03")),
-        _ => false,
-    }
+    is_statement_timeout(error) || has_sqlstate(error, &["55P03"])
 }
 
 /// Errors that go away by themselves (the server is stopped or restarting, the network blipped).
@@ -2027,8 +2019,7 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_) => true,
         // 57P01..57P03: admin shutdown, crash shutdown, "the database system is starting up".
-        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P03" | "57P01" | "57P02")),
-        _ => false,
+        e => has_sqlstate(e, &["57P03", "57P01", "57P02"]),
     }
 }
 
@@ -2483,10 +2474,7 @@ impl PgStore {
             // Only a batch's statement cancelled for its time comes back so (`ledger_batcher::describe`).
             Ok(Ok(Err(StoreError::Cancelled(why)))) => {
                 self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
-                Err(match caller {
-                    Caller::Job => self.run_cancelled(why),
-                    Caller::Background => StoreError::Cancelled(why),
-                })
+                Err(self.cancelled(caller, true, why))
             }
             Ok(Ok(Err(StoreError::Unreachable(why)))) => {
                 self.went_down(&why);
