@@ -7,18 +7,14 @@ use fallback_worker::state::{Admission, Ask, ProviderState};
 
 use crate::credits::requests;
 use crate::review_probe2::{HOLD, migrated};
+use crate::statement_timeout::{migration_waits_past_the_bound, slow_statements};
 use crate::support::*;
 
 /// Makes every statement that updates a window's rows or a call's rows take `secs` (as a
 /// statement whose per-window lock waits add up, each under `lock_timeout`, does).
 async fn slow_updates(env: &TestEnv, secs: f64) {
-    let sql = format!(
-        "CREATE FUNCTION review_slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN PERFORM pg_sleep({secs}); RETURN NULL; END $$; \
-         CREATE TRIGGER review_slow BEFORE UPDATE ON quota_use FOR EACH STATEMENT EXECUTE FUNCTION review_slow(); \
-         CREATE TRIGGER review_slow BEFORE UPDATE ON quota_window FOR EACH STATEMENT EXECUTE FUNCTION review_slow();"
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();
+    slow_statements(env, "review_slow_use", "BEFORE UPDATE ON quota_use", &secs.to_string()).await;
+    slow_statements(env, "review_slow_window", "BEFORE UPDATE ON quota_window", &secs.to_string()).await;
 }
 
 /// Finding 1. `write_answers` lifts the statement bound (for the write-back after an outage),
@@ -76,15 +72,10 @@ async fn left_calls_slow_to_delete(env: &TestEnv, provider: &str, n: i64) {
     .execute(&mut db)
     .await
     .unwrap();
-    sqlx::raw_sql(
-        "CREATE FUNCTION review_slow_delete() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN IF (SELECT count(*) FROM gone) > 0 THEN PERFORM pg_sleep(2.5); END IF; RETURN NULL; END $$; \
-         CREATE TRIGGER review_slow_delete AFTER DELETE ON quota_use REFERENCING OLD TABLE AS gone \
-           FOR EACH STATEMENT EXECUTE FUNCTION review_slow_delete();",
-    )
-    .execute(&mut db)
-    .await
-    .unwrap();
+    drop(db);
+    let event = "AFTER DELETE ON quota_use REFERENCING OLD TABLE AS gone";
+    slow_statements(env, "review_slow_delete", event, "CASE WHEN (SELECT count(*) FROM gone) > 0 THEN 2.5 ELSE 0 END")
+        .await;
 }
 
 /// Finding 2. `prune_usage` (housekeeping, every 10 minutes) ran each window's retire on the
@@ -118,15 +109,7 @@ async fn migrations_wait_for_another_worker_past_a_bound_the_operator_set() {
     let env = TestEnv::new().await;
     migrated(&env.database_url, 2).await;
     let url = format!("{}&options=-c%20statement_timeout%3D1000", env.database_url);
-    let mut holder = env.db().await;
-    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE").execute(&mut holder).await.unwrap();
-    let second = fallback_worker::state::postgres::PgStore::connect_lazy(&url, 2).unwrap();
-    let migrating = tokio::spawn(async move { second.migrate().await.map_err(|e| e.to_string()) });
-    crate::ledger_batching::until_waiting_on_locks(&env, 1).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
-    assert_eq!(migrating.await.unwrap(), Ok(()), "the second worker's migration waited and succeeded");
+    migration_waits_past_the_bound(&env, &url).await;
 }
 
 /// Finding 4 (design, availability). A reachable database on which every admission takes
@@ -143,15 +126,7 @@ async fn a_database_too_slow_for_any_admission_does_not_hold_limited_calls_back_
     let limits = [requests(1000)];
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let Admission::Granted(_) = store.admit(ask, SystemTime::now()).await else { panic!("not granted") };
-    sqlx::raw_sql(
-        "CREATE FUNCTION review_slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
-         CREATE TRIGGER review_slow_insert BEFORE INSERT ON quota_use FOR EACH STATEMENT \
-           EXECUTE FUNCTION review_slow_insert();",
-    )
-    .execute(&mut env.db().await)
-    .await
-    .unwrap();
+    slow_statements(&env, "review_slow_insert", "BEFORE INSERT ON quota_use", "3").await;
     let mut outcomes = Vec::new();
     for _ in 0..5 {
         let admitted = store.admit(ask, SystemTime::now()).await;

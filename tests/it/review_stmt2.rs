@@ -11,21 +11,20 @@ use fallback_worker::state::{Admission, Ask, ProviderState, Receipt, ResultLedge
 use crate::credits::requests;
 use crate::review_outage::store_behind_relay;
 use crate::review_probe2::{HOLD, migrated};
+use crate::statement_timeout::slow_statements;
 use crate::support::*;
 
 /// Every insert into `quota_use` (each granted admission's statement) takes 3 s while the flag
 /// in `review2_slow` is set: a database too slow for any admission, switched on and off.
 async fn slow_admissions_while_flagged(env: &TestEnv, on: bool) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE review2_slow (on_ boolean NOT NULL); INSERT INTO review2_slow VALUES ({on}); \
-         CREATE FUNCTION review2_slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN IF (SELECT on_ FROM review2_slow) THEN PERFORM pg_sleep(3); END IF; RETURN NULL; END $$; \
-         CREATE TRIGGER review2_slow_insert BEFORE INSERT ON quota_use FOR EACH STATEMENT \
-           EXECUTE FUNCTION review2_slow_insert();"
+        "CREATE TABLE review2_slow (on_ boolean NOT NULL); INSERT INTO review2_slow VALUES ({on});"
     )))
     .execute(&mut env.db().await)
     .await
     .unwrap();
+    let seconds = "CASE WHEN (SELECT on_ FROM review2_slow) THEN 3 ELSE 0 END";
+    slow_statements(env, "review2_slow_insert", "BEFORE INSERT ON quota_use", seconds).await;
 }
 
 async fn set_slow(env: &TestEnv, on: bool) {
@@ -84,17 +83,9 @@ async fn a_busy_moment_shorter_than_the_cancelled_run_does_not_take_a_reachable_
     let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
     let Admission::Granted(_) = store.admit(ask, SystemTime::now()).await else { panic!("not granted") };
     // Inserts wait until a moment set in the table: a busy moment that ends by itself.
-    sqlx::raw_sql(
-        "CREATE TABLE review2_busy_until (until timestamptz); \
-         CREATE FUNCTION review2_busy() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN PERFORM pg_sleep(greatest(0, extract(epoch FROM (SELECT max(until) FROM review2_busy_until) \
-                                                           - clock_timestamp()))::float8); \
-           RETURN NULL; END $$; \
-         CREATE TRIGGER review2_busy BEFORE INSERT ON quota_use FOR EACH STATEMENT EXECUTE FUNCTION review2_busy();",
-    )
-    .execute(&mut env.db().await)
-    .await
-    .unwrap();
+    sqlx::query("CREATE TABLE review2_busy_until (until timestamptz)").execute(&mut env.db().await).await.unwrap();
+    let seconds = "greatest(0, extract(epoch FROM (SELECT max(until) FROM review2_busy_until) - clock_timestamp()))";
+    slow_statements(&env, "review2_busy", "BEFORE INSERT ON quota_use", seconds).await;
     sqlx::query("INSERT INTO review2_busy_until VALUES (clock_timestamp() + interval '2800 ms')")
         .execute(&mut env.db().await)
         .await
@@ -211,15 +202,7 @@ async fn answers_nobody_waits_on_do_not_take_the_database_down_when_cancelled() 
         assert!(permit.usage_id.is_some() && !permit.from_credit, "admitted by the database: {permit:?}");
         permits.push(permit);
     }
-    sqlx::raw_sql(
-        "CREATE FUNCTION review2_slow_update() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN PERFORM pg_sleep(2.5); RETURN NULL; END $$; \
-         CREATE TRIGGER review2_slow_update BEFORE UPDATE ON quota_use FOR EACH STATEMENT \
-           EXECUTE FUNCTION review2_slow_update();",
-    )
-    .execute(&mut env.db().await)
-    .await
-    .unwrap();
+    slow_statements(&env, "review2_slow_update", "BEFORE UPDATE ON quota_use", "2.5").await;
     let (went_down, ()) = degraded_during(&store, Duration::from_secs(2), async {
         for permit in permits {
             // Answered as estimated: the job does not wait for the write (not written first).

@@ -10,22 +10,16 @@ use fallback_worker::state::{Admission, Ask, ProviderState};
 
 use crate::credits::requests;
 use crate::review_probe2::{HOLD, migrated};
+use crate::statement_timeout::slow_statements;
 use crate::support::*;
 
 /// Busy until `ms` from now (the database's clock), on every insert into `quota_use`.
 async fn busy_for(env: &TestEnv, ms: u32, first: bool) {
     if first {
-        sqlx::raw_sql(
-            "CREATE TABLE review3_busy_until (until timestamptz); \
-             CREATE FUNCTION review3_busy() RETURNS trigger LANGUAGE plpgsql AS $$ \
-               BEGIN PERFORM pg_sleep(greatest(0, extract(epoch FROM (SELECT max(until) FROM review3_busy_until) \
-                                                               - clock_timestamp()))::float8); \
-               RETURN NULL; END $$; \
-             CREATE TRIGGER review3_busy BEFORE INSERT ON quota_use FOR EACH STATEMENT EXECUTE FUNCTION review3_busy();",
-        )
-        .execute(&mut env.db().await)
-        .await
-        .unwrap();
+        sqlx::query("CREATE TABLE review3_busy_until (until timestamptz)").execute(&mut env.db().await).await.unwrap();
+        let seconds =
+            "greatest(0, extract(epoch FROM (SELECT max(until) FROM review3_busy_until) - clock_timestamp()))";
+        slow_statements(env, "review3_busy", "BEFORE INSERT ON quota_use", seconds).await;
     }
     sqlx::query("INSERT INTO review3_busy_until VALUES (clock_timestamp() + make_interval(secs => $1::float8 / 1000))")
         .bind(f64::from(ms))

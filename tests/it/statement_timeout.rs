@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use fallback_worker::state::postgres::PgStore;
 use sqlx::PgConnection;
 
-use crate::ledger_batching::until_waiting_on_locks;
 use crate::review_probe2::migrated;
 use crate::support::*;
 
@@ -18,9 +17,50 @@ use crate::support::*;
 const PAST_THE_BOUND: Duration = Duration::from_millis(2500);
 
 /// Opens a transaction on `conn` that holds what `lock` takes until it commits.
-async fn holding(conn: &mut PgConnection, lock: &str) {
+pub(crate) async fn holding(conn: &mut PgConnection, lock: &str) {
     sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(lock.to_string())).execute(&mut *conn).await.unwrap();
+}
+
+/// Waits until a session of the test's database has waited on a lock for longer than
+/// [`PAST_THE_BOUND`] (a statement bounded at 1.5 s would have been cancelled by then).
+pub(crate) async fn until_a_lock_wait_outlasts_the_bound(env: &TestEnv) {
+    eventually("a lock wait past the statement bound", || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database() \
+               AND wait_event_type = 'Lock' AND clock_timestamp() - query_start > make_interval(secs => $1)",
+        )
+        .bind(PAST_THE_BOUND.as_secs_f64())
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap()
+    })
+    .await;
+}
+
+/// Makes every statement `event` names (`"BEFORE INSERT ON quota_use"`, with a `REFERENCING`
+/// clause if `seconds` reads one) sleep `seconds`, an SQL expression: a database slow for those
+/// statements, as lock waits that add up or a slow disk make it. `name` names the trigger.
+pub(crate) async fn slow_statements(env: &TestEnv, name: &str, event: &str, seconds: &str) {
+    let sql = format!(
+        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+           BEGIN PERFORM pg_sleep(({seconds})::float8); RETURN NULL; END $$; \
+         CREATE TRIGGER {name} {event} FOR EACH STATEMENT EXECUTE FUNCTION {name}();"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();
+}
+
+/// A second worker (its URL `url`) migrates while another worker's migration holds the
+/// migrations' table past the statement bound: it waits, and succeeds.
+pub(crate) async fn migration_waits_past_the_bound(env: &TestEnv, url: &str) {
+    migrated(&env.database_url, 2).await;
+    let mut holder = env.db().await;
+    holding(&mut holder, "LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE").await;
+    let second = PgStore::connect_lazy(url, 2).unwrap();
+    let migrating = tokio::spawn(async move { second.migrate().await.map_err(|e| e.to_string()) });
+    until_a_lock_wait_outlasts_the_bound(env).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    assert_eq!(migrating.await.unwrap(), Ok(()), "the second worker's migration waited and succeeded");
 }
 
 #[tokio::test]
@@ -52,8 +92,7 @@ async fn pruning_waits_for_a_busy_row_past_the_statement_bound() {
         let store = store.clone();
         tokio::spawn(async move { store.prune_ledger(Duration::from_secs(86_400)).await })
     };
-    until_waiting_on_locks(&env, 1).await;
-    tokio::time::sleep(PAST_THE_BOUND).await;
+    until_a_lock_wait_outlasts_the_bound(&env).await;
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
     let pruned = prune.await.unwrap();
     assert_eq!(pruned.map_err(|e| e.to_string()), Ok(1), "the prune waited for the row and deleted it");
@@ -62,16 +101,7 @@ async fn pruning_waits_for_a_busy_row_past_the_statement_bound() {
 #[tokio::test]
 async fn migrations_wait_for_another_worker_past_the_statement_bound() {
     let env = TestEnv::new().await;
-    migrated(&env.database_url, 2).await;
-    // A migration of another worker holds the migrations' table (as a long one does).
-    let mut holder = env.db().await;
-    holding(&mut holder, "LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE").await;
-    let second = PgStore::connect_lazy(&env.database_url, 2).unwrap();
-    let migrating = tokio::spawn(async move { second.migrate().await.map_err(|e| e.to_string()) });
-    until_waiting_on_locks(&env, 1).await;
-    tokio::time::sleep(PAST_THE_BOUND).await;
-    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
-    assert_eq!(migrating.await.unwrap(), Ok(()), "the second worker's migration waited and succeeded");
+    migration_waits_past_the_bound(&env, &env.database_url).await;
 }
 
 #[tokio::test]
