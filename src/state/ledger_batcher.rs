@@ -3,6 +3,7 @@
 //! in the next one (no added delay when idle), which saves most of a round trip per job.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
@@ -10,6 +11,8 @@ use sqlx::{PgConnection, PgPool, Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use super::last_answer::LastAnswer;
+use super::postgres::monotonic_ms;
 use super::{LedgerEntry, Receipt, StoreError};
 
 /// Largest batch sent in one query.
@@ -29,9 +32,9 @@ impl Request {
 }
 
 /// Starts the batching task; it ends when every sender is gone.
-pub fn spawn(pool: PgPool) -> mpsc::Sender<Request> {
+pub fn spawn(pool: PgPool, heard: Arc<LastAnswer>) -> mpsc::Sender<Request> {
     let (sender, receiver) = mpsc::channel(1024);
-    tokio::spawn(run(pool, receiver));
+    tokio::spawn(run(pool, heard, receiver));
     sender
 }
 
@@ -54,7 +57,7 @@ pub(super) fn batches_in_flight(pool: &PgPool) -> usize {
 /// other) would wait for it. Its callers gave up long before (after `STATE_CALL_TIMEOUT`).
 const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
+async fn run(pool: PgPool, heard: Arc<LastAnswer>, mut receiver: mpsc::Receiver<Request>) {
     let max_in_flight = batches_in_flight(&pool);
     let mut closed = false;
     let mut deferred: Vec<Request> = Vec::new();
@@ -119,7 +122,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
         // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
         // Boxed: the batch's future (its sqlx statements) is kilobytes, copied several times on
         // its way into a task otherwise (measured: 7 % of the worker's instructions per job).
-        let task = in_flight.spawn(Box::pin(execute(pool.clone(), leases.take(), now)));
+        let task = in_flight.spawn(Box::pin(execute(pool.clone(), heard.clone(), leases.take(), now)));
         busy.hold(task.id(), keys);
     }
     while in_flight.join_next().await.is_some() {}
@@ -159,10 +162,11 @@ impl Busy {
 /// is still usable.
 async fn execute(
     pool: PgPool,
+    heard: Arc<LastAnswer>,
     leased: Option<PoolConnection<Postgres>>,
     batch: Vec<Request>,
 ) -> Option<PoolConnection<Postgres>> {
-    let mut conn = match BatchConnection::acquire(&pool, leased).await {
+    let mut conn = match BatchConnection::acquire(&pool, leased, heard).await {
         Ok(conn) => conn,
         Err(failed) => {
             for request in batch {
@@ -201,6 +205,8 @@ pub(super) struct BatchConnection {
     suspect: bool,
     /// Kept from the previous batch, so not pinged before its first statement.
     unchecked: bool,
+    /// Told of every answer the database gives the batch (see [`LastAnswer`]).
+    heard: Arc<LastAnswer>,
 }
 
 impl BatchConnection {
@@ -209,6 +215,7 @@ impl BatchConnection {
     pub(super) async fn acquire(
         pool: &PgPool,
         kept: Option<PoolConnection<Postgres>>,
+        heard: Arc<LastAnswer>,
     ) -> Result<BatchConnection, Failed> {
         let deadline = tokio::time::Instant::now() + BATCH_TIMEOUT;
         let unchecked = kept.is_some();
@@ -216,7 +223,7 @@ impl BatchConnection {
             Some(conn) => conn,
             None => Self::pooled(pool, deadline).await?,
         };
-        Ok(BatchConnection { conn, deadline, timed_out: false, suspect: false, unchecked })
+        Ok(BatchConnection { conn, deadline, timed_out: false, suspect: false, unchecked, heard })
     }
 
     async fn pooled(pool: &PgPool, deadline: tokio::time::Instant) -> Result<PoolConnection<Postgres>, Failed> {
@@ -243,7 +250,11 @@ impl BatchConnection {
             return Err(Failed::busy("the batch ran out of time"));
         }
         let unchecked = std::mem::take(&mut self.unchecked);
-        match tokio::time::timeout_at(self.deadline, statement(&mut *self.conn)).await {
+        let outcome = tokio::time::timeout_at(self.deadline, statement(&mut *self.conn)).await;
+        if let Ok(Ok(_) | Err(sqlx::Error::Database(_))) = &outcome {
+            self.heard.heard(monotonic_ms());
+        }
+        match outcome {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => {
                 let failed = describe(&e);

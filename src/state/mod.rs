@@ -4,6 +4,7 @@
 //! [`memory::MemoryStore`] is the embedded one for `batch` without a database and for unit tests.
 
 mod credits;
+mod last_answer;
 mod ledger_batcher;
 pub mod memory;
 pub mod postgres;

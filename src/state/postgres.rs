@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::credits::{self, Credit, CreditBook, Ending};
+use super::last_answer::{LastAnswer, OUTLASTED};
 use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
 use super::quota_batcher::{self, AnswerWrite};
@@ -70,6 +71,10 @@ const STATE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// of the release). Migrations, pruning and the write-back after an outage lift it.
 const STATEMENT_TIMEOUT: Duration = Duration::from_millis(1500);
 const _: () = assert!(STATEMENT_TIMEOUT.as_millis() < STATE_CALL_TIMEOUT.as_millis());
+// A database silent past the statement bound and the time a cancellation takes is not
+// answering, and it can show so before a call's deadline.
+const _: () = assert!(STATEMENT_TIMEOUT.as_millis() < OUTLASTED.as_millis());
+const _: () = assert!(OUTLASTED.as_millis() < STATE_CALL_TIMEOUT.as_millis());
 /// The pauses before each new try of an answer the database did not take (see
 /// [`PgStore::write_later`]): about 6 s in all, then its call is left to expire.
 const ANSWER_RETRY_PAUSES: [Duration; 3] = [Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(4)];
@@ -180,6 +185,10 @@ pub struct PgStore {
     listen_options: Arc<PgConnectOptions>,
     /// When a state call last gave up on a query still running (see [`Abandoned`]).
     abandoned: Arc<Abandoned>,
+    /// When the database last answered a batch's statement: a call given up on in a batcher's
+    /// queue counts as a timeout only when the batches have heard nothing past the statement
+    /// bound ([`PgStore::gave_up_in_queue`]).
+    last_answer: Arc<LastAnswer>,
     /// Answers of calls queued for recording, which their jobs do not wait for: a worker that
     /// stops waits for them ([`PgStore::answers_recorded`]).
     answers: TaskTracker,
@@ -359,6 +368,7 @@ impl PgStore {
             windows: Arc::default(),
             ledger: Arc::default(),
             outage: Arc::new(outage),
+            last_answer: Arc::default(),
             listen_options,
             abandoned: Arc::default(),
             answers: TaskTracker::new(),
@@ -1068,7 +1078,7 @@ impl PgStore {
     }
 
     fn ledger(&self) -> &mpsc::Sender<Request> {
-        self.ledger.get_or_init(|| ledger_batcher::spawn(self.pool.clone()))
+        self.ledger.get_or_init(|| ledger_batcher::spawn(self.pool.clone(), self.last_answer.clone()))
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -1301,7 +1311,7 @@ impl PgStore {
     }
 
     fn quota(&self) -> &mpsc::Sender<quota_batcher::Request> {
-        self.quota.get_or_init(|| quota_batcher::spawn(self.pool.clone()))
+        self.quota.get_or_init(|| quota_batcher::spawn(self.pool.clone(), self.last_answer.clone()))
     }
 
     /// Claims `provider`'s probe in the table (its circuit, `known`, has expired by `now`).
@@ -1932,7 +1942,7 @@ impl PgStore {
 
 /// Milliseconds on a monotonic clock of this process (from its first call): what the LISTEN
 /// session's freshness is measured on, immune to the wall clock's steps.
-fn monotonic_ms() -> u64 {
+pub(super) fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let start = *START.get_or_init(std::time::Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -2457,7 +2467,7 @@ impl PgStore {
         match tokio::time::timeout_at(deadline, queue.send(request(reply))).await {
             Ok(Ok(())) => Ok(answer),
             Ok(Err(_)) => Err(closed()),
-            Err(_) => Err(self.timed_out("the batching queue is full")),
+            Err(_) => Err(self.gave_up_in_queue("the batching queue is full")),
         }
     }
 
@@ -2486,8 +2496,22 @@ impl PgStore {
                 answer
             }
             Ok(Err(_)) => Err(closed()),
-            Err(_) => Err(self.timed_out(&format!("no answer from the batch within {STATE_CALL_TIMEOUT:?}"))),
+            Err(_) => Err(self.gave_up_in_queue(&format!("no answer from the batch within {STATE_CALL_TIMEOUT:?}"))),
         }
+    }
+
+    /// A batched call given up on at its deadline. Its deadline counts from when it was queued,
+    /// so it may have waited behind a batch Postgres cancelled for its time and gone out with
+    /// less than the whole statement bound left: while the database answers the batches'
+    /// statements (a cancellation is an answer) that shows a busy database, not an absent one,
+    /// and counts towards nothing. It counts as a timeout once no batch has heard from the
+    /// database past the bound ([`OUTLASTED`]), which an answering database never lets happen
+    /// while batches wait.
+    fn gave_up_in_queue(&self, what: &str) -> StoreError {
+        if !self.last_answer.answering(monotonic_ms()) {
+            return self.timed_out(what);
+        }
+        StoreError::Busy(format!("{what} (the database answered a batch within {OUTLASTED:?})"))
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::StoreError;
+use super::last_answer::LastAnswer;
 use super::ledger_batcher::{BatchConnection, Failed, Leases, MAX_BATCH, batches_in_flight};
 use super::postgres::{WindowSpec, epoch_ms, measure_name, saturating_i64};
 
@@ -158,9 +159,9 @@ impl Request {
 }
 
 /// Starts the batching task; it ends when every sender is gone.
-pub fn spawn(pool: PgPool) -> mpsc::Sender<Request> {
+pub fn spawn(pool: PgPool, heard: Arc<LastAnswer>) -> mpsc::Sender<Request> {
     let (sender, receiver) = mpsc::channel(1024);
-    tokio::spawn(run(pool, receiver));
+    tokio::spawn(run(pool, heard, receiver));
     sender
 }
 
@@ -269,7 +270,7 @@ fn take_batch(queue: &mut VecDeque<Request>) -> Vec<Request> {
     batch
 }
 
-async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
+async fn run(pool: PgPool, heard: Arc<LastAnswer>, mut receiver: mpsc::Receiver<Request>) {
     // Across providers and finishes together, as for the ledger (one at a time on the default
     // pool, so that the ledger's batch and a cooldown or a circuit's probe find a connection; a
     // second batch goes out only while a connection is idle). The size of a batch and its time
@@ -284,7 +285,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
             let Some((keys, batch)) = queues.next_batch() else { break };
             // Bounded inside (`BATCH_TIMEOUT`): a batch is never dropped while its query runs.
             // Boxed, as the ledger's batches (see there).
-            let task = in_flight.spawn(Box::pin(execute(pool.clone(), leases.take(), batch)));
+            let task = in_flight.spawn(Box::pin(execute(pool.clone(), heard.clone(), leases.take(), batch)));
             queues.hold(task.id(), keys);
         }
         if closed && in_flight.is_empty() && queues.ready.is_empty() {
@@ -326,6 +327,7 @@ async fn run(pool: PgPool, mut receiver: mpsc::Receiver<Request>) {
 /// back its connection when it is still usable.
 async fn execute(
     pool: PgPool,
+    heard: Arc<LastAnswer>,
     leased: Option<PoolConnection<Postgres>>,
     batch: Vec<Request>,
 ) -> Option<PoolConnection<Postgres>> {
@@ -336,7 +338,7 @@ async fn execute(
             Request::Finish(answer) => answers.push(answer),
         }
     }
-    let mut conn = match BatchConnection::acquire(&pool, leased).await {
+    let mut conn = match BatchConnection::acquire(&pool, leased, heard).await {
         Ok(conn) => conn,
         Err(failed) => {
             fail_all(asks, answers, &failed);

@@ -53,6 +53,7 @@ mod review_stmt;
 mod review_stmt2;
 mod review_stmt3;
 mod shared_state;
+mod silent_database;
 mod slow_answers;
 mod statement_timeout;
 mod tools;
