@@ -51,6 +51,7 @@ mod review_release4;
 mod review_release5;
 mod review_stmt;
 mod review_stmt2;
+mod review_silent;
 mod review_stmt3;
 mod shared_state;
 mod silent_database;

@@ -1,0 +1,93 @@
+//! Adversarial review of fabddbd ("a batched call given up on counts as a timeout only when no
+//! batch has heard from the database for 1.75 s", `state/last_answer.rs`).
+
+use std::time::{Duration, Instant};
+
+use fallback_worker::state::postgres::PgStore;
+use fallback_worker::state::{Receipt, ResultLedger};
+
+use crate::review_probe2::migrated;
+use crate::support::*;
+
+/// Every transaction that writes `table` takes `seconds` more at its commit: a deferred
+/// constraint trigger sleeps once per transaction. It runs inside COMMIT, which Postgres does
+/// not hold to `statement_timeout` (`finish_xact_command` disables the timeout before it
+/// commits): what a lagging synchronous standby (`synchronous_commit = on`) or a storage that
+/// takes seconds to flush the WAL does to every write.
+async fn slow_commits(env: &TestEnv, table: &str, seconds: f64) {
+    let name = format!("review_silent_slow_commit_{table}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF current_setting('review_silent.slept', true) IS DISTINCT FROM 'yes' THEN \
+             PERFORM set_config('review_silent.slept', 'yes', true); \
+             PERFORM pg_sleep({seconds}); \
+           END IF; \
+           RETURN NULL; \
+         END $$; \
+         CREATE CONSTRAINT TRIGGER {name} AFTER INSERT OR UPDATE ON {table} \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {name}();"
+    )))
+    .execute(&mut env.db().await)
+    .await
+    .unwrap();
+}
+
+/// Finding 1 (high, regression of fabddbd). `LastAnswer::heard` takes any answer a batch
+/// statement gets, however late, as proof that the database answers; a batched call's give-up
+/// then never counts while some batch got an answer in the last 1.75 s. A database whose every
+/// write answers, but only after the worker's 2 s (commits slowed by a lagging synchronous
+/// standby or a stalled WAL disk: COMMIT is not bound by `statement_timeout`), answers some
+/// batch every ~1.2 s once two ledger batches are in flight: every ledger call of every job
+/// times out (2 s waited, twice per job), and the worker never goes to its own view. Before
+/// fabddbd (b758a21) the same calls counted and the worker went down within ~3.3 s. The docs
+/// say "one ... whose writes hang, does [go down] ... within about 2.5 s as before".
+#[tokio::test]
+async fn a_database_whose_every_answer_comes_after_the_deadline_is_taken_for_down() {
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 4).await;
+    store.open("warm", "fingerprint", Receipt::of(false)).await.unwrap();
+    {
+        // Two idle connections, so that a second ledger batch goes out beside the first.
+        let (a, b) = tokio::join!(store.pool().acquire(), store.pool().acquire());
+        drop((a.unwrap(), b.unwrap()));
+    }
+    slow_commits(&env, "job_results", 2.3).await;
+    let since = Instant::now();
+    let mut opens: Vec<tokio::task::JoinHandle<String>> = Vec::new();
+    let spawn_open = |store: &PgStore, i: usize| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = store.open(&format!("job-{i}"), "fingerprint", Receipt::of(false)).await;
+            format!("{:?} after {:?}", answer.map(|_| ()), started.elapsed())
+        })
+    };
+    // Jobs arrive: one, then a steady flow from 1.15 s on (one every 100 ms).
+    opens.push(spawn_open(&store, 0));
+    tokio::time::sleep(Duration::from_millis(1150)).await;
+    let mut i = 1;
+    let mut went_down_after = None;
+    while since.elapsed() < Duration::from_secs(10) {
+        if store.is_degraded() {
+            went_down_after = Some(since.elapsed());
+            break;
+        }
+        opens.push(spawn_open(&store, i));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut answers = Vec::new();
+    for open in opens {
+        answers.push(open.await.unwrap());
+    }
+    let in_time = answers.iter().filter(|a| a.starts_with("Ok")).count();
+    let given_up = answers.iter().filter(|a| a.starts_with("Err(Busy")).count();
+    assert!(
+        went_down_after.is_some_and(|after| after < Duration::from_secs(6)),
+        "not taken for down within 6 s ({went_down_after:?}) while {given_up} of {} ledger calls \
+         waited 2 s and were given up as 'busy' ({in_time} answered in time): {:#?}",
+        answers.len(),
+        &answers[..answers.len().min(12)]
+    );
+}
