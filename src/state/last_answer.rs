@@ -35,6 +35,17 @@ impl LastAnswer {
         self.0.fetch_max(now_ms.saturating_add(1), Ordering::Relaxed);
     }
 
+    /// The database answered a statement sent at `sent_ms` at `now_ms`: heard when it answered
+    /// within [`OUTLASTED`] of the statement's start (the bound, or a cancellation, and the way
+    /// back). A later answer shows a database, or a path to it, slower than a call can wait (a
+    /// commit that takes seconds, a link that delivers late): the calls given up on meanwhile
+    /// are not queued behind a busy moment, and must count.
+    pub(super) fn answered(&self, sent_ms: u64, now_ms: u64) {
+        if Duration::from_millis(now_ms.saturating_sub(sent_ms)) < OUTLASTED {
+            self.heard(now_ms);
+        }
+    }
+
     /// How long the database has been silent at `now_ms`; `None` when it never answered.
     pub(super) fn silent_for(&self, now_ms: u64) -> Option<Duration> {
         let last = self.0.load(Ordering::Relaxed).checked_sub(1)?;
@@ -77,6 +88,16 @@ mod tests {
         last.heard(4_000);
         assert_eq!(last.silent_for(6_000), Some(Duration::from_millis(1_000)));
         assert_eq!(last.silent_for(4_500), Some(Duration::ZERO), "a reading older than the answer");
+    }
+
+    #[test]
+    fn an_answer_later_than_the_bound_and_its_cancellation_is_not_heard() {
+        let last = LastAnswer::default();
+        last.answered(1_000, 2_749);
+        assert_eq!(last.silent_for(2_749), Some(Duration::ZERO));
+        last.answered(3_000, 4_750);
+        assert_eq!(last.silent_for(4_750), Some(Duration::from_millis(2_001)), "a late answer is not heard");
+        assert!(!LastAnswer::default().answering(0));
     }
 
     #[test]

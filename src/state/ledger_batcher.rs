@@ -250,9 +250,10 @@ impl BatchConnection {
             return Err(Failed::busy("the batch ran out of time"));
         }
         let unchecked = std::mem::take(&mut self.unchecked);
+        let sent = monotonic_ms();
         let outcome = tokio::time::timeout_at(self.deadline, statement(&mut *self.conn)).await;
         if let Ok(Ok(_) | Err(sqlx::Error::Database(_))) = &outcome {
-            self.heard.heard(monotonic_ms());
+            self.heard.answered(sent, monotonic_ms());
         }
         match outcome {
             Ok(Ok(answer)) => Ok(answer),
