@@ -91,3 +91,54 @@ async fn a_database_whose_every_answer_comes_after_the_deadline_is_taken_for_dow
         &answers[..answers.len().min(12)]
     );
 }
+
+/// Finding 2 (medium, older than fabddbd, against its rule and the docs). A batch on a connection
+/// kept from the previous batch whose session ended (an operator's or a failover tool's
+/// `pg_terminate_backend`) fails as "busy" (`BatchConnection::run`: "the worker does not switch
+/// to its own view for it"; docs/operations.md: "fails that one batch as 'busy' ... not as a
+/// database outage"). But `answer_of` takes every batch-level `Busy` for a timeout, once per
+/// request, whatever the batches heard: a kept-connection batch of three or more requests is
+/// three timeouts in a row, and the worker takes a database that just answered (the session's
+/// own FATAL 57P01 is an answer `LastAnswer` heard) for down: no ledger, local quota shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_three_on_a_kept_connection_whose_session_was_terminated_does_not_take_the_database_down() {
+    use crate::ledger_batching::{DEFAULT_POOL, lock_keys, open_queued, release, store_at, until_waiting_on_locks};
+    let env = TestEnv::new().await;
+    // Two connections open and idle: one ledger batch in flight at a time.
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    // A batch in flight (waiting on its row lock, well within lock_timeout), three opens of other
+    // keys queued behind it, their rows held too so that their batch waits on its connection.
+    let first_locker = lock_keys(&env, &["first"]).await;
+    let later_locker = lock_keys(&env, &["later-1", "later-2", "later-3"]).await;
+    let first = open_queued(&store, "first");
+    until_waiting_on_locks(&env, 1).await;
+    let later = [open_queued(&store, "later-1"), open_queued(&store, "later-2"), open_queued(&store, "later-3")];
+    // The first batch ends; its connection goes straight to the three opens (kept, unpinged).
+    release(first_locker).await;
+    let first = first.await.unwrap();
+    until_waiting_on_locks(&env, 1).await;
+    // That session ends under their statement, as an operator ends a session holding things up.
+    let killed: Vec<i32> = sqlx::query_scalar(
+        "WITH s AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+           AND application_name = 'fallback-worker' AND wait_event_type = 'Lock') \
+         SELECT pid FROM s WHERE pg_terminate_backend(pid)",
+    )
+    .fetch_all(&mut env.db().await)
+    .await
+    .unwrap();
+    let mut answers = Vec::new();
+    for open in later {
+        answers.push(format!("{:?}", open.await.unwrap().map(|_| ())));
+    }
+    release(later_locker).await;
+    let degraded = store.is_degraded();
+    // The database answers a new call at once.
+    let after = store.open("after", "job", Receipt::Fresh).await.map(|_| ());
+    assert!(
+        !degraded,
+        "one terminated session ({killed:?}) took a database that answers for down (no ledger, \
+         local shares); first: {:?}; the three opens on the kept connection: {answers:?}; an open \
+         right after: {after:?}",
+        first.map(|_| ())
+    );
+}
