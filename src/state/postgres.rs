@@ -2480,7 +2480,10 @@ impl PgStore {
         deadline: tokio::time::Instant,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout_at(deadline, answer).await {
-            Ok(Ok(Err(StoreError::Busy(why)))) => Err(self.timed_out(&why)),
+            // The batch's own "busy" (no connection in time, a kept connection lost): one per
+            // request of the batch, so it counts as a give-up does, only while the batches hear
+            // nothing; a kept connection whose session ended is not an outage.
+            Ok(Ok(Err(StoreError::Busy(why)))) => Err(self.gave_up_in_queue(&why)),
             // Only a batch's statement cancelled for its time comes back so (`ledger_batcher::describe`).
             Ok(Ok(Err(StoreError::Cancelled(why)))) => {
                 self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
