@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::credits::{self, Credit, CreditBook, Ending};
-use super::last_answer::{LastAnswer, OUTLASTED};
+use super::last_answer::{IN_TIME, LastAnswer, OUTLASTED};
 use super::ledger_batcher::{self, Request};
 use super::memory::MemoryStore;
 use super::quota_batcher::{self, AnswerWrite};
@@ -75,6 +75,7 @@ const _: () = assert!(STATEMENT_TIMEOUT.as_millis() < STATE_CALL_TIMEOUT.as_mill
 // answering, and it can show so before a call's deadline.
 const _: () = assert!(STATEMENT_TIMEOUT.as_millis() < OUTLASTED.as_millis());
 const _: () = assert!(OUTLASTED.as_millis() < STATE_CALL_TIMEOUT.as_millis());
+const _: () = assert!(IN_TIME.as_millis() == STATE_CALL_TIMEOUT.as_millis());
 /// The pauses before each new try of an answer the database did not take (see
 /// [`PgStore::write_later`]): about 6 s in all, then its call is left to expire.
 const ANSWER_RETRY_PAUSES: [Duration; 3] = [Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(4)];
