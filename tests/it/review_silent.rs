@@ -142,3 +142,47 @@ async fn a_batch_of_three_on_a_kept_connection_whose_session_was_terminated_does
         first.map(|_| ())
     );
 }
+
+/// Finding 3 (medium, older than fabddbd; fabddbd leans on it). `timed_out` is "several in a
+/// row", but nothing sets `timeouts_in_a_row` back when the worker leaves degraded mode
+/// (`recover` resets only the run of cancellations): right after the database is back, the
+/// count still stands at three, and the very first call given up on takes the database for down
+/// again: one slow call, where three were the rule ("one slow query must not switch the worker's
+/// mode"). fabddbd adds to it: the recovery's own answers (its ping, its write-back) are not
+/// batch statements, so `LastAnswer` is as old as the outage and the first batched give-up after
+/// it always counts.
+#[tokio::test]
+async fn a_single_call_given_up_on_right_after_a_recovery_does_not_take_the_database_down_again() {
+    use crate::review_outage::store_behind_relay;
+    let env = TestEnv::new().await;
+    let (relay, store) = store_behind_relay(&env).await;
+    store.open("warm", "fingerprint", Receipt::of(false)).await.unwrap();
+    // An outage: nothing arrives, three ledger calls are given up on, the worker goes down.
+    relay.hold(true);
+    let stalled: Vec<_> = (0..3)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.open(&format!("outage-{i}"), "fingerprint", Receipt::of(false)).await })
+        })
+        .collect();
+    for open in stalled {
+        let _ = open.await.unwrap();
+    }
+    assert!(store.is_degraded(), "three calls given up on took the database for down");
+    // The database is back: the worker probes it, writes back and leaves its own view.
+    relay.hold(false);
+    let back = Instant::now();
+    while store.is_degraded() {
+        assert!(back.elapsed() < Duration::from_secs(15), "the worker never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One slow moment: a single ledger call gets no answer within its 2 s.
+    relay.hold(true);
+    let one = store.open("one-slow-call", "fingerprint", Receipt::of(false)).await.map(|_| ());
+    let degraded = store.is_degraded();
+    relay.hold(false);
+    assert!(
+        !degraded,
+        "one call given up on right after the recovery ({one:?}) took the database for down again"
+    );
+}
