@@ -812,8 +812,10 @@ impl PgStore {
             }
             match self.write_back().await {
                 Ok((calls, cooldowns)) => {
-                    // A run of cancellations from before the outage does not carry over it.
+                    // A run of cancellations, or of timeouts, from before the outage does not
+                    // carry over it: one call given up on after it is one, not the fourth.
                     self.not_cancelled();
+                    self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
                     self.outage.down.store(false, Ordering::SeqCst);
                     crate::observability::record_database_down(false);
                     // What was admitted or learnt between the write-back and now.
