@@ -1,5 +1,9 @@
 //! Adversarial review of fabddbd ("a batched call given up on counts as a timeout only when no
-//! batch has heard from the database for 1.75 s", `state/last_answer.rs`).
+//! batch has heard from the database for 1.75 s", `state/last_answer.rs`). Three findings, each
+//! failing on fabddbd, each fixed in its own commit after its test: 1 (a regression of fabddbd:
+//! answers later than any call can wait kept every give-up from counting), 2 and 3 (older than
+//! fabddbd, failing on b758a21 too: a batch's own "busy" counted once per request whatever the
+//! batches heard; the timeouts in a row outlived a recovery).
 
 use std::time::{Duration, Instant};
 
