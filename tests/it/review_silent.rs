@@ -185,8 +185,5 @@ async fn a_single_call_given_up_on_right_after_a_recovery_does_not_take_the_data
     let one = store.open("one-slow-call", "fingerprint", Receipt::of(false)).await.map(|_| ());
     let degraded = store.is_degraded();
     relay.hold(false);
-    assert!(
-        !degraded,
-        "one call given up on right after the recovery ({one:?}) took the database for down again"
-    );
+    assert!(!degraded, "one call given up on right after the recovery ({one:?}) took the database for down again");
 }
