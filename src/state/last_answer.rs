@@ -12,20 +12,18 @@
 //! answers within that. Only the batches' statements count (they write and commit): a database
 //! whose writes hang while its reads answer is not answering the calls jobs wait on.
 //!
-//! [`STATE_CALL_TIMEOUT`]: super::postgres
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use super::postgres::{STATE_CALL_TIMEOUT, STATEMENT_TIMEOUT};
 
 /// How long the database must have been silent, on this worker's clock, to show that it is not
 /// answering: the statement bound Postgres holds every statement of the pool to, and the time a
 /// cancellation takes to come back (a statement is cancelled at its next check for interrupts,
 /// and the answer crosses the network).
-pub(super) const OUTLASTED: Duration = Duration::from_millis(1750);
-
-/// The longest a statement's answer may take to show that the database answers: the worker's
-/// bound on a state call (`STATE_CALL_TIMEOUT`, asserted equal there).
-pub(super) const IN_TIME: Duration = Duration::from_secs(2);
+pub(super) const OUTLASTED: Duration = STATEMENT_TIMEOUT.saturating_add(Duration::from_millis(250));
+// A silent database can show so before a call's deadline.
+const _: () = assert!(OUTLASTED.as_millis() < STATE_CALL_TIMEOUT.as_millis());
 
 /// The instant of the database's last answer, in milliseconds on the worker's monotonic clock
 /// (given by the caller), plus one: zero is "never".
@@ -35,18 +33,18 @@ pub struct LastAnswer(AtomicU64);
 impl LastAnswer {
     /// The database answered a statement at `now_ms`: a result, or an error of its own (a
     /// refusal, a cancellation), not a lost connection.
-    pub(super) fn heard(&self, now_ms: u64) {
+    fn heard(&self, now_ms: u64) {
         self.0.fetch_max(now_ms.saturating_add(1), Ordering::Relaxed);
     }
 
     /// The database answered a statement sent at `sent_ms` at `now_ms`: heard when the answer
-    /// came within [`IN_TIME`] of the statement's start, in time for a call that went out with
+    /// came within [`STATE_CALL_TIMEOUT`] of the statement's start, in time for a call that went out with
     /// it. A later answer shows a database, or a path to it, slower than any call can wait (a
     /// commit, which `statement_timeout` does not bound, that takes seconds; a link that
     /// delivers late): the calls given up on meanwhile were not queued behind a busy moment,
     /// and must count (review_silent, finding 1).
     pub(super) fn answered(&self, sent_ms: u64, now_ms: u64) {
-        if Duration::from_millis(now_ms.saturating_sub(sent_ms)) < IN_TIME {
+        if Duration::from_millis(now_ms.saturating_sub(sent_ms)) < STATE_CALL_TIMEOUT {
             self.heard(now_ms);
         }
     }

@@ -11,6 +11,7 @@ use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Receipt, ResultLedger};
 
 use crate::review_probe2::migrated;
+use crate::statement_timeout::sleeping_trigger;
 use crate::support::*;
 
 /// Every transaction that writes `table` takes `seconds` more at its commit: a deferred
@@ -20,21 +21,16 @@ use crate::support::*;
 /// takes seconds to flush the WAL does to every write.
 async fn slow_commits(env: &TestEnv, table: &str, seconds: f64) {
     let name = format!("review_silent_slow_commit_{table}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN \
-           IF current_setting('review_silent.slept', true) IS DISTINCT FROM 'yes' THEN \
-             PERFORM set_config('review_silent.slept', 'yes', true); \
-             PERFORM pg_sleep({seconds}); \
-           END IF; \
-           RETURN NULL; \
-         END $$; \
-         CREATE CONSTRAINT TRIGGER {name} AFTER INSERT OR UPDATE ON {table} \
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {name}();"
-    )))
-    .execute(&mut env.db().await)
-    .await
-    .unwrap();
+    let trigger = format!(
+        "CONSTRAINT TRIGGER {name} AFTER INSERT OR UPDATE ON {table} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+    );
+    // Once per transaction: the first row's trigger marks the transaction (CASE evaluates in order).
+    let once = format!(
+        "CASE WHEN current_setting('review_silent.slept', true) IS DISTINCT FROM 'yes' \
+           THEN CASE WHEN set_config('review_silent.slept', 'yes', true) = 'yes' THEN {seconds} END \
+           ELSE 0 END"
+    );
+    sleeping_trigger(env, &name, &trigger, &once).await;
 }
 
 /// Finding 1 (high, regression of fabddbd). `LastAnswer::heard` takes any answer a batch
@@ -175,11 +171,7 @@ async fn a_single_call_given_up_on_right_after_a_recovery_does_not_take_the_data
     assert!(store.is_degraded(), "three calls given up on took the database for down");
     // The database is back: the worker probes it, writes back and leaves its own view.
     relay.hold(false);
-    let back = Instant::now();
-    while store.is_degraded() {
-        assert!(back.elapsed() < Duration::from_secs(15), "the worker never came back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the worker is back on the shared view", || async { !store.is_degraded() }).await;
     // One slow moment: a single ledger call gets no answer within its 2 s.
     relay.hold(true);
     let one = store.open("one-slow-call", "fingerprint", Receipt::of(false)).await.map(|_| ());

@@ -32,12 +32,22 @@ async fn opens(store: &PgStore, n: usize) -> Vec<tokio::task::JoinHandle<String>
     opens
 }
 
-/// Waits until `store` serves from its own view, at most [`DOWN_WITHIN`] after `since`.
-async fn goes_down_within_bound(store: &PgStore, since: Instant, what: &str) {
+/// Stops everything the database sends (`relay.hold`), opens the ledger for six jobs, and
+/// asserts that `store` serves from its own view within [`DOWN_WITHIN`] of the stop, every open
+/// having failed.
+async fn stalled_until_down(store: &PgStore, relay: &Relay, what: &str) {
+    relay.hold(true);
+    let since = Instant::now();
+    let pending = opens(store, 6).await;
     while !store.is_degraded() {
         assert!(since.elapsed() < DOWN_WITHIN, "{what}: still not taken for down after {:?}", since.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    for open in pending {
+        let answer = open.await.unwrap();
+        assert!(answer.starts_with("Err("), "no ledger answer while nothing arrives: {answer}");
+    }
+    relay.hold(false);
 }
 
 #[tokio::test]
@@ -47,15 +57,7 @@ async fn a_database_that_stops_answering_a_batch_is_taken_for_down_through_the_l
     store.open("warm", "fingerprint", Receipt::of(false)).await.unwrap();
     assert!(store.pool().size() > 0, "the ledger's batch has a connection to keep");
     // Nothing the database sends arrives any more: the batch in flight runs past every bound.
-    relay.hold(true);
-    let since = Instant::now();
-    let pending = opens(&store, 6).await;
-    goes_down_within_bound(&store, since, "a batch stalled on a connection").await;
-    for open in pending {
-        let answer = open.await.unwrap();
-        assert!(answer.starts_with("Err("), "no ledger answer while nothing arrives: {answer}");
-    }
-    relay.hold(false);
+    stalled_until_down(&store, &relay, "a batch stalled on a connection").await;
 }
 
 #[tokio::test]
@@ -67,13 +69,5 @@ async fn a_database_that_stops_answering_new_connections_is_taken_for_down_throu
     // A pool with no connection yet: the batch waits for one to start, not for a statement.
     let store = PgStore::connect_lazy(&url, 4).unwrap();
     assert_eq!(store.pool().size(), 0, "the pool has no connection yet");
-    relay.hold(true);
-    let since = Instant::now();
-    let pending = opens(&store, 6).await;
-    goes_down_within_bound(&store, since, "a batch waiting for a connection that never starts").await;
-    for open in pending {
-        let answer = open.await.unwrap();
-        assert!(answer.starts_with("Err("), "no ledger answer while nothing arrives: {answer}");
-    }
-    relay.hold(false);
+    stalled_until_down(&store, &relay, "a batch waiting for a connection that never starts").await;
 }

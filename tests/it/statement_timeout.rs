@@ -42,10 +42,16 @@ pub(crate) async fn until_a_lock_wait_outlasts_the_bound(env: &TestEnv) {
 /// clause if `seconds` reads one) sleep `seconds`, an SQL expression: a database slow for those
 /// statements, as lock waits that add up or a slow disk make it. `name` names the trigger.
 pub(crate) async fn slow_statements(env: &TestEnv, name: &str, event: &str, seconds: &str) {
+    sleeping_trigger(env, name, &format!("TRIGGER {name} {event} FOR EACH STATEMENT"), seconds).await;
+}
+
+/// Creates a function `name` that sleeps `seconds` (an SQL expression) and the trigger
+/// `CREATE {trigger} EXECUTE FUNCTION name()`.
+pub(crate) async fn sleeping_trigger(env: &TestEnv, name: &str, trigger: &str, seconds: &str) {
     let sql = format!(
         "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
            BEGIN PERFORM pg_sleep(({seconds})::float8); RETURN NULL; END $$; \
-         CREATE TRIGGER {name} {event} FOR EACH STATEMENT EXECUTE FUNCTION {name}();"
+         CREATE {trigger} EXECUTE FUNCTION {name}();"
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();
 }
