@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use fallback_worker::app::{WorkerApp, migrate_when_reachable};
+use fallback_worker::broker::frames::DEEP_STACK;
 use fallback_worker::config::{Config, EnvOverrides};
 use fallback_worker::mock::{Answers, MockOptions, MockProvider, Profile, RequestLimit, parse_limit};
 use fallback_worker::state::postgres::PgStore;
@@ -94,6 +95,36 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    deep_stacks_for_every_thread();
+    // The runtime's thread walks (clones, drops, encodes) what lapin decoded: the same depth.
+    let service = std::thread::Builder::new().name("fallback-worker".into()).stack_size(DEEP_STACK).spawn(service);
+    match service.map(std::thread::JoinHandle::join) {
+        Ok(Ok(code)) => code,
+        Ok(Err(_)) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: cannot start the service's thread: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Gives every thread spawned without a size of its own (lapin's I/O thread, which decodes
+/// every frame, the runtime's blocking threads) a stack that holds the deepest headers a frame
+/// can carry (`broker::frames`): one message nested deeper than the default 2 MiB holds would
+/// otherwise abort every worker that receives it. An operator's `RUST_MIN_STACK` is kept when
+/// it is at least as large.
+fn deep_stacks_for_every_thread() {
+    let asked = std::env::var("RUST_MIN_STACK").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    if asked.is_some_and(|bytes| bytes >= DEEP_STACK) {
+        return;
+    }
+    // SAFETY: the first statement of `main`: no other thread exists yet that could read the
+    // environment concurrently (the standard library reads this variable once, at the first
+    // spawn).
+    unsafe { std::env::set_var("RUST_MIN_STACK", DEEP_STACK.to_string()) };
+}
+
+fn service() -> ExitCode {
     let cli = Cli::parse();
     let telemetry = telemetry::init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -4,6 +4,7 @@
 //! [`Publisher`] that only returns once the broker has confirmed, and an ack handle.
 
 mod acks;
+pub mod frames;
 pub mod headers;
 mod nodes;
 mod publisher;
@@ -93,7 +94,12 @@ impl Incoming {
 /// Opens a connection named for the management UI; errors never show the URL's password.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, String> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties)
+    let uri = url.parse().map_err(|e: String| {
+        // The parser quotes the whole URL in some errors: never its password.
+        let why = if e.contains(url) { "not a valid AMQP URL".to_string() } else { e };
+        format!("cannot connect to RabbitMQ at {}: {why}", redact_url(url))
+    })?;
+    Connection::connect_uri(frames::frame_max(uri), properties)
         .await
         .map_err(|e| format!("cannot connect to RabbitMQ at {}: {e}", redact_url(url)))
 }

@@ -9,6 +9,7 @@ mod backlog;
 mod batched_admission;
 mod chain_flow;
 mod credits;
+mod deep_headers;
 mod delivery;
 mod deploy;
 mod dialects;

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod raw_amqp;
 pub mod relay;
 
 use std::path::{Path, PathBuf};
@@ -270,6 +271,8 @@ impl WorkerProcess {
             .env("LOG_FORMAT", "text")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            // The binary's own stacks are what is tested (tests/it/deep_headers.rs).
+            .env_remove("RUST_MIN_STACK")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
