@@ -418,9 +418,29 @@ pub struct EnvOverrides {
 }
 
 impl EnvOverrides {
+    /// The overrides the environment sets. An empty `DATABASE_URL` is unset, as `batch` reads it
+    /// (`HTTP_ADDR=""` means what `http.addr = ""` does: no HTTP endpoint).
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok();
-        Self { amqp_url: var("AMQP_URL"), database_url: var("DATABASE_URL"), http_addr: var("HTTP_ADDR") }
+        Self {
+            amqp_url: var("AMQP_URL"),
+            database_url: var("DATABASE_URL").filter(|url| !url.trim().is_empty()),
+            http_addr: var("HTTP_ADDR"),
+        }
+    }
+
+    /// The variable that set `key` (`amqp.url`, `amqp.url[1]`, `postgres.url`, `http.addr`), if
+    /// one did: an error in its value is the variable's, not the file's.
+    fn variable_for(&self, key: &str) -> Option<&'static str> {
+        let is = |name: &str| key == name || key.strip_prefix(name).is_some_and(|rest| rest.starts_with('['));
+        [
+            ("amqp.url", "AMQP_URL", self.amqp_url.is_some()),
+            ("postgres.url", "DATABASE_URL", self.database_url.is_some()),
+            ("http.addr", "HTTP_ADDR", self.http_addr.is_some()),
+        ]
+        .into_iter()
+        .find(|(name, _, set)| *set && is(name))
+        .map(|(_, variable, _)| variable)
     }
 }
 
@@ -471,7 +491,14 @@ impl Config {
         if let Some(addr) = &env.http_addr {
             config.http.addr = addr.clone();
         }
-        config.validate().map_err(|(key, problem)| ConfigError { file, key, problem })?;
+        config.validate().map_err(|(key, problem)| match env.variable_for(&key) {
+            Some(variable) => ConfigError {
+                file: "environment".into(),
+                key: format!("{variable} (overrides {key} in {file})"),
+                problem,
+            },
+            None => ConfigError { file, key, problem },
+        })?;
         Ok(config)
     }
 
@@ -862,8 +889,17 @@ providers = ["groq"]
             http_addr: None,
         };
         let err = Config::parse(MINIMAL, Path::new("f.toml"), &env).unwrap_err();
-        assert_eq!(err.key, "postgres.url");
-        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "environment: DATABASE_URL (overrides postgres.url in f.toml): `ftp://u:***@db/x` is not a URL of scheme postgres or postgresql"
+        );
+        // The file's own values are still the file's.
+        let file_err = Config::parse(
+            &format!("[http]\naddr = \"nowhere\"\n{MINIMAL}"),
+            Path::new("f.toml"),
+            &EnvOverrides { database_url: None, ..env.clone() },
+        );
+        assert!(file_err.is_err_and(|e| e.file == "f.toml" && e.key == "http.addr"));
         let env = EnvOverrides { database_url: Some("postgres://u:pw@db/x".into()), ..env };
         let config = Config::parse(MINIMAL, Path::new("f.toml"), &env).unwrap();
         assert_eq!(config.amqp.url.as_slice(), ["amqp://u:s3cret@broker:5672/%2f"]);
@@ -947,7 +983,11 @@ providers = ["groq"]
         assert_eq!(err.key, "amqp.url[1]");
         assert!(err.problem.contains("twice") && !err.to_string().contains("s3cret"), "{err}");
         let blank_env = EnvOverrides { amqp_url: Some(" ".into()), ..Default::default() };
-        assert_eq!(Config::parse(MINIMAL, Path::new("f.toml"), &blank_env).unwrap_err().key, "amqp.url");
+        let blank = Config::parse(MINIMAL, Path::new("f.toml"), &blank_env).unwrap_err();
+        assert_eq!(
+            (blank.file.as_str(), blank.key.as_str()),
+            ("environment", "AMQP_URL (overrides amqp.url in f.toml)")
+        );
         let not_a_url = parse(&format!("[amqp]\nurl = 5\n{MINIMAL}")).unwrap_err();
         assert_eq!(not_a_url.key, "amqp.url");
         let debug = format!("{:?}", BrokerUrls::parse_list("amqp://u:s3cret@n1/,amqp://u:s3cret@n2/").unwrap());
