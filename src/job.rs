@@ -187,8 +187,13 @@ fn validate_body(body: &ChatBody) -> Result<(), String> {
             return Err(format!("`body.messages[{i}].role` must be a string"));
         }
     }
-    if body.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err("`body.stream: true` is not supported: results are whole chat completions".into());
+    match body.get("stream") {
+        None | Some(Value::Null | Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            return Err("`body.stream: true` is not supported: results are whole chat completions".into());
+        }
+        // "true" or 1 would reach the providers, each refusing it or streaming.
+        Some(_) => return Err("`body.stream` must be a boolean (and not true)".into()),
     }
     // A schema the answers are to be checked against must compile: refused here, the job gets
     // a clear `invalid_request` instead of every provider's answer failing the check.
@@ -334,6 +339,8 @@ mod tests {
             (r#"{"custom_id":"a","body":{"messages":[]}}"#, "messages"),
             (r#"{"custom_id":"a","body":{"messages":[{"content":"x"}]}}"#, "role"),
             (r#"{"custom_id":"a","body":{"messages":[{"role":"user"}],"stream":true}}"#, "stream"),
+            (r#"{"custom_id":"a","body":{"messages":[{"role":"user"}],"stream":"true"}}"#, "`body.stream` must be"),
+            (r#"{"custom_id":"a","body":{"messages":[{"role":"user"}],"stream":1}}"#, "`body.stream` must be"),
             (r#"{"custom_id":"a","max_wait":"soon","body":{"messages":[{"role":"user"}]}}"#, "max_wait"),
             (r#"{"custom_id":"a","chain":7,"body":{"messages":[{"role":"user"}]}}"#, "chain"),
             (
