@@ -58,6 +58,12 @@ pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::L
 
 /// The NOTIFY channel for provider-state changes.
 const CHANNEL: &str = "fallback_provider_state";
+/// The NOTIFY channel a worker's first heartbeat announces it on: every other worker counts the
+/// workers alive again at once, rather than at its own next heartbeat (up to
+/// [`HEARTBEAT_INTERVAL`] later), so that a database outage right after a worker joined finds
+/// every worker dividing each limit by the same count. Its payload means nothing (anyone may
+/// NOTIFY it): the table is counted.
+const WORKERS_CHANNEL: &str = "fallback_workers";
 
 /// The longest one state call may take before the database counts as unreachable: a worker
 /// must not hold jobs for seconds on a dead connection pool.
@@ -235,8 +241,13 @@ struct Outage {
     /// The current runs of state calls jobs wait on that the database cancelled for their time
     /// (see [`PgStore::cancelled`]), one per [`Family`] of calls.
     cancelled_runs: Mutex<CancelledRuns>,
-    /// Workers seen alive at the last heartbeat (at least 1): the divisor of the local share.
+    /// Workers seen alive at the last heartbeat or count (at least 1): the divisor of the local
+    /// share.
     workers_alive: AtomicU32,
+    /// A count of the workers alive is under way ...
+    counting_workers: AtomicBool,
+    /// ... and a notice of a worker's joining came since it started.
+    workers_count_wanted: AtomicBool,
     /// Every call this worker made recently, shared or not.
     own_calls: MemoryStore,
     /// Calls admitted locally during an outage, with the limits and pools they count against,
@@ -1007,11 +1018,18 @@ impl PgStore {
         let stale = HEARTBEAT_STALE.as_secs_f64();
         let alive = self
             .guarded_for(Caller::Background, async {
+                // A worker not seen alive until now (a new one, or back after a pause) tells
+                // the others (`WORKERS_CHANNEL`), in the statement that records it.
                 sqlx::query(
-                    "INSERT INTO worker_heartbeat (worker, seen_at) VALUES ($1, now()) \
-                     ON CONFLICT (worker) DO UPDATE SET seen_at = now()",
+                    "WITH known AS (SELECT seen_at > now() - make_interval(secs => $2) AS alive \
+                                    FROM worker_heartbeat WHERE worker = $1), \
+                          beat AS (INSERT INTO worker_heartbeat (worker, seen_at) VALUES ($1, now()) \
+                                   ON CONFLICT (worker) DO UPDATE SET seen_at = now()) \
+                     SELECT pg_notify($3, '') WHERE NOT coalesce((SELECT alive FROM known), false)",
                 )
                 .bind(worker)
+                .bind(stale)
+                .bind(WORKERS_CHANNEL)
                 .execute(&self.pool)
                 .await?;
                 sqlx::query("DELETE FROM worker_heartbeat WHERE seen_at < now() - interval '1 day'")
@@ -1207,9 +1225,10 @@ impl PgStore {
                 let mut listener = PgListener::connect_with(&own_connection).await?;
                 let ping_channel = format!("{PING_CHANNEL_PREFIX}{:016x}", fastrand::u64(..));
                 let nonce = format!("{:016x}", fastrand::u64(..));
-                listener.listen_all([CHANNEL, ping_channel.as_str()]).await?;
+                listener.listen_all([CHANNEL, WORKERS_CHANNEL, ping_channel.as_str()]).await?;
                 self.reload().await?;
                 self.heard();
+                self.count_workers_soon();
                 self.outage.listening.store(true, Ordering::SeqCst);
                 tracing::debug!("listening for provider-state changes");
                 let _pinger = Pinger(tokio::spawn(self.clone().ping_listener(ping_channel.clone(), nonce.clone())));
@@ -1223,6 +1242,7 @@ impl PgStore {
                         Some(notification) if notification.channel() == ping_channel => {
                             self.echoed(notification.payload(), &nonce);
                         }
+                        Some(notification) if notification.channel() == WORKERS_CHANNEL => self.count_workers_soon(),
                         Some(notification) => self.apply_notice(notification.payload()),
                         None => {
                             // Notifications sent while it was away are lost: read the table.
@@ -1231,6 +1251,7 @@ impl PgStore {
                             self.reload().await?;
                             self.heard();
                             self.outage.listening.store(true, Ordering::SeqCst);
+                            self.count_workers_soon();
                         }
                     }
                 }
@@ -1251,6 +1272,54 @@ impl PgStore {
             }
             delay = (delay * 2).min(Duration::from_secs(10));
         }
+    }
+
+    /// Counts the workers alive again, off the LISTEN session's task. Notices that come while a
+    /// count is under way ask for one more count after it (it may have read the table before
+    /// their worker's row was committed); any number of them, one.
+    fn count_workers_soon(&self) {
+        self.outage.workers_count_wanted.store(true, Ordering::SeqCst);
+        if self.outage.counting_workers.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                while store.outage.workers_count_wanted.swap(false, Ordering::SeqCst) {
+                    store.count_workers().await;
+                }
+                store.outage.counting_workers.store(false, Ordering::SeqCst);
+                // A notice between the last count and the line above found a count under way.
+                if !store.outage.workers_count_wanted.load(Ordering::SeqCst)
+                    || store.outage.counting_workers.swap(true, Ordering::SeqCst)
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn count_workers(&self) {
+        let stale = HEARTBEAT_STALE.as_secs_f64();
+        let counted = self
+            .guarded_for(Caller::Background, async {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM worker_heartbeat WHERE seen_at > now() - make_interval(secs => $1)",
+                )
+                .bind(stale)
+                .fetch_one(&self.pool)
+                .await
+            })
+            .await;
+        if let Ok(alive) = counted {
+            self.outage.workers_alive.store(u32::try_from(alive).unwrap_or(u32::MAX).max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Workers seen alive at the last heartbeat or count: each limit's divisor while the
+    /// database is away.
+    pub fn workers_alive(&self) -> u32 {
+        self.outage.workers_alive.load(Ordering::Relaxed).max(1)
     }
 
     /// Applies one provider-state notification to the local copy.

@@ -15,6 +15,7 @@ mod deploy;
 mod dialects;
 mod faults;
 mod hostile;
+mod joining_workers;
 mod ledger_batching;
 mod observability;
 mod observe_batch;
