@@ -114,22 +114,6 @@ const TIMEOUTS_BEFORE_DOWN: u32 = 3;
 /// three calls given up in a row take at least, one after the other.
 const CANCELLED_BEFORE_DOWN: Duration = Duration::from_secs(4);
 
-/// The current run of cancelled calls of each [`Family`], if any.
-#[derive(Debug, Default)]
-struct CancelledRuns {
-    ledger: Option<CancelledRun>,
-    providers: Option<CancelledRun>,
-}
-
-impl CancelledRuns {
-    fn of(&mut self, family: Family) -> &mut Option<CancelledRun> {
-        match family {
-            Family::Ledger => &mut self.ledger,
-            Family::Providers => &mut self.providers,
-        }
-    }
-}
-
 /// A run of state calls jobs wait on that the database cancelled for their time, on
 /// [`monotonic_ms`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,9 +222,9 @@ struct Outage {
     echo_lag_ms: AtomicU64,
     /// State calls in a row that got no answer in time.
     timeouts_in_a_row: AtomicU32,
-    /// The current runs of state calls jobs wait on that the database cancelled for their time
-    /// (see [`PgStore::cancelled`]), one per [`Family`] of calls.
-    cancelled_runs: Mutex<CancelledRuns>,
+    /// The current run of state calls jobs wait on that the database cancelled for their time
+    /// (see [`PgStore::cancelled`]), if any.
+    cancelled_run: Mutex<Option<CancelledRun>>,
     /// Workers seen alive at the last heartbeat or count (at least 1): the divisor of the local
     /// share.
     workers_alive: AtomicU32,
@@ -729,7 +713,7 @@ impl PgStore {
     /// fails at once). A call that finds it unreachable, or takes longer than
     /// [`STATE_CALL_TIMEOUT`], marks it down and starts the probe that brings it back.
     async fn guarded<T>(&self, call: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StoreError> {
-        self.guarded_for(Caller::Job(Family::Providers), call).await
+        self.guarded_for(Caller::Job, call).await
     }
 
     /// [`Self::guarded`], for `caller`: a call no job waits on that the database cancels for its
@@ -750,7 +734,7 @@ impl PgStore {
         }
         match answer {
             Ok(Ok(value)) => {
-                self.not_cancelled(caller.family());
+                self.not_cancelled();
                 Ok(value)
             }
             // Every connection busy (lock waits, a slow write-back) is slowness, not an outage.
@@ -761,7 +745,7 @@ impl PgStore {
             }
             Ok(Err(e)) if is_slow(&e) => Err(self.cancelled(caller, is_statement_timeout(&e), e.to_string())),
             Ok(Err(e)) => {
-                self.not_cancelled(caller.family());
+                self.not_cancelled();
                 Err(StoreError::Database(e))
             }
             Err(_) => Err(self.timed_out(&format!("no answer within {STATE_CALL_TIMEOUT:?}"))),
@@ -783,20 +767,18 @@ impl PgStore {
     /// several busy windows, each lock waited for within `lock_timeout`, is cancelled so).
     ///
     /// A run of statements cancelled for their time (`timed_out`: [`is_statement_timeout`]) that
-    /// jobs wait on (`caller`), no call of the same [`Family`] answered between,
-    /// [`TIMEOUTS_BEFORE_DOWN`] calls over [`CANCELLED_BEFORE_DOWN`] at least and none further
-    /// apart, does take it for down: a database too slow for any call (every admission
-    /// cancelled) would otherwise hold every limited call back for as long as it stays so, where
-    /// the worker's own view serves them. A lock wait past `lock_timeout` is contention between
-    /// workers, never counted: it must not put a loaded fleet on local shares.
+    /// jobs wait on (`caller`), nothing answered between, [`TIMEOUTS_BEFORE_DOWN`] calls over
+    /// [`CANCELLED_BEFORE_DOWN`] at least and none further apart, does take it for down: a
+    /// database too slow for any call (every admission cancelled) would otherwise hold every
+    /// limited call back for as long as it stays so, where the worker's own view serves them. A
+    /// lock wait past `lock_timeout` is contention between workers, never counted: it must not
+    /// put a loaded fleet on local shares.
     fn cancelled(&self, caller: Caller, timed_out: bool, what: String) -> StoreError {
-        let Caller::Job(family) = caller else { return StoreError::Cancelled(what) };
-        if !timed_out {
+        if matches!(caller, Caller::Background) || !timed_out {
             return StoreError::Cancelled(what);
         }
         let lasted = {
-            let mut runs = self.outage.cancelled_runs.lock().unwrap();
-            let current = runs.of(family);
+            let mut current = self.outage.cancelled_run.lock().unwrap();
             let (run, tripped) = CancelledRun::one_more(*current, monotonic_ms());
             *current = run;
             tripped
@@ -806,10 +788,9 @@ impl PgStore {
         StoreError::Unreachable(what)
     }
 
-    /// A state call of `family` got an answer other than a cancellation: that family's run of
-    /// cancelled calls ends.
-    fn not_cancelled(&self, family: Family) {
-        *self.outage.cancelled_runs.lock().unwrap().of(family) = None;
+    /// A state call got an answer other than a cancellation: a run of cancelled calls ends.
+    fn not_cancelled(&self) {
+        *self.outage.cancelled_run.lock().unwrap() = None;
     }
 
     /// Marks the database down (once) and starts probing for its return.
@@ -839,7 +820,7 @@ impl PgStore {
                 Ok((calls, cooldowns)) => {
                     // A run of cancellations, or of timeouts, from before the outage does not
                     // carry over it: one call given up on after it is one, not the fourth.
-                    *self.outage.cancelled_runs.lock().unwrap() = CancelledRuns::default();
+                    self.not_cancelled();
                     self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
                     self.outage.down.store(false, Ordering::SeqCst);
                     crate::observability::record_database_down(false);
@@ -1566,7 +1547,7 @@ impl PgStore {
                 reply,
             })
         };
-        let decision = self.batched_call(Family::Providers, self.quota(), request).await?;
+        let decision = self.batched_call(self.quota(), request).await?;
         let until = decision.blocked_until_ms.map(|ms| {
             let after_epoch = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
             UNIX_EPOCH.checked_add(after_epoch).unwrap_or_else(|| later(now, STATE_CALL_TIMEOUT))
@@ -2071,32 +2052,9 @@ fn refused_for_everyone(error: &StoreError) -> bool {
 enum Caller {
     /// A job (an admission, the ledger, a cooldown it learnt): a database too slow for such
     /// calls holds jobs back.
-    Job(Family),
+    Job,
     /// Nobody (an answer's write, a release, the heartbeat): its slowness holds nothing back.
     Background,
-}
-
-impl Caller {
-    /// The family whose run of cancellations an answer to this call ends: a background call
-    /// writes the providers' tables (answers, releases) or the heartbeat's.
-    fn family(self) -> Family {
-        match self {
-            Caller::Job(family) => family,
-            Caller::Background => Family::Providers,
-        }
-    }
-}
-
-/// The tables a state call works on, for counting runs of cancelled calls apart: every job opens
-/// the result ledger before it asks for a slot, so if any answer ended any run, a database
-/// that answers the ledger but cancels every admission would never be taken for down, and
-/// would hold every limited call back for as long as it stays so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    /// `job_results`: the ledger's opens and stores.
-    Ledger,
-    /// Everything else: cooldowns, probes, limits' windows and admissions.
-    Providers,
 }
 
 /// Whether a statement keeps the bound of the state calls ([`STATEMENT_TIMEOUT`]).
@@ -2545,7 +2503,7 @@ impl PgStore {
         &self,
         request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
     ) -> Result<T, StoreError> {
-        self.batched_call(Family::Ledger, self.ledger(), request).await
+        self.batched_call(self.ledger(), request).await
     }
 
     /// Sends a request to a batching task (the ledger's, or admissions' and finishes'), unless
@@ -2553,13 +2511,12 @@ impl PgStore {
     /// [`STATE_CALL_TIMEOUT`].
     async fn batched_call<R, T>(
         &self,
-        family: Family,
         queue: &mpsc::Sender<R>,
         request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> R,
     ) -> Result<T, StoreError> {
         let deadline = tokio::time::Instant::now() + STATE_CALL_TIMEOUT;
         let answer = self.enqueue(queue, request, deadline).await?;
-        self.answer_of(Caller::Job(family), answer, deadline).await
+        self.answer_of(Caller::Job, answer, deadline).await
     }
 
     /// Puts one request in a batcher's queue, the queue's room waited for within `deadline`:
@@ -2605,7 +2562,7 @@ impl PgStore {
             }
             Ok(Ok(answer)) => {
                 self.outage.timeouts_in_a_row.store(0, Ordering::Relaxed);
-                self.not_cancelled(caller.family());
+                self.not_cancelled();
                 answer
             }
             Ok(Err(_)) => Err(closed()),
