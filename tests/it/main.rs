@@ -40,6 +40,7 @@ mod review_credits;
 mod review_credits2;
 mod review_credits3;
 mod review_finish;
+mod review_family;
 mod review_fresh;
 mod review_leases;
 mod review_outage;

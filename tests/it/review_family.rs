@@ -1,0 +1,185 @@
+//! Adversarial review of 1e8aaa8 (runs of cancelled state calls counted per family: the
+//! ledger's apart from the providers'). Each test is a finding and fails on 1e8aaa8.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use fallback_worker::state::{Admission, Ask, ProviderState, Receipt, ResultLedger};
+
+use crate::credits::requests;
+use crate::review_probe2::{HOLD, migrated};
+use crate::support::*;
+
+/// Every row inserted into `table` for which `when` (an SQL condition on `NEW`) holds sleeps
+/// `seconds` first: a database slow for exactly those statements (a row-level trigger, so a
+/// statement that inserts no such row is not slowed).
+async fn slow_rows(env: &TestEnv, name: &str, table: &str, when: &str, seconds: f64) {
+    let sql = format!(
+        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+           BEGIN IF {when} THEN PERFORM pg_sleep({seconds}); END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}();"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();
+}
+
+/// Every granted admission (its insert into `quota_use`) takes 3 s: a database too slow for
+/// any admission, as review_stmt2's finding 2 has it; a finish alone inserts nothing.
+async fn slow_admissions(env: &TestEnv) {
+    slow_rows(env, "review_family_slow_admission", "quota_use", "true", 3.0).await;
+}
+
+fn limited() -> [fallback_worker::config::LimitConfig; 1] {
+    [requests(1000)]
+}
+
+/// Finding 1 (medium). `Caller::Background.family()` is `Providers`: every answer's write
+/// (a finish, in the quota batcher, which nobody waits on), a release and the heartbeat end the
+/// providers' run of cancellations. A worker's calls in flight when the database turns too slow
+/// for admissions keep finishing (LLM calls last seconds to a minute, dozens in flight), each
+/// finish alone in its batch (no ask of its provider queued) is answered, and the run of
+/// cancelled admissions never reaches 4 s: the worker keeps the shared view and refuses every
+/// limited call ("ask again shortly") until the last call in flight has finished, exactly the
+/// gap review_stmt2's finding 2 closed for the ledger. Worse, the calls it admits locally once
+/// it does go down finish after the recovery and hold it off again. Here: six jobs (ledger
+/// open, one earlier call finishing, then the job's own admission), as in finding 2's test.
+#[tokio::test]
+async fn finishes_of_calls_in_flight_do_not_keep_a_database_too_slow_for_any_admission_shared() {
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 4).await;
+    let limits = limited();
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
+    let mut in_flight = Vec::new();
+    for _ in 0..6 {
+        let Admission::Granted(permit) = store.admit(ask, SystemTime::now()).await else { panic!("not granted") };
+        in_flight.push(permit);
+    }
+    slow_admissions(&env).await;
+    let mut outcomes = Vec::new();
+    for job in 0..6 {
+        let opened = store.open(&format!("job-{job}"), "sha256:job", Receipt::Fresh).await;
+        // A call admitted before the slowdown gets its provider's answer meanwhile.
+        let finishing = Instant::now();
+        store.finish_written(in_flight.pop().unwrap(), Some(1), SystemTime::now()).await;
+        let finished_in = finishing.elapsed();
+        let admitted = store.admit(ask, SystemTime::now()).await;
+        let granted = matches!(admitted, Admission::Granted(_));
+        outcomes.push(format!(
+            "ledger {:?}, finish written in {finished_in:?}, admission {admitted:?}",
+            opened.map(|_| ())
+        ));
+        if granted || store.is_degraded() {
+            break;
+        }
+    }
+    assert!(
+        store.is_degraded() || outcomes.last().is_some_and(|o| o.contains("admission Granted")),
+        "six jobs on a database too slow to admit, none served, while earlier calls finished: {outcomes:#?}"
+    );
+}
+
+/// Finding 2 (medium). The same gap inside the providers' family: `guarded` classes every
+/// direct call as `Providers`, and a cheap one (a cooldown read, a probe claim's row, a shared
+/// cooldown, `record_failure` on `delivery_failures`) ends the run of cancelled admissions just
+/// as the ledger's open did before the split. A worker whose LISTEN view is not current (not
+/// started, or its pings lagging: they go through the same busy pool) reads the row of each
+/// provider without limits it admits (`admit_shared`), so a chain with a limited provider and
+/// an unlimited one after it, on a database too slow for admissions, is never taken for down:
+/// the limited provider's calls are refused for as long as it stays so. Here: six jobs, each
+/// asking the limited provider (cancelled) then the unlimited one (its row read, answered).
+#[tokio::test]
+async fn cheap_provider_reads_do_not_keep_a_database_too_slow_for_any_admission_shared() {
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 4).await;
+    let limits = limited();
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
+    let free = Ask { provider: "q", limits: &[], pools: &[], tokens: 1, flight: HOLD };
+    let Admission::Granted(_) = store.admit(ask, SystemTime::now()).await else { panic!("not granted") };
+    slow_admissions(&env).await;
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        let admitted = store.admit(ask, SystemTime::now()).await;
+        let granted = matches!(admitted, Admission::Granted(_));
+        let next = store.admit(free, SystemTime::now()).await;
+        outcomes.push(format!("admission {admitted:?}, next provider {next:?}"));
+        if granted || store.is_degraded() {
+            break;
+        }
+    }
+    assert!(
+        store.is_degraded() || outcomes.last().is_some_and(|o| o.starts_with("admission Granted")),
+        "six jobs on a database too slow to admit, the limited provider never served: {outcomes:#?}"
+    );
+}
+
+/// Finding 3 (low). The ledger's family is still too coarse the same way: a database that
+/// cancels every store (a result's write: large JSON, a slow TOAST/disk path) but answers
+/// every open is never taken for down, each open ending the run its job's store began. Every
+/// job then waits the whole 1.5 s at its store, holds a connection that long, and its result
+/// is never in the ledger (a redelivery calls the provider again), for as long as the database
+/// stays so: what the commit message says it closed for "every ledger call" (a job would wait
+/// "again at its store"). Here: six jobs, each opening then storing.
+#[tokio::test]
+async fn a_database_that_cancels_every_store_while_opens_answer_is_taken_for_down() {
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 4).await;
+    slow_rows(&env, "review_family_slow_store", "job_results", "NEW.result IS NOT NULL", 3.0).await;
+    let mut outcomes = Vec::new();
+    for job in 0..6 {
+        let key = format!("job-{job}");
+        let opened = store.open(&key, "sha256:job", Receipt::Fresh).await;
+        let storing = Instant::now();
+        let stored = store.store(&key, "sha256:job", "{\"ok\":true}").await;
+        outcomes.push(format!("open {:?}, store {stored:?} in {:?}", opened.map(|_| ()), storing.elapsed()));
+        if store.is_degraded() {
+            break;
+        }
+    }
+    assert!(
+        outcomes.iter().any(|o| o.starts_with("open Ok")),
+        "the test's own setup: opens answered: {outcomes:#?}"
+    );
+    assert!(store.is_degraded(), "every store cancelled for ~9 s, yet the database was kept: {outcomes:#?}");
+}
+
+/// Finding 4 (medium; older than 1e8aaa8, but it voids what the split was for). A database
+/// taken for down by a run of cancellations is reachable: `recover` pings it (`SELECT 1`
+/// answers), writes back (no statement bound) and leaves degraded mode at its first probe,
+/// 0.5 s later (plus the write-back), while it still cancels every admission. The count starts
+/// afresh, so the worker again refuses every limited call for the next 4+ s before it goes
+/// down again: on a database that stays too slow for admissions, the worker holds limited
+/// calls back most of the time, which is what taking it for down was to end. Here: the
+/// database is taken for down by cancelled admissions, then asked every 250 ms for 6 s.
+#[tokio::test]
+async fn a_database_down_for_cancelled_admissions_is_not_left_while_it_still_cancels_them() {
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 4).await;
+    let limits = limited();
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
+    let Admission::Granted(_) = store.admit(ask, SystemTime::now()).await else { panic!("not granted") };
+    // Each admission's statement (not each row: the write-back inserts the outage's calls in
+    // one statement) takes 3 s.
+    let sql = "CREATE FUNCTION review_family_slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
+               CREATE TRIGGER review_family_slow_insert BEFORE INSERT ON quota_use FOR EACH STATEMENT \
+                 EXECUTE FUNCTION review_family_slow_insert();";
+    sqlx::raw_sql(sql).execute(&mut env.db().await).await.unwrap();
+    let since = Instant::now();
+    while !store.is_degraded() {
+        assert!(since.elapsed() < Duration::from_secs(15), "not taken for down at all");
+        let _ = store.admit(ask, SystemTime::now()).await;
+    }
+    let down_at = Instant::now();
+    let mut left_after = None;
+    while down_at.elapsed() < Duration::from_secs(6) {
+        if !store.is_degraded() {
+            left_after = Some(down_at.elapsed());
+            break;
+        }
+        let _ = store.admit(ask, SystemTime::now()).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = if left_after.is_some() { Some(store.admit(ask, SystemTime::now()).await) } else { None };
+    assert_eq!(
+        left_after, None,
+        "degraded mode left while the database still cancels every admission; the next ask: {after:?}"
+    );
+}
