@@ -183,3 +183,55 @@ async fn a_database_down_for_cancelled_admissions_is_not_left_while_it_still_can
         "degraded mode left while the database still cancels every admission; the next ask: {after:?}"
     );
 }
+
+/// Every write to `table` commits `seconds` late, once per transaction (a deferred constraint
+/// trigger: COMMIT is not bound by `statement_timeout`), as review_silent's finding 1 has it.
+async fn slow_commits(env: &TestEnv, table: &str, seconds: f64) {
+    let name = format!("review_family_slow_commit_{table}");
+    let sql = format!(
+        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF current_setting('review_family.slept', true) IS DISTINCT FROM 'yes' THEN \
+             PERFORM set_config('review_family.slept', 'yes', true); PERFORM pg_sleep({seconds}); \
+           END IF; RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER {name} AFTER INSERT OR UPDATE ON {table} \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {name}();"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();
+}
+
+/// Finding 5 (medium). The split counts *cancellations* per family, but a ledger call the
+/// database never answers in time still goes through the shared `timeouts_in_a_row` and the
+/// shared `LastAnswer`: every answered admission sets the timeouts in a row back to 0
+/// (`answer_of`, `guarded_for`), and makes the ledger's give-ups "busy" for 1.75 s
+/// (`gave_up_in_queue`). A database whose ledger writes hang past the 2 s (job_results on a
+/// stalled tablespace, its commits slow: review_silent's own model) while admissions answer
+/// is never taken for down: every job waits 2 s at its open and 2 s at its store, and no
+/// result reaches the ledger, for as long as it stays so: the same gap as review_stmt2's
+/// finding 2, for the ledger's family, that 1e8aaa8 says it closed ("one that cancels every
+/// ledger call while admissions answer"). Here: six jobs, each opening the ledger (given up
+/// after 2 s) then asking for a slot (answered).
+#[tokio::test]
+async fn a_database_whose_ledger_hangs_while_admissions_answer_is_taken_for_down() {
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 4).await;
+    let limits = limited();
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
+    store.open("warm", "sha256:job", Receipt::Fresh).await.unwrap();
+    slow_commits(&env, "job_results", 3.0).await;
+    let mut outcomes = Vec::new();
+    for job in 0..6 {
+        let opening = Instant::now();
+        let opened = store.open(&format!("job-{job}"), "sha256:job", Receipt::Fresh).await;
+        let open_took = opening.elapsed();
+        let admitted = store.admit(ask, SystemTime::now()).await;
+        outcomes.push(format!("ledger {:?} after {open_took:?}, admission {admitted:?}", opened.map(|_| ())));
+        if store.is_degraded() {
+            break;
+        }
+    }
+    assert!(
+        outcomes.iter().any(|o| o.starts_with("ledger Err")),
+        "the test's own setup: ledger calls given up on: {outcomes:#?}"
+    );
+    assert!(store.is_degraded(), "every ledger call given up on for ~12 s, yet the database was kept: {outcomes:#?}");
+}
