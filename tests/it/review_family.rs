@@ -235,3 +235,76 @@ async fn a_database_whose_ledger_hangs_while_admissions_answer_is_taken_for_down
     );
     assert!(store.is_degraded(), "every ledger call given up on for ~12 s, yet the database was kept: {outcomes:#?}");
 }
+
+/// Finding 6 (medium, the costly direction; a regression of 1e8aaa8 for this case). Contention
+/// between workers on one provider's windows, each lock waited for less than `lock_timeout`
+/// but several adding up past 1.5 s, is cancelled as a statement timeout (the docs: "a
+/// statement held up by busy rows (an admission ... whose windows other workers hold, each
+/// lock waited for up to `lock_timeout` = 1 s, several windows adding up) ... counts it as a
+/// busy moment"). It counts in the providers' run like a slow database. Before the split,
+/// every job's ledger open (answered) ended that run; now nothing but another admission's
+/// answer does, so a worker whose limited calls go to one hot provider (a fleet queueing on a
+/// provider's or a pool's windows, the convoy each admission's hold of the first window while
+/// it waits on the next makes) is taken for down after ~5 s of contention, and falls to its
+/// conservative local share while the database answers everything else at once. Here: two
+/// windows (a minute's and an hour's), held by other sessions 0.8 s each in turn, five jobs
+/// (ledger open answered, admission cancelled at 1.5 s).
+#[tokio::test]
+async fn contention_on_one_providers_windows_does_not_take_a_reachable_database_down() {
+    let env = TestEnv::new().await;
+    let store = migrated(&env.database_url, 4).await;
+    let per = |secs| fallback_worker::config::LimitConfig {
+        requests: Some(1000),
+        tokens: None,
+        per: Duration::from_secs(secs),
+        resets: None,
+    };
+    let limits = [per(60), per(3600)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
+    let Admission::Granted(_) = store.admit(ask, SystemTime::now()).await else { panic!("not granted") };
+    let windows: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_window").fetch_one(&mut env.db().await).await.unwrap();
+    assert_eq!(windows, 2, "the test's own setup: two windows");
+    let mut outcomes = Vec::new();
+    for job in 0..5 {
+        let opened = store.open(&format!("job-{job}"), "sha256:job", Receipt::Fresh).await;
+        // Another worker's admission holds both windows for 0.8 s ...
+        let mut first = env.db().await;
+        sqlx::query("BEGIN").execute(&mut first).await.unwrap();
+        sqlx::query("SELECT 1 FROM quota_window ORDER BY window_ms FOR UPDATE").execute(&mut first).await.unwrap();
+        let asking = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let limits = [per(60), per(3600)];
+                let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
+                let started = Instant::now();
+                let admitted = store.admit(ask, SystemTime::now()).await;
+                format!("admission {admitted:?} after {:?}", started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // ... and a third's, queued on the hour's window before ours reaches it, holds that one
+        // 0.8 s more.
+        let mut second = env.db().await;
+        let holding_second = tokio::spawn(async move {
+            sqlx::query("BEGIN").execute(&mut second).await.unwrap();
+            sqlx::query("SELECT 1 FROM quota_window WHERE window_ms = 3600000 FOR UPDATE")
+                .execute(&mut second)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            sqlx::query("COMMIT").execute(&mut second).await.unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sqlx::query("COMMIT").execute(&mut first).await.unwrap();
+        let admitted = asking.await.unwrap();
+        holding_second.await.unwrap();
+        outcomes.push(format!("ledger {:?}, {admitted}", opened.map(|_| ())));
+        if store.is_degraded() {
+            break;
+        }
+    }
+    assert!(
+        !store.is_degraded(),
+        "contention on one provider's windows (each lock waited < lock_timeout) took the reachable database for down: {outcomes:#?}"
+    );
+}
