@@ -117,11 +117,21 @@ impl Publisher {
             let mut current = self.channel.lock().unwrap_or_else(|p| p.into_inner());
             if current.id() == stale.id() { (std::mem::replace(&mut *current, fresh), true) } else { (fresh, false) }
         };
-        if renewed {
-            tracing::info!("renewed the publishing channel after a nack");
+        if !renewed {
+            // Another task renewed it first: this one was never used.
+            let _ = tokio::time::timeout(Duration::from_secs(2), old.close(200, "renewed".into())).await;
+            return;
         }
-        // Publishes still waiting on the old channel fail and are retried on the new one.
-        let _ = tokio::time::timeout(Duration::from_secs(2), old.close(200, "renewed".into())).await;
+        tracing::info!("renewed the publishing channel after a nack");
+        // Publishes still waiting on the old channel get their confirms before it closes:
+        // closed at once, it lost the confirms of messages the broker had already taken, and
+        // their retries on the new channel published them twice (a black-box run: other jobs'
+        // results duplicated by one reply queue that rejects publishes).
+        let linger = self.confirm_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), old.close(200, "renewed".into())).await;
+        });
     }
 
     /// A publish error is the message's own while the connection still stands.

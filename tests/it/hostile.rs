@@ -475,3 +475,54 @@ async fn a_provider_cooled_down_by_hand_with_a_reason_of_its_own_is_not_called()
     }
     assert_eq!(stopped.requests(), 0, "no call to the stopped provider");
 }
+
+/// A reply queue that rejects publishes makes the broker nack its results, and the worker
+/// renews its publishing channel; the results of other jobs still waiting for their confirms
+/// on the old channel were lost with it and published again (a black-box run: other jobs'
+/// results twice). Each job gets one result, however many nacks come between.
+#[tokio::test]
+async fn nacked_results_do_not_duplicate_the_results_of_other_jobs() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
+    let full = format!("fwtest.{}.reply.full", env.id);
+    let args = headers(&[
+        ("x-max-length", AMQPValue::LongLongInt(0)),
+        ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+    ]);
+    env.client.declare_with(&full, args).await;
+    env.remove_later(full.clone());
+    let mut expected = std::collections::BTreeSet::new();
+    for i in 0..120 {
+        let custom_id = format!("job-{i}");
+        let properties = if i % 3 == 1 {
+            BasicProperties::default().with_reply_to(full.as_str().into())
+        } else {
+            BasicProperties::default()
+        };
+        env.publish(&job(&custom_id), properties).await;
+        expected.insert(custom_id);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..expected.len() {
+        seen.extend(env.next_result(&env.results).await.0.custom_id);
+    }
+    // Anything published twice went out right after a nack, long before this job is taken.
+    env.publish(&job("sentinel"), BasicProperties::default()).await;
+    loop {
+        let custom_id = env.next_result(&env.results).await.0.custom_id;
+        if custom_id.as_deref() == Some("sentinel") {
+            break;
+        }
+        seen.extend(custom_id);
+    }
+    let distinct: std::collections::BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(distinct, expected);
+    let mut counts = std::collections::BTreeMap::new();
+    for custom_id in &seen {
+        *counts.entry(custom_id.as_str()).or_insert(0) += 1;
+    }
+    counts.retain(|_, n| *n > 1);
+    assert!(counts.is_empty(), "results published more than once: {counts:?}");
+    worker.stop().await;
+}
