@@ -171,19 +171,26 @@ async fn a_reused_message_id_never_returns_another_jobs_answer() {
     worker.stop().await;
 }
 
+/// A reply queue of at most `max_length` messages that refuses publishes beyond (the broker
+/// nacks them), removed with the test's queues.
+async fn rejecting_queue(env: &TestEnv, max_length: i64) -> String {
+    let full = format!("fwtest.{}.reply.full", env.id);
+    let args = headers(&[
+        ("x-max-length", AMQPValue::LongLongInt(max_length)),
+        ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+    ]);
+    env.client.declare_with(&full, args).await;
+    env.remove_later(full.clone());
+    full
+}
+
 #[tokio::test]
 async fn a_full_reply_queue_and_a_foreign_user_id_stay_with_their_message() {
     let env = TestEnv::new().await;
     let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
     let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
     // A reply queue that is full and refuses publishes (the broker nacks them).
-    let full = format!("fwtest.{}.reply.full", env.id);
-    let args = headers(&[
-        ("x-max-length", AMQPValue::LongLongInt(1)),
-        ("x-overflow", AMQPValue::LongString("reject-publish".into())),
-    ]);
-    env.client.declare_with(&full, args).await;
-    env.remove_later(full.clone());
+    let full = rejecting_queue(&env, 1).await;
     env.client.publish(&full, b"occupant", BasicProperties::default()).await;
     env.publish(&job("to-full"), BasicProperties::default().with_reply_to(full.as_str().into())).await;
     let (diverted, properties) = env.next_result(&env.results).await;
@@ -485,13 +492,7 @@ async fn nacked_results_do_not_duplicate_the_results_of_other_jobs() {
     let env = TestEnv::new().await;
     let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
     let worker = env.spawn_worker(env.config(&one_provider(&mock, "")), "w1").await;
-    let full = format!("fwtest.{}.reply.full", env.id);
-    let args = headers(&[
-        ("x-max-length", AMQPValue::LongLongInt(0)),
-        ("x-overflow", AMQPValue::LongString("reject-publish".into())),
-    ]);
-    env.client.declare_with(&full, args).await;
-    env.remove_later(full.clone());
+    let full = rejecting_queue(&env, 0).await;
     let mut expected = std::collections::BTreeSet::new();
     for i in 0..120 {
         let custom_id = format!("job-{i}");
