@@ -64,6 +64,8 @@ const CHANNEL: &str = "fallback_provider_state";
 /// every worker dividing each limit by the same count. Its payload means nothing (anyone may
 /// NOTIFY it): the table is counted.
 const WORKERS_CHANNEL: &str = "fallback_workers";
+/// The workers whose heartbeat is younger than `$1` seconds ([`HEARTBEAT_STALE`]).
+const COUNT_ALIVE: &str = "SELECT count(*) FROM worker_heartbeat WHERE seen_at > now() - make_interval(secs => $1)";
 
 /// The longest one state call may take before the database counts as unreachable: a worker
 /// must not hold jobs for seconds on a dead connection pool.
@@ -1016,12 +1018,7 @@ impl PgStore {
                 sqlx::query("DELETE FROM worker_heartbeat WHERE seen_at < now() - interval '1 day'")
                     .execute(&self.pool)
                     .await?;
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM worker_heartbeat WHERE seen_at > now() - make_interval(secs => $1)",
-                )
-                .bind(stale)
-                .fetch_one(&self.pool)
-                .await
+                sqlx::query_scalar::<_, i64>(COUNT_ALIVE).bind(stale).fetch_one(&self.pool).await
             })
             .await?;
         let alive = u32::try_from(alive).unwrap_or(u32::MAX).max(1);
@@ -1284,12 +1281,7 @@ impl PgStore {
         let stale = HEARTBEAT_STALE.as_secs_f64();
         let counted = self
             .guarded_for(Caller::Background, async {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM worker_heartbeat WHERE seen_at > now() - make_interval(secs => $1)",
-                )
-                .bind(stale)
-                .fetch_one(&self.pool)
-                .await
+                sqlx::query_scalar::<_, i64>(COUNT_ALIVE).bind(stale).fetch_one(&self.pool).await
             })
             .await;
         if let Ok(alive) = counted {
