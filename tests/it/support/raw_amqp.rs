@@ -124,6 +124,53 @@ impl RawPublisher {
         self.expect_method(60, 80).await; // Basic.Ack
     }
 
+    /// Takes the next message of `queue` (Basic.Get, to be acknowledged) and closes the
+    /// connection without acknowledging it: the broker requeues it, as it does any delivery a
+    /// consumer lost (a worker's dropped connection, a killed process). Returns the size of the
+    /// content-header frame it came in.
+    pub async fn get_and_return(mut self, queue: &str) -> usize {
+        let mut get = 0u16.to_be_bytes().to_vec();
+        short_string(&mut get, queue);
+        get.push(0); // no-ack off
+        self.send_method(1, 60, 70, &get).await;
+        let (kind, payload) = self.read_frame().await;
+        assert_eq!((kind, &payload[..4]), (FRAME_METHOD, &[0, 60, 0, 71][..]), "Basic.Get-Ok");
+        let (kind, header) = self.read_frame().await;
+        assert_eq!(kind, FRAME_HEADER);
+        let body_size = u64::from_be_bytes(header[4..12].try_into().unwrap());
+        let mut read = 0u64;
+        while read < body_size {
+            let (kind, body) = self.read_frame().await;
+            assert_eq!(kind, FRAME_BODY);
+            read += body.len() as u64;
+        }
+        let mut close = 200u16.to_be_bytes().to_vec();
+        short_string(&mut close, "");
+        close.extend([0, 0, 0, 0]);
+        self.send_method(0, 10, 50, &close).await;
+        loop {
+            let (kind, payload) = self.read_frame().await;
+            if kind == FRAME_METHOD && payload[..4] == [0, 10, 0, 51] {
+                break;
+            }
+        }
+        header.len() + 8
+    }
+
+    /// The next frame: its type and payload.
+    async fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 7];
+        tokio::time::timeout(Duration::from_secs(30), self.stream.read_exact(&mut head))
+            .await
+            .expect("the broker answers within 30 s")
+            .expect("the broker keeps the connection open");
+        let size = u32::from_be_bytes(head[3..7].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; size + 1];
+        self.stream.read_exact(&mut payload).await.unwrap();
+        payload.truncate(size);
+        (head[0], payload)
+    }
+
     /// Closes the connection politely.
     pub async fn close(mut self) {
         let mut close = 200u16.to_be_bytes().to_vec();
