@@ -119,3 +119,96 @@ async fn a_frame_filling_job_redelivered_by_a_quorum_queue_is_answered() {
         "both jobs answered within {PATIENCE:?}: {answered:?}; jobs queue: {jobs}; the broker's content-header frame when taken: {taken} bytes of a frame_max of {frame_max}"
     );
 }
+
+/// **Finding 3 (high; 2f4c408's bound is the broker's goodwill).** Finding 2 shows RabbitMQ sends
+/// frames larger than the `frame_max` the worker negotiated. A broker configured with a larger
+/// `frame_max` (`frame_max = 262144` in rabbitmq.conf, twice the default; the worker's cap does
+/// not lower what a *publisher* may send) takes a job whose headers nest as deep as 256 KiB holds
+/// (about 52,000 array levels) and delivers it to the worker unchanged. lapin's I/O loop
+/// buffers 32 frames (4 MiB), so it parses the whole frame, recursively, *before* it compares
+/// its size with `frame_max` (`io_loop.rs`, `parse`): 52,000 levels overflow the 320 MiB
+/// (debug, ~10 KiB a level) and 64 MiB (release, ~1.6 KiB a level) `DEEP_STACK` alike
+/// ("thread 'lapin-io-loop' has overflowed its stack", SIGABRT), the job is redelivered
+/// to the next worker: the service stops, as before 2f4c408. The broker's reconfiguration is
+/// simulated by a relay in front of the machine's RabbitMQ that puts those headers in the
+/// content-header frame of a job marked `deep-me` (what such a broker would deliver).
+/// Repro with a real broker: `frame_max = 262144` in rabbitmq.conf, restart it, publish
+/// `nested_headers(Nesting::Arrays, deepest(Nesting::Arrays, 262144))` with
+/// `RawPublisher` to the jobs queue; every worker aborts ("has overflowed its stack").
+#[tokio::test]
+async fn a_broker_with_a_larger_frame_max_cannot_abort_the_worker_with_deep_headers() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
+    let relay = deepening_relay("127.0.0.1:5672".parse().unwrap(), 256 << 10).await;
+    let text = env.config_text(&providers, "").replace("127.0.0.1:5672", &relay.to_string());
+    let config = env.dir.join("relayed.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut worker = WorkerProcess::spawn(&config);
+    env.wait_for_queues().await;
+    let mut marker = lapin::types::FieldTable::default();
+    marker.insert("deep-me".into(), lapin::types::AMQPValue::Boolean(true));
+    env.publish(&job("deep"), BasicProperties::default().with_headers(marker)).await;
+    env.publish(&job("plain"), BasicProperties::default()).await;
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        match env.client.next_message(&env.results, PATIENCE).await {
+            Some((body, _)) => answered.push(String::from_utf8_lossy(&body).to_string()),
+            None => break,
+        }
+    }
+    let exited = worker.child.try_wait().unwrap();
+    assert!(exited.is_none(), "the worker is still running: it exited with {exited:?}");
+    worker.signal("TERM");
+    let _ = worker.wait().await;
+    assert_eq!(answered.len(), 2, "both jobs answered: {answered:?}");
+}
+
+/// A relay to `upstream` (RabbitMQ) that gives the content-header frame of any message whose
+/// headers carry the key `deep-me` headers nested as deep as a frame of `frame_max` holds (as a
+/// broker with that `frame_max` would deliver them).
+async fn deepening_relay(upstream: std::net::SocketAddr, frame_max: u32) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let deep = nested_headers(Nesting::Arrays, deepest(Nesting::Arrays, frame_max));
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let deep = deep.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (mut from_client, mut to_client) = inbound.into_split();
+                let (mut from_broker, mut to_broker) = outbound.into_split();
+                let up = tokio::io::copy(&mut from_client, &mut to_broker);
+                let down = async move {
+                    loop {
+                        let mut head = [0u8; 7];
+                        from_broker.read_exact(&mut head).await?;
+                        let size = u32::from_be_bytes(head[3..7].try_into().unwrap()) as usize;
+                        let mut payload = vec![0u8; size + 1];
+                        from_broker.read_exact(&mut payload).await?;
+                        let marked = head[0] == 2 && payload.windows(7).any(|w| w == b"deep-me");
+                        if marked {
+                            // class, weight, body size; then only the headers property.
+                            let mut rewritten = payload[..12].to_vec();
+                            rewritten.extend((1u16 << 13).to_be_bytes());
+                            rewritten.extend(&deep);
+                            rewritten.push(0xCE);
+                            head[3..7].copy_from_slice(&((rewritten.len() - 1) as u32).to_be_bytes());
+                            payload = rewritten;
+                        }
+                        to_client.write_all(&head).await?;
+                        to_client.write_all(&payload).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
+                };
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    addr
+}
