@@ -291,3 +291,42 @@ async fn deep_headers_do_not_leave_the_worker_holding_their_stack_in_memory() {
     let grown = after.saturating_sub(before) / 1024;
     assert!(grown <= 32, "resident memory {} MiB before, {} MiB after: {grown} MiB kept", before / 1024, after / 1024);
 }
+
+/// **Finding 6 (high; classic queues, no delivery limit: the loop of finding 2 never ends).**
+/// The service's delay queues dead-letter to the jobs queue, and RabbitMQ adds `x-death` (and
+/// `x-first-death-*`) to the headers when it does. A publisher that may publish to the jobs
+/// queue through the default exchange may publish to `<jobs>.wait.1s` too: its frame-filling
+/// job comes back into the jobs queue 292 bytes over the worker's `frame_max` (131,364 bytes,
+/// measured), lapin
+/// closes the connection (FRAME_ERROR), the job is requeued, delivered again, on every worker,
+/// every few seconds, for ever (a classic queue has no delivery limit), and every job in flight
+/// on each broken connection is redelivered with it. Expected: the job and the ordinary one
+/// behind it answered.
+#[tokio::test]
+async fn a_frame_filling_job_dead_lettered_from_a_delay_queue_is_answered() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
+    let mut worker = WorkerProcess::spawn(&env.config_file(&providers, ""));
+    env.wait_for_queues().await;
+    let wait_queue = fallback_worker::broker::Topology::new(&env.jobs, &env.results)
+        .wait_queue(fallback_worker::broker::WAIT_TIERS[0]);
+    let mut publisher = RawPublisher::connect(&amqp_url()).await;
+    let frame_max = publisher.frame_max.min(MAX_FRAME);
+    let headers = nested_headers(Nesting::Arrays, deepest(Nesting::Arrays, frame_max));
+    publisher.publish(&wait_queue, job("deep").as_bytes(), &headers).await;
+    publisher.close().await;
+    env.publish(&job("plain"), BasicProperties::default()).await;
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        match env.client.next_message(&env.results, PATIENCE).await {
+            Some((body, _)) => answered.push(String::from_utf8_lossy(&body).to_string()),
+            None => break,
+        }
+    }
+    let jobs = env.client.queue_state(&env.jobs).await;
+    assert!(worker.child.try_wait().unwrap().is_none(), "the worker is still running");
+    worker.signal("TERM");
+    let _ = worker.wait().await;
+    assert_eq!(answered.len(), 2, "both jobs answered within {PATIENCE:?}: {answered:?}; jobs queue: {jobs}");
+}
