@@ -330,3 +330,27 @@ async fn a_frame_filling_job_dead_lettered_from_a_delay_queue_is_answered() {
     let _ = worker.wait().await;
     assert_eq!(answered.len(), 2, "both jobs answered within {PATIENCE:?}: {answered:?}; jobs queue: {jobs}");
 }
+
+/// **Finding 7 (low; in-process paths).** The stacks are the binary's `main`'s doing
+/// (`RUST_MIN_STACK` set before the first thread, the runtime on a `DEEP_STACK` thread):
+/// `fallback_worker::app::WorkerApp`, the library's public way to run a worker, run anywhere
+/// else (an embedding service, this test harness's `TestEnv::spawn_worker`) has lapin's I/O
+/// thread on the default 2 MiB, and one frame-filling header aborts the whole host process
+/// ("thread 'lapin-io-loop' has overflowed its stack"). Nothing in `WorkerApp`'s or
+/// `broker::connect`'s docs says so. Expected: the in-process worker answers the job (this test
+/// process survives). It aborts on 0a23bf2.
+#[tokio::test]
+async fn an_in_process_worker_survives_a_frame_filling_header() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
+    let worker = env.spawn_worker(env.config(&providers), "in-process").await;
+    let mut publisher = RawPublisher::connect(&amqp_url()).await;
+    let frame_max = publisher.frame_max.min(MAX_FRAME);
+    let headers = nested_headers(Nesting::Arrays, deepest(Nesting::Arrays, frame_max));
+    publisher.publish(&env.jobs, job("deep").as_bytes(), &headers).await;
+    publisher.close().await;
+    let result = env.client.next_message(&env.results, PATIENCE).await;
+    assert!(result.is_some(), "the job is answered");
+    worker.stop().await;
+}
