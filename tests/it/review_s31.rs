@@ -244,6 +244,25 @@ async fn a_password_with_a_slash_is_not_printed_by_a_bad_amqp_url_error() {
             }
         }
     }
+    // The env-override error (42e0a11) of a URL whose scheme is wrong quotes it through the
+    // same `redact_url`.
+    for env in [
+        fallback_worker::config::EnvOverrides {
+            database_url: Some("postgress://fw:s3cr/et9@db/fallback".into()),
+            ..Default::default()
+        },
+        fallback_worker::config::EnvOverrides {
+            amqp_url: Some("amqp:/guest:s3cr/et9@127.0.0.1:5672/%2f".into()),
+            ..Default::default()
+        },
+    ] {
+        if let Err(e) = fallback_worker::config::Config::parse(&text, std::path::Path::new("f.toml"), &env) {
+            let shown = e.to_string();
+            if shown.contains("s3cr") || shown.contains("et9") {
+                leaks.push(format!("config: {shown}"));
+            }
+        }
+    }
     assert!(leaks.is_empty(), "the password in clear:\n{}", leaks.join("\n"));
 }
 
