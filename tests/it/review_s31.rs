@@ -1,5 +1,32 @@
 //! Adversarial review, session 31, of 2f4c408 (deep headers), 42e0a11 (env overrides),
 //! 62252c7 (`body.stream`) and 0a23bf2 (workers recounted on a NOTIFY).
+//!
+//! Findings 1 to 7 are the tests below. Observations that are not tests:
+//!
+//! - 2f4c408's premise, "the broker takes the smaller of its own and this, so no header it sends
+//!   is larger", is false for RabbitMQ 3.10 (findings 2, 3, 6): the broker never checks the
+//!   frames it sends against the negotiated `frame_max`, and it adds headers of its own
+//!   (`x-death`, quorum bookkeeping) to a message a publisher filled to the byte. Header size,
+//!   not only depth, is the attack: findings 2 and 6 need no nesting, any 131 KB of headers does
+//!   (a flat long string), and the worker's answer, lapin's FRAME_ERROR, breaks the connection
+//!   in a loop. The same loop existed before 2f4c408 (lapin already took the broker's 131,072);
+//!   what is new is the claim that the bound protects.
+//! - `tests/it/joining_workers.rs` asserts "a heartbeat of a worker already counted announces
+//!   nothing" by checking the count stays 2: a NOTIFY on every heartbeat would pass it too (the
+//!   recount finds the same 2). It cannot fail for what its comment says.
+//! - 0a23bf2's `count_workers` and `heartbeat` both store `workers_alive` last-writer-wins, not
+//!   newest-read-wins: a count that read the table before a heartbeat's INSERT but stores after
+//!   the heartbeat's own count puts back the smaller number until the next heartbeat (10 s). With
+//!   `listen` spawned before `housekeeping` (app.rs), a joining worker's first count usually
+//!   stores first; not made a test (timing).
+//! - A flood of `NOTIFY fallback_workers` by anyone with the database's credentials keeps one
+//!   `count(*)` query running back to back per worker (coalesced, so bounded to one connection
+//!   of each pool) and, combined with finding 1 (stale rows), moves every divisor to 1.
+//! - 42e0a11: `DATABASE_URL=""` counts as unset but `AMQP_URL=""` refuses to start ("needs at
+//!   least one URL") and `HTTP_ADDR=""` silently turns the HTTP endpoint (health checks) off
+//!   even when the file sets one: a compose file's `HTTP_ADDR: ${HTTP_ADDR}` with the variable
+//!   unset disables /healthz and the orchestrator restarts the worker for failing its probe.
+//!   Documented as intended in `from_env`'s doc; inconsistent with the DATABASE_URL rule.
 
 use std::time::{Duration, SystemTime};
 
