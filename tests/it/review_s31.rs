@@ -400,3 +400,31 @@ async fn an_in_process_worker_survives_a_frame_filling_header() {
     assert!(result.is_some(), "the job is answered");
     worker.stop().await;
 }
+
+/// Finding 6 without any nesting: one flat long-string header filling the frame, published to
+/// a delay queue, comes back with `x-death` over `frame_max` just the same (the size, not the
+/// depth, breaks the connection). Expected: the job answered.
+#[tokio::test]
+async fn a_flat_frame_filling_header_dead_lettered_from_a_delay_queue_is_answered() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
+    let mut worker = WorkerProcess::spawn(&env.config_file(&providers, ""));
+    env.wait_for_queues().await;
+    let wait_queue = fallback_worker::broker::Topology::new(&env.jobs, &env.results)
+        .wait_queue(fallback_worker::broker::WAIT_TIERS[0]);
+    let mut publisher = RawPublisher::connect(&amqp_url()).await;
+    let frame_max = publisher.frame_max.min(MAX_FRAME);
+    let n = frame_max - 8 - 14 - 1 - 4 - 2 - 1 - 4;
+    let mut headers = (2 + 1 + 4 + n).to_be_bytes().to_vec();
+    headers.extend([1, b'x', b'S']);
+    headers.extend(n.to_be_bytes());
+    headers.extend(std::iter::repeat_n(b'a', n as usize));
+    publisher.publish(&wait_queue, job("flat").as_bytes(), &headers).await;
+    publisher.close().await;
+    let answered = env.client.next_message(&env.results, PATIENCE).await.is_some();
+    assert!(worker.child.try_wait().unwrap().is_none(), "the worker is still running");
+    worker.signal("TERM");
+    let _ = worker.wait().await;
+    assert!(answered, "the job answered within {PATIENCE:?}");
+}
