@@ -10,7 +10,9 @@
 //!   not only depth, is the attack: findings 2 and 6 need no nesting, any 131 KB of headers does
 //!   (a flat long string), and the worker's answer, lapin's FRAME_ERROR, breaks the connection
 //!   in a loop. The same loop existed before 2f4c408 (lapin already took the broker's 131,072);
-//!   what is new is the claim that the bound protects.
+//!   what is new is the claim that the bound protects. docs/operations.md's threat model says
+//!   "A broker configured for frames above 128 KiB still talks to the worker in 128 KiB
+//!   frames": findings 3 and 6 measure otherwise.
 //! - `tests/it/joining_workers.rs` asserts "a heartbeat of a worker already counted announces
 //!   nothing" by checking the count stays 2: a NOTIFY on every heartbeat would pass it too (the
 //!   recount finds the same 2). It cannot fail for what its comment says.
@@ -249,7 +251,8 @@ async fn deepening_relay(upstream: std::net::SocketAddr, frame_max: u32) -> std:
 /// validation (scheme only) takes such a URL, so a worker started with it logs the password at
 /// every reconnect attempt (supervisor's "broker session lost"), and `enqueue`/`batch` print
 /// it. (Before 2f4c408 lapin's own parse error went through the same `redact_url`: not a
-/// regression, but the new path, written to keep the password out, does not.) Expected: no
+/// regression, but the new path, written to keep the password out, does not; docs/operations.md:
+/// "URLs are logged with their password replaced".) Expected: no
 /// part of the password in either error.
 #[tokio::test]
 async fn a_password_with_a_slash_is_not_printed_by_a_bad_amqp_url_error() {
@@ -427,4 +430,46 @@ async fn a_flat_frame_filling_header_dead_lettered_from_a_delay_queue_is_answere
     worker.signal("TERM");
     let _ = worker.wait().await;
     assert!(answered, "the job answered within {PATIENCE:?}");
+}
+
+/// Not a finding: the release binary's side of 2f4c408 (the tests spawn the debug binary, so
+/// nothing checks the 64 MiB release stack against the deepest frame). Run with
+/// `REVIEW_S31_BIN=target/release/fallback-worker cargo nextest run --run-ignored only -E
+/// 'test(/release_binary_probe/)'`: sends the deepest tables and arrays a frame holds to that
+/// binary and prints its resident memory before and after.
+#[tokio::test]
+#[ignore = "needs REVIEW_S31_BIN (a release build)"]
+async fn release_binary_probe() {
+    let bin = std::env::var("REVIEW_S31_BIN").expect("REVIEW_S31_BIN");
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
+    let config = env.config_file(&providers, "");
+    let mut child = std::process::Command::new(bin)
+        .args(["--config", config.to_str().unwrap(), "worker"])
+        .env("RUST_LOG", "warn")
+        .env_remove("RUST_MIN_STACK")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    env.wait_for_queues().await;
+    env.publish(&job("warm"), BasicProperties::default()).await;
+    env.results(&env.results, 1).await;
+    let before = rss_kib(child.id());
+    let mut publisher = RawPublisher::connect(&amqp_url()).await;
+    let frame_max = publisher.frame_max.min(MAX_FRAME);
+    for (custom_id, nesting) in [("tables", Nesting::Tables), ("arrays", Nesting::Arrays)] {
+        publisher
+            .publish(&env.jobs, job(custom_id).as_bytes(), &nested_headers(nesting, deepest(nesting, frame_max)))
+            .await;
+    }
+    publisher.close().await;
+    let answered = env.client.next_message(&env.results, PATIENCE).await.is_some()
+        && env.client.next_message(&env.results, PATIENCE).await.is_some();
+    let exited = child.try_wait().unwrap();
+    let after = if exited.is_none() { rss_kib(child.id()) } else { 0 };
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!("release probe: answered {answered}, exited {exited:?}, RSS {} -> {} MiB", before / 1024, after / 1024);
+    assert!(answered && exited.is_none());
 }
