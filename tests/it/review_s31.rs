@@ -161,6 +161,8 @@ async fn a_frame_filling_job_redelivered_by_a_quorum_queue_is_answered() {
 /// to the next worker: the service stops, as before 2f4c408. The broker's reconfiguration is
 /// simulated by a relay in front of the machine's RabbitMQ that puts those headers in the
 /// content-header frame of a job marked `deep-me` (what such a broker would deliver).
+/// With `REVIEW_S31_BIN=target/release/fallback-worker` the test runs the release binary
+/// (64 MiB stack): it aborts the same way (measured on 0a23bf2).
 /// Repro with a real broker: `frame_max = 262144` in rabbitmq.conf, restart it, publish
 /// `nested_headers(Nesting::Arrays, deepest(Nesting::Arrays, 262144))` with
 /// `RawPublisher` to the jobs queue; every worker aborts ("has overflowed its stack").
@@ -173,7 +175,7 @@ async fn a_broker_with_a_larger_frame_max_cannot_abort_the_worker_with_deep_head
     let text = env.config_text(&providers, "").replace("127.0.0.1:5672", &relay.to_string());
     let config = env.dir.join("relayed.toml");
     std::fs::write(&config, text).unwrap();
-    let mut worker = WorkerProcess::spawn(&config);
+    let mut worker = worker_process(&config);
     env.wait_for_queues().await;
     let mut marker = lapin::types::FieldTable::default();
     marker.insert("deep-me".into(), lapin::types::AMQPValue::Boolean(true));
@@ -308,8 +310,8 @@ fn rss_kib(pid: u32) -> u64 {
 /// the life of the thread: lapin's I/O thread (decode) and the runtime's thread (clone, drop)
 /// each keep what the deepest header walked. Two frame-filling jobs (tables, arrays) leave the
 /// worker's resident memory 330 MiB larger for good (34 MiB before, 365 MiB after, measured on
-/// 0a23bf2, debug build; about a sixth of that in release by `frames.rs`'s own per-level
-/// figures, ~40 MiB a thread), per
+/// 0a23bf2, debug build; the release build, through `release_binary_probe` below: 17 MiB
+/// before, 91 MiB after, 74 MiB kept, four times its footprint), per
 /// connection's I/O thread; a publisher can do it to every worker at no cost, and a worker
 /// sized for its usual footprint (container memory limit) is OOM-killed instead of aborted.
 /// Expected: at most 32 MiB more resident after the jobs are answered.
@@ -472,4 +474,19 @@ async fn release_binary_probe() {
     let _ = child.wait();
     eprintln!("release probe: answered {answered}, exited {exited:?}, RSS {} -> {} MiB", before / 1024, after / 1024);
     assert!(answered && exited.is_none());
+}
+
+/// A worker process of the binary `REVIEW_S31_BIN` names (a release build), or of the tests'
+/// own (debug) binary.
+fn worker_process(config: &std::path::Path) -> WorkerProcess {
+    let Ok(bin) = std::env::var("REVIEW_S31_BIN") else { return WorkerProcess::spawn(config) };
+    let child = std::process::Command::new(bin)
+        .args(["--config", config.to_str().unwrap(), "worker"])
+        .env("RUST_LOG", "warn")
+        .env("LOG_FORMAT", "text")
+        .env_remove("RUST_MIN_STACK")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    WorkerProcess { child }
 }
