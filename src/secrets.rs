@@ -38,7 +38,16 @@ pub fn redact_url(url: &str) -> String {
             let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
             format!("{scheme}://{user}:***@{host}{tail}")
         }
-        None => url.to_string(),
+        // A password with an unencoded `/`, `?` or `#` ends the authority early: what stands
+        // before the last `@` is then taken for `user:password` (a URL without credentials
+        // has no `:` there, or no `@`).
+        None => match rest.rsplit_once('@') {
+            Some((userinfo, after)) if userinfo.contains(':') => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                format!("{scheme}://{user}:***@{after}")
+            }
+            _ => url.to_string(),
+        },
     }
 }
 
@@ -138,6 +147,18 @@ mod tests {
             let said = scrub(&format!("{before}{echoed}{after}"), &[&key]);
             prop_assert!(!said.to_ascii_lowercase().contains(&key.to_ascii_lowercase()), "{said}");
         }
+
+        /// A password, whatever it holds but `@` (an unencoded `/`, `?`, `#` or `:` included),
+        /// never survives redaction.
+        #[test]
+        fn no_password_survives_redaction(
+            password in "P~[!-?A-~]{4,30}",
+            host in "[a-z][a-z0-9.]{0,20}",
+            tail in "(/[a-z0-9%]{0,10})?",
+        ) {
+            let redacted = redact_url(&format!("amqp://guest:{password}@{host}:5672{tail}"));
+            prop_assert!(!redacted.contains(&password), "{redacted}");
+        }
     }
 
     #[test]
@@ -149,6 +170,9 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://postgres@127.0.0.1/fallback"), "postgres://postgres:***@127.0.0.1/fallback");
         assert_eq!(redact_url("http://host/path@x"), "http://host/path@x");
+        // A password with an unencoded `/` or `#` (the authority seems to end inside it).
+        assert_eq!(redact_url("amqp://guest:s3cr/et9@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("amqp://guest:s3c#ret@host/"), "amqp://guest:***@host/");
         assert_eq!(redact_url("not a url"), "not a url");
     }
 

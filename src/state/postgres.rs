@@ -1284,8 +1284,11 @@ impl PgStore {
                 sqlx::query_scalar::<_, i64>(COUNT_ALIVE).bind(stale).fetch_one(&self.pool).await
             })
             .await;
+        // Only ever more: a join adds a worker, and a count that finds fewer (rows aged by an
+        // outage, this worker's own among them, or a count read before a heartbeat stored its
+        // own) must not undo what the last heartbeat counted; the next heartbeat sets it exactly.
         if let Ok(alive) = counted {
-            self.outage.workers_alive.store(u32::try_from(alive).unwrap_or(u32::MAX).max(1), Ordering::Relaxed);
+            self.outage.workers_alive.fetch_max(u32::try_from(alive).unwrap_or(u32::MAX), Ordering::Relaxed);
         }
     }
 
