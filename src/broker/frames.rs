@@ -11,8 +11,12 @@
 //! (the frame size this side accepts) and stacks that hold it:
 //!
 //! - [`frame_max`]: every connection asks for frames of at most [`MAX_FRAME`] (RabbitMQ's own
-//!   default `frame_max`); the broker takes the smaller of its own and this, so no header it
-//!   sends is larger (lapin refuses a larger frame).
+//!   default `frame_max`), which publishers are held to as well while the broker keeps that
+//!   default. RabbitMQ does not hold the frames it sends to the negotiated size (it adds
+//!   `x-death` or `x-delivery-count` to a full frame; a broker configured for larger frames
+//!   passes them on), and lapin decodes a frame before it refuses it as too large: the bound
+//!   holds only with the broker's `frame_max` at its default (docs/operations.md,
+//!   `tests/it/review_s31.rs`).
 //! - [`DEEP_STACK`]: the stack of every thread that may walk a message's headers (lapin's I/O
 //!   thread, the runtime's) holds [`MAX_FRAME`] bytes of nesting. Measured (decoding, the
 //!   deepest walk): about 1.6 KiB a level in a release build and 10 KiB in a debug build, so

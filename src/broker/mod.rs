@@ -94,14 +94,11 @@ impl Incoming {
 /// Opens a connection named for the management UI; errors never show the URL's password.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, String> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let uri = url.parse().map_err(|e: String| {
-        // The parser quotes the whole URL in some errors: never its password.
-        let why = if e.contains(url) { "not a valid AMQP URL".to_string() } else { e };
-        format!("cannot connect to RabbitMQ at {}: {why}", redact_url(url))
-    })?;
-    Connection::connect_uri(frames::frame_max(uri), properties)
-        .await
-        .map_err(|e| format!("cannot connect to RabbitMQ at {}: {e}", redact_url(url)))
+    let failed = |why: String| format!("cannot connect to RabbitMQ at {}: {why}", redact_url(url));
+    // The parser quotes the whole URL in some errors: never its password.
+    let uri =
+        url.parse().map_err(|e: String| failed(if e.contains(url) { "not a valid AMQP URL".into() } else { e }))?;
+    Connection::connect_uri(frames::frame_max(uri), properties).await.map_err(|e| failed(e.to_string()))
 }
 
 /// Opens a connection to the first node of `urls` that accepts one within `per_node` (tools

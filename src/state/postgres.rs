@@ -230,10 +230,9 @@ struct Outage {
     /// Workers seen alive at the last heartbeat or count (at least 1): the divisor of the local
     /// share.
     workers_alive: AtomicU32,
-    /// A count of the workers alive is under way ...
-    counting_workers: AtomicBool,
-    /// ... and a notice of a worker's joining came since it started.
-    workers_count_wanted: AtomicBool,
+    /// A count of the workers alive is asked for (a worker joined, or the LISTEN session
+    /// reconnected); asks that come while one runs make one more.
+    workers_count_wanted: tokio::sync::Notify,
     /// Every call this worker made recently, shared or not.
     own_calls: MemoryStore,
     /// Calls admitted locally during an outage, with the limits and pools they count against,
@@ -1052,7 +1051,7 @@ impl PgStore {
     /// and its pools') at `limit / workers last seen alive`, counted over this worker's own
     /// recent calls.
     async fn admit_locally(&self, ask: Ask<'_>, now: SystemTime) -> Admission {
-        let workers = u64::from(self.outage.workers_alive.load(Ordering::Relaxed).max(1));
+        let workers = u64::from(self.workers_alive());
         let share_of = |limits: &[LimitConfig]| -> Vec<LimitConfig> {
             limits
                 .iter()
@@ -1193,6 +1192,7 @@ impl PgStore {
     /// Follows NOTIFY until `shutdown`; after any reconnect it reloads the table, since
     /// notifications sent while disconnected are lost.
     pub async fn listen(self, shutdown: CancellationToken) {
+        tokio::spawn(self.clone().count_workers_when_asked(shutdown.clone()));
         let mut delay = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
             let session = async {
@@ -1206,7 +1206,7 @@ impl PgStore {
                 listener.listen_all([CHANNEL, WORKERS_CHANNEL, ping_channel.as_str()]).await?;
                 self.reload().await?;
                 self.heard();
-                self.count_workers_soon();
+                self.outage.workers_count_wanted.notify_one();
                 self.outage.listening.store(true, Ordering::SeqCst);
                 tracing::debug!("listening for provider-state changes");
                 let _pinger = Pinger(tokio::spawn(self.clone().ping_listener(ping_channel.clone(), nonce.clone())));
@@ -1220,7 +1220,9 @@ impl PgStore {
                         Some(notification) if notification.channel() == ping_channel => {
                             self.echoed(notification.payload(), &nonce);
                         }
-                        Some(notification) if notification.channel() == WORKERS_CHANNEL => self.count_workers_soon(),
+                        Some(notification) if notification.channel() == WORKERS_CHANNEL => {
+                            self.outage.workers_count_wanted.notify_one()
+                        }
                         Some(notification) => self.apply_notice(notification.payload()),
                         None => {
                             // Notifications sent while it was away are lost: read the table.
@@ -1229,7 +1231,7 @@ impl PgStore {
                             self.reload().await?;
                             self.heard();
                             self.outage.listening.store(true, Ordering::SeqCst);
-                            self.count_workers_soon();
+                            self.outage.workers_count_wanted.notify_one();
                         }
                     }
                 }
@@ -1252,29 +1254,16 @@ impl PgStore {
         }
     }
 
-    /// Counts the workers alive again, off the LISTEN session's task. Notices that come while a
-    /// count is under way ask for one more count after it (it may have read the table before
-    /// their worker's row was committed); any number of them, one.
-    fn count_workers_soon(&self) {
-        self.outage.workers_count_wanted.store(true, Ordering::SeqCst);
-        if self.outage.counting_workers.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let store = self.clone();
-        tokio::spawn(async move {
-            loop {
-                while store.outage.workers_count_wanted.swap(false, Ordering::SeqCst) {
-                    store.count_workers().await;
-                }
-                store.outage.counting_workers.store(false, Ordering::SeqCst);
-                // A notice between the last count and the line above found a count under way.
-                if !store.outage.workers_count_wanted.load(Ordering::SeqCst)
-                    || store.outage.counting_workers.swap(true, Ordering::SeqCst)
-                {
-                    return;
-                }
+    /// Counts the workers alive each time a count is asked for, off the LISTEN session's task,
+    /// until `shutdown`. Asks that come while a count runs (it may have read the table before
+    /// their worker's row was committed) make one more count after it, however many they are.
+    async fn count_workers_when_asked(self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.outage.workers_count_wanted.notified() => self.count_workers().await,
             }
-        });
+        }
     }
 
     async fn count_workers(&self) {
