@@ -2,14 +2,21 @@
 //! with a header table nested 2,000 deep overflowed lapin's reading thread, aborted the worker,
 //! was redelivered to the next, and stopped the whole service; `src/broker/frames.rs`).
 
-use std::time::Duration;
-
-use fallback_worker::broker::frames::MAX_FRAME;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile};
 use lapin::BasicProperties;
 
 use crate::support::raw_amqp::{Nesting, RawPublisher, deepest, nested_headers};
 use crate::support::*;
+
+/// A worker process on its own defaults (its stacks, its frame size) with one free provider `p`,
+/// consuming; the mock lives as long as the returned handle.
+pub(crate) async fn worker_process(env: &TestEnv) -> (MockProvider, WorkerProcess) {
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
+    let worker = WorkerProcess::spawn(&env.config_file(&providers, ""));
+    env.wait_for_queues().await;
+    (mock, worker)
+}
 
 /// The deepest headers one frame carries, as tables and as arrays, ahead of an ordinary job: a
 /// worker process on its own defaults answers all three (the headers change nothing about how
@@ -17,14 +24,10 @@ use crate::support::*;
 #[tokio::test]
 async fn headers_nested_as_deep_as_a_frame_holds_stop_neither_the_worker_nor_its_other_jobs() {
     let env = TestEnv::new().await;
-    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
-    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
-    let mut worker = WorkerProcess::spawn(&env.config_file(&providers, ""));
-    env.wait_for_queues().await;
+    let (_mock, mut worker) = worker_process(&env).await;
     let mut publisher = RawPublisher::connect(&amqp_url()).await;
-    let frame_max = publisher.frame_max.min(MAX_FRAME);
     for (custom_id, nesting) in [("tables", Nesting::Tables), ("arrays", Nesting::Arrays)] {
-        let headers = nested_headers(nesting, deepest(nesting, frame_max));
+        let headers = publisher.deepest_headers(nesting);
         publisher.publish(&env.jobs, job(custom_id).as_bytes(), &headers).await;
     }
     publisher.close().await;
@@ -36,7 +39,6 @@ async fn headers_nested_as_deep_as_a_frame_holds_stop_neither_the_worker_nor_its
     }
     answered.sort();
     assert_eq!(answered, ["arrays", "plain", "tables"]);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(worker.child.try_wait().unwrap().is_none(), "the worker is still running");
     worker.signal("TERM");
     assert!(worker.wait().await.success(), "and drains and exits 0 on SIGTERM");

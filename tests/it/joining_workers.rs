@@ -4,6 +4,7 @@
 
 use std::time::SystemTime;
 
+use fallback_worker::state::postgres::PgStore;
 use fallback_worker::state::{Admission, Ask, ProviderState};
 use tokio_util::sync::CancellationToken;
 
@@ -11,6 +12,20 @@ use crate::credits::requests;
 use crate::review_outage::store_behind_relay;
 use crate::review_probe2::{HOLD, migrated};
 use crate::support::*;
+
+/// How many of 4 asks `store` grants for a limit of 4 requests a window (with the database
+/// away: its local share).
+pub(crate) async fn local_grants_of_four(store: &PgStore) -> usize {
+    let limits = [requests(4)];
+    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
+    let mut granted = 0;
+    for _ in 0..4 {
+        if matches!(store.admit(ask, SystemTime::now()).await, Admission::Granted(_)) {
+            granted += 1;
+        }
+    }
+    granted
+}
 
 /// The first worker counts only itself at its heartbeat; the second joins. Without waiting for
 /// the first's next heartbeat (10 s away; none is sent here), the first counts two, and an
@@ -28,14 +43,7 @@ async fn a_worker_that_joins_is_counted_at_once_and_halves_the_others_share_in_a
     eventually("the first counts the second", || async { first.workers_alive() == 2 }).await;
 
     relay.set_down(true);
-    let limits = [requests(4)];
-    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
-    let mut granted = 0;
-    for _ in 0..4 {
-        if matches!(first.admit(ask, SystemTime::now()).await, Admission::Granted(_)) {
-            granted += 1;
-        }
-    }
+    let granted = local_grants_of_four(&first).await;
     assert!(first.is_degraded(), "the test's own setup: the database is away");
     assert_eq!(granted, 2, "a local share of 4 over 2 workers");
     stop.cancel();

@@ -27,18 +27,16 @@ use fallback_worker::state::{Admission, Ask, ProviderState, Receipt, ResultLedge
 
 use crate::credits::requests;
 use crate::review_probe2::{HOLD, migrated};
+use crate::review_silent::slow_commits;
+use crate::statement_timeout::{sleeping_trigger, slow_statements};
 use crate::support::*;
 
 /// Every row inserted into `table` for which `when` (an SQL condition on `NEW`) holds sleeps
 /// `seconds` first: a database slow for exactly those statements (a row-level trigger, so a
 /// statement that inserts no such row is not slowed).
 async fn slow_rows(env: &TestEnv, name: &str, table: &str, when: &str, seconds: f64) {
-    let sql = format!(
-        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN IF {when} THEN PERFORM pg_sleep({seconds}); END IF; RETURN NEW; END $$; \
-         CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}();"
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();
+    let trigger = format!("TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW");
+    sleeping_trigger(env, name, &trigger, &format!("CASE WHEN {when} THEN {seconds} ELSE 0 END")).await;
 }
 
 /// Every granted admission (its insert into `quota_use`) takes 3 s: a database too slow for
@@ -178,11 +176,7 @@ async fn a_database_down_for_cancelled_admissions_is_not_left_while_it_still_can
     let Admission::Granted(_) = store.admit(ask, SystemTime::now()).await else { panic!("not granted") };
     // Each admission's statement (not each row: the write-back inserts the outage's calls in
     // one statement) takes 3 s.
-    let sql = "CREATE FUNCTION review_family_slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$ \
-                 BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$; \
-               CREATE TRIGGER review_family_slow_insert BEFORE INSERT ON quota_use FOR EACH STATEMENT \
-                 EXECUTE FUNCTION review_family_slow_insert();";
-    sqlx::raw_sql(sql).execute(&mut env.db().await).await.unwrap();
+    slow_statements(&env, "review_family_slow_insert", "BEFORE INSERT ON quota_use", "3").await;
     let since = Instant::now();
     while !store.is_degraded() {
         assert!(since.elapsed() < Duration::from_secs(15), "not taken for down at all");
@@ -203,21 +197,6 @@ async fn a_database_down_for_cancelled_admissions_is_not_left_while_it_still_can
         left_after, None,
         "degraded mode left while the database still cancels every admission; the next ask: {after:?}"
     );
-}
-
-/// Every write to `table` commits `seconds` late, once per transaction (a deferred constraint
-/// trigger: COMMIT is not bound by `statement_timeout`), as review_silent's finding 1 has it.
-async fn slow_commits(env: &TestEnv, table: &str, seconds: f64) {
-    let name = format!("review_family_slow_commit_{table}");
-    let sql = format!(
-        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-           IF current_setting('review_family.slept', true) IS DISTINCT FROM 'yes' THEN \
-             PERFORM set_config('review_family.slept', 'yes', true); PERFORM pg_sleep({seconds}); \
-           END IF; RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER {name} AFTER INSERT OR UPDATE ON {table} \
-           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {name}();"
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();
 }
 
 /// Finding 5 (medium). The split counts *cancellations* per family, but a ledger call the

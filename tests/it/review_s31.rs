@@ -36,17 +36,17 @@
 //!   unset disables /healthz and the orchestrator restarts the worker for failing its probe.
 //!   Documented as intended in `from_env`'s doc; inconsistent with the DATABASE_URL rule.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use fallback_worker::broker::frames::MAX_FRAME;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile};
-use fallback_worker::state::{Admission, Ask, ProviderState};
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 
-use crate::credits::requests;
+use crate::deep_headers::worker_process;
+use crate::joining_workers::local_grants_of_four;
 use crate::review_outage::store_behind_relay;
-use crate::review_probe2::{HOLD, migrated};
+use crate::review_probe2::migrated;
 use crate::support::raw_amqp::{Nesting, RawPublisher, deepest, nested_headers};
 use crate::support::*;
 
@@ -81,19 +81,14 @@ async fn a_listener_reconnecting_after_a_long_outage_does_not_count_its_own_work
     eventually("the listener notices", || async { !first.is_listening() }).await;
     relay.set_down(false);
     eventually("the listener is back", || async { first.is_listening() }).await;
+    // The reconnect's count runs in the background; a count that does not lower the divisor
+    // leaves nothing to wait for, so it gets half a second to do the harm it did on 0a23bf2.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let divisor = first.workers_alive();
 
     // The database flaps again before the next heartbeat.
     relay.set_down(true);
-    let limits = [requests(4)];
-    let ask = Ask { provider: "p", limits: &limits, pools: &[], tokens: 1, flight: HOLD };
-    let mut granted = 0;
-    for _ in 0..4 {
-        if matches!(first.admit(ask, SystemTime::now()).await, Admission::Granted(_)) {
-            granted += 1;
-        }
-    }
+    let granted = local_grants_of_four(&first).await;
     stop.cancel();
     let _ = listening.await;
     assert_eq!(divisor, 2, "the divisor after the listener reconnected (2 workers ran throughout)");
@@ -129,8 +124,7 @@ async fn a_frame_filling_job_redelivered_by_a_quorum_queue_is_answered() {
     assert!(declaring.wait().await.success());
 
     let mut publisher = RawPublisher::connect(&amqp_url()).await;
-    let frame_max = publisher.frame_max.min(MAX_FRAME);
-    let headers = nested_headers(Nesting::Arrays, deepest(Nesting::Arrays, frame_max));
+    let headers = publisher.deepest_headers(Nesting::Arrays);
     publisher.publish(&env.jobs, job("deep").as_bytes(), &headers).await;
     publisher.close().await;
     // A consumer takes it and is gone before acknowledging it.
@@ -152,7 +146,7 @@ async fn a_frame_filling_job_redelivered_by_a_quorum_queue_is_answered() {
     assert_eq!(
         answered.len(),
         2,
-        "both jobs answered within {PATIENCE:?}: {answered:?}; jobs queue: {jobs}; the broker's content-header frame when taken: {taken} bytes of a frame_max of {frame_max}"
+        "both jobs answered within {PATIENCE:?}: {answered:?}; jobs queue: {jobs}; the broker's content-header frame when taken: {taken} bytes of a frame_max of {MAX_FRAME}"
     );
 }
 
@@ -183,7 +177,7 @@ async fn a_broker_with_a_larger_frame_max_cannot_abort_the_worker_with_deep_head
     let text = env.config_text(&providers, "").replace("127.0.0.1:5672", &relay.to_string());
     let config = env.dir.join("relayed.toml");
     std::fs::write(&config, text).unwrap();
-    let mut worker = worker_process(&config);
+    let mut worker = chosen_binary_worker(&config);
     env.wait_for_queues().await;
     let mut marker = lapin::types::FieldTable::default();
     marker.insert("deep-me".into(), lapin::types::AMQPValue::Boolean(true));
@@ -327,20 +321,15 @@ fn rss_kib(pid: u32) -> u64 {
 #[ignore = "known cost of the deep stacks: the stack a deep message touched stays resident (bounded by DEEP_STACK; docs/operations.md)"]
 async fn deep_headers_do_not_leave_the_worker_holding_their_stack_in_memory() {
     let env = TestEnv::new().await;
-    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
-    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
-    let mut worker = WorkerProcess::spawn(&env.config_file(&providers, ""));
-    env.wait_for_queues().await;
+    let (_mock, mut worker) = worker_process(&env).await;
     env.publish(&job("warm"), BasicProperties::default()).await;
     env.results(&env.results, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kib(worker.child.id());
     let mut publisher = RawPublisher::connect(&amqp_url()).await;
-    let frame_max = publisher.frame_max.min(MAX_FRAME);
     for (custom_id, nesting) in [("tables", Nesting::Tables), ("arrays", Nesting::Arrays)] {
-        publisher
-            .publish(&env.jobs, job(custom_id).as_bytes(), &nested_headers(nesting, deepest(nesting, frame_max)))
-            .await;
+        let headers = publisher.deepest_headers(nesting);
+        publisher.publish(&env.jobs, job(custom_id).as_bytes(), &headers).await;
     }
     publisher.close().await;
     env.results(&env.results, 2).await;
@@ -366,15 +355,11 @@ async fn deep_headers_do_not_leave_the_worker_holding_their_stack_in_memory() {
 #[ignore = "known limitation (older than this review): x-death added by RabbitMQ takes a frame-filling job past frame_max and lapin refuses the frame; publishers must not be allowed to write the delay queues (docs/operations.md)"]
 async fn a_frame_filling_job_dead_lettered_from_a_delay_queue_is_answered() {
     let env = TestEnv::new().await;
-    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
-    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
-    let mut worker = WorkerProcess::spawn(&env.config_file(&providers, ""));
-    env.wait_for_queues().await;
+    let (_mock, mut worker) = worker_process(&env).await;
     let wait_queue = fallback_worker::broker::Topology::new(&env.jobs, &env.results)
         .wait_queue(fallback_worker::broker::WAIT_TIERS[0]);
     let mut publisher = RawPublisher::connect(&amqp_url()).await;
-    let frame_max = publisher.frame_max.min(MAX_FRAME);
-    let headers = nested_headers(Nesting::Arrays, deepest(Nesting::Arrays, frame_max));
+    let headers = publisher.deepest_headers(Nesting::Arrays);
     publisher.publish(&wait_queue, job("deep").as_bytes(), &headers).await;
     publisher.close().await;
     env.publish(&job("plain"), BasicProperties::default()).await;
@@ -408,8 +393,7 @@ async fn an_in_process_worker_survives_a_frame_filling_header() {
     let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
     let worker = env.spawn_worker(env.config(&providers), "in-process").await;
     let mut publisher = RawPublisher::connect(&amqp_url()).await;
-    let frame_max = publisher.frame_max.min(MAX_FRAME);
-    let headers = nested_headers(Nesting::Arrays, deepest(Nesting::Arrays, frame_max));
+    let headers = publisher.deepest_headers(Nesting::Arrays);
     publisher.publish(&env.jobs, job("deep").as_bytes(), &headers).await;
     publisher.close().await;
     let result = env.client.next_message(&env.results, PATIENCE).await;
@@ -424,10 +408,7 @@ async fn an_in_process_worker_survives_a_frame_filling_header() {
 #[ignore = "known limitation (older than this review): x-death added by RabbitMQ takes a frame-filling job past frame_max and lapin refuses the frame; publishers must not be allowed to write the delay queues (docs/operations.md)"]
 async fn a_flat_frame_filling_header_dead_lettered_from_a_delay_queue_is_answered() {
     let env = TestEnv::new().await;
-    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
-    let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
-    let mut worker = WorkerProcess::spawn(&env.config_file(&providers, ""));
-    env.wait_for_queues().await;
+    let (_mock, mut worker) = worker_process(&env).await;
     let wait_queue = fallback_worker::broker::Topology::new(&env.jobs, &env.results)
         .wait_queue(fallback_worker::broker::WAIT_TIERS[0]);
     let mut publisher = RawPublisher::connect(&amqp_url()).await;
@@ -454,28 +435,20 @@ async fn a_flat_frame_filling_header_dead_lettered_from_a_delay_queue_is_answere
 #[tokio::test]
 #[ignore = "needs REVIEW_S31_BIN (a release build)"]
 async fn release_binary_probe() {
-    let bin = std::env::var("REVIEW_S31_BIN").expect("REVIEW_S31_BIN");
+    assert!(std::env::var_os("REVIEW_S31_BIN").is_some(), "REVIEW_S31_BIN names the binary");
     let env = TestEnv::new().await;
     let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
     let providers = format!("{}{}", provider("p", &mock.base_url(), true, ""), chain("default", &["p"], ""));
-    let config = env.config_file(&providers, "");
-    let mut child = std::process::Command::new(bin)
-        .args(["--config", config.to_str().unwrap(), "worker"])
-        .env("RUST_LOG", "warn")
-        .env_remove("RUST_MIN_STACK")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut worker = chosen_binary_worker(&env.config_file(&providers, ""));
+    let child = &mut worker.child;
     env.wait_for_queues().await;
     env.publish(&job("warm"), BasicProperties::default()).await;
     env.results(&env.results, 1).await;
     let before = rss_kib(child.id());
     let mut publisher = RawPublisher::connect(&amqp_url()).await;
-    let frame_max = publisher.frame_max.min(MAX_FRAME);
     for (custom_id, nesting) in [("tables", Nesting::Tables), ("arrays", Nesting::Arrays)] {
-        publisher
-            .publish(&env.jobs, job(custom_id).as_bytes(), &nested_headers(nesting, deepest(nesting, frame_max)))
-            .await;
+        let headers = publisher.deepest_headers(nesting);
+        publisher.publish(&env.jobs, job(custom_id).as_bytes(), &headers).await;
     }
     publisher.close().await;
     let answered = env.client.next_message(&env.results, PATIENCE).await.is_some()
@@ -490,7 +463,7 @@ async fn release_binary_probe() {
 
 /// A worker process of the binary `REVIEW_S31_BIN` names (a release build), or of the tests'
 /// own (debug) binary.
-fn worker_process(config: &std::path::Path) -> WorkerProcess {
+fn chosen_binary_worker(config: &std::path::Path) -> WorkerProcess {
     let Ok(bin) = std::env::var("REVIEW_S31_BIN") else { return WorkerProcess::spawn(config) };
     let child = std::process::Command::new(bin)
         .args(["--config", config.to_str().unwrap(), "worker"])

@@ -19,7 +19,7 @@ use crate::support::*;
 /// not hold to `statement_timeout` (`finish_xact_command` disables the timeout before it
 /// commits): what a lagging synchronous standby (`synchronous_commit = on`) or a storage that
 /// takes seconds to flush the WAL does to every write.
-async fn slow_commits(env: &TestEnv, table: &str, seconds: f64) {
+pub(crate) async fn slow_commits(env: &TestEnv, table: &str, seconds: f64) {
     let name = format!("review_silent_slow_commit_{table}");
     let trigger = format!(
         "CONSTRAINT TRIGGER {name} AFTER INSERT OR UPDATE ON {table} DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"

@@ -45,12 +45,14 @@ pub(crate) async fn slow_statements(env: &TestEnv, name: &str, event: &str, seco
     sleeping_trigger(env, name, &format!("TRIGGER {name} {event} FOR EACH STATEMENT"), seconds).await;
 }
 
-/// Creates a function `name` that sleeps `seconds` (an SQL expression) and the trigger
-/// `CREATE {trigger} EXECUTE FUNCTION name()`.
+/// Creates a function `name` that sleeps `seconds` (an SQL expression, which a row trigger's
+/// may write on `NEW`) and the trigger `CREATE {trigger} EXECUTE FUNCTION name()`. It returns
+/// `NEW`: a row trigger before the write keeps the row (a statement's or an after trigger's
+/// return is ignored).
 pub(crate) async fn sleeping_trigger(env: &TestEnv, name: &str, trigger: &str, seconds: &str) {
     let sql = format!(
         "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
-           BEGIN PERFORM pg_sleep(({seconds})::float8); RETURN NULL; END $$; \
+           BEGIN PERFORM pg_sleep(({seconds})::float8); RETURN NEW; END $$; \
          CREATE {trigger} EXECUTE FUNCTION {name}();"
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut env.db().await).await.unwrap();

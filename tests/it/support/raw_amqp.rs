@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use fallback_worker::broker::frames::MAX_FRAME;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -104,6 +105,12 @@ impl RawPublisher {
         publisher
     }
 
+    /// The deepest `nesting` one frame carries between this broker and a worker (which asks for
+    /// frames of at most [`MAX_FRAME`]).
+    pub fn deepest_headers(&self, nesting: Nesting) -> Vec<u8> {
+        nested_headers(nesting, deepest(nesting, self.frame_max.min(MAX_FRAME)))
+    }
+
     /// Publishes `body` to `queue` (persistent) with the encoded `headers` table, and waits for
     /// the broker's confirm.
     pub async fn publish(&mut self, queue: &str, body: &[u8], headers: &[u8]) {
@@ -144,10 +151,7 @@ impl RawPublisher {
             assert_eq!(kind, FRAME_BODY);
             read += body.len() as u64;
         }
-        let mut close = 200u16.to_be_bytes().to_vec();
-        short_string(&mut close, "");
-        close.extend([0, 0, 0, 0]);
-        self.send_method(0, 10, 50, &close).await;
+        self.send_close().await;
         loop {
             let (kind, payload) = self.read_frame().await;
             if kind == FRAME_METHOD && payload[..4] == [0, 10, 0, 51] {
@@ -173,11 +177,16 @@ impl RawPublisher {
 
     /// Closes the connection politely.
     pub async fn close(mut self) {
+        self.send_close().await;
+        self.expect_method(10, 51).await;
+    }
+
+    /// Connection.Close, reply 200.
+    async fn send_close(&mut self) {
         let mut close = 200u16.to_be_bytes().to_vec();
         short_string(&mut close, "");
         close.extend([0, 0, 0, 0]);
         self.send_method(0, 10, 50, &close).await;
-        self.expect_method(10, 51).await;
     }
 
     async fn send_method(&mut self, channel: u16, class: u16, method: u16, arguments: &[u8]) {
@@ -199,18 +208,11 @@ impl RawPublisher {
     /// The arguments of the next method frame, which must be `class`.`method` (a
     /// Connection.Close or Channel.Close from the broker fails the test with its text).
     async fn expect_method(&mut self, class: u16, method: u16) -> Vec<u8> {
-        let mut head = [0u8; 7];
-        tokio::time::timeout(Duration::from_secs(30), self.stream.read_exact(&mut head))
-            .await
-            .expect("the broker answers within 30 s")
-            .expect("the broker keeps the connection open");
-        let size = u32::from_be_bytes(head[3..7].try_into().unwrap()) as usize;
-        let mut payload = vec![0u8; size + 1];
-        self.stream.read_exact(&mut payload).await.unwrap();
-        assert_eq!(head[0], FRAME_METHOD, "a method frame");
+        let (kind, payload) = self.read_frame().await;
+        assert_eq!(kind, FRAME_METHOD, "a method frame");
         let got = (u16::from_be_bytes([payload[0], payload[1]]), u16::from_be_bytes([payload[2], payload[3]]));
         assert_eq!(got, (class, method), "the broker's answer: {}", String::from_utf8_lossy(&payload));
-        payload[4..size].to_vec()
+        payload[4..].to_vec()
     }
 }
 
