@@ -132,13 +132,7 @@ async fn a_frame_filling_job_redelivered_by_a_quorum_queue_is_answered() {
     env.publish(&job("plain"), BasicProperties::default()).await;
 
     let mut worker = WorkerProcess::spawn(&config);
-    let mut answered = Vec::new();
-    for _ in 0..2 {
-        match env.client.next_message(&env.results, PATIENCE).await {
-            Some((body, _)) => answered.push(String::from_utf8_lossy(&body).to_string()),
-            None => break,
-        }
-    }
+    let answered = results_within_patience(&env, 2).await;
     let jobs = env.client.queue_state(&env.jobs).await;
     assert!(worker.child.try_wait().unwrap().is_none(), "the worker is still running");
     worker.signal("TERM");
@@ -183,13 +177,7 @@ async fn a_broker_with_a_larger_frame_max_cannot_abort_the_worker_with_deep_head
     marker.insert("deep-me".into(), lapin::types::AMQPValue::Boolean(true));
     env.publish(&job("deep"), BasicProperties::default().with_headers(marker)).await;
     env.publish(&job("plain"), BasicProperties::default()).await;
-    let mut answered = Vec::new();
-    for _ in 0..2 {
-        match env.client.next_message(&env.results, PATIENCE).await {
-            Some((body, _)) => answered.push(String::from_utf8_lossy(&body).to_string()),
-            None => break,
-        }
-    }
+    let answered = results_within_patience(&env, 2).await;
     let exited = worker.child.try_wait().unwrap();
     assert!(exited.is_none(), "the worker is still running: it exited with {exited:?}");
     worker.signal("TERM");
@@ -300,6 +288,17 @@ async fn a_password_with_a_slash_is_not_printed_by_a_bad_amqp_url_error() {
     assert!(leaks.is_empty(), "the password in clear:\n{}", leaks.join("\n"));
 }
 
+/// Up to `n` results (their bodies) from the results queue, each waited for at most
+/// [`PATIENCE`].
+async fn results_within_patience(env: &TestEnv, n: usize) -> Vec<String> {
+    let mut answered = Vec::new();
+    while answered.len() < n {
+        let Some((body, _)) = env.client.next_message(&env.results, PATIENCE).await else { break };
+        answered.push(String::from_utf8_lossy(&body).to_string());
+    }
+    answered
+}
+
 /// Resident memory of process `pid` in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -363,13 +362,7 @@ async fn a_frame_filling_job_dead_lettered_from_a_delay_queue_is_answered() {
     publisher.publish(&wait_queue, job("deep").as_bytes(), &headers).await;
     publisher.close().await;
     env.publish(&job("plain"), BasicProperties::default()).await;
-    let mut answered = Vec::new();
-    for _ in 0..2 {
-        match env.client.next_message(&env.results, PATIENCE).await {
-            Some((body, _)) => answered.push(String::from_utf8_lossy(&body).to_string()),
-            None => break,
-        }
-    }
+    let answered = results_within_patience(&env, 2).await;
     let jobs = env.client.queue_state(&env.jobs).await;
     assert!(worker.child.try_wait().unwrap().is_none(), "the worker is still running");
     worker.signal("TERM");
