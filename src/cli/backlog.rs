@@ -32,8 +32,15 @@ pub struct Backlog {
     pub already_done: usize,
 }
 
-/// Reads `path`; invalid lines (bad JSON, contract §2, unknown chain, a repeated `custom_id`,
-/// more than `max_line_bytes` when given) are reported as `FILE:LINE: problem` and skipped.
+/// The longest input line `batch` reads (it has no broker, so no `amqp.max_message_bytes`):
+/// past it a line is reported and skipped without being held, so that no input (a device, a
+/// pipe that never sends a newline) can take the process's memory.
+pub const MAX_INPUT_LINE_BYTES: usize = 256 << 20;
+
+/// Reads `path`; invalid lines (bad JSON or UTF-8, contract §2, unknown chain, a repeated
+/// `custom_id`, more than `max_line_bytes` when given, else more than [`MAX_INPUT_LINE_BYTES`])
+/// are reported as `FILE:LINE: problem` and skipped. A byte-order mark before the first line is
+/// not part of it (editors on Windows write one).
 ///
 /// `max_line_bytes` is for `enqueue`: a worker refuses a message over `amqp.max_message_bytes`
 /// before reading it, so its error result cannot name the line; refusing the line here, with its
@@ -45,20 +52,36 @@ pub fn read_input(
     max_line_bytes: Option<usize>,
 ) -> anyhow::Result<Backlog> {
     let file = File::open(path).with_context(|| format!("cannot open the input {}", path.display()))?;
+    let longest = max_line_bytes.unwrap_or(MAX_INPUT_LINE_BYTES);
+    let mut lines = BoundedLines::new(BufReader::new(file), longest);
     let mut backlog = Backlog::default();
     let mut seen = HashSet::new();
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let number = index + 1;
-        let raw = line.with_context(|| format!("cannot read {} at line {number}", path.display()))?;
+    let mut number = 0usize;
+    while let Some(line) = lines.next_line().with_context(|| {
+        format!("cannot read {} at line {}", path.display(), number.saturating_add(1))
+    })? {
+        number = number.saturating_add(1);
+        let raw = match line {
+            InputLine::Text(raw) if number == 1 => raw.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(raw),
+            InputLine::Text(raw) => raw,
+            InputLine::NotUtf8 => {
+                report(path, number, "the line is not valid UTF-8", &mut backlog);
+                continue;
+            }
+            InputLine::TooLong { bytes } => {
+                let problem = match max_line_bytes {
+                    Some(limit) => format!(
+                        "the line has {bytes} bytes, more than amqp.max_message_bytes ({limit}): a worker would refuse it"
+                    ),
+                    None => format!("the line has {bytes} bytes, more than the {longest} a line may have"),
+                };
+                report(path, number, &problem, &mut backlog);
+                continue;
+            }
+        };
         if raw.trim().is_empty() {
             continue;
         }
-        let too_big = max_line_bytes.filter(|limit| raw.len() > *limit).map(|limit| {
-            format!(
-                "the line has {} bytes, more than amqp.max_message_bytes ({limit}): a worker would refuse it",
-                raw.len()
-            )
-        });
         let problem = match Job::parse(raw.as_bytes()) {
             Err(invalid) => Some(invalid.message),
             Ok(job) if !chains.contains(&job.chain) => Some(format!("unknown chain `{}`", job.chain)),
@@ -69,18 +92,92 @@ pub fn read_input(
                 backlog.already_done += 1;
                 None
             }
-            Ok(_) if too_big.is_some() => too_big,
             Ok(job) => {
                 backlog.pending.push(Line { number, job, raw });
                 None
             }
         };
         if let Some(problem) = problem {
-            eprintln!("{}:{number}: {problem}", path.display());
-            backlog.invalid += 1;
+            report(path, number, &problem, &mut backlog);
         }
     }
     Ok(backlog)
+}
+
+/// Reports an invalid input line by its number and counts it.
+fn report(path: &Path, number: usize, problem: &str, backlog: &mut Backlog) {
+    eprintln!("{}:{number}: {problem}", path.display());
+    backlog.invalid += 1;
+}
+
+/// One line of an input file, as [`BoundedLines`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputLine {
+    /// Its text, without the `\n` or `\r\n` that ended it.
+    Text(String),
+    /// Bytes that are not UTF-8.
+    NotUtf8,
+    /// Longer than the reader's bound: skipped, not held (`bytes` read, without the newline).
+    TooLong { bytes: usize },
+}
+
+/// The lines of a reader, each held in memory only up to a bound (`BufRead::lines` holds a
+/// line whatever its length, and gives up on the whole input at the first byte that is not
+/// UTF-8).
+pub struct BoundedLines<R> {
+    reader: R,
+    longest: usize,
+    line: Vec<u8>,
+}
+
+impl<R: BufRead> BoundedLines<R> {
+    pub fn new(reader: R, longest: usize) -> BoundedLines<R> {
+        BoundedLines { reader, longest, line: Vec::new() }
+    }
+
+    /// The next line, `None` at the end of the input.
+    pub fn next_line(&mut self) -> std::io::Result<Option<InputLine>> {
+        self.line.clear();
+        let (mut bytes, mut ended, mut any) = (0usize, false, false);
+        while !ended {
+            let available = match self.reader.fill_buf() {
+                Ok(available) => available,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if available.is_empty() {
+                break;
+            }
+            any = true;
+            let (content, used) = match available.iter().position(|b| *b == b'\n') {
+                Some(at) => {
+                    ended = true;
+                    (available.get(..at).unwrap_or(available), at.saturating_add(1))
+                }
+                None => (available, available.len()),
+            };
+            bytes = bytes.saturating_add(content.len());
+            if bytes <= self.longest {
+                self.line.extend_from_slice(content);
+            } else {
+                self.line = Vec::new();
+            }
+            self.reader.consume(used);
+        }
+        if !any {
+            return Ok(None);
+        }
+        if bytes > self.longest {
+            return Ok(Some(InputLine::TooLong { bytes }));
+        }
+        if self.line.last() == Some(&b'\r') {
+            self.line.pop();
+        }
+        Ok(Some(match String::from_utf8(std::mem::take(&mut self.line)) {
+            Ok(text) => InputLine::Text(text),
+            Err(_) => InputLine::NotUtf8,
+        }))
+    }
 }
 
 /// The output file(s): successes to OUT, failures to ERR when given (else OUT too).
@@ -107,35 +204,66 @@ impl Output {
         Ok(output)
     }
 
+    /// Reads the results an earlier run wrote to `path`. Only a regular file holds any: a device
+    /// or a pipe named as OUT (`/dev/stdout`, `/dev/full`) is written to, never read
+    /// (`/dev/zero` would be read for ever) nor cut. A line that is not JSON means the file is
+    /// not one of results: it is left as it is and the run refused, rather than appended to or
+    /// cut. The only line cut is a last one without its newline that a result began (`{`) and
+    /// did not finish: a run killed mid-write.
     fn load(&mut self, path: &Path) -> anyhow::Result<()> {
+        if !std::fs::metadata(path)?.is_file() {
+            return Ok(());
+        }
         let mut file = OpenOptions::new().read(true).write(true).open(path)?;
         let mut reader = BufReader::new(&mut file);
-        let mut good_len = 0u64;
-        let mut text = String::new();
-        loop {
-            text.clear();
-            let read = reader.read_line(&mut text)?;
+        let (mut good_len, mut number) = (0u64, 0usize);
+        let mut line = Vec::new();
+        let torn = loop {
+            line.clear();
+            let read = reader
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("{}: cannot read the results of an earlier run", path.display()))?;
             if read == 0 {
-                break;
+                break false;
             }
-            let Ok(line) = serde_json::from_str::<Value>(&text) else { break };
-            if !text.ends_with('\n') {
-                break;
+            number = number.saturating_add(1);
+            let complete = line.ends_with(b"\n");
+            if line.trim_ascii().is_empty() && complete {
+                good_len = good_len.saturating_add(read as u64);
+                continue;
             }
-            good_len += read as u64;
-            if let Some(id) = line.get("custom_id").and_then(Value::as_str)
-                && self.written.insert(id.to_string())
-            {
-                if line.get("error").is_some_and(|e| !e.is_null()) { self.failed += 1 } else { self.succeeded += 1 }
+            match serde_json::from_slice::<Value>(&line) {
+                Ok(result) => self.remember(&result),
+                Err(_) if !complete && line.trim_ascii_start().starts_with(b"{") => break true,
+                Err(_) => anyhow::bail!(
+                    "{}:{number}: not a result line: this file was not written by enqueue or batch (left as it is); name another",
+                    path.display()
+                ),
             }
-        }
+            good_len = good_len.saturating_add(read as u64);
+            if !complete {
+                break false;
+            }
+        };
         drop(reader);
-        if file.metadata()?.len() > good_len {
+        if torn {
             eprintln!("{}: cutting off an incomplete last line left by an interrupted run", path.display());
             file.set_len(good_len)?;
+        } else if !line.is_empty() && !line.ends_with(b"\n") {
+            // A whole last result without its newline: ended, so the next one starts a line.
             file.seek(SeekFrom::End(0))?;
+            file.write_all(b"\n")?;
         }
         Ok(())
+    }
+
+    /// Counts a result line of an earlier run: its `custom_id` is done.
+    fn remember(&mut self, result: &Value) {
+        if let Some(id) = result.get("custom_id").and_then(Value::as_str)
+            && self.written.insert(id.to_string())
+        {
+            if result.get("error").is_some_and(|e| !e.is_null()) { self.failed += 1 } else { self.succeeded += 1 }
+        }
     }
 
     pub fn done(&self) -> &HashSet<String> {
@@ -240,6 +368,7 @@ pub fn conclude(backlog: &Backlog, output: &Output, unanswered: usize) -> ExitCo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Just;
 
     /// A file in a directory of its own, removed with it when the test ends (passed or not).
     struct TempFile {
@@ -331,5 +460,134 @@ mod tests {
         assert_eq!(output.done().len(), 2);
         assert_eq!((output.succeeded, output.failed), (1, 1));
         assert!(std::fs::read_to_string(&out).unwrap().ends_with("}\n"), "the torn line is gone");
+    }
+
+    fn chains() -> BTreeSet<String> {
+        ["default".to_string()].into()
+    }
+
+    fn job_line(id: &str) -> String {
+        format!("{{\"custom_id\":\"{id}\",\"body\":{{\"messages\":[{{\"role\":\"user\",\"content\":\"é\"}}]}}}}")
+    }
+
+    #[test]
+    fn a_byte_order_mark_bad_utf8_and_an_overlong_line_are_each_one_invalid_line() {
+        let mut bytes = format!("\u{feff}{}\n", job_line("a")).into_bytes();
+        bytes.extend_from_slice(b"{\"custom_id\":\"\xff\xfe\"}\n");
+        bytes.extend_from_slice(format!("{}\r\n", job_line(&"x".repeat(300))).as_bytes());
+        bytes.extend_from_slice(format!("{}\n", job_line("b")).as_bytes());
+        let dir = temp("in.jsonl", "");
+        std::fs::write(&dir.path, &bytes).unwrap();
+        let backlog = read_input(&dir, &HashSet::new(), &chains(), Some(200)).unwrap();
+        assert_eq!(
+            backlog.pending.iter().map(|l| (l.number, l.job.custom_id.as_str())).collect::<Vec<_>>(),
+            vec![(1, "a"), (4, "b")],
+            "the BOM is not part of line 1; lines 2 and 3 are reported, the rest still read"
+        );
+        assert_eq!(backlog.invalid, 2);
+    }
+
+    /// What [`BoundedLines`] must give for `input`: split at `\n`, a `\r` before it dropped, no
+    /// line for a final empty piece.
+    fn expected_lines(input: &[u8], longest: usize) -> Vec<InputLine> {
+        let mut pieces: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
+        if pieces.last().is_some_and(|p| p.is_empty()) {
+            pieces.pop();
+        }
+        pieces
+            .into_iter()
+            .map(|piece| {
+                if piece.len() > longest {
+                    return InputLine::TooLong { bytes: piece.len() };
+                }
+                let piece = piece.strip_suffix(b"\r").unwrap_or(piece);
+                String::from_utf8(piece.to_vec()).map_or(InputLine::NotUtf8, InputLine::Text)
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, the bound and where the reader's buffer splits them, every line
+        /// comes out as a plain split says.
+        #[test]
+        fn bounded_lines_split_any_input_as_a_plain_split_does(
+            input in proptest::collection::vec(
+                proptest::prop_oneof![
+                    Just(b'\n'), Just(b'\r'), Just(b'a'), Just(0xc3u8), Just(0xa9u8), Just(0xffu8)
+                ],
+                0..200,
+            ),
+            longest in 0usize..40,
+            buffer in 1usize..17,
+        ) {
+            let mut lines = BoundedLines::new(BufReader::with_capacity(buffer, input.as_slice()), longest);
+            let mut got = Vec::new();
+            while let Some(line) = lines.next_line().unwrap() {
+                got.push(line);
+            }
+            proptest::prop_assert_eq!(got, expected_lines(&input, longest));
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_results_is_refused_and_left_as_it_is() {
+        let notes = "my notes\n{\"custom_id\":\"a\"}\nno newline at the end";
+        let out = temp("notes.txt", notes);
+        let refused = Output::open(&out, None).err().expect("not a file of results");
+        assert!(refused.to_string().contains("notes.txt:1: not a result line"), "{refused}");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), notes, "nothing cut");
+        let binary = temp("blob", "");
+        std::fs::write(&binary.path, b"\x00\xffbinary without a newline").unwrap();
+        assert!(Output::open(&binary, None).is_err());
+        assert_eq!(std::fs::read(&binary).unwrap(), b"\x00\xffbinary without a newline");
+    }
+
+    #[test]
+    fn a_torn_result_is_cut_even_mid_character_and_a_whole_one_is_ended() {
+        let torn = temp("torn.jsonl", "");
+        let mut bytes = b"{\"custom_id\":\"a\",\"error\":null}\n{\"custom_id\":\"b\",\"x\":\"".to_vec();
+        bytes.push(0xc3); // the first byte of `é`: the run died between its two bytes
+        std::fs::write(&torn.path, &bytes).unwrap();
+        let output = Output::open(&torn, None).unwrap();
+        assert_eq!(output.done().iter().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(std::fs::read_to_string(&torn).unwrap(), "{\"custom_id\":\"a\",\"error\":null}\n");
+
+        let whole = temp("whole.jsonl", "{\"custom_id\":\"a\",\"error\":null}");
+        let output = Output::open(&whole, None).unwrap();
+        assert_eq!(output.done().len(), 1);
+        assert_eq!(std::fs::read_to_string(&whole).unwrap(), "{\"custom_id\":\"a\",\"error\":null}\n");
+    }
+
+    /// A pipe named as OUT is written to, not read: reading it would wait for ever (our own
+    /// handle keeps it open), as `/dev/zero` would fill the memory.
+    #[test]
+    fn a_pipe_named_as_out_is_written_to_not_read() {
+        let fifo = temp("fifo", "");
+        std::fs::remove_file(&fifo.path).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&fifo.path).status().unwrap();
+        assert!(made.success());
+        let path = fifo.path.clone();
+        let reader = std::thread::spawn(move || std::fs::read_to_string(path).unwrap());
+        let (opened, open) = std::sync::mpsc::channel();
+        let path = fifo.path.clone();
+        std::thread::spawn(move || {
+            let output = Output::open(&path, None);
+            let _ = opened.send(output);
+        });
+        let mut output = open
+            .recv_timeout(Duration::from_secs(30))
+            .expect("Output::open returns without reading the pipe")
+            .unwrap();
+        let result: JobResult = serde_json::from_value(serde_json::json!({
+            "id": "res_1", "custom_id": "a", "response": null,
+            "error": {"code": "invalid_request", "message": "m"},
+            "routing": {"chain": null, "provider": null, "model": null, "free": null, "attempts": [],
+                        "worker": "w", "queued_ms": 0, "total_ms": 0}
+        }))
+        .unwrap();
+        assert!(output.write(&result).unwrap());
+        drop(output);
+        let written = reader.join().unwrap();
+        assert!(written.starts_with("{\"id\":\"res_1\",\"custom_id\":\"a\""), "{written}");
     }
 }
