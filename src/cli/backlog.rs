@@ -57,9 +57,10 @@ pub fn read_input(
     let mut backlog = Backlog::default();
     let mut seen = HashSet::new();
     let mut number = 0usize;
-    while let Some(line) = lines.next_line().with_context(|| {
-        format!("cannot read {} at line {}", path.display(), number.saturating_add(1))
-    })? {
+    while let Some(line) = lines
+        .next_line()
+        .with_context(|| format!("cannot read {} at line {}", path.display(), number.saturating_add(1)))?
+    {
         number = number.saturating_add(1);
         let raw = match line {
             InputLine::Text(raw) if number == 1 => raw.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(raw),
@@ -574,10 +575,8 @@ mod tests {
             let output = Output::open(&path, None);
             let _ = opened.send(output);
         });
-        let mut output = open
-            .recv_timeout(Duration::from_secs(30))
-            .expect("Output::open returns without reading the pipe")
-            .unwrap();
+        let mut output =
+            open.recv_timeout(Duration::from_secs(30)).expect("Output::open returns without reading the pipe").unwrap();
         let result: JobResult = serde_json::from_value(serde_json::json!({
             "id": "res_1", "custom_id": "a", "response": null,
             "error": {"code": "invalid_request", "message": "m"},
