@@ -125,31 +125,43 @@ fn deep_stacks_for_every_thread() {
 }
 
 fn service() -> ExitCode {
-    let cli = Cli::parse();
-    let telemetry = telemetry::init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            telemetry.shutdown();
             return ExitCode::from(1);
         }
     };
-    let code = runtime.block_on(run(cli));
+    // Before anything that takes time (the config, the telemetry, the first connection): a
+    // SIGTERM that comes while the process starts asks for the same clean stop as any other,
+    // instead of killing it with the signal's default action.
+    let signals = {
+        let _runtime = runtime.enter();
+        match ShutdownSignals::register() {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!("error: cannot handle SIGTERM/SIGINT: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    let cli = Cli::parse();
+    let telemetry = telemetry::init();
+    let code = runtime.block_on(run(cli, signals));
     // The spans of the last jobs are still queued for export: flush them, off the runtime.
     drop(runtime);
     telemetry.shutdown();
     code
 }
 
-async fn run(cli: Cli) -> ExitCode {
+async fn run(cli: Cli, signals: ShutdownSignals) -> ExitCode {
     if let Command::MockProvider { listen, profile, limits, latency, api_key, answers } = cli.command {
         let options = MockOptions { profile, api_key, limits, latency };
         return match MockProvider::start_on(listen, options).await {
             Ok(mock) => {
                 mock.set_fallback(answers.scenario());
                 tracing::info!(addr = %mock.addr, ?profile, ?answers, "mock provider listening");
-                let _ = shutdown_signal().await;
+                signals.recv().await;
                 ExitCode::SUCCESS
             }
             Err(e) => fail(format!("cannot listen on {listen}: {e}")),
@@ -166,7 +178,7 @@ async fn run(cli: Cli) -> ExitCode {
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            let _ = shutdown_signal().await;
+            signals.recv().await;
             tracing::info!("shutdown requested; draining");
             shutdown.cancel();
         }
@@ -257,11 +269,25 @@ fn fail(message: String) -> ExitCode {
     ExitCode::from(1)
 }
 
-async fn shutdown_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, handled from when they are registered: one that arrives before anyone
+/// waits for it is kept, and [`recv`](Self::recv) returns at once.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Replaces the signals' default action (ending the process); needs the runtime entered.
+    fn register() -> std::io::Result<ShutdownSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals { terminate: signal(SignalKind::terminate())?, interrupt: signal(SignalKind::interrupt())? })
     }
-    Ok(())
+
+    /// Waits for the first of them.
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
 }

@@ -152,6 +152,28 @@ async fn sigterm_drains_in_flight_jobs_and_exits_0() {
     assert_eq!(env.client.depth(&env.jobs).await, 0, "and acked");
 }
 
+/// A SIGTERM that comes while the worker still starts (here reading its config, which a FIFO
+/// holds back) asks for the same clean stop as one that comes later: exit 0, not death by the
+/// signal's default action.
+#[tokio::test]
+async fn a_sigterm_while_the_worker_starts_is_a_clean_stop() {
+    let env = TestEnv::new().await;
+    let mock = MockProvider::start(MockOptions::new(Profile::Groq)).await.unwrap();
+    let config = std::fs::read(env.config_file(&one_provider(&mock, ""), "")).unwrap();
+    let fifo = env.dir.join("config.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let mut worker = WorkerProcess::spawn(&fifo);
+    // Opening a FIFO to write returns once a reader has opened it: the worker is in its
+    // config load, and stays there until the config is written.
+    let open = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(fifo));
+    let mut writer = tokio::time::timeout(PATIENCE, open).await.expect("the worker opens its config").unwrap().unwrap();
+    worker.signal("TERM");
+    std::io::Write::write_all(&mut writer, &config).unwrap();
+    drop(writer);
+    let status = worker.wait().await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 #[tokio::test]
 async fn a_bad_config_exits_2_naming_file_and_key() {
     let env = TestEnv::new().await;
