@@ -238,12 +238,13 @@ async fn migrate(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
 
 async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let store = PgStore::connect_lazy(&config.postgres.url, 2)?;
-    let pools = fallback_worker::cli::status::collect_pools(config, &store)
+    let mut pools = fallback_worker::cli::status::collect_pools(config, &store)
         .await
         .context("reading pool state (is the database reachable and migrated?)")?;
     let statuses = fallback_worker::cli::status::collect(config, &store, &pools)
         .await
         .context("reading provider state (is the database reachable and migrated?)")?;
+    fallback_worker::cli::status::mark_cooling_pools(&mut pools, &statuses);
     if json {
         // One array: the providers' lines (`provider`), then the pools' (`pool`).
         let mut lines = Vec::new();

@@ -42,10 +42,15 @@ pub struct ProviderStatus {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PoolStatus {
     pub pool: String,
-    /// `usable` or `over_quota`.
+    /// `usable`, `over_quota`, or `cooling` when every provider drawing from it cools down (as
+    /// an account-scoped 429 makes them: its windows may have room the provider will not give).
     pub state: &'static str,
-    /// Which limit is spent (`requests`, `tokens`), when over quota.
+    /// Which limit is spent (`requests`, `tokens`), when over quota; the providers' reason when
+    /// cooling.
     pub reason: Option<String>,
+    /// RFC 3339: when cooling, the earliest moment one of its providers is usable again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
     pub windows: Vec<WindowUsage>,
     /// The configured providers drawing from it.
     pub providers: Vec<String>,
@@ -154,6 +159,7 @@ pub async fn collect_pools(config: &Config, store: &PgStore) -> Result<Vec<PoolS
             pool: pool.name.clone(),
             state: if full.is_some() { "over_quota" } else { "usable" },
             reason: full.map(|w| w.measure.to_string()),
+            until: None,
             providers: config
                 .providers
                 .iter()
@@ -238,13 +244,30 @@ fn aligned(rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// Marks `cooling` each usable pool whose providers all cool down: its windows may show room,
+/// but no call draws from it until the first of them is back (`until`). A reason they share
+/// (an account-scoped 429 gives each `rate_limited` or `quota_day`) is the pool's.
+pub fn mark_cooling_pools(pools: &mut [PoolStatus], providers: &[ProviderStatus]) {
+    for pool in pools.iter_mut().filter(|p| p.state == "usable" && !p.providers.is_empty()) {
+        let drawing: Vec<&ProviderStatus> = providers.iter().filter(|s| pool.providers.contains(&s.provider)).collect();
+        if drawing.len() != pool.providers.len() || drawing.iter().any(|s| s.state != "cooling") {
+            continue;
+        }
+        pool.state = "cooling";
+        pool.until = drawing.iter().filter_map(|s| s.until.clone()).min();
+        let first = drawing.first().and_then(|s| s.reason.clone());
+        pool.reason = first.filter(|reason| drawing.iter().all(|s| s.reason.as_ref() == Some(reason)));
+    }
+}
+
 /// The pools' table: use per window and who draws from each.
 pub fn render_pools(pools: &[PoolStatus]) -> String {
-    let mut rows = vec![["POOL", "STATE", "REASON", "USAGE", "PROVIDERS"].map(String::from).to_vec()];
+    let mut rows = vec![["POOL", "STATE", "UNTIL", "REASON", "USAGE", "PROVIDERS"].map(String::from).to_vec()];
     for p in pools {
         rows.push(vec![
             p.pool.clone(),
             p.state.to_string(),
+            p.until.clone().unwrap_or_else(|| "-".into()),
             p.reason.clone().unwrap_or_else(|| "-".into()),
             p.windows.iter().map(window_cell).collect::<Vec<_>>().join(", "),
             if p.providers.is_empty() { "-".into() } else { p.providers.join(", ") },
@@ -274,4 +297,67 @@ fn rejected_cell(counts: &BTreeMap<String, u64>) -> String {
 
 fn epoch(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(name: &str, state: &'static str, until: Option<&str>, reason: Option<&str>) -> ProviderStatus {
+        ProviderStatus {
+            provider: name.into(),
+            free: true,
+            state,
+            until: until.map(str::to_string),
+            reason: reason.map(str::to_string),
+            detail: None,
+            consecutive_server_errors: 0,
+            last_error: None,
+            last_error_at: None,
+            windows: vec![],
+            rejected_outputs: BTreeMap::new(),
+            pools: vec!["acct".into()],
+        }
+    }
+
+    fn pool(state: &'static str) -> PoolStatus {
+        let reason = (state == "over_quota").then(|| "requests".to_string());
+        PoolStatus {
+            pool: "acct".into(),
+            state,
+            reason,
+            until: None,
+            windows: vec![],
+            providers: vec!["a".into(), "b".into()],
+        }
+    }
+
+    #[test]
+    fn a_pool_cools_only_when_every_provider_drawing_from_it_does() {
+        let (early, late) = (Some("2026-12-01T00:00:00Z"), Some("2026-12-01T08:00:00Z"));
+        let mixed = [provider("a", "cooling", late, Some("quota_day")), provider("b", "usable", None, None)];
+        let mut pools = [pool("usable")];
+        mark_cooling_pools(&mut pools, &mixed);
+        assert_eq!((pools[0].state, pools[0].until.as_deref()), ("usable", None), "b still draws from it");
+
+        let both =
+            [provider("a", "cooling", late, Some("quota_day")), provider("b", "cooling", early, Some("circuit"))];
+        mark_cooling_pools(&mut pools, &both);
+        assert_eq!((pools[0].state, pools[0].until.as_deref(), pools[0].reason.as_deref()), ("cooling", early, None));
+
+        let same =
+            [provider("a", "cooling", late, Some("quota_day")), provider("b", "cooling", late, Some("quota_day"))];
+        let mut pools = [pool("usable"), pool("over_quota")];
+        mark_cooling_pools(&mut pools, &same);
+        assert_eq!(pools[0].reason.as_deref(), Some("quota_day"));
+        assert_eq!(
+            (pools[1].state, pools[1].reason.as_deref()),
+            ("over_quota", Some("requests")),
+            "a spent pool says so"
+        );
+        // A provider of the pool the status did not list (not configured): not all are known to cool.
+        let mut pools = [pool("usable")];
+        mark_cooling_pools(&mut pools, &same[..1]);
+        assert_eq!(pools[0].state, "usable");
+    }
 }

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use fallback_worker::cli::status;
 use fallback_worker::mock::{MockOptions, MockProvider, Profile, RetryHint, Scenario};
 use fallback_worker::routing::AttemptOutcome;
 use lapin::BasicProperties;
@@ -38,7 +39,7 @@ async fn account_429_spares_the_pool(first: (Profile, &str), second: (Profile, &
         chain("second", &["second", "backup"], ""),
     ));
     let one = env.spawn_worker(config.clone(), "worker-one").await;
-    let two = env.spawn_worker(config, "worker-two").await;
+    let two = env.spawn_worker(config.clone(), "worker-two").await;
 
     env.publish(&line("meets-the-limit", "default"), BasicProperties::default()).await;
     let (met, _) = env.next_result(&env.results).await;
@@ -68,6 +69,17 @@ async fn account_429_spares_the_pool(first: (Profile, &str), second: (Profile, &
     let (reason, detail): (String, String) = (row.get(0), row.get(1));
     assert_eq!(reason, "quota_day");
     assert!(detail.contains("account's limit") && detail.contains("`first`"), "{detail}");
+
+    // `status`: the pool's window has room (2 of 1000), but nothing draws from it until the
+    // account's reset.
+    let state = fallback_worker::state::postgres::PgStore::connect_lazy(&env.database_url, 2).unwrap();
+    let mut pools = status::collect_pools(&config, &state).await.unwrap();
+    let providers = status::collect(&config, &state, &pools).await.unwrap();
+    assert_eq!(pools[0].state, "usable", "before the providers are looked at: {:?}", pools[0]);
+    status::mark_cooling_pools(&mut pools, &providers);
+    assert_eq!((pools[0].pool.as_str(), pools[0].state), ("account", "cooling"), "{:?}", pools[0]);
+    assert_eq!(pools[0].reason.as_deref(), Some("quota_day"));
+    assert_eq!(pools[0].until, providers.iter().find(|p| p.provider == "first").unwrap().until);
     stays.stop().await;
 }
 
