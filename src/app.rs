@@ -53,6 +53,7 @@ pub fn build_chains(
                 pools: config.pools_of(provider).into(),
                 timeout: provider.timeout,
                 pool_mates: pool_mates(config, provider),
+                timeouts: Arc::default(),
                 provider: observability::trace::traced(&provider.name, Arc::new(http)),
             },
         );

@@ -727,6 +727,7 @@ mod tests {
             pools: Default::default(),
             timeout: Duration::from_secs(1),
             pool_mates: vec![],
+            timeouts: Default::default(),
             provider: Arc::new(Instant200),
         };
         let chain = Chain {

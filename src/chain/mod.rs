@@ -45,7 +45,24 @@ pub struct Member {
     /// pools, resolved once from the config: an account-scoped 429 (contract §6) cools them
     /// down with this one, so no worker spends a request to learn what the account said.
     pub pool_mates: Vec<String>,
+    /// This worker's last timeout on the provider, shared by every chain that has it.
+    pub timeouts: Arc<RecentTimeouts>,
     pub provider: Arc<dyn ChatProvider>,
+}
+
+/// When one of this worker's jobs last timed out on a provider. A lone timeout may be a fluke
+/// and is retried in place (`max_retries`) before the provider is cooled down; jobs that time
+/// out together mean the provider hangs, and each retrying in place would send it one more
+/// request (and wait one more timeout) before any of them cooled it down (contract §6: a
+/// timeout cools the provider down for every worker).
+#[derive(Debug, Default)]
+pub struct RecentTimeouts(std::sync::Mutex<Option<SystemTime>>);
+
+impl RecentTimeouts {
+    /// Records a timeout at `now` and answers the one recorded before it.
+    fn record(&self, now: SystemTime) -> Option<SystemTime> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).replace(now)
+    }
 }
 
 /// A named chain, ready to run.
@@ -88,6 +105,8 @@ pub struct JobProgress {
     /// Providers that failed this job transiently without a shared cooldown (a lone 5xx), with
     /// the time before which this job will not retry them and how often they failed.
     backoff: HashMap<String, (SystemTime, u32)>,
+    /// When this job last timed out on each provider (see [`RecentTimeouts`]).
+    timed_out: HashMap<String, SystemTime>,
     /// The last answer the job's checks rejected, kept when `on_all_rejected = "best"` so the
     /// job can get it instead of failing. Held in memory only: a job parked meanwhile comes
     /// back without it (an answer does not fit the parked job's headers).
@@ -111,7 +130,7 @@ impl JobProgress {
     /// Rebuilds progress from a parked job's attempt list.
     pub fn resume(first_seen: SystemTime, attempts: Vec<Attempt>) -> Self {
         let dropped = attempts.iter().filter(|a| a.outcome.is_final_for_job()).map(|a| a.provider.clone()).collect();
-        Self { first_seen, attempts, dropped, backoff: HashMap::new(), best: None }
+        Self { first_seen, attempts, dropped, backoff: HashMap::new(), timed_out: HashMap::new(), best: None }
     }
 
     /// Records that `member` was passed over. A job that waits goes through its chain again and
@@ -472,6 +491,8 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
             Err(failure) => failure,
         };
         let retry_delay = if failure.kind.is_retryable_in_place() { delays.next() } else { None };
+        let retry_delay =
+            retry_delay.filter(|_| failure.kind != FailureKind::Timeout || !timeouts_together(call, progress));
         // A timeout that will be retried in place does not cool the provider down yet.
         let settled = if retry_delay.is_some() && failure.kind == FailureKind::Timeout {
             Settled::Nothing
@@ -498,6 +519,18 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
             }
         }
     }
+}
+
+/// Records this job's timeout on the member; whether another job of this worker timed out on
+/// it within one timeout before (then the provider hangs: this timeout cools it down at once
+/// instead of being retried in place).
+fn timeouts_together(call: &Call<'_>, progress: &mut JobProgress) -> bool {
+    let (member, now) = (call.member, call.clock.now());
+    let previous = member.timeouts.record(now);
+    let own_previous = progress.timed_out.insert(member.name.clone(), now);
+    previous.is_some_and(|at| {
+        Some(at) != own_previous && now.duration_since(at).ok().is_none_or(|since| since <= member.timeout)
+    })
 }
 
 /// An answer that failed the job's checks: the provider worked (its circuit closed, the call

@@ -140,6 +140,7 @@ fn member(name: &str, free: bool, provider: Arc<dyn ChatProvider>) -> Member {
         pools: Default::default(),
         timeout: secs(10),
         pool_mates: Vec::new(),
+        timeouts: Default::default(),
         provider,
     }
 }
@@ -230,6 +231,36 @@ async fn timeouts_cool_down_30s_after_the_in_place_retries() {
     assert!(clock.now() > t0(), "the retry waited its backoff on the clock");
     let cooldown = store.cooldown_of("a").unwrap();
     assert_eq!((cooldown.reason, cooldown.until), (CooldownReason::Unreachable, clock.now() + secs(30)));
+}
+
+/// A hanging provider times out every job in flight at about the same time: each retrying in
+/// place would send it one more request, and wait one more timeout, before any cooled it down.
+/// A timeout that follows another job's on this worker within one timeout cools the provider
+/// down at once; a lone one (a fluke, as far as this worker can tell) is still retried.
+#[tokio::test]
+async fn a_timeout_right_after_another_jobs_cools_the_provider_instead_of_retrying() {
+    let clock = ManualClock::starting_at(t0());
+    let a = Scripted::new((0..6).map(|_| Err(failure(FailureKind::Timeout, 0))).collect());
+    let mut with_retry = member("a", true, a.clone());
+    with_retry.max_retries = 1;
+    let chain = chain(vec![with_retry, member("b", true, Scripted::new(vec![]))], Duration::ZERO);
+    // Each job against a store of its own: the cooldowns the others set do not hide `a`, so
+    // only this worker's record of its timeouts tells the jobs apart.
+    let alone = MemoryStore::new();
+    pass(&chain, &mut JobProgress::new(clock.now()), &alone, &clock).await;
+    assert_eq!(a.calls(), 2, "a lone timeout is retried once (its own first timeout is no other job's)");
+
+    clock.advance(secs(1));
+    let together = MemoryStore::new();
+    let verdict = pass(&chain, &mut JobProgress::new(clock.now()), &together, &clock).await;
+    assert_eq!(answered_by(&verdict), Some("b"));
+    assert_eq!(a.calls(), 3, "no retry in place: another job timed out on `a` a second ago");
+    let cooldown = together.cooldown_of("a").unwrap();
+    assert_eq!((cooldown.reason, cooldown.until), (CooldownReason::Unreachable, clock.now() + secs(30)));
+
+    clock.advance(secs(11));
+    pass(&chain, &mut JobProgress::new(clock.now()), &MemoryStore::new(), &clock).await;
+    assert_eq!(a.calls(), 5, "more than a timeout (10 s) later, a timeout is alone again");
 }
 
 #[tokio::test]

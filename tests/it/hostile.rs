@@ -319,6 +319,7 @@ async fn a_job_that_panics_is_retried_then_dead_lettered_and_others_go_on() {
         pools: Default::default(),
         timeout: Duration::from_secs(2),
         pool_mates: vec![],
+        timeouts: Default::default(),
         provider,
     };
     let mut chains: HashMap<String, Arc<Chain>> = good;
