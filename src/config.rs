@@ -611,6 +611,11 @@ fn validate_amqp(amqp: &AmqpConfig) -> Result<(), (String, String)> {
     if amqp.max_message_bytes == 0 {
         return Err(problem("amqp.max_message_bytes", "must be at least 1"));
     }
+    // Below a second, a healthy broker's confirms come too late: every publish would count as
+    // failed, its job be redelivered and its result published again, without end.
+    if amqp.confirm_timeout < Duration::from_secs(1) {
+        return Err(problem("amqp.confirm_timeout", "must be at least 1s"));
+    }
     for (i, pattern) in amqp.reply_to_allow.iter().enumerate() {
         glob::Pattern::new(pattern)
             .map_err(|e| problem(format!("amqp.reply_to_allow[{i}]"), format!("`{pattern}` is not a glob: {e}")))?;
@@ -628,6 +633,11 @@ fn validate_worker(worker: &WorkerConfig) -> Result<(), (String, String)> {
     if worker.max_deliveries == 0 {
         return Err(problem("worker.max_deliveries", "must be at least 1"));
     }
+    // The ledger's rows also count the deliveries of jobs still running or parked: a retention
+    // shorter than their wait forgets them, and a redelivery calls a provider again.
+    if worker.result_retention < Duration::from_secs(3600) {
+        return Err(problem("worker.result_retention", "must be at least 1h"));
+    }
     Ok(())
 }
 
@@ -642,6 +652,9 @@ fn validate_provider(provider: &ProviderConfig, i: usize) -> Result<(), (String,
     }
     if provider.timeout.is_zero() {
         return Err(problem(key("timeout"), "must be more than 0s"));
+    }
+    if provider.context_window == Some(0) {
+        return Err(problem(key("context_window"), "must be at least 1 (or left out: unknown)"));
     }
     if provider.max_retries > 10 {
         return Err(problem(key("max_retries"), "must be at most 10"));
@@ -824,6 +837,22 @@ providers = ["groq"]
             let err = parse(&text).unwrap_err();
             assert_eq!(err.key, key, "{err}");
         }
+    }
+
+    #[test]
+    fn durations_and_sizes_that_cannot_work_name_their_key() {
+        for (extra, key) in [
+            ("[amqp]\nconfirm_timeout = \"0s\"\n", "amqp.confirm_timeout"),
+            ("[amqp]\nconfirm_timeout = \"500ms\"\n", "amqp.confirm_timeout"),
+            ("[worker]\nresult_retention = \"0s\"\n", "worker.result_retention"),
+        ] {
+            let err = parse(&format!("{extra}{MINIMAL}")).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+        }
+        let err = parse(&MINIMAL.replace("free = true", "free = true\ncontext_window = 0")).unwrap_err();
+        assert_eq!(err.key, "providers[0].context_window", "{err}");
+        let fine = "[amqp]\nconfirm_timeout = \"1s\"\n[worker]\nresult_retention = \"1h\"\n";
+        assert!(parse(&format!("{fine}{MINIMAL}")).is_ok());
     }
 
     #[test]
