@@ -183,8 +183,8 @@ impl<R: BufRead> BoundedLines<R> {
 
 /// The output file(s): successes to OUT, failures to ERR when given (else OUT too).
 pub struct Output {
-    out: File,
-    errors: Option<File>,
+    out: (File, std::path::PathBuf),
+    errors: Option<(File, std::path::PathBuf)>,
     /// `custom_id`s with a result already written (from earlier runs too).
     written: HashSet<String>,
     pub succeeded: usize,
@@ -195,11 +195,16 @@ impl Output {
     /// Opens (or creates) the files, reading what earlier runs wrote. A torn last line (the
     /// previous run was killed mid-write) is cut off.
     pub fn open(out: &Path, errors: Option<&Path>) -> anyhow::Result<Output> {
-        let mut output =
-            Output { out: open_for_append(out)?, errors: None, written: HashSet::new(), succeeded: 0, failed: 0 };
+        let mut output = Output {
+            out: (open_for_append(out)?, out.into()),
+            errors: None,
+            written: HashSet::new(),
+            succeeded: 0,
+            failed: 0,
+        };
         output.load(out)?;
         if let Some(path) = errors {
-            output.errors = Some(open_for_append(path)?);
+            output.errors = Some((open_for_append(path)?, path.into()));
             output.load(path)?;
         }
         Ok(output)
@@ -279,12 +284,13 @@ impl Output {
         }
         let mut line = serde_json::to_vec(result)?;
         line.push(b'\n');
-        let file = match (&mut self.errors, result.is_success()) {
+        let (file, path) = match (&mut self.errors, result.is_success()) {
             (Some(errors), false) => errors,
             _ => &mut self.out,
         };
-        file.write_all(&line)?;
-        file.flush()?;
+        file.write_all(&line)
+            .and_then(|()| file.flush())
+            .with_context(|| format!("cannot write a result to {}", path.display()))?;
         if result.is_success() {
             self.succeeded += 1
         } else {
@@ -559,6 +565,25 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&whole).unwrap(), "{\"custom_id\":\"a\",\"error\":null}\n");
     }
 
+    /// A device as OUT (`/dev/full` reads as endless zeros) is not read; a write it refuses is
+    /// reported with the file's name.
+    #[test]
+    fn a_full_device_as_out_fails_the_write_naming_it() {
+        let mut output = Output::open(Path::new("/dev/full"), None).unwrap();
+        let refused = output.write(&error_result("a")).unwrap_err();
+        assert!(format!("{refused:#}").contains("cannot write a result to /dev/full: No space left"), "{refused:#}");
+    }
+
+    fn error_result(custom_id: &str) -> JobResult {
+        serde_json::from_value(serde_json::json!({
+            "id": "res_1", "custom_id": custom_id, "response": null,
+            "error": {"code": "invalid_request", "message": "m"},
+            "routing": {"chain": null, "provider": null, "model": null, "free": null, "attempts": [],
+                        "worker": "w", "queued_ms": 0, "total_ms": 0}
+        }))
+        .unwrap()
+    }
+
     /// A pipe named as OUT is written to, not read: reading it would wait for ever (our own
     /// handle keeps it open), as `/dev/zero` would fill the memory.
     #[test]
@@ -577,14 +602,7 @@ mod tests {
         });
         let mut output =
             open.recv_timeout(Duration::from_secs(30)).expect("Output::open returns without reading the pipe").unwrap();
-        let result: JobResult = serde_json::from_value(serde_json::json!({
-            "id": "res_1", "custom_id": "a", "response": null,
-            "error": {"code": "invalid_request", "message": "m"},
-            "routing": {"chain": null, "provider": null, "model": null, "free": null, "attempts": [],
-                        "worker": "w", "queued_ms": 0, "total_ms": 0}
-        }))
-        .unwrap();
-        assert!(output.write(&result).unwrap());
+        assert!(output.write(&error_result("a")).unwrap());
         drop(output);
         let written = reader.join().unwrap();
         assert!(written.starts_with("{\"id\":\"res_1\",\"custom_id\":\"a\""), "{written}");
