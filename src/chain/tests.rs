@@ -263,6 +263,34 @@ async fn a_timeout_right_after_another_jobs_cools_the_provider_instead_of_retryi
     assert_eq!(a.calls(), 5, "more than a timeout (10 s) later, a timeout is alone again");
 }
 
+/// Review 32 (74fe6cc): an HTTP 408 is a `Timeout` too, but it comes at once, not after the
+/// provider held the request for `timeout`. Two jobs one after the other (no overlap at all:
+/// the first one's retry was answered before the second was sent) each get a 408 two seconds
+/// apart: the second one's is taken for "jobs timing out together" (a hang), is not retried,
+/// and cools the provider down 30 s for every worker, though it had just answered.
+#[tokio::test]
+async fn review32_a_408_after_another_jobs_answered_retry_is_not_a_hang() {
+    let clock = ManualClock::starting_at(t0());
+    let a = Scripted::new(vec![
+        Err(failure(FailureKind::Timeout, 408)),
+        Ok(()),
+        Err(failure(FailureKind::Timeout, 408)),
+        Ok(()),
+    ]);
+    let mut with_retry = member("a", true, a.clone());
+    with_retry.max_retries = 1;
+    let chain = chain(vec![with_retry, member("b", true, Scripted::new(vec![]))], Duration::ZERO);
+    let store = MemoryStore::new();
+    let first = pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+    assert_eq!(answered_by(&first), Some("a"), "a lone 408 is retried in place and answered");
+
+    clock.advance(secs(2));
+    let second = pass(&chain, &mut JobProgress::new(clock.now()), &store, &clock).await;
+    assert_eq!(a.calls(), 4, "the second job's 408 is retried in place too");
+    assert_eq!(answered_by(&second), Some("a"), "{second:?}");
+    assert!(store.cooldown_of("a").is_none(), "a provider that answers is not cooled down for every worker");
+}
+
 #[tokio::test]
 async fn client_errors_move_on_without_cooldown_and_fail_the_job_when_all_refuse() {
     let clock = ManualClock::starting_at(t0());

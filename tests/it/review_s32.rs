@@ -1,0 +1,225 @@
+//! Adversarial review, session 32, of 1c4290a..2ab7c24 (bounded input lines and OUT resume,
+//! SIGTERM from the start of `service()`, pools shown `cooling`, timeouts together cooling a
+//! provider at once, config floors, the pod's memory limit).
+//!
+//! Every test below fails on 2ab7c24. The chain finding (a 408 is taken for a hang) is in
+//! `src/chain/tests.rs` (`review32_*`), where the scripted providers and the manual clock are.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fallback_worker::cli::backlog::{Output, read_input};
+use fallback_worker::cli::status::{PoolStatus, ProviderStatus, mark_cooling_pools};
+use fallback_worker::config::{Config, EnvOverrides};
+
+use crate::support::WorkerProcess;
+
+/// A directory of its own, removed when the test ends.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!("fw-review32-{name}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn chains() -> BTreeSet<String> {
+    ["default".to_string()].into()
+}
+
+fn job_line(id: &str, content: &str) -> String {
+    format!("{{\"custom_id\":\"{id}\",\"body\":{{\"messages\":[{{\"role\":\"user\",\"content\":\"{content}\"}}]}}}}")
+}
+
+/// Finding (high): `Output::load` takes any JSON line for a result. The input file itself named
+/// as OUT (a swapped or mistyped argument: `batch jobs.jsonl --out jobs.jsonl`) is "resumed":
+/// every job line has a `custom_id` and no `error`, so each is counted as succeeded, the whole
+/// input is "done by an earlier run", and `batch`/`enqueue` exit 0 having called nothing. The
+/// README says "a file ... that is not results is refused and left untouched".
+#[test]
+fn review32_the_input_file_named_as_out_is_refused_not_counted_as_results() {
+    let dir = Dir::new("jobs-as-out");
+    let text = format!("{}\n{}\n", job_line("a", "hi"), job_line("b", "ho"));
+    let jobs = dir.file("jobs.jsonl", text.as_bytes());
+    match Output::open(&jobs, None) {
+        Err(refused) => assert!(refused.to_string().contains("jobs.jsonl"), "{refused:#}"),
+        Ok(output) => {
+            let backlog = read_input(&jobs, output.done(), &chains(), None).unwrap();
+            panic!(
+                "a file of jobs was taken for results: {} counted succeeded, {} line(s) of {} skipped as done, {} left to run",
+                output.succeeded,
+                backlog.already_done,
+                2,
+                backlog.pending.len()
+            );
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&jobs).unwrap(), text, "left as it is");
+}
+
+/// Finding (high: a user's file destroyed): a file of one line without a newline that begins
+/// with `{` and is not strict JSON (JSON5, a trailing comma, a JS object) is taken for a result
+/// torn by an interrupted run and cut: `set_len(0)`, the whole file is gone. The commit says a
+/// file that is not results is "refused and left untouched".
+#[test]
+fn review32_a_one_line_file_that_is_not_strict_json_is_not_erased() {
+    let dir = Dir::new("json5");
+    let settings = "{theme: \"dark\", fontSize: 14, plugins: [\"a\", \"b\"],}";
+    let path = dir.file("settings.json5", settings.as_bytes());
+    let opened = Output::open(&path, None);
+    let left = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(left, settings, "the user's file was cut to {} bytes (opened: {:?})", left.len(), opened.is_ok());
+    assert!(opened.is_err(), "not a file of results: refused");
+}
+
+/// Finding (medium, regression): the bound counts the `\r` of a CRLF line and a first line's
+/// byte-order mark, neither of which is published. A line of exactly `amqp.max_message_bytes`
+/// was accepted before e21a54e (`lines()` strips the `\r`, the check was on the text) and is now
+/// refused as too long when the file has Windows line endings or a BOM. (The proptest's oracle,
+/// `expected_lines`, measures the piece before stripping `\r`, so it agrees with the bug.)
+#[test]
+fn review32_a_crlf_or_bom_line_of_exactly_the_limit_is_not_too_long() {
+    let dir = Dir::new("crlf-limit");
+    let line = job_line("a", "padding");
+    let limit = line.len();
+    let crlf = dir.file("crlf.jsonl", format!("{line}\r\n").as_bytes());
+    let backlog = read_input(&crlf, &HashSet::new(), &chains(), Some(limit)).unwrap();
+    assert_eq!((backlog.pending.len(), backlog.invalid), (1, 0), "a CRLF line of {limit} bytes, limit {limit}");
+    let bom = dir.file("bom.jsonl", format!("\u{feff}{line}\n").as_bytes());
+    let backlog = read_input(&bom, &HashSet::new(), &chains(), Some(limit)).unwrap();
+    assert_eq!((backlog.pending.len(), backlog.invalid), (1, 0), "a BOM line of {limit} bytes, limit {limit}");
+}
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Finding (medium): OUT/ERR are read with an unbounded `read_until`, so a regular file with no
+/// newline is held whole: a sparse file (`truncate -s 100G`), a VM image, any big blob named as
+/// OUT takes the memory the commit keeps `/dev/zero` from taking. 2 GiB of holes here (no disk
+/// used); the peak RSS must not grow by the file's size.
+#[test]
+fn review32_a_huge_out_file_without_newlines_is_not_read_whole() {
+    let dir = Dir::new("sparse");
+    let path = dir.file("out.jsonl", b"");
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(2 << 30).unwrap();
+    let before = peak_rss_kib();
+    let opened = Output::open(&path, None);
+    let grown_mib = peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(opened.is_err(), "zeros are not results");
+    assert!(grown_mib < 1024, "reading OUT raised the peak RSS by {grown_mib} MiB");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 << 30, "left as it is");
+}
+
+/// Finding (high for operators, regression of a3972fd): SIGTERM/SIGINT are now caught before
+/// the config is read, but nothing acts on them until the config is loaded. A config read that
+/// blocks (a FIFO nobody writes, `--config /dev/stdin` at a terminal, a hung NFS mount) now
+/// ignores SIGTERM and Ctrl-C altogether; before a3972fd the signal ended the process at once.
+/// Kubernetes then waits `terminationGracePeriodSeconds` and SIGKILLs.
+#[tokio::test]
+async fn review32_a_sigterm_while_the_config_read_blocks_still_stops_the_process() {
+    let dir = Dir::new("fifo-config");
+    let fifo = dir.0.join("config.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let mut worker = WorkerProcess::spawn(&fifo);
+    let path = fifo.clone();
+    let open = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(path));
+    // The writer is held open and nothing is written: the worker's read blocks.
+    let _writer = tokio::time::timeout(Duration::from_secs(30), open)
+        .await
+        .expect("the worker opens its config")
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.signal("TERM");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = worker.child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.is_some(), "SIGTERM was swallowed: the worker still waits for its config 10 s later");
+}
+
+fn provider(name: &str, state: &'static str, until: Option<&str>, reason: Option<&str>) -> ProviderStatus {
+    ProviderStatus {
+        provider: name.into(),
+        free: true,
+        state,
+        until: until.map(str::to_string),
+        reason: reason.map(str::to_string),
+        detail: None,
+        consecutive_server_errors: 0,
+        last_error: None,
+        last_error_at: None,
+        windows: vec![],
+        rejected_outputs: BTreeMap::new(),
+        pools: vec!["acct".into()],
+    }
+}
+
+/// Finding (low): a pool none of whose providers can draw from it (one cooling, the other over
+/// its own limit) is still shown `usable`: only "all cooling" is looked at.
+#[test]
+fn review32_a_pool_no_provider_can_draw_from_is_not_usable() {
+    let mut pools = [PoolStatus {
+        pool: "acct".into(),
+        state: "usable",
+        reason: None,
+        until: None,
+        windows: vec![],
+        providers: vec!["a".into(), "b".into()],
+    }];
+    let providers = [
+        provider("a", "cooling", Some("2026-12-01T08:00:00Z"), Some("quota_day")),
+        provider("b", "over_quota", None, Some("requests")),
+    ];
+    mark_cooling_pools(&mut pools, &providers);
+    assert_ne!(pools[0].state, "usable", "{:?}", pools[0]);
+}
+
+/// Finding (low): 1a342a0 refuses `worker.result_retention` under 1h because "a retention
+/// shorter than their wait forgets them" (jobs still running or parked), yet the default
+/// `max_wait_limit` is 24h: a job may wait 24h, its ledger row is pruned after 1h, and its
+/// redelivery calls a provider again. The floor does not cover the case it names.
+#[test]
+fn review32_a_retention_shorter_than_a_chains_max_wait_limit_is_refused() {
+    let text = r#"
+[worker]
+result_retention = "1h"
+
+[[providers]]
+name = "groq"
+base_url = "https://api.groq.com/openai/v1"
+model = "m"
+free = true
+
+[chains.default]
+providers = ["groq"]
+max_wait_limit = "24h"
+"#;
+    let parsed = Config::parse(text, Path::new("review32.toml"), &EnvOverrides::default());
+    assert!(parsed.is_err(), "a job may wait 24h but its ledger row is kept 1h");
+}
