@@ -223,3 +223,46 @@ max_wait_limit = "24h"
     let parsed = Config::parse(text, Path::new("review32.toml"), &EnvOverrides::default());
     assert!(parsed.is_err(), "a job may wait 24h but its ledger row is kept 1h");
 }
+
+/// Finding (high for users, regression of a3972fd): before it, the handler was registered by a
+/// task the runtime first polled at the command's first `.await`, so a Ctrl-C while `batch` or
+/// `enqueue` was still blocked in its synchronous start (opening a FIFO named as OUT whose
+/// reader has not come, reading `/dev/stdin` or a FIFO as input) ended the process. Now the
+/// handler is registered before anything and only polled later: Ctrl-C (and SIGTERM) do
+/// nothing, the command hangs until the open or read returns by itself.
+#[test]
+fn review32_ctrl_c_while_batch_opens_a_fifo_out_still_stops_it() {
+    let dir = Dir::new("fifo-out");
+    let config = dir.file(
+        "fallback.toml",
+        b"[[providers]]\nname = \"p\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\nfree = true\n\n[chains.default]\nproviders = [\"p\"]\n",
+    );
+    let input = dir.file("in.jsonl", format!("{}\n", job_line("a", "hi")).as_bytes());
+    let fifo = dir.0.join("out.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fallback-worker"))
+        .args(["--config", config.to_str().unwrap(), "batch", input.to_str().unwrap(), "--out", fifo.to_str().unwrap()])
+        .env_remove("DATABASE_URL")
+        .env_remove("AMQP_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Long enough for the process to start and block in `open(out.fifo, O_WRONLY)`.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(status.is_some(), "Ctrl-C was swallowed: `batch` still blocks opening its OUT 10 s later");
+}
