@@ -4,6 +4,22 @@
 //!
 //! Every test below fails on 2ab7c24. The chain finding (a 408 is taken for a hang) is in
 //! `src/chain/tests.rs` (`review32_*`), where the scripted providers and the manual clock are.
+//! Regressions of this range: the two signal tests (checked by hand against 1c4290a's binary:
+//! killed by SIGTERM there, hung here) and the CRLF line at the limit. The others are claims of
+//! the range that do not hold (a file that is not results "refused and left untouched"; pools
+//! "cooling" when nothing can draw; a retention floor "so ledger rows outlive their waits").
+//!
+//! Observations that are not tests:
+//! - `a_full_device_as_out_fails_the_write_naming_it` (src/cli/backlog.rs), should the fix
+//!   regress, reads `/dev/full` without bound: the commit says that took 24 GB and the OOM
+//!   killer. A test that fails by exhausting a shared machine's memory wants a bound of its own
+//!   (a thread and a timeout, or `RLIMIT_AS` in a child).
+//! - `bounded_lines_split_any_input_as_a_plain_split_does`'s oracle measures a piece before
+//!   stripping its `\r`: it encodes the off-by-`\r` bound rather than catching it.
+//! - deploy: limits 1536Mi with requests 64Mi is a 24x overcommit the scheduler does not see;
+//!   jobs with `on_all_rejected = "best"` may hold a kept answer while the next provider's is
+//!   parsed, two near-cap answers per job, which the 40 MB/job figure does not count (not
+//!   measured here).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -267,4 +283,18 @@ fn review32_a_signal_while_batch_opens_a_fifo_out_still_stops_it() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(status.is_some(), "SIGTERM was swallowed: `batch` still blocks opening its OUT 10 s later");
+}
+
+/// Finding (medium, not new but now the only "cut" left): nothing keeps two runs off one OUT
+/// (the same command started twice, a retry loop around a run still going). The second run's
+/// resume reads the first one's file while it writes: a long result it sees half written is a
+/// "torn last line" and cut (`set_len`) under the writer, whose `O_APPEND` write then lands past
+/// the new end (a hole of NULs: every later resume refuses the file); and both runs publish
+/// the same lines. A lock on OUT (`flock`) held for the run would refuse the second.
+#[test]
+fn review32_a_second_run_on_an_out_in_use_is_refused() {
+    let dir = Dir::new("two-runs");
+    let out = dir.file("out.jsonl", b"");
+    let _first = Output::open(&out, None).unwrap();
+    assert!(Output::open(&out, None).is_err(), "a second Output on the same file while the first is open");
 }
