@@ -148,13 +148,15 @@ fn service() -> ExitCode {
     let cli = Cli::parse();
     let telemetry = telemetry::init();
     let code = runtime.block_on(run(cli, signals));
-    // The spans of the last jobs are still queued for export: flush them, off the runtime.
-    drop(runtime);
+    // The spans of the last jobs are still queued for export: flush them, off the runtime. A
+    // file still being opened on a blocking thread (a FIFO nobody opened, when a stop came
+    // first) is not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     telemetry.shutdown();
     code
 }
 
-async fn run(cli: Cli, signals: ShutdownSignals) -> ExitCode {
+async fn run(cli: Cli, mut signals: ShutdownSignals) -> ExitCode {
     if let Command::MockProvider { listen, profile, limits, latency, api_key, answers } = cli.command {
         let options = MockOptions { profile, api_key, limits, latency };
         return match MockProvider::start_on(listen, options).await {
@@ -167,11 +169,22 @@ async fn run(cli: Cli, signals: ShutdownSignals) -> ExitCode {
             Err(e) => fail(format!("cannot listen on {listen}: {e}")),
         };
     }
-    let config = match Config::load(&cli.config, &EnvOverrides::from_env()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+    // Read on a blocking thread: a config that does not come (a FIFO, `/dev/stdin` at a
+    // terminal, a hung network mount) must not keep a stop request from being heard.
+    let path = cli.config.clone();
+    let loading = tokio::task::spawn_blocking(move || Config::load(&path, &EnvOverrides::from_env()));
+    let config = tokio::select! {
+        loaded = loading => match loaded {
+            Ok(Ok(config)) => config,
+            Ok(Err(e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+            Err(e) => return fail(format!("reading the config {}: {e}", cli.config.display())),
+        },
+        () = signals.recv() => {
+            tracing::info!("stopped before the config was read");
+            return ExitCode::SUCCESS;
         }
     };
     let shutdown = CancellationToken::new();
@@ -285,7 +298,7 @@ impl ShutdownSignals {
     }
 
     /// Waits for the first of them.
-    async fn recv(mut self) {
+    async fn recv(&mut self) {
         tokio::select! {
             _ = self.terminate.recv() => {}
             _ = self.interrupt.recv() => {}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::job::{Job, JobResult};
 
@@ -30,6 +31,29 @@ pub struct Backlog {
     pub invalid: usize,
     /// Lines whose `custom_id` already has a result in the output.
     pub already_done: usize,
+}
+
+/// Opens OUT (and ERR) and reads the input ([`Output::open`], [`read_input`]) on a blocking
+/// thread, as long as no stop is asked for: opening a FIFO waits for its reader and reading a
+/// pipe for its writer, and a stop request (SIGTERM, Ctrl-C) must still end the command then.
+pub async fn open_backlog(
+    shutdown: &CancellationToken,
+    out: &Path,
+    errors: Option<&Path>,
+    input: &Path,
+    chains: BTreeSet<String>,
+    max_line_bytes: Option<usize>,
+) -> anyhow::Result<(Output, Backlog)> {
+    let (out, errors, input) = (out.to_path_buf(), errors.map(Path::to_path_buf), input.to_path_buf());
+    let opening = tokio::task::spawn_blocking(move || {
+        let output = Output::open(&out, errors.as_deref())?;
+        let backlog = read_input(&input, output.done(), &chains, max_line_bytes)?;
+        anyhow::Ok((output, backlog))
+    });
+    tokio::select! {
+        opened = opening => opened.context("opening the input and output files")?,
+        () = shutdown.cancelled() => anyhow::bail!("interrupted while opening the input and output files"),
+    }
 }
 
 /// The longest input line `batch` reads (it has no broker, so no `amqp.max_message_bytes`):

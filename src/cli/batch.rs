@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::backlog::{Line, Output, Progress, conclude, read_input};
+use super::backlog::{Line, Progress, conclude, open_backlog};
 use crate::app::{build_chains, migrate_when_reachable};
 use crate::chain::{self, Chain, Clock, HoldPolicy, JobProgress, SystemClock};
 use crate::config::Config;
@@ -43,10 +43,10 @@ pub struct BatchOptions<'a> {
 }
 
 pub async fn run(config: &Config, options: BatchOptions<'_>, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    let mut output = Output::open(options.out, options.errors)?;
     let chains = build_chains(config, &shared_client(), &|var| std::env::var(var).ok())?;
     let names = chains.keys().cloned().collect();
-    let mut backlog = read_input(options.input, output.done(), &names, None)?;
+    let (mut output, mut backlog) =
+        open_backlog(&shutdown, options.out, options.errors, options.input, names, None).await?;
     // The answers of its calls that a shared store records after their jobs went on: waited
     // for before the command returns (its runtime would drop them).
     let mut answers: Option<PgStore> = None;

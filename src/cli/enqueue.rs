@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::backlog::{Line, Output, Progress, conclude, read_input};
+use super::backlog::{Line, Progress, conclude, open_backlog};
 use super::correlation::CorrelationKey;
 use crate::broker::{self, QueueRole, Topology};
 use crate::config::{AmqpConfig, BrokerUrls, Config};
@@ -180,9 +180,10 @@ pub async fn run(
     options: EnqueueOptions<'_>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ExitCode> {
-    let mut output = Output::open(options.out, options.errors)?;
     let chains = config.chains.keys().cloned().collect();
-    let backlog = read_input(options.input, output.done(), &chains, Some(config.amqp.max_message_bytes))?;
+    let limit = Some(config.amqp.max_message_bytes);
+    let (mut output, backlog) =
+        open_backlog(&shutdown, options.out, options.errors, options.input, chains, limit).await?;
     let reply_queue = reply_queue_for(options.out);
     if let Some(refusal) = reply_queue_refusal(&config.amqp, &reply_queue) {
         eprintln!("error: {}: {refusal}", options.config.display());
