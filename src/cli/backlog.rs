@@ -87,7 +87,6 @@ pub fn read_input(
     {
         number = number.saturating_add(1);
         let raw = match line {
-            InputLine::Text(raw) if number == 1 => raw.strip_prefix('\u{feff}').map(str::to_string).unwrap_or(raw),
             InputLine::Text(raw) => raw,
             InputLine::NotUtf8 => {
                 report(path, number, "the line is not valid UTF-8", &mut backlog);
@@ -138,31 +137,40 @@ fn report(path: &Path, number: usize, problem: &str, backlog: &mut Backlog) {
 /// One line of an input file, as [`BoundedLines`] reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InputLine {
-    /// Its text, without the `\n` or `\r\n` that ended it.
+    /// Its text, without the `\n` or `\r\n` that ended it (nor, on the first line, a
+    /// byte-order mark).
     Text(String),
     /// Bytes that are not UTF-8.
     NotUtf8,
-    /// Longer than the reader's bound: skipped, not held (`bytes` read, without the newline).
+    /// Longer than the reader's bound: skipped, not held (`bytes` read, without the `\n`).
     TooLong { bytes: usize },
 }
 
 /// The lines of a reader, each held in memory only up to a bound (`BufRead::lines` holds a
 /// line whatever its length, and gives up on the whole input at the first byte that is not
-/// UTF-8).
+/// UTF-8). The bound is on the line as published: a `\r` before its `\n` and a byte-order mark
+/// before the first line are not part of it.
 pub struct BoundedLines<R> {
     reader: R,
     longest: usize,
     line: Vec<u8>,
+    first: bool,
 }
+
+/// What a line may hold beyond its bound while it is read: a byte-order mark and a `\r`.
+const LINE_SLACK: usize = BOM.len() + 1;
+
+const BOM: &[u8] = "\u{feff}".as_bytes();
 
 impl<R: BufRead> BoundedLines<R> {
     pub fn new(reader: R, longest: usize) -> BoundedLines<R> {
-        BoundedLines { reader, longest, line: Vec::new() }
+        BoundedLines { reader, longest, line: Vec::new(), first: true }
     }
 
     /// The next line, `None` at the end of the input.
     pub fn next_line(&mut self) -> std::io::Result<Option<InputLine>> {
         self.line.clear();
+        let held = self.longest.saturating_add(LINE_SLACK);
         let (mut bytes, mut ended, mut any) = (0usize, false, false);
         while !ended {
             let available = match self.reader.fill_buf() {
@@ -182,7 +190,7 @@ impl<R: BufRead> BoundedLines<R> {
                 None => (available, available.len()),
             };
             bytes = bytes.saturating_add(content.len());
-            if bytes <= self.longest {
+            if bytes <= held {
                 self.line.extend_from_slice(content);
             } else {
                 self.line = Vec::new();
@@ -192,11 +200,18 @@ impl<R: BufRead> BoundedLines<R> {
         if !any {
             return Ok(None);
         }
-        if bytes > self.longest {
+        let first = std::mem::replace(&mut self.first, false);
+        if bytes > held {
             return Ok(Some(InputLine::TooLong { bytes }));
         }
         if self.line.last() == Some(&b'\r') {
             self.line.pop();
+        }
+        if first && self.line.starts_with(BOM) {
+            self.line.drain(..BOM.len());
+        }
+        if self.line.len() > self.longest {
+            return Ok(Some(InputLine::TooLong { bytes }));
         }
         Ok(Some(match String::from_utf8(std::mem::take(&mut self.line)) {
             Ok(text) => InputLine::Text(text),
@@ -518,8 +533,8 @@ mod tests {
         assert_eq!(backlog.invalid, 2);
     }
 
-    /// What [`BoundedLines`] must give for `input`: split at `\n`, a `\r` before it dropped, no
-    /// line for a final empty piece.
+    /// What [`BoundedLines`] must give for `input`: split at `\n`, a `\r` before it and a BOM
+    /// before the first dropped, and only then held to the bound; no line for a final empty piece.
     fn expected_lines(input: &[u8], longest: usize) -> Vec<InputLine> {
         let mut pieces: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
         if pieces.last().is_some_and(|p| p.is_empty()) {
@@ -527,12 +542,16 @@ mod tests {
         }
         pieces
             .into_iter()
-            .map(|piece| {
-                if piece.len() > longest {
+            .enumerate()
+            .map(|(index, piece)| {
+                let mut line = piece.strip_suffix(b"\r").unwrap_or(piece);
+                if index == 0 {
+                    line = line.strip_prefix(BOM).unwrap_or(line);
+                }
+                if line.len() > longest {
                     return InputLine::TooLong { bytes: piece.len() };
                 }
-                let piece = piece.strip_suffix(b"\r").unwrap_or(piece);
-                String::from_utf8(piece.to_vec()).map_or(InputLine::NotUtf8, InputLine::Text)
+                String::from_utf8(line.to_vec()).map_or(InputLine::NotUtf8, InputLine::Text)
             })
             .collect()
     }
@@ -544,7 +563,8 @@ mod tests {
         fn bounded_lines_split_any_input_as_a_plain_split_does(
             input in proptest::collection::vec(
                 proptest::prop_oneof![
-                    Just(b'\n'), Just(b'\r'), Just(b'a'), Just(0xc3u8), Just(0xa9u8), Just(0xffu8)
+                    Just(b'\n'), Just(b'\r'), Just(b'a'), Just(0xc3u8), Just(0xa9u8), Just(0xffu8),
+                    Just(0xefu8), Just(0xbbu8), Just(0xbfu8)
                 ],
                 0..200,
             ),
