@@ -491,8 +491,8 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
             Err(failure) => failure,
         };
         let retry_delay = if failure.kind.is_retryable_in_place() { delays.next() } else { None };
-        let retry_delay =
-            retry_delay.filter(|_| failure.kind != FailureKind::Timeout || !timeouts_together(call, progress));
+        let hung = failure.kind == FailureKind::Timeout && failure.status.is_none();
+        let retry_delay = retry_delay.filter(|_| !hung || !timeouts_together(call, progress));
         // A timeout that will be retried in place does not cool the provider down yet.
         let settled = if retry_delay.is_some() && failure.kind == FailureKind::Timeout {
             Settled::Nothing
@@ -521,9 +521,10 @@ async fn call_member(call: &Call<'_>, progress: &mut JobProgress) -> Result<Comp
     }
 }
 
-/// Records this job's timeout on the member; whether another job of this worker timed out on
-/// it within one timeout before (then the provider hangs: this timeout cools it down at once
-/// instead of being retried in place).
+/// Records this job's timeout on the member (its own, not a 408 the provider answered);
+/// whether another job of this worker timed out on it within one timeout before: both calls
+/// were then in flight together, and the provider hangs, so this timeout cools it down at once
+/// instead of being retried in place.
 fn timeouts_together(call: &Call<'_>, progress: &mut JobProgress) -> bool {
     let (member, now) = (call.member, call.clock.now());
     let previous = member.timeouts.record(now);

@@ -240,7 +240,8 @@ async fn timeouts_cool_down_30s_after_the_in_place_retries() {
 #[tokio::test]
 async fn a_timeout_right_after_another_jobs_cools_the_provider_instead_of_retrying() {
     let clock = ManualClock::starting_at(t0());
-    let a = Scripted::new((0..6).map(|_| Err(failure(FailureKind::Timeout, 0))).collect());
+    let hang = || Err(Failure::new(FailureKind::Timeout, None, "no answer within the provider's timeout"));
+    let a = Scripted::new((0..6).map(|_| hang()).collect());
     let mut with_retry = member("a", true, a.clone());
     with_retry.max_retries = 1;
     let chain = chain(vec![with_retry, member("b", true, Scripted::new(vec![]))], Duration::ZERO);
