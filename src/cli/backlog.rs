@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, IsTerminal, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -31,6 +31,23 @@ pub struct Backlog {
     pub invalid: usize,
     /// Lines whose `custom_id` already has a result in the output.
     pub already_done: usize,
+}
+
+/// The longest result line OUT may hold: an answer of at most 8 MiB, escaped (a control
+/// character takes 6 bytes), in its envelope.
+const MAX_RESULT_LINE_BYTES: u64 = 64 << 20;
+
+/// How every result line this service writes begins (`JobResult`'s first field).
+const RESULT_START: &[u8] = b"{\"id\":\"";
+
+/// Whether `line` is a result this service wrote (contract §3), not just any JSON.
+fn is_result(line: &Value) -> bool {
+    let Some(fields) = line.as_object() else { return false };
+    fields.get("id").is_some_and(Value::is_string)
+        && fields.get("custom_id").is_some_and(|c| c.is_string() || c.is_null())
+        && fields.contains_key("response")
+        && fields.contains_key("error")
+        && fields.get("routing").is_some_and(Value::is_object)
 }
 
 /// Opens OUT (and ERR) and reads the input ([`Output::open`], [`read_input`]) on a blocking
@@ -251,10 +268,12 @@ impl Output {
 
     /// Reads the results an earlier run wrote to `path`. Only a regular file holds any: a device
     /// or a pipe named as OUT (`/dev/stdout`, `/dev/full`) is written to, never read
-    /// (`/dev/zero` would be read for ever) nor cut. A line that is not JSON means the file is
-    /// not one of results: it is left as it is and the run refused, rather than appended to or
-    /// cut. The only line cut is a last one without its newline that a result began (`{`) and
-    /// did not finish: a run killed mid-write.
+    /// (`/dev/zero` would be read for ever) nor cut. A line that is not a result (this
+    /// service's: an object with its `id`, `custom_id`, `response`, `error` and `routing`), or
+    /// longer than any result can be, means the file is not one of results — the jobs file
+    /// named as OUT by mistake, a user's file: it is left as it is and the run refused. The only
+    /// line cut is a last one without its newline that a result began (`{"id":"`) and did not
+    /// finish: a run killed mid-write.
     fn load(&mut self, path: &Path) -> anyhow::Result<()> {
         if !std::fs::metadata(path)?.is_file() {
             return Ok(());
@@ -262,10 +281,17 @@ impl Output {
         let mut file = OpenOptions::new().read(true).write(true).open(path)?;
         let mut reader = BufReader::new(&mut file);
         let (mut good_len, mut number) = (0u64, 0usize);
+        let not_results = |number: usize| {
+            anyhow::anyhow!(
+                "{}:{number}: not a result line: this file was not written by enqueue or batch (left as it is); name another",
+                path.display()
+            )
+        };
         let mut line = Vec::new();
         let torn = loop {
             line.clear();
-            let read = reader
+            let read = (&mut reader)
+                .take(MAX_RESULT_LINE_BYTES.saturating_add(1))
                 .read_until(b'\n', &mut line)
                 .with_context(|| format!("{}: cannot read the results of an earlier run", path.display()))?;
             if read == 0 {
@@ -273,17 +299,17 @@ impl Output {
             }
             number = number.saturating_add(1);
             let complete = line.ends_with(b"\n");
+            if line.len() as u64 > MAX_RESULT_LINE_BYTES {
+                return Err(not_results(number));
+            }
             if line.trim_ascii().is_empty() && complete {
                 good_len = good_len.saturating_add(read as u64);
                 continue;
             }
             match serde_json::from_slice::<Value>(&line) {
-                Ok(result) => self.remember(&result),
-                Err(_) if !complete && line.trim_ascii_start().starts_with(b"{") => break true,
-                Err(_) => anyhow::bail!(
-                    "{}:{number}: not a result line: this file was not written by enqueue or batch (left as it is); name another",
-                    path.display()
-                ),
+                Ok(result) if is_result(&result) => self.remember(&result),
+                Err(_) if !complete && line.starts_with(RESULT_START) => break true,
+                _ => return Err(not_results(number)),
             }
             good_len = good_len.saturating_add(read as u64);
             if !complete {
@@ -498,14 +524,27 @@ mod tests {
 
     #[test]
     fn resuming_reads_earlier_results_and_cuts_a_torn_line() {
-        let out = temp(
-            "out.jsonl",
-            "{\"custom_id\":\"a\",\"error\":null}\n{\"custom_id\":\"b\",\"error\":{\"code\":\"x\"}}\n{\"custom_id\":\"c\",\"err",
-        );
+        let (a, b) = (result_line("a", false), result_line("b", true));
+        let torn = &result_line("c", false)[..40];
+        let out = temp("out.jsonl", &format!("{a}\n{b}\n{torn}"));
         let output = Output::open(&out, None).unwrap();
         assert_eq!(output.done().len(), 2);
         assert_eq!((output.succeeded, output.failed), (1, 1));
-        assert!(std::fs::read_to_string(&out).unwrap().ends_with("}\n"), "the torn line is gone");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("{a}\n{b}\n"), "the torn line is gone");
+    }
+
+    /// One result line as this service writes it.
+    fn result_line(custom_id: &str, failed: bool) -> String {
+        let mut result = error_result(custom_id);
+        if !failed {
+            result.error = None;
+            result.response = Some(crate::job::ResponseEnvelope {
+                status_code: 200,
+                request_id: "r".into(),
+                body: serde_json::json!({"object": "chat.completion", "choices": []}),
+            });
+        }
+        serde_json::to_string(&result).unwrap()
     }
 
     fn chains() -> BTreeSet<String> {
@@ -596,17 +635,25 @@ mod tests {
     #[test]
     fn a_torn_result_is_cut_even_mid_character_and_a_whole_one_is_ended() {
         let torn = temp("torn.jsonl", "");
-        let mut bytes = b"{\"custom_id\":\"a\",\"error\":null}\n{\"custom_id\":\"b\",\"x\":\"".to_vec();
+        let a = result_line("a", false);
+        let mut bytes = format!("{a}\n{{\"id\":\"res_2\",\"custom_id\":\"b\",\"x\":\"").into_bytes();
         bytes.push(0xc3); // the first byte of `é`: the run died between its two bytes
         std::fs::write(&torn.path, &bytes).unwrap();
         let output = Output::open(&torn, None).unwrap();
         assert_eq!(output.done().iter().collect::<Vec<_>>(), vec!["a"]);
-        assert_eq!(std::fs::read_to_string(&torn).unwrap(), "{\"custom_id\":\"a\",\"error\":null}\n");
+        assert_eq!(std::fs::read_to_string(&torn).unwrap(), format!("{a}\n"));
 
-        let whole = temp("whole.jsonl", "{\"custom_id\":\"a\",\"error\":null}");
+        let whole = temp("whole.jsonl", &a);
         let output = Output::open(&whole, None).unwrap();
         assert_eq!(output.done().len(), 1);
-        assert_eq!(std::fs::read_to_string(&whole).unwrap(), "{\"custom_id\":\"a\",\"error\":null}\n");
+        assert_eq!(std::fs::read_to_string(&whole).unwrap(), format!("{a}\n"));
+
+        // JSON, but not results: the jobs file named as OUT, a user's JSON lines.
+        for other in ["{\"custom_id\":\"a\",\"error\":null}\n", "{\"id\":\"x\"}\n", "[1]\n"] {
+            let file = temp("other.jsonl", other);
+            assert!(Output::open(&file, None).is_err(), "{other}");
+            assert_eq!(std::fs::read_to_string(&file).unwrap(), other);
+        }
     }
 
     /// A device as OUT (`/dev/full` reads as endless zeros) is not read; a write it refuses is
