@@ -552,6 +552,15 @@ impl Config {
             if chain.max_wait > chain.max_wait_limit {
                 return Err(problem(format!("chains.{name}.max_wait"), "is above the chain's max_wait_limit"));
             }
+            if self.worker.result_retention < chain.max_wait_limit {
+                return Err(problem(
+                    "worker.result_retention",
+                    format!(
+                        "is shorter than chains.{name}.max_wait_limit ({}): a job may wait that long, and its ledger row must outlive the wait",
+                        humantime::format_duration(chain.max_wait_limit)
+                    ),
+                ));
+            }
             let unique: BTreeSet<_> = chain.providers.iter().collect();
             if unique.len() != chain.providers.len() {
                 return Err(problem(key, "names a provider twice"));
@@ -851,7 +860,7 @@ providers = ["groq"]
         }
         let err = parse(&MINIMAL.replace("free = true", "free = true\ncontext_window = 0")).unwrap_err();
         assert_eq!(err.key, "providers[0].context_window", "{err}");
-        let fine = "[amqp]\nconfirm_timeout = \"1s\"\n[worker]\nresult_retention = \"1h\"\n";
+        let fine = "[amqp]\nconfirm_timeout = \"1s\"\n[worker]\nresult_retention = \"1d\"\n";
         assert!(parse(&format!("{fine}{MINIMAL}")).is_ok());
     }
 

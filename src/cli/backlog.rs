@@ -365,12 +365,36 @@ impl Output {
     }
 }
 
+/// Opens an output file to append to, and holds it for this run alone: a second run on the
+/// same file (the command started twice) would resume from what the first is still writing and
+/// could take a result it is halfway through for one an interrupted run left torn, and cut it.
 fn open_for_append(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .with_context(|| format!("cannot open {} for writing", path.display()))
+        .with_context(|| format!("cannot open {} for writing", path.display()))?;
+    if file.metadata()?.is_file() {
+        lock_for_this_run(&file, path)?;
+    }
+    Ok(file)
+}
+
+#[cfg(unix)]
+fn lock_for_this_run(file: &File, path: &Path) -> anyhow::Result<()> {
+    use rustix::fs::{FlockOperation, flock};
+    match flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            anyhow::bail!("{} is in use by another run (enqueue or batch): wait for it to end", path.display())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display()))),
+    }
+}
+
+#[cfg(not(unix))]
+fn lock_for_this_run(_file: &File, _path: &Path) -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// Progress: a bar on a terminal, a plain line every 10 s otherwise.

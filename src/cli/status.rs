@@ -244,13 +244,15 @@ fn aligned(rows: Vec<Vec<String>>) -> String {
     out
 }
 
-/// Marks `cooling` each usable pool whose providers all cool down: its windows may show room,
-/// but no call draws from it until the first of them is back (`until`). A reason they share
-/// (an account-scoped 429 gives each `rate_limited` or `quota_day`) is the pool's.
+/// Marks `cooling` each usable pool none of whose providers can draw from it, one at least
+/// cooling down (the others over a limit of their own): its windows may show room, but no call
+/// draws from it until the first of them is back (`until`). A reason they share (an
+/// account-scoped 429 gives each `rate_limited` or `quota_day`) is the pool's.
 pub fn mark_cooling_pools(pools: &mut [PoolStatus], providers: &[ProviderStatus]) {
     for pool in pools.iter_mut().filter(|p| p.state == "usable" && !p.providers.is_empty()) {
         let drawing: Vec<&ProviderStatus> = providers.iter().filter(|s| pool.providers.contains(&s.provider)).collect();
-        if drawing.len() != pool.providers.len() || drawing.iter().any(|s| s.state != "cooling") {
+        let stopped = drawing.iter().all(|s| s.state != "usable") && drawing.iter().any(|s| s.state == "cooling");
+        if drawing.len() != pool.providers.len() || !stopped {
             continue;
         }
         pool.state = "cooling";
