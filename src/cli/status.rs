@@ -357,6 +357,12 @@ mod tests {
             ("over_quota", Some("requests")),
             "a spent pool says so"
         );
+        // One cooling, the other over a limit of its own (review 32, finding 9): none draws.
+        let stopped =
+            [provider("a", "cooling", late, Some("quota_day")), provider("b", "over_quota", None, Some("requests"))];
+        let mut pools = [pool("usable")];
+        mark_cooling_pools(&mut pools, &stopped);
+        assert_eq!((pools[0].state, pools[0].until.as_deref(), pools[0].reason.as_deref()), ("cooling", late, None));
         // A provider of the pool the status did not list (not configured): not all are known to cool.
         let mut pools = [pool("usable")];
         mark_cooling_pools(&mut pools, &same[..1]);

@@ -21,12 +21,11 @@
 //!   parsed, two near-cap answers per job, which the 40 MB/job figure does not count (not
 //!   measured here).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fallback_worker::cli::backlog::{Output, read_input};
-use fallback_worker::cli::status::{PoolStatus, ProviderStatus, mark_cooling_pools};
 use fallback_worker::config::{Config, EnvOverrides};
 
 use crate::support::WorkerProcess;
@@ -177,43 +176,6 @@ async fn review32_a_sigterm_while_the_config_read_blocks_still_stops_the_process
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.is_some(), "SIGTERM was swallowed: the worker still waits for its config 10 s later");
-}
-
-fn provider(name: &str, state: &'static str, until: Option<&str>, reason: Option<&str>) -> ProviderStatus {
-    ProviderStatus {
-        provider: name.into(),
-        free: true,
-        state,
-        until: until.map(str::to_string),
-        reason: reason.map(str::to_string),
-        detail: None,
-        consecutive_server_errors: 0,
-        last_error: None,
-        last_error_at: None,
-        windows: vec![],
-        rejected_outputs: BTreeMap::new(),
-        pools: vec!["acct".into()],
-    }
-}
-
-/// Finding (low): a pool none of whose providers can draw from it (one cooling, the other over
-/// its own limit) is still shown `usable`: only "all cooling" is looked at.
-#[test]
-fn review32_a_pool_no_provider_can_draw_from_is_not_usable() {
-    let mut pools = [PoolStatus {
-        pool: "acct".into(),
-        state: "usable",
-        reason: None,
-        until: None,
-        windows: vec![],
-        providers: vec!["a".into(), "b".into()],
-    }];
-    let providers = [
-        provider("a", "cooling", Some("2026-12-01T08:00:00Z"), Some("quota_day")),
-        provider("b", "over_quota", None, Some("requests")),
-    ];
-    mark_cooling_pools(&mut pools, &providers);
-    assert_ne!(pools[0].state, "usable", "{:?}", pools[0]);
 }
 
 /// Finding (low): 1a342a0 refuses `worker.result_retention` under 1h because "a retention
