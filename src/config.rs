@@ -552,12 +552,15 @@ impl Config {
             if chain.max_wait > chain.max_wait_limit {
                 return Err(problem(format!("chains.{name}.max_wait"), "is above the chain's max_wait_limit"));
             }
-            if self.worker.result_retention < chain.max_wait_limit {
+            // The row is pruned counting from the job's first receipt: it must outlive the
+            // longest wait and the last delivery's work after it.
+            let longest = chain.max_wait_limit.saturating_add(self.worker.delivery_deadline);
+            if self.worker.result_retention < longest {
                 return Err(problem(
                     "worker.result_retention",
                     format!(
-                        "is shorter than chains.{name}.max_wait_limit ({}): a job may wait that long, and its ledger row must outlive the wait",
-                        humantime::format_duration(chain.max_wait_limit)
+                        "is shorter than chains.{name}.max_wait_limit + worker.delivery_deadline ({}): a job may wait that long, and its ledger row must outlive the wait",
+                        humantime::format_duration(longest)
                     ),
                 ));
             }
@@ -860,7 +863,7 @@ providers = ["groq"]
         }
         let err = parse(&MINIMAL.replace("free = true", "free = true\ncontext_window = 0")).unwrap_err();
         assert_eq!(err.key, "providers[0].context_window", "{err}");
-        let fine = "[amqp]\nconfirm_timeout = \"1s\"\n[worker]\nresult_retention = \"1d\"\n";
+        let fine = "[amqp]\nconfirm_timeout = \"1s\"\n[worker]\nresult_retention = \"1d 10m\"\n";
         assert!(parse(&format!("{fine}{MINIMAL}")).is_ok());
     }
 

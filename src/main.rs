@@ -182,10 +182,7 @@ async fn run(cli: Cli, mut signals: ShutdownSignals) -> ExitCode {
             }
             Err(e) => return fail(format!("reading the config {}: {e}", cli.config.display())),
         },
-        () = signals.recv() => {
-            tracing::info!("stopped before the config was read");
-            return ExitCode::SUCCESS;
-        }
+        () = signals.recv() => return stopped_before_the_config(&cli.command),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -275,6 +272,20 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A stop asked for before the config was read: a clean stop for a worker, which had nothing
+/// in flight (exit 0, as for any SIGTERM); for a command that had work to do (`batch`,
+/// `enqueue`, `migrate`, `status`), an interruption like one a moment later (exit 1), never
+/// the success a script would take it for.
+fn stopped_before_the_config(command: &Command) -> ExitCode {
+    match command {
+        Command::Worker | Command::MockProvider { .. } => {
+            tracing::info!("stopped before the config was read");
+            ExitCode::SUCCESS
+        }
+        _ => fail("interrupted before the config was read; run the same command again".into()),
+    }
 }
 
 fn fail(message: String) -> ExitCode {

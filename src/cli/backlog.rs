@@ -259,7 +259,9 @@ impl Output {
             failed: 0,
         };
         output.load(out)?;
-        if let Some(path) = errors {
+        // ERR naming OUT itself (the same path, a link, `/dev/stdout` and `/dev/stderr` sent to
+        // one file): one file, written through one handle.
+        if let Some(path) = errors.filter(|path| !same_file(out, path)) {
             output.errors = Some((open_for_append(path)?, path.into()));
             output.load(path)?;
         }
@@ -308,7 +310,10 @@ impl Output {
             }
             match serde_json::from_slice::<Value>(&line) {
                 Ok(result) if is_result(&result) => self.remember(&result),
-                Err(_) if !complete && line.starts_with(RESULT_START) => break true,
+                // A result's start, cut anywhere (even within `{"id":"` itself).
+                Err(_) if !complete && (line.starts_with(RESULT_START) || RESULT_START.starts_with(&line)) => {
+                    break true;
+                }
                 _ => return Err(not_results(number)),
             }
             good_len = good_len.saturating_add(read as u64);
@@ -365,6 +370,22 @@ impl Output {
     }
 }
 
+/// Whether two paths name one file (device and inode); unknown (unreadable) is "no".
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        a == b
+    }
+}
+
 /// Opens an output file to append to, and holds it for this run alone: a second run on the
 /// same file (the command started twice) would resume from what the first is still writing and
 /// could take a result it is halfway through for one an interrupted run left torn, and cut it.
@@ -380,6 +401,9 @@ fn open_for_append(path: &Path) -> anyhow::Result<File> {
     Ok(file)
 }
 
+/// Only "held elsewhere" refuses the run: a file system that cannot lock (NFS without its lock
+/// daemon, Lustre without `-o flock`, some FUSE mounts) keeps working as before the lock, with
+/// a warning that a second run would not be noticed.
 #[cfg(unix)]
 fn lock_for_this_run(file: &File, path: &Path) -> anyhow::Result<()> {
     use rustix::fs::{FlockOperation, flock};
@@ -388,7 +412,13 @@ fn lock_for_this_run(file: &File, path: &Path) -> anyhow::Result<()> {
         Err(rustix::io::Errno::WOULDBLOCK) => {
             anyhow::bail!("{} is in use by another run (enqueue or batch): wait for it to end", path.display())
         }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display()))),
+        Err(e) => {
+            eprintln!(
+                "{}: cannot be locked ({e}): a second run on it at the same time would not be noticed",
+                path.display()
+            );
+            Ok(())
+        }
     }
 }
 
