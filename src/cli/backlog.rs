@@ -251,35 +251,33 @@ impl Output {
     /// Opens (or creates) the files, reading what earlier runs wrote. A torn last line (the
     /// previous run was killed mid-write) is cut off.
     pub fn open(out: &Path, errors: Option<&Path>) -> anyhow::Result<Output> {
-        let mut output = Output {
-            out: (open_for_append(out)?, out.into()),
-            errors: None,
-            written: HashSet::new(),
-            succeeded: 0,
-            failed: 0,
-        };
-        output.load(out)?;
+        let (file, regular) = open_for_append(out)?;
+        let mut output =
+            Output { out: (file, out.into()), errors: None, written: HashSet::new(), succeeded: 0, failed: 0 };
+        if regular {
+            output.load(out)?;
+        }
         // ERR naming OUT itself (the same path, a link, `/dev/stdout` and `/dev/stderr` sent to
         // one file): one file, written through one handle.
         if let Some(path) = errors.filter(|path| !same_file(out, path)) {
-            output.errors = Some((open_for_append(path)?, path.into()));
-            output.load(path)?;
+            let (file, regular) = open_for_append(path)?;
+            output.errors = Some((file, path.into()));
+            if regular {
+                output.load(path)?;
+            }
         }
         Ok(output)
     }
 
-    /// Reads the results an earlier run wrote to `path`. Only a regular file holds any: a device
-    /// or a pipe named as OUT (`/dev/stdout`, `/dev/full`) is written to, never read
-    /// (`/dev/zero` would be read for ever) nor cut. A line that is not a result (this
+    /// Reads the results an earlier run wrote to the regular file `path` (only such a file
+    /// holds any: a device or a pipe named as OUT, `/dev/stdout`, `/dev/full`, is written to,
+    /// never read — `/dev/zero` would be read for ever — nor cut). A line that is not a result (this
     /// service's: an object with its `id`, `custom_id`, `response`, `error` and `routing`), or
     /// longer than any result can be, means the file is not one of results — the jobs file
     /// named as OUT by mistake, a user's file: it is left as it is and the run refused. The only
     /// line cut is a last one without its newline that a result began (`{"id":"`) and did not
     /// finish: a run killed mid-write.
     fn load(&mut self, path: &Path) -> anyhow::Result<()> {
-        if !std::fs::metadata(path)?.is_file() {
-            return Ok(());
-        }
         let mut file = OpenOptions::new().read(true).write(true).open(path)?;
         let mut reader = BufReader::new(&mut file);
         let (mut good_len, mut number) = (0u64, 0usize);
@@ -389,16 +387,18 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// Opens an output file to append to, and holds it for this run alone: a second run on the
 /// same file (the command started twice) would resume from what the first is still writing and
 /// could take a result it is halfway through for one an interrupted run left torn, and cut it.
-fn open_for_append(path: &Path) -> anyhow::Result<File> {
+/// Also answers whether it is a regular file (the only kind that holds earlier results).
+fn open_for_append(path: &Path) -> anyhow::Result<(File, bool)> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .with_context(|| format!("cannot open {} for writing", path.display()))?;
-    if file.metadata()?.is_file() {
+    let regular = file.metadata()?.is_file();
+    if regular {
         lock_for_this_run(&file, path)?;
     }
-    Ok(file)
+    Ok((file, regular))
 }
 
 /// Only "held elsewhere" refuses the run: a file system that cannot lock (NFS without its lock

@@ -22,37 +22,13 @@
 //!   measured here).
 
 use std::collections::{BTreeSet, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use fallback_worker::cli::backlog::{Output, read_input};
 use fallback_worker::config::{Config, EnvOverrides};
 
-use crate::support::WorkerProcess;
-
-/// A directory of its own, removed when the test ends.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!("fw-review32-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::support::{ScratchDir, WorkerProcess, exit_within};
 
 fn chains() -> BTreeSet<String> {
     ["default".to_string()].into()
@@ -69,7 +45,7 @@ fn job_line(id: &str, content: &str) -> String {
 /// README says "a file ... that is not results is refused and left untouched".
 #[test]
 fn review32_the_input_file_named_as_out_is_refused_not_counted_as_results() {
-    let dir = Dir::new("jobs-as-out");
+    let dir = ScratchDir::new("review32-jobs-as-out");
     let text = format!("{}\n{}\n", job_line("a", "hi"), job_line("b", "ho"));
     let jobs = dir.file("jobs.jsonl", text.as_bytes());
     match Output::open(&jobs, None) {
@@ -94,7 +70,7 @@ fn review32_the_input_file_named_as_out_is_refused_not_counted_as_results() {
 /// file that is not results is "refused and left untouched".
 #[test]
 fn review32_a_one_line_file_that_is_not_strict_json_is_not_erased() {
-    let dir = Dir::new("json5");
+    let dir = ScratchDir::new("review32-json5");
     let settings = "{theme: \"dark\", fontSize: 14, plugins: [\"a\", \"b\"],}";
     let path = dir.file("settings.json5", settings.as_bytes());
     let opened = Output::open(&path, None);
@@ -110,7 +86,7 @@ fn review32_a_one_line_file_that_is_not_strict_json_is_not_erased() {
 /// `expected_lines`, measures the piece before stripping `\r`, so it agrees with the bug.)
 #[test]
 fn review32_a_crlf_or_bom_line_of_exactly_the_limit_is_not_too_long() {
-    let dir = Dir::new("crlf-limit");
+    let dir = ScratchDir::new("review32-crlf-limit");
     let line = job_line("a", "padding");
     let limit = line.len();
     let crlf = dir.file("crlf.jsonl", format!("{line}\r\n").as_bytes());
@@ -133,7 +109,7 @@ fn peak_rss_kib() -> u64 {
 /// used); the peak RSS must not grow by the file's size.
 #[test]
 fn review32_a_huge_out_file_without_newlines_is_not_read_whole() {
-    let dir = Dir::new("sparse");
+    let dir = ScratchDir::new("review32-sparse");
     let path = dir.file("out.jsonl", b"");
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(2 << 30).unwrap();
     let before = peak_rss_kib();
@@ -151,7 +127,7 @@ fn review32_a_huge_out_file_without_newlines_is_not_read_whole() {
 /// Kubernetes then waits `terminationGracePeriodSeconds` and SIGKILLs.
 #[tokio::test]
 async fn review32_a_sigterm_while_the_config_read_blocks_still_stops_the_process() {
-    let dir = Dir::new("fifo-config");
+    let dir = ScratchDir::new("review32-fifo-config");
     let fifo = dir.0.join("config.fifo");
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let mut worker = WorkerProcess::spawn(&fifo);
@@ -163,18 +139,8 @@ async fn review32_a_sigterm_while_the_config_read_blocks_still_stops_the_process
         .expect("the worker opens its config")
         .unwrap()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     worker.signal("TERM");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = worker.child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exit_within(&mut worker.child, Duration::from_secs(10));
     assert!(status.is_some(), "SIGTERM was swallowed: the worker still waits for its config 10 s later");
 }
 
@@ -212,7 +178,7 @@ max_wait_limit = "24h"
 /// difference (checked by hand against 1c4290a's binary: exit by SIGTERM there, a hang here).
 #[test]
 fn review32_a_signal_while_batch_opens_a_fifo_out_still_stops_it() {
-    let dir = Dir::new("fifo-out");
+    let dir = ScratchDir::new("review32-fifo-out");
     let config = dir.file(
         "fallback.toml",
         b"[[providers]]\nname = \"p\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\nfree = true\n\n[chains.default]\nproviders = [\"p\"]\n",
@@ -228,22 +194,10 @@ fn review32_a_signal_while_batch_opens_a_fifo_out_still_stops_it() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Long enough for the process to start and block in `open(out.fifo, O_WRONLY)`.
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until_blocked_in_open(child.id());
     let sent = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(sent.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let status = exit_within(&mut child, Duration::from_secs(10));
     assert!(status.is_some(), "SIGTERM was swallowed: `batch` still blocks opening its OUT 10 s later");
 }
 
@@ -255,8 +209,26 @@ fn review32_a_signal_while_batch_opens_a_fifo_out_still_stops_it() {
 /// the same lines. A lock on OUT (`flock`) held for the run would refuse the second.
 #[test]
 fn review32_a_second_run_on_an_out_in_use_is_refused() {
-    let dir = Dir::new("two-runs");
+    let dir = ScratchDir::new("review32-two-runs");
     let out = dir.file("out.jsonl", b"");
     let _first = Output::open(&out, None).unwrap();
     assert!(Output::open(&out, None).is_err(), "a second Output on the same file while the first is open");
+}
+
+/// Waits (30 s at most) until one of process `pid`'s threads sits in `openat` (Linux's
+/// `/proc/PID/task/*/syscall` starts with its number, 257 on x86_64): here, `batch` waiting
+/// for a reader of the FIFO it opens as OUT.
+fn wait_until_blocked_in_open(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let in_open = tasks.flatten().any(|task| {
+            std::fs::read_to_string(task.path().join("syscall")).is_ok_and(|call| call.starts_with("257 "))
+        });
+        if in_open {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "batch never blocked opening its FIFO OUT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

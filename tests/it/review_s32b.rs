@@ -27,41 +27,23 @@
 //!   by enqueue or batch" (as before 5082ed6): the message sends the user to another file
 //!   rather than to the damaged tail.
 
-use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fallback_worker::cli::backlog::Output;
 use fallback_worker::job::{ErrorCode, ErrorEnvelope, JobResult, Routing};
 
-/// A directory of its own, removed when the test ends.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!("fw-review32b-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::support::{ScratchDir, exit_within};
 
 const CONFIG: &[u8] = b"[[providers]]\nname = \"p\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\nfree = true\n\n[chains.default]\nproviders = [\"p\"]\n";
 
 fn binary(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fallback-worker"));
+    quiet(env!("CARGO_BIN_EXE_fallback-worker"), args)
+}
+
+/// `program` with `args`, none of the runner's broker, database or trace settings, and quiet.
+fn quiet(program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(program);
     command
         .args(args)
         .env_remove("DATABASE_URL")
@@ -74,24 +56,9 @@ fn binary(args: &[&str]) -> Command {
     command
 }
 
-fn wait_at_most(child: &mut std::process::Child, patience: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + patience;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Runs the command with a FIFO as its config, sends SIGTERM while it blocks reading it, and
 /// returns how it ended.
-fn stopped_while_reading_the_config(dir: &Dir, command: &[&str]) -> ExitStatus {
+fn stopped_while_reading_the_config(dir: &ScratchDir, command: &[&str]) -> ExitStatus {
     let fifo = dir.0.join(format!("config-{}.fifo", command[0]));
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let mut args = vec!["--config", fifo.to_str().unwrap()];
@@ -109,7 +76,7 @@ fn stopped_while_reading_the_config(dir: &Dir, command: &[&str]) -> ExitStatus {
     let _writer = opened.recv_timeout(Duration::from_secs(30)).expect("the command opens its config").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    wait_at_most(&mut child, Duration::from_secs(10)).expect("SIGTERM ends the command")
+    exit_within(&mut child, Duration::from_secs(10)).expect("SIGTERM ends the command")
 }
 
 /// Finding (medium): a stop that comes before the config is read ends every command with exit 0
@@ -121,7 +88,7 @@ fn stopped_while_reading_the_config(dir: &Dir, command: &[&str]) -> ExitStatus {
 /// running `migrate` that a rollout stops, takes the stop for a success.
 #[test]
 fn review32b_batch_and_migrate_stopped_before_the_config_is_read_do_not_exit_0() {
-    let dir = Dir::new("stopped-config");
+    let dir = ScratchDir::new("review32b-stopped-config");
     let input = dir
         .file("in.jsonl", b"{\"custom_id\":\"a\",\"body\":{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}}\n");
     let out = dir.0.join("out.jsonl");
@@ -158,7 +125,7 @@ fn review32b_a_file_system_without_flock_does_not_refuse_the_run() {
         eprintln!("skipped: strace cannot inject syscall failures here");
         return;
     }
-    let dir = Dir::new("no-flock");
+    let dir = ScratchDir::new("review32b-no-flock");
     let config = dir.file("fallback.toml", CONFIG);
     let input = dir.file("in.jsonl", b"");
     let mut refused = Vec::new();
@@ -166,27 +133,14 @@ fn review32b_a_file_system_without_flock_does_not_refuse_the_run() {
         let out = dir.0.join(format!("out-{errno}.jsonl"));
         let inject = format!("inject=flock:error={errno}");
         let bin = env!("CARGO_BIN_EXE_fallback-worker");
-        let mut child = Command::new("strace")
-            .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=flock", "-e", &inject, bin])
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "batch",
-                input.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ])
-            .env_remove("DATABASE_URL")
-            .env_remove("AMQP_URL")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let batch = ["--config", config.to_str().unwrap(), "batch", input.to_str().unwrap()];
+        let mut child = quiet("strace", &["-f", "-qq", "-o", "/dev/null", "-e", "trace=flock", "-e", &inject, bin])
+            .args(batch)
+            .args(["--out", out.to_str().unwrap()])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let status = wait_at_most(&mut child, Duration::from_secs(60)).expect("batch of an empty input ends");
+        let status = exit_within(&mut child, Duration::from_secs(60)).expect("batch of an empty input ends");
         let mut stderr = String::new();
         std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
         if status.code() != Some(0) {
@@ -227,7 +181,7 @@ fn result_line(custom_id: &str) -> String {
 /// should cut a last line without newline that is a prefix of `{"id":"` or starts with it.
 #[test]
 fn review32b_a_result_torn_within_its_first_bytes_is_cut_not_refused() {
-    let dir = Dir::new("short-torn");
+    let dir = ScratchDir::new("review32b-short-torn");
     let whole = result_line("a");
     let start = "{\"id\":\"";
     let mut refused = Vec::new();
@@ -253,7 +207,7 @@ fn review32b_a_result_torn_within_its_first_bytes_is_cut_not_refused() {
 /// (same dev/ino: one handle) or refuse with what is really wrong.
 #[test]
 fn review32b_errors_naming_the_out_file_is_not_taken_for_another_run() {
-    let dir = Dir::new("same-file");
+    let dir = ScratchDir::new("review32b-same-file");
     let out = dir.file("out.jsonl", b"");
     if let Err(e) = Output::open(&out, Some(&out)) {
         let message = format!("{e:#}");
