@@ -42,8 +42,9 @@ pub struct ProviderStatus {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PoolStatus {
     pub pool: String,
-    /// `usable`, `over_quota`, or `cooling` when every provider drawing from it cools down (as
-    /// an account-scoped 429 makes them: its windows may have room the provider will not give).
+    /// `usable`, `over_quota`, or `cooling` when none of its providers can draw from it and one
+    /// at least cools down (as an account-scoped 429 makes them all: its windows may have room
+    /// the provider will not give).
     pub state: &'static str,
     /// Which limit is spent (`requests`, `tokens`), when over quota; the providers' reason when
     /// cooling.
@@ -335,7 +336,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pool_cools_only_when_every_provider_drawing_from_it_does() {
+    fn a_pool_cools_only_when_none_of_its_providers_can_draw_from_it() {
         let (early, late) = (Some("2026-12-01T00:00:00Z"), Some("2026-12-01T08:00:00Z"));
         let mixed = [provider("a", "cooling", late, Some("quota_day")), provider("b", "usable", None, None)];
         let mut pools = [pool("usable")];
