@@ -852,13 +852,9 @@ impl PgStore {
             self.cooldown_shared(provider, cooldown);
         }
         let unsynced = std::mem::take(&mut *self.outage.unsynced_calls.lock().unwrap());
-        let inserted = self.insert_calls(&unsynced).await;
-        if let Err(e) = inserted {
-            self.outage.unsynced_calls.lock().unwrap().extend(unsynced);
-            return Err(e);
-        }
         let answers = std::mem::take(&mut *self.outage.unwritten_answers.lock().unwrap());
-        if let Err(e) = self.write_answers(&answers, StatementBound::Lifted).await {
+        if let Err(e) = self.write_back_calls_and_answers(&unsynced, &answers).await {
+            self.outage.unsynced_calls.lock().unwrap().extend(unsynced);
             self.outage.unwritten_answers.lock().unwrap().extend(answers);
             return Err(e);
         }
@@ -894,25 +890,65 @@ impl PgStore {
     }
 
     /// Counts calls made during an outage in the shared windows (their provider's and their
-    /// pools') of the limits they were admitted under, as if the database had admitted them: one
-    /// set-based statement per window, all in one transaction, so that a write-back that fails
-    /// part-way counts nothing and its retry counts each call once. The windows are locked in
-    /// the canonical order, as every admission locks them (no deadlock with one).
-    async fn insert_calls(&self, unsynced: &[UnsyncedCall]) -> Result<(), sqlx::Error> {
-        if unsynced.is_empty() {
+    /// pools') of the limits they were admitted under, as if the database had admitted them,
+    /// and writes the answers the database could not take meanwhile (credits that ended among
+    /// them), in **one** transaction: a write-back that fails part-way counts nothing and its
+    /// retry counts each call once, and no reader ever sees the outage's calls beside a credit
+    /// still counted whole (the calls went in first, then the answers, and a reader between
+    /// them saw both: more than was sent). Every window either touches is locked first, in the
+    /// canonical order, as every admission locks them (no deadlock with one).
+    async fn write_back_calls_and_answers(
+        &self,
+        unsynced: &[UnsyncedCall],
+        answers: &[AnswerWrite],
+    ) -> Result<(), sqlx::Error> {
+        if unsynced.is_empty() && answers.is_empty() {
             return Ok(());
+        }
+        let (windows, in_flight) = self.plan_written_back_calls(unsynced).await?;
+        let mut tx = self.begin_unbounded().await?;
+        lock_windows_of(&mut tx, windows.keys(), answers).await?;
+        for (key, (call_ids, amounts, leaves)) in &windows {
+            insert_written_back_calls(&mut tx, key, call_ids, amounts, leaves).await?;
+        }
+        if !answers.is_empty() {
+            let (calls, tokens, requests, ended, seqs) = quota_batcher::answer_columns(answers);
+            sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
+                .bind(&calls)
+                .bind(&tokens)
+                .bind(&requests)
+                .bind(&ended)
+                .bind(&seqs)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // `fallback_finish_batch` lets a commit that raises nothing skip its WAL flush: the
+        // calls just counted must not be lost to a crash, so this commit waits for it.
+        sqlx::query("SELECT set_config('synchronous_commit', 'on', true)").execute(&mut *tx).await?;
+        tx.commit().await?;
+        self.remember_written_back_in_flight(in_flight).await;
+        Ok(())
+    }
+
+    /// The rows the outage's calls add to each window, under one new database id per call
+    /// (shared by its rows as an admission's are: an answer that comes after the write-back
+    /// finds them through it), and the calls still in flight among them.
+    async fn plan_written_back_calls(
+        &self,
+        unsynced: &[UnsyncedCall],
+    ) -> Result<(BTreeMap<WindowKey, WrittenBackRows>, Vec<(i64, WrittenBack)>), sqlx::Error> {
+        let mut windows: BTreeMap<WindowKey, WrittenBackRows> = BTreeMap::new();
+        let mut in_flight = Vec::new();
+        if unsynced.is_empty() {
+            return Ok((windows, in_flight));
         }
         let ids: Vec<i64> = unsynced.iter().map(|c| c.local_id).collect();
         let calls: HashMap<i64, (String, super::quota::Usage)> =
             self.outage.own_calls.calls(&ids).into_iter().map(|(p, u)| (u.id, (p, u))).collect();
-        // One database id per call, shared by its rows as an admission's are: an answer that
-        // comes after the write-back finds them through it.
         let shared_ids: Vec<i64> = sqlx::query_scalar("SELECT nextval('quota_call_id') FROM generate_series(1, $1)")
             .bind(i32::try_from(unsynced.len()).unwrap_or(i32::MAX))
             .fetch_all(&self.pool)
             .await?;
-        let mut windows: BTreeMap<WindowKey, WrittenBackRows> = BTreeMap::new();
-        let mut in_flight = Vec::new();
         for (call, shared_id) in unsynced.iter().zip(shared_ids) {
             let Some((provider, usage)) = calls.get(&call.local_id) else { continue };
             if usage.done.is_none() {
@@ -936,33 +972,14 @@ impl PgStore {
                 entry.2.push(epoch_ms(leaves) as f64);
             }
         }
-        // As many calls as an outage allowed, in windows other workers keep busy.
-        let mut tx = self.begin_unbounded().await?;
-        for (key, (call_ids, amounts, leaves)) in windows {
-            sqlx::query(
-                "WITH added AS ( \
-                   INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at) \
-                   SELECT c, $1, $2, $3, $4, $5, a, to_timestamp(l / 1000) \
-                   FROM unnest($6::bigint[], $7::bigint[], $8::float8[]) AS t(c, a, l) RETURNING amount, leaves_at) \
-                 INSERT INTO quota_window AS w (kind, scope, measure, window_ms, calendar, used, next_leave) \
-                 SELECT $1, $2, $3, $4, $5, coalesce(sum(amount), 0), coalesce(min(leaves_at), 'infinity') FROM added \
-                 ON CONFLICT (kind, scope, measure, window_ms, calendar) DO UPDATE \
-                   SET used = w.used + EXCLUDED.used, next_leave = least(w.next_leave, EXCLUDED.next_leave)",
-            )
-            .bind(key.kind.as_str())
-            .bind(&key.scope)
-            .bind(measure_name(key.measure))
-            .bind(saturating_i64(key.window.as_millis()))
-            .bind(&key.calendar)
-            .bind(&call_ids)
-            .bind(&amounts)
-            .bind(&leaves)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        // Answers that never come (their worker's job ended otherwise) leave their entry
-        // behind: at most the calls in flight at each write-back, dropped past a bound.
+        Ok((windows, in_flight))
+    }
+
+    /// Calls written back while still in flight: their answers, when they come, are written
+    /// under the id the write-back gave them. Answers that never come (their worker's job
+    /// ended otherwise) leave their entry behind: at most the calls in flight at each
+    /// write-back, dropped past a bound.
+    async fn remember_written_back_in_flight(&self, in_flight: Vec<(i64, WrittenBack)>) {
         let local_ids: Vec<i64> = in_flight.iter().map(|(local_id, _)| *local_id).collect();
         {
             let mut written_back = self.outage.written_back.lock().unwrap();
@@ -991,7 +1008,6 @@ impl PgStore {
             tracing::debug!(error = %e, "cannot write the answers of calls written back yet; kept for later");
             self.outage.unwritten_answers.lock().unwrap().extend(answered);
         }
-        Ok(())
     }
 
     /// Records this worker as alive and learns how many are (the divisor of the local share of
@@ -1711,6 +1727,78 @@ impl PgStore {
         tx.commit().await?;
         Ok(done.rows_affected())
     }
+}
+
+/// Locks every window a write-back touches, in the canonical order: those of the outage's
+/// calls (`calls`) and those the `answers`' calls have rows in. Each statement after it would
+/// lock its own in that order too, but one after the other they could take a window that
+/// sorts before one already held (and deadlock with an admission); held from the start, they
+/// are only taken again. A window with no row yet is created by the calls' insert.
+async fn lock_windows_of(
+    tx: &mut sqlx::PgConnection,
+    calls: impl Iterator<Item = &WindowKey>,
+    answers: &[AnswerWrite],
+) -> Result<(), sqlx::Error> {
+    let answer_calls: Vec<i64> = answers.iter().map(|a| a.call).collect();
+    let (mut kinds, mut scopes, mut measures, mut windows, mut calendars) = (vec![], vec![], vec![], vec![], vec![]);
+    for key in calls {
+        kinds.push(key.kind.as_str());
+        scopes.push(key.scope.as_str());
+        measures.push(measure_name(key.measure));
+        windows.push(saturating_i64(key.window.as_millis()));
+        calendars.push(key.calendar.as_str());
+    }
+    sqlx::query(
+        "SELECT 1 FROM quota_window w \
+          WHERE (w.kind, w.scope, w.measure, w.window_ms, w.calendar) IN ( \
+                  SELECT u.kind, u.scope, u.measure, u.window_ms, u.calendar FROM quota_use u \
+                   WHERE u.call_id = ANY ($1) \
+                  UNION SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])) \
+          ORDER BY w.kind COLLATE \"C\", w.scope COLLATE \"C\", w.measure COLLATE \"C\", w.window_ms, \
+                   w.calendar COLLATE \"C\" \
+          FOR UPDATE OF w",
+    )
+    .bind(&answer_calls)
+    .bind(&kinds)
+    .bind(&scopes)
+    .bind(&measures)
+    .bind(&windows)
+    .bind(&calendars)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Adds the outage's calls to one window: their rows, and the window's running total (created
+/// when no worker has used the window yet). One set-based statement per window.
+async fn insert_written_back_calls(
+    tx: &mut sqlx::PgConnection,
+    key: &WindowKey,
+    call_ids: &[i64],
+    amounts: &[i64],
+    leaves: &[f64],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH added AS ( \
+           INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at) \
+           SELECT c, $1, $2, $3, $4, $5, a, to_timestamp(l / 1000) \
+           FROM unnest($6::bigint[], $7::bigint[], $8::float8[]) AS t(c, a, l) RETURNING amount, leaves_at) \
+         INSERT INTO quota_window AS w (kind, scope, measure, window_ms, calendar, used, next_leave) \
+         SELECT $1, $2, $3, $4, $5, coalesce(sum(amount), 0), coalesce(min(leaves_at), 'infinity') FROM added \
+         ON CONFLICT (kind, scope, measure, window_ms, calendar) DO UPDATE \
+           SET used = w.used + EXCLUDED.used, next_leave = least(w.next_leave, EXCLUDED.next_leave)",
+    )
+    .bind(key.kind.as_str())
+    .bind(&key.scope)
+    .bind(measure_name(key.measure))
+    .bind(saturating_i64(key.window.as_millis()))
+    .bind(&key.calendar)
+    .bind(call_ids)
+    .bind(amounts)
+    .bind(leaves)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// Whether a connection still answers, within [`RELEASE_PING_TIMEOUT`]: asked before the pool

@@ -293,6 +293,71 @@ async fn held_a_credit_that_ends_during_an_outage_is_written_back() {
     stop.cancel();
 }
 
+/// A credit that ends during an outage and the outage's own calls are written back in one
+/// transaction. They were two: the calls went in first (counting more, never less, in
+/// between), then the credit's ending; a reader between them saw the whole credit *and* the
+/// outage's calls, and the flaky `a_database_stopped_for_15_s_under_load_stops_no_job` caught
+/// that moment twice ("297 counted for 234 calls": 64 + 233). Here the ending is held up by a
+/// lock on the credit's rows, so the moment between lasts until the test looks.
+#[tokio::test]
+async fn a_credit_ending_and_the_outages_calls_are_written_back_together() {
+    let env = TestEnv::new().await;
+    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(store.clone().listen(stop.clone()));
+    eventually("the listener is live", || async { store.is_listening() }).await;
+    let limits = [requests(100_000)];
+    let from_credit = granted(&store, ask(&limits, 1)).await;
+    assert!(from_credit.from_credit);
+    let credit = from_credit.usage_id.unwrap();
+    store.finish(from_credit, Some(1), SystemTime::now()).await;
+    assert_eq!(used(&env, "provider", "p", "requests").await, 64, "the whole credit counts until it ends");
+
+    relay.set_down(true);
+    // Without its session the worker admits nothing from the credit: the call asks, and finds
+    // the database gone.
+    eventually("the listener has lost its session", || async { !store.is_listening() }).await;
+    let local = granted(&store, ask(&limits, 1)).await;
+    assert!(store.is_degraded() && !local.from_credit);
+    store.finish(local, Some(1), SystemTime::now()).await;
+    // Closes the credit: its ending (one call) waits for the write-back with the outage's call.
+    store.answers_recorded().await;
+
+    let mut locker = env.db().await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("SELECT 1 FROM quota_use WHERE call_id = $1 FOR UPDATE")
+        .bind(credit)
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    relay.set_down(false);
+    eventually("the write-back waits on the credit's rows", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    let meanwhile = used(&env, "provider", "p", "requests").await;
+    assert_eq!(
+        meanwhile, 64,
+        "the outage's call counted beside the whole credit: the write-back was not one transaction"
+    );
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    eventually("the credit's one call and the outage's call are counted", || async {
+        used(&env, "provider", "p", "requests").await == 2
+    })
+    .await;
+    stop.cancel();
+}
+
 /// Held, with a caveat: a credit call answered after `answers_recorded` returned still ends
 /// its credit (the ending is spawned on the closed tracker) — but nothing waits for it: a
 /// worker that stops with credit calls still out (past its drain timeout) leaves the whole
