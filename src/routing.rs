@@ -80,8 +80,13 @@ pub struct Attempt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CooldownReason {
-    /// A 429 (or 529): until the provider's retry time, 60 s when it gave none.
+    /// A 429 (or 529): until the provider's retry time.
     RateLimited,
+    /// A 429 (or 529) that gave no retry time: 60 s, our estimate. It holds the provider as
+    /// long all the same, but never fails a job before its `max_wait` (contract §6: only a time
+    /// the provider gave may). A worker of an older version reads it as `Unrecognized`: the
+    /// same.
+    RateLimitedEstimate,
     /// A per-day quota is spent: until its reset.
     QuotaDay,
     /// Timeout or connection failure: 30 s.
@@ -104,6 +109,7 @@ impl CooldownReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::RateLimited => "rate_limited",
+            Self::RateLimitedEstimate => "rate_limited_estimate",
             Self::QuotaDay => "quota_day",
             Self::Unreachable => "unreachable",
             Self::Auth => "auth",
@@ -117,6 +123,7 @@ impl CooldownReason {
     pub fn parse(text: &str) -> Option<Self> {
         [
             Self::RateLimited,
+            Self::RateLimitedEstimate,
             Self::QuotaDay,
             Self::Unreachable,
             Self::Auth,

@@ -44,7 +44,11 @@ pub fn cooldown_for(provider: &str, failure: &Failure, now: SystemTime) -> Optio
     };
     match failure.kind {
         FailureKind::RateLimited => {
-            let reason = if failure.daily { CooldownReason::QuotaDay } else { CooldownReason::RateLimited };
+            let reason = match (failure.retry_at, failure.daily) {
+                (None, _) => CooldownReason::RateLimitedEstimate,
+                (Some(_), true) => CooldownReason::QuotaDay,
+                (Some(_), false) => CooldownReason::RateLimited,
+            };
             Some((asked_or(DEFAULT_RATE_LIMIT_COOLDOWN), reason))
         }
         FailureKind::Timeout | FailureKind::Connect => {
@@ -96,7 +100,8 @@ pub fn circuit_cooldown(consecutive: u32) -> Option<Duration> {
 pub fn is_providers_word(reason: CooldownReason) -> bool {
     match reason {
         CooldownReason::RateLimited | CooldownReason::QuotaDay => true,
-        CooldownReason::Unreachable
+        CooldownReason::RateLimitedEstimate
+        | CooldownReason::Unreachable
         | CooldownReason::Auth
         | CooldownReason::Credits
         | CooldownReason::Circuit
@@ -130,7 +135,12 @@ mod tests {
         );
         assert_eq!(
             cooldown_for("p", &failure(FailureKind::RateLimited, None, false), now),
-            Some((now + Duration::from_secs(60), CooldownReason::RateLimited))
+            Some((now + Duration::from_secs(60), CooldownReason::RateLimitedEstimate))
+        );
+        assert_eq!(
+            cooldown_for("p", &failure(FailureKind::RateLimited, None, true), now),
+            Some((now + Duration::from_secs(60), CooldownReason::RateLimitedEstimate)),
+            "a daily quota's 429 with no time to go by: an estimate too"
         );
         assert_eq!(
             cooldown_for("p", &failure(FailureKind::RateLimited, Some(given), true), now).unwrap().1,

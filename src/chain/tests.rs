@@ -527,6 +527,27 @@ async fn an_estimate_beyond_max_wait_makes_the_job_wait_for_its_deadline_before_
     assert_eq!(only.calls(), 1);
 }
 
+/// Black-box round 2, M1: a 429 with no retry time cools the provider for our default 60 s,
+/// an estimate like a timeout's: a job whose `max_wait` ends before it waits until then (the
+/// provider may say otherwise meanwhile, through another worker) instead of failing at once.
+#[tokio::test]
+async fn a_429_without_a_retry_time_makes_the_job_wait_for_its_deadline_before_failing() {
+    let clock = ManualClock::starting_at(t0());
+    let only = Scripted::new(vec![Err(failure(FailureKind::RateLimited, 429))]);
+    let chain = chain(vec![member("only", true, only.clone())], Duration::ZERO);
+    let store = MemoryStore::new();
+    let mut progress = JobProgress::new(clock.now());
+    let verdict = run_pass(&chain, &request(&job()), secs(10), &mut progress, &store, &clock).await;
+    assert!(matches!(verdict, Verdict::Wait { until, .. } if until == t0() + secs(10)), "{verdict:?}");
+    let cooldown = store.cooldown_of("only").unwrap();
+    assert_eq!((cooldown.reason, cooldown.until), (CooldownReason::RateLimitedEstimate, t0() + secs(60)));
+
+    let verdict = run_holding(&chain, secs(10), &mut progress, &store, &clock, secs(60)).await;
+    assert!(matches!(verdict, Verdict::Failed { code: ErrorCode::DeadlineExceeded, .. }), "{verdict:?}");
+    assert!(clock.now() >= t0() + secs(10), "failed only at the deadline: {:?}", clock.now().duration_since(t0()));
+    assert_eq!(only.calls(), 1);
+}
+
 fn outage(clock: &Arc<ManualClock>, lasting: Duration) -> Arc<Outage> {
     Arc::new(Outage {
         clock: clock.clone(),
