@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use fallback_worker::config::ProviderKind;
 use fallback_worker::job::ChatBody;
 use fallback_worker::providers::capabilities::{self, Capabilities};
-use fallback_worker::providers::shape::chat_completion_problems;
+use fallback_worker::providers::shape::{chat_completion_problems, complete_envelope};
 use fallback_worker::providers::{anthropic, gemini, gemini_schema, openai};
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -412,6 +412,45 @@ fn anthropic_answer() -> impl Strategy<Value = Value> {
             json!({"type": "message", "id": id, "model": model, "content": content, "stop_reason": stop, "usage": usage})
         },
     )
+}
+
+/// An OpenAI-compatible server's answer: the documented fields, each sometimes of another type
+/// or spelling (a server's own finish reasons, text parts, counts as text).
+fn openai_answer() -> impl Strategy<Value = Value> {
+    let finish = prop_oneof![
+        select(vec!["stop", "length", "tool_calls", "eos", "max_tokens", "end_turn", "SAFETY", "error"])
+            .prop_map(Value::from),
+        any_json(),
+    ];
+    let content = prop_oneof![text().prop_map(Value::from), Just(Value::Null), content(), any_json()];
+    let message = (content, prop_oneof![Just(json!("assistant")), any_json()], prop::option::of(tool_call())).prop_map(
+        |(content, role, call)| match call {
+            Some(call) => json!({"role": role, "content": content, "tool_calls": [call]}),
+            None => json!({"role": role, "content": content}),
+        },
+    );
+    let choice = (message, finish, prop_oneof![Just(json!(0)), any_json()])
+        .prop_map(|(message, finish, index)| json!({"index": index, "message": message, "finish_reason": finish}));
+    let usage = prop_oneof![
+        Just(json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})),
+        any_json().prop_map(|n| json!({"prompt_tokens": n, "completion_tokens": 4, "total_tokens": 7})),
+        any_json(),
+    ];
+    (prop::collection::vec(choice, 0..3), usage, any_json())
+        .prop_map(|(choices, usage, id)| json!({"id": id, "choices": choices, "usage": usage}))
+}
+
+proptest! {
+    /// Whatever an OpenAI-compatible server answers, a success is one the OpenAI SDK loads once
+    /// its envelope is completed (as every result's is); anything else is a classified failure.
+    #[test]
+    fn any_openai_answer_that_succeeds_loads_as_a_chat_completion(body in prop_oneof![openai_answer(), any_json()]) {
+        let bytes = body.to_string().into_bytes();
+        if let Ok(mut done) = openai::interpret(200, &HeaderMap::new(), &bytes, SystemTime::now()) {
+            complete_envelope(&mut done.body, "chatcmpl-1", "configured", 1);
+            prop_assert_eq!(chat_completion_problems(&done.body), Vec::<String>::new(), "{}", done.body);
+        }
+    }
 }
 
 proptest! {

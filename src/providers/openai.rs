@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::errors::{ErrorInfo, classify};
 use super::{Completion, Failure, FailureKind, short_message};
-use super::{quota_headers, retry_info};
+use super::{quota_headers, retry_info, shape};
 use crate::job::ChatBody;
 
 /// The request body for `model`: the job's body with the provider's own model.
@@ -72,7 +72,7 @@ pub fn interpret(status: u16, headers: &HeaderMap, body: &[u8], now: SystemTime)
     Err(classify(status, headers, &info, now))
 }
 
-fn success(status: u16, headers: &HeaderMap, json: Value, now: SystemTime) -> Result<Completion, Failure> {
+fn success(status: u16, headers: &HeaderMap, mut json: Value, now: SystemTime) -> Result<Completion, Failure> {
     // OpenRouter reports errors raised while generating inside a 200 body.
     if json.get("error").is_some_and(|e| !e.is_null()) {
         let info = ErrorInfo::read(Some(&json), &[]);
@@ -88,6 +88,15 @@ fn success(status: u16, headers: &HeaderMap, json: Value, now: SystemTime) -> Re
     if first.get("finish_reason").and_then(Value::as_str) == Some("error") || first.get("error").is_some() {
         let message = first.pointer("/error/message").and_then(Value::as_str).unwrap_or("generation failed");
         return Err(Failure::new(FailureKind::Server, Some(status), short_message(message)));
+    }
+    // The answer goes to clients whose OpenAI SDK must load it (contract §3): a server's own
+    // spellings are mended, and what cannot be is a garbled answer, as a body that is not JSON.
+    shape::repair_answer(&mut json);
+    let problems = shape::answer_problems(&json);
+    if !problems.is_empty() {
+        let named: Vec<&str> = problems.iter().take(3).map(String::as_str).collect();
+        let message = format!("the provider's answer would not load in the OpenAI SDK: {}", named.join("; "));
+        return Err(Failure::new(FailureKind::Server, Some(status), short_message(&message)));
     }
     let request_id = header(headers, "x-request-id")
         .or_else(|| header(headers, "x-generation-id"))
@@ -124,6 +133,59 @@ mod tests {
         assert_eq!(done.total_tokens, Some(7));
         assert_eq!(done.body["choices"][0]["message"]["content"], "hi");
         assert_eq!(done.exhausted_until, None);
+    }
+
+    /// Black-box round 2, L5: an OpenAI-compatible server's own finish reasons and spellings
+    /// reached clients as given, and their SDK refused the result.
+    #[test]
+    fn a_servers_own_spellings_are_mended_into_what_the_sdk_loads() {
+        let answer = |choice: Value| {
+            let body = serde_json::json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
+            interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), now())
+        };
+        let message = serde_json::json!({"role": "assistant", "content": "hi"});
+        for (given, read) in [
+            (serde_json::json!("eos"), "stop"),
+            (serde_json::json!("end_turn"), "stop"),
+            (serde_json::json!("MAX_TOKENS"), "length"),
+            (serde_json::json!("tool_use"), "tool_calls"),
+            (serde_json::json!("SAFETY"), "content_filter"),
+            (serde_json::json!({"reason": "stop"}), "stop"),
+            (Value::Null, "stop"),
+        ] {
+            let done = answer(serde_json::json!({"index": 0, "message": message, "finish_reason": given})).unwrap();
+            let choice = &done.body["choices"][0];
+            assert_eq!(choice["finish_reason"], read, "{given}");
+            let native = given.as_str().map(Value::from).unwrap_or(Value::Null);
+            assert_eq!(choice.get("native_finish_reason").cloned().unwrap_or(Value::Null), native, "{given}");
+        }
+        let done = answer(serde_json::json!({"index": "first", "finish_reason": "stop",
+            "message": {"content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}], "refusal": 3}}))
+        .unwrap();
+        let choice = &done.body["choices"][0];
+        assert_eq!((&choice["index"], &choice["message"]["role"]), (&Value::from(0), &Value::from("assistant")));
+        assert_eq!((&choice["message"]["content"], choice["message"].get("refusal")), (&Value::from("hello"), None));
+        assert!(done.body.get("choices").is_some() && crate::providers::shape::answer_problems(&done.body).is_empty());
+        let counted_in_text = serde_json::json!({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": "1", "completion_tokens": 1, "total_tokens": 2.5}});
+        let done = interpret(200, &HeaderMap::new(), counted_in_text.to_string().as_bytes(), now()).unwrap();
+        assert_eq!((done.body.get("usage"), done.total_tokens), (None, None), "a usage the SDK refuses is dropped");
+    }
+
+    #[test]
+    fn an_answer_that_cannot_be_mended_is_a_garbled_one() {
+        for choice in [
+            serde_json::json!({"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": 42}}),
+            serde_json::json!({"index": 0, "finish_reason": "stop", "message": "hi"}),
+            serde_json::json!({"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}}),
+        ] {
+            let body = serde_json::json!({"choices": [choice]}).to_string();
+            let failure = interpret(200, &HeaderMap::new(), body.as_bytes(), now()).unwrap_err();
+            assert_eq!((failure.kind, failure.status), (FailureKind::Server, Some(200)), "{choice}");
+            assert!(failure.message.contains("would not load in the OpenAI SDK"), "{}", failure.message);
+        }
     }
 
     #[test]

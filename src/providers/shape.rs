@@ -28,9 +28,19 @@ pub fn chat_completion_problems(body: &Value) -> Vec<String> {
     need(is_int(body.get("created")), "`created` is not an integer");
     need(body.get("model").is_some_and(Value::is_string), "`model` is not a string");
     need(optional(body.get("system_fingerprint"), Value::is_string), "`system_fingerprint` is not a string");
+    problems.extend(answer_problems(body));
+    problems
+}
+
+/// What the SDK would refuse in the answer itself (its `usage` and `choices`), the fields an
+/// OpenAI-compatible provider fills and the envelope does not.
+pub fn answer_problems(body: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
     if let Some(usage) = body.get("usage").filter(|u| !u.is_null()) {
         for key in ["prompt_tokens", "completion_tokens", "total_tokens"] {
-            need(is_int(usage.get(key)), &format!("`usage.{key}` is not an integer"));
+            if !is_int(usage.get(key)) {
+                problems.push(format!("`usage.{key}` is not an integer"));
+            }
         }
     }
     let Some(choices) = body.get("choices").and_then(Value::as_array) else {
@@ -41,6 +51,82 @@ pub fn chat_completion_problems(body: &Value) -> Vec<String> {
         choice_problems(choice, &format!("choices[{i}]"), &mut problems);
     }
     problems
+}
+
+/// Mends what an OpenAI-compatible server says its own way in an answer the OpenAI SDK must
+/// load (contract §3), without changing what it says: a `finish_reason` outside the SDK's
+/// literals is read as the one it stands for (`eos`, `end_turn` → `stop`; `max_tokens` →
+/// `length`; `tool_use` → `tool_calls`; `safety` → `content_filter`; absent or unknown →
+/// `stop`), the provider's own word kept beside it as `native_finish_reason` (as OpenRouter
+/// does); a choice's `index` that is no integer becomes its position; `message.role` becomes
+/// `assistant`; `content` given as text parts becomes their text; a `refusal` that is no text,
+/// and a `usage` whose counts are not integers, are dropped. What is left wrong is for
+/// [`answer_problems`] to name.
+pub fn repair_answer(body: &mut Value) {
+    let Some(fields) = body.as_object_mut() else { return };
+    if fields.get("usage").is_some_and(|u| !u.is_null() && !usage_loads(u)) {
+        fields.remove("usage");
+    }
+    let Some(choices) = fields.get_mut("choices").and_then(Value::as_array_mut) else { return };
+    for (position, choice) in choices.iter_mut().enumerate() {
+        repair_choice(choice, position);
+    }
+}
+
+fn usage_loads(usage: &Value) -> bool {
+    ["prompt_tokens", "completion_tokens", "total_tokens"].iter().all(|key| is_int(usage.get(*key)))
+}
+
+fn repair_choice(choice: &mut Value, position: usize) {
+    let Some(fields) = choice.as_object_mut() else { return };
+    if !is_int(fields.get("index")) {
+        fields.insert("index".into(), Value::from(position));
+    }
+    let given = fields.get("finish_reason").cloned();
+    let reason = given.as_ref().and_then(Value::as_str).map_or("stop", finish_reason_for);
+    if given.as_ref().and_then(Value::as_str) != Some(reason) {
+        if let Some(Value::String(native)) = given {
+            fields.insert("native_finish_reason".into(), Value::String(native));
+        }
+        fields.insert("finish_reason".into(), Value::from(reason));
+    }
+    let Some(message) = fields.get_mut("message").and_then(Value::as_object_mut) else { return };
+    if message.get("role").and_then(Value::as_str) != Some("assistant") {
+        message.insert("role".into(), Value::from("assistant"));
+    }
+    if let Some(text) = message.get("content").and_then(text_of_parts) {
+        message.insert("content".into(), Value::String(text));
+    }
+    if message.get("refusal").is_some_and(|r| !r.is_null() && !r.is_string()) {
+        message.remove("refusal");
+    }
+}
+
+/// The SDK's literal a provider's own finish reason stands for.
+fn finish_reason_for(native: &str) -> &'static str {
+    if let Some(&literal) = FINISH_REASONS.iter().find(|literal| **literal == native) {
+        return literal;
+    }
+    match native.to_ascii_lowercase().as_str() {
+        "length" | "max_tokens" | "max_length" | "max_output_tokens" | "model_length" => "length",
+        "tool_calls" | "tool_use" | "tool_call" | "function_call" | "function_calls" => "tool_calls",
+        "content_filter" | "safety" | "content_filtered" | "moderation" | "refusal" | "recitation" => "content_filter",
+        _ => "stop",
+    }
+}
+
+/// A `content` given as a list of text parts (`[{"type": "text", "text": …}]`, as some
+/// OpenAI-compatible servers answer): their text, joined. `None` for anything else.
+fn text_of_parts(content: &Value) -> Option<String> {
+    let parts = content.as_array()?;
+    let texts: Option<Vec<&str>> = parts
+        .iter()
+        .map(|part| match part.get("type").and_then(Value::as_str) {
+            Some("text") | None => part.get("text").and_then(Value::as_str),
+            Some(_) => None,
+        })
+        .collect();
+    Some(texts?.concat())
 }
 
 /// Fills the fields the SDK requires at the top of a chat completion that an answer left out or
