@@ -249,3 +249,62 @@ async fn a_write_back_whose_commit_answer_is_lost_does_not_count_its_calls_twice
     eventually("the database is back", || async { !store.is_degraded() }).await;
     assert_eq!(used(&env, "provider", "p", "requests").await, 1, "one call was made during the outage");
 }
+
+/// ea8db0b locks every window that exists first (`lock_windows_of`), then creates the missing
+/// ones with the calls' insert: a missing window is taken *after* windows that sort later, out
+/// of the canonical order "every admission locks them" in. A pool added to the config while
+/// the database was away (or first used during an outage) is such a window: ('pool', …) sorts
+/// before ('provider', …). Another worker's answer with rate-limit headers observes the
+/// provider's windows in the canonical order (`fallback_observe_batch`, "never deadlocks with
+/// them"): it creates and holds the pool's window, then asks for the provider's. The write-back
+/// holds the provider's window and waits to insert the pool's: a deadlock, which Postgres
+/// breaks by failing one of them (here the observation, whose `deadlock_timeout` is shorter so
+/// that the victim is known). The two statements of the observation stand for the two windows
+/// of its one statement, the write-back's lock falling between them.
+#[tokio::test]
+async fn the_write_back_creating_a_new_pools_window_does_not_deadlock_with_an_observation() {
+    use fallback_worker::config::QuotaPoolConfig;
+    use fallback_worker::state::Ask;
+    let env = TestEnv::new().await;
+    let (store, relay) = store_behind_relay(&env).await;
+    let limits = [requests(100)];
+    // Before the outage the provider drew from no pool: its own window exists, the pool's not.
+    let before = granted(&store, ask(&limits, 1)).await;
+    store.finish(before, Some(1), SystemTime::now()).await;
+    assert_eq!(used(&env, "provider", "p", "requests").await, 1);
+
+    relay.set_down(true);
+    let pools = [QuotaPoolConfig { name: "shared".into(), limits: vec![requests(1000)] }];
+    let pooled = Ask { pools: &pools, ..ask(&limits, 1) };
+    let local = granted(&store, pooled).await;
+    assert!(store.is_degraded());
+    store.finish(local, Some(1), SystemTime::now()).await;
+
+    // Another worker observes the pool's window (creating it) and is about to observe p's.
+    let mut observer = env.db().await;
+    sqlx::raw_sql("SET deadlock_timeout = '100ms'; BEGIN").execute(&mut observer).await.unwrap();
+    sqlx::query(
+        "SELECT fallback_observe('pool', 'shared', 'requests', 3600000, '', 1000, 990, now() + interval '1 hour', \
+                                 NULL::bigint, NULL::bigint)",
+    )
+    .execute(&mut observer)
+    .await
+    .unwrap();
+    relay.set_down(false);
+    // The write-back holds p's window and waits to create the pool's.
+    until_waiting_on_locks(&env, 1).await;
+    let observed = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::query(
+            "SELECT fallback_observe('provider', 'p', 'requests', 3600000, '', 100, 98, now() + interval '1 hour', \
+                                     NULL::bigint, NULL::bigint)",
+        )
+        .execute(&mut observer),
+    )
+    .await
+    .expect("the observation is still waiting after 10 s");
+    let deadlock = observed.as_ref().err().map(|e| e.to_string());
+    sqlx::query("ROLLBACK").execute(&mut observer).await.ok();
+    assert!(deadlock.is_none(), "the observation and the write-back deadlocked: {deadlock:?}");
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+}
