@@ -1,6 +1,9 @@
 //! Adversarial review of ea8db0b (an outage's calls and the answers kept meanwhile written back
 //! in one transaction) and f2e9d19 (a 429 without a retry time cools the provider 60 s as an
 //! estimate, `rate_limited_estimate`). Each test is a fault found and fails on f2e9d19.
+//! Checked against f6946ba's `src/state/postgres.rs` as well: `calls_admitted_during_…` and
+//! `the_write_back_creating_…` pass there (regressions of ea8db0b); `an_absurd_token_count_…`
+//! and `a_write_back_whose_commit_answer_…` fail there too (older faults the change keeps).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
