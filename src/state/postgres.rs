@@ -252,6 +252,15 @@ struct Outage {
     written_back: Mutex<HashMap<i64, WrittenBack>>,
 }
 
+impl Outage {
+    /// Whether anything of an outage still waits for a write-back.
+    fn has_unwritten(&self) -> bool {
+        !self.unsynced_calls.lock().unwrap().is_empty()
+            || !self.unwritten_answers.lock().unwrap().is_empty()
+            || !self.unshared_cooldowns.lock().unwrap().is_empty()
+    }
+}
+
 /// Held while a credit is asked for (see `PgStore::credit_asks`).
 type CreditGate = Arc<tokio::sync::Mutex<()>>;
 
@@ -271,6 +280,9 @@ struct UnsyncedCall {
     local_id: i64,
     limits: Vec<LimitConfig>,
     pools: Vec<QuotaPoolConfig>,
+    /// The database id its rows are written under, given at its first write-back and kept for
+    /// every retry: a write-back that committed but whose answer was lost is not counted again.
+    shared_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -487,7 +499,7 @@ impl PgStore {
             // down when this write finds it gone.
             match self.guarded_for(Caller::Background, self.write_answers(&writes, StatementBound::Kept)).await {
                 Ok(()) => {}
-                Err(StoreError::Unreachable(_)) => self.outage.unwritten_answers.lock().unwrap().extend(writes),
+                Err(StoreError::Unreachable(_)) => self.keep_for_the_write_back(writes),
                 Err(_) => self.try_again(answers),
             }
         }
@@ -507,7 +519,19 @@ impl PgStore {
     }
 
     fn keep_unwritten(&self, answer: AnswerWrite) {
-        self.outage.unwritten_answers.lock().unwrap().push(answer);
+        self.keep_for_the_write_back([answer]);
+    }
+
+    /// Keeps answers the database could not be reached for until the outage's write-back. One
+    /// that comes after the outage ended (its write failed just before the database came back,
+    /// and the write-back has run) is written back at once: it would otherwise wait for the
+    /// next outage.
+    fn keep_for_the_write_back(&self, answers: impl IntoIterator<Item = AnswerWrite>) {
+        self.outage.unwritten_answers.lock().unwrap().extend(answers);
+        if !self.is_degraded() {
+            let store = self.clone();
+            self.answers.spawn(async move { store.write_back_what_is_left().await });
+        }
     }
 
     /// Counts the answer in this worker's own view and queues it for the shared windows, with
@@ -826,9 +850,7 @@ impl PgStore {
                     self.outage.down.store(false, Ordering::SeqCst);
                     crate::observability::record_database_down(false);
                     // What was admitted or learnt between the write-back and now.
-                    if let Err(e) = self.write_back().await {
-                        tracing::debug!(error = %e, "the last calls of the outage wait for the next write-back");
-                    }
+                    self.write_back_what_is_left().await;
                     tracing::info!(
                         calls,
                         cooldowns,
@@ -838,6 +860,25 @@ impl PgStore {
                 }
                 Err(e) => tracing::debug!(error = %e, "database answers but cannot take the write-back yet"),
             }
+        }
+    }
+
+    /// Writes back what is left of an outage once the worker has left degraded mode (the calls
+    /// admitted while the first write-back ran, answers kept meanwhile), until it lands: a call
+    /// left unwritten would count in no shared window until the next outage, which may never
+    /// come (review 33). A new outage takes over: its own write-back writes them.
+    async fn write_back_what_is_left(&self) {
+        let mut tries = 0u32;
+        while !self.is_degraded() && self.outage.has_unwritten() {
+            match self.write_back().await {
+                Ok(_) => return,
+                Err(e) if tries == 0 => {
+                    tracing::warn!(error = %e, "cannot write back the last calls of the outage yet; trying again")
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot write back the last calls of the outage yet"),
+            }
+            tries = tries.saturating_add(1);
+            tokio::time::sleep(PROBE_INTERVAL).await;
         }
     }
 
@@ -851,9 +892,9 @@ impl PgStore {
             }
             self.cooldown_shared(provider, cooldown);
         }
-        let unsynced = std::mem::take(&mut *self.outage.unsynced_calls.lock().unwrap());
+        let mut unsynced = std::mem::take(&mut *self.outage.unsynced_calls.lock().unwrap());
         let answers = std::mem::take(&mut *self.outage.unwritten_answers.lock().unwrap());
-        if let Err(e) = self.write_back_calls_and_answers(&unsynced, &answers).await {
+        if let Err(e) = self.write_back_calls_and_answers(&mut unsynced, &answers).await {
             self.outage.unsynced_calls.lock().unwrap().extend(unsynced);
             self.outage.unwritten_answers.lock().unwrap().extend(answers);
             return Err(e);
@@ -895,11 +936,13 @@ impl PgStore {
     /// them), in **one** transaction: a write-back that fails part-way counts nothing and its
     /// retry counts each call once, and no reader ever sees the outage's calls beside a credit
     /// still counted whole (the calls went in first, then the answers, and a reader between
-    /// them saw both: more than was sent). Every window either touches is locked first, in the
-    /// canonical order, as every admission locks them (no deadlock with one).
+    /// them saw both: more than was sent). Every window either touches is locked (created when
+    /// missing) first, in the canonical order, as every admission and observation locks them.
+    /// Each call keeps the database id of its first try, and a row already written under it is
+    /// not written again: a retry after a commit whose answer was lost counts nothing twice.
     async fn write_back_calls_and_answers(
         &self,
-        unsynced: &[UnsyncedCall],
+        unsynced: &mut [UnsyncedCall],
         answers: &[AnswerWrite],
     ) -> Result<(), sqlx::Error> {
         if unsynced.is_empty() && answers.is_empty() {
@@ -907,7 +950,7 @@ impl PgStore {
         }
         let (windows, in_flight) = self.plan_written_back_calls(unsynced).await?;
         let mut tx = self.begin_unbounded().await?;
-        lock_windows_of(&mut tx, windows.keys(), answers).await?;
+        create_and_lock_windows(&mut tx, windows.keys(), answers).await?;
         for (key, (call_ids, amounts, leaves)) in &windows {
             insert_written_back_calls(&mut tx, key, call_ids, amounts, leaves).await?;
         }
@@ -930,12 +973,13 @@ impl PgStore {
         Ok(())
     }
 
-    /// The rows the outage's calls add to each window, under one new database id per call
-    /// (shared by its rows as an admission's are: an answer that comes after the write-back
-    /// finds them through it), and the calls still in flight among them.
+    /// The rows the outage's calls add to each window, under one database id per call (shared
+    /// by its rows as an admission's are: an answer that comes after the write-back finds them
+    /// through it; given once, see [`UnsyncedCall::shared_id`]), and the calls still in flight
+    /// among them.
     async fn plan_written_back_calls(
         &self,
-        unsynced: &[UnsyncedCall],
+        unsynced: &mut [UnsyncedCall],
     ) -> Result<(BTreeMap<WindowKey, WrittenBackRows>, Vec<(i64, WrittenBack)>), sqlx::Error> {
         let mut windows: BTreeMap<WindowKey, WrittenBackRows> = BTreeMap::new();
         let mut in_flight = Vec::new();
@@ -945,12 +989,22 @@ impl PgStore {
         let ids: Vec<i64> = unsynced.iter().map(|c| c.local_id).collect();
         let calls: HashMap<i64, (String, super::quota::Usage)> =
             self.outage.own_calls.calls(&ids).into_iter().map(|(p, u)| (u.id, (p, u))).collect();
-        let shared_ids: Vec<i64> = sqlx::query_scalar("SELECT nextval('quota_call_id') FROM generate_series(1, $1)")
-            .bind(i32::try_from(unsynced.len()).unwrap_or(i32::MAX))
-            .fetch_all(&self.pool)
-            .await?;
-        for (call, shared_id) in unsynced.iter().zip(shared_ids) {
-            let Some((provider, usage)) = calls.get(&call.local_id) else { continue };
+        let unnumbered = unsynced.iter().filter(|c| c.shared_id.is_none()).count();
+        if unnumbered > 0 {
+            let shared_ids: Vec<i64> =
+                sqlx::query_scalar("SELECT nextval('quota_call_id') FROM generate_series(1, $1)")
+                    .bind(i32::try_from(unnumbered).unwrap_or(i32::MAX))
+                    .fetch_all(&self.pool)
+                    .await?;
+            let unnumbered = unsynced.iter_mut().filter(|c| c.shared_id.is_none());
+            for (call, shared_id) in unnumbered.zip(shared_ids) {
+                call.shared_id = Some(shared_id);
+            }
+        }
+        for call in unsynced.iter() {
+            let (Some((provider, usage)), Some(shared_id)) = (calls.get(&call.local_id), call.shared_id) else {
+                continue;
+            };
             if usage.done.is_none() {
                 let written =
                     WrittenBack { call: shared_id, provider: Arc::from(provider.as_str()), estimate: usage.tokens };
@@ -958,9 +1012,12 @@ impl PgStore {
             }
             let end = usage.done.unwrap_or(usage.expires);
             for spec in windows_of(provider, &call.limits, &call.pools) {
+                // A provider's count is taken as it says, but never so large that the window's
+                // total overflows (as on the answer paths): one absurd `usage.total_tokens`
+                // would fail every write-back, and keep the worker degraded for good.
                 let amount = match spec.key.measure {
                     QuotaMeasure::Requests => 1,
-                    QuotaMeasure::Tokens => usage.tokens,
+                    QuotaMeasure::Tokens => usage.tokens.min(MAX_REPORTED_TOKENS),
                 };
                 let leaves = match &spec.reset {
                     Some(reset) => reset.next_after(end),
@@ -1006,7 +1063,7 @@ impl PgStore {
         // be retried whole). Their answers wait for the next write-back instead.
         if let Err(e) = self.write_answers(&answered, StatementBound::Lifted).await {
             tracing::debug!(error = %e, "cannot write the answers of calls written back yet; kept for later");
-            self.outage.unwritten_answers.lock().unwrap().extend(answered);
+            self.keep_for_the_write_back(answered);
         }
     }
 
@@ -1096,7 +1153,12 @@ impl PgStore {
             Admission::Granted(local) => {
                 let local_id = local.usage_id;
                 if let Some(id) = local_id {
-                    let call = UnsyncedCall { local_id: id, limits: ask.limits.to_vec(), pools: ask.pools.to_vec() };
+                    let call = UnsyncedCall {
+                        local_id: id,
+                        limits: ask.limits.to_vec(),
+                        pools: ask.pools.to_vec(),
+                        shared_id: None,
+                    };
                     self.outage.unsynced_calls.lock().unwrap().push(call);
                 }
                 Admission::Granted(Permit { local_id, ..Permit::UNCOUNTED })
@@ -1730,11 +1792,12 @@ impl PgStore {
 }
 
 /// Locks every window a write-back touches, in the canonical order: those of the outage's
-/// calls (`calls`) and those the `answers`' calls have rows in. Each statement after it would
-/// lock its own in that order too, but one after the other they could take a window that
-/// sorts before one already held (and deadlock with an admission); held from the start, they
-/// are only taken again. A window with no row yet is created by the calls' insert.
-async fn lock_windows_of(
+/// calls (`calls`) and those the `answers`' calls have rows in, creating those that do not
+/// exist yet (a pool first used during the outage). One statement that inserts or locks each
+/// in that order: locking the existing ones first and creating the others with the calls'
+/// insert took a new window after those that sort later (review 33: a deadlock with an
+/// observation holding the new pool's window and asking for the provider's).
+async fn create_and_lock_windows(
     tx: &mut sqlx::PgConnection,
     calls: impl Iterator<Item = &WindowKey>,
     answers: &[AnswerWrite],
@@ -1749,14 +1812,13 @@ async fn lock_windows_of(
         calendars.push(key.calendar.as_str());
     }
     sqlx::query(
-        "SELECT 1 FROM quota_window w \
-          WHERE (w.kind, w.scope, w.measure, w.window_ms, w.calendar) IN ( \
-                  SELECT u.kind, u.scope, u.measure, u.window_ms, u.calendar FROM quota_use u \
-                   WHERE u.call_id = ANY ($1) \
-                  UNION SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])) \
-          ORDER BY w.kind COLLATE \"C\", w.scope COLLATE \"C\", w.measure COLLATE \"C\", w.window_ms, \
-                   w.calendar COLLATE \"C\" \
-          FOR UPDATE OF w",
+        "INSERT INTO quota_window AS w (kind, scope, measure, window_ms, calendar, used, next_leave) \
+         SELECT k, s, m, ms, c, 0, 'infinity' FROM ( \
+             SELECT u.kind, u.scope, u.measure, u.window_ms, u.calendar FROM quota_use u WHERE u.call_id = ANY ($1) \
+             UNION SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[]) \
+           ) AS t(k, s, m, ms, c) \
+         ORDER BY k COLLATE \"C\", s COLLATE \"C\", m COLLATE \"C\", ms, c COLLATE \"C\" \
+         ON CONFLICT (kind, scope, measure, window_ms, calendar) DO UPDATE SET used = w.used",
     )
     .bind(&answer_calls)
     .bind(&kinds)
@@ -1769,8 +1831,9 @@ async fn lock_windows_of(
     Ok(())
 }
 
-/// Adds the outage's calls to one window: their rows, and the window's running total (created
-/// when no worker has used the window yet). One set-based statement per window.
+/// Adds the outage's calls to one window: their rows, and the window's running total. One
+/// set-based statement per window; a call whose row is there already (a retry of a write-back
+/// that committed) adds nothing.
 async fn insert_written_back_calls(
     tx: &mut sqlx::PgConnection,
     key: &WindowKey,
@@ -1782,7 +1845,10 @@ async fn insert_written_back_calls(
         "WITH added AS ( \
            INSERT INTO quota_use (call_id, kind, scope, measure, window_ms, calendar, amount, leaves_at) \
            SELECT c, $1, $2, $3, $4, $5, a, to_timestamp(l / 1000) \
-           FROM unnest($6::bigint[], $7::bigint[], $8::float8[]) AS t(c, a, l) RETURNING amount, leaves_at) \
+           FROM unnest($6::bigint[], $7::bigint[], $8::float8[]) AS t(c, a, l) \
+           WHERE NOT EXISTS (SELECT 1 FROM quota_use u WHERE u.call_id = t.c AND u.kind = $1 AND u.scope = $2 \
+                               AND u.measure = $3 AND u.window_ms = $4 AND u.calendar = $5) \
+           RETURNING amount, leaves_at) \
          INSERT INTO quota_window AS w (kind, scope, measure, window_ms, calendar, used, next_leave) \
          SELECT $1, $2, $3, $4, $5, coalesce(sum(amount), 0), coalesce(min(leaves_at), 'infinity') FROM added \
          ON CONFLICT (kind, scope, measure, window_ms, calendar) DO UPDATE \
@@ -1927,9 +1993,10 @@ fn answer_not_recorded(e: &StoreError) {
 }
 
 /// The table's cooldown for a provider, unless this worker holds one of its own (`held`, not
-/// taken by the database) that is still running and ends later.
+/// taken by the database) that is still running, ends later, and is not one the table's
+/// replaces all the same (the provider's own time over our guess).
 fn with_held(table: Option<Cooldown>, held: Option<&Cooldown>, now: SystemTime) -> Option<Cooldown> {
-    match held.filter(|h| h.until > now && table.as_ref().is_none_or(|t| h.until > t.until)) {
+    match held.filter(|h| h.until > now && table.as_ref().is_none_or(|t| h.until > t.until && !t.replaces(h))) {
         Some(held) => Some(held.clone()),
         None => table,
     }
@@ -2545,20 +2612,30 @@ impl ObservedWindows {
 impl PgStore {
     /// Writes a cooldown (only ever forward) and tells every worker in the same statement.
     async fn share_cooldown(&self, provider: &str, cooldown: &Cooldown) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        // `Cooldown::replaces` in SQL: later, a circuit reopened, or the provider's own time
+        // over our guess of a 429's.
+        macro_rules! replaces {
+            () => {
+                "(EXCLUDED.cooldown_until > s.cooldown_until \
+                  OR (EXCLUDED.cooldown_reason = 'circuit' AND s.cooldown_reason = 'circuit') \
+                  OR (EXCLUDED.cooldown_reason IN ('rate_limited', 'quota_day') \
+                      AND s.cooldown_reason IN ('rate_limited_estimate', 'quota_day_estimate')))"
+            };
+        }
+        sqlx::query(concat!(
             "WITH up AS ( \
                INSERT INTO provider_state AS s (provider, cooldown_until, cooldown_reason, cooldown_detail, last_error, last_error_at) \
                VALUES ($1, to_timestamp($2::float8 / 1000), $3, $4, $4, now()) \
                ON CONFLICT (provider) DO UPDATE SET \
-                 cooldown_reason = CASE WHEN (EXCLUDED.cooldown_until > s.cooldown_until OR (EXCLUDED.cooldown_reason = 'circuit' AND s.cooldown_reason = 'circuit')) THEN EXCLUDED.cooldown_reason ELSE s.cooldown_reason END, \
-                 cooldown_detail = CASE WHEN (EXCLUDED.cooldown_until > s.cooldown_until OR (EXCLUDED.cooldown_reason = 'circuit' AND s.cooldown_reason = 'circuit')) THEN EXCLUDED.cooldown_detail ELSE s.cooldown_detail END, \
-                 cooldown_until = CASE WHEN (EXCLUDED.cooldown_until > s.cooldown_until OR (EXCLUDED.cooldown_reason = 'circuit' AND s.cooldown_reason = 'circuit')) THEN EXCLUDED.cooldown_until ELSE s.cooldown_until END, \
+                 cooldown_reason = CASE WHEN ", replaces!(), " THEN EXCLUDED.cooldown_reason ELSE s.cooldown_reason END, \
+                 cooldown_detail = CASE WHEN ", replaces!(), " THEN EXCLUDED.cooldown_detail ELSE s.cooldown_detail END, \
+                 cooldown_until = CASE WHEN ", replaces!(), " THEN EXCLUDED.cooldown_until ELSE s.cooldown_until END, \
                  last_error = EXCLUDED.last_error, last_error_at = now(), updated_at = now() \
                RETURNING s.provider, s.cooldown_until, s.cooldown_reason, s.cooldown_detail) \
              SELECT pg_notify($5, json_build_object('provider', provider, \
                'until_ms', fallback_epoch_ms(cooldown_until), \
                'reason', cooldown_reason, 'detail', cooldown_detail)::text) FROM up",
-        )
+        ))
         .bind(provider)
         .bind(epoch_ms(cooldown.until) as f64)
         .bind(cooldown.reason.as_str())
