@@ -84,11 +84,15 @@ pub enum CooldownReason {
     RateLimited,
     /// A 429 (or 529) that gave no retry time: 60 s, our estimate. It holds the provider as
     /// long all the same, but never fails a job before its `max_wait` (contract §6: only a time
-    /// the provider gave may). A worker of an older version reads it as `Unrecognized`: the
-    /// same.
+    /// the provider gave may), and the provider's own time, when a later 429 gives one,
+    /// replaces it even if sooner. A worker of an older version reads it as `Unrecognized`:
+    /// also an estimate.
     RateLimitedEstimate,
     /// A per-day quota is spent: until its reset.
     QuotaDay,
+    /// A per-day quota is spent and the provider gave no reset: until the next UTC midnight,
+    /// our guess. An estimate, as [`RateLimitedEstimate`](Self::RateLimitedEstimate) is.
+    QuotaDayEstimate,
     /// Timeout or connection failure: 30 s.
     Unreachable,
     /// 401/403: the key is bad, 1 h.
@@ -111,6 +115,7 @@ impl CooldownReason {
             Self::RateLimited => "rate_limited",
             Self::RateLimitedEstimate => "rate_limited_estimate",
             Self::QuotaDay => "quota_day",
+            Self::QuotaDayEstimate => "quota_day_estimate",
             Self::Unreachable => "unreachable",
             Self::Auth => "auth",
             Self::Credits => "credits",
@@ -120,11 +125,26 @@ impl CooldownReason {
         }
     }
 
+    /// Whether a cooldown's end is the provider's own word (a 429's retry time, a daily reset),
+    /// rather than our estimate of when it may work again (a 429 that gave no time, an open
+    /// circuit, an unreachable host, a bad key an operator may fix). Only the provider's word
+    /// may fail a job before its `max_wait` (contract §6); an estimate makes the job wait.
+    pub fn is_providers_word(self) -> bool {
+        matches!(self, Self::RateLimited | Self::QuotaDay)
+    }
+
+    /// Our guess of a rate limit's end (a 429 without a time): the provider's own word
+    /// replaces it, sooner or later.
+    pub fn is_guessed_rate_limit(self) -> bool {
+        matches!(self, Self::RateLimitedEstimate | Self::QuotaDayEstimate)
+    }
+
     pub fn parse(text: &str) -> Option<Self> {
         [
             Self::RateLimited,
             Self::RateLimitedEstimate,
             Self::QuotaDay,
+            Self::QuotaDayEstimate,
             Self::Unreachable,
             Self::Auth,
             Self::Credits,

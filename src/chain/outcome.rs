@@ -44,10 +44,11 @@ pub fn cooldown_for(provider: &str, failure: &Failure, now: SystemTime) -> Optio
     };
     match failure.kind {
         FailureKind::RateLimited => {
-            let reason = match (failure.retry_at, failure.daily) {
-                (None, _) => CooldownReason::RateLimitedEstimate,
-                (Some(_), true) => CooldownReason::QuotaDay,
-                (Some(_), false) => CooldownReason::RateLimited,
+            let reason = match (failure.retry_at, failure.daily, failure.retry_guessed) {
+                (None, _, _) => CooldownReason::RateLimitedEstimate,
+                (Some(_), true, true) => CooldownReason::QuotaDayEstimate,
+                (Some(_), true, false) => CooldownReason::QuotaDay,
+                (Some(_), false, _) => CooldownReason::RateLimited,
             };
             Some((asked_or(DEFAULT_RATE_LIMIT_COOLDOWN), reason))
         }
@@ -93,21 +94,9 @@ pub fn circuit_cooldown(consecutive: u32) -> Option<Duration> {
     Some(CIRCUIT_BASE.saturating_mul(1 << over.min(8)).min(CIRCUIT_MAX))
 }
 
-/// Whether a cooldown's end is the provider's own word (a 429's retry time, a daily reset),
-/// rather than our estimate of when it may work again (an open circuit, an unreachable host, a
-/// bad key an operator may fix). Only the provider's word may fail a job before its `max_wait`
-/// (contract §6); an estimate makes the job wait.
+/// Whether a cooldown's end is the provider's own word: [`CooldownReason::is_providers_word`].
 pub fn is_providers_word(reason: CooldownReason) -> bool {
-    match reason {
-        CooldownReason::RateLimited | CooldownReason::QuotaDay => true,
-        CooldownReason::RateLimitedEstimate
-        | CooldownReason::Unreachable
-        | CooldownReason::Auth
-        | CooldownReason::Credits
-        | CooldownReason::Circuit
-        | CooldownReason::ModelUnavailable
-        | CooldownReason::Unrecognized => false,
-    }
+    reason.is_providers_word()
 }
 
 #[cfg(test)]
@@ -120,6 +109,7 @@ mod tests {
             status: Some(429),
             retry_at,
             daily,
+            retry_guessed: false,
             scope: crate::routing::LimitScope::Model,
             message: String::new(),
         }
@@ -141,6 +131,12 @@ mod tests {
             cooldown_for("p", &failure(FailureKind::RateLimited, None, true), now),
             Some((now + Duration::from_secs(60), CooldownReason::RateLimitedEstimate)),
             "a daily quota's 429 with no time to go by: an estimate too"
+        );
+        let guessed_midnight = Failure { retry_guessed: true, ..failure(FailureKind::RateLimited, Some(given), true) };
+        assert_eq!(
+            cooldown_for("p", &guessed_midnight, now),
+            Some((given, CooldownReason::QuotaDayEstimate)),
+            "a daily reset we guessed is our estimate, not the provider's word"
         );
         assert_eq!(
             cooldown_for("p", &failure(FailureKind::RateLimited, Some(given), true), now).unwrap().1,
@@ -238,9 +234,14 @@ mod tests {
     #[test]
     fn only_rate_limits_are_the_providers_word() {
         assert!(is_providers_word(CooldownReason::RateLimited) && is_providers_word(CooldownReason::QuotaDay));
-        for estimate in
-            [CooldownReason::Circuit, CooldownReason::Unreachable, CooldownReason::Auth, CooldownReason::Unrecognized]
-        {
+        for estimate in [
+            CooldownReason::RateLimitedEstimate,
+            CooldownReason::QuotaDayEstimate,
+            CooldownReason::Circuit,
+            CooldownReason::Unreachable,
+            CooldownReason::Auth,
+            CooldownReason::Unrecognized,
+        ] {
             assert!(!is_providers_word(estimate), "{estimate:?}");
         }
     }
@@ -254,5 +255,8 @@ mod tests {
         assert_eq!(AttemptOutcome::RejectedOutput.as_str(), "rejected_output");
         assert!(AttemptOutcome::RejectedOutput.is_final_for_job(), "a rejected provider is dropped for the job");
         assert_eq!(CooldownReason::parse("quota_day"), Some(CooldownReason::QuotaDay));
+        for reason in [CooldownReason::RateLimitedEstimate, CooldownReason::QuotaDayEstimate] {
+            assert_eq!(CooldownReason::parse(reason.as_str()), Some(reason), "stored and read back the same");
+        }
     }
 }

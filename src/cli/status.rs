@@ -21,7 +21,8 @@ pub struct ProviderStatus {
     pub state: &'static str,
     /// RFC 3339, when cooling or over quota.
     pub until: Option<String>,
-    /// Why it is cooling (`rate_limited`, `quota_day`, `unreachable`, `auth`, `credits`, `circuit`)
+    /// Why it is cooling (`rate_limited`, `rate_limited_estimate`, `quota_day`,
+    /// `quota_day_estimate`, `unreachable`, `auth`, `credits`, `circuit`, `model_unavailable`)
     /// or which limit is spent (`requests`, `tokens`).
     pub reason: Option<String>,
     pub detail: Option<String>,

@@ -203,7 +203,8 @@ pub fn classify(status: u16, headers: &HeaderMap, info: &ErrorInfo, now: SystemT
         FailureKind::RateLimited => {
             let daily_reset = daily_reset(headers, info, now);
             failure.daily = daily_reset.is_some();
-            failure.retry_at = daily_reset.or_else(|| retry_at(headers, info, now));
+            failure.retry_guessed = daily_reset.is_some_and(|(_, guessed)| guessed);
+            failure.retry_at = daily_reset.map(|(reset, _)| reset).or_else(|| retry_at(headers, info, now));
             failure.scope = info.scope();
         }
         FailureKind::Server | FailureKind::Credits => failure.retry_at = retry_info::from_headers(headers, now),
@@ -256,36 +257,40 @@ fn retry_at(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option<Sy
         .or_else(|| retry_info::wait_from_message(&info.message).and_then(|d| now.checked_add(d)))
 }
 
-/// When the error says a per-day quota is spent: its reset.
-fn daily_reset(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option<SystemTime> {
+/// When the error says a per-day quota is spent: its reset, and whether that is our guess (the
+/// next UTC midnight, for a provider that gave none) rather than the provider's word.
+fn daily_reset(headers: &HeaderMap, info: &ErrorInfo, now: SystemTime) -> Option<(SystemTime, bool)> {
     let message = &info.message;
     let reset_header = |names: &[&str]| {
         names.iter().filter_map(|n| headers.get(*n)?.to_str().ok()).find_map(|v| retry_info::parse_reset(v, now))
     };
+    let given = |reset: Option<SystemTime>| match reset {
+        Some(reset) => Some((reset, false)),
+        None => next_utc_midnight(now).map(|guess| (guess, true)),
+    };
     // Groq names the window: "(TPD)" / "(RPD)"; its "try again in" is the precise wait.
     if message.contains("(TPD)") || message.contains("(RPD)") {
-        return retry_at(headers, info, now).or_else(|| next_utc_midnight(now));
+        return given(retry_at(headers, info, now));
     }
-    // Gemini: the quota id says PerDay; its retryDelay is misleading, the reset is Pacific midnight.
+    // Gemini: the quota id says PerDay; its retryDelay is misleading, the reset is Pacific
+    // midnight, by Google's own rule ("RPD quotas reset at midnight Pacific time").
     if info.quota_ids().iter().any(|id| id.contains("PerDay")) {
-        return next_pacific_midnight(now);
+        return next_pacific_midnight(now).map(|reset| (reset, false));
     }
     // OpenRouter's free tier: reset at UTC midnight, also given as epoch ms.
     let openrouter_daily =
         info.limit_source() == Some("openrouter_free_tier_daily") || message.contains("free-models-per-day");
     if openrouter_daily {
         let header = headers.get("x-ratelimit-reset").and_then(|v| v.to_str().ok()).and_then(retry_info::parse_epoch);
-        return header.or_else(|| info.metadata_reset()).or_else(|| next_utc_midnight(now));
+        return given(header.or_else(|| info.metadata_reset()));
     }
     // Cerebras: "Tokens per day limit exceeded".
     if message.to_ascii_lowercase().contains("per day") {
-        let reset = reset_header(&["x-ratelimit-reset-tokens-day", "x-ratelimit-reset-requests-day"]);
-        return reset.or_else(|| next_utc_midnight(now));
+        return given(reset_header(&["x-ratelimit-reset-tokens-day", "x-ratelimit-reset-requests-day"]));
     }
     // SambaNova: "Violated duration_s: 86400".
     if message.contains("duration_s: 86400") {
-        let reset = reset_header(&["x-ratelimit-reset-requests-day"]);
-        return reset.or_else(|| next_utc_midnight(now));
+        return given(reset_header(&["x-ratelimit-reset-requests-day"]));
     }
     None
 }

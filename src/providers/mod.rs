@@ -78,6 +78,9 @@ pub struct Failure {
     pub retry_at: Option<SystemTime>,
     /// The provider says a per-day quota is spent (so `retry_at` is the daily reset).
     pub daily: bool,
+    /// `retry_at` is our guess (the next UTC midnight for a per-day quota whose provider gave
+    /// no reset), not the provider's word.
+    pub retry_guessed: bool,
     /// Whether a 429 is about this model or the whole account (its `[[quotas]]` pools).
     pub scope: LimitScope,
     /// Short, secret-free description (the provider's message, trimmed).
@@ -86,7 +89,15 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(kind: FailureKind, status: Option<u16>, message: impl Into<String>) -> Self {
-        Self { kind, status, retry_at: None, daily: false, scope: LimitScope::Model, message: message.into() }
+        Self {
+            kind,
+            status,
+            retry_at: None,
+            daily: false,
+            retry_guessed: false,
+            scope: LimitScope::Model,
+            message: message.into(),
+        }
     }
 }
 

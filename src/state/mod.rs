@@ -47,10 +47,13 @@ impl Cooldown {
     /// Whether `self` replaces `current` in the shared state. A cooldown only moves forward,
     /// except that a circuit reopened by a failed probe replaces the probe's hold
     /// ([`ProviderState::claim_probe`]): the new open time counts from the failure, not from
-    /// the end of a hold sized for the slowest possible answer.
+    /// the end of a hold sized for the slowest possible answer; and that the provider's own
+    /// time replaces our guess of a rate limit's end (a 429 that gave none), even a sooner one:
+    /// contract §6 cools it "until the time the provider gave".
     pub fn replaces(&self, current: &Cooldown) -> bool {
         let reopened = self.reason == CooldownReason::Circuit && current.reason == CooldownReason::Circuit;
-        reopened || self.until > current.until
+        let told = self.reason.is_providers_word() && current.reason.is_guessed_rate_limit();
+        reopened || told || self.until > current.until
     }
 }
 

@@ -101,15 +101,17 @@ fn a_daily_429_whose_reset_is_our_guess_is_an_estimate() {
     let body = r#"{"message":"Tokens per day limit exceeded - too many tokens processed.","type":"too_many_tokens_error","param":"quota","code":"token_quota_exceeded"}"#;
     let parsed: serde_json::Value = serde_json::from_str(body).unwrap();
     let now = SystemTime::now();
-    let failure = classify(429, &reqwest::header::HeaderMap::new(), &ErrorInfo::read(Some(&parsed), body.as_bytes()), now);
+    let failure =
+        classify(429, &reqwest::header::HeaderMap::new(), &ErrorInfo::read(Some(&parsed), body.as_bytes()), now);
     assert!(failure.daily && failure.retry_at.is_some(), "{failure:?}");
     let (until, reason) = cooldown_for("cerebras", &failure, now).unwrap();
     assert_eq!(
         reason,
-        CooldownReason::RateLimitedEstimate,
+        CooldownReason::QuotaDayEstimate,
         "no time given: our guess of midnight ({:?} ahead) is taken as the provider's word",
         until.duration_since(now).unwrap_or_default()
     );
+    assert!(!reason.is_providers_word());
 }
 
 /// The write-back counts each outage call's tokens as the own view holds them: the provider's
@@ -131,10 +133,7 @@ async fn an_absurd_token_count_answered_during_an_outage_does_not_keep_the_worke
     store.finish(first, Some(u64::MAX), SystemTime::now()).await;
     store.finish(second, Some(u64::MAX), SystemTime::now()).await;
     relay.set_down(false);
-    eventually("the database is back and the outage's calls are written back", || async {
-        !store.is_degraded()
-    })
-    .await;
+    eventually("the database is back and the outage's calls are written back", || async { !store.is_degraded() }).await;
 }
 
 /// ea8db0b: the outage's calls and the answers kept meanwhile now commit together, so a
