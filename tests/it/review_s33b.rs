@@ -1,0 +1,203 @@
+//! Adversarial review, round 2, of f730b5f (openai-kind answers mended into what the OpenAI SDK
+//! loads), 968caf9 (the outage write-back retried, stable ids) and fb6e889 (the provider's word
+//! replaces our estimate, sooner or later; a guessed daily reset is an estimate). Each test is a
+//! fault found and fails on fb6e889.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fallback_worker::providers::openai::interpret;
+use fallback_worker::routing::CooldownReason;
+use fallback_worker::state::{Cooldown, ProviderState};
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+
+use crate::ledger_batching::{DEFAULT_POOL, store_at};
+use crate::support::*;
+
+fn answer_with(choices: Value) -> Result<Value, String> {
+    let body = json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": choices,
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
+    interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), SystemTime::now())
+        .map(|done| done.body)
+        .map_err(|failure| format!("{:?} {:?}: {}", failure.kind, failure.status, failure.message))
+}
+
+fn one_choice(message: Value, finish: Value) -> Value {
+    json!([{"index": 0, "message": message, "finish_reason": finish}])
+}
+
+/// f730b5f `text_of_parts`: a `content` given as parts is mended only when every part is a
+/// `text` one; any other part leaves the list as it is, and the answer is refused as garbled
+/// (`server_error`, the chain moves on: a good answer lost, maybe a paid call made instead).
+/// Mistral's reasoning models (Magistral) answer on their OpenAI-compatible endpoint with
+/// exactly that: a `thinking` chunk (itself a list of text chunks), then the `text` chunk of the
+/// answer. The SDK would load the answer once its text is taken (the thinking is not the
+/// answer; OpenRouter, DeepSeek and vLLM give it as `reasoning`/`reasoning_content` beside it).
+#[test]
+fn a_reasoning_models_answer_with_a_thinking_chunk_is_not_refused_as_garbled() {
+    let message = json!({"role": "assistant", "tool_calls": null, "content": [
+        {"type": "thinking", "thinking": [{"type": "text", "text": "The user asks for 6 * 7, which is 42."}]},
+        {"type": "text", "text": "42"}
+    ]});
+    let body = answer_with(one_choice(message, json!("stop")))
+        .expect("Magistral's answer (a thinking chunk, then the text) is refused as garbled");
+    let content = &body["choices"][0]["message"]["content"];
+    assert!(content.as_str().is_some_and(|c| c.contains("42")), "content given to the client: {content}");
+}
+
+/// f730b5f `finish_reason_for`: every finish reason outside its short table is mended into
+/// `stop`, "absent or unknown → stop". Among the servers' own words are ones that say the answer
+/// did *not* end well, and `stop` is what the `finish` check (contract §7) lets through and what
+/// a client reads as a complete answer: a cut-off or filtered answer reaches the client as a
+/// good one (before f730b5f the same answers reached the client with the server's word, which
+/// at least did not claim `stop`).
+/// - Anthropic's `model_context_window_exceeded` (its OpenAI-compatible endpoint passes stop
+///   reasons through): the answer was cut off by the context window: `length`.
+/// - Gemini's blocked finishes beyond `SAFETY`/`RECITATION`: `BLOCKLIST`, `PROHIBITED_CONTENT`,
+///   `SPII`, `IMAGE_SAFETY`: `content_filter`.
+/// - `ERROR` (any case other than the exact `error` that `success` turns into a server error):
+///   mended into `stop`.
+#[test]
+fn a_finish_that_says_the_answer_was_cut_off_or_blocked_is_not_mended_into_stop() {
+    let message = json!({"role": "assistant", "content": "The first half of an ans"});
+    let mut wrong = Vec::new();
+    for given in ["model_context_window_exceeded", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "ERROR"] {
+        match answer_with(one_choice(message.clone(), json!(given))) {
+            Ok(body) if body["choices"][0]["finish_reason"] == "stop" => wrong.push(given),
+            _ => {}
+        }
+    }
+    assert!(wrong.is_empty(), "finish reasons mended into `stop`, passing the `finish` check: {wrong:?}");
+}
+
+/// f730b5f with `n > 1`: `success` refuses an answer whose *first* choice ended in error
+/// (`finish_reason: "error"`, OpenRouter's word for a generation that failed, providers.md
+/// §3.4), but a later choice with the same error is mended: its `finish_reason` becomes
+/// `stop`, and the client is told the failed generation completed normally.
+#[test]
+fn a_later_choice_that_ended_in_error_is_not_mended_into_stop() {
+    let ok = json!({"index": 0, "message": {"role": "assistant", "content": "one"}, "finish_reason": "stop"});
+    let failed = json!({"index": 1, "message": {"role": "assistant", "content": ""}, "finish_reason": "error",
+        "error": {"code": 502, "message": "Provider disconnected unexpectedly"}});
+    if let Ok(body) = answer_with(json!([ok, failed])) {
+        assert_ne!(
+            body["choices"][1]["finish_reason"], "stop",
+            "the second choice ended in error and the client is told `stop`: {}",
+            body["choices"][1]
+        );
+    }
+}
+
+/// f730b5f: a message that carries tool calls but whose server left `finish_reason` out (or
+/// null, as streaming-oriented servers such as llama.cpp and some vLLM builds do on a
+/// non-stream answer) is mended into `stop`, not `tool_calls`: a client whose loop runs the
+/// tools on `finish_reason == "tool_calls"` (the OpenAI cookbook's) takes the answer as final
+/// and never runs them. The mending has the message at hand.
+#[test]
+fn a_tool_call_answer_without_a_finish_is_mended_into_tool_calls() {
+    let message = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}
+    ]});
+    let body = answer_with(one_choice(message, Value::Null)).unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls", "{}", body["choices"][0]);
+}
+
+/// A store whose every connection goes through a relay the test can take down.
+async fn store_behind_relay(env: &TestEnv) -> (fallback_worker::state::postgres::PgStore, crate::support::relay::Relay) {
+    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = fallback_worker::state::postgres::PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    (store, relay)
+}
+
+/// The shared row's cooldown of `provider`: its reason, and its end.
+async fn shared_cooldown(env: &TestEnv, provider: &str) -> (String, SystemTime) {
+    let (reason, until_ms): (String, i64) = sqlx::query_as(
+        "SELECT cooldown_reason, fallback_epoch_ms(cooldown_until) FROM provider_state WHERE provider = $1",
+    )
+    .bind(provider)
+    .fetch_one(&mut env.db().await)
+    .await
+    .unwrap();
+    (reason, UNIX_EPOCH + Duration::from_millis(until_ms.max(0) as u64))
+}
+
+/// fb6e889 `share_cooldown`'s CASE (and `Cooldown::replaces`): the provider's word now replaces
+/// our estimate "sooner or later" — with no regard to whether it has already ended, or was
+/// given before the estimate. The outage write-back shares every cooldown learnt during the
+/// outage as it was (`write_back` filters none that ended meanwhile). Worker A, cut from the
+/// database, gets a 429 "retry after 1 s". While A is away, worker B gets a 429 with no time
+/// from the same provider: our 60 s estimate, shared. When A's database comes back, its
+/// write-back puts its long-ended 429 over B's running estimate: the shared row (and, by the
+/// notice, every worker's view) says the provider is usable *now*, seconds after it refused B:
+/// the herd after a 429 that contract §6 forbids. Before fb6e889 the older, ended cooldown
+/// could not replace a later one.
+#[tokio::test]
+async fn an_ended_providers_word_written_back_does_not_erase_a_running_estimate() {
+    let env = TestEnv::new().await;
+    let (a, relay) = store_behind_relay(&env).await;
+    let b = store_at(&env.database_url, DEFAULT_POOL).await;
+    relay.set_down(true);
+    let word = Cooldown {
+        until: SystemTime::now() + Duration::from_secs(1),
+        reason: CooldownReason::RateLimited,
+        detail: "429, retry-after: 1".into(),
+    };
+    a.cool_down("p", word).await;
+    assert!(a.is_degraded(), "A could not share its cooldown: kept for the write-back");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // A's cooldown has ended (a 1 s cooldown, a clock).
+    let estimate = Cooldown {
+        until: SystemTime::now() + Duration::from_secs(60),
+        reason: CooldownReason::RateLimitedEstimate,
+        detail: "429 without a retry time".into(),
+    };
+    b.cool_down("p", estimate).await;
+    let (reason, until) = shared_cooldown(&env, "p").await;
+    assert_eq!(reason, "rate_limited_estimate");
+    assert!(until > SystemTime::now() + Duration::from_secs(50));
+
+    relay.set_down(false);
+    eventually("A's database is back and its outage written back", || async { !a.is_degraded() }).await;
+    let (reason, until) = shared_cooldown(&env, "p").await;
+    let now = SystemTime::now();
+    assert!(
+        until > now + Duration::from_secs(30),
+        "B's 429 of a moment ago is erased by A's ended one: the shared row says {reason} until {:?} ago",
+        now.duration_since(until).unwrap_or_default()
+    );
+}
+
+/// fb6e889: a per-day quota spent with no reset given (Cerebras' "Tokens per day limit
+/// exceeded" without its `x-ratelimit-reset-*-day` header, a Groq `(TPD)` without "try again
+/// in") cools the provider until our guess of midnight, `quota_day_estimate`. Any
+/// `rate_limited` now replaces it, however soon it ends — also one that speaks of another limit:
+/// a per-minute 429 ("retry-after: 2") from a call that was in flight beside the one that spent
+/// the day. The day's quota is still spent, but every worker calls the provider again 2 s later,
+/// each call refused per day (and on OpenRouter's free tier, failed attempts count toward the
+/// daily quota, providers.md §3.5). A per-minute time says nothing of the day's reset: the
+/// estimate it should replace is a per-minute one (`rate_limited_estimate`), not the day's.
+#[tokio::test]
+async fn a_per_minute_retry_time_does_not_end_a_spent_daily_quota() {
+    let env = TestEnv::new().await;
+    let store = store_at(&env.database_url, DEFAULT_POOL).await;
+    let now = SystemTime::now();
+    let day = Cooldown {
+        until: now + Duration::from_secs(6 * 3600),
+        reason: CooldownReason::QuotaDayEstimate,
+        detail: "429 Tokens per day limit exceeded".into(),
+    };
+    store.cool_down("p", day).await;
+    let minute = Cooldown {
+        until: now + Duration::from_secs(2),
+        reason: CooldownReason::RateLimited,
+        detail: "429 Requests per minute limit exceeded, retry-after: 2".into(),
+    };
+    store.cool_down("p", minute).await;
+    let (reason, until) = shared_cooldown(&env, "p").await;
+    assert!(
+        until > now + Duration::from_secs(3600),
+        "the spent daily quota is forgotten: the shared row says {reason}, {:?} ahead",
+        until.duration_since(now).unwrap_or_default()
+    );
+}
