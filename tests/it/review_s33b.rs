@@ -201,3 +201,72 @@ async fn a_per_minute_retry_time_does_not_end_a_spent_daily_quota() {
         until.duration_since(now).unwrap_or_default()
     );
 }
+
+/// 968caf9 finding 4's fix (`shared_id` kept, `NOT EXISTS` guard) loses the answer of a call
+/// that was in flight when the write-back committed and whose commit answer was lost. The first
+/// try wrote the call's row with its *estimate* (10 tokens, leaving at the flight's end), but,
+/// erroring, registered no `written_back` entry for it; the call's answer (5000 tokens) then
+/// finds none (`queue_answer`: a local call not written back is left to the write-back's own
+/// view) and is only counted in the own view. The retry plans the call as answered, with its
+/// 5000 tokens, but the guard sees its row there and skips it: the window keeps the estimate,
+/// and nothing else will ever write the answer. The shared window counts 4990 tokens less than
+/// the provider was sent for the rest of its hour; every worker admits past the limit by it.
+#[tokio::test]
+async fn an_answer_to_a_call_whose_write_back_commit_answer_was_lost_is_counted() {
+    use crate::credits::{ask, granted, tokens};
+    use crate::review_finish::used;
+    let env = TestEnv::new().await;
+    let (store, relay) = store_behind_relay(&env).await;
+    let limits = [tokens(1_000_000)];
+    relay.set_down(true);
+    let in_flight = granted(&store, ask(&limits, 10)).await;
+    assert!(store.is_degraded());
+
+    let mut admin = env.db().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION review_s33b_slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER review_s33b_slow_commit AFTER INSERT ON quota_use \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION review_s33b_slow_commit();",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    relay.set_down(false);
+    eventually("the write-back commits", || async {
+        let committing: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
+               AND query ILIKE 'commit%'",
+        )
+        .fetch_one(&mut env.db().await)
+        .await
+        .unwrap();
+        committing > 0
+    })
+    .await;
+    relay.hold(true);
+    eventually("the write-back has committed", || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM quota_use WHERE scope = 'p'")
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap();
+        rows > 0
+    })
+    .await;
+    sqlx::raw_sql("DROP TRIGGER review_s33b_slow_commit ON quota_use").execute(&mut admin).await.unwrap();
+    assert_eq!(used(&env, "provider", "p", "tokens").await, 10, "written back in flight, with its estimate");
+    // The call's answer comes while the commit's answer is held back.
+    store.finish(in_flight, Some(5000), SystemTime::now()).await;
+    // The commit's answer is lost with the link; the write-back is retried.
+    relay.cut();
+    relay.hold(false);
+    eventually("the database is back", || async { !store.is_degraded() }).await;
+    store.answers_recorded().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut counted = used(&env, "provider", "p", "tokens").await;
+    while counted != 5000 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        counted = used(&env, "provider", "p", "tokens").await;
+    }
+    assert_eq!(counted, 5000, "the call used 5000 tokens; the shared window counts {counted}");
+}
