@@ -270,3 +270,35 @@ async fn an_answer_to_a_call_whose_write_back_commit_answer_was_lost_is_counted(
     }
     assert_eq!(counted, 5000, "the call used 5000 tokens; the shared window counts {counted}");
 }
+
+/// f730b5f `answer_problems`: a tool call without `function.arguments` is refused as garbled
+/// (`server_error`, the chain moves on), with nothing mended. OpenRouter answers so for
+/// Anthropic models calling a tool that takes no arguments (OpenRouterTeam/ai-sdk-provider
+/// issue #287, 2025-12: `"function": {"name": "list_available_components"}`, "Expected:
+/// `"arguments": "{}"`"). A good answer — the tool the job asked for, called rightly — is lost,
+/// and the next provider (maybe a paid one) is called instead. `"{}"` is what the call means.
+#[test]
+fn a_tool_call_without_arguments_is_not_refused_as_garbled() {
+    let message = json!({"role": "assistant", "content": "", "tool_calls": [
+        {"id": "toolu_bdrk_01", "type": "function", "index": 0, "function": {"name": "list_available_components"}}
+    ]});
+    let body = answer_with(one_choice(message, json!("tool_calls")))
+        .expect("OpenRouter's tool call with no arguments is refused as garbled");
+    let arguments = &body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"];
+    assert!(arguments.is_string(), "{arguments}");
+}
+
+/// f730b5f `repair_answer` drops a `usage` the SDK would refuse *before* `success` reads its
+/// `total_tokens`: a server that leaves `completion_tokens` out (as in a Bedrock-backed
+/// OpenAI-compatible answer quoted in SecretiveShell/MCP-Bridge issue #48:
+/// `"usage":{"prompt_tokens":1066,"total_tokens":103}`) now reports no count at all, and the
+/// provider's token windows keep the call's estimate instead of the count the provider gave
+/// (contract §6: "corrected from `usage` after it"). Before f730b5f the count was read.
+#[test]
+fn a_usage_the_sdk_would_refuse_still_corrects_the_token_count() {
+    let body = json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1066, "total_tokens": 1103}});
+    let done = interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), SystemTime::now()).unwrap();
+    assert_eq!(done.total_tokens, Some(1103), "the provider said 1103 tokens; the count read is {:?}", done.total_tokens);
+}
