@@ -302,3 +302,80 @@ fn a_usage_the_sdk_would_refuse_still_corrects_the_token_count() {
     let done = interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), SystemTime::now()).unwrap();
     assert_eq!(done.total_tokens, Some(1103), "the provider said 1103 tokens; the count read is {:?}", done.total_tokens);
 }
+
+/// Whether a `COMMIT` is running in the test's database.
+async fn committing(env: &TestEnv) -> bool {
+    let running: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
+           AND query ILIKE 'commit%'",
+    )
+    .fetch_one(&mut env.db().await)
+    .await
+    .unwrap();
+    running > 0
+}
+
+/// 968caf9: `keep_for_the_write_back` spawns `write_back_what_is_left` on the answers'
+/// tracker when the worker is not degraded, and that loop retries "until it lands", with no
+/// bound (the answers' own retry, `write_answers_again`, gives each answer four tries).
+/// `answers_recorded` — what a stopping worker waits on, "within the bound of a state call" —
+/// closes the tracker and waits for it: while the database does not take the write (here it
+/// refuses one answer for good; a row held by another session's long transaction does the same
+/// for as long), the worker cannot stop: SIGTERM does not end it (contract §1: drain and exit).
+/// The path: a call admitted while the first write-back commits, still in flight at the
+/// second (`write_back_what_is_left`), answered while that one commits; its answer, written by
+/// `remember_written_back_in_flight`, fails and goes to `keep_for_the_write_back` outside an
+/// outage.
+#[tokio::test]
+async fn a_stopping_worker_does_not_wait_for_a_write_back_the_database_refuses() {
+    use crate::credits::{ask, granted, tokens};
+    let env = TestEnv::new().await;
+    let (store, relay) = store_behind_relay(&env).await;
+    let limits = [tokens(1_000_000)];
+    let mut admin = env.db().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION review_s33b_slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER review_s33b_slow_commit AFTER INSERT ON quota_use \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION review_s33b_slow_commit(); \
+         CREATE FUNCTION review_s33b_refuse() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'review33b: this answer is refused'; END $$; \
+         CREATE TRIGGER review_s33b_refuse BEFORE UPDATE ON quota_use FOR EACH ROW \
+           WHEN (NEW.amount = 5000) EXECUTE FUNCTION review_s33b_refuse();",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    relay.set_down(true);
+    let first = granted(&store, ask(&limits, 10)).await;
+    assert!(store.is_degraded());
+    store.finish(first, Some(10), SystemTime::now()).await;
+    relay.set_down(false);
+    eventually("the first write-back commits", || committing(&env)).await;
+    let late = granted(&store, ask(&limits, 10)).await;
+    assert!(store.is_degraded(), "admitted during the first write-back, from the own view");
+    eventually("the first write-back is done", || async { !store.is_degraded() }).await;
+    eventually("the second write-back commits", || committing(&env)).await;
+    store.finish(late, Some(5000), SystemTime::now()).await;
+    eventually("the second write-back has committed", || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(DISTINCT call_id) FROM quota_use")
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap();
+        rows == 2
+    })
+    .await;
+    // The answer's write is refused (a rolled-back transaction), then written back again.
+    let rollbacks = || async {
+        let n: i64 = sqlx::query_scalar("SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap();
+        n
+    };
+    let before = rollbacks().await;
+    eventually("the refused answer is being written back", || async { rollbacks().await >= before + 2 }).await;
+    // The worker is told to stop.
+    let stopped = tokio::time::timeout(Duration::from_secs(15), store.answers_recorded()).await;
+    assert!(stopped.is_ok(), "15 s after the stop began, answers_recorded still waits on the write-back's retries");
+}
