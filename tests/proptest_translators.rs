@@ -440,6 +440,78 @@ fn openai_answer() -> impl Strategy<Value = Value> {
         .prop_map(|(choices, usage, id)| json!({"id": id, "choices": choices, "usage": usage}))
 }
 
+/// An OpenAI-compatible answer that says everything the SDK needs, in a server's own way: any
+/// finish reason but a failed generation's (or none), an index of any type, a role other than
+/// `assistant` or none, content as text or as parts (with a reasoning part), tool calls missing
+/// their type, id or arguments, a usage missing one count.
+fn mendable_openai_answer() -> impl Strategy<Value = Value> {
+    let finish = prop_oneof![
+        "[a-zA-Z_]{0,24}"
+            .prop_filter("not a failed generation", |f| {
+                !matches!(f.to_ascii_lowercase().as_str(), "error" | "abort" | "aborted" | "cancelled" | "canceled")
+            })
+            .prop_map(Value::from),
+        Just(Value::Null),
+    ];
+    let content = prop_oneof![
+        text().prop_map(Value::from),
+        Just(Value::Null),
+        (text(), text()).prop_map(|(thought, answer)| json!([
+            {"type": "thinking", "thinking": [{"type": "text", "text": thought}]}, {"type": "text", "text": answer}])),
+        prop::collection::vec(text(), 0..3)
+            .prop_map(|parts| Value::Array(parts.into_iter().map(|t| json!({"type": "text", "text": t})).collect())),
+    ];
+    let call = (text(), prop::option::of(any_json()), any::<bool>(), any::<bool>()).prop_map(
+        |(name, arguments, typed, with_id)| {
+            let mut function = json!({"name": name});
+            if let Some(arguments) = arguments {
+                function["arguments"] = arguments;
+            }
+            let mut call = json!({"function": function});
+            if typed {
+                call["type"] = json!("function");
+            }
+            if with_id {
+                call["id"] = json!("call_1");
+            }
+            call
+        },
+    );
+    let role = prop_oneof![Just(json!("assistant")), Just(json!("model")), Just(Value::Null)];
+    let message = (content, role, prop::collection::vec(call, 0..2)).prop_map(|(content, role, calls)| {
+        let mut message = json!({"content": content, "role": role});
+        if !calls.is_empty() {
+            message["tool_calls"] = Value::Array(calls);
+        }
+        message
+    });
+    let choice = (message, finish, any_json())
+        .prop_map(|(message, finish, index)| json!({"index": index, "message": message, "finish_reason": finish}));
+    let usage = prop_oneof![
+        Just(json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})),
+        Just(json!({"prompt_tokens": 3, "total_tokens": 7})),
+        Just(json!({"completion_tokens": 4, "total_tokens": 7})),
+        Just(json!({"prompt_tokens": 3, "completion_tokens": 4})),
+        Just(Value::Null),
+    ];
+    (prop::collection::vec(choice, 1..3), usage)
+        .prop_map(|(choices, usage)| json!({"choices": choices, "usage": usage}))
+}
+
+proptest! {
+    /// An answer that says everything the SDK needs in a server's own way is taken, mended,
+    /// and loads (without the mending, each of these is refused as garbled).
+    #[test]
+    fn any_mendable_openai_answer_is_taken_and_loads(body in mendable_openai_answer()) {
+        let bytes = body.to_string().into_bytes();
+        let done = openai::interpret(200, &HeaderMap::new(), &bytes, SystemTime::now());
+        prop_assert!(done.is_ok(), "refused: {:?}\n{}", done.err().map(|f| f.message), body);
+        let mut body = done.map(|d| d.body).unwrap_or_default();
+        complete_envelope(&mut body, "chatcmpl-1", "configured", 1);
+        prop_assert_eq!(chat_completion_problems(&body), Vec::<String>::new(), "{}", body);
+    }
+}
+
 proptest! {
     /// Whatever an OpenAI-compatible server answers, a success is one the OpenAI SDK loads once
     /// its envelope is completed (as every result's is); anything else is a classified failure.

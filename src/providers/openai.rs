@@ -82,13 +82,16 @@ fn success(status: u16, headers: &HeaderMap, mut json: Value, now: SystemTime) -
         return Err(classify(code, headers, &info, now));
     }
     let choices = json.get("choices").and_then(Value::as_array);
-    let Some(first) = choices.and_then(|c| c.first()) else {
+    if choices.is_none_or(|c| c.is_empty()) {
         return Err(Failure::new(FailureKind::Server, Some(status), "the provider answered without choices"));
-    };
-    if first.get("finish_reason").and_then(Value::as_str) == Some("error") || first.get("error").is_some() {
-        let message = first.pointer("/error/message").and_then(Value::as_str).unwrap_or("generation failed");
+    }
+    // A generation that failed is no answer, whichever of the choices (`n` > 1) it is.
+    if let Some(failed) = choices.into_iter().flatten().find(|choice| shape::failed_generation(choice)) {
+        let message = failed.pointer("/error/message").and_then(Value::as_str).unwrap_or("generation failed");
         return Err(Failure::new(FailureKind::Server, Some(status), short_message(message)));
     }
+    // The provider's count as it gave it, even in a `usage` the mending drops.
+    let given_total = json.get("usage").and_then(|usage| usage.get("total_tokens")).and_then(Value::as_u64);
     // The answer goes to clients whose OpenAI SDK must load it (contract §3): a server's own
     // spellings are mended, and what cannot be is a garbled answer, as a body that is not JSON.
     shape::repair_answer(&mut json);
@@ -104,7 +107,8 @@ fn success(status: u16, headers: &HeaderMap, mut json: Value, now: SystemTime) -
         .map(str::to_string)
         .or_else(|| json.get("id").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_default();
-    let total_tokens = json.get("usage").and_then(|usage| usage.get("total_tokens")).and_then(Value::as_u64);
+    let total_tokens =
+        json.get("usage").and_then(|usage| usage.get("total_tokens")).and_then(Value::as_u64).or(given_total);
     let exhausted_until = retry_info::exhausted_reset(headers, now);
     let quota = quota_headers::observe(headers, now);
     Ok(Completion { status, request_id, body: json, total_tokens, exhausted_until, quota })
@@ -179,7 +183,7 @@ mod tests {
             serde_json::json!({"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": 42}}),
             serde_json::json!({"index": 0, "finish_reason": "stop", "message": "hi"}),
             serde_json::json!({"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": null,
-                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}}),
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"arguments": "{}"}}]}}),
         ] {
             let body = serde_json::json!({"choices": [choice]}).to_string();
             let failure = interpret(200, &HeaderMap::new(), body.as_bytes(), now()).unwrap_err();

@@ -54,18 +54,28 @@ pub fn answer_problems(body: &Value) -> Vec<String> {
 }
 
 /// Mends what an OpenAI-compatible server says its own way in an answer the OpenAI SDK must
-/// load (contract §3), without changing what it says: a `finish_reason` outside the SDK's
-/// literals is read as the one it stands for (`eos`, `end_turn` → `stop`; `max_tokens` →
-/// `length`; `tool_use` → `tool_calls`; `safety` → `content_filter`; absent or unknown →
-/// `stop`), the provider's own word kept beside it as `native_finish_reason` (as OpenRouter
-/// does); a choice's `index` that is no integer becomes its position; `message.role` becomes
-/// `assistant`; `content` given as text parts becomes their text; a `refusal` that is no text,
-/// and a `usage` whose counts are not integers, are dropped. What is left wrong is for
-/// [`answer_problems`] to name.
+/// load (contract §3), without changing what it says:
+/// - a `finish_reason` outside the SDK's literals is read as the one it stands for
+///   ([`finish_reason_for`]); the provider's own word is kept beside it as
+///   `native_finish_reason` (as OpenRouter does); a message with tool calls and no finish
+///   finished for them (`tool_calls`), any other without one `stop`;
+/// - a choice's `index` that is no integer becomes its position, `message.role` `assistant`;
+/// - `content` given as parts becomes the text of its text parts (a reasoning model's
+///   `thinking` part is not the answer);
+/// - a tool call without `type` is a `function` one, one without an `id` gets one, and its
+///   `arguments` given as JSON (or not at all) become the JSON text the SDK expects;
+/// - a `refusal` that is no text is dropped; a `usage` missing one count gets it from the two
+///   others, and one that still does not load is dropped.
+///
+/// What is left wrong is for [`answer_problems`] to name. A finish that says the generation
+/// failed is not mended: [`failed_generation`] finds it first.
 pub fn repair_answer(body: &mut Value) {
     let Some(fields) = body.as_object_mut() else { return };
-    if fields.get("usage").is_some_and(|u| !u.is_null() && !usage_loads(u)) {
-        fields.remove("usage");
+    if let Some(usage) = fields.get_mut("usage").filter(|u| !u.is_null()) {
+        complete_usage(usage);
+        if !usage_loads(usage) {
+            fields.remove("usage");
+        }
     }
     let Some(choices) = fields.get_mut("choices").and_then(Value::as_array_mut) else { return };
     for (position, choice) in choices.iter_mut().enumerate() {
@@ -73,8 +83,34 @@ pub fn repair_answer(body: &mut Value) {
     }
 }
 
+/// Whether a choice says its generation failed: `finish_reason` `error` (OpenRouter, §3.4 of the
+/// reference), `abort`/`cancelled` (a server that stopped the request), in any case, or an
+/// `error` object of its own. Such an answer is no answer, whichever choice it is.
+pub fn failed_generation(choice: &Value) -> bool {
+    let finish = choice.get("finish_reason").and_then(Value::as_str).map(str::to_ascii_lowercase);
+    let failed = matches!(finish.as_deref(), Some("error" | "abort" | "aborted" | "cancelled" | "canceled"));
+    failed || choice.get("error").is_some_and(|e| !e.is_null())
+}
+
 fn usage_loads(usage: &Value) -> bool {
     ["prompt_tokens", "completion_tokens", "total_tokens"].iter().all(|key| is_int(usage.get(*key)))
+}
+
+/// Fills the one count of three a server left out from the two it gave (total = prompt +
+/// completion), when they are counts.
+fn complete_usage(usage: &mut Value) {
+    let Some(fields) = usage.as_object_mut() else { return };
+    let count = |key: &str| fields.get(key).filter(|v| is_int(Some(v))).and_then(Value::as_u64);
+    let (prompt, completion, total) = (count("prompt_tokens"), count("completion_tokens"), count("total_tokens"));
+    let missing = match (prompt, completion, total) {
+        (Some(p), Some(c), None) => p.checked_add(c).map(|t| ("total_tokens", t)),
+        (Some(p), None, Some(t)) => t.checked_sub(p).map(|c| ("completion_tokens", c)),
+        (None, Some(c), Some(t)) => t.checked_sub(c).map(|p| ("prompt_tokens", p)),
+        _ => None,
+    };
+    if let Some((key, value)) = missing {
+        fields.insert(key.into(), Value::from(value));
+    }
 }
 
 fn repair_choice(choice: &mut Value, position: usize) {
@@ -82,8 +118,17 @@ fn repair_choice(choice: &mut Value, position: usize) {
     if !is_int(fields.get("index")) {
         fields.insert("index".into(), Value::from(position));
     }
+    let calls_tools = fields
+        .get("message")
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+        .is_some_and(|calls| !calls.is_empty());
     let given = fields.get("finish_reason").cloned();
-    let reason = given.as_ref().and_then(Value::as_str).map_or("stop", finish_reason_for);
+    let reason = match given.as_ref().and_then(Value::as_str) {
+        Some(native) => finish_reason_for(native),
+        None if calls_tools => "tool_calls",
+        None => "stop",
+    };
     if given.as_ref().and_then(Value::as_str) != Some(reason) {
         if let Some(Value::String(native)) = given {
             fields.insert("native_finish_reason".into(), Value::String(native));
@@ -100,33 +145,70 @@ fn repair_choice(choice: &mut Value, position: usize) {
     if message.get("refusal").is_some_and(|r| !r.is_null() && !r.is_string()) {
         message.remove("refusal");
     }
+    if let Some(calls) = message.get_mut("tool_calls").and_then(Value::as_array_mut) {
+        for (j, call) in calls.iter_mut().enumerate() {
+            repair_tool_call(call, position, j);
+        }
+    }
 }
 
-/// The SDK's literal a provider's own finish reason stands for.
+/// A tool call as the SDK loads it, from a server that left out what it can do without: its
+/// `type` (only `function` exists), its `id`, or `arguments` (a function without parameters;
+/// OpenRouter for Anthropic models), or gave `arguments` as JSON rather than JSON text. A call
+/// without a function name is left for [`answer_problems`] to name.
+fn repair_tool_call(call: &mut Value, choice: usize, position: usize) {
+    let Some(fields) = call.as_object_mut() else { return };
+    if fields.get("type").is_none_or(Value::is_null) {
+        fields.insert("type".into(), Value::from("function"));
+    }
+    if !fields.get("id").is_some_and(Value::is_string) {
+        fields.insert("id".into(), Value::from(format!("call_{choice}_{position}")));
+    }
+    let Some(function) = fields.get_mut("function").and_then(Value::as_object_mut) else { return };
+    match function.get("arguments") {
+        Some(Value::String(_)) => {}
+        None | Some(Value::Null) => {
+            function.insert("arguments".into(), Value::from("{}"));
+        }
+        Some(json) => {
+            let text = json.to_string();
+            function.insert("arguments".into(), Value::String(text));
+        }
+    }
+}
+
+/// The SDK's literal a provider's own finish reason stands for: the literal itself, a known
+/// spelling of one (Anthropic's, Gemini's, Mistral's, Ollama's, vLLM's), or by what it names
+/// (a length or token cap: `length`; a filter, block or policy: `content_filter`; a tool or
+/// function: `tool_calls`); anything else ended as asked: `stop`.
 fn finish_reason_for(native: &str) -> &'static str {
     if let Some(&literal) = FINISH_REASONS.iter().find(|literal| **literal == native) {
         return literal;
     }
-    match native.to_ascii_lowercase().as_str() {
-        "length" | "max_tokens" | "max_length" | "max_output_tokens" | "model_length" => "length",
-        "tool_calls" | "tool_use" | "tool_call" | "function_call" | "function_calls" => "tool_calls",
-        "content_filter" | "safety" | "content_filtered" | "moderation" | "refusal" | "recitation" => "content_filter",
-        _ => "stop",
+    let native = native.to_ascii_lowercase();
+    let names = |words: &[&str]| words.iter().any(|word| native.contains(word));
+    if names(&["length", "max_tokens", "max_output", "max_completion", "context_window", "token_limit", "truncat"]) {
+        "length"
+    } else if names(&["filter", "safety", "block", "prohibited", "spii", "recitation", "moderation", "polic", "refus"])
+    {
+        "content_filter"
+    } else if names(&["tool", "function"]) {
+        "tool_calls"
+    } else {
+        "stop"
     }
 }
 
-/// A `content` given as a list of text parts (`[{"type": "text", "text": …}]`, as some
-/// OpenAI-compatible servers answer): their text, joined. `None` for anything else.
+/// A `content` given as a list of parts (`[{"type": "text", "text": …}]`, as some
+/// OpenAI-compatible servers answer): the text of its text parts, joined. Other parts (a
+/// reasoning model's `thinking`) are not the answer. `None` for anything but a list.
 fn text_of_parts(content: &Value) -> Option<String> {
     let parts = content.as_array()?;
-    let texts: Option<Vec<&str>> = parts
-        .iter()
-        .map(|part| match part.get("type").and_then(Value::as_str) {
-            Some("text") | None => part.get("text").and_then(Value::as_str),
-            Some(_) => None,
-        })
-        .collect();
-    Some(texts?.concat())
+    let texts = parts.iter().filter_map(|part| match part.get("type").and_then(Value::as_str) {
+        Some("text") | None => part.get("text").and_then(Value::as_str),
+        Some(_) => None,
+    });
+    Some(texts.collect())
 }
 
 /// Fills the fields the SDK requires at the top of a chat completion that an answer left out or
