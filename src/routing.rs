@@ -84,14 +84,15 @@ pub enum CooldownReason {
     RateLimited,
     /// A 429 (or 529) that gave no retry time: 60 s, our estimate. It holds the provider as
     /// long all the same, but never fails a job before its `max_wait` (contract §6: only a time
-    /// the provider gave may), and the provider's own time, when a later 429 gives one,
-    /// replaces it even if sooner. A worker of an older version reads it as `Unrecognized`:
+    /// the provider gave may), and the provider's own time, when a later 429 gives one (still
+    /// to come), replaces it even if sooner. A worker of an older version reads it as `Unrecognized`:
     /// also an estimate.
     RateLimitedEstimate,
     /// A per-day quota is spent: until its reset.
     QuotaDay,
     /// A per-day quota is spent and the provider gave no reset: until the next UTC midnight,
-    /// our guess. An estimate, as [`RateLimitedEstimate`](Self::RateLimitedEstimate) is.
+    /// our guess. An estimate, as [`RateLimitedEstimate`](Self::RateLimitedEstimate) is; the
+    /// provider's own daily reset, when a later 429 gives one, replaces it.
     QuotaDayEstimate,
     /// Timeout or connection failure: 30 s.
     Unreachable,
@@ -131,12 +132,6 @@ impl CooldownReason {
     /// may fail a job before its `max_wait` (contract §6); an estimate makes the job wait.
     pub fn is_providers_word(self) -> bool {
         matches!(self, Self::RateLimited | Self::QuotaDay)
-    }
-
-    /// Our guess of a rate limit's end (a 429 without a time): the provider's own word
-    /// replaces it, sooner or later.
-    pub fn is_guessed_rate_limit(self) -> bool {
-        matches!(self, Self::RateLimitedEstimate | Self::QuotaDayEstimate)
     }
 
     pub fn parse(text: &str) -> Option<Self> {

@@ -48,11 +48,19 @@ impl Cooldown {
     /// except that a circuit reopened by a failed probe replaces the probe's hold
     /// ([`ProviderState::claim_probe`]): the new open time counts from the failure, not from
     /// the end of a hold sized for the slowest possible answer; and that the provider's own
-    /// time replaces our guess of a rate limit's end (a 429 that gave none), even a sooner one:
-    /// contract §6 cools it "until the time the provider gave".
-    pub fn replaces(&self, current: &Cooldown) -> bool {
+    /// time, still to come at `now`, replaces our guess of a rate limit's end (a 429 that gave
+    /// none), even a sooner one: contract §6 cools it "until the time the provider gave". A
+    /// guessed daily reset gives way only to the provider's daily reset: a per-minute retry
+    /// time says nothing of the day's quota. A time already past (an outage's cooldown shared
+    /// late, a notice come late) never ends a running guess.
+    pub fn replaces(&self, current: &Cooldown, now: SystemTime) -> bool {
         let reopened = self.reason == CooldownReason::Circuit && current.reason == CooldownReason::Circuit;
-        let told = self.reason.is_providers_word() && current.reason.is_guessed_rate_limit();
+        let told = self.until > now
+            && match current.reason {
+                CooldownReason::RateLimitedEstimate => self.reason.is_providers_word(),
+                CooldownReason::QuotaDayEstimate => self.reason == CooldownReason::QuotaDay,
+                _ => false,
+            };
         reopened || told || self.until > current.until
     }
 }

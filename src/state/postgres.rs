@@ -250,6 +250,8 @@ struct Outage {
     /// Calls admitted locally, written back while still in flight: their database id and
     /// provider, by local id, so that their answers correct the shared windows too.
     written_back: Mutex<HashMap<i64, WrittenBack>>,
+    /// A task writes back what an outage left (see [`PgStore::write_back_what_is_left`]).
+    writing_back_leftovers: AtomicBool,
 }
 
 impl Outage {
@@ -530,7 +532,7 @@ impl PgStore {
         self.outage.unwritten_answers.lock().unwrap().extend(answers);
         if !self.is_degraded() {
             let store = self.clone();
-            self.answers.spawn(async move { store.write_back_what_is_left().await });
+            tokio::spawn(async move { store.write_back_what_is_left().await });
         }
     }
 
@@ -866,8 +868,24 @@ impl PgStore {
     /// Writes back what is left of an outage once the worker has left degraded mode (the calls
     /// admitted while the first write-back ran, answers kept meanwhile), until it lands: a call
     /// left unwritten would count in no shared window until the next outage, which may never
-    /// come (review 33). A new outage takes over: its own write-back writes them.
+    /// come (review 33). A new outage takes over: its own write-back writes them. One task at a
+    /// time does it (more would only contend for the same windows); what arrives as it ends is
+    /// written by it all the same. Nothing waits for it: a stopping worker does not wait on a
+    /// database that keeps refusing the write (review 33b).
     async fn write_back_what_is_left(&self) {
+        loop {
+            if self.outage.writing_back_leftovers.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            self.write_back_until_written().await;
+            self.outage.writing_back_leftovers.store(false, Ordering::SeqCst);
+            if self.is_degraded() || !self.outage.has_unwritten() {
+                return;
+            }
+        }
+    }
+
+    async fn write_back_until_written(&self) {
         let mut tries = 0u32;
         while !self.is_degraded() && self.outage.has_unwritten() {
             match self.write_back().await {
@@ -948,7 +966,9 @@ impl PgStore {
         if unsynced.is_empty() && answers.is_empty() {
             return Ok(());
         }
-        let (windows, in_flight) = self.plan_written_back_calls(unsynced).await?;
+        let WrittenBackPlan { windows, in_flight, answered_again } = self.plan_written_back_calls(unsynced).await?;
+        let answers: Vec<AnswerWrite> = answers.iter().copied().chain(answered_again).collect();
+        let answers = answers.as_slice();
         let mut tx = self.begin_unbounded().await?;
         create_and_lock_windows(&mut tx, windows.keys(), answers).await?;
         for (key, (call_ids, amounts, leaves)) in &windows {
@@ -977,18 +997,19 @@ impl PgStore {
     /// by its rows as an admission's are: an answer that comes after the write-back finds them
     /// through it; given once, see [`UnsyncedCall::shared_id`]), and the calls still in flight
     /// among them.
-    async fn plan_written_back_calls(
-        &self,
-        unsynced: &mut [UnsyncedCall],
-    ) -> Result<(BTreeMap<WindowKey, WrittenBackRows>, Vec<(i64, WrittenBack)>), sqlx::Error> {
-        let mut windows: BTreeMap<WindowKey, WrittenBackRows> = BTreeMap::new();
-        let mut in_flight = Vec::new();
+    async fn plan_written_back_calls(&self, unsynced: &mut [UnsyncedCall]) -> Result<WrittenBackPlan, sqlx::Error> {
+        let mut plan = WrittenBackPlan::default();
         if unsynced.is_empty() {
-            return Ok((windows, in_flight));
+            return Ok(plan);
         }
         let ids: Vec<i64> = unsynced.iter().map(|c| c.local_id).collect();
         let calls: HashMap<i64, (String, super::quota::Usage)> =
             self.outage.own_calls.calls(&ids).into_iter().map(|(p, u)| (u.id, (p, u))).collect();
+        // Calls numbered by an earlier try may have been written by it (its commit's answer
+        // lost): their rows are not written again, so an answer that came since is written
+        // over them.
+        let tried_before: HashSet<i64> =
+            unsynced.iter().filter(|c| c.shared_id.is_some()).map(|c| c.local_id).collect();
         let unnumbered = unsynced.iter().filter(|c| c.shared_id.is_none()).count();
         if unnumbered > 0 {
             let shared_ids: Vec<i64> =
@@ -1008,7 +1029,10 @@ impl PgStore {
             if usage.done.is_none() {
                 let written =
                     WrittenBack { call: shared_id, provider: Arc::from(provider.as_str()), estimate: usage.tokens };
-                in_flight.push((call.local_id, written));
+                plan.in_flight.push((call.local_id, written));
+            } else if tried_before.contains(&call.local_id) {
+                let tokens = Some(saturating_i64(usage.tokens.min(MAX_REPORTED_TOKENS)));
+                plan.answered_again.push(AnswerWrite::of_call(shared_id, tokens));
             }
             let end = usage.done.unwrap_or(usage.expires);
             for spec in windows_of(provider, &call.limits, &call.pools) {
@@ -1023,13 +1047,13 @@ impl PgStore {
                     Some(reset) => reset.next_after(end),
                     None => end.checked_add(spec.key.window).unwrap_or(end),
                 };
-                let entry = windows.entry(spec.key).or_default();
+                let entry = plan.windows.entry(spec.key).or_default();
                 entry.0.push(shared_id);
                 entry.1.push(saturating_i64(amount));
                 entry.2.push(epoch_ms(leaves) as f64);
             }
         }
-        Ok((windows, in_flight))
+        Ok(plan)
     }
 
     /// Calls written back while still in flight: their answers, when they come, are written
@@ -1393,7 +1417,7 @@ impl PgStore {
         let mut cache = self.cache.lock().unwrap();
         let entry = cache.entry(provider.to_string()).or_default();
         let newer = match (&entry.cooldown, &cooldown) {
-            (Some(current), Some(new)) => new.replaces(current),
+            (Some(current), Some(new)) => new.replaces(current, SystemTime::now()),
             (None, Some(_)) => true,
             // The shared row has no cooldown any more: a success closed the circuit.
             (Some(current), None) => current.reason == CooldownReason::Circuit,
@@ -1980,6 +2004,16 @@ struct WrittenBack {
 /// (epoch ms).
 type WrittenBackRows = (Vec<i64>, Vec<i64>, Vec<f64>);
 
+/// What a write-back writes of an outage's calls: their rows in each window, the calls still in
+/// flight (whose answers come later), and the answers of calls an earlier try may have
+/// written already (written over their rows).
+#[derive(Default)]
+struct WrittenBackPlan {
+    windows: BTreeMap<WindowKey, WrittenBackRows>,
+    in_flight: Vec<(i64, WrittenBack)>,
+    answered_again: Vec<AnswerWrite>,
+}
+
 /// An answer in its batcher's queue: the batch's reply, by when it must come, and what it
 /// writes (kept for the write-back should the database be unreachable).
 struct QueuedAnswer {
@@ -1996,7 +2030,7 @@ fn answer_not_recorded(e: &StoreError) {
 /// taken by the database) that is still running, ends later, and is not one the table's
 /// replaces all the same (the provider's own time over our guess).
 fn with_held(table: Option<Cooldown>, held: Option<&Cooldown>, now: SystemTime) -> Option<Cooldown> {
-    match held.filter(|h| h.until > now && table.as_ref().is_none_or(|t| h.until > t.until && !t.replaces(h))) {
+    match held.filter(|h| h.until > now && table.as_ref().is_none_or(|t| h.until > t.until && !t.replaces(h, now))) {
         Some(held) => Some(held.clone()),
         None => table,
     }
@@ -2612,14 +2646,16 @@ impl ObservedWindows {
 impl PgStore {
     /// Writes a cooldown (only ever forward) and tells every worker in the same statement.
     async fn share_cooldown(&self, provider: &str, cooldown: &Cooldown) -> Result<(), sqlx::Error> {
-        // `Cooldown::replaces` in SQL: later, a circuit reopened, or the provider's own time
-        // over our guess of a 429's.
+        // `Cooldown::replaces` in SQL: later, a circuit reopened, or the provider's own time,
+        // still to come, over our guess of a 429's (a guessed daily reset only by a daily one).
         macro_rules! replaces {
             () => {
                 "(EXCLUDED.cooldown_until > s.cooldown_until \
                   OR (EXCLUDED.cooldown_reason = 'circuit' AND s.cooldown_reason = 'circuit') \
-                  OR (EXCLUDED.cooldown_reason IN ('rate_limited', 'quota_day') \
-                      AND s.cooldown_reason IN ('rate_limited_estimate', 'quota_day_estimate')))"
+                  OR (EXCLUDED.cooldown_until > now() AND ( \
+                        (EXCLUDED.cooldown_reason IN ('rate_limited', 'quota_day') \
+                         AND s.cooldown_reason = 'rate_limited_estimate') \
+                     OR (EXCLUDED.cooldown_reason = 'quota_day' AND s.cooldown_reason = 'quota_day_estimate'))))"
             };
         }
         sqlx::query(concat!(

@@ -103,7 +103,9 @@ fn a_tool_call_answer_without_a_finish_is_mended_into_tool_calls() {
 }
 
 /// A store whose every connection goes through a relay the test can take down.
-async fn store_behind_relay(env: &TestEnv) -> (fallback_worker::state::postgres::PgStore, crate::support::relay::Relay) {
+async fn store_behind_relay(
+    env: &TestEnv,
+) -> (fallback_worker::state::postgres::PgStore, crate::support::relay::Relay) {
     let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
     let store = fallback_worker::state::postgres::PgStore::connect_lazy(&url, 4).unwrap();
@@ -300,7 +302,12 @@ fn a_usage_the_sdk_would_refuse_still_corrects_the_token_count() {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 1066, "total_tokens": 1103}});
     let done = interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), SystemTime::now()).unwrap();
-    assert_eq!(done.total_tokens, Some(1103), "the provider said 1103 tokens; the count read is {:?}", done.total_tokens);
+    assert_eq!(
+        done.total_tokens,
+        Some(1103),
+        "the provider said 1103 tokens; the count read is {:?}",
+        done.total_tokens
+    );
 }
 
 /// Whether a `COMMIT` is running in the test's database.
@@ -367,10 +374,11 @@ async fn a_stopping_worker_does_not_wait_for_a_write_back_the_database_refuses()
     .await;
     // The answer's write is refused (a rolled-back transaction), then written back again.
     let rollbacks = || async {
-        let n: i64 = sqlx::query_scalar("SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()")
-            .fetch_one(&mut env.db().await)
-            .await
-            .unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()")
+                .fetch_one(&mut env.db().await)
+                .await
+                .unwrap();
         n
     };
     let before = rollbacks().await;
