@@ -57,6 +57,7 @@ mod review_s32;
 mod review_s32b;
 mod review_s33;
 mod review_s33b;
+mod review_s33c;
 mod review_silent;
 mod review_stmt;
 mod review_stmt2;
