@@ -81,9 +81,10 @@ fn tool_call_ids_filled_in_on_two_turns_of_one_conversation_do_not_collide() {
 /// mended into `finish_reason: "tool_calls"` with no tool call in it: taken as a success (the
 /// `finish` check passes `tool_calls`, the `content` check passes the text the model wrote
 /// before its broken call), and a client that runs tools on `tool_calls` finds none to run. The
-/// project's Gemini dialect refuses the same finishes as a failed tool call (`gemini.rs`: "The
+/// project's Gemini dialect refuses the first two as a failed tool call (`gemini.rs`: "The
 /// model failed at this request's tools: the next provider may not"); through the OpenAI
-/// dialect they now read as the tool call the model failed to make.
+/// dialect they now read as the tool call the model failed to make. (Before 811ec54 they were
+/// `stop`: wrong too, but no claim of a tool call.)
 #[test]
 fn a_finish_that_names_a_failed_tool_call_is_not_mended_into_tool_calls() {
     let message = json!({"role": "assistant", "content": "Let me look that up for you."});
@@ -97,7 +98,8 @@ fn a_finish_that_names_a_failed_tool_call_is_not_mended_into_tool_calls() {
     }
     assert!(
         wrong.is_empty(),
-        "failed tool calls taken as answers (the Gemini dialect refuses each of them): {wrong:?}"
+        "failed tool calls taken as answers that say `tool_calls` with no tool call (the Gemini dialect \
+         refuses MALFORMED_FUNCTION_CALL and UNEXPECTED_TOOL_CALL): {wrong:?}"
     );
 }
 
@@ -124,4 +126,126 @@ fn a_finish_that_says_cut_off_blocked_or_failed_in_other_words_is_not_mended_int
         }
     }
     assert!(wrong.is_empty(), "finish reasons mended into `stop`, passing the `finish` check: {wrong:?}");
+}
+
+/// 811ec54 `complete_usage` + `given_total`: a usage whose total is *smaller* than its own
+/// prompt count (the Bedrock-backed answer review 33b quotes, `{"prompt_tokens":1066,
+/// "total_tokens":103}`: its "total" is the completion's count) cannot be completed
+/// (`checked_sub` fails), is dropped, and `success` then reads the provider's `total_tokens`
+/// "whatever the mending drops": 103. The token windows are corrected down to 103 for a call
+/// whose prompt alone was 1066 tokens by the provider's own count (contract §6: tokens
+/// "corrected from `usage`"): every such call frees ~960 tokens it used, and the workers admit
+/// past the provider's token limit by that much. A count that contradicts itself should not
+/// lower the windows below what the provider says was sent.
+#[test]
+fn a_usage_whose_total_is_below_its_own_prompt_count_does_not_lower_the_token_count_below_it() {
+    let body = json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1066, "total_tokens": 103}});
+    let done = interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), SystemTime::now()).unwrap();
+    assert!(
+        done.total_tokens.is_none_or(|t| t >= 1066),
+        "the provider counted 1066 prompt tokens; the windows are corrected to {:?}",
+        done.total_tokens
+    );
+}
+
+/// A store whose every connection goes through a relay the test can take down.
+async fn store_behind_relay(
+    env: &crate::support::TestEnv,
+) -> (fallback_worker::state::postgres::PgStore, crate::support::relay::Relay) {
+    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
+    let store = fallback_worker::state::postgres::PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    (store, relay)
+}
+
+/// Whether a `COMMIT` is running in the test's database.
+async fn committing(env: &crate::support::TestEnv) -> bool {
+    let running: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
+           AND query ILIKE 'commit%'",
+    )
+    .fetch_one(&mut env.db().await)
+    .await
+    .unwrap();
+    running > 0
+}
+
+/// 00165d2 finding 4's fix runs the leftovers' write-back untracked: `answers_recorded` — what a
+/// stopping worker waits on, documented as "a stopping worker leaves no call counted with its
+/// estimate alone" (answers given up on "within the bound of a state call") — no longer waits
+/// for it at all, not even for the bound of one state call. Review 33b asked for the wait to be
+/// *bounded*; it is now *zero*. An answer that met one refused write as an outage ended (a lock
+/// wait, a deadlock, a statement cancelled: the database takes it half a second later) is in
+/// the leftovers when SIGTERM comes; `answers_recorded` returns at once, the process exits, the
+/// task dies, and the shared window keeps the call's 10-token estimate for the 5000 tokens the
+/// provider was sent (contract §6: "corrected from `usage` after it"): every worker admits past
+/// the token limit by 4990 for the rest of the window. Here the database refuses the answer
+/// three times (a second and a half of the leftovers' retries), far within a state call's bound.
+#[tokio::test]
+async fn a_stopping_worker_writes_an_answer_the_database_takes_within_a_state_calls_bound() {
+    use crate::credits::{ask, granted, tokens};
+    use crate::review_finish::used;
+    use crate::support::eventually;
+    use fallback_worker::state::ProviderState;
+    let env = crate::support::TestEnv::new().await;
+    let (store, relay) = store_behind_relay(&env).await;
+    let limits = [tokens(1_000_000)];
+    let mut admin = env.db().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION review_s33c_slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER review_s33c_slow_commit AFTER INSERT ON quota_use \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION review_s33c_slow_commit(); \
+         CREATE SEQUENCE review_s33c_refusals; \
+         CREATE FUNCTION review_s33c_refuse() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN IF nextval('review_s33c_refusals') <= 3 THEN \
+                RAISE EXCEPTION 'review33c: this answer is refused for now'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER review_s33c_refuse BEFORE UPDATE ON quota_use FOR EACH ROW \
+           WHEN (NEW.amount = 5000) EXECUTE FUNCTION review_s33c_refuse();",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    relay.set_down(true);
+    let first = granted(&store, ask(&limits, 10)).await;
+    assert!(store.is_degraded());
+    store.finish(first, Some(10), SystemTime::now()).await;
+    relay.set_down(false);
+    eventually("the first write-back commits", || committing(&env)).await;
+    let late = granted(&store, ask(&limits, 10)).await;
+    assert!(store.is_degraded(), "admitted during the first write-back, from the own view");
+    eventually("the first write-back is done", || async { !store.is_degraded() }).await;
+    eventually("the second write-back commits", || committing(&env)).await;
+    store.finish(late, Some(5000), SystemTime::now()).await;
+    let refusals = || async {
+        let (last, called): (i64, bool) = sqlx::query_as("SELECT last_value, is_called FROM review_s33c_refusals")
+            .fetch_one(&mut env.db().await)
+            .await
+            .unwrap();
+        if called { last } else { 0 }
+    };
+    eventually("the answer's write is refused once", || async { refusals().await >= 1 }).await;
+    // The worker is told to stop: what it waits on before it exits.
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(15), store.answers_recorded()).await;
+    assert!(stopped.is_ok(), "answers_recorded does not end");
+    let counted = used(&env, "provider", "p", "tokens").await;
+    let (refused, stop) = (refusals().await, tokio::time::Instant::now());
+    // What the worker would have written had it waited (it has not exited here).
+    let mut landed = None;
+    while stop.elapsed() < std::time::Duration::from_secs(10) {
+        if used(&env, "provider", "p", "tokens").await == 10 + 5000 {
+            landed = Some(stop.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        counted,
+        10 + 5000,
+        "the worker has stopped with the answer unwritten (refused {refused} times so far): the window counts \
+         {counted}; the database took it {landed:?} after the stop"
+    );
 }
