@@ -249,3 +249,47 @@ async fn a_stopping_worker_writes_an_answer_the_database_takes_within_a_state_ca
          {counted}; the database took it {landed:?} after the stop"
     );
 }
+
+/// 00165d2 `MemoryStore::cool_down` decides "still to come" by the wall clock
+/// (`cooldown.replaces(current, SystemTime::now())`), while everything else the store answers
+/// runs on the caller's `now` (`admit`, `finish`), and the chain's engine runs on its `Clock`
+/// ("no test depends on wall time", `chain/clock.rs`; its tests start at 2027-01-15). The same
+/// calls, at the caller's times, now give different states depending on when they are run:
+/// - at a caller's time before the wall clock (a replay, the chain's tests once 2027 has come),
+///   the provider's own time, 5 s ahead of the caller, no longer replaces our 60 s estimate: the
+///   job waits the full minute contract §6 says the provider's word ends sooner;
+/// - at a caller's time after it (the chain's engine tests today: their t0 is 2027), a
+///   provider's time already past *for the caller* still replaces a running estimate: the very
+///   herd finding 1 of review 33b fixed, which an engine test therefore cannot catch (and whose
+///   outcome flips once the wall clock passes t0).
+/// The store's decision should be a function of its inputs.
+#[tokio::test]
+async fn the_memory_stores_cooldown_replacement_does_not_depend_on_the_wall_clock() {
+    use fallback_worker::routing::CooldownReason;
+    use fallback_worker::state::{Cooldown, ProviderState, memory::MemoryStore};
+    use std::time::{Duration, UNIX_EPOCH};
+    let cooldown = |until, reason| Cooldown { until, reason, detail: String::new() };
+    let mut wrong = Vec::new();
+    for (when, caller_now) in [
+        ("a caller's clock before the wall clock (2023)", UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+        ("a caller's clock after the wall clock (2030)", UNIX_EPOCH + Duration::from_secs(1_900_000_000)),
+    ] {
+        // A 429 without a time, then one saying "retry after 5 s": the provider's word ends it sooner.
+        let store = MemoryStore::new();
+        store.cool_down("p", cooldown(caller_now + Duration::from_secs(60), CooldownReason::RateLimitedEstimate)).await;
+        store.cool_down("p", cooldown(caller_now + Duration::from_secs(5), CooldownReason::RateLimited)).await;
+        let kept = store.cooldown_of("p").map(|c| c.reason);
+        if kept != Some(CooldownReason::RateLimited) {
+            wrong.push(format!("{when}: the provider's time 5 s ahead is refused, {kept:?} kept"));
+        }
+        // A provider's time already past for the caller (a notice come late) and a running estimate.
+        let store = MemoryStore::new();
+        store.cool_down("p", cooldown(caller_now + Duration::from_secs(60), CooldownReason::RateLimitedEstimate)).await;
+        store.cool_down("p", cooldown(caller_now - Duration::from_secs(1), CooldownReason::RateLimited)).await;
+        let kept = store.cooldown_of("p").map(|c| c.reason);
+        if kept != Some(CooldownReason::RateLimitedEstimate) {
+            wrong.push(format!("{when}: a provider's time already past ends the running estimate ({kept:?} kept)"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
