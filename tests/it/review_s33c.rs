@@ -40,7 +40,8 @@ fn tool_call_ids_filled_in_on_two_turns_of_one_conversation_do_not_collide() {
         ]})
     };
     let turn = |city: &str| {
-        let body = answer_with(one_choice(call(city), json!("tool_calls"))).expect("a tool call without an id is mended");
+        let body =
+            answer_with(one_choice(call(city), json!("tool_calls"))).expect("a tool call without an id is mended");
         body["choices"][0]["message"].clone()
     };
     let (first, second) = (turn("Paris"), turn("Rome"));
@@ -108,6 +109,9 @@ fn a_finish_that_names_a_failed_tool_call_is_not_mended_into_tool_calls() {
 /// policy: content_filter"; "a length or token cap: length"), but only the exact words of its
 /// lists are read so; everything else is still `stop`, which the `finish` check passes and a
 /// client reads as a complete answer. Finishes that OpenAI-shaped APIs do send:
+/// - DeepSeek's own OpenAI-compatible API: `insufficient_system_resource` ("the request is
+///   interrupted due to insufficient resource of the inference system": the answer is cut
+///   off) — `stop`;
 /// - IBM watsonx.ai chat (`TextChatResultChoice.finish_reason`): `time_limit` ("Time limit
 ///   reached": the answer is cut off) — `stop`;
 /// - Vertex/Gemini `MODEL_ARMOR` ("The model response was blocked by Model Armor") — `stop`;
@@ -118,7 +122,9 @@ fn a_finish_that_names_a_failed_tool_call_is_not_mended_into_tool_calls() {
 fn a_finish_that_says_cut_off_blocked_or_failed_in_other_words_is_not_mended_into_stop() {
     let message = json!({"role": "assistant", "content": "The first half of an ans"});
     let mut wrong = Vec::new();
-    for given in ["time_limit", "MODEL_ARMOR", "ERROR_TOXIC", "ERROR_LIMIT", "USER_CANCEL"] {
+    for given in
+        ["insufficient_system_resource", "time_limit", "MODEL_ARMOR", "ERROR_TOXIC", "ERROR_LIMIT", "USER_CANCEL"]
+    {
         if let Ok(body) = answer_with(one_choice(message.clone(), json!(given)))
             && body["choices"][0]["finish_reason"] == "stop"
         {
@@ -292,4 +298,40 @@ async fn the_memory_stores_cooldown_replacement_does_not_depend_on_the_wall_cloc
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// 811ec54 `repair_tool_call`: a call whose `arguments` are absent becomes `"{}"` ("a function
+/// without parameters"), but one whose server says the same with an empty string — `""`, as
+/// GLM through OpenRouter, Claude through gateways and DeepInfra answer for a tool without
+/// parameters (hermes-agent#83937, autogen#7128, langchain#27602, aichat#1217) — is kept as
+/// `""`. The SDK loads it, and then the client's `json.loads(call.function.arguments)` raises
+/// (every one of those reports is that crash); a client that sends the history back (every tool
+/// loop does) makes the next job fail on a vLLM-served provider, which parses the history's
+/// arguments (vllm#19419: "JSON decode error when tool call argument is empty"). The project's
+/// own request translators already read `""` as no arguments (`translate::tool_calls`: a blank
+/// text is `{}`); the answer's mending, made for exactly this case, mends the absent spelling
+/// and not the empty one.
+#[test]
+fn a_tool_call_whose_arguments_are_an_empty_string_is_mended_like_absent_ones() {
+    let mut wrong = Vec::new();
+    for given in [json!(""), json!("  ")] {
+        let message = json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "list_scopes", "arguments": given}}]});
+        let body = answer_with(one_choice(message, json!("tool_calls"))).expect("a tool call is taken");
+        let arguments = &body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"];
+        let parses =
+            arguments.as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()).is_some_and(|v| v.is_object());
+        if !parses {
+            wrong.push(format!("{given} -> {arguments}"));
+        }
+    }
+    // The absent spelling of the same call, for comparison: mended into "{}".
+    let absent = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "list_scopes"}}]});
+    let body = answer_with(one_choice(absent, json!("tool_calls"))).unwrap();
+    let mended = &body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"];
+    assert!(
+        wrong.is_empty(),
+        "arguments the client's json.loads cannot read, where absent ones become {mended}: {wrong:?}"
+    );
 }
