@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use fallback_worker::config::ProviderKind;
 use fallback_worker::job::ChatBody;
 use fallback_worker::providers::capabilities::{self, Capabilities};
-use fallback_worker::providers::shape::{chat_completion_problems, complete_envelope};
+use fallback_worker::providers::shape::{chat_completion_problems, complete_envelope, failed_generation};
 use fallback_worker::providers::{anthropic, gemini, gemini_schema, openai};
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -447,9 +447,7 @@ fn openai_answer() -> impl Strategy<Value = Value> {
 fn mendable_openai_answer() -> impl Strategy<Value = Value> {
     let finish = prop_oneof![
         "[a-zA-Z_]{0,24}"
-            .prop_filter("not a failed generation", |f| {
-                !matches!(f.to_ascii_lowercase().as_str(), "error" | "abort" | "aborted" | "cancelled" | "canceled")
-            })
+            .prop_filter("not a failed generation", |f| !failed_generation(&json!({"finish_reason": f})))
             .prop_map(Value::from),
         Just(Value::Null),
     ];

@@ -18,7 +18,9 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 pub use checks::{Accept, Expectation, OnAllRejected};
 pub use clock::{Clock, SystemClock, far_future, later, rfc3339_millis, rfc3339_seconds};
-pub use outcome::{CIRCUIT_BASE, CIRCUIT_THRESHOLD, circuit_cooldown, clamp_asked, cooldown_for};
+pub use outcome::{
+    CIRCUIT_BASE, CIRCUIT_THRESHOLD, DEFAULT_RATE_LIMIT_COOLDOWN, circuit_cooldown, clamp_asked, cooldown_for,
+};
 
 use crate::config::{LimitConfig, QuotaPoolConfig};
 use crate::job::{ChatBody, ErrorCode, Job, estimate_prompt_tokens, requested_completion_tokens};

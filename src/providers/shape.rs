@@ -83,13 +83,29 @@ pub fn repair_answer(body: &mut Value) {
     }
 }
 
-/// Whether a choice says its generation failed: `finish_reason` `error` (OpenRouter, §3.4 of the
-/// reference), `abort`/`cancelled` (a server that stopped the request), in any case, or an
-/// `error` object of its own. Such an answer is no answer, whichever choice it is.
+/// Whether a choice says its generation failed, or an `error` object of its own: such an
+/// answer is no answer, whichever choice it is. A finish reason that names an error
+/// (OpenRouter's `error`, §3.4 of the reference; Cohere's `ERROR_TOXIC`, `ERROR_LIMIT`), a stop
+/// by the server or the user (`abort`, `cancelled`, `USER_CANCEL`), an interruption (DeepSeek's
+/// `insufficient_system_resource`), or a tool call the model failed to make (Gemini's
+/// `MALFORMED_FUNCTION_CALL`, `UNEXPECTED_TOOL_CALL`, `TOO_MANY_TOOL_CALLS`), in any case.
 pub fn failed_generation(choice: &Value) -> bool {
+    const FAILED: &[&str] =
+        &["error", "abort", "cancel", "insufficient", "interrupt", "malformed", "unexpected_tool", "too_many_tool"];
     let finish = choice.get("finish_reason").and_then(Value::as_str).map(str::to_ascii_lowercase);
-    let failed = matches!(finish.as_deref(), Some("error" | "abort" | "aborted" | "cancelled" | "canceled"));
+    let failed = finish.is_some_and(|finish| FAILED.iter().any(|word| finish.contains(word)));
     failed || choice.get("error").is_some_and(|e| !e.is_null())
+}
+
+/// The tokens a `usage` says the call took: its `total_tokens`, but never fewer than the prompt
+/// and completion counts it gives beside it (a server whose "total" is one of them, as a
+/// Bedrock-backed one answers `{"prompt_tokens": 1066, "total_tokens": 103}`, would otherwise
+/// lower the token windows below what the provider counted).
+pub fn usage_total(usage: &Value) -> Option<u64> {
+    let count = |key: &str| usage.get(key).and_then(Value::as_u64);
+    let total = count("total_tokens")?;
+    let parts = count("prompt_tokens").unwrap_or(0).saturating_add(count("completion_tokens").unwrap_or(0));
+    Some(total.max(parts))
 }
 
 fn usage_loads(usage: &Value) -> bool {
@@ -146,28 +162,28 @@ fn repair_choice(choice: &mut Value, position: usize) {
         message.remove("refusal");
     }
     if let Some(calls) = message.get_mut("tool_calls").and_then(Value::as_array_mut) {
-        for (j, call) in calls.iter_mut().enumerate() {
-            repair_tool_call(call, position, j);
-        }
+        calls.iter_mut().for_each(repair_tool_call);
     }
 }
 
 /// A tool call as the SDK loads it, from a server that left out what it can do without: its
 /// `type` (only `function` exists), its `id`, or `arguments` (a function without parameters;
-/// OpenRouter for Anthropic models), or gave `arguments` as JSON rather than JSON text. A call
+/// OpenRouter for Anthropic models; blank, as GLM and DeepInfra send them), or gave `arguments` as JSON rather than JSON text. A call
 /// without a function name is left for [`answer_problems`] to name.
-fn repair_tool_call(call: &mut Value, choice: usize, position: usize) {
+fn repair_tool_call(call: &mut Value) {
     let Some(fields) = call.as_object_mut() else { return };
     if fields.get("type").is_none_or(Value::is_null) {
         fields.insert("type".into(), Value::from("function"));
     }
+    // A new id each time: a conversation carries the calls of many answers, and a provider
+    // such as Anthropic refuses two calls with one id.
     if !fields.get("id").is_some_and(Value::is_string) {
-        fields.insert("id".into(), Value::from(format!("call_{choice}_{position}")));
+        fields.insert("id".into(), Value::from(super::translate::new_call_id()));
     }
     let Some(function) = fields.get_mut("function").and_then(Value::as_object_mut) else { return };
     match function.get("arguments") {
-        Some(Value::String(_)) => {}
-        None | Some(Value::Null) => {
+        Some(Value::String(text)) if !text.trim().is_empty() => {}
+        None | Some(Value::Null | Value::String(_)) => {
             function.insert("arguments".into(), Value::from("{}"));
         }
         Some(json) => {
@@ -187,10 +203,23 @@ fn finish_reason_for(native: &str) -> &'static str {
     }
     let native = native.to_ascii_lowercase();
     let names = |words: &[&str]| words.iter().any(|word| native.contains(word));
-    if names(&["length", "max_tokens", "max_output", "max_completion", "context_window", "token_limit", "truncat"]) {
+    let cut = ["length", "max_tokens", "max_output", "max_completion", "context_window", "limit", "truncat"];
+    let blocked = [
+        "filter",
+        "safety",
+        "block",
+        "prohibited",
+        "spii",
+        "recitation",
+        "moderation",
+        "polic",
+        "refus",
+        "armor",
+        "toxic",
+    ];
+    if names(&cut) {
         "length"
-    } else if names(&["filter", "safety", "block", "prohibited", "spii", "recitation", "moderation", "polic", "refus"])
-    {
+    } else if names(&blocked) {
         "content_filter"
     } else if names(&["tool", "function"]) {
         "tool_calls"

@@ -187,7 +187,7 @@ impl ProviderState for MemoryStore {
     async fn cool_down(&self, provider: &str, cooldown: Cooldown) {
         let mut providers = self.providers.lock().unwrap();
         let row = providers.entry(provider.to_string()).or_default();
-        if row.cooldown.as_ref().is_none_or(|current| cooldown.replaces(current, SystemTime::now())) {
+        if row.cooldown.as_ref().is_none_or(|current| cooldown.replaces(current, None)) {
             row.cooldown = Some(cooldown);
         }
     }

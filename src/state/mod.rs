@@ -48,19 +48,28 @@ impl Cooldown {
     /// except that a circuit reopened by a failed probe replaces the probe's hold
     /// ([`ProviderState::claim_probe`]): the new open time counts from the failure, not from
     /// the end of a hold sized for the slowest possible answer; and that the provider's own
-    /// time, still to come at `now`, replaces our guess of a rate limit's end (a 429 that gave
-    /// none), even a sooner one: contract §6 cools it "until the time the provider gave". A
-    /// guessed daily reset gives way only to the provider's daily reset: a per-minute retry
-    /// time says nothing of the day's quota. A time already past (an outage's cooldown shared
-    /// late, a notice come late) never ends a running guess.
-    pub fn replaces(&self, current: &Cooldown, now: SystemTime) -> bool {
+    /// time, still to come, replaces our guess of a rate limit's end (a 429 that gave none),
+    /// even a sooner one: contract §6 cools it "until the time the provider gave". A guessed
+    /// daily reset gives way only to the provider's daily reset: a per-minute retry time says
+    /// nothing of the day's quota. A time already past (an outage's cooldown shared late, a
+    /// notice come late) never ends a running guess: "past" is at `now` where the caller keeps
+    /// a clock of the shared state's (the database's view), and otherwise (`None`: a store with
+    /// no clock of its own, fed by one caller in order) before the guess was made.
+    pub fn replaces(&self, current: &Cooldown, now: Option<SystemTime>) -> bool {
         let reopened = self.reason == CooldownReason::Circuit && current.reason == CooldownReason::Circuit;
-        let told = self.until > now
-            && match current.reason {
-                CooldownReason::RateLimitedEstimate => self.reason.is_providers_word(),
-                CooldownReason::QuotaDayEstimate => self.reason == CooldownReason::QuotaDay,
-                _ => false,
-            };
+        let guessed_for = match current.reason {
+            CooldownReason::RateLimitedEstimate if self.reason.is_providers_word() => {
+                Some(crate::chain::DEFAULT_RATE_LIMIT_COOLDOWN)
+            }
+            CooldownReason::QuotaDayEstimate if self.reason == CooldownReason::QuotaDay => {
+                Some(Duration::from_secs(24 * 3600))
+            }
+            _ => None,
+        };
+        let told = guessed_for.is_some_and(|length| {
+            let guessed_at = current.until.checked_sub(length).unwrap_or(current.until);
+            self.until > now.unwrap_or(guessed_at)
+        });
         reopened || told || self.until > current.until
     }
 }

@@ -252,6 +252,8 @@ struct Outage {
     written_back: Mutex<HashMap<i64, WrittenBack>>,
     /// A task writes back what an outage left (see [`PgStore::write_back_what_is_left`]).
     writing_back_leftovers: AtomicBool,
+    /// Told when that task ends.
+    leftovers_written: tokio::sync::Notify,
 }
 
 impl Outage {
@@ -409,6 +411,25 @@ impl PgStore {
         self.end_credits(endings).await;
         self.answers.close();
         self.answers.wait().await;
+        self.leftovers_written_or_given_up().await;
+    }
+
+    /// Waits, within the bound of a state call, for the write-back of what an outage left (an
+    /// answer the database took only after a few tries): a stopping worker leaves it counted,
+    /// but never waits on a database that keeps refusing it (review 33c).
+    async fn leftovers_written_or_given_up(&self) {
+        let written = async {
+            loop {
+                let told = self.outage.leftovers_written.notified();
+                if !self.outage.writing_back_leftovers.load(Ordering::SeqCst) {
+                    return;
+                }
+                told.await;
+            }
+        };
+        if tokio::time::timeout(STATE_CALL_TIMEOUT, written).await.is_err() {
+            tracing::warn!("stopping with calls of an outage not written back: they count until they expire");
+        }
     }
 
     /// Whether the answer to a call of `provider` must be written before its job goes on (see
@@ -879,6 +900,7 @@ impl PgStore {
             }
             self.write_back_until_written().await;
             self.outage.writing_back_leftovers.store(false, Ordering::SeqCst);
+            self.outage.leftovers_written.notify_waiters();
             if self.is_degraded() || !self.outage.has_unwritten() {
                 return;
             }
@@ -1417,7 +1439,7 @@ impl PgStore {
         let mut cache = self.cache.lock().unwrap();
         let entry = cache.entry(provider.to_string()).or_default();
         let newer = match (&entry.cooldown, &cooldown) {
-            (Some(current), Some(new)) => new.replaces(current, SystemTime::now()),
+            (Some(current), Some(new)) => new.replaces(current, Some(SystemTime::now())),
             (None, Some(_)) => true,
             // The shared row has no cooldown any more: a success closed the circuit.
             (Some(current), None) => current.reason == CooldownReason::Circuit,
@@ -2030,7 +2052,9 @@ fn answer_not_recorded(e: &StoreError) {
 /// taken by the database) that is still running, ends later, and is not one the table's
 /// replaces all the same (the provider's own time over our guess).
 fn with_held(table: Option<Cooldown>, held: Option<&Cooldown>, now: SystemTime) -> Option<Cooldown> {
-    match held.filter(|h| h.until > now && table.as_ref().is_none_or(|t| h.until > t.until && !t.replaces(h, now))) {
+    match held
+        .filter(|h| h.until > now && table.as_ref().is_none_or(|t| h.until > t.until && !t.replaces(h, Some(now))))
+    {
         Some(held) => Some(held.clone()),
         None => table,
     }
