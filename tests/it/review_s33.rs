@@ -21,7 +21,7 @@ use crate::support::*;
 
 /// A store whose every connection goes through a relay the test can take down. No LISTEN
 /// session: every limited call asks the database (no credits).
-async fn store_behind_relay(env: &TestEnv) -> (PgStore, Relay) {
+pub(crate) async fn store_behind_relay(env: &TestEnv) -> (PgStore, Relay) {
     let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
     let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
     let store = PgStore::connect_lazy(&url, 4).unwrap();

@@ -12,9 +12,10 @@ use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
 use crate::ledger_batching::{DEFAULT_POOL, store_at};
+use crate::review_s33::store_behind_relay;
 use crate::support::*;
 
-fn answer_with(choices: Value) -> Result<Value, String> {
+pub(crate) fn answer_with(choices: Value) -> Result<Value, String> {
     let body = json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": choices,
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
     interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), SystemTime::now())
@@ -22,7 +23,7 @@ fn answer_with(choices: Value) -> Result<Value, String> {
         .map_err(|failure| format!("{:?} {:?}: {}", failure.kind, failure.status, failure.message))
 }
 
-fn one_choice(message: Value, finish: Value) -> Value {
+pub(crate) fn one_choice(message: Value, finish: Value) -> Value {
     json!([{"index": 0, "message": message, "finish_reason": finish}])
 }
 
@@ -100,17 +101,6 @@ fn a_tool_call_answer_without_a_finish_is_mended_into_tool_calls() {
     ]});
     let body = answer_with(one_choice(message, Value::Null)).unwrap();
     assert_eq!(body["choices"][0]["finish_reason"], "tool_calls", "{}", body["choices"][0]);
-}
-
-/// A store whose every connection goes through a relay the test can take down.
-async fn store_behind_relay(
-    env: &TestEnv,
-) -> (fallback_worker::state::postgres::PgStore, crate::support::relay::Relay) {
-    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = fallback_worker::state::postgres::PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
-    (store, relay)
 }
 
 /// The shared row's cooldown of `provider`: its reason, and its end.
@@ -311,7 +301,7 @@ fn a_usage_the_sdk_would_refuse_still_corrects_the_token_count() {
 }
 
 /// Whether a `COMMIT` is running in the test's database.
-async fn committing(env: &TestEnv) -> bool {
+pub(crate) async fn committing(env: &TestEnv) -> bool {
     let running: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
            AND query ILIKE 'commit%'",

@@ -9,17 +9,8 @@ use fallback_worker::providers::openai::interpret;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
-fn answer_with(choices: Value) -> Result<Value, String> {
-    let body = json!({"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": choices,
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
-    interpret(200, &HeaderMap::new(), body.to_string().as_bytes(), SystemTime::now())
-        .map(|done| done.body)
-        .map_err(|failure| format!("{:?} {:?}: {}", failure.kind, failure.status, failure.message))
-}
-
-fn one_choice(message: Value, finish: Value) -> Value {
-    json!([{"index": 0, "message": message, "finish_reason": finish}])
-}
+use crate::review_s33::store_behind_relay;
+use crate::review_s33b::{answer_with, committing, one_choice};
 
 /// 811ec54 `repair_tool_call`: a tool call without an `id` gets `call_{choice}_{position}`: the
 /// same id on every answer. A tool conversation runs over several jobs (the client sends the
@@ -154,29 +145,6 @@ fn a_usage_whose_total_is_below_its_own_prompt_count_does_not_lower_the_token_co
         "the provider counted 1066 prompt tokens; the windows are corrected to {:?}",
         done.total_tokens
     );
-}
-
-/// A store whose every connection goes through a relay the test can take down.
-async fn store_behind_relay(
-    env: &crate::support::TestEnv,
-) -> (fallback_worker::state::postgres::PgStore, crate::support::relay::Relay) {
-    let relay = crate::support::relay::Relay::start("127.0.0.1:5432".parse().unwrap()).await;
-    let url = env.database_url.replace("127.0.0.1:5432", &relay.addr.to_string());
-    let store = fallback_worker::state::postgres::PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
-    (store, relay)
-}
-
-/// Whether a `COMMIT` is running in the test's database.
-async fn committing(env: &crate::support::TestEnv) -> bool {
-    let running: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' \
-           AND query ILIKE 'commit%'",
-    )
-    .fetch_one(&mut env.db().await)
-    .await
-    .unwrap();
-    running > 0
 }
 
 /// 00165d2 finding 4's fix runs the leftovers' write-back untracked: `answers_recorded` — what a
