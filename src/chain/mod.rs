@@ -234,7 +234,7 @@ impl NextTry {
     }
 
     fn after_cooldown(cooldown: &Cooldown) -> Self {
-        Self { at: cooldown.until, firm: outcome::is_providers_word(cooldown.reason), room: false }
+        Self { at: cooldown.until, firm: cooldown.reason.is_providers_word(), room: false }
     }
 }
 

@@ -94,11 +94,6 @@ pub fn circuit_cooldown(consecutive: u32) -> Option<Duration> {
     Some(CIRCUIT_BASE.saturating_mul(1 << over.min(8)).min(CIRCUIT_MAX))
 }
 
-/// Whether a cooldown's end is the provider's own word: [`CooldownReason::is_providers_word`].
-pub fn is_providers_word(reason: CooldownReason) -> bool {
-    reason.is_providers_word()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,7 +228,7 @@ mod tests {
 
     #[test]
     fn only_rate_limits_are_the_providers_word() {
-        assert!(is_providers_word(CooldownReason::RateLimited) && is_providers_word(CooldownReason::QuotaDay));
+        assert!(CooldownReason::RateLimited.is_providers_word() && CooldownReason::QuotaDay.is_providers_word());
         for estimate in [
             CooldownReason::RateLimitedEstimate,
             CooldownReason::QuotaDayEstimate,
@@ -242,7 +237,7 @@ mod tests {
             CooldownReason::Auth,
             CooldownReason::Unrecognized,
         ] {
-            assert!(!is_providers_word(estimate), "{estimate:?}");
+            assert!(!estimate.is_providers_word(), "{estimate:?}");
         }
     }
 

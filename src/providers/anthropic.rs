@@ -321,10 +321,7 @@ pub fn interpret(
 /// A `tool_use` block as an OpenAI tool call; `None` when it names no tool.
 fn call_out(block: &Value) -> Option<CallOut> {
     let name = block.get("name")?.as_str()?.to_string();
-    let arguments = match block.get("input") {
-        None | Some(Value::Null) => "{}".to_string(),
-        Some(input) => input.to_string(),
-    };
+    let arguments = super::translate::arguments_text(block.get("input"));
     let id =
         block.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()).map_or_else(new_call_id, str::to_string);
     Some(CallOut { id, name, arguments })

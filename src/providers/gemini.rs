@@ -285,10 +285,7 @@ pub fn interpret(
 /// are written back as JSON text (`{}` when the model gave none).
 fn call_out(call: &Value) -> Option<CallOut> {
     let name = call.get("name")?.as_str()?.to_string();
-    let arguments = match call.get("args") {
-        None | Some(Value::Null) => "{}".to_string(),
-        Some(args) => args.to_string(),
-    };
+    let arguments = super::translate::arguments_text(call.get("args"));
     let id =
         call.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()).map_or_else(new_call_id, str::to_string);
     Some(CallOut { id, name, arguments })

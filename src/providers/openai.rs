@@ -90,8 +90,8 @@ fn success(status: u16, headers: &HeaderMap, mut json: Value, now: SystemTime) -
         let message = failed.pointer("/error/message").and_then(Value::as_str).unwrap_or("generation failed");
         return Err(Failure::new(FailureKind::Server, Some(status), short_message(message)));
     }
-    // The provider's count as it gave it, even in a `usage` the mending drops.
-    let given_total = json.get("usage").and_then(shape::usage_total);
+    // The provider's count as it gave it, read before the mending (which may drop the usage).
+    let total_tokens = json.get("usage").and_then(shape::usage_total);
     // The answer goes to clients whose OpenAI SDK must load it (contract §3): a server's own
     // spellings are mended, and what cannot be is a garbled answer, as a body that is not JSON.
     shape::repair_answer(&mut json);
@@ -107,7 +107,6 @@ fn success(status: u16, headers: &HeaderMap, mut json: Value, now: SystemTime) -
         .map(str::to_string)
         .or_else(|| json.get("id").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_default();
-    let total_tokens = json.get("usage").and_then(shape::usage_total).or(given_total);
     let exhausted_until = retry_info::exhausted_reset(headers, now);
     let quota = quota_headers::observe(headers, now);
     Ok(Completion { status, request_id, body: json, total_tokens, exhausted_until, quota })

@@ -97,15 +97,19 @@ pub fn failed_generation(choice: &Value) -> bool {
     failed || choice.get("error").is_some_and(|e| !e.is_null())
 }
 
-/// The tokens a `usage` says the call took: its `total_tokens`, but never fewer than the prompt
-/// and completion counts it gives beside it (a server whose "total" is one of them, as a
-/// Bedrock-backed one answers `{"prompt_tokens": 1066, "total_tokens": 103}`, would otherwise
-/// lower the token windows below what the provider counted).
+/// The tokens a `usage` says the call took, as the server gave it (before any mending): its
+/// `total_tokens`, or the sum of the prompt and completion counts when that is more or there is
+/// no total (a server whose "total" is one of them, as a Bedrock-backed one answers
+/// `{"prompt_tokens": 1066, "total_tokens": 103}`, would otherwise lower the token windows
+/// below what the provider counted). `None` when it gives no count.
 pub fn usage_total(usage: &Value) -> Option<u64> {
     let count = |key: &str| usage.get(key).and_then(Value::as_u64);
-    let total = count("total_tokens")?;
-    let parts = count("prompt_tokens").unwrap_or(0).saturating_add(count("completion_tokens").unwrap_or(0));
-    Some(total.max(parts))
+    let (total, prompt, completion) = (count("total_tokens"), count("prompt_tokens"), count("completion_tokens"));
+    if total.is_none() && (prompt.is_none() || completion.is_none()) {
+        return None;
+    }
+    let parts = prompt.unwrap_or(0).saturating_add(completion.unwrap_or(0));
+    Some(total.unwrap_or(0).max(parts))
 }
 
 fn usage_loads(usage: &Value) -> bool {
@@ -167,9 +171,10 @@ fn repair_choice(choice: &mut Value, position: usize) {
 }
 
 /// A tool call as the SDK loads it, from a server that left out what it can do without: its
-/// `type` (only `function` exists), its `id`, or `arguments` (a function without parameters;
-/// OpenRouter for Anthropic models; blank, as GLM and DeepInfra send them), or gave `arguments` as JSON rather than JSON text. A call
-/// without a function name is left for [`answer_problems`] to name.
+/// `type` (only `function` exists), its `id`, or `arguments` (a function without parameters:
+/// OpenRouter for Anthropic models; blank, as GLM and DeepInfra send them), or gave `arguments`
+/// as JSON rather than JSON text. A call without a function name is left for
+/// [`answer_problems`] to name.
 fn repair_tool_call(call: &mut Value) {
     let Some(fields) = call.as_object_mut() else { return };
     if fields.get("type").is_none_or(Value::is_null) {
@@ -181,16 +186,8 @@ fn repair_tool_call(call: &mut Value) {
         fields.insert("id".into(), Value::from(super::translate::new_call_id()));
     }
     let Some(function) = fields.get_mut("function").and_then(Value::as_object_mut) else { return };
-    match function.get("arguments") {
-        Some(Value::String(text)) if !text.trim().is_empty() => {}
-        None | Some(Value::Null | Value::String(_)) => {
-            function.insert("arguments".into(), Value::from("{}"));
-        }
-        Some(json) => {
-            let text = json.to_string();
-            function.insert("arguments".into(), Value::String(text));
-        }
-    }
+    let text = super::translate::arguments_text(function.get("arguments"));
+    function.insert("arguments".into(), Value::String(text));
 }
 
 /// The SDK's literal a provider's own finish reason stands for: the literal itself, a known

@@ -316,6 +316,17 @@ pub struct CallOut {
 }
 
 /// A fresh OpenAI-style tool call id, for providers that give their calls none.
+/// A tool call's arguments as the JSON text an OpenAI answer carries: the text itself, `{}` for
+/// none (absent, null, blank: a function without parameters), or the JSON a dialect gave them
+/// in (Anthropic's `input`, Gemini's `args`) written out.
+pub fn arguments_text(arguments: Option<&Value>) -> String {
+    match arguments {
+        Some(Value::String(text)) if !text.trim().is_empty() => text.clone(),
+        None | Some(Value::Null | Value::String(_)) => "{}".to_string(),
+        Some(json) => json.to_string(),
+    }
+}
+
 pub fn new_call_id() -> String {
     format!("call_{}", uuid::Uuid::new_v4().simple())
 }

@@ -473,7 +473,7 @@ impl PgStore {
         // Nobody waits on an answer's write: the job went on when it was queued.
         let outcome = self.answer_of(Caller::Background, answer.reply, answer.deadline).await;
         match &outcome {
-            Err(StoreError::Unreachable(_)) => self.keep_unwritten(answer.write),
+            Err(StoreError::Unreachable(_)) => self.keep_for_the_write_back([answer.write]),
             Err(StoreError::Busy(_) | StoreError::Cancelled(_) | StoreError::Unavailable(_)) => {
                 self.write_later(answer.write)
             }
@@ -539,10 +539,6 @@ impl PgStore {
                 answer_not_recorded(&StoreError::Busy("an answer the database did not take in four tries".into()));
             }
         }
-    }
-
-    fn keep_unwritten(&self, answer: AnswerWrite) {
-        self.keep_for_the_write_back([answer]);
     }
 
     /// Keeps answers the database could not be reached for until the outage's write-back. One
@@ -649,7 +645,7 @@ impl PgStore {
             Ok(reply) => reply,
             Err(e) => {
                 if let StoreError::Unreachable(_) = e {
-                    self.keep_unwritten(write);
+                    self.keep_for_the_write_back([write]);
                 }
                 return Err(e);
             }
@@ -950,13 +946,7 @@ impl PgStore {
         if answers.is_empty() {
             return Ok(());
         }
-        let (calls, tokens, requests, ended, seqs) = quota_batcher::answer_columns(answers);
-        let statement = sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
-            .bind(&calls)
-            .bind(&tokens)
-            .bind(&requests)
-            .bind(&ended)
-            .bind(&seqs);
+        let statement = finish_batch(answers);
         match bound {
             StatementBound::Kept => {
                 statement.execute(&self.pool).await?;
@@ -997,15 +987,7 @@ impl PgStore {
             insert_written_back_calls(&mut tx, key, call_ids, amounts, leaves).await?;
         }
         if !answers.is_empty() {
-            let (calls, tokens, requests, ended, seqs) = quota_batcher::answer_columns(answers);
-            sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
-                .bind(&calls)
-                .bind(&tokens)
-                .bind(&requests)
-                .bind(&ended)
-                .bind(&seqs)
-                .execute(&mut *tx)
-                .await?;
+            finish_batch(answers).execute(&mut *tx).await?;
         }
         // `fallback_finish_batch` lets a commit that raises nothing skip its WAL flush: the
         // calls just counted must not be lost to a crash, so this commit waits for it.
@@ -1875,6 +1857,18 @@ async fn create_and_lock_windows(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// The statement that writes `answers` (`fallback_finish_batch`, one row of columns per call,
+/// a call's latest write only).
+fn finish_batch(answers: &[AnswerWrite]) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let (calls, tokens, requests, ended, seqs) = quota_batcher::answer_columns(answers);
+    sqlx::query("SELECT fallback_finish_batch($1, $2, $3, $4, $5)")
+        .bind(calls)
+        .bind(tokens)
+        .bind(requests)
+        .bind(ended)
+        .bind(seqs)
 }
 
 /// Adds the outage's calls to one window: their rows, and the window's running total. One

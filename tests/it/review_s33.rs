@@ -38,11 +38,11 @@ async fn lock_waiters(env: &TestEnv) -> i64 {
     .unwrap()
 }
 
-/// The provider's requests window once it reaches `want`, or as it stands after 15 s.
-async fn settled_count(env: &TestEnv, want: i64) -> i64 {
+/// Provider p's `measure` window once it reaches `want`, or as it stands after 15 s.
+pub(crate) async fn settled_count(env: &TestEnv, measure: &str, want: i64) -> i64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let counted = used(env, "provider", "p", "requests").await;
+        let counted = used(env, "provider", "p", measure).await;
         if counted == want || tokio::time::Instant::now() >= deadline {
             return counted;
         }
@@ -193,7 +193,7 @@ async fn calls_admitted_during_the_first_write_back_are_counted_even_when_answer
     sqlx::query("ROLLBACK").execute(&mut row_locker).await.unwrap();
     eventually("the database is back", || async { !store.is_degraded() }).await;
 
-    let counted = settled_count(&env, 3).await;
+    let counted = settled_count(&env, "requests", 3).await;
     assert_eq!(counted, 3, "C, L1 and L2 were sent; the window counts {counted}: L2 waits for the next outage");
 }
 
